@@ -1,0 +1,1 @@
+"""Inlaid: multi-task LoRA serving on one shared, quantized base LLM."""

@@ -1,0 +1,1 @@
+"""Code shared by every Inlaid service: config helpers, model loading, Redis, gRPC."""

@@ -1,0 +1,120 @@
+"""Scheduler interface: each step picks which sequences the runner computes (no torch).
+
+A policy decides *order* and *admission*; the engine loop is always
+`out = scheduler.schedule(); tokens = runner.run(out.seqs); scheduler.update(out, tokens)`.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+
+from services.engine.block_manager import BlockManager
+from services.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Knobs shared by every policy."""
+
+    max_num_seqs: int = 64                 # running sequences at once
+    max_num_batched_tokens: int = 4096     # tokens computed in one step (prefill budget)
+    max_adapters_per_batch: int = 10       # β: distinct tasks in one step; 0 = unlimited
+    max_decode_streak: int = 8             # decode steps before new prefills are considered
+    starvation_limit_s: float = 30.0       # a request waiting longer than this jumps the queue
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be > 0")
+        if self.max_adapters_per_batch < 0:
+            raise ValueError("max_adapters_per_batch must be >= 0 (0 = unlimited)")
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute this step: prefill sequences first, then decode sequences."""
+
+    prefill: list[Sequence] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return self.prefill + self.decode
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    @property
+    def num_adapters(self) -> int:
+        return len({s.task for s in self.seqs})
+
+
+class Scheduler(abc.ABC):
+    """Base of all policies: owns waiting/running pools and the block manager.
+
+    Subclasses implement `schedule()`. `update()` applies the runner's sampled
+    tokens; stop conditions (EOS, stop strings, max_tokens) are decided by the
+    engine, which calls `finish()`.
+    """
+
+    name = "base"
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 clock=time.monotonic) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.clock = clock
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.last_step_tasks: set[str] = set()
+
+    # ---- pool management -------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for pool in (self.waiting, self.running):
+            for seq in pool:
+                if seq.request_id == request_id:
+                    pool.remove(seq)
+                    self.block_manager.free(seq)
+                    seq.status = SequenceStatus.FINISHED
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finished_s = self.clock()
+
+    def preempt(self, seq: Sequence) -> None:
+        """Drop seq's KV (recompute later): it returns to waiting with its output so far."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step --------------------------------------------------------
+    @abc.abstractmethod
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's prefill and decode sequences, allocating their KV blocks."""
+
+    def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
+        """Record one sampled token per scheduled sequence (order of out.seqs)."""
+        now = self.clock()
+        for seq, tok in zip(out.seqs, token_ids, strict=True):
+            seq.num_cached_tokens = seq.num_tokens
+            seq.output_token_ids.append(tok)
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+        self.last_step_tasks = {s.task for s in out.seqs}
