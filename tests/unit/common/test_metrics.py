@@ -1,0 +1,102 @@
+"""Tests for services/common/metrics.py: registry isolation, derived values, the HTTP endpoint."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.common.metrics import MetricsConfig, create_metrics, start_metrics_server
+
+
+def _value(metrics, name, labels=None):
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+def test_each_factory_call_gets_its_own_registry():
+    a, b = create_metrics(), create_metrics()
+    a.add_generated_tokens("sql", 5)
+    assert _value(a, "inlaid_generated_tokens_total", {"task": "sql"}) == 5
+    assert _value(b, "inlaid_generated_tokens_total", {"task": "sql"}) is None
+    # Nothing leaks into prometheus_client's process-global registry.
+    assert REGISTRY.get_sample_value("inlaid_generated_tokens_total", {"task": "sql"}) is None
+
+
+def test_observe_finished_derives_tpot_from_latency_and_ttft():
+    m = create_metrics()
+    m.observe_finished("sum", "eos", num_prompt_tokens=12, num_output_tokens=11, ttft_s=0.5,
+                       latency_s=1.5)
+    assert _value(m, "inlaid_requests_total", {"task": "sum", "finish_reason": "eos"}) == 1
+    assert _value(m, "inlaid_prompt_tokens_total", {"task": "sum"}) == 12
+    assert _value(m, "inlaid_tpot_seconds_sum", {"task": "sum"}) == pytest.approx(0.1)
+    assert _value(m, "inlaid_ttft_seconds_sum", {"task": "sum"}) == pytest.approx(0.5)
+    assert _value(m, "inlaid_request_latency_seconds_count", {"task": "sum"}) == 1
+
+
+def test_single_token_request_has_no_tpot_sample():
+    m = create_metrics()
+    m.observe_finished("a", "length", 3, 1, ttft_s=0.2, latency_s=0.2)
+    assert _value(m, "inlaid_tpot_seconds_count", {"task": "a"}) is None
+    assert _value(m, "inlaid_ttft_seconds_count", {"task": "a"}) == 1
+
+
+def test_queue_depths_drop_tasks_that_left_the_queue():
+    m = create_metrics()
+    m.set_queue_depths({"a": 3, "b": 1})
+    m.set_queue_depths({"b": 4})
+    assert _value(m, "inlaid_queue_depth", {"task": "a"}) is None
+    assert _value(m, "inlaid_queue_depth", {"task": "b"}) == 4
+
+
+def test_step_kv_adapter_and_quantization_metrics():
+    m = create_metrics()
+    m.observe_step(0.02, num_seqs=8, num_tasks=3)
+    assert _value(m, "inlaid_tasks_per_batch_bucket", {"le": "3.0"}) == 1
+    assert _value(m, "inlaid_tasks_per_batch_bucket", {"le": "2.0"}) == 0
+    m.set_kv_blocks(10, 64)
+    assert _value(m, "inlaid_kv_blocks_used") == 10
+    with pytest.raises(ValueError):
+        m.set_kv_blocks(65, 64)
+    m.record_adapter_lookup(is_hit=True)
+    m.record_adapter_lookup(is_hit=False)
+    m.record_adapter_lookup(is_hit=False)
+    assert _value(m, "inlaid_adapter_cache_hits_total") == 1
+    assert _value(m, "inlaid_adapter_cache_misses_total") == 2
+    m.set_quantization_progress("job-1", 0.25)
+    assert _value(m, "inlaid_quantization_progress", {"job_id": "job-1"}) == 0.25
+    with pytest.raises(ValueError):
+        m.set_quantization_progress("job-1", 1.5)
+    m.finish_quantization("job-1", "done")
+    m.finish_quantization("job-2", "failed")  # never reported progress: still counted
+    assert _value(m, "inlaid_quantization_progress", {"job_id": "job-1"}) is None
+    assert _value(m, "inlaid_quantization_jobs_total", {"state": "failed"}) == 1
+
+
+@pytest.mark.parametrize("env, port", [
+    ({}, 9093),
+    ({"METRICS_PORT": "9100"}, 9100),
+    ({"METRICS_PORT": "off"}, None),
+    ({"METRICS_PORT": "0"}, 0),
+])
+def test_config_from_env(env, port):
+    assert MetricsConfig.from_env("engine", env).port == port
+
+
+@pytest.mark.parametrize("role, env", [("engine", {"METRICS_PORT": "abc"}),
+                                       ("engine", {"METRICS_PORT": "70000"}),
+                                       ("router", {})])
+def test_config_rejects_bad_input(role, env):
+    with pytest.raises(ValueError):
+        MetricsConfig.from_env(role, env)
+
+
+def test_http_endpoint_serves_the_registry():
+    m = create_metrics()
+    m.add_generated_tokens("t", 7)
+    server = start_metrics_server(0, m, addr="127.0.0.1")
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read()
+    finally:
+        server.close()
+    assert b'inlaid_generated_tokens_total{task="t"} 7.0' in body
+    assert b"inlaid_kv_blocks_used 0.0" in body
