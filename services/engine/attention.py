@@ -1,0 +1,73 @@
+"""Paged attention over per-layer KV block tensors, with plain torch ops (SDPA).
+
+Layout: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A token at
+position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
+A faster kernel (Triton) can replace `paged_attention` behind the same metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout, built once by the model runner and shared by all layers.
+
+    Tokens of all sequences are flattened into one [T] axis, sequence i owning
+    [query_starts[i], query_starts[i+1]). Sequences computing one token (decode)
+    are attended together; the rest (prefill/recompute) one by one.
+    """
+
+    slot_mapping: torch.Tensor          # [T] long: KV slot of each new token
+    query_starts: list[int]             # [B+1] offsets into the token axis
+    context_lens: list[int]             # [B] tokens of KV each sequence attends to (incl. new)
+    prefill_ids: list[int]              # indices of sequences computing > 1 token
+    prefill_blocks: list[torch.Tensor]  # per prefill seq: its block ids [nb] long
+    decode_token_idx: torch.Tensor | None = None  # [D] token positions of the decode seqs
+    decode_blocks: torch.Tensor | None = None     # [D, max_nb] long, padded with block 0
+    decode_mask: torch.Tensor | None = None       # [D, 1, 1, max_nb*block_size] bool: valid keys
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache [NB, bs, Hkv, D], blocks [..., nb] → [..., nb*bs, Hkv, D]."""
+    g = cache[blocks]
+    return g.flatten(-4, -3)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] of the new tokens → attention output [T, H, D].
+
+    Writes the new K/V into their slots first, so each query sees its own token.
+    """
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    gqa = q.shape[1] != num_kv_heads
+    out = torch.empty_like(q)
+    for i, blocks in zip(meta.prefill_ids, meta.prefill_blocks):
+        start, end = meta.query_starts[i], meta.query_starts[i + 1]
+        n, ctx = end - start, meta.context_lens[i]
+        keys = _gather(k_cache, blocks)[:ctx].transpose(0, 1)      # [Hkv, ctx, D]
+        vals = _gather(v_cache, blocks)[:ctx].transpose(0, 1)
+        qi = q[start:end].transpose(0, 1)                           # [H, n, D]
+        if n == ctx:
+            o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
+        else:
+            # Query j sits at position ctx - n + j and may see keys 0..ctx - n + j.
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+            o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    if meta.decode_token_idx is not None:
+        idx = meta.decode_token_idx
+        qd = q[idx][:, :, None, :]                                   # [Dn, H, 1, D]
+        keys = _gather(k_cache, meta.decode_blocks).transpose(1, 2)  # [Dn, Hkv, L, D]
+        vals = _gather(v_cache, meta.decode_blocks).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=meta.decode_mask,
+                                           enable_gqa=gqa)
+        out[idx] = o[:, :, 0, :]
+    return out

@@ -1,0 +1,93 @@
+"""EngineConfig: every engine knob in one frozen dataclass, built from ENGINE_* variables."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from services.engine.scheduler import SchedulerConfig
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings. `device`/`dtype` "auto" resolve at load time (cuda if present;
+    float32 on CPU, bfloat16 on CUDA). 0 for the KV and length knobs means "derive"."""
+
+    model: str = "smollm2-135m"            # name for services.common.model_source.resolve_model
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                    # auto | float32 | bfloat16 | float16
+    block_size: int = 16                   # tokens per KV block
+    num_kv_blocks: int = 0                 # 0 → from kv_cache_bytes
+    kv_cache_bytes: int = 0                # 0 → 256 MiB on CPU, 90 % of free memory on CUDA
+    max_model_len: int = 0                 # prompt + output tokens; 0 → model's max positions
+    max_num_seqs: int = 64                 # running sequences at once
+    max_num_batched_tokens: int = 4096     # tokens computed in one step
+    max_adapters: int = 16                 # adapter slots resident on the device (LRU)
+    max_adapters_per_batch: int = 10       # β: distinct tasks in one step (scheduler cap)
+    max_lora_rank: int = 64                # larger adapters are rejected
+    max_tokens_limit: int = 4096           # largest max_tokens a request may ask for
+    policy: str = "fifo"                   # scheduling policy name (services.engine.policies)
+    max_decode_streak: int = 8             # decode steps before prefills are considered
+    starvation_limit_s: float = 30.0       # waiting longer than this jumps the queue
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"ENGINE_DTYPE must be one of {_DTYPES}, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"ENGINE_DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters",
+                    "max_lora_rank", "max_tokens_limit")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "max_adapters_per_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_adapters_per_batch > self.max_adapters:
+            raise ValueError(
+                f"max_adapters_per_batch ({self.max_adapters_per_batch}) cannot exceed the "
+                f"adapter slots max_adapters ({self.max_adapters})")
+        if not self.policy:
+            raise ValueError("policy must be a non-empty name")
+
+    @property
+    def adapters_per_batch_cap(self) -> int:
+        """β as the scheduler sees it: 0 (unlimited) still cannot exceed the slot count."""
+        return self.max_adapters_per_batch or self.max_adapters
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_adapters_per_batch=self.adapters_per_batch_cap,
+                               max_decode_streak=self.max_decode_streak,
+                               starvation_limit_s=self.starvation_limit_s)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EngineConfig:
+        """Build from ENGINE_<FIELD> variables (e.g. ENGINE_MAX_ADAPTERS); overrides win."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get("ENGINE_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw) if kind is not int else int(raw, 0)
+            except ValueError as exc:
+                raise ValueError(f"ENGINE_{f.name.upper()}={raw!r} is not a valid "
+                                 f"{kind.__name__}") from exc
+        values.update(overrides)
+        return cls(**values)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.resolved_device() == "cpu" else "bfloat16"

@@ -1,0 +1,245 @@
+"""Llama-family decoder over a flat token batch: RMSNorm, RoPE, GQA, SwiGLU, swappable linears."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.common.adapters import ATTN_MODULES, MLP_MODULES, BaseDims
+from services.engine.attention import AttentionMetadata, paged_attention
+
+LINEAR_NAMES = ATTN_MODULES + MLP_MODULES
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The architecture numbers the forward needs (from a HF config.json or RANDOM_SHAPES)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: tuple = ()                # sorted (key, value) pairs of a llama3 rope config
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> LlamaShape:
+        if cfg.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}; need a Llama model")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError("Llama variants with linear biases are not supported")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope_type {rope_type!r} (default and llama3 are)")
+        scaling = tuple(sorted((k, v) for k, v in rope.items() if k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        )) if rope_type == "llama3" else ()
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        heads = int(cfg["num_attention_heads"])
+        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+                   intermediate_size=int(cfg["intermediate_size"]),
+                   num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+                   num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                   max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   rope_scaling=scaling, eos_token_ids=eos_ids)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> LlamaShape:
+        return cls.from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+
+    def dims(self) -> BaseDims:
+        return BaseDims(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                        num_layers=self.num_layers, num_heads=self.num_heads,
+                        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+
+
+class BaseLinear(nn.Module):
+    """y = x Wᵀ. A quantized replacement only needs the same `forward(x)` contract."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementation, then cast back before the scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(shape: LlamaShape) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3's long-context rescaling when configured."""
+    d = shape.head_dim
+    inv = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if not shape.rope_scaling:
+        return inv
+    sc = dict(shape.rope_scaling)
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > old_len / low, inv / factor, inv)
+    is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(is_mid, mid, out)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos/sin [T, D] already in x's dtype."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class LlamaLayer(nn.Module):
+    """One decoder layer; q/k/v/o/gate/up/down are separate swappable BaseLinear-like modules."""
+
+    def __init__(self, shape: LlamaShape, idx: int, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.idx = idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            shape.num_heads, shape.num_kv_heads, shape.head_dim)
+        self.input_layernorm = RMSNorm(w["input_layernorm"], shape.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm"], shape.rms_norm_eps)
+        for name in LINEAR_NAMES:
+            setattr(self, name, BaseLinear(w[name]))
+
+    def _linear(self, name: str, x: torch.Tensor, lora) -> torch.Tensor:
+        y = getattr(self, name)(x)
+        return y if lora is None else lora.apply(self.idx, name, x, y)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                lora) -> torch.Tensor:
+        t = x.shape[0]
+        h = self.input_layernorm(x)
+        q = self._linear("q_proj", h, lora).view(t, self.num_heads, self.head_dim)
+        k = self._linear("k_proj", h, lora).view(t, self.num_kv_heads, self.head_dim)
+        v = self._linear("v_proj", h, lora).view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, H, D]
+        x = x + self._linear("o_proj", attn.reshape(t, -1), lora)
+        h = self.post_attention_layernorm(x)
+        act = F.silu(self._linear("gate_proj", h, lora)) * self._linear("up_proj", h, lora)
+        return x + self._linear("down_proj", act, lora)
+
+
+class LlamaModel(nn.Module):
+    """Embedding → layers → final norm; `logits()` applies the (possibly tied) LM head."""
+
+    def __init__(self, shape: LlamaShape, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.shape = shape
+        self.embed_tokens = nn.Parameter(weights["model.embed_tokens.weight"], requires_grad=False)
+        layers = []
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}."
+            w = {"input_layernorm": weights[p + "input_layernorm.weight"],
+                 "post_attention_layernorm": weights[p + "post_attention_layernorm.weight"]}
+            for name in LINEAR_NAMES:
+                sub = "self_attn." if name in ATTN_MODULES else "mlp."
+                w[name] = weights[p + sub + name + ".weight"]
+            layers.append(LlamaLayer(shape, i, w))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(weights["model.norm.weight"], shape.rms_norm_eps)
+        head = weights.get("lm_head.weight")
+        if head is None:
+            if not shape.tie_word_embeddings:
+                raise ValueError("checkpoint has no lm_head.weight and embeddings are not tied")
+            head = self.embed_tokens  # tied: one tensor, no copy
+        self.lm_head = head if isinstance(head, nn.Parameter) else nn.Parameter(head, requires_grad=False)
+        inv_freq = rope_inv_freq(shape).to(self.embed_tokens.device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                lora=None) -> torch.Tensor:
+        """input_ids, positions [T] → hidden states [T, hidden] (before the final norm)."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]     # [T, D/2] fp32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, cache, meta, lora)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] → fp32 logits [N, vocab]."""
+        return F.linear(self.norm(hidden), self.lm_head).float()
+
+
+def load_hf_weights(path: Path, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All *.safetensors of a HF directory, cast to dtype on device (never pickle)."""
+    from safetensors.torch import load_file
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickle checkpoints are refused)")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, v in load_file(str(f), device=device).items():
+            out[k] = v.to(dtype)
+    return out
+
+
+def random_weights(shape: LlamaShape, device: str, dtype: torch.dtype,
+                   seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random weights made on the device in dtype (fast for 7B+); small std keeps activations finite."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*size: int) -> torch.Tensor:
+        return torch.empty(size, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    h = shape.hidden_size
+    dims = shape.dims()
+    w = {"model.embed_tokens.weight": normal(shape.vocab_size, h),
+         "model.norm.weight": torch.ones(h, device=device, dtype=dtype)}
+    if not shape.tie_word_embeddings:
+        w["lm_head.weight"] = normal(shape.vocab_size, h)
+    for layer in range(shape.num_layers):
+        p = f"model.layers.{layer}."
+        w[p + "input_layernorm.weight"] = torch.ones(h, device=device, dtype=dtype)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(h, device=device, dtype=dtype)
+        for name in LINEAR_NAMES:
+            in_f, out_f = dims.features(name)
+            sub = "self_attn." if name in ATTN_MODULES else "mlp."
+            w[p + sub + name + ".weight"] = normal(out_f, in_f)
+    return w

@@ -1,0 +1,153 @@
+"""Batched multi-LoRA: adapters in device slots (LRU), one adapter per token segment of a batch."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from services.common.adapters import BaseDims, LoraAdapter
+from services.engine.errors import AdapterCapacityError, UnknownTaskError
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class LoraManager:
+    """Keeps registered adapters on the host and up to `num_slots` of them on the device.
+
+    For every (layer, module) that some adapter targets there is one stacked pair
+    A [slots, rank_cap, in] and Bᵀ [slots, rank_cap, out] with the scaling folded
+    into Bᵀ; smaller ranks are zero-padded, untargeted modules stay zero. Stacks
+    grow (slots, rank) on demand so a CPU engine with small adapters stays small.
+    A step calls `prepare(slot per token segment)`; each layer then calls
+    `apply(layer, module, x, y)` which adds x Aᵀ Bᵀ per segment with one pair of matmuls.
+    The stacked layout is what a gathered (BGMV/SGMV) kernel would read on a GPU.
+    """
+
+    def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
+                 device: str | torch.device, dtype: torch.dtype) -> None:
+        self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
+        self.device, self.dtype = torch.device(device), dtype
+        self._registered: dict[str, LoraAdapter] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()   # LRU order: oldest first
+        self._free_slots = list(range(num_slots))
+        self._a: dict[tuple[int, str], torch.Tensor] = {}
+        self._bt: dict[tuple[int, str], torch.Tensor] = {}
+        # rank of each (layer, module) per slot; 0 = untargeted (skipped at apply time)
+        self._ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
+        self._slot_cap, self._rank_cap = 0, 0
+        self._segments: list[tuple[int, int, int]] = []        # (slot, start, end) this step
+        self.num_loads = 0                                     # host→device adapter copies
+
+    # ---- registry ------------------------------------------------------------
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Register (or replace) an adapter; it reaches a device slot when first used."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter {adapter.name!r} rank {adapter.rank} > max {self.max_rank}")
+        replaced = adapter.name in self._registered
+        self._registered[adapter.name] = adapter
+        if replaced and adapter.name in self._slot_of:
+            self._write_slot(self._slot_of[adapter.name], adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self._registered:
+            raise UnknownTaskError(name)
+        del self._registered[name]
+        slot = self._slot_of.pop(name, None)
+        if slot is not None:
+            self._ranks[slot] = {}
+            self._free_slots.append(slot)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._registered
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(self._registered)
+
+    @property
+    def loaded_names(self) -> list[str]:
+        """Adapters resident in device slots, least recently used first."""
+        return list(self._slot_of)
+
+    # ---- slots ----------------------------------------------------------------
+    def acquire(self, names: set[str]) -> dict[str, int]:
+        """Make every named adapter resident; evict least recently used others if needed."""
+        if len(names) > self.num_slots:
+            raise AdapterCapacityError(
+                f"batch uses {len(names)} adapters but only {self.num_slots} slots exist")
+        for name in names:
+            if name not in self._registered:
+                raise UnknownTaskError(name)
+        for name in sorted(names):
+            if name in self._slot_of:
+                self._slot_of.move_to_end(name)
+                continue
+            if not self._free_slots:
+                victim = next(n for n in self._slot_of if n not in names)
+                self._free_slots.append(self._slot_of.pop(victim))
+            slot = self._free_slots.pop(0)
+            self._write_slot(slot, self._registered[name])
+            self._slot_of[name] = slot
+        return {name: self._slot_of[name] for name in names}
+
+    def _grow(self, slot_cap: int, rank_cap: int) -> None:
+        if slot_cap <= self._slot_cap and rank_cap <= self._rank_cap:
+            return
+        slot_cap, rank_cap = max(slot_cap, self._slot_cap), max(rank_cap, self._rank_cap)
+        for key in list(self._a):
+            self._a[key] = self._resized(self._a[key], slot_cap, rank_cap)
+            self._bt[key] = self._resized(self._bt[key], slot_cap, rank_cap)
+        self._slot_cap, self._rank_cap = slot_cap, rank_cap
+
+    def _resized(self, old: torch.Tensor, slot_cap: int, rank_cap: int) -> torch.Tensor:
+        new = torch.zeros(slot_cap, rank_cap, old.shape[2], device=self.device, dtype=self.dtype)
+        new[: old.shape[0], : old.shape[1]] = old
+        return new
+
+    def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
+        slot_cap = min(self.num_slots, max(self._slot_cap, 1 << slot.bit_length()))
+        self._grow(slot_cap, min(self.max_rank, _round_up(adapter.rank, 8)))
+        for key in self._ranks[slot]:               # clear what the previous tenant left
+            self._a[key][slot].zero_()
+            self._bt[key][slot].zero_()
+        ranks = {}
+        for key, (a, b) in adapter.weights.items():
+            if key not in self._a:
+                in_f, out_f = self.dims.features(key[1])
+                self._a[key] = torch.zeros(self._slot_cap, self._rank_cap, in_f,
+                                           device=self.device, dtype=self.dtype)
+                self._bt[key] = torch.zeros(self._slot_cap, self._rank_cap, out_f,
+                                            device=self.device, dtype=self.dtype)
+            r = a.shape[0]
+            # Fold the scaling into Bᵀ in fp32 before casting: one fewer multiply per token.
+            bt = (b.float() * adapter.scaling[key]).t()
+            self._a[key][slot, :r] = a.to(self.device, self.dtype)
+            self._bt[key][slot, :r] = bt.to(self.device, self.dtype)
+            ranks[key] = r
+        self._ranks[slot] = ranks
+        self.num_loads += 1
+
+    # ---- the step ---------------------------------------------------------------
+    def prepare(self, segments: list[tuple[int, int, int]]) -> None:
+        """Set this step's (slot, token_start, token_end) runs; slot -1 = no adapter."""
+        self._segments = [s for s in segments if s[0] >= 0]
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self._segments)
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [T, out] += per segment x Aᵀ Bᵀ of that segment's adapter (in place)."""
+        key = (layer, module)
+        if key not in self._a:
+            return y
+        a_stack, bt_stack = self._a[key], self._bt[key]
+        for slot, start, end in self._segments:
+            r = self._ranks[slot].get(key, 0)
+            if r == 0:
+                continue
+            xa = x[start:end] @ a_stack[slot, :r].t()                 # [n, r]
+            y[start:end].addmm_(xa, bt_stack[slot, :r])              # += [n, r] @ [r, out]
+        return y

@@ -1,0 +1,193 @@
+"""ModelRunner: owns the weights, KV cache, adapter slots and sampler; runs one step on a batch."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.common.adapters import LoraAdapter
+from services.common.model_source import RANDOM_SHAPES, ModelSource, resolve_model
+from services.engine.attention import AttentionMetadata
+from services.engine.config import EngineConfig
+from services.engine.llama import (LINEAR_NAMES, LlamaModel, LlamaShape, load_hf_weights,
+                                   random_weights)
+from services.engine.lora import LoraManager
+from services.engine.sampler import Sampler
+from services.engine.sequence import Sequence
+
+_CPU_DEFAULT_KV_BYTES = 256 << 20
+_CUDA_KV_FRACTION = 0.9
+
+
+class ModelRunner:
+    """Computes tokens [num_cached_tokens:] of each sequence and samples one next token each.
+
+    Sequences of a step may mix prefill, recompute and decode; the runner groups
+    them by adapter slot (contiguous token runs for the LoRA matmuls) and returns
+    results in the caller's order. Device-agnostic torch; every tensor lives here.
+    """
+
+    def __init__(self, config: EngineConfig, shape: LlamaShape,
+                 weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> None:
+        self.config, self.shape = config, shape
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = LlamaModel(shape, weights)
+        del weights
+        self.block_size = config.block_size
+        self.lora = LoraManager(shape.dims(), config.max_adapters, config.max_lora_rank,
+                                self.device, dtype)
+        self.sampler = Sampler(self.device)
+        self.num_kv_blocks = self._num_kv_blocks()
+        cache_shape = (self.num_kv_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
+        self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=dtype),
+                           torch.zeros(cache_shape, device=self.device, dtype=dtype))
+                          for _ in range(shape.num_layers)]  # per layer: K, V
+
+    @classmethod
+    def load(cls, config: EngineConfig, source: ModelSource | None = None) -> ModelRunner:
+        """Resolve config.model, load (or randomly initialise) weights on the target device."""
+        source = source or resolve_model(config.model)
+        device = config.resolved_device()
+        dtype = getattr(torch, config.resolved_dtype())
+        if source.kind == "random":
+            shape = LlamaShape.from_hf_config(dict(RANDOM_SHAPES[source.random_shape],
+                                                   model_type="llama"))
+            weights = random_weights(shape, device, dtype)
+        else:
+            shape = LlamaShape.from_dir(source.path)
+            weights = load_hf_weights(source.path, device, dtype)
+        return cls(config, shape, weights, device, dtype)
+
+    # ---- sizing ----------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        s = self.shape
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        kv_bytes = self.config.kv_cache_bytes
+        if not kv_bytes:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_bytes = int(free * _CUDA_KV_FRACTION)
+            else:
+                kv_bytes = _CPU_DEFAULT_KV_BYTES
+        num = kv_bytes // self.kv_bytes_per_block
+        if num <= 0:
+            raise ValueError(f"KV cache of {kv_bytes} bytes holds no block "
+                             f"({self.kv_bytes_per_block} bytes each)")
+        return num
+
+    # ---- swappable pieces ------------------------------------------------------------
+    def base_linear(self, layer_idx: int, name: str) -> nn.Module:
+        if name not in LINEAR_NAMES:
+            raise KeyError(f"unknown linear {name!r}; one of {LINEAR_NAMES}")
+        return getattr(self.model.layers[layer_idx], name)
+
+    def set_base_linear(self, layer_idx: int, name: str, module: nn.Module) -> None:
+        """Replace one base linear (e.g. by a dequantize-on-the-fly module with forward(x))."""
+        old = self.base_linear(layer_idx, name)
+        setattr(self.model.layers[layer_idx], name, module)
+        del old
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        self.lora.add_adapter(adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.lora.remove_adapter(name)
+
+    # ---- the step --------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        """One sampled token per sequence, in the order given."""
+        if not seqs:
+            return []
+        order, hidden, meta = self._forward(seqs)
+        last = torch.tensor([meta.query_starts[j + 1] - 1 for j in range(len(order))],
+                            device=self.device)
+        logits = self.model.logits(hidden[last])                      # [B, V] fp32
+        batch = [seqs[i] for i in order]
+        tokens = self.sampler.sample(logits, [s.params for s in batch],
+                                     [s.request_id for s in batch])
+        out = [0] * len(seqs)
+        for j, i in enumerate(order):
+            out[i] = tokens[j]
+        return out
+
+    @torch.inference_mode()
+    def compute_logits(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Logits [num_new_tokens, V] for every computed position (tests, scoring)."""
+        order, hidden, meta = self._forward(seqs)
+        logits = self.model.logits(hidden)
+        out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+        for j, i in enumerate(order):
+            out[i] = logits[meta.query_starts[j]:meta.query_starts[j + 1]]
+        return out
+
+    def _forward(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor, AttentionMetadata]:
+        slots = self.lora.acquire({s.task for s in seqs if s.task})
+        slot_of = [slots[s.task] if s.task else -1 for s in seqs]
+        # Group sequences by adapter so each adapter's tokens form one contiguous run.
+        order = sorted(range(len(seqs)), key=lambda i: slot_of[i])
+        ids, positions, slot_map, starts, ctx_lens, segments = [], [], [], [0], [], []
+        bs = self.block_size
+        for i in order:
+            seq = seqs[i]
+            n_tok, n_cached = seq.num_tokens, seq.num_cached_tokens
+            if n_tok <= n_cached:
+                raise ValueError(f"sequence {seq.request_id}: nothing to compute")
+            if len(seq.block_table) * bs < n_tok:
+                raise ValueError(f"sequence {seq.request_id}: {len(seq.block_table)} KV blocks "
+                                 f"cannot hold {n_tok} tokens")
+            toks = seq.token_ids[n_cached:]
+            ids.extend(toks)
+            pos = range(n_cached, n_tok)
+            positions.extend(pos)
+            table = seq.block_table
+            slot_map.extend(table[p // bs] * bs + p % bs for p in pos)
+            segments.append((slot_of[i], starts[-1], starts[-1] + len(toks)))
+            starts.append(starts[-1] + len(toks))
+            ctx_lens.append(n_tok)
+        meta = self._metadata([seqs[i] for i in order], slot_map, starts, ctx_lens)
+        self.lora.prepare(_merge_runs(segments))
+        dev = self.device
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                            self.kv_caches, meta, self.lora if self.lora.is_active else None)
+        return order, hidden, meta
+
+    def _metadata(self, batch: list[Sequence], slot_map: list[int], starts: list[int],
+                  ctx_lens: list[int]) -> AttentionMetadata:
+        dev, bs = self.device, self.block_size
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, device=dev),
+                                 query_starts=starts, context_lens=ctx_lens,
+                                 prefill_ids=[], prefill_blocks=[])
+        decode = []
+        for j, seq in enumerate(batch):
+            n_blocks = -(-ctx_lens[j] // bs)
+            if starts[j + 1] - starts[j] == 1:
+                decode.append(j)
+            else:
+                meta.prefill_ids.append(j)
+                meta.prefill_blocks.append(torch.tensor(seq.block_table[:n_blocks], device=dev))
+        if decode:
+            max_nb = max(-(-ctx_lens[j] // bs) for j in decode)
+            table = [batch[j].block_table[:max_nb] for j in decode]
+            table = [t + [0] * (max_nb - len(t)) for t in table]
+            meta.decode_token_idx = torch.tensor([starts[j] for j in decode], device=dev)
+            meta.decode_blocks = torch.tensor(table, device=dev)                   # [D, nb]
+            lens = torch.tensor([ctx_lens[j] for j in decode], device=dev)
+            meta.decode_mask = (torch.arange(max_nb * bs, device=dev)[None, :]
+                                < lens[:, None])[:, None, None, :]                 # [D,1,1,L]
+        return meta
+
+
+def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    merged: list[tuple[int, int, int]] = []
+    for slot, start, end in segments:
+        if merged and merged[-1][0] == slot and merged[-1][2] == start:
+            merged[-1] = (slot, merged[-1][1], end)
+        else:
+            merged.append((slot, start, end))
+    return merged
