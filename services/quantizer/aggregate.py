@@ -1,0 +1,157 @@
+"""MLGPTQ aggregation of per-task Hessians into one, associative and commutative by construction.
+
+Every variant keeps a *state* (what the cache stores) that is combined with elementwise
+max / selection only — operations that are exactly associative and commutative in floating
+point, so aggregate(cached(T1), new(T2)) is bit-identical to aggregating T1+T2 at once.
+`finalize` turns a state into a Hessian GPTQ can factor; it is never cached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Smallest eigenvalue kept when repairing an aggregate, relative to the largest.
+EIG_FLOOR = 1e-6
+
+
+@dataclass
+class AggState:
+    """Pre-repair aggregate of one linear's Hessians over a set of tasks.
+
+    matrix: [in, in] (meaning depends on the variant), key: [in] per-row selection key
+    (row-max only), dead: [in] inputs dead for every task so far.
+    """
+
+    matrix: torch.Tensor
+    dead: torch.Tensor
+    key: torch.Tensor | None = None
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.matrix": self.matrix.contiguous(),
+               f"{prefix}.dead": self.dead.to(torch.uint8).contiguous()}
+        if self.key is not None:
+            out[f"{prefix}.key"] = self.key.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "AggState":
+        key = tensors.get(f"{prefix}.key")
+        return cls(matrix=tensors[f"{prefix}.matrix"], dead=tensors[f"{prefix}.dead"].bool(), key=key)
+
+
+def _damped(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Per-task H with GPTQ's dead-input fix and damping, so it can be inverted."""
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += damp_percent * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    return h
+
+
+def _repair(matrix: torch.Tensor) -> torch.Tensor:
+    """Nearest-ish SPD matrix: symmetrise, then floor the eigenvalues (elementwise max breaks SPD)."""
+    sym = (matrix + matrix.T) / 2
+    evals, evecs = torch.linalg.eigh(sym)
+    floor = EIG_FLOOR * evals.max().clamp_min(torch.finfo(evals.dtype).tiny)
+    evals = evals.clamp_min(floor)
+    return (evecs * evals) @ evecs.T
+
+
+class Aggregation:
+    """One aggregation variant: task_state (one task), combine (two states), finalize."""
+
+    name = ""
+
+    def __init__(self, damp_percent: float = 0.01):
+        self.damp_percent = damp_percent
+
+    def task_state(self, hessian: torch.Tensor) -> AggState:
+        raise NotImplementedError
+
+    def combine(self, a: AggState, b: AggState) -> AggState:
+        raise NotImplementedError
+
+    def finalize(self, state: AggState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce(self, states: list[AggState]) -> AggState:
+        if not states:
+            raise ValueError("nothing to aggregate: no tasks")
+        out = states[0]
+        for s in states[1:]:
+            out = self.combine(out, s)
+        return out
+
+
+class MaxInverse(Aggregation):
+    """The seed's reading: H_tmp = elementwise max over tasks of H_t⁻¹, repaired, inverted back."""
+
+    name = "max-inv"
+
+    def task_state(self, hessian: torch.Tensor) -> AggState:
+        dead = torch.diagonal(hessian) == 0
+        inv = torch.linalg.inv(_damped(hessian, self.damp_percent))
+        return AggState(matrix=inv.float(), dead=dead)
+
+    def combine(self, a: AggState, b: AggState) -> AggState:
+        return AggState(matrix=torch.maximum(a.matrix, b.matrix), dead=a.dead & b.dead)
+
+    def finalize(self, state: AggState) -> torch.Tensor:
+        h = torch.linalg.inv(_repair(state.matrix.double()))
+        h = (h + h.T) / 2
+        h[state.dead, :] = 0
+        h[:, state.dead] = 0
+        return h.float()
+
+
+class MaxHessian(Aggregation):
+    """Elementwise max of the H_t: every input pair weighted by its most demanding task."""
+
+    name = "max-h"
+
+    def task_state(self, hessian: torch.Tensor) -> AggState:
+        return AggState(matrix=hessian.float().clone(), dead=torch.diagonal(hessian) == 0)
+
+    def combine(self, a: AggState, b: AggState) -> AggState:
+        return AggState(matrix=torch.maximum(a.matrix, b.matrix), dead=a.dead & b.dead)
+
+    def finalize(self, state: AggState) -> torch.Tensor:
+        h = _repair(state.matrix.double())
+        h[state.dead, :] = 0
+        h[:, state.dead] = 0
+        return h.float()
+
+
+class RowMax(Aggregation):
+    """Per input row, the row of the task most sensitive there (largest H_t[i, i]).
+
+    Ties take the elementwise max of the tied rows, so the result depends only on the set
+    of tasks (associative, commutative). The row mix is symmetrised and repaired.
+    """
+
+    name = "row-max"
+
+    def task_state(self, hessian: torch.Tensor) -> AggState:
+        h = hessian.float().clone()
+        return AggState(matrix=h, dead=torch.diagonal(h) == 0, key=torch.diagonal(h).clone())
+
+    def combine(self, a: AggState, b: AggState) -> AggState:
+        b_wins = (b.key > a.key)[:, None]
+        tie = (b.key == a.key)[:, None]
+        matrix = torch.where(b_wins, b.matrix, torch.where(tie, torch.maximum(a.matrix, b.matrix), a.matrix))
+        return AggState(matrix=matrix, dead=a.dead & b.dead, key=torch.maximum(a.key, b.key))
+
+    def finalize(self, state: AggState) -> torch.Tensor:
+        h = _repair(state.matrix.double())
+        h[state.dead, :] = 0
+        h[:, state.dead] = 0
+        return h.float()
+
+
+def make_aggregation(name: str, damp_percent: float = 0.01) -> Aggregation:
+    """The aggregation variant called `name` (see config.AGGREGATIONS)."""
+    for cls in (MaxInverse, MaxHessian, RowMax):
+        if cls.name == name:
+            return cls(damp_percent)
+    raise ValueError(f"unknown aggregation {name!r}")
