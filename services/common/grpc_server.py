@@ -1,0 +1,136 @@
+"""ServiceHost: a grpc.aio server with the error interceptor, health, reflection and SIGTERM handling."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import status_code_for
+
+log = logging.getLogger(__name__)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a handler into status codes (services.common.errors);
+    unknown ones become INTERNAL and are logged with their traceback."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # client/bidi streaming: none of our services use them
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    code = status_code_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method, exc_info=exc)
+        await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(code, str(exc))
+
+
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
+    async def wrapped(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the interceptor is the one place that maps all
+            await _abort(context, exc, method)
+    return wrapped
+
+
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    async def wrapped(request, context) -> AsyncIterator:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc, method)
+    return wrapped
+
+
+class ServiceHost:
+    """Wires one service's servicers into a server: health starts NOT_SERVING and only
+    `set_serving(True)` (after the model is loaded and warm) flips it; SIGTERM/SIGINT flip it
+    back, then the server stops with a grace period and `on_stop` callbacks free resources."""
+
+    def __init__(self, service_names: list[str], host: str = "0.0.0.0", port: int = 0,
+                 grace_s: float = 5.0, max_message_mb: int = 64,
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> None:
+        self.service_names = list(service_names)
+        self.grace_s = grace_s
+        size = max_message_mb * 1024 * 1024
+        self.server = grpc.aio.server(interceptors=[*(interceptors or []), ErrorInterceptor()], options=[
+            ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self._address = f"{host}:{port}"
+        self.port = 0
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._on_stop: list[Callable] = []
+
+    async def start(self) -> int:
+        """Bind and start; returns the bound port (useful with port 0)."""
+        self.port = self.server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self._address}")
+        await self.server.start()
+        await self.set_serving(False)
+        return self.port
+
+    async def set_serving(self, is_serving: bool) -> None:
+        status = _SERVING if is_serving else _NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    def on_stop(self, callback: Callable) -> None:
+        """Register a (sync or async) callable run after the server stopped."""
+        self._on_stop.append(callback)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(self.stop(s.name)))
+
+    async def stop(self, reason: str = "stop") -> None:
+        if self._stopping:
+            return await self._stopped.wait()
+        self._stopping = True
+        log.info("shutting down (%s): NOT_SERVING, grace %.1f s", reason, self.grace_s)
+        await self.set_serving(False)
+        await self.server.stop(self.grace_s)
+        for callback in reversed(self._on_stop):
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        """Block until stop() finished (by signal or by a caller)."""
+        await self._stopped.wait()

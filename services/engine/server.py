@@ -1,0 +1,82 @@
+"""Engine server: config → LLMEngine → EngineWorker → EngineService + health; `python -m services.engine.server`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common.grpc_server import ServiceHost
+from services.common.logging import LoggingConfig, setup_logging
+from services.common.pb.inlaid.v1 import engine_pb2, engine_pb2_grpc
+from services.common.redis_keys import RedisKeys
+from services.common.redis_server import connect, resolve_url
+from services.common.request_queue import RequestQueue
+from services.common.task_registry import TaskRegistry
+from services.engine.config import EngineConfig
+from services.engine.servicer import EngineServicer
+from services.engine.worker import EngineWorker, WorkerConfig
+
+log = logging.getLogger("services.engine")
+SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+
+
+async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> None:
+    host = ServiceHost([SERVICE_NAME], worker_config.host, worker_config.port,
+                       grace_s=worker_config.grace_s)
+    servicer = EngineServicer()
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, host.server)
+    await host.start()  # health answers NOT_SERVING while the model loads
+    host.install_signal_handlers()
+    log.info("engine control on port %d; loading %s", host.port, engine_config.model)
+    url, embedded = resolve_url(worker_config.redis_url)
+    client = connect(url)
+    keys = RedisKeys(worker_config.redis_namespace, worker_config.pool)
+
+    from services.engine.llm_engine import LLMEngine  # torch import happens here, not at import
+    engine = await asyncio.to_thread(LLMEngine, engine_config)
+    worker = EngineWorker(engine, RequestQueue(client, keys), TaskRegistry(client, keys),
+                          worker_config)
+    servicer.attach(worker)
+    run = asyncio.get_running_loop().create_task(worker.run())
+
+    async def shutdown() -> None:
+        # Finish what we hold within the grace period; the rest stays pending for other engines.
+        worker.drain()
+        deadline = asyncio.get_running_loop().time() + worker_config.grace_s
+        while worker.num_inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        worker.stop()
+        try:
+            await asyncio.wait_for(run, timeout=30)
+        except asyncio.TimeoutError:
+            run.cancel()
+        await worker.close()
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+    host.on_stop(shutdown)
+    ready = asyncio.ensure_future(worker.ready.wait())
+    await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
+    if run.done():
+        ready.cancel()
+        await host.stop("worker failed to start")
+        run.result()  # raises the worker's error
+    await host.set_serving(True)
+    log.info("engine %s serving pool %r (device %s)", worker.engine_id, keys.pool,
+             engine.runner.device)
+    done, _ = await asyncio.wait([run, asyncio.ensure_future(host.wait())],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if run in done and run.exception() is not None:
+        log.error("worker loop failed: %r", run.exception())
+        await host.stop("worker failed")
+        raise run.exception()
+
+
+def main() -> None:
+    logging_config = LoggingConfig.from_env()
+    setup_logging(logging_config.level, logging_config.is_json)
+    asyncio.run(serve(EngineConfig.from_env(), WorkerConfig.from_env()))
+
+
+if __name__ == "__main__":
+    main()

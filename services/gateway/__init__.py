@@ -1,0 +1,1 @@
+"""Gateway service: validates requests, queues them in Redis, streams tokens back."""

@@ -1,0 +1,73 @@
+"""Gateway server: config → Redis, tokenizer, peers → GatewayServicer; `python -m services.gateway.server`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common.grpc_server import ServiceHost
+from services.common.logging import LoggingConfig, setup_logging
+from services.common.model_source import resolve_model
+from services.common.pb.inlaid.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.redis_keys import RedisKeys
+from services.common.redis_server import connect, resolve_url
+from services.common.request_queue import RequestQueue
+from services.common.task_registry import TaskRegistry
+from services.common.tokenizer import Tokenizer
+from services.gateway.config import GatewayConfig
+from services.gateway.peers import PredictorClient, QuantizerClient
+from services.gateway.servicer import GatewayServicer
+
+log = logging.getLogger("services.gateway")
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+async def build(config: GatewayConfig, redis_url: str) -> tuple[GatewayServicer, RequestQueue]:
+    """The servicer and its queue, ready to serve (also used by tests and the stack)."""
+    source = resolve_model(config.model)
+    if source.path is None:
+        raise ValueError(f"GATEWAY_MODEL {config.model!r} has no tokenizer (random weights); "
+                         "point it at a Hugging Face directory or a named model")
+    tokenizer = await asyncio.to_thread(Tokenizer, source.path)
+    client = connect(redis_url)
+    keys = RedisKeys(config.redis_namespace, config.pool)
+    queue = RequestQueue(client, keys)
+    await queue.ensure_group()
+    predictor = (PredictorClient(config.predictor_addr, config.predictor_timeout_s)
+                 if config.predictor_addr else None)
+    quantizer = (QuantizerClient(config.quantizer_addr, config.quantizer_timeout_s)
+                 if config.quantizer_addr else None)
+    servicer = GatewayServicer(config, queue, TaskRegistry(client, keys), tokenizer,
+                               predictor, quantizer)
+    return servicer, queue
+
+
+async def serve(config: GatewayConfig) -> None:
+    host = ServiceHost([SERVICE_NAME], config.host, config.port, grace_s=config.grace_s)
+    url, embedded = resolve_url(config.redis_url)
+    servicer, queue = await build(config, url)
+    # grpc cannot add services to a started server, so the servicer is built first.
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, host.server)
+    await host.start()
+    host.install_signal_handlers()
+
+    async def shutdown() -> None:
+        await servicer.close()
+        await queue.client.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+    host.on_stop(shutdown)
+    await host.set_serving(True)
+    log.info("gateway listening on port %d (redis %s, pool %r, predictor %s)", host.port, url,
+             config.pool, config.predictor_addr or "none")
+    await host.wait()
+
+
+def main() -> None:
+    logging_config = LoggingConfig.from_env()
+    setup_logging(logging_config.level, logging_config.is_json)
+    asyncio.run(serve(GatewayConfig.from_env()))
+
+
+if __name__ == "__main__":
+    main()

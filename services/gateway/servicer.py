@@ -1,0 +1,208 @@
+"""GatewayServicer: validate → tokenize → predict → queue in Redis → stream the output back."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import statistics
+import uuid
+from pathlib import Path
+
+from services.common.adapters import BaseDims, load_adapter
+from services.common.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, \
+    NotFoundError, ResourceExhaustedError
+from services.common.pb.inlaid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.request_queue import OutputChunk, QueuedRequest, RequestQueue
+from services.common.task_registry import TaskRecord, TaskRegistry, check_task_name
+from services.common.tokenizer import Tokenizer
+from services.gateway.config import GatewayConfig
+from services.gateway.peers import PredictorClient, QuantizerClient
+from services.gateway.validation import check_input, check_length, check_params, \
+    check_request_id
+
+log = logging.getLogger(__name__)
+
+
+def base_dims(config: dict) -> BaseDims:
+    """The base model's shapes from its HF config.json, to check adapters against."""
+    heads = int(config["num_attention_heads"])
+    return BaseDims(hidden_size=int(config["hidden_size"]),
+                    intermediate_size=int(config["intermediate_size"]),
+                    num_layers=int(config["num_hidden_layers"]), num_heads=heads,
+                    num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                    head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads))
+
+
+def task_info(record: TaskRecord, lengths: list[int] | None = None) -> common_pb2.TaskInfo:
+    lengths = lengths or []
+    return common_pb2.TaskInfo(
+        name=record.name, adapter_path=record.adapter_path, rank=record.rank,
+        target_modules=record.targets, state=common_pb2.TaskState.Value("TASK_STATE_" + record.state),
+        message=record.message, tenant=record.tenant, weight=record.weight,
+        num_finished=len(lengths),
+        median_output_tokens=float(statistics.median(lengths)) if lengths else 0.0)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """The public API. Errors are raised as services.common.errors types; the interceptor
+    turns them into status codes. A Generate whose client goes away cancels its request."""
+
+    def __init__(self, config: GatewayConfig, queue: RequestQueue, registry: TaskRegistry,
+                 tokenizer: Tokenizer, predictor: PredictorClient | None = None,
+                 quantizer: QuantizerClient | None = None) -> None:
+        self._config = config
+        self._queue = queue
+        self._registry = registry
+        self._tokenizer = tokenizer
+        self._dims = base_dims(tokenizer.config)
+        self._max_model_len = config.max_model_len or tokenizer.max_model_len
+        self._predictor = predictor
+        self._quantizer = quantizer
+        self._background: set[asyncio.Task] = set()  # keeps fire-and-forget cancels alive
+
+    # generation -----------------------------------------------------------------------
+    async def Generate(self, request, context):
+        if request.task:
+            record = await self._registry.require(request.task)
+            if not record.is_servable:
+                raise FailedPreconditionError(f"task {request.task!r} is {record.state}: "
+                                              f"{record.message or 'not servable'}")
+        check_input(request, self._config)
+        params = check_params(request.params, self._config)
+        request_id = request.request_id or uuid.uuid4().hex
+        check_request_id(request_id)
+        if request.request_id and await self._queue.exists(request_id):
+            # Idempotency key seen before: attach to that request instead of running it twice.
+            yield gateway_pb2.GenerateResponse(request_id=request_id)
+            async for response in self._stream(request_id, 0, cancel_on_exit=False):
+                yield response
+            return
+        prompt_text, token_ids = await asyncio.to_thread(self._tokenize, request)
+        check_length(len(token_ids), params["max_tokens"], self._max_model_len)
+        if await self._queue.backlog() >= self._config.max_queue:
+            raise ResourceExhaustedError(f"request queue is full ({self._config.max_queue} queued "
+                                         "or running); retry later")
+        predicted = None
+        if self._predictor is not None:
+            predicted = await self._predictor.predict(request.task, prompt_text)
+        await self._queue.enqueue(QueuedRequest(
+            request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
+            predicted_output_tokens=predicted))
+        yield gateway_pb2.GenerateResponse(request_id=request_id,
+                                           predicted_output_tokens=predicted or 0)
+        async for response in self._stream(request_id, 0, cancel_on_exit=True):
+            yield response
+
+    async def Resume(self, request, context):
+        check_request_id(request.request_id)
+        if request.offset < 0:
+            raise InvalidArgumentError(f"offset must be >= 0, got {request.offset}")
+        if not await self._queue.exists(request.request_id):
+            raise NotFoundError(f"unknown request {request.request_id!r} (finished requests are "
+                                "kept for an hour)")
+        yield gateway_pb2.GenerateResponse(request_id=request.request_id)
+        async for response in self._stream(request.request_id, request.offset,
+                                           cancel_on_exit=False):
+            yield response
+
+    async def Cancel(self, request, context):
+        check_request_id(request.request_id)
+        if not await self._queue.exists(request.request_id):
+            raise NotFoundError(f"unknown request {request.request_id!r}")
+        return gateway_pb2.CancelResponse(was_active=await self._queue.cancel(request.request_id))
+
+    def _tokenize(self, request) -> tuple[str, list[int]]:
+        if request.prompt:
+            return request.prompt, self._tokenizer.encode_prompt(request.prompt)
+        text = self._tokenizer.render_chat([(m.role, m.content) for m in request.messages])
+        return text, self._tokenizer.encode_rendered(text)
+
+    async def _stream(self, request_id: str, offset: int, cancel_on_exit: bool):
+        is_finished = False
+        try:
+            async for chunk in self._queue.follow(request_id, self._config.read_block_ms):
+                response = self._response(request_id, chunk, offset)
+                is_finished = chunk.is_final
+                if response is not None:
+                    yield response
+        finally:
+            # Client cancelled, deadline passed or the server is stopping: free the engine slot.
+            if cancel_on_exit and not is_finished:
+                task = asyncio.get_running_loop().create_task(self._queue.cancel(request_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    def _response(self, request_id: str, chunk: OutputChunk, offset: int):
+        token_ids, text, start = chunk.token_ids, chunk.text, chunk.offset
+        if chunk.end <= offset and not chunk.is_final:
+            return None  # the client already has these tokens
+        if start < offset:
+            token_ids = token_ids[offset - start:]
+            text, start = self._tokenizer.decode(token_ids), offset
+        return gateway_pb2.GenerateResponse(
+            request_id=request_id, text=text, token_ids=token_ids, offset=start,
+            finish_reason=chunk.finish_reason, num_prompt_tokens=chunk.num_prompt_tokens,
+            num_output_tokens=chunk.num_output_tokens, error=chunk.error)
+
+    # tasks ------------------------------------------------------------------------------
+    async def ListTasks(self, request, context):
+        tasks = await self._registry.list()
+        client = self._queue.client
+        pipe = client.pipeline(transaction=False)
+        for record in tasks:
+            pipe.lrange(self._queue.keys.stats(record.name), 0, -1)
+        pipe.hget(self._queue.keys.weights, "version")
+        *lengths, version = await pipe.execute()
+        infos = [task_info(r, [int(x) for x in ls]) for r, ls in zip(tasks, lengths)]
+        return gateway_pb2.ListTasksResponse(tasks=infos, weight_version=int(version or 0))
+
+    async def AddTask(self, request, context):
+        check_task_name(request.name)
+        if not request.adapter_path:
+            raise InvalidArgumentError("adapter_path is required")
+        if request.weight < 0 or request.weight != request.weight:
+            raise InvalidArgumentError(f"weight must be >= 0 (0 = 1.0), got {request.weight}")
+        if await self._registry.get(request.name) is not None:
+            raise AlreadyExistsError(f"task {request.name!r} already exists; remove it first "
+                                     "or pick another name")
+        adapter_path = str(Path(request.adapter_path).expanduser().resolve())
+        calibration_path = ""
+        if request.calibration_path:
+            calibration_path = str(Path(request.calibration_path).expanduser().resolve())
+            if self._quantizer is None:
+                raise FailedPreconditionError(
+                    "calibration_path given but no quantizer configured (GATEWAY_QUANTIZER_ADDR); "
+                    "register without calibration data to serve on the current base")
+            if not os.path.isfile(calibration_path):
+                raise InvalidArgumentError(f"calibration file {calibration_path} does not exist")
+        adapter = await asyncio.to_thread(load_adapter, request.name, adapter_path, self._dims,
+                                          self._config.max_lora_rank)
+        record = TaskRecord(name=request.name, adapter_path=adapter_path, rank=adapter.rank,
+                            targets=list(adapter.targets),
+                            state="QUANTIZING" if calibration_path else "READY",
+                            weight=request.weight or 1.0)
+        await self._registry.add(record)
+        job_id = ""
+        if calibration_path:
+            # Hook for incremental MLGPTQ: the task serves on the current base meanwhile and
+            # the quantizer publishes a new weight version when the job is done.
+            try:
+                job_id = await self._quantizer.start_job(request.name, adapter_path,
+                                                         calibration_path)
+            except Exception:
+                await self._registry.remove(request.name)
+                raise
+            record = await self._registry.update(request.name, message=f"quantization job {job_id}")
+        log.info("registered task %s (rank %d, %s)", record.name, record.rank, record.targets)
+        return gateway_pb2.AddTaskResponse(task=task_info(record), job_id=job_id)
+
+    async def RemoveTask(self, request, context):
+        check_task_name(request.name)
+        await self._registry.remove(request.name)
+        log.info("removed task %s", request.name)
+        return gateway_pb2.RemoveTaskResponse()
+
+    async def close(self) -> None:
+        for peer in (self._predictor, self._quantizer):
+            if peer is not None:
+                await peer.close()
