@@ -22,12 +22,21 @@ class SchedulerConfig:
     max_adapters_per_batch: int = 10       # β: distinct tasks in one step; 0 = unlimited
     max_decode_streak: int = 8             # decode steps before new prefills are considered
     starvation_limit_s: float = 30.0       # a request waiting longer than this jumps the queue
+    # Policy-specific knobs (each policy reads only its own).
+    mlfq_num_levels: int = 6               # FastServe MLFQ: number of priority levels
+    mlfq_base_quantum: int = 8             # tokens a job may generate at level 0; doubles per level
+    mlfq_prefill_tokens_per_quantum: int = 256  # prompt tokens costing one quantum unit (skip-join)
+    wfq_prefill_token_weight: float = 0.5  # WFQ service charged per prompt token (decode token = 1)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be > 0")
         if self.max_adapters_per_batch < 0:
             raise ValueError("max_adapters_per_batch must be >= 0 (0 = unlimited)")
+        if self.mlfq_num_levels <= 0 or self.mlfq_base_quantum <= 0 or self.mlfq_prefill_tokens_per_quantum <= 0:
+            raise ValueError("mlfq_num_levels, mlfq_base_quantum, mlfq_prefill_tokens_per_quantum must be > 0")
+        if self.wfq_prefill_token_weight < 0:
+            raise ValueError("wfq_prefill_token_weight must be >= 0")
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""Batch-building steps shared by the multi-task policies: KV reservation, task choice, decode slots."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from services.engine.block_manager import BlockManager
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence, SequenceStatus
+
+
+def blocks_to_finish(bm: BlockManager, seq: Sequence) -> int:
+    """KV blocks seq still needs to reach its predicted length (0 if it already holds them).
+
+    Uses predicted_remaining_tokens, which is never below 1, so a sequence that
+    outran its prediction reserves one more token at a time instead of nothing.
+    """
+    predicted_total = seq.num_tokens + seq.predicted_remaining_tokens
+    return max(0, bm.blocks_needed(predicted_total) - len(seq.block_table))
+
+
+def reserved_blocks(bm: BlockManager, running: Iterable[Sequence]) -> int:
+    """Blocks the running sequences will still claim if they stop at their predicted lengths."""
+    return sum(blocks_to_finish(bm, s) for s in running)
+
+
+def group_by_task(seqs: Iterable[Sequence]) -> dict[str, list[Sequence]]:
+    groups: dict[str, list[Sequence]] = {}
+    for seq in seqs:
+        groups.setdefault(seq.task, []).append(seq)
+    return groups
+
+
+def choose_tasks(groups: dict[str, list[Sequence]], max_adapters: int,
+                 task_key: Callable[[str], tuple]) -> set[str]:
+    """The max_adapters tasks with the smallest task_key, plus the base model "".
+
+    The base model needs no adapter, so it never takes one of the β slots
+    (as in S-LoRA's cap); max_adapters 0 means unlimited.
+    """
+    adapters = [t for t in groups if t]
+    if max_adapters == 0 or len(adapters) <= max_adapters:
+        return set(groups)
+    chosen = set(sorted(adapters, key=task_key)[:max_adapters])
+    if "" in groups:
+        chosen.add("")
+    return chosen
+
+
+def secure_decode_slots(sched: Scheduler, ordered: list[Sequence],
+                        victim_key: Callable[[Sequence], tuple],
+                        protected: Iterable[Sequence] = ()) -> tuple[list[Sequence], list[Sequence]]:
+    """Give each sequence of `ordered` (best first) a KV slot for its next token.
+
+    When the free list is empty, the running sequence with the largest
+    victim_key among those not yet given a slot this step (nor `protected`,
+    e.g. this step's prefills) is preempted (its KV dropped; it recomputes
+    later) — possibly the sequence being served itself.
+    Returns (sequences that decode this step, sequences preempted).
+    """
+    bm = sched.block_manager
+    kept: list[Sequence] = []
+    kept_ids: set[int] = {id(s) for s in protected}
+    preempted: list[Sequence] = []
+    preempted_ids: set[int] = set()
+    for seq in ordered:
+        if id(seq) in preempted_ids:
+            continue
+        while not bm.can_append(seq):
+            candidates = [s for s in sched.running if id(s) not in kept_ids]
+            victim = max(candidates, key=victim_key)
+            sched.preempt(victim)
+            preempted.append(victim)
+            preempted_ids.add(id(victim))
+            if victim is seq:
+                break
+        if id(seq) in preempted_ids:
+            continue
+        bm.append_slot(seq)
+        kept.append(seq)
+        kept_ids.add(id(seq))
+    return kept, preempted
+
+
+def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks: set[str] | None,
+                   reserve_predicted: bool, is_urgent: Callable[[Sequence], bool]) -> list[Sequence]:
+    """Admit waiting sequences (best first) into a prefill batch and allocate their KV blocks.
+
+    Limits: max_num_seqs running, max_num_batched_tokens computed (a lone
+    over-long prompt is still admitted so it cannot block forever),
+    allowed_tasks (None = any), and KV memory. With reserve_predicted, a
+    sequence is admitted only if the blocks for its prompt *plus predicted
+    output* fit after the running sequences' own predicted needs, so admitted
+    requests rarely get preempted later. When an urgent sequence does not fit,
+    admission stops so that freed memory goes to it rather than to later ones.
+    """
+    cfg = sched.config
+    bm = sched.block_manager
+    free = bm.num_free_blocks
+    if reserve_predicted:
+        free -= reserved_blocks(bm, sched.running)
+    num_tokens = 0
+    admitted: list[Sequence] = []
+    for seq in ordered:
+        if len(sched.running) + len(admitted) >= cfg.max_num_seqs:
+            break
+        if allowed_tasks is not None and seq.task not in allowed_tasks:
+            continue
+        new_tokens = seq.num_tokens
+        if admitted and num_tokens + new_tokens > cfg.max_num_batched_tokens:
+            continue
+        need_now = bm.blocks_needed(new_tokens)
+        need = blocks_to_finish(bm, seq) if reserve_predicted else need_now
+        fits = need <= free
+        # Nothing else would ever free memory for it: take it if its prompt fits at all.
+        if not fits and not sched.running and not admitted and need_now <= bm.num_free_blocks:
+            fits = True
+        if not fits:
+            if is_urgent(seq):
+                break
+            continue
+        bm.allocate(seq)
+        free -= need
+        num_tokens += new_tokens
+        admitted.append(seq)
+    return admitted
+
+
+def start_running(sched: Scheduler, admitted: list[Sequence], now_s: float) -> None:
+    """Move admitted sequences from waiting to running (their blocks are already allocated)."""
+    if not admitted:
+        return
+    ids = {id(s) for s in admitted}
+    sched.waiting = [s for s in sched.waiting if id(s) not in ids]
+    for seq in admitted:
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_s is None:
+            seq.first_scheduled_s = now_s
+        sched.running.append(seq)
