@@ -1,0 +1,295 @@
+"""GPU kernel benchmark: W4A16 GEMM vs cuBLAS fp16 vs torch int4, multi-LoRA overhead, W4 Llama decode step.
+
+All weights are random (no model hub here) in the exact shapes of Llama-2-7B/13B. Every timing:
+L2 flushed (256 MB written) before each repetition, CUDA events around one CUDA-graph replay of
+the work, warm-up first, median of the repetitions. Writes <out>/gpu_kernels.{json,md}.
+
+  python benchmarks/bench_gpu_kernels.py --out DIR [--commit SHA] [--sections gemm,lora,decode]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, unpack_along_rows  # noqa: E402
+from services.engine.kernels.lora import prepare_lora_batch, triton_lora_apply  # noqa: E402
+from services.engine.kernels.w4a16 import GemmTuner, TritonQuantLinear  # noqa: E402
+from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
+
+GEMM_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (13824, 5120)]  # (K, N)
+GEMM_MS = [1, 4, 16, 64, 128]
+GROUP = 128
+
+
+class Timer:
+    """Median CUDA-event time of a graph-captured callable with the L2 flushed before each rep."""
+
+    def __init__(self, reps: int) -> None:
+        self.reps = reps
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+
+    def graph_of(self, fn):
+        fn()  # warm-up / compile / tune outside capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+
+    def median_ms(self, fn, use_graph: bool = True) -> float:
+        run = self.graph_of(fn) if use_graph else fn
+        for _ in range(3):
+            run()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        for s, e in zip(starts, ends):
+            self.flush.zero_()
+            s.record()
+            run()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth_gbs(timer: Timer) -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read + written."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timer.median_ms(lambda: dst.copy_(src), use_graph=False)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def torch_int4_pack(t, device):
+    """Our quantized layer in torch's _weight_int4pack_mm format (w = (q - 8) * s + zero)."""
+    q = unpack_along_rows(t.qweight).t().contiguous()  # [N, K] values 0..15
+    packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    w_packed = torch.ops.aten._convert_weight_to_int4pack(packed.to(device), 8)
+    from services.engine.kernels.gptq_format import zeros_of
+    s = t.scales.float()
+    z = zeros_of(t).float()
+    sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
+    return w_packed, sz
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_gemm(timer: Timer, bw_gbs: float, quick: bool) -> list[dict]:
+    tuner = GemmTuner()
+    rows = []
+    shapes = GEMM_SHAPES[:2] if quick else GEMM_SHAPES
+    for k, n in shapes:
+        w = torch.randn(k, n, device="cuda") * k ** -0.5
+        t = quantize_gptq_v1(w, GROUP)
+        ref_w = dequantize_reference(t)
+        lin = TritonQuantLinear.from_gptq(t, tuner=tuner)
+        w16 = ref_w.t().contiguous().half()  # nn.Linear layout [N, K]
+        try:
+            w4p, sz = torch_int4_pack(t, "cuda")
+        except RuntimeError as exc:
+            print(f"torch int4 pack failed for {k}x{n}: {exc}")
+            w4p = None
+        del w
+        for m in GEMM_MS:
+            x = torch.randn(m, k, device="cuda").half()
+            xb = x.bfloat16()
+            ref = x.float() @ ref_w
+            row = {"K": k, "N": n, "M": m}
+            row["ours_ms"] = timer.median_ms(lambda: lin(x))
+            row["ours_rel_err"] = rel_err(lin(x), ref)
+            row["fp16_ms"] = timer.median_ms(lambda: F.linear(x, w16))
+            row["int4_ms"] = None
+            if w4p is not None:
+                try:
+                    row["int4_ms"] = timer.median_ms(lambda: torch.ops.aten._weight_int4pack_mm(xb, w4p, GROUP, sz))
+                    row["int4_rel_err"] = rel_err(torch.ops.aten._weight_int4pack_mm(xb, w4p, GROUP, sz), ref)
+                except RuntimeError as exc:
+                    print(f"torch int4 mm failed {k}x{n} M={m}: {str(exc)[:200]}")
+            ours_bytes = k * n // 2 + 2 * 2 * (k // GROUP) * n + 2 * m * (k + n)
+            row["ours_gbs"] = ours_bytes / (row["ours_ms"] * 1e-3) / 1e9
+            row["ours_frac_copy_bw"] = row["ours_gbs"] / bw_gbs
+            row["fp16_frac_copy_bw"] = (2 * k * n + 2 * m * (k + n)) / (row["fp16_ms"] * 1e-3) / 1e9 / bw_gbs
+            row["speedup_vs_fp16"] = row["fp16_ms"] / row["ours_ms"]
+            row["speedup_vs_int4"] = row["int4_ms"] / row["ours_ms"] if row["int4_ms"] else None
+            row["config"] = str(tuner.config_for(x, lin.kw))
+            rows.append(row)
+            print(f"GEMM K={k:5d} N={n:5d} M={m:3d}: ours {row['ours_ms']*1e3:7.1f} us "
+                  f"({row['ours_frac_copy_bw']*100:4.0f}% bw, err {row['ours_rel_err']:.1e})  fp16 {row['fp16_ms']*1e3:7.1f} us  "
+                  f"int4 {(row['int4_ms'] or float('nan'))*1e3:7.1f} us  x{row['speedup_vs_fp16']:.2f} vs fp16", flush=True)
+        del ref_w, w16, lin
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_lora_layer(timer: Timer, quick: bool) -> list[dict]:
+    """One Llama-2-7B layer's projections (qkv, o, gate_up, down) at batch 64, rank-16 adapters."""
+    shape = DecoderShape(num_layers=1, vocab=16)
+    model = W4Decoder(shape, num_blocks=4, block_size=16, device=torch.device("cuda"))
+    layer = model.layers[0]
+    bsz = 64
+    xs = {
+        "qkv": torch.randn(bsz, 4096, device="cuda").half(),
+        "o": torch.randn(bsz, 4096, device="cuda").half(),
+        "gate_up": torch.randn(bsz, 4096, device="cuda").half(),
+        "down": torch.randn(bsz, 11008, device="cuda").half(),
+    }
+    rows = []
+    base_ms = None
+    for num_adapters in ([0, 8, 32] if quick else [0, 1, 8, 32, 64]):
+        model.set_random_adapters(max(num_adapters, 1), rank=16)
+        slot_ids = (torch.arange(bsz, device="cuda") % max(num_adapters, 1)).int()
+
+        def step(num_adapters=num_adapters, slot_ids=slot_ids):
+            batch = prepare_lora_batch(slot_ids) if num_adapters else None
+            for name, x in xs.items():
+                y = layer[name](x)
+                if batch is not None:
+                    a, b, n_slice = model.lora[0].stacks[name]
+                    triton_lora_apply(y, x, a, b, batch, n_slice)
+
+        ms = timer.median_ms(step)
+        base_ms = base_ms or ms
+        rows.append({"num_adapters": num_adapters, "batch": bsz, "rank": 16, "layer_ms": ms, "vs_no_lora": ms / base_ms})
+        print(f"LoRA layer: {num_adapters:2d} adapters, batch {bsz}: {ms*1e3:7.1f} us  x{ms/base_ms:.2f}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def decode_inputs(bsz: int, ctx: int, block_size: int, vocab: int, slot_ids: torch.Tensor | None) -> dict:
+    blocks_per_seq = -(-(ctx + 1) // block_size)
+    tables = torch.arange(bsz * blocks_per_seq, device="cuda", dtype=torch.int32).reshape(bsz, blocks_per_seq)
+    lens = torch.full((bsz,), ctx, dtype=torch.int32, device="cuda")
+    pos = (lens - 1).long()
+    slot_map = tables[torch.arange(bsz, device="cuda"), pos // block_size].long() * block_size + pos % block_size
+    return dict(token_ids=torch.randint(0, vocab, (bsz,), device="cuda"), positions=pos, block_tables=tables,
+                context_lens=lens, slot_mapping=slot_map, slot_ids=slot_ids)
+
+
+def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int) -> tuple[list[dict], list[dict]]:
+    shape = DecoderShape(num_layers=4 if quick else 32)
+    block_size = 16
+    batches = [1, 8, 16, 32, 64]
+    num_blocks = max(batches) * -(-(ctx + 1) // block_size)
+    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"))
+    weight_bytes = shape.quantized_weight_bytes(GROUP) + 2 * shape.vocab * shape.hidden
+    rows = []
+    for bsz in batches:
+        inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, None)
+        kv_bytes = bsz * ctx * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * 2
+        floor_ms = (weight_bytes + kv_bytes) / (bw_gbs * 1e9) * 1e3
+        graph_ms = timer.median_ms(lambda: model.decode(**inputs))
+        eager_ms = timer.median_ms(lambda: model.decode(**inputs), use_graph=False)
+        rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
+                     "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
+                     "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
+        print(f"decode B={bsz:2d} ctx={ctx}: graph {graph_ms:.3f} ms  eager {eager_ms:.3f} ms  floor {floor_ms:.3f} ms  "
+              f"x{graph_ms/floor_ms:.2f} of floor", flush=True)
+        torch.cuda.empty_cache()
+    lora_rows = []
+    bsz = 64
+    base = None
+    for num_adapters in ([0, 32] if quick else [0, 1, 8, 32, 64]):
+        model.set_random_adapters(num_adapters, rank=16)
+        slot_ids = (torch.arange(bsz, device="cuda") % num_adapters).int() if num_adapters else None
+        inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, slot_ids)
+        ms = timer.median_ms(lambda: model.decode(**inputs))
+        base = base or ms
+        lora_rows.append({"num_adapters": num_adapters, "batch": bsz, "rank": 16, "context": ctx, "step_ms": ms,
+                          "vs_no_lora": ms / base})
+        print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}", flush=True)
+        model.set_random_adapters(0, 16)
+        torch.cuda.empty_cache()
+    return rows, lora_rows
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = [f"# GPU kernels: W4A16 GEMM, multi-LoRA, W4 decode\n",
+             f"Device **{res['device']}**, torch {res['torch']}, triton {res['triton']}, commit `{res['commit']}`, "
+             f"{res['date']}. Command: `{res['command']}`. Random weights in Llama-2 shapes (no model hub here); "
+             f"L2 flushed before every rep, CUDA-event medians of CUDA-graph replays. Measured copy bandwidth "
+             f"{res['copy_bw_gbs']:.0f} GB/s (read+write).\n"]
+    if res.get("gemm"):
+        lines += ["## GEMM (y = x W, W 4-bit g128)\n",
+                  "| K×N | M | ours µs | fp16 cuBLAS µs | torch int4 µs | ×fp16 | ×int4 | ours % copy BW | fp16 % copy BW | ours rel err |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["gemm"]:
+            i4 = f"{r['int4_ms']*1e3:.1f}" if r["int4_ms"] else "n/a"
+            si4 = f"{r['speedup_vs_int4']:.2f}" if r["speedup_vs_int4"] else "n/a"
+            lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['ours_ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {i4} | "
+                         f"{r['speedup_vs_fp16']:.2f} | {si4} | {r['ours_frac_copy_bw']*100:.0f} | "
+                         f"{r['fp16_frac_copy_bw']*100:.0f} | {r['ours_rel_err']:.1e} |")
+    if res.get("lora_layer"):
+        lines += ["\n## Multi-LoRA overhead, one Llama-2-7B layer (qkv, o, gate_up, down), batch 64, rank 16\n",
+                  "| adapters | layer µs | × no-LoRA |", "|---|---|---|"]
+        lines += [f"| {r['num_adapters']} | {r['layer_ms']*1e3:.1f} | {r['vs_no_lora']:.2f} |" for r in res["lora_layer"]]
+    if res.get("decode"):
+        lines += ["\n## Decode step, random Llama-2-7B, 4-bit g128, fp16 lm_head\n",
+                  "| batch | context | CUDA graph ms | eager ms | floor ms | graph / floor | tok/s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['context']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} | {r['floor_ms']:.3f} | "
+                  f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} |" for r in res["decode"]]
+    if res.get("decode_lora"):
+        lines += ["\n## Decode step with multi-LoRA on all projections (batch 64, rank 16)\n",
+                  "| adapters | step ms | × no-LoRA |", "|---|---|---|"]
+        lines += [f"| {r['num_adapters']} | {r['step_ms']:.3f} | {r['vs_no_lora']:.2f} |" for r in res["decode_lora"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--sections", default="gemm,lora,decode")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import triton
+
+    torch.manual_seed(0)
+    timer = Timer(args.reps)
+    res = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "commit": args.commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_gpu_kernels.py " + " ".join(sys.argv[1:]),
+        "note": "random weights in Llama-2-7B/13B shapes; EOS not involved",
+    }
+    res["copy_bw_gbs"] = copy_bandwidth_gbs(timer)
+    print(f"{res['device']}: copy bandwidth {res['copy_bw_gbs']:.0f} GB/s", flush=True)
+    sections = set(args.sections.split(","))
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out / "gpu_kernels.json").write_text(json.dumps(res, indent=1))
+        write_markdown(res, out / "gpu_kernels.md")
+
+    if "gemm" in sections:
+        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick)
+        save()
+        print(f"[gemm done at {time.time()-t0:.0f}s]", flush=True)
+    if "lora" in sections:
+        res["lora_layer"] = bench_lora_layer(timer, args.quick)
+        save()
+        print(f"[lora done at {time.time()-t0:.0f}s]", flush=True)
+    if "decode" in sections:
+        res["decode"], res["decode_lora"] = bench_decode(timer, res["copy_bw_gbs"], args.quick, args.context)
+        save()
+        print(f"[decode done at {time.time()-t0:.0f}s]", flush=True)
+    print((out / "gpu_kernels.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

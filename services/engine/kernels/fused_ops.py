@@ -1,0 +1,137 @@
+"""Small fused Triton ops of a Llama decoder step: add+RMSNorm, SiLU·mul, RoPE + KV-cache write.
+
+At decode batch sizes each op is a few microseconds; fusing keeps the launch count per layer
+near the number of GEMMs, which is what lets a CUDA-graphed step approach the bandwidth floor.
+Each op has a torch reference below it for tests and CPU use.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps,
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < H
+        x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(res_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + row * H + offs, x.to(res_out_ptr.dtype.element_ty), mask=mask)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * H + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < inter
+        g = tl.load(gu_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * inter + offs, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                           num_heads, num_kv_heads, stride_qkv, stride_cslot, stride_ch,
+                           HALF: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)  # 0..H-1: query heads, H..H+KVH-1: key/value heads
+        offs = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr + t)
+        cos = tl.load(cos_ptr + pos * HALF + offs)
+        sin = tl.load(sin_ptr + pos * HALF + offs)
+        base = qkv_ptr + t * stride_qkv + h * 2 * HALF
+        x1 = tl.load(base + offs).to(tl.float32)
+        x2 = tl.load(base + HALF + offs).to(tl.float32)
+        r1 = x1 * cos - x2 * sin
+        r2 = x2 * cos + x1 * sin
+        if h < num_heads:
+            dst = q_out_ptr + (t * num_heads + h) * 2 * HALF
+            tl.store(dst + offs, r1.to(q_out_ptr.dtype.element_ty))
+            tl.store(dst + HALF + offs, r2.to(q_out_ptr.dtype.element_ty))
+        else:
+            kvh = h - num_heads
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            dst = k_cache_ptr + slot * stride_cslot + kvh * stride_ch
+            tl.store(dst + offs, r1.to(k_cache_ptr.dtype.element_ty))
+            tl.store(dst + HALF + offs, r2.to(k_cache_ptr.dtype.element_ty))
+            vsrc = qkv_ptr + t * stride_qkv + (num_heads + num_kv_heads + kvh) * 2 * HALF
+            vdst = v_cache_ptr + slot * stride_cslot + kvh * stride_ch
+            v1 = tl.load(vsrc + offs)
+            v2 = tl.load(vsrc + HALF + offs)
+            tl.store(vdst + offs, v1)
+            tl.store(vdst + HALF + offs, v2)
+
+
+def add_rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual) * weight, x + residual) for x [T, H]; residual None means 0."""
+    t, h = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x)
+    _add_rmsnorm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, h, eps,
+                              HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8)
+    return out, res_out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [T, 2I] laid out [gate | up] → [T, I]."""
+    t, two_i = gate_up.shape
+    inter = two_i // 2
+    out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+    return out
+
+
+def rope_and_cache(
+    qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:
+    """Rotate q and k (NeoX/HF-Llama halves), write k and v to the cache slots; return q [T, H, D].
+
+    qkv [T, (H + 2 KVH) * D] laid out [q | k | v]; cos/sin fp32 [max_pos, D/2];
+    slot_mapping [T] = block * block_size + offset; caches [num_blocks, block_size, KVH, D].
+    """
+    t = qkv.shape[0]
+    d = k_cache.shape[-1]
+    q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(t, num_heads + num_kv_heads)](
+        qkv, positions, cos, sin, q, k_cache, v_cache, slot_mapping,
+        num_heads, num_kv_heads, qkv.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HALF=d // 2, num_warps=1,
+    )
+    return q
+
+
+def rope_tables(max_positions: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin fp32 [max_positions, head_dim/2] for HF-Llama rotary embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(max_positions, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return ang.cos(), ang.sin()
+
+
+def add_rmsnorm_reference(x, weight, eps, residual=None):
+    h = x.float() + (residual.float() if residual is not None else 0.0)
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()), h
+
+
+def rope_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated in float32."""
+    half = x.shape[-1] // 2
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

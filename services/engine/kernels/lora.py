@@ -1,0 +1,206 @@
+"""Multi-LoRA shrink/expand in Triton over a token → adapter-slot index (segments of sorted tokens).
+
+Adapters live in stacked slot tensors, ranks padded to the slot maximum (zeros in the padding):
+  a_stack fp16 [S, R_total, K]  lora_A of every slot; R_total = num_slices * rank when several
+                                projections share one input (q|k|v, gate|up), each slice rank rows
+  b_stack fp16 [S, N, rank]     lora_B of every slot, the LoRA scaling folded in; output column n
+                                belongs to slice n // n_slice and reads rank columns slice*rank...
+Tokens are sorted by slot once per step (prepare_lora_batch); every program of a launch owns at
+most one segment (the run of equal slots starting at its sorted position), so each adapter's
+weights are read once per segment rather than once per token, for decode and prefill alike. All
+index work stays on the device, so a decode step that uses it can be captured in a CUDA graph.
+Slot -1 means "no adapter" (the bare base model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs use lora_apply_reference
+    triton = None
+    tl = None
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-step token ordering shared by every LoRA launch of the step.
+
+    order int64 [T]: token indices sorted by slot; sorted_slots int32 [T]; seg_end int32 [T]:
+    for each sorted position, one past the last position with the same slot.
+    """
+
+    order: torch.Tensor
+    sorted_slots: torch.Tensor
+    seg_end: torch.Tensor
+
+
+def prepare_lora_batch(slot_ids: torch.Tensor) -> LoraBatch:
+    """Sort a step's tokens by adapter slot (int [T], -1 = none); device-only ops, graph-safe."""
+    if slot_ids.dim() != 1:
+        raise ValueError(f"slot_ids must be 1-D, got {tuple(slot_ids.shape)}")
+    sorted_slots, order = torch.sort(slot_ids.to(torch.int32), stable=True)
+    seg_end = torch.searchsorted(sorted_slots, sorted_slots, right=True).to(torch.int32)
+    return LoraBatch(order=order, sorted_slots=sorted_slots, seg_end=seg_end)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _segment(slots_ptr, seg_end_ptr, i):
+        """(slot, end) of the segment starting at sorted position i; end = i when i starts none."""
+        s = tl.load(slots_ptr + i)
+        prev = tl.load(slots_ptr + i - 1, mask=i > 0, other=-2)
+        is_start = (s != prev) & (s >= 0)
+        end = tl.where(is_start, tl.load(seg_end_ptr + i), i)
+        return s, end
+
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr, a_ptr, v_ptr, order_ptr, slots_ptr, seg_end_ptr,
+        K, R_TOTAL, stride_xt, stride_as, k_per_split,
+        USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr,
+    ):
+        i = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        r0 = tl.program_id(2) * RB
+        s, end = _segment(slots_ptr, seg_end_ptr, i)
+        offs_r = r0 + tl.arange(0, RB)
+        offs_k = tl.arange(0, BK)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        a_base = a_ptr + s.to(tl.int64) * stride_as + offs_r[None, :] * K
+        for m0 in range(i, end, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < end
+            tok = tl.load(order_ptr + rows, mask=rmask, other=0)
+            acc = tl.zeros((BM, RB), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                kk = k0 + offs_k
+                kmask = kk < k_hi
+                xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                at = tl.load(a_base + kk[:, None], mask=kmask[:, None], other=0.0)
+                acc = tl.dot(xt, at, acc)
+            vp = v_ptr + rows[:, None] * R_TOTAL + offs_r[None, :]
+            if USE_ATOMIC:
+                tl.atomic_add(vp, acc, mask=rmask[:, None], sem="relaxed")
+            else:
+                tl.store(vp, acc, mask=rmask[:, None])
+
+    @triton.jit
+    def _expand_kernel(
+        y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr, seg_end_ptr,
+        N, R_TOTAL, n_slice, stride_yt, stride_bs,
+        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        i = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        s, end = _segment(slots_ptr, seg_end_ptr, i)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        offs_r = tl.arange(0, RANK)
+        r_off = ((pid_n * BN) // n_slice) * RANK
+        bt = tl.load(
+            b_ptr + s.to(tl.int64) * stride_bs + offs_n[None, :] * RANK + offs_r[:, None],
+            mask=(offs_n < tl.where(end > i, N, 0))[None, :], other=0.0,
+        )
+        for m0 in range(i, end, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < end
+            tok = tl.load(order_ptr + rows, mask=rmask, other=0)
+            vt = tl.load(v_ptr + rows[:, None] * R_TOTAL + r_off + offs_r[None, :], mask=rmask[:, None], other=0.0)
+            acc = tl.dot(vt.to(tl.float16), bt)
+            yp = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
+            ymask = rmask[:, None] & nmask[None, :]
+            y = tl.load(yp, mask=ymask, other=0.0)
+            tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def _check_stacks(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, n_slice: int) -> tuple[int, int]:
+    if a_stack.dim() != 3 or b_stack.dim() != 3 or a_stack.shape[0] != b_stack.shape[0]:
+        raise ValueError(f"bad stacks: a {tuple(a_stack.shape)}, b {tuple(b_stack.shape)}")
+    rank = b_stack.shape[2]
+    r_total = a_stack.shape[1]
+    n = b_stack.shape[1]
+    if a_stack.shape[2] != x.shape[1]:
+        raise ValueError(f"a_stack K={a_stack.shape[2]} but x has K={x.shape[1]}")
+    if n % n_slice or r_total != (n // n_slice) * rank:
+        raise ValueError(f"N={n}, n_slice={n_slice}, rank={rank} do not match R_total={r_total}")
+    if rank % 16 or rank & (rank - 1):
+        raise ValueError(f"rank must be a power of two >= 16 (pad the slots), got {rank}")
+    return rank, r_total
+
+
+def _expand_block_n(n_slice: int) -> int:
+    """Largest tile width that never straddles two slices."""
+    for bn in (128, 64, 32, 16):
+        if n_slice % bn == 0:
+            return bn
+    raise ValueError(f"n_slice {n_slice} must be a multiple of 16")
+
+
+def triton_lora_apply(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    batch: LoraBatch,
+    n_slice: int | None = None,
+    split_k: int = 4,
+) -> torch.Tensor:
+    """y [T, N] += per-token LoRA(x [T, K]) in place, for each token's slot (see module docstring).
+
+    Drop-in for the runner's LoRA step: call right after the base projection. Returns y.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    n_slice = n_slice or b_stack.shape[1]
+    rank, r_total = _check_stacks(x, a_stack, b_stack, n_slice)
+    t, k = x.shape
+    if t == 0:
+        return y
+    x = x.contiguous()
+    bk = 128
+    split_k = max(1, min(split_k, -(-k // bk)))
+    k_per_split = -(-(-(-k // split_k)) // bk) * bk
+    split_k = -(-k // k_per_split)
+    v = (torch.zeros if split_k > 1 else torch.empty)((t, r_total), dtype=torch.float32, device=x.device)
+    _shrink_kernel[(t, split_k, r_total // 16)](
+        x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_end,
+        k, r_total, x.stride(0), a_stack.stride(0), k_per_split,
+        USE_ATOMIC=split_k > 1, BM=16, BK=bk, RB=16, num_warps=4,
+    )
+    bn = _expand_block_n(n_slice)
+    n = b_stack.shape[1]
+    _expand_kernel[(t, triton.cdiv(n, bn))](
+        y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_end,
+        n, r_total, n_slice, y.stride(0), b_stack.stride(0),
+        RANK=rank, BM=16, BN=bn, num_warps=4,
+    )
+    return y
+
+
+def lora_apply_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    slot_ids: torch.Tensor,
+    n_slice: int | None = None,
+) -> torch.Tensor:
+    """float32 reference of triton_lora_apply (returns a new tensor; works on any device)."""
+    n_slice = n_slice or b_stack.shape[1]
+    rank, _ = _check_stacks(x, a_stack, b_stack, n_slice)
+    out = y.float().clone()
+    num_slices = b_stack.shape[1] // n_slice
+    for t, s in enumerate(slot_ids.tolist()):
+        if s < 0:
+            continue
+        v = a_stack[s].float() @ x[t].float()  # [R_total]
+        for j in range(num_slices):
+            cols = slice(j * n_slice, (j + 1) * n_slice)
+            out[t, cols] += b_stack[s, cols].float() @ v[j * rank:(j + 1) * rank]
+    return out

@@ -1,0 +1,157 @@
+"""A minimal Llama decoder built only from this package's kernels, for GPU decode benchmarks.
+
+Random weights in real Llama shapes (4-bit GPTQ g128 linears, fp16 embeddings/lm_head), paged
+KV caches, optional multi-LoRA on every projection, and CUDA-graph capture of a decode step at a
+fixed batch size. It is a benchmark vehicle for the kernels, not the serving runner
+(services/engine/model_runner.py), which swaps TritonQuantLinear in through set_base_linear.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.kernels.attention import paged_decode_attention
+from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, rope_tables, silu_mul
+from services.engine.kernels.gptq_format import quantize_gptq_v1
+from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
+from services.engine.kernels.w4a16 import GemmTuner, TritonQuantLinear
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Llama dimensions (defaults: Llama-2-7B)."""
+
+    hidden: int = 4096
+    intermediate: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    vocab: int = 32000
+    rope_theta: float = 10000.0
+    eps: float = 1e-5
+
+    def quantized_weight_bytes(self, group_size: int = 128) -> int:
+        """Bytes of all 4-bit linears as the kernel stores them (int4 + fp16 scales and zeros)."""
+        h, i = self.hidden, self.intermediate
+        qkv_n = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        per_layer = [(h, qkv_n), (self.num_heads * self.head_dim, h), (h, 2 * i), (i, h)]
+        total = sum(k * n // 2 + 2 * 2 * (k // group_size) * n for k, n in per_layer)
+        return total * self.num_layers
+
+
+@dataclass
+class LayerLora:
+    """Stacked adapter slots of one layer's four projections: name → (a_stack, b_stack, n_slice)."""
+
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor, int]]
+
+
+class W4Decoder:
+    """Random-weight quantized Llama with paged KV caches; decode(...) runs one step for a batch."""
+
+    def __init__(self, shape: DecoderShape, num_blocks: int, block_size: int, device: torch.device,
+                 max_positions: int = 4096, seed: int = 0) -> None:
+        self.shape = shape
+        self.block_size = block_size
+        self.device = device
+        self.tuner = GemmTuner()
+        gen = torch.Generator(device=device).manual_seed(seed)
+        s = shape
+        qkv_n = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+
+        def qlinear(k: int, n: int) -> TritonQuantLinear:
+            w = torch.randn(k, n, device=device, generator=gen) * (k ** -0.5)
+            return TritonQuantLinear.from_gptq(quantize_gptq_v1(w, 128), tuner=self.tuner)
+
+        self.layers = []
+        for _ in range(s.num_layers):
+            self.layers.append({
+                "qkv": qlinear(s.hidden, qkv_n),
+                "o": qlinear(s.num_heads * s.head_dim, s.hidden),
+                "gate_up": qlinear(s.hidden, 2 * s.intermediate),
+                "down": qlinear(s.intermediate, s.hidden),
+                "in_norm": torch.ones(s.hidden, dtype=torch.float16, device=device),
+                "post_norm": torch.ones(s.hidden, dtype=torch.float16, device=device),
+            })
+        self.embed = (torch.randn(s.vocab, s.hidden, device=device, generator=gen) * 0.02).half()
+        self.lm_head = (torch.randn(s.vocab, s.hidden, device=device, generator=gen) * s.hidden ** -0.5).half()
+        self.final_norm = torch.ones(s.hidden, dtype=torch.float16, device=device)
+        cache_shape = (num_blocks, block_size, s.num_kv_heads, s.head_dim)
+        self.k_caches = [torch.randn(cache_shape, device=device, generator=gen).half() for _ in range(s.num_layers)]
+        self.v_caches = [torch.randn(cache_shape, device=device, generator=gen).half() for _ in range(s.num_layers)]
+        self.cos, self.sin = rope_tables(max_positions, s.head_dim, s.rope_theta, device)
+        self.lora: list[LayerLora] | None = None
+
+    def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
+        """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
+        if num_slots == 0:
+            self.lora = None
+            return
+        s = self.shape
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        qkv_n = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+
+        def stacks(k: int, n: int, n_slice: int):
+            slices = n // n_slice
+            a = (torch.randn(num_slots, slices * rank, k, device=self.device, generator=gen) * k ** -0.5).half()
+            b = (torch.randn(num_slots, n, rank, device=self.device, generator=gen) * 0.01).half()
+            return a, b, n_slice
+
+        qkv_slice = s.num_heads * s.head_dim if s.num_kv_heads == s.num_heads else qkv_n
+        self.lora = [LayerLora({
+            "qkv": stacks(s.hidden, qkv_n, qkv_slice),
+            "o": stacks(s.num_heads * s.head_dim, s.hidden, s.hidden),
+            "gate_up": stacks(s.hidden, 2 * s.intermediate, s.intermediate),
+            "down": stacks(s.intermediate, s.hidden, s.hidden),
+        }) for _ in range(s.num_layers)]
+
+    def _proj(self, li: int, name: str, x: torch.Tensor, lora_batch: LoraBatch | None) -> torch.Tensor:
+        y = self.layers[li][name](x)
+        if lora_batch is not None and self.lora is not None:
+            a, b, n_slice = self.lora[li].stacks[name]
+            triton_lora_apply(y, x, a, b, lora_batch, n_slice)
+        return y
+
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, slot_mapping: torch.Tensor,
+               slot_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for B sequences → logits [B, vocab] fp16 (the caller samples).
+
+        positions [B] (= context_lens - 1), slot_mapping [B]: where the new token's K/V goes,
+        slot_ids [B] adapter slot per sequence (-1 none) or None for no LoRA.
+        """
+        s = self.shape
+        lora_batch = prepare_lora_batch(slot_ids) if slot_ids is not None and self.lora is not None else None
+        h = self.embed[token_ids]
+        residual = None
+        for li, layer in enumerate(self.layers):
+            x, residual = add_rmsnorm(h, layer["in_norm"], s.eps, residual)
+            qkv = self._proj(li, "qkv", x, lora_batch)
+            q = rope_and_cache(qkv, positions, self.cos, self.sin, self.k_caches[li], self.v_caches[li],
+                               slot_mapping, s.num_heads, s.num_kv_heads)
+            attn = paged_decode_attention(q, self.k_caches[li], self.v_caches[li], block_tables, context_lens)
+            o = self._proj(li, "o", attn.reshape(-1, s.num_heads * s.head_dim), lora_batch)
+            x, residual = add_rmsnorm(o, layer["post_norm"], s.eps, residual)
+            act = silu_mul(self._proj(li, "gate_up", x, lora_batch))
+            h = self._proj(li, "down", act, lora_batch)
+        x, _ = add_rmsnorm(h, self.final_norm, s.eps, residual)
+        return x @ self.lm_head.t()
+
+
+class GraphedDecode:
+    """A W4Decoder decode step captured in a CUDA graph for one batch size (static inputs)."""
+
+    def __init__(self, model: W4Decoder, inputs: dict[str, torch.Tensor | None]) -> None:
+        self.inputs = inputs
+        model.decode(**inputs)  # warm-up: compiles kernels and tunes every GEMM shape first
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.decode(**inputs)
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out

@@ -1,0 +1,272 @@
+"""W4A16 GEMM (fp16 activations × GPTQ 4-bit weights) in Triton, with a per-shape tuner and a drop-in linear.
+
+The kernel reads the repacked layout of gptq_format.repack_for_kernel. Each 128-row K block is
+one [16, BN] int32 tile; nibble j of it pairs with x[:, 16j:16j+16] of the block, so the unpack is
+a shift and a mask per element and no reshape. Scales and zeros are applied once per block on
+the [BM, BN] partial instead of per weight: for a block inside one group,
+  Σ_k x_k (q_k - z) s = s · (Σ_k x_k q_k - z · Σ_k x_k),
+with Σ x q computed on the tensor cores from exact small-integer fp16 operands.
+Small M uses split-K (fp16 atomics into a zeroed output) to put enough loads in flight.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from services.engine.kernels.gptq_format import (
+    KERNEL_K_BLOCK,
+    GptqTensors,
+    KernelWeights,
+    dequantize_kernel_weights,
+    repack_for_kernel,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
+    triton = None
+    tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_kernel(
+        x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        # Grouped ordering: programs sharing weight columns run close together (L2 reuse at large M).
+        width = GROUP_M * num_pid_n
+        group_id = pid // width
+        first_m = group_id * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_i = tl.arange(0, 16)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        num_blocks = K // 128
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        x_row = x_ptr + offs_m[:, None] * stride_xm
+        for b in range(b_start, b_end):
+            k0 = b * 128
+            q = tl.load(qw_ptr + (b * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            part = tl.zeros((BM, BN), dtype=tl.float32)
+            xsum = tl.zeros((BM,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
+                wj = ((q >> (4 * j)) & 0xF).to(tl.float16)
+                part = tl.dot(xj, wj, part)
+                xsum += tl.sum(xj.to(tl.float32), axis=1)
+            acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        omask = mask_m[:, None] & mask_n[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
+        else:
+            tl.store(out, acc.to(tl.float16), mask=omask)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration of the W4A16 kernel."""
+
+    block_m: int
+    block_n: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def m_bucket(m: int) -> int:
+    """Tuning bucket of a row count: the next power of two (1, 2, 4, ... 128), then 256 and up."""
+    return 1 << max(0, math.ceil(math.log2(max(m, 1))))
+
+
+def candidate_configs(m: int) -> list[GemmConfig]:
+    """Configs worth timing for M rows (small M: split-K GEMV-like; large M: tiled)."""
+    if m <= 16:
+        return [GemmConfig(16, bn, sk, 4, 3) for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
+    if m <= 64:
+        return [
+            GemmConfig(bm, bn, sk, 4, 3)
+            for bm in (16, 32, 64)
+            for bn in (64, 128)
+            for sk in (1, 2, 4)
+            if bm >= m // 2 or bm == 64
+        ]
+    return [
+        GemmConfig(bm, bn, sk, 8 if bn == 256 else 4, 3)
+        for bm in (64, 128)
+        for bn in (64, 128, 256)
+        for sk in (1, 2)
+    ]
+
+
+def w4a16_matmul(
+    x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y [M, N] fp16 = x [M, K] fp16 @ W with one given config (CUDA or TRITON_INTERPRET only)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if x.dtype != torch.float16 or x.dim() != 2:
+        raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
+    if kw.perm is not None:
+        x = x[:, kw.perm]
+    x = x.contiguous()
+    m, k = x.shape
+    n = kw.qweight.shape[1]
+    if k != kw.qweight.shape[0] * 8:
+        raise ValueError(f"x has K={k}, weights have K={kw.qweight.shape[0] * 8}")
+    num_blocks = k // KERNEL_K_BLOCK
+    split_k = max(1, min(cfg.split_k, num_blocks))
+    blocks_per_split = -(-num_blocks // split_k)
+    split_k = -(-num_blocks // blocks_per_split)
+    use_atomic = split_k > 1
+    out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    _w4a16_kernel[grid](
+        x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
+        m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split,
+        HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
+        BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+class GemmTuner:
+    """Picks the fastest GemmConfig per (M bucket, N, K) on first use, timing each with CUDA events.
+
+    One tuner is shared by all layers of a model (same shapes → one tuning). Tuning runs real
+    launches, so do a warm-up forward before CUDA-graph capture. On CPU (TRITON_INTERPRET) it
+    returns the first candidate without timing.
+    """
+
+    def __init__(self, num_reps: int = 10, flush_l2: bool = True) -> None:
+        self.num_reps = num_reps
+        self.flush_l2 = flush_l2
+        self.best: dict[tuple[int, int, int], GemmConfig] = {}
+        self.timings_ms: dict[tuple[int, int, int], list[tuple[GemmConfig, float]]] = {}
+        self._flush_buf: torch.Tensor | None = None
+
+    def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
+        m, k = x.shape
+        n = kw.qweight.shape[1]
+        key = (m_bucket(m), n, k)
+        cfg = self.best.get(key)
+        if cfg is None:
+            cfg = self._tune(key, x, kw)
+            self.best[key] = cfg
+        return cfg
+
+    def _tune(self, key: tuple[int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
+        cands = candidate_configs(key[0])
+        if not x.is_cuda:
+            return cands[0]
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"GemmTuner: shape {key} first seen during CUDA-graph capture; warm up first")
+        xt = torch.randn(key[0], key[2], dtype=torch.float16, device=x.device)
+        if self._flush_buf is None and self.flush_l2:
+            self._flush_buf = torch.empty(256 * 2**20, dtype=torch.uint8, device=x.device)
+        results: list[tuple[GemmConfig, float]] = []
+        for cfg in cands:
+            try:
+                w4a16_matmul(xt, kw, cfg)
+            except Exception as exc:  # noqa: BLE001 — a config the compiler rejects is skipped
+                results.append((cfg, float("inf")))
+                print(f"GemmTuner: {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            times = []
+            for _ in range(self.num_reps):
+                if self._flush_buf is not None:
+                    self._flush_buf.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                w4a16_matmul(xt, kw, cfg)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            results.append((cfg, sorted(times)[len(times) // 2]))
+        self.timings_ms[key] = results
+        return min(results, key=lambda r: r[1])[0]
+
+
+class TritonQuantLinear(nn.Module):
+    """Drop-in replacement for nn.Linear(K, N) over GPTQ v1 4-bit weights.
+
+    forward(x [..., K]) → [..., N] in x's dtype. On CUDA with fp16 input it runs the Triton
+    kernel (config from the shared GemmTuner); elsewhere it multiplies by the dequantized
+    weight (cached on first use) so CPU runs give the same function.
+    Build with TritonQuantLinear.from_gptq(GptqTensors, bias=None, tuner=shared_tuner).
+    """
+
+    def __init__(self, kw: KernelWeights, bias: torch.Tensor | None, tuner: GemmTuner | None) -> None:
+        super().__init__()
+        self.in_features = kw.qweight.shape[0] * 8
+        self.out_features = kw.qweight.shape[1]
+        self.kw = kw
+        self.bias = bias
+        self.tuner = tuner if tuner is not None else GemmTuner()
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_gptq(
+        cls, t: GptqTensors, bias: torch.Tensor | None = None, tuner: GemmTuner | None = None
+    ) -> TritonQuantLinear:
+        return cls(repack_for_kernel(t), bias, tuner)
+
+    def to(self, device: torch.device | str) -> TritonQuantLinear:  # type: ignore[override]
+        kw = self.kw
+        self.kw = KernelWeights(
+            qweight=kw.qweight.to(device), zeros=kw.zeros.to(device), scales=kw.scales.to(device),
+            perm=None if kw.perm is None else kw.perm.to(device), group_size=kw.group_size,
+        )
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+        self._dense = None
+        return self
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized W [K, N] (cached) — the fallback path and a debugging aid."""
+        if self._dense is None or self._dense.dtype != dtype:
+            self._dense = dequantize_kernel_weights(self.kw).to(dtype)
+        return self._dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if triton is not None and x.is_cuda and x.dtype == torch.float16 and x2.shape[0] > 0:
+            y = w4a16_matmul(x2, self.kw, self.tuner.config_for(x2, self.kw), self.bias)
+        else:
+            y = x2 @ self.dense_weight(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
