@@ -12,6 +12,7 @@ from services.common.redis_server import connect, resolve_url
 from services.common.request_queue import RequestQueue
 from services.common.task_registry import TaskRegistry
 from services.engine.config import EngineConfig
+from services.engine.sequence import SamplingParams
 from services.engine.servicer import EngineServicer
 from services.engine.worker import EngineWorker, WorkerConfig
 
@@ -33,6 +34,9 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
 
     from services.engine.llm_engine import LLMEngine  # torch import happens here, not at import
     engine = await asyncio.to_thread(LLMEngine, engine_config)
+    # Warm up before SERVING: the first forward pays for lazy init (allocator, kernels), and
+    # that must not land on the first user's request.
+    await asyncio.to_thread(engine.generate, [[0, 1, 2, 3]], SamplingParams(max_tokens=2))
     worker = EngineWorker(engine, RequestQueue(client, keys), TaskRegistry(client, keys),
                           worker_config)
     servicer.attach(worker)

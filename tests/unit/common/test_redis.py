@@ -1,0 +1,107 @@
+"""EmbeddedRedis, RedisKeys and RequestQueue against a real redis-server."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+import redis
+
+from services.common.redis_keys import RedisKeys
+from services.common.redis_server import EmbeddedRedis, connect
+from services.common.request_queue import OutputChunk, QueuedRequest, RequestQueue
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+async def queue(redis_url):
+    client = connect(redis_url)
+    q = RequestQueue(client, RedisKeys(namespace=f"t{uuid.uuid4().hex[:8]}"))
+    await q.ensure_group()
+    yield q
+    await client.aclose()
+
+
+def _request(rid: str = "r1") -> QueuedRequest:
+    return QueuedRequest(request_id=rid, task="t", prompt_token_ids=[1, 2, 3],
+                         params={"max_tokens": 4}, predicted_output_tokens=7, arrival_ts=1.5)
+
+
+def test_embedded_redis_reuses_live_server_and_only_owner_stops(tmp_path):
+    first = EmbeddedRedis(tmp_path)
+    url = first.start()
+    second = EmbeddedRedis(tmp_path)
+    assert second.start() == url and not second.is_owner
+    second.stop()  # not the owner: the server keeps running
+    assert redis.Redis.from_url(url).ping()
+    first.stop()
+    assert not first.socket_path.exists()
+
+
+def test_keys_follow_the_documented_schema():
+    keys = RedisKeys()
+    assert keys.requests == "inlaid:default:requests"
+    assert keys.output("abc") == "inlaid:req:abc:out"
+    assert keys.cancel("abc") == "inlaid:req:abc:cancel"
+    assert keys.tasks_version == "inlaid:tasks:version"
+    assert keys.stats("sql") == "inlaid:stats:sql"
+    with pytest.raises(ValueError):
+        RedisKeys(pool="has space")
+
+
+def test_chunk_and_request_roundtrip():
+    chunk = OutputChunk(offset=3, token_ids=[5, 6], text="ab", finish_reason=2, error="",
+                        num_prompt_tokens=9, num_output_tokens=5)
+    assert OutputChunk.from_fields(chunk.to_fields()) == chunk
+    request = _request()
+    assert QueuedRequest.from_json(request.to_json()) == request
+
+
+async def test_enqueue_read_publish_ack(queue):
+    await queue.enqueue(_request("r1"))
+    assert await queue.backlog() == 1
+    [delivery] = await queue.read_new("e1", count=10, block_ms=0)
+    assert delivery.request == _request("r1")
+    await queue.publish([(delivery.entry_id, "r1", OutputChunk(0, [4], "x"))])
+    assert await queue.num_pending() == 1  # not acked before the final chunk
+    await queue.publish([(delivery.entry_id, "r1", OutputChunk(1, [5], "y", finish_reason=2,
+                                                               num_output_tokens=2))])
+    assert await queue.num_pending() == 0 and await queue.backlog() == 0
+    chunks = [c async for c in queue.follow("r1", block_ms=100)]
+    assert [c.token_ids for c in chunks] == [[4], [5]] and chunks[-1].is_final
+    assert await queue.written("r1") == ([4, 5], True)
+    assert await queue.client.ttl(queue.keys.output("r1")) > 0
+
+
+async def test_autoclaim_takes_idle_entries_and_touch_keeps_them(queue):
+    await queue.enqueue(_request("r1"))
+    await queue.enqueue(_request("r2"))
+    first = await queue.read_new("dead", count=2, block_ms=0)
+    assert len(first) == 2
+    await asyncio.sleep(0.15)
+    await queue.touch("dead", [first[1].entry_id])  # r2's engine is alive
+    claimed = await queue.autoclaim("alive", min_idle_ms=100, count=10)
+    assert [d.request.request_id for d in claimed] == ["r1"]
+
+
+async def test_cancel_only_active_requests(queue):
+    assert not await queue.cancel("missing")
+    await queue.enqueue(_request("r1"))
+    assert await queue.cancel("r1")
+    assert await queue.cancelled(["r1", "r2"]) == {"r1"}
+
+
+async def test_malformed_entry_is_dropped_not_redelivered(queue):
+    await queue.client.xadd(queue.keys.requests, {"req": "{not json"})
+    assert await queue.read_new("e1", count=10, block_ms=0) == []
+    assert await queue.num_pending() == 0
