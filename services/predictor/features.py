@@ -11,6 +11,20 @@ import numpy as np
 # Numbers become shape tokens ("<d3>" for a 3-digit number): output length often
 # depends on how big a number is (spelling it out), rarely on its exact digits.
 _TOKEN = re.compile(r"\d+|[^\W\d_]+|[^\w\s]")
+# ChatML (SmolLM2's template): the last user turn is the request; the system turn is constant.
+_LAST_USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.DOTALL)
+
+
+def user_text(text: str) -> str:
+    """The user's message inside a chat-templated prompt (the text unchanged when not templated).
+
+    Training rows may hold raw or templated prompts and the gateway sends templated
+    ones; reading only the user turn makes both give the same features.
+    """
+    if "<|im_start|>" not in text:
+        return text
+    turns = _LAST_USER_TURN.findall(text)
+    return turns[-1] if turns else text
 NUM_DENSE = 8
 
 
@@ -69,6 +83,7 @@ class Featurizer:
 
     def batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Padded n-gram ids [B, L] int64 and dense features [B, NUM_DENSE] float32."""
+        texts = [user_text(t) for t in texts]
         id_lists = [self.ngram_ids(t) for t in texts]
         width = max(len(ids) for ids in id_lists)
         ids = np.zeros((len(texts), width), dtype=np.int64)  # [B, L]

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from services.predictor.export import max_abs_diff, write_model_dir
-from services.predictor.features import Featurizer
+from services.predictor.features import Featurizer, user_text
 from services.predictor.metrics import summarize
 from services.predictor.model import LengthModel, LengthModelConfig
 from services.predictor.onnx_predictor import OnnxLengthModel
@@ -22,7 +22,7 @@ from services.predictor.onnx_predictor import OnnxLengthModel
 class TrainConfig:
     """Optimisation settings of one training run."""
 
-    epochs: int = 40
+    epochs: int = 25
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-5
@@ -74,11 +74,24 @@ def _batch(featurizer: Featurizer, task_index: dict[str, int], rows: list[dict])
     return torch.from_numpy(ids), torch.from_numpy(task_ids), torch.from_numpy(dense)
 
 
+def _pad(id_lists: list[list[int]]) -> torch.Tensor:
+    ids = torch.zeros(len(id_lists), max(len(x) for x in id_lists), dtype=torch.int64)  # [B, L]
+    for row, seq in enumerate(id_lists):
+        ids[row, : len(seq)] = torch.tensor(seq)
+    return ids
+
+
 def fit(model: LengthModel, featurizer: Featurizer, tasks: list[str], rows: list[dict],
         cfg: TrainConfig) -> list[float]:
     """Minimise MSE on log1p(output_tokens); returns the mean loss of each epoch."""
     task_index = {t: i + 1 for i, t in enumerate(tasks)}
     rng = random.Random(cfg.seed)
+    # Featurize once: hashing the prompts costs more than a step of this small model.
+    texts = [user_text(r["prompt"]) for r in rows]
+    id_lists = [featurizer.ngram_ids(t) for t in texts]
+    dense_all = torch.tensor([featurizer.dense(t) for t in texts], dtype=torch.float32)  # [N, F]
+    task_all = torch.tensor([task_index.get(r["task"], 0) for r in rows], dtype=torch.int64)
+    target_all = torch.tensor([math.log1p(r["output_tokens"]) for r in rows], dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     order = list(range(len(rows)))
@@ -89,14 +102,13 @@ def fit(model: LengthModel, featurizer: Featurizer, tasks: list[str], rows: list
         model.train()
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
-            chunk = [rows[i] for i in order[start:start + cfg.batch_size]]
-            ids, task_ids, dense = _batch(featurizer, task_index, chunk)
-            target = torch.tensor([math.log1p(r["output_tokens"]) for r in chunk])
-            loss = torch.nn.functional.mse_loss(model(ids, task_ids, dense), target)
+            idx = order[start:start + cfg.batch_size]
+            pred = model(_pad([id_lists[i] for i in idx]), task_all[idx], dense_all[idx])
+            loss = torch.nn.functional.mse_loss(pred, target_all[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(chunk)
+            total += loss.item() * len(idx)
         sched.step()
         epoch_losses.append(total / len(rows))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
@@ -127,7 +139,7 @@ def train_predictor(rows: list[dict], out_dir: Path, *, holdout_task: str | None
                     test_frac: float = 0.2, quantize: bool = False,
                     model_cfg: LengthModelConfig | None = None,
                     featurizer: Featurizer | None = None,
-                    train_cfg: TrainConfig = TrainConfig()) -> dict:
+                    train_cfg: TrainConfig = TrainConfig(), data_source: str = "") -> dict:
     """Train on the train split, evaluate on held-out prompts, export ONNX to out_dir; returns the report."""
     torch.manual_seed(train_cfg.seed)
     train, test, _ = split_rows(rows, test_frac, train_cfg.seed, holdout_task)
@@ -143,14 +155,17 @@ def train_predictor(rows: list[dict], out_dir: Path, *, holdout_task: str | None
     eval_rows = test or train
     pred = predict_tokens(model, featurizer, tasks, eval_rows)
     report = {
-        "num_train": len(train), "num_test": len(test), "tasks": tasks,
+        "data_source": data_source, "num_train": len(train), "num_test": len(test), "tasks": tasks,
         "holdout_task": holdout_task, "final_train_loss": losses[-1],
         "test": summarize(pred, [r["output_tokens"] for r in eval_rows]),
         "train_config": asdict(train_cfg),
     }
-    write_model_dir(model, tasks, featurizer, out_dir, task_log_sigma=task_log_sigma(pred, eval_rows),
-                    quantize=quantize, extra={"training": report})
+    sigma = task_log_sigma(pred, eval_rows)
+    write_model_dir(model, tasks, featurizer, out_dir, task_log_sigma=sigma, quantize=quantize)
     onnx_model = OnnxLengthModel(out_dir, num_threads=1)
     report["onnx_max_abs_diff"] = max_abs_diff(
         model, onnx_model, [(r["task"], r["prompt"]) for r in eval_rows[:512]])
+    # Rewritten with the parity number, so metadata.json says what was checked.
+    write_model_dir(model, tasks, featurizer, out_dir, task_log_sigma=sigma, quantize=quantize,
+                    extra={"training": report})
     return report

