@@ -100,3 +100,23 @@ def test_http_endpoint_serves_the_registry():
         server.close()
     assert b'inlaid_generated_tokens_total{task="t"} 7.0' in body
     assert b"inlaid_kv_blocks_used 0.0" in body
+
+
+def test_observability_doc_example_runs(monkeypatch):
+    """docs/observability.md's wiring example must keep working as the APIs evolve."""
+    import logging
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "observability.md").read_text()
+    block = re.search(r"<!-- example: wiring.*?-->\n```python\n(.*?)```", doc, re.S).group(1)
+    for var in ("INLAID_AUTH_ENABLED", "INLAID_API_KEYS", "INLAID_API_KEYS_FILE", "LOG_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("METRICS_PORT", "0")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        exec(compile(block, "docs/observability.md", "exec"), {"__name__": "doc_example"})
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
