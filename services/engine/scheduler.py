@@ -27,6 +27,7 @@ class SchedulerConfig:
     mlfq_base_quantum: int = 8             # tokens a job may generate at level 0; doubles per level
     mlfq_prefill_tokens_per_quantum: int = 256  # prompt tokens costing one quantum unit (skip-join)
     wfq_prefill_token_weight: float = 0.5  # WFQ service charged per prompt token (decode token = 1)
+    inlaid_task_switch_tokens: int = 32    # inlaid: a task new to the batch must be this much shorter
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -35,6 +36,8 @@ class SchedulerConfig:
             raise ValueError("max_adapters_per_batch must be >= 0 (0 = unlimited)")
         if self.mlfq_num_levels <= 0 or self.mlfq_base_quantum <= 0 or self.mlfq_prefill_tokens_per_quantum <= 0:
             raise ValueError("mlfq_num_levels, mlfq_base_quantum, mlfq_prefill_tokens_per_quantum must be > 0")
+        if self.inlaid_task_switch_tokens < 0:
+            raise ValueError("inlaid_task_switch_tokens must be >= 0")
         if self.wfq_prefill_token_weight < 0:
             raise ValueError("wfq_prefill_token_weight must be >= 0")
 

@@ -88,50 +88,38 @@ class InlaidScheduler(Scheduler):
         hungry = {id(s) for s in self.waiting if self.is_hungry(s, now_s)}
         ordered = sorted(self.waiting, key=lambda s: (id(s) not in hungry,
                                                        s.predicted_remaining_tokens, s.seq_no))
-        allowed = self._prefill_tasks(ordered, hungry)
+        allowed = None
+        if self.config.max_adapters_per_batch:
+            groups = group_by_task(self.running)
+            for seq in ordered:
+                groups.setdefault(seq.task, []).append(seq)
+            allowed = choose_tasks(groups, self.config.max_adapters_per_batch,
+                                   lambda t: self.task_key(t, groups[t], now_s))
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
                                   is_urgent=lambda s: id(s) in hungry)
         start_running(self, admitted, now_s)
         return admitted
 
-    def _prefill_tasks(self, ordered: list[Sequence], hungry: set[int]) -> set[str] | None:
-        """Tasks this prefill batch may draw from, or None when β is unlimited.
+    def task_key(self, task: str, seqs: list[Sequence], now_s: float) -> tuple:
+        """Rank of a task for one of the β slots: hungry first, then shortest remaining.
 
-        Tasks already running come first (admitting them adds no adapter to
-        later decode batches); a new task takes one of the β slots left over
-        by the running set unless one of its requests is hungry.
+        A task outside the previous step pays `inlaid_task_switch_tokens` extra
+        (a new adapter in the batch), so it displaces a task of the previous
+        step only when its shortest request is that much shorter. Tasks of
+        running requests that lose their slot keep their KV and wait; prefill
+        and decode use the same ranking, so a short request of a new task can
+        overtake long running ones (SRTF) without thrashing between tasks.
         """
-        beta = self.config.max_adapters_per_batch
-        if beta == 0:
-            return None
-        running_tasks = {s.task for s in self.running if s.task}
-        best: dict[str, tuple] = {}
-        for rank, seq in enumerate(ordered):   # ordered best first: first hit is the task's best
-            if seq.task not in best:
-                best[seq.task] = (id(seq) not in hungry, seq.task not in running_tasks,
-                                  seq.task not in self.last_step_tasks, rank)
-        involved = set(running_tasks)
-        allowed = {""}                         # the base model takes no adapter slot
-        num_adapters = 0
-        for task in sorted(best, key=best.__getitem__):
-            if num_adapters >= beta:
-                break
-            is_hungry_task = not best[task][0]
-            if task and (task in involved or len(involved) < beta or is_hungry_task):
-                allowed.add(task)
-                involved.add(task)
-                num_adapters += 1
-        return allowed
+        switch = 0 if task in self.last_step_tasks else self.config.inlaid_task_switch_tokens
+        return (not any(self.is_hungry(s, now_s) for s in seqs),
+                min(s.predicted_remaining_tokens for s in seqs) + switch)
 
     def _decode(self, now_s: float) -> tuple[list[Sequence], list[Sequence]]:
         candidates = self.running
         groups = group_by_task(self.running)
 
         def task_key(task: str) -> tuple:
-            seqs = groups[task]
-            return (not any(self.is_hungry(s, now_s) for s in seqs),
-                    task not in self.last_step_tasks,
-                    min(s.predicted_remaining_tokens for s in seqs))
+            return self.task_key(task, groups[task], now_s)
 
         chosen = choose_tasks(groups, self.config.max_adapters_per_batch, task_key)
         if len(chosen) < len(groups):

@@ -28,7 +28,7 @@ class WFQScheduler(Scheduler):
     batch interleaves tasks); when more than β tasks run, decode serves the β
     tasks with the smallest tags. Within a task, shortest predicted remaining
     first. A heavy task thus only spends its own share and cannot starve the
-    others; hungry requests (not served for `starvation_limit_s`) still go first.
+    others; `starvation_limit_s` only reorders requests within a task.
     """
 
     name = "wfq"
@@ -111,25 +111,31 @@ class WFQScheduler(Scheduler):
         return self.num_decode_streak >= self.config.max_decode_streak
 
     def fair_order(self, now_s: float) -> list[Sequence]:
-        """Waiting requests in the order WFQ would serve them, tags advancing per admission."""
+        """Waiting requests in the order WFQ would serve them, tags advancing per admission.
+
+        Across tasks only tags count: a backlogged heavy task's old requests
+        are all "hungry", and letting them jump ahead would undo the fairness
+        (tags already bound every task's wait). Within a task, hungry first,
+        then shortest predicted remaining.
+        """
         groups = group_by_task(self.waiting)
         for seqs in groups.values():
             seqs.sort(key=lambda s: (not self._is_hungry(s, now_s), s.predicted_remaining_tokens, s.seq_no))
-        tags = {t: self.task_tags[t] for t in groups}
-        heap = [(not self._is_hungry(g[0], now_s), tags[t], t) for t, g in groups.items()]
+        heap = [(self.task_tags[t], t) for t in groups]
         heapq.heapify(heap)
         cursor = dict.fromkeys(groups, 0)
         ordered: list[Sequence] = []
         weight = self.config.wfq_prefill_token_weight
         while heap:
-            _, tag, task = heapq.heappop(heap)
+            tag, task = heapq.heappop(heap)
             seq = groups[task][cursor[task]]
             ordered.append(seq)
             cursor[task] += 1
             if cursor[task] < len(groups[task]):
-                tag += weight * seq.num_tokens / self.task_weights[task]
-                nxt = groups[task][cursor[task]]
-                heapq.heappush(heap, (not self._is_hungry(nxt, now_s), tag, task))
+                # Charge the prompt plus the predicted output: a task's next request
+                # waits behind the service its previous one will take.
+                service = weight * seq.num_tokens + seq.predicted_remaining_tokens
+                heapq.heappush(heap, (tag + service / self.task_weights[task], task))
         return ordered
 
     def _prefill(self, now_s: float) -> list[Sequence]:
@@ -143,7 +149,7 @@ class WFQScheduler(Scheduler):
                     break
                 allowed.add(seq.task)
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
-                                  is_urgent=lambda s: self._is_hungry(s, now_s))
+                                  is_urgent=lambda s: True)
         weight = self.config.wfq_prefill_token_weight
         for seq in admitted:
             self._charge(seq.task, weight * seq.num_tokens)
@@ -155,7 +161,7 @@ class WFQScheduler(Scheduler):
         groups = group_by_task(self.running)
 
         def task_key(task: str) -> tuple:
-            return (not any(self._is_hungry(s, now_s) for s in groups[task]), self.task_tags[task])
+            return (self.task_tags[task],)
 
         chosen = choose_tasks(groups, self.config.max_adapters_per_batch, task_key)
         if len(chosen) < len(groups):

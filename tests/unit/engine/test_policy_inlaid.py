@@ -1,0 +1,196 @@
+"""Inlaid policy on hand-made scenarios: SRTF order, β cap, task stickiness, starvation, preemption, admission."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.engine.block_manager import BlockManager
+from services.engine.policies.inlaid import InlaidScheduler
+from services.engine.scheduler import SchedulerConfig
+from services.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def make_seq(rid: str, prompt: int = 8, predicted: int | None = 10, task: str = "a",
+             arrival_s: float = 0.0, max_tokens: int = 1000) -> Sequence:
+    return Sequence(request_id=rid, prompt_token_ids=[1] * prompt, params=SamplingParams(max_tokens=max_tokens),
+                    task=task, predicted_output_tokens=predicted, arrival_s=arrival_s)
+
+
+def make_sched(num_blocks: int = 1000, block_size: int = 4, **cfg) -> tuple[InlaidScheduler, Clock]:
+    clock = Clock()
+    cfg.setdefault("max_decode_streak", 0)   # prefill whenever something waits
+    sched = InlaidScheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size), clock=clock)
+    return sched, clock
+
+
+def step(sched: InlaidScheduler, clock: Clock, dt_s: float = 0.01):
+    out = sched.schedule()
+    clock.now_s += dt_s
+    sched.update(out, [7] * len(out.seqs))
+    return out
+
+
+def ids(seqs) -> list[str]:
+    return [s.request_id for s in seqs]
+
+
+def test_prefill_admits_shortest_predicted_first():
+    sched, _ = make_sched(max_num_seqs=2)
+    for rid, pred in (("long", 100), ("short", 5), ("mid", 50)):
+        sched.add(make_seq(rid, predicted=pred))
+    out = sched.schedule()
+    assert ids(out.prefill) == ["short", "mid"]
+    assert {s.status for s in out.prefill} == {SequenceStatus.RUNNING}
+    assert ids(sched.waiting) == ["long"]
+
+
+def test_unknown_prediction_sorts_as_max_tokens():
+    sched, _ = make_sched(max_num_seqs=1)
+    sched.add(make_seq("unknown", predicted=None, max_tokens=500))
+    sched.add(make_seq("known", predicted=400))
+    assert ids(sched.schedule().prefill) == ["known"]
+
+
+def test_decode_streak_bounds_time_between_prefills():
+    sched, clock = make_sched(max_num_seqs=8, max_decode_streak=3)
+    sched.add(make_seq("first", predicted=100))
+    assert step(sched, clock).prefill                      # nothing running: prefill at once
+    sched.add(make_seq("second", predicted=100))
+    kinds = ["P" if step(sched, clock).prefill else "D" for _ in range(4)]
+    assert kinds == ["D", "D", "D", "P"]
+
+
+@pytest.mark.parametrize("beta, expected_adapters", [(2, 2), (3, 3), (0, 5)])
+def test_prefill_batch_respects_beta(beta, expected_adapters):
+    sched, _ = make_sched(max_adapters_per_batch=beta)
+    for i in range(10):
+        sched.add(make_seq(f"r{i}", task=f"t{i % 5}", predicted=10 + i))
+    sched.add(make_seq("base", task="", predicted=1000))   # base model: no adapter slot
+    out = sched.schedule()
+    adapters = {s.task for s in out.prefill if s.task}
+    assert len(adapters) == expected_adapters
+    assert "base" in ids(out.prefill)
+
+
+def make_running(sched: InlaidScheduler, seq: Sequence, num_outputs: int = 0) -> Sequence:
+    """Put seq in the running pool as if prefilled and decoded: KV for all but its newest token."""
+    seq.output_token_ids = [7] * max(0, num_outputs - 1)
+    sched.add(seq)
+    sched.waiting.remove(seq)
+    sched.block_manager.allocate(seq)
+    seq.num_cached_tokens = seq.num_tokens
+    if num_outputs:
+        seq.output_token_ids.append(7)
+    seq.status = SequenceStatus.RUNNING
+    sched.running.append(seq)
+    return seq
+
+
+@pytest.mark.parametrize("b_predicted, expected", [(80, {"ta", "tc"}), (50, {"tb", "ta"})])
+def test_decode_prefers_previous_step_tasks_unless_much_shorter(b_predicted, expected):
+    sched, _ = make_sched(max_adapters_per_batch=2, inlaid_task_switch_tokens=32, max_decode_streak=100)
+    make_running(sched, make_seq("a", task="ta", predicted=100), num_outputs=1)
+    make_running(sched, make_seq("c", task="tc", predicted=101), num_outputs=1)
+    make_running(sched, make_seq("b", task="tb", predicted=b_predicted), num_outputs=1)
+    sched.last_step_tasks = {"ta", "tc"}
+    out = sched.schedule()
+    assert not out.prefill
+    # tb pays 32 tokens for joining: 80+32 > 100 keeps {ta, tc}; 50+32 < 101 displaces tc.
+    assert {s.task for s in out.decode} == expected
+
+
+def test_new_task_much_shorter_displaces_previous_task():
+    sched, clock = make_sched(max_adapters_per_batch=1, inlaid_task_switch_tokens=32)
+    sched.add(make_seq("long", task="ta", predicted=500))
+    step(sched, clock)
+    sched.add(make_seq("short", task="tb", predicted=5))
+    out = step(sched, clock)
+    assert ids(out.prefill) == ["short"]                    # SRTF across tasks, not stuck on ta
+    out = step(sched, clock)
+    assert {s.task for s in out.decode} == {"tb"}          # ta waits with its KV kept
+    assert sched.running[0].block_table
+
+
+def test_starved_request_goes_ahead_of_shorter_ones():
+    sched, clock = make_sched(max_num_seqs=1, starvation_limit_s=10.0)
+    sched.add(make_seq("long", predicted=1000, arrival_s=0.0))
+    sched.add(make_seq("s0", predicted=5, arrival_s=0.0))
+    assert ids(sched.schedule().prefill) == ["s0"]
+    sched.finish(sched.running[0])
+    clock.now_s = 5.0
+    sched.add(make_seq("s1", predicted=5, arrival_s=5.0))
+    assert ids(sched.schedule().prefill) == ["s1"]
+    sched.finish(sched.running[0])
+    clock.now_s = 10.5                                       # long has now waited past the limit
+    sched.add(make_seq("s2", predicted=5, arrival_s=10.5))
+    assert ids(sched.schedule().prefill) == ["long"]
+
+
+def test_request_past_its_prediction_goes_ahead():
+    sched, _ = make_sched(max_num_seqs=1)
+    over = make_seq("over", predicted=4)
+    over.output_token_ids = [7] * 6                          # preempted after outrunning its prediction
+    sched.add(make_seq("short", predicted=2))
+    sched.add(over)
+    assert ids(sched.schedule().prefill) == ["over"]
+
+
+def test_kv_exhaustion_preempts_most_remaining_work():
+    # 4 blocks of 4 tokens, all held: each sequence has 8 cached tokens and a 9th to place.
+    sched, _ = make_sched(num_blocks=4, block_size=4, max_num_seqs=2, max_decode_streak=100)
+    # a predicted the longer output (12) but has generated 8 of it: 4 left, refreshed per token.
+    a = make_running(sched, make_seq("a", prompt=1, predicted=12), num_outputs=8)
+    b = make_running(sched, make_seq("b", prompt=7, predicted=10), num_outputs=2)
+    assert sched.block_manager.num_free_blocks == 0
+    assert (a.predicted_remaining_tokens, b.predicted_remaining_tokens) == (4, 8)
+    out = sched.schedule()
+    assert ids(out.preempted) == ["b"]
+    assert ids(out.decode) == ["a"]
+    assert b.status is SequenceStatus.WAITING and b.num_preemptions == 1 and not b.block_table
+    assert b in sched.waiting and len(a.block_table) == 3
+
+
+@pytest.mark.parametrize("predicted, admitted", [(100, False), (17, False), (16, True)])
+def test_memory_admission_reserves_predicted_output(predicted, admitted):
+    # 10 blocks x 4 tokens. The runner holds 2 blocks and reserves 3 more (4+16 tokens),
+    # leaving 5 blocks = 20 tokens for the newcomer's prompt (4) + predicted output.
+    sched, clock = make_sched(num_blocks=10, block_size=4)
+    sched.add(make_seq("runner", prompt=4, predicted=16))
+    step(sched, clock)
+    sched.add(make_seq("new", prompt=4, predicted=predicted))
+    out = sched.schedule()
+    assert (ids(out.prefill) == ["new"]) is admitted
+
+
+def test_random_workload_runs_to_completion_within_beta():
+    rng = random.Random(1)
+    sched, clock = make_sched(num_blocks=200, block_size=4, max_num_seqs=16, max_adapters_per_batch=3,
+                              starvation_limit_s=1e9, max_decode_streak=2)
+    targets = {}
+    for i in range(120):
+        seq = make_seq(f"r{i}", prompt=rng.randint(1, 30), task=f"t{rng.randint(0, 7)}",
+                       predicted=rng.randint(1, 40), arrival_s=0.0)
+        targets[seq.request_id] = rng.randint(1, 40)
+        sched.add(seq)
+    finished = 0
+    for _ in range(20000):
+        if not sched.has_unfinished:
+            break
+        out = step(sched, clock)
+        assert out.seqs, "scheduled nothing while requests remain"
+        assert len({s.task for s in out.seqs}) <= 3
+        for seq in out.seqs:
+            if seq.num_output_tokens >= targets[seq.request_id]:
+                sched.finish(seq)
+                finished += 1
+    assert finished == 120
+    assert sched.block_manager.num_free_blocks == 200
