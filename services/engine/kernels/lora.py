@@ -6,8 +6,8 @@ Adapters live in stacked slot tensors, ranks padded to the slot maximum (zeros i
   b_stack fp16 [S, N, rank]     lora_B of every slot, the LoRA scaling folded in; output column n
                                 belongs to slice n // n_slice and reads rank columns slice*rank...
 Tokens are sorted by slot once per step (prepare_lora_batch); every program of a launch owns at
-most one segment (the run of equal slots starting at its sorted position), so each adapter's
-weights are read once per segment rather than once per token, for decode and prefill alike. All
+most one chunk of up to 16 tokens of one segment (a run of equal slots), so each adapter's
+weights are read once per chunk rather than once per token, for decode and prefill alike. All
 index work stays on the device, so a decode step that uses it can be captured in a CUDA graph.
 Slot -1 means "no adapter" (the bare base model).
 """
@@ -29,12 +29,13 @@ except ImportError:  # CPU-only installs use lora_apply_reference
 class LoraBatch:
     """Per-step token ordering shared by every LoRA launch of the step.
 
-    order int64 [T]: token indices sorted by slot; sorted_slots int32 [T]; seg_end int32 [T]:
-    for each sorted position, one past the last position with the same slot.
+    order int64 [T]: token indices sorted by slot; sorted_slots int32 [T]; seg_start/seg_end int32
+    [T]: for each sorted position, the first position with the same slot and one past the last.
     """
 
     order: torch.Tensor
     sorted_slots: torch.Tensor
+    seg_start: torch.Tensor
     seg_end: torch.Tensor
 
 
@@ -43,31 +44,34 @@ def prepare_lora_batch(slot_ids: torch.Tensor) -> LoraBatch:
     if slot_ids.dim() != 1:
         raise ValueError(f"slot_ids must be 1-D, got {tuple(slot_ids.shape)}")
     sorted_slots, order = torch.sort(slot_ids.to(torch.int32), stable=True)
+    seg_start = torch.searchsorted(sorted_slots, sorted_slots).to(torch.int32)
     seg_end = torch.searchsorted(sorted_slots, sorted_slots, right=True).to(torch.int32)
-    return LoraBatch(order=order, sorted_slots=sorted_slots, seg_end=seg_end)
+    return LoraBatch(order=order, sorted_slots=sorted_slots, seg_start=seg_start, seg_end=seg_end)
 
 
 if triton is not None:
 
     @triton.jit
-    def _segment(slots_ptr, seg_end_ptr, i):
-        """(slot, end) of the segment starting at sorted position i; end = i when i starts none."""
+    def _segment(slots_ptr, seg_start_ptr, seg_end_ptr, i, BM: tl.constexpr):
+        """(slot, end) of the BM-row chunk of a segment that starts at sorted position i; end = i if none.
+
+        Long segments (one adapter, many tokens) are split into chunks run by different programs.
+        """
         s = tl.load(slots_ptr + i)
-        prev = tl.load(slots_ptr + i - 1, mask=i > 0, other=-2)
-        is_start = (s != prev) & (s >= 0)
-        end = tl.where(is_start, tl.load(seg_end_ptr + i), i)
+        is_lead = ((i - tl.load(seg_start_ptr + i)) % BM == 0) & (s >= 0)
+        end = tl.where(is_lead, tl.minimum(tl.load(seg_end_ptr + i), i + BM), i)
         return s, end
 
     @triton.jit
     def _shrink_kernel(
-        x_ptr, a_ptr, v_ptr, order_ptr, slots_ptr, seg_end_ptr,
+        x_ptr, a_ptr, v_ptr, order_ptr, slots_ptr, seg_start_ptr, seg_end_ptr,
         K, R_TOTAL, stride_xt, stride_as, k_per_split,
         USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr,
     ):
         i = tl.program_id(0)
         pid_k = tl.program_id(1)
         r0 = tl.program_id(2) * RB
-        s, end = _segment(slots_ptr, seg_end_ptr, i)
+        s, end = _segment(slots_ptr, seg_start_ptr, seg_end_ptr, i, BM)
         offs_r = r0 + tl.arange(0, RB)
         offs_k = tl.arange(0, BK)
         k_lo = pid_k * k_per_split
@@ -92,13 +96,13 @@ if triton is not None:
 
     @triton.jit
     def _expand_kernel(
-        y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr, seg_end_ptr,
+        y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr, seg_start_ptr, seg_end_ptr,
         N, R_TOTAL, n_slice, stride_yt, stride_bs,
         RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
         i = tl.program_id(0)
         pid_n = tl.program_id(1)
-        s, end = _segment(slots_ptr, seg_end_ptr, i)
+        s, end = _segment(slots_ptr, seg_start_ptr, seg_end_ptr, i, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         nmask = offs_n < N
         offs_r = tl.arange(0, RANK)
@@ -169,14 +173,14 @@ def triton_lora_apply(
     split_k = -(-k // k_per_split)
     v = (torch.zeros if split_k > 1 else torch.empty)((t, r_total), dtype=torch.float32, device=x.device)
     _shrink_kernel[(t, split_k, r_total // 16)](
-        x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_end,
+        x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         k, r_total, x.stride(0), a_stack.stride(0), k_per_split,
         USE_ATOMIC=split_k > 1, BM=16, BK=bk, RB=16, num_warps=4,
     )
     bn = _expand_block_n(n_slice)
     n = b_stack.shape[1]
     _expand_kernel[(t, triton.cdiv(n, bn))](
-        y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_end,
+        y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         n, r_total, n_slice, y.stride(0), b_stack.stride(0),
         RANK=rank, BM=16, BN=bn, num_warps=4,
     )

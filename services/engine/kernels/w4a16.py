@@ -39,7 +39,7 @@ if triton is not None:
         x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -66,17 +66,27 @@ if triton is not None:
         x_row = x_ptr + offs_m[:, None] * stride_xm
         for b in range(b_start, b_end):
             k0 = b * 128
-            q = tl.load(qw_ptr + (b * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            part = tl.zeros((BM, BN), dtype=tl.float32)
-            xsum = tl.zeros((BM,), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
-                wj = ((q >> (4 * j)) & 0xF).to(tl.float16)
-                part = tl.dot(xj, wj, part)
-                xsum += tl.sum(xj.to(tl.float32), axis=1)
+            if SINGLE_DOT:
+                # One K=128 dot: row k of the tile is nibble k // 16 of packed row k % 16
+                # (duplicate addresses, served by the cache), x read contiguously.
+                offs_k = tl.arange(0, 128)
+                qk = tl.load(qw_ptr + (b * 16 + offs_k % 16)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+                w = ((qk >> ((offs_k // 16) * 4)[:, None]) & 0xF).to(tl.float16)
+                xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+                part = tl.dot(xt, w)
+                xsum = tl.sum(xt.to(tl.float32), axis=1)
+            else:
+                q = tl.load(qw_ptr + (b * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+                part = tl.zeros((BM, BN), dtype=tl.float32)
+                xsum = tl.zeros((BM,), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
+                    wj = ((q >> (4 * j)) & 0xF).to(tl.float16)
+                    part = tl.dot(xj, wj, part)
+                    xsum += tl.sum(xj.to(tl.float32), axis=1)
             acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
 
         if HAS_BIAS:
@@ -90,15 +100,71 @@ if triton is not None:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
 
+    @triton.jit
+    def _w4a16_gemv_kernel(
+        x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+    ):
+        """CUDA-core path for a few rows: FMAs into a [BM, 16, BN] accumulator, one reduction at the end.
+
+        int4 → fp32 without a convert: (q | 0x4B000000) read as fp32 is 2^23 + q, so subtracting
+        2^23 + zero gives q - zero exactly. UNROLL K blocks are loaded per iteration so that
+        several 16-row tiles are in flight per program.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_i = tl.arange(0, 16)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        num_blocks = K // 128
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
+        acc = tl.zeros((BM, 16, BN), dtype=tl.float32)
+        x_row = x_ptr + offs_m[:, None] * stride_xm
+        for b0 in range(b_start, b_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                b = b0 + u
+                n_lim = tl.where(b < b_end, N, 0)  # blocks past this split's end contribute 0
+                nmask = offs_n < n_lim
+                q = tl.load(qw_ptr + (b * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
+                g = (b * 128) // group_size
+                s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                zm = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32) + 8388608.0
+                part = tl.zeros((BM, 16, BN), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    kk = b * 128 + 16 * j + offs_i
+                    xj = tl.load(x_row + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                    wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm[None, :]
+                    part += xj[:, :, None] * wj[None, :, :]
+                acc += part * s[None, None, :]
+        out_v = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out_v += bias[None, :] * (pid_k == 0).to(tl.float32)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        omask = mask_m[:, None] & mask_n[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(out, out_v.to(tl.float16), mask=omask, sem="relaxed")
+        else:
+            tl.store(out, out_v.to(tl.float16), mask=omask)
+
+
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration of the W4A16 kernel."""
+    """One launch configuration: kind "gemv" (CUDA cores), "mma8" (8 K=16 dots) or "mma" (one K=128 dot)."""
 
+    kind: str
     block_m: int
     block_n: int
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    unroll: int = 1
     group_m: int = 8
 
 
@@ -108,22 +174,29 @@ def m_bucket(m: int) -> int:
 
 
 def candidate_configs(m: int) -> list[GemmConfig]:
-    """Configs worth timing for M rows (small M: split-K GEMV-like; large M: tiled)."""
+    """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles)."""
+    cands: list[GemmConfig] = []
     if m <= 16:
-        return [GemmConfig(16, bn, sk, 4, 3) for bn in (32, 64, 128) for sk in (1, 2, 4, 8)]
+        bm = min(m_bucket(m), 8)
+        cands += [GemmConfig("gemv", bm, bn, sk, 4, 1, u) for bn in (32, 64) for u in (2, 4) for sk in (1, 2, 4, 8)]
+        cands += [GemmConfig("mma8", 16, bn, sk, 4, 3) for bn in (64, 128) for sk in (4, 8)]
+        return cands
     if m <= 64:
         return [
-            GemmConfig(bm, bn, sk, 4, 3)
+            GemmConfig(kind, bm, bn, sk, 4, 3)
+            for kind in ("mma8", "mma")
             for bm in (16, 32, 64)
             for bn in (64, 128)
             for sk in (1, 2, 4)
             if bm >= m // 2 or bm == 64
         ]
     return [
-        GemmConfig(bm, bn, sk, 8 if bn == 256 else 4, 3)
+        GemmConfig(kind, bm, bn, sk, 8 if bn == 256 else 4, st)
+        for kind in ("mma8", "mma")
         for bm in (64, 128)
         for bn in (64, 128, 256)
         for sk in (1, 2)
+        for st in (3,)
     ]
 
 
@@ -148,14 +221,21 @@ def w4a16_matmul(
     split_k = -(-num_blocks // blocks_per_split)
     use_atomic = split_k > 1
     out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    _w4a16_kernel[grid](
-        x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
-        m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split,
-        HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
-        BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
+            m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
+    if cfg.kind == "gemv":
+        grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
+        _w4a16_gemv_kernel[grid](
+            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
+            BM=cfg.block_m, BN=cfg.block_n, UNROLL=cfg.unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+        _w4a16_kernel[grid](
+            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
+            BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
