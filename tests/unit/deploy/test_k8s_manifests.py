@@ -274,3 +274,11 @@ def test_renderer_refuses_missing_targets_and_unknown_fields(tmp_path):
     (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\ncommonLabels: {a: b}\n")
     with pytest.raises(RenderError, match="unsupported"):
         render(tmp_path)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_official_schemas_when_kubernetes_validate_is_installed(rendered, target):
+    """Cross-check with the upstream OpenAPI-derived schemas (pip install kubernetes-validate)."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in rendered[target]:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
