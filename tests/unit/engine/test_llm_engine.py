@@ -1,0 +1,182 @@
+"""LLMEngine on SmolLM2 (CPU): continuous batching, KV reuse, stops, aborts, bad requests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.model_source import resolve_model
+from services.engine.config import EngineConfig
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.errors import (AdapterInUseError, DuplicateRequestError,
+                                    InvalidRequestError, UnknownTaskError)
+from services.engine.llm_engine import LLMEngine
+from services.engine.sampler import Sampler
+from services.engine.sequence import FinishReason, SamplingParams
+from peft_adapters import make_peft_adapter
+
+NUM_BLOCKS = 6      # 6 × 16 tokens: small enough that finished requests' blocks must be reused
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.set_num_threads(1)
+    eng = LLMEngine(EngineConfig(num_kv_blocks=NUM_BLOCKS, block_size=16, device="cpu",
+                                 max_model_len=512, max_tokens_limit=200))
+    path = make_peft_adapter(resolve_model().path, tmp_path_factory.mktemp("ad") / "qv",
+                             4, ["q_proj", "v_proj"])
+    eng.add_adapter("qv", path)
+    return eng
+
+
+def prompt(engine, text: str, n: int = 20) -> list[int]:
+    ids = engine.tokenizer.encode(text * 10)[:n]
+    assert len(ids) == n
+    return ids
+
+
+def drain(engine, outputs: dict) -> list:
+    outs = engine.step()
+    for o in outs:
+        outputs.setdefault(o.request_id, []).append(o)
+    return outs
+
+
+def test_continuous_batching_reuses_finished_blocks(engine):
+    bm = engine.block_manager
+    outputs: dict = {}
+    ignore = dict(ignore_eos=True)
+    engine.add_request("A", prompt(engine, "The sea is "), SamplingParams(max_tokens=3, **ignore))
+    engine.add_request("B", prompt(engine, "One two three "), SamplingParams(max_tokens=8, **ignore),
+                       task="qv")
+    assert {o.request_id for o in drain(engine, outputs)} == {"A", "B"}   # both prefilled
+    a_blocks = list(engine.scheduler.running[0].block_table)
+    engine.add_request("C", prompt(engine, "Red green blue "), SamplingParams(max_tokens=6, **ignore))
+    step2 = drain(engine, outputs)              # C joins the running batch: prefill + decode
+    assert {o.request_id for o in step2} == {"A", "B", "C"}
+    assert bm.num_free_blocks == 0
+    # D cannot get blocks until A finishes; A finishes at step 3, then D takes A's blocks.
+    engine.add_request("D", prompt(engine, "Alpha beta "), SamplingParams(max_tokens=4, **ignore))
+    step3 = drain(engine, outputs)
+    assert [o.request_id for o in step3 if o.is_finished] == ["A"]
+    assert "D" not in {o.request_id for o in step3}
+    assert bm.num_free_blocks == len(a_blocks)
+    drain(engine, outputs)                      # D admitted into A's blocks
+    d_seq = next(s for s in engine.scheduler.running if s.request_id == "D")
+    assert sorted(d_seq.block_table) == sorted(a_blocks)
+    while engine.has_unfinished:
+        drain(engine, outputs)
+    for rid, n in (("A", 3), ("B", 8), ("C", 6), ("D", 4)):
+        last = outputs[rid][-1]
+        assert last.is_finished and last.finish_reason is FinishReason.LENGTH
+        assert last.num_output_tokens == n == sum(len(o.new_token_ids) for o in outputs[rid])
+    assert bm.num_free_blocks == NUM_BLOCKS and engine.num_unfinished == 0
+    # Batching does not change greedy results: each request alone gives the same tokens.
+    alone = engine.generate([prompt(engine, "Red green blue ")],
+                            SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert alone.token_ids == [t for o in outputs["C"] for t in o.new_token_ids]
+
+
+def test_stop_string_truncates_and_never_streams_it(engine):
+    ids = engine.tokenizer.encode("Count: one, two, three, four, five, six, seven, eight,")
+    full = engine.generate([ids], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    assert len(full.text) > 12
+    stop = full.text[6:10]
+    cut = full.text.find(stop)
+    engine.add_request("s", ids, SamplingParams(max_tokens=24, stop=(stop,), ignore_eos=True))
+    chunks = []
+    while engine.has_unfinished:
+        chunks += engine.step()
+    text = "".join(c.new_text for c in chunks)
+    assert text == full.text[:cut] and stop not in text
+    assert chunks[-1].finish_reason is FinishReason.STOP and chunks[-1].is_finished
+
+
+def test_abort_frees_blocks(engine):
+    engine.add_request("x", prompt(engine, "Hello world "), SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.block_manager.num_free_blocks < NUM_BLOCKS
+    out = engine.abort("x")
+    assert out.is_finished and out.finish_reason is FinishReason.CANCELLED
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS and not engine.has_unfinished
+    assert engine.abort("x") is None
+
+
+def test_bad_requests(engine):
+    ok = prompt(engine, "Hi there ")
+    cases = [
+        ([], SamplingParams(), "", InvalidRequestError, "empty"),
+        (ok, SamplingParams(max_tokens=201), "", InvalidRequestError, "exceeds the limit"),
+        (ok, SamplingParams(max_tokens=80), "", InvalidRequestError, "KV blocks"),
+        ([5] * 500, SamplingParams(max_tokens=20), "", InvalidRequestError, "max_model_len"),
+        ([10**6], SamplingParams(), "", InvalidRequestError, "out of range"),
+        (ok, SamplingParams(), "nope", UnknownTaskError, "unknown task 'nope'"),
+    ]
+    for ids, params, task, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            engine.add_request("bad", ids, params, task=task)
+    assert issubclass(UnknownTaskError, KeyError) and issubclass(InvalidRequestError, ValueError)
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    engine.add_request("dup", ok, SamplingParams(max_tokens=2))
+    with pytest.raises(DuplicateRequestError):
+        engine.add_request("dup", ok, SamplingParams(max_tokens=2))
+    engine.abort("dup")
+    assert not engine.has_unfinished
+
+
+def test_adapter_in_use_cannot_be_removed(engine, tmp_path):
+    path = make_peft_adapter(resolve_model().path, tmp_path / "k", 2, ["k_proj"])
+    engine.add_adapter("k", path)
+    engine.add_request("u", prompt(engine, "Hi there "), SamplingParams(max_tokens=2), task="k")
+    with pytest.raises(AdapterInUseError):
+        engine.remove_adapter("k")
+    while engine.has_unfinished:
+        engine.step()
+    engine.remove_adapter("k")
+    assert "k" not in engine.adapter_names
+    with pytest.raises(UnknownTaskError):
+        engine.add_request("u2", prompt(engine, "Hi there "), SamplingParams(), task="k")
+
+
+def test_seeded_sampling_is_reproducible_across_batches(engine):
+    ids = prompt(engine, "Once upon a time ")
+    p = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, top_k=40, seed=123,
+                       ignore_eos=True)
+    alone = engine.generate([ids], p)[0].token_ids
+    other = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    batched = engine.generate([prompt(engine, "Zebra "), ids], [other, p])[1].token_ids
+    assert alone == batched
+
+
+def test_sampler_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    probs = Sampler.probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (probs > 0).tolist() == [True, True, False, False]
+    probs = Sampler.probs(logits, SamplingParams(temperature=1.0, top_p=0.5))
+    assert (probs > 0).tolist() == [True, False, False, False]
+    probs = Sampler.probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert (probs > 0).tolist() == [True, True, False, False]
+    assert Sampler("cpu").sample(logits[None], [SamplingParams()], ["r"]) == [0]
+
+
+def test_detokenizer_never_emits_broken_utf8(engine):
+    tok = engine.tokenizer
+    text = " héllo 世界 🎉🎉 naïve ok"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"))
+    chunks = [detok.add(t) for t in ids]
+    chunks.append(detok.flush())
+    assert all("\ufffd" not in c for c in chunks)
+    assert "" in chunks[:-1]                 # some token ended mid-character and was held back
+    assert "".join(chunks) == tok.decode(ids)
+
+
+def test_config_from_env():
+    cfg = EngineConfig.from_env({"ENGINE_MAX_ADAPTERS": "12", "ENGINE_DTYPE": "float32",
+                                 "ENGINE_KV_CACHE_BYTES": "1048576", "ENGINE_POLICY": "fifo"})
+    assert cfg.max_adapters == 12 and cfg.kv_cache_bytes == 1 << 20 and cfg.model == "smollm2-135m"
+    assert cfg.scheduler_config().max_adapters_per_batch == 10
+    for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"},
+                {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}):
+        with pytest.raises(ValueError):
+            EngineConfig.from_env(env)
