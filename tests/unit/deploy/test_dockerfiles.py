@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -102,3 +106,30 @@ def test_dockerignore_keeps_what_the_build_needs_and_drops_local_state():
     for dropped in (".venv/bin/python", ".git/HEAD", "services/common/pb/inlaid/v1/x_pb2.py",
                     "services/engine/__pycache__/x.pyc", "tests/unit/x.py"):
         assert is_ignored(dropped, patterns), dropped
+
+
+@pytest.mark.parametrize("name, extras", [("Dockerfile.engine", ["gpu"]), ("Dockerfile.service", [])])
+def test_requirements_one_liner_runs_under_sh(tmp_path, name, extras):
+    """Run the Dockerfile's own `python -c` step (after Docker's line joining) against our pyproject."""
+    run = next(a for k, a in instructions(DOCKER / name) if k == "RUN" and "tomllib" in a)
+    (step,) = [s.strip() for s in run.split("&&") if "tomllib" in s]
+    assert step.startswith("python -c ") and step.endswith("> /tmp/requirements.txt")
+    out = tmp_path / "requirements.txt"
+    script = step.replace("python", shlex.quote(sys.executable), 1).replace("/tmp/requirements.txt", str(out))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    subprocess.run(["sh", "-c", script], cwd=tmp_path, check=True, timeout=60)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    expected = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+    assert out.read_text().splitlines() == expected
+
+
+def test_torch_in_both_images_is_new_enough_for_transformers():
+    """transformers 5 treats torch < 2.6 as absent: the engine would have no model at all."""
+    engine = dict(a.split("=", 1) for k, a in instructions(DOCKER / "Dockerfile.engine") if k == "ARG")
+    service = dict(a.split("=", 1) for k, a in instructions(DOCKER / "Dockerfile.service")
+                   if k == "ARG" and "=" in a)
+    engine_torch = re.search(r"pytorch/pytorch:(\d+)\.(\d+)", engine["BASE_IMAGE"]).groups()
+    service_torch = re.match(r"(\d+)\.(\d+)", service["TORCH_VERSION"]).groups()
+    for major, minor in (engine_torch, service_torch):
+        assert (int(major), int(minor)) >= (2, 6)
+    assert engine_torch == service_torch
