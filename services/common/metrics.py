@@ -1,12 +1,17 @@
 """Prometheus metrics shared by every Inlaid role: one Metrics object per process, passed through constructors."""
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
@@ -112,6 +117,11 @@ class Metrics:
                                          ["state"], registry=r)
         self.adapter_screenings = Counter("inlaid_adapter_screenings", "Adapter screening verdicts",
                                           ["verdict"], registry=r)
+        # Every service: gRPC calls (RpcMetricsInterceptor).
+        self.rpcs = Counter("inlaid_rpcs", "Finished gRPC calls by method and status code",
+                            ["method", "code"], registry=r)
+        self.rpc_s = Histogram("inlaid_rpc_seconds", "gRPC call duration (whole stream for streams)",
+                               ["method"], buckets=LATENCY_BUCKETS_S, registry=r)
         self._lock = threading.Lock()
         self._queued_tasks: set[str] = set()
 
@@ -171,6 +181,84 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format, as /metrics serves it."""
         return generate_latest(self.registry)
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every unary-request gRPC call: inlaid_rpcs_total{method, code}, inlaid_rpc_seconds.
+
+    Put it before the error-mapping interceptor, so it sees the final status codes.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # client/bidi streaming: no Inlaid service uses them
+
+    def _record(self, method: str, code: grpc.StatusCode, context: Any, start: float) -> None:
+        if code is grpc.StatusCode.OK and context.code() is not None:  # set_code() without abort
+            code = context.code()
+        self._metrics.rpcs.labels(method, code.name).inc()
+        self._metrics.rpc_s.labels(method).observe(time.perf_counter() - start)
+
+    def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
+        async def wrapped(request: Any, context: Any) -> Any:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN  # what grpc reports for an unmapped exception
+                raise
+            finally:
+                self._record(method, code, context, start)
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable, method: str) -> Callable:
+        async def wrapped(request: Any, context: Any) -> Any:
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):  # a coroutine writing with context.write()
+                    await result
+                elif hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                else:
+                    for response in result:
+                        yield response
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                self._record(method, code, context, start)
+        return wrapped
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:

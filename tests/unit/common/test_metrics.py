@@ -120,3 +120,61 @@ def test_observability_doc_example_runs(monkeypatch):
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+async def test_rpc_interceptor_counts_codes_and_times_calls():
+    import asyncio
+
+    import grpc
+
+    from services.common.grpc_server import ErrorInterceptor
+    from services.common.metrics import RpcMetricsInterceptor
+
+    async def ok(request, context):
+        return b"ok"
+
+    async def not_found(request, context):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such task")
+
+    async def boom(request, context):
+        raise RuntimeError("bug")
+
+    async def stream(request, context):
+        for _ in range(50):
+            yield b"t"
+            await asyncio.sleep(0.01)
+
+    m = create_metrics()
+    # Metrics first: it then sees the codes the error interceptor maps exceptions to.
+    server = grpc.aio.server(interceptors=[RpcMetricsInterceptor(m), ErrorInterceptor()])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
+        "Ok": grpc.unary_unary_rpc_method_handler(ok),
+        "NotFound": grpc.unary_unary_rpc_method_handler(not_found),
+        "Boom": grpc.unary_unary_rpc_method_handler(boom),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        assert await channel.unary_unary("/t.T/Ok")(b"") == b"ok"
+        for name, code in (("NotFound", grpc.StatusCode.NOT_FOUND), ("Boom", grpc.StatusCode.INTERNAL)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary(f"/t.T/{name}")(b"")
+            assert err.value.code() == code
+        assert len([r async for r in channel.unary_stream("/t.T/Stream")(b"")]) == 50
+        call = channel.unary_stream("/t.T/Stream")(b"")
+        async for _ in call:
+            call.cancel()
+            break
+        for _ in range(100):  # the server notices the cancellation asynchronously
+            if _value(m, "inlaid_rpcs_total", {"method": "/t.T/Stream", "code": "CANCELLED"}):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await channel.close()
+        await server.stop(None)
+    expected = {("/t.T/Ok", "OK"): 1, ("/t.T/NotFound", "NOT_FOUND"): 1, ("/t.T/Boom", "INTERNAL"): 1,
+                ("/t.T/Stream", "OK"): 1, ("/t.T/Stream", "CANCELLED"): 1}
+    for (method, code), count in expected.items():
+        assert _value(m, "inlaid_rpcs_total", {"method": method, "code": code}) == count, (method, code)
+    assert _value(m, "inlaid_rpc_seconds_sum", {"method": "/t.T/Stream"}) > 0.4  # the full stream
