@@ -187,3 +187,27 @@ def _write(tmp_path, text):
     path = tmp_path / "keys.yaml"
     path.write_text(text)
     return path
+
+
+async def test_composes_with_service_host():
+    """The interceptor as the services wire it: inside ServiceHost, before its error interceptor."""
+    from services.common.grpc_server import ServiceHost
+
+    host = ServiceHost(["test.Echo"], host="127.0.0.1", port=0, grace_s=0.1,
+                       interceptors=[AuthInterceptor(ApiKeyStore.from_mapping(KEYS))])
+    host.server.add_generic_rpc_handlers((_handlers(),))
+    port = await host.start()
+    await host.set_serving(True)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        status = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="test.Echo"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        unary = channel.unary_unary("/test.Echo/Unary")
+        assert await unary(b"", metadata=(("x-api-key", "k-acme"),)) == b"acme|False|acme"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary(b"")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await channel.close()
+        await host.stop("test")
