@@ -48,6 +48,7 @@ class PredictorConfig:
     max_items: int = 4096
     num_threads: int = 1
     redis_url: str | None = None
+    redis_namespace: str = "inlaid"
     stats_window: int = 512
     default_output_tokens: int = 128
     # Reports after which statistics weigh as much as the model (blend prior).
@@ -85,6 +86,7 @@ class PredictorConfig:
             max_items=_env_int(env, "PREDICTOR_MAX_ITEMS", cls.max_items),
             num_threads=_env_int(env, "PREDICTOR_NUM_THREADS", cls.num_threads),
             redis_url=env.get("PREDICTOR_REDIS_URL") or env.get("REDIS_URL") or None,
+            redis_namespace=env.get("PREDICTOR_REDIS_NAMESPACE", cls.redis_namespace),
             stats_window=_env_int(env, "PREDICTOR_STATS_WINDOW", cls.stats_window),
             default_output_tokens=_env_int(env, "PREDICTOR_DEFAULT_OUTPUT_TOKENS",
                                            cls.default_output_tokens),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from services.common.errors import InvalidArgumentError
 from services.common.pb.inlaid.v1 import predictor_pb2
 from services.predictor.config import PredictorConfig
 from services.predictor.onnx_predictor import MicroBatcher, OnnxLengthModel
@@ -19,8 +20,8 @@ SOURCE_BLEND = predictor_pb2.PREDICTION_SOURCE_BLEND
 SOURCE_DEFAULT = predictor_pb2.PREDICTION_SOURCE_DEFAULT
 
 
-class InvalidInputError(ValueError):
-    """A request the predictor refuses (mapped to INVALID_ARGUMENT)."""
+class InvalidInputError(InvalidArgumentError):
+    """A request the predictor refuses (the error interceptor maps it to INVALID_ARGUMENT)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Optional sharing of per-task length statistics through Redis lists `inlaid:stats:{task}`."""
+"""Optional shared statistics: periodically reload every task's length list `inlaid:stats:{task}` from Redis."""
 from __future__ import annotations
 
 import asyncio
@@ -6,43 +6,34 @@ import logging
 
 import redis.asyncio as aioredis
 
+from services.common.redis_keys import RedisKeys
+from services.common.redis_server import connect
 from services.predictor.stats import RunningStats
 
 log = logging.getLogger(__name__)
-STATS_KEY_PREFIX = "inlaid:stats:"
-
-
-def stats_key(task: str) -> str:
-    """Redis key of a task's recent output lengths (newest first)."""
-    return f"{STATS_KEY_PREFIX}{task}"
 
 
 class RedisStatsSync:
-    """Writes reports through to Redis and periodically reloads every task's list.
+    """Replaces local per-task windows with the lists engines keep in Redis (LPUSH + LTRIM).
 
-    Several predictor replicas then share one view; Redis holds the window
-    (LPUSH + LTRIM), the local RunningStats is a cache refreshed every refresh_s.
+    Every predictor replica then sees the lengths of every finished request, not
+    only those reported to it; between refreshes ReportLengths updates the local copy.
     """
 
-    def __init__(self, url: str, stats: RunningStats, window: int, refresh_s: float = 2.0) -> None:
-        self._client = aioredis.from_url(url, decode_responses=True)
+    def __init__(self, url: str, stats: RunningStats, window: int, refresh_s: float = 2.0,
+                 namespace: str = "inlaid") -> None:
+        self._client = connect(url)
+        self._keys = RedisKeys(namespace)
+        self._prefix = self._keys.stats("")
         self._stats = stats
         self._window = window
         self._refresh_s = refresh_s
         self._task: asyncio.Task | None = None
 
-    async def push(self, reports: list[tuple[str, int]]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for task, output_tokens in reports:
-            pipe.lpush(stats_key(task), int(output_tokens))
-        for task in {task for task, _ in reports}:
-            pipe.ltrim(stats_key(task), 0, self._window - 1)
-        await pipe.execute()
-
     async def refresh(self) -> int:
-        """Reload every `inlaid:stats:*` list into the local statistics; returns the task count."""
+        """Reload every task's list into the local statistics; returns the number of tasks."""
         num_tasks = 0
-        async for key in self._client.scan_iter(match=f"{STATS_KEY_PREFIX}*", count=500):
+        async for key in self._client.scan_iter(match=f"{self._prefix}*", count=500):
             values = await self._client.lrange(key, 0, self._window - 1)
             lengths = []
             for v in reversed(values):  # oldest first, as RunningStats keeps them
@@ -50,7 +41,7 @@ class RedisStatsSync:
                     lengths.append(int(v))
                 except ValueError:
                     log.warning("ignoring non-integer %r in %s", v, key)
-            self._stats.replace(key[len(STATS_KEY_PREFIX):], lengths)
+            self._stats.replace(key[len(self._prefix):], lengths)
             num_tasks += 1
         return num_tasks
 

@@ -44,4 +44,4 @@ def test_server_process_sigterm(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert "shutting down predictor" in out
+    assert "shutting down (SIGTERM)" in out

