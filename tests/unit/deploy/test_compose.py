@@ -161,6 +161,13 @@ def test_peer_addresses_resolve_to_services(stack):
         assert services[host]["environment"][f"{host.upper()}_PORT"] == port
 
 
+def test_gateway_tokenizes_with_the_engine_model():
+    for env in ({}, {"ENGINE_MODEL": "llama-3-8b"}):
+        services = load("docker-compose.yaml", env)["services"]
+        assert services["gateway"]["environment"]["GATEWAY_MODEL"] == \
+            services["engine"]["environment"]["ENGINE_MODEL"]
+
+
 def test_redis_is_persistent(stack):
     redis = stack["services"]["redis"]
     command = redis["command"]

@@ -160,6 +160,11 @@ def test_peer_addresses_point_at_services(rendered, target):
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
+def test_gateway_tokenizes_with_the_engine_model(rendered, target):
+    assert _env(rendered[target], "gateway")["GATEWAY_MODEL"] == _env(rendered[target], "engine")["ENGINE_MODEL"]
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
 def test_referenced_configmaps_secrets_and_claims_exist(rendered, target):
     docs = rendered[target]
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
