@@ -180,3 +180,22 @@ def test_config_from_env():
                 {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}):
         with pytest.raises(ValueError):
             EngineConfig.from_env(env)
+
+
+def test_preemption_recomputes_to_the_same_tokens(engine):
+    """Three requests outgrow the 6 KV blocks: the newest is preempted, recomputed, unchanged."""
+    texts = ["The sea is ", "One two three ", "Red green blue "]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    alone = [engine.generate([prompt(engine, t)], params)[0].token_ids for t in texts]
+    for i, t in enumerate(texts):
+        engine.add_request(f"p{i}", prompt(engine, t), params)
+    seqs = {s.request_id: s for s in engine.scheduler.waiting}
+    tokens: dict = {}
+    preempted = 0
+    while engine.has_unfinished:
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+        preempted = max(preempted, sum(s.num_preemptions for s in seqs.values()))
+    assert preempted >= 1
+    assert [tokens[f"p{i}"] for i in range(3)] == alone
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
