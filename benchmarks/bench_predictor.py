@@ -111,6 +111,50 @@ def fallback(model: OnnxLengthModel, train: list[dict], test: list[dict], holdou
             "all_tasks_with_fallback": summarize(all_pred, all_true)}
 
 
+def drift(model: OnnxLengthModel, test: list[dict], task: str, factor: float,
+          num_reports: int) -> dict:
+    """The adapter of `task` now answers `factor`x longer than the model learned: model vs blend."""
+    rows = [r for r in test if r["task"] == task]
+    true = [max(1, round(r["output_tokens"] * factor)) for r in rows]
+    cfg = PredictorConfig(model_dir=None)
+    predictor = LengthPredictor(cfg, RunningStats(window=cfg.stats_window), model)
+    items = [(r["task"], r["prompt"]) for r in rows]
+    before = asyncio.run(predictor.predict(items))
+    predictor.report([(task, n) for n in true[:num_reports]])
+    after = asyncio.run(predictor.predict(items))
+    return {"task": task, "factor": factor, "num_reports": num_reports,
+            "model_only": summarize([p.output_tokens for p in before], true),
+            "blend": summarize([p.output_tokens for p in after], true),
+            "blend_weight": num_reports / (num_reports + cfg.blend_prior_count)}
+
+
+def grpc_latency(model_dir: Path, test: list[dict], num_calls: int) -> dict:
+    """Predict RPC round trip at batch 1 through a real in-process server (loopback TCP)."""
+    import grpc
+
+    from services.common.pb.inlaid.v1 import predictor_pb2 as P, predictor_pb2_grpc
+    from services.predictor.server import PredictorServer
+
+    async def go():
+        server = PredictorServer(PredictorConfig(host="127.0.0.1", port=0, model_dir=model_dir))
+        port = await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = predictor_pb2_grpc.PredictorServiceStub(ch)
+            reqs = [P.PredictRequest(items=[P.PredictItem(task=r["task"], prompt=r["prompt"])])
+                    for r in test]
+            times = []
+            for i in range(num_calls + 50):
+                t0 = time.perf_counter()
+                await stub.Predict(reqs[i % len(reqs)])
+                if i >= 50:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        await server.stop()
+        return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+                "n": len(times)}
+
+    return asyncio.run(go())
+
+
 def minilm(train: list[dict], test: list[dict], epochs: int) -> dict:
     """Frozen all-MiniLM-L6-v2 mean-pooled embedding + task embedding → same-size MLP head."""
     import importlib.util
@@ -160,8 +204,16 @@ def minilm(train: list[dict], test: list[dict], epochs: int) -> dict:
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "minilm.onnx"
+        class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.enc = enc
+
+            def forward(self, input_ids, attention_mask):
+                return self.enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
         b = tok(["hello world"], return_tensors="pt")
-        torch.onnx.export(enc, (b["input_ids"], b["attention_mask"]), str(path), dynamo=False,
+        torch.onnx.export(Encoder(), (b["input_ids"], b["attention_mask"]), str(path), dynamo=False,
                           input_names=["input_ids", "attention_mask"], opset_version=17,
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
         opts = ort.SessionOptions()
@@ -173,7 +225,9 @@ def minilm(train: list[dict], test: list[dict], epochs: int) -> dict:
             sess.run(None, {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]})
 
         lat = latency_ms(run, test[:300], warmup=20)
-    return {"quality": summarize(pred, [r["output_tokens"] for r in test]),
+        onnx_bytes = path.stat().st_size + sum(
+            f.stat().st_size for f in Path(tmp).iterdir() if f.name != path.name)
+    return {"onnx_bytes": onnx_bytes, "quality": summarize(pred, [r["output_tokens"] for r in test]),
             "embed_seconds_train_and_test": embed_s, "latency_batch1_1thread": lat}
 
 
@@ -185,6 +239,7 @@ def main() -> None:
     ap.add_argument("--num-reports", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--latency-calls", type=int, default=2000)
+    ap.add_argument("--drift-task", default="sort_list")
     ap.add_argument("--with-minilm", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -227,8 +282,11 @@ def main() -> None:
                     lambda _: onnx_model.run_raw(ids, tid, dense), calls),
                 "throughput_batch32_items_per_s": 32 / (b32["mean_ms"] / 1e3),
             }
-            if variant == "fp32" and holdout:
-                res["fallback"] = fallback(onnx_model, train, test, holdout, args.num_reports)
+            if variant == "fp32":
+                if holdout:
+                    res["fallback"] = fallback(onnx_model, train, test, holdout, args.num_reports)
+                res["drift"] = drift(onnx_model, test, args.drift_task, 1.6, args.num_reports)
+                res["grpc_predict_batch1"] = grpc_latency(out, test, 500)
     res["baselines"] = baselines(train, test)
     if args.with_minilm:
         res["minilm_frozen"] = minilm(train, test, args.epochs)
@@ -266,7 +324,8 @@ def render(r: dict) -> str:
                      f"{x['onnx_vs_torch_max_abs_diff_log']:.2e} |")
     if "minilm_frozen" in r:
         m = r["minilm_frozen"]["latency_batch1_1thread"]
-        lines.append(f"| MiniLM-L6 encoder only (fp32 ORT, tokenize+encode) | ~90 MB | "
+        lines.append(f"| MiniLM-L6 encoder only (fp32 ORT, tokenize+encode) | "
+                     f"{r['minilm_frozen']['onnx_bytes']} | "
                      f"{m['p50_ms']:.3f} / {m['p99_ms']:.3f} | | | |")
     if "fallback" in r:
         f = r["fallback"]
@@ -278,6 +337,14 @@ def render(r: dict) -> str:
                   f"bucket acc {f['statistics_after_reports']['bucket_accuracy']:.3f}. All tasks together "
                   f"(model + fallback): τ {f['all_tasks_with_fallback']['kendall_tau']:.3f}, bucket acc "
                   f"{f['all_tasks_with_fallback']['bucket_accuracy']:.3f}."]
+    d = r["drift"]
+    lines += ["", f"Drift: task `{d['task']}` answers {d['factor']}x longer than trained. Model only: "
+              f"MAE {d['model_only']['mae_tokens']:.2f}, bucket acc {d['model_only']['bucket_accuracy']:.3f}, "
+              f"τ {d['model_only']['kendall_tau']:.3f}; blend after {d['num_reports']} reports "
+              f"(weight {d['blend_weight']:.2f}): MAE {d['blend']['mae_tokens']:.2f}, bucket acc "
+              f"{d['blend']['bucket_accuracy']:.3f}, τ {d['blend']['kendall_tau']:.3f}.", "",
+              f"Predict RPC round trip at batch 1 (in-process grpc.aio server, loopback): p50 "
+              f"{r['grpc_predict_batch1']['p50_ms']:.3f} ms, p99 {r['grpc_predict_batch1']['p99_ms']:.3f} ms."]
     lines += ["", f"Device: {r['device']}. Commit {r['commit']}, {r['date']}.", f"Command: `{r['command']}`",
               "This CPU is shared by several jobs; latency percentiles include their interference.", ""]
     return "\n".join(lines)

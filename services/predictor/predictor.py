@@ -86,22 +86,34 @@ class LengthPredictor:
             else:
                 results = self._model.predict(batch)  # type: ignore[union-attr]
             outputs = dict(zip(model_rows, results))
+        # One shift per task per call, taken before this call's predictions are recorded,
+        # so every item of a task in a batch moves by the same amount (order preserved).
+        shifts = {task: self._shift(task) for task in {items[i][0] for i in model_rows}}
         preds = []
         for i, (task, _) in enumerate(items):
             out = outputs.get(i)
-            preds.append(self._from_model(task, out.log_tokens, out.confidence)
-                         if out is not None else self._from_statistics(task))
+            if out is None:
+                preds.append(self._from_statistics(task))
+                continue
+            w, bias, stats_conf = shifts[task]
+            if w == 0.0:
+                preds.append(LengthPrediction(_tokens(out.log_tokens), out.confidence, SOURCE_MODEL))
+            else:
+                preds.append(LengthPrediction(_tokens(out.log_tokens + w * bias),
+                                              (1.0 - w) * out.confidence + w * stats_conf,
+                                              SOURCE_BLEND))
+        for i in model_rows:
+            self._stats.observe_prediction(items[i][0], outputs[i].log_tokens)
         return preds
 
-    def _from_model(self, task: str, log_tokens: float, confidence: float) -> LengthPrediction:
+    def _shift(self, task: str) -> tuple[float, float, float]:
+        """(weight, log bias, statistics confidence) of the task; weight 0 without evidence."""
         bias = self._stats.log_bias(task)
-        self._stats.observe_prediction(task, log_tokens)
         summary = self._stats.summary(task)
         if bias is None or summary is None:
-            return LengthPrediction(_tokens(log_tokens), confidence, SOURCE_MODEL)
+            return 0.0, 0.0, 0.0
         w = summary.count / (summary.count + self._config.blend_prior_count)
-        blended_conf = (1.0 - w) * confidence + w * summary.confidence
-        return LengthPrediction(_tokens(log_tokens + w * bias), blended_conf, SOURCE_BLEND)
+        return w, bias, summary.confidence
 
     def _from_statistics(self, task: str) -> LengthPrediction:
         summary = self._stats.summary(task)
