@@ -52,12 +52,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for i, blocks in zip(meta.prefill_ids, meta.prefill_blocks):
         start, end = meta.query_starts[i], meta.query_starts[i + 1]
         n, ctx = end - start, meta.context_lens[i]
-        keys = _gather(k_cache, blocks)[:ctx].transpose(0, 1)      # [Hkv, ctx, D]
-        vals = _gather(v_cache, blocks)[:ctx].transpose(0, 1)
         qi = q[start:end].transpose(0, 1)                           # [H, n, D]
-        if n == ctx:
-            o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
+        if n == ctx:   # nothing cached: the new K/V are the whole context, skip the gather
+            o = F.scaled_dot_product_attention(qi, k[start:end].transpose(0, 1),
+                                               v[start:end].transpose(0, 1), is_causal=True,
+                                               enable_gqa=gqa)
         else:
+            keys = _gather(k_cache, blocks)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+            vals = _gather(v_cache, blocks)[:ctx].transpose(0, 1)
             # Query j sits at position ctx - n + j and may see keys 0..ctx - n + j.
             mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
             o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
