@@ -1,0 +1,1 @@
+"""Workload kit: generated tasks with checkable answers, metrics, adapter training, evaluation, traces."""
