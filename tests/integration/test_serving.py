@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from services.common.pb.inlaid.v1 import common_pb2, gateway_pb2
+from services.common.request_queue import QueuedRequest
 from services.engine.llm_engine import LLMEngine
 from tests.integration.conftest import engine_config
 
@@ -122,13 +123,14 @@ async def test_cancel_frees_the_request(stack, engine):
 async def test_request_is_acked_only_after_finishing_and_survives_a_dead_worker(stack, engine):
     # Reference: the same greedy request, uninterrupted.
     worker, task = stack.start_worker(engine)
-    reference = _tokens(await _collect(stack.stub.Generate(_req(max_tokens=12), timeout=120)))
+    reference = _tokens(await _collect(stack.stub.Generate(_req(max_tokens=40), timeout=120)))
     worker.stop()
     await task
 
     doomed = LLMEngine(engine_config())
     dead, dead_task = stack.start_worker(doomed, claim_idle_s=1.0)
-    call = stack.stub.Generate(_req(max_tokens=12), timeout=120)
+    # Long enough that it is still running when we look at the pending list.
+    call = stack.stub.Generate(_req(max_tokens=40), timeout=120)
     responses = [await call.read()]
     while sum(len(r.token_ids) for r in responses) < 3:
         responses.append(await call.read())
@@ -141,6 +143,39 @@ async def test_request_is_acked_only_after_finishing_and_survives_a_dead_worker(
     while not responses[-1].finish_reason:
         responses.append(await call.read())
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert responses[-1].num_output_tokens == 12
+    assert responses[-1].num_output_tokens == 40
     assert _tokens(responses) == reference  # continued after the streamed prefix, no repeats
     assert await stack.queue.num_pending() == 0 and await stack.queue.backlog() == 0
+
+
+async def test_removed_task_is_unloaded_and_not_found(stack, engine, peft_adapters):
+    worker, _ = stack.start_worker(engine)
+    await _add_task(stack, "qv", peft_adapters["qv"])
+    await _collect(stack.stub.Generate(_req(task="qv", max_tokens=2), timeout=120))
+    assert worker.loaded_adapters == ["qv"]
+    await stack.stub.RemoveTask(gateway_pb2.RemoveTaskRequest(name="qv"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _collect(stack.stub.Generate(_req(task="qv"), timeout=30))
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    for _ in range(100):
+        if not worker.loaded_adapters:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.loaded_adapters == [] and "qv" not in engine.adapter_names
+
+
+async def test_engine_side_rejection_reaches_the_client_as_error(stack, engine):
+    # A request the gateway accepts but the engine cannot serve (its context is shorter than
+    # the gateway was told) finishes with ERROR and the engine's reason; the entry is acked.
+    stack.start_worker(engine)
+    await stack.queue.enqueue(_queued("too-long", [1] * 300, 900))
+    responses = await _collect(stack.stub.Resume(gateway_pb2.ResumeRequest(request_id="too-long"),
+                                                 timeout=60))
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert "exceeds max_model_len" in responses[-1].error
+    assert await stack.queue.num_pending() == 0
+
+
+def _queued(request_id: str, prompt: list[int], max_tokens: int):
+    return QueuedRequest(request_id=request_id, task="", prompt_token_ids=prompt,
+                         params={"max_tokens": max_tokens})
