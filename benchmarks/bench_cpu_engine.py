@@ -1,7 +1,8 @@
 """CPU throughput: our engine vs Hugging Face `generate` + PEFT on the same mixed-adapter requests.
 
 Both run in this one process on SmolLM2-135M (fp32), greedy, EOS ignored, each request
-with its own adapter (or the bare base). Writes benchmarks/results/cpu_engine.{md,json}.
+with its own adapter (or the bare base); a second run gives requests different lengths
+(8-64 tokens), where continuous batching retires each early. Writes benchmarks/results/cpu_engine.{md,json}.
 Usage: .venv/bin/python benchmarks/bench_cpu_engine.py [--requests 12] [--new-tokens 32]
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ class EngineConfig:
     dtype: str = "auto"                    # auto | float32 | bfloat16 | float16
     block_size: int = 16                   # tokens per KV block
     num_kv_blocks: int = 0                 # 0 → from kv_cache_bytes
-    kv_cache_bytes: int = 0                # 0 → 256 MiB on CPU, 90 % of free memory on CUDA
+    kv_cache_bytes: int = 0                # 0 → 256 MiB on CPU, 85 % of free memory on CUDA
     max_model_len: int = 0                 # prompt + output tokens; 0 → model's max positions
     max_num_seqs: int = 64                 # running sequences at once
     max_num_batched_tokens: int = 4096     # tokens computed in one step

@@ -15,7 +15,7 @@ from services.engine.sampler import Sampler
 from services.engine.sequence import Sequence
 
 _CPU_DEFAULT_KV_BYTES = 256 << 20
-_CUDA_KV_FRACTION = 0.9
+_CUDA_KV_FRACTION = 0.85   # of free memory after weights: room for adapter slots, activations
 
 
 class ModelRunner:
