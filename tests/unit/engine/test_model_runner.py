@@ -180,3 +180,32 @@ def test_random_weights_give_finite_logits():
     bm.allocate(seq)
     (logits,) = runner.compute_logits([seq])
     assert logits.shape == (10, 128) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 5000.0},
+                                  {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}])
+def test_tiny_untied_checkpoint_matches_hf(tmp_path, rope):
+    """An HF directory with an untied LM head and (llama3-scaled) RoPE loads and matches HF."""
+    torch.set_num_threads(1)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=128, tie_word_embeddings=False,
+                      rope_parameters=rope)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "tiny")
+    runner = ModelRunner.load(EngineConfig(model=str(tmp_path / "tiny"), num_kv_blocks=8,
+                                           block_size=8, device="cpu", dtype="float32"))
+    assert not runner.shape.tie_word_embeddings and runner.shape.head_dim == 16
+    ids = torch.randint(0, 96, (50,)).tolist()
+    bm = BlockManager(runner.num_kv_blocks, 8)
+    seq = Sequence("t", ids, SamplingParams())
+    bm.allocate(seq)
+    (ours,) = runner.compute_logits([seq])
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert rel_err(ours, ref) < REL_TOL
