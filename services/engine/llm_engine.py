@@ -165,6 +165,16 @@ class LLMEngine:
     def num_unfinished(self) -> int:
         return len(self._seqs)
 
+    def stats(self) -> dict[str, int]:
+        """Gauges for metrics and health: queue sizes, KV blocks, adapters."""
+        bm = self.block_manager
+        return {"num_waiting": len(self.scheduler.waiting),
+                "num_running": len(self.scheduler.running),
+                "num_kv_blocks": bm.num_blocks, "num_free_kv_blocks": bm.num_free_blocks,
+                "num_adapters": len(self.runner.lora.adapter_names),
+                "num_resident_adapters": len(self.runner.lora.loaded_names),
+                "num_adapter_loads": self.runner.lora.num_loads}
+
     # ---- the step -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()

@@ -70,6 +70,9 @@ def test_continuous_batching_reuses_finished_blocks(engine):
         assert last.is_finished and last.finish_reason is FinishReason.LENGTH
         assert last.num_output_tokens == n == sum(len(o.new_token_ids) for o in outputs[rid])
     assert bm.num_free_blocks == NUM_BLOCKS and engine.num_unfinished == 0
+    stats = engine.stats()
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert stats["num_free_kv_blocks"] == NUM_BLOCKS and stats["num_resident_adapters"] == 1
     # Batching does not change greedy results: each request alone gives the same tokens.
     alone = engine.generate([prompt(engine, "Red green blue ")],
                             SamplingParams(max_tokens=6, ignore_eos=True))[0]
