@@ -1,0 +1,1 @@
+"""Predictor service: output-length prediction (ONNX model on CPU + running per-task statistics)."""
