@@ -30,6 +30,7 @@ class EngineConfig:
     policy: str = "fifo"                   # scheduling policy name (services.engine.policies)
     max_decode_streak: int = 8             # decode steps before prefills are considered
     starvation_limit_s: float = 30.0       # waiting longer than this jumps the queue
+    num_threads: int = 0                   # torch CPU threads; 0 = torch's default
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -41,7 +42,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "max_adapters_per_batch"):
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "max_adapters_per_batch",
+                     "num_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_adapters_per_batch > self.max_adapters:

@@ -46,6 +46,10 @@ class ModelRunner:
     def load(cls, config: EngineConfig, source: ModelSource | None = None) -> ModelRunner:
         """Resolve config.model, load (or randomly initialise) weights on the target device."""
         source = source or resolve_model(config.model)
+        if config.num_threads:
+            # Oversubscribed CPUs (several processes on few cores) make OpenMP spin-waits
+            # 10-100x slower; a service on a shared CPU should pin this to its core share.
+            torch.set_num_threads(config.num_threads)
         device = config.resolved_device()
         dtype = getattr(torch, config.resolved_dtype())
         if source.kind == "random":
