@@ -85,7 +85,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_gemm(timer: Timer, bw_gbs: float, quick: bool) -> list[dict]:
+def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict) -> list[dict]:
     tuner = GemmTuner()
     rows = []
     shapes = GEMM_SHAPES[:2] if quick else GEMM_SHAPES
@@ -129,6 +129,9 @@ def bench_gemm(timer: Timer, bw_gbs: float, quick: bool) -> list[dict]:
                   f"int4 {(row['int4_ms'] or float('nan'))*1e3:7.1f} us  x{row['speedup_vs_fp16']:.2f} vs fp16", flush=True)
         del ref_w, w16, lin
         torch.cuda.empty_cache()
+    for key, results in tuner.timings_ms.items():
+        best = sorted(results, key=lambda r: r[1])
+        tuning_log[str(key)] = [(str(c), round(ms * 1e3, 1)) for c, ms in best[:6]]
     return rows
 
 
@@ -277,7 +280,8 @@ def main() -> None:
         write_markdown(res, out / "gpu_kernels.md")
 
     if "gemm" in sections:
-        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick)
+        res["tuning_top6_us"] = {}
+        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick, res["tuning_top6_us"])
         save()
         print(f"[gemm done at {time.time()-t0:.0f}s]", flush=True)
     if "lora" in sections:

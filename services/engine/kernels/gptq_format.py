@@ -16,6 +16,9 @@ import torch
 # The kernel consumes K in blocks of this many rows: 16 packed int32 rows, each holding one
 # value from each of 8 contiguous 16-row slices of the block (see repack_for_kernel).
 KERNEL_K_BLOCK = 128
+# Column tiles of the kernel layout: one [16, 128] int32 tile (8 KB) is contiguous in memory, so a
+# program streams whole DRAM pages instead of 128-512 B pieces of rows N*4 bytes apart.
+KERNEL_N_TILE = 128
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,10 @@ class GptqTensors:
 class KernelWeights:
     """Weights repacked for the Triton kernel.
 
-    qweight int32 [K/8, N]: per 128-row block b, packed row 16b + i holds at bits 4j the value of
-    k = 128b + 16j + i (after the act-order permutation), so the 8 nibbles of a [16, N] tile pair
-    with 8 contiguous 16-wide slices of x. zeros/scales fp16 [K/G, N] (zeros unpacked, exact ints).
+    qweight int32 [ceil(N/128), K/8, 128]: column tile t holds columns 128t..128t+127 (zero padded);
+    per 128-row K block b, packed row 16b + i holds at bits 4j the value of k = 128b + 16j + i
+    (after the act-order permutation), so the 8 nibbles of a [16, 128] tile pair with 8 contiguous
+    16-wide slices of x. zeros/scales fp16 [K/G, N] (zeros unpacked, exact ints).
     perm int64 [K] or None: x must be gathered as x[:, perm] (act-order checkpoints only).
     """
 
@@ -52,6 +56,14 @@ class KernelWeights:
     scales: torch.Tensor
     perm: torch.Tensor | None
     group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 8
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[1]
 
 
 def _to_int32_wrapped(x: torch.Tensor) -> torch.Tensor:
@@ -162,8 +174,11 @@ def repack_for_kernel(t: GptqTensors) -> KernelWeights:
     blocks = q.reshape(k // KERNEL_K_BLOCK, 8, KERNEL_K_BLOCK // 8, n).permute(0, 2, 1, 3)
     shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
     packed = (blocks << shifts[None, None, :, None]).sum(dim=2).reshape(k // 8, n)
+    n_pad = -(-n // KERNEL_N_TILE) * KERNEL_N_TILE
+    packed = torch.nn.functional.pad(packed, (0, n_pad - n))
+    tiled = packed.reshape(k // 8, n_pad // KERNEL_N_TILE, KERNEL_N_TILE).permute(1, 0, 2)
     return KernelWeights(
-        qweight=_to_int32_wrapped(packed).contiguous(),
+        qweight=_to_int32_wrapped(tiled).contiguous(),
         zeros=zeros_of(t).to(torch.float16).contiguous(),
         scales=t.scales.to(torch.float16).contiguous(),
         perm=perm_out,
@@ -173,8 +188,8 @@ def repack_for_kernel(t: GptqTensors) -> KernelWeights:
 
 def dequantize_kernel_weights(kw: KernelWeights) -> torch.Tensor:
     """float32 W [K, N] in the original row order from repacked weights (the CPU fallback path)."""
-    packed = kw.qweight.to(torch.int64)
-    k, n = packed.shape[0] * 8, packed.shape[1]
+    k, n = kw.in_features, kw.out_features
+    packed = kw.qweight.to(torch.int64).permute(1, 0, 2).reshape(k // 8, -1)[:, :n]
     shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
     blocks = (packed.reshape(k // KERNEL_K_BLOCK, KERNEL_K_BLOCK // 8, 1, n) >> shifts[None, None, :, None]) & 0xF
     q = blocks.permute(0, 2, 1, 3).reshape(k, n).float()

@@ -56,6 +56,9 @@ if triton is not None:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
+        # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
+        qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
+        offs_c = (pid_n * BN) % 128 + tl.arange(0, BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
         num_blocks = K // 128
@@ -73,13 +76,13 @@ if triton is not None:
                 # One K=128 dot: row k of the tile is nibble k // 16 of packed row k % 16
                 # (duplicate addresses, served by the cache), x read contiguously.
                 offs_k = tl.arange(0, 128)
-                qk = tl.load(qw_ptr + (b * 16 + offs_k % 16)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+                qk = tl.load(qw_tile + (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], mask=mask_n[None, :], other=0)
                 w = ((qk >> ((offs_k // 16) * 4)[:, None]) & 0xF).to(tl.float16)
                 xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
                 part = tl.dot(xt, w)
                 xsum = tl.sum(xt.to(tl.float32), axis=1)
             else:
-                q = tl.load(qw_ptr + (b * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+                q = tl.load(qw_tile + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], mask=mask_n[None, :], other=0)
                 part = tl.zeros((BM, BN), dtype=tl.float32)
                 xsum = tl.zeros((BM,), dtype=tl.float32)
                 for j in tl.static_range(8):
@@ -119,6 +122,9 @@ if triton is not None:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
+        # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
+        qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
+        offs_c = (pid_n * BN) % 128 + tl.arange(0, BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
         num_blocks = K // 128
@@ -131,7 +137,7 @@ if triton is not None:
                 b = b0 + u
                 n_lim = tl.where(b < b_end, N, 0)  # blocks past this split's end contribute 0
                 nmask = offs_n < n_lim
-                q = tl.load(qw_ptr + (b * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
+                q = tl.load(qw_tile + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], mask=nmask[None, :], other=0)
                 g = (b * 128) // group_size
                 s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
                 zm = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32) + 8388608.0
@@ -178,7 +184,8 @@ def candidate_configs(m: int) -> list[GemmConfig]:
     cands: list[GemmConfig] = []
     if m <= 16:
         bm = min(m_bucket(m), 8)
-        cands += [GemmConfig("gemv", bm, bn, sk, 4, 1, u) for bn in (32, 64) for u in (2, 4) for sk in (1, 2, 4, 8)]
+        bns = (64, 128) if bm <= 2 else (32, 64)  # keep the [BM, 16, BN] accumulator in registers
+        cands += [GemmConfig("gemv", bm, bn, sk, 4, 1, u) for bn in bns for u in (2, 4) for sk in (2, 4, 8, 16)]
         cands += [GemmConfig("mma8", 16, bn, sk, 4, 3) for bn in (64, 128) for sk in (4, 8)]
         return cands
     if m <= 64:
@@ -191,12 +198,11 @@ def candidate_configs(m: int) -> list[GemmConfig]:
             if bm >= m // 2 or bm == 64
         ]
     return [
-        GemmConfig(kind, bm, bn, sk, 8 if bn == 256 else 4, st)
+        GemmConfig(kind, bm, bn, sk, 4, 3)
         for kind in ("mma8", "mma")
         for bm in (64, 128)
-        for bn in (64, 128, 256)
+        for bn in (64, 128)
         for sk in (1, 2)
-        for st in (3,)
     ]
 
 
@@ -212,9 +218,11 @@ def w4a16_matmul(
         x = x[:, kw.perm]
     x = x.contiguous()
     m, k = x.shape
-    n = kw.qweight.shape[1]
-    if k != kw.qweight.shape[0] * 8:
-        raise ValueError(f"x has K={k}, weights have K={kw.qweight.shape[0] * 8}")
+    n = kw.out_features
+    if k != kw.in_features:
+        raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
+    if 128 % cfg.block_n:
+        raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
     num_blocks = k // KERNEL_K_BLOCK
     split_k = max(1, min(cfg.split_k, num_blocks))
     blocks_per_split = -(-num_blocks // split_k)
@@ -256,7 +264,7 @@ class GemmTuner:
 
     def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         m, k = x.shape
-        n = kw.qweight.shape[1]
+        n = kw.out_features
         key = (m_bucket(m), n, k)
         cfg = self.best.get(key)
         if cfg is None:
@@ -308,8 +316,8 @@ class TritonQuantLinear(nn.Module):
 
     def __init__(self, kw: KernelWeights, bias: torch.Tensor | None, tuner: GemmTuner | None) -> None:
         super().__init__()
-        self.in_features = kw.qweight.shape[0] * 8
-        self.out_features = kw.qweight.shape[1]
+        self.in_features = kw.in_features
+        self.out_features = kw.out_features
         self.kw = kw
         self.bias = bias
         self.tuner = tuner if tuner is not None else GemmTuner()

@@ -58,13 +58,15 @@ async def make_gateway(redis_url, tokenizer):
     """Factory: start a gateway with a config (and optional predictor client)."""
     started = []
 
-    async def start(config: GatewayConfig, predictor=None, quantizer=None) -> Gateway:
+    async def start(config: GatewayConfig, predictor=None, quantizer=None,
+                    interceptors=None) -> Gateway:
         client = connect(redis_url)
         keys = RedisKeys(config.redis_namespace, config.pool)
         queue, registry = RequestQueue(client, keys), TaskRegistry(client, keys)
         await queue.ensure_group()
         servicer = GatewayServicer(config, queue, registry, tokenizer, predictor, quantizer)
-        host = ServiceHost(["inlaid.v1.GatewayService"], "127.0.0.1", 0, grace_s=0.1)
+        host = ServiceHost(["inlaid.v1.GatewayService"], "127.0.0.1", 0, grace_s=0.1,
+                           interceptors=interceptors)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, host.server)
         port = await host.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
