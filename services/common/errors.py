@@ -28,6 +28,12 @@ class AlreadyExistsError(InlaidError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class PermissionDeniedError(InlaidError):
+    """The caller is known but may not do this (e.g. change another tenant's task)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhaustedError(InlaidError):
     """A queue or cache is full; the client should back off and retry."""
 

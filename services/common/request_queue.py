@@ -117,10 +117,19 @@ class RequestQueue:
     async def exists(self, request_id: str) -> bool:
         return bool(await self.client.exists(self.keys.request(request_id)))
 
+    async def owner(self, request_id: str) -> str | None:
+        """Tenant that created the request; None if the request is unknown (or expired)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self.keys.request(request_id))
+        pipe.hget(self.keys.request(request_id), "tenant")
+        exists, tenant = await pipe.execute()
+        return (tenant or "") if exists else None
+
     async def enqueue(self, request: QueuedRequest) -> str:
         rid = request.request_id
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.keys.request(rid), mapping={"state": "queued", "task": request.task,
+                                                   "tenant": request.tenant,
                                                    "created_ts": str(request.arrival_ts)})
         pipe.expire(self.keys.request(rid), REQUEST_TTL_S)
         pipe.xadd(self.keys.requests, {"req": request.to_json()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common.auth import AuthConfig, AuthInterceptor
 from services.common.grpc_server import ServiceHost
 from services.common.logging import LoggingConfig, setup_logging
 from services.common.model_source import resolve_model
@@ -42,7 +43,11 @@ async def build(config: GatewayConfig, redis_url: str) -> tuple[GatewayServicer,
 
 
 async def serve(config: GatewayConfig) -> None:
-    host = ServiceHost([SERVICE_NAME], config.host, config.port, grace_s=config.grace_s)
+    # Auth off (the default for local runs) still installs the interceptor: every call then
+    # runs as the local admin principal, so the servicer has one code path.
+    auth = AuthInterceptor.from_config(AuthConfig.from_env())
+    host = ServiceHost([SERVICE_NAME], config.host, config.port, grace_s=config.grace_s,
+                       interceptors=[auth])
     url, embedded = resolve_url(config.redis_url)
     servicer, queue = await build(config, url)
     # grpc cannot add services to a started server, so the servicer is built first.

@@ -9,8 +9,9 @@ import uuid
 from pathlib import Path
 
 from services.common.adapters import BaseDims, load_adapter
-from services.common.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, \
-    NotFoundError, ResourceExhaustedError
+from services.common.auth import LOCAL_PRINCIPAL, Principal, current_principal
+from services.common.errors import AlreadyExistsError, FailedPreconditionError, \
+    InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError
 from services.common.pb.inlaid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.request_queue import OutputChunk, QueuedRequest, RequestQueue
 from services.common.task_registry import TaskRecord, TaskRegistry, check_task_name
@@ -43,9 +44,25 @@ def task_info(record: TaskRecord, lengths: list[int] | None = None) -> common_pb
         median_output_tokens=float(statistics.median(lengths)) if lengths else 0.0)
 
 
+def _caller() -> Principal:
+    """The authenticated caller (services.common.auth); the local user when auth is off."""
+    return current_principal() or LOCAL_PRINCIPAL
+
+
+def _is_visible(record: TaskRecord, caller: Principal) -> bool:
+    """Tasks of tenant "" are shared; others are seen by their tenant and by admins."""
+    return caller.is_admin or record.tenant in ("", caller.tenant)
+
+
+def _owner_tenant(caller: Principal) -> str:
+    """Tasks an admin registers are shared by every tenant; a tenant's own are private."""
+    return "" if caller.is_admin else caller.tenant
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API. Errors are raised as services.common.errors types; the interceptor
-    turns them into status codes. A Generate whose client goes away cancels its request."""
+    turns them into status codes. A Generate whose client goes away cancels its request.
+    Another tenant's task answers NOT_FOUND, exactly like a missing one (no existence leak)."""
 
     def __init__(self, config: GatewayConfig, queue: RequestQueue, registry: TaskRegistry,
                  tokenizer: Tokenizer, predictor: PredictorClient | None = None,
@@ -62,8 +79,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # generation -----------------------------------------------------------------------
     async def Generate(self, request, context):
+        caller = _caller()
         if request.task:
-            record = await self._registry.require(request.task)
+            record = await self._require_visible(request.task, caller)
             if not record.is_servable:
                 raise FailedPreconditionError(f"task {request.task!r} is {record.state}: "
                                               f"{record.message or 'not servable'}")
@@ -71,7 +89,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         params = check_params(request.params, self._config)
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id)
-        if request.request_id and await self._queue.exists(request_id):
+        owner = await self._queue.owner(request_id) if request.request_id else None
+        if owner is not None:
+            if not self._may_see(owner, caller):
+                raise AlreadyExistsError(f"request_id {request_id!r} is taken; use another")
             # Idempotency key seen before: attach to that request instead of running it twice.
             yield gateway_pb2.GenerateResponse(request_id=request_id)
             async for response in self._stream(request_id, 0, cancel_on_exit=False):
@@ -87,7 +108,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             predicted = await self._predictor.predict(request.task, prompt_text)
         await self._queue.enqueue(QueuedRequest(
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
-            predicted_output_tokens=predicted))
+            predicted_output_tokens=predicted, tenant=caller.tenant))
         yield gateway_pb2.GenerateResponse(request_id=request_id,
                                            predicted_output_tokens=predicted or 0)
         async for response in self._stream(request_id, 0, cancel_on_exit=True):
@@ -97,9 +118,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         check_request_id(request.request_id)
         if request.offset < 0:
             raise InvalidArgumentError(f"offset must be >= 0, got {request.offset}")
-        if not await self._queue.exists(request.request_id):
-            raise NotFoundError(f"unknown request {request.request_id!r} (finished requests are "
-                                "kept for an hour)")
+        await self._require_request(request.request_id)
         yield gateway_pb2.GenerateResponse(request_id=request.request_id)
         async for response in self._stream(request.request_id, request.offset,
                                            cancel_on_exit=False):
@@ -107,9 +126,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def Cancel(self, request, context):
         check_request_id(request.request_id)
-        if not await self._queue.exists(request.request_id):
-            raise NotFoundError(f"unknown request {request.request_id!r}")
+        await self._require_request(request.request_id)
         return gateway_pb2.CancelResponse(was_active=await self._queue.cancel(request.request_id))
+
+    @staticmethod
+    def _may_see(owner: str, caller: Principal) -> bool:
+        return caller.is_admin or owner == caller.tenant
+
+    async def _require_request(self, request_id: str) -> None:
+        owner = await self._queue.owner(request_id)
+        if owner is None or not self._may_see(owner, _caller()):
+            raise NotFoundError(f"unknown request {request_id!r} (finished requests are kept "
+                                "for an hour)")
 
     def _tokenize(self, request) -> tuple[str, list[int]]:
         if request.prompt:
@@ -145,8 +173,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             num_output_tokens=chunk.num_output_tokens, error=chunk.error)
 
     # tasks ------------------------------------------------------------------------------
+    async def _require_visible(self, name: str, caller: Principal) -> TaskRecord:
+        record = await self._registry.get(name)
+        if record is None or not _is_visible(record, caller):
+            raise NotFoundError(f"unknown task {name!r}: register it with AddTask "
+                                "(`inlaid tasks add`) or list tasks with ListTasks")
+        return record
+
     async def ListTasks(self, request, context):
-        tasks = await self._registry.list()
+        caller = _caller()
+        tasks = [t for t in await self._registry.list() if _is_visible(t, caller)]
         client = self._queue.client
         pipe = client.pipeline(transaction=False)
         for record in tasks:
@@ -180,7 +216,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         record = TaskRecord(name=request.name, adapter_path=adapter_path, rank=adapter.rank,
                             targets=list(adapter.targets),
                             state="QUANTIZING" if calibration_path else "READY",
-                            weight=request.weight or 1.0)
+                            tenant=_owner_tenant(_caller()), weight=request.weight or 1.0)
         await self._registry.add(record)
         job_id = ""
         if calibration_path:
@@ -198,6 +234,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def RemoveTask(self, request, context):
         check_task_name(request.name)
+        caller = _caller()
+        record = await self._require_visible(request.name, caller)
+        if record.tenant != caller.tenant and not caller.is_admin:
+            raise PermissionDeniedError(f"task {request.name!r} is shared; only an admin key "
+                                        "may remove it")
         await self._registry.remove(request.name)
         log.info("removed task %s", request.name)
         return gateway_pb2.RemoveTaskResponse()
