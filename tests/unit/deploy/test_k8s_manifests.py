@@ -219,6 +219,19 @@ def test_autoscalers_cover_gateway_and_predictor(rendered, target):
         assert "cpu" in _container(docs[("Deployment", name)])["resources"]["requests"]
 
 
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_disruption_budgets_select_gateway_and_engine(rendered, target):
+    docs = rendered[target]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    budgets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"gateway", "engine"}
+    for name, pdb in budgets.items():
+        selected = [n for n, d in deployments.items() if pdb["spec"]["selector"]["matchLabels"].items()
+                    <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert selected == [name]
+        assert pdb["spec"]["maxUnavailable"] == 1  # never blocks a drain, even at one replica
+
+
 def test_redis_statefulset_persists_with_aof(rendered):
     for target in ("base", "dev"):
         redis = _by_id(rendered[target])[("StatefulSet", "redis")]
