@@ -105,6 +105,14 @@ class ScreeningReport:
     def should_quarantine(self) -> bool:
         return self.verdict is Verdict.QUARANTINE
 
+    def summary(self, max_reasons: int = 3) -> str:
+        """One line for TaskInfo.message: the verdict and the first reasons."""
+        if not self.reasons:
+            return f"screening: {self.verdict.value}"
+        shown = "; ".join(self.reasons[:max_reasons])
+        more = len(self.reasons) - max_reasons
+        return f"screening: {self.verdict.value}: {shown}" + (f" (+{more} more)" if more > 0 else "")
+
     def to_dict(self) -> dict:
         norms = [m.norm for m in self.modules if m.norm is not None]
         zs = [abs(m.z_score) for m in self.modules if m.z_score is not None]

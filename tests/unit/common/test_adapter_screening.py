@@ -86,6 +86,17 @@ def test_absolute_and_relative_norm_limits():
     assert report.verdict is Verdict.QUARANTINE and "layers.3.self_attn.q_proj" in report.reasons[0]
 
 
+def test_summary_line_for_task_state_messages():
+    pairs, scalings = _adapter()
+    assert screen_modules(pairs, scalings).summary() == "screening: pass"
+    for layer in range(4):
+        a, b = pairs[f"model.layers.{layer}.self_attn.q_proj"]
+        pairs[f"model.layers.{layer}.self_attn.q_proj"] = (a * float("nan"), b)
+    line = screen_modules(pairs, scalings).summary(max_reasons=2)
+    assert line.startswith("screening: quarantine: model.layers.0.self_attn.q_proj: ")
+    assert line.endswith("(+2 more)") and line.count("NaN/Inf") == 2
+
+
 def test_untrained_adapter_warns_and_empty_adapter_quarantines():
     pairs, scalings = _adapter()
     zero_b = {m: (a, torch.zeros_like(b)) for m, (a, b) in pairs.items()}
