@@ -27,13 +27,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         worker = self._require()
         engine = worker.engine
         scheduler, blocks = engine.scheduler, engine.block_manager
-        version = await worker.queue.client.hget(worker.queue.keys.weights, "version")
         return engine_pb2.GetStatusResponse(
             engine_id=worker.engine_id, model=engine.config.model,
             device=str(engine.runner.device), num_waiting=len(scheduler.waiting),
             num_running=len(scheduler.running), num_free_blocks=blocks.num_free_blocks,
             num_total_blocks=blocks.num_blocks, loaded_adapters=worker.loaded_adapters,
-            weight_version=int(version or 0), policy=engine.config.policy,
+            weight_version=worker.weight_version, policy=engine.config.policy,
             num_steps=worker.num_steps, num_generated_tokens=worker.num_generated_tokens,
             is_draining=worker.is_draining)
 

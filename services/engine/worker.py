@@ -100,6 +100,8 @@ class EngineWorker:
         self._loaded: dict[str, str] = {}               # adapter name → path
         self._failed: set[tuple[str, str]] = set()      # (name, path) that did not load
         self._tasks_version = -1
+        self.weight_version = 0                         # base weights being served (0 = original)
+        self._failed_weights: set[int] = set()
         self._stopping = False
         self._channel = None
         self._predictor = None
@@ -135,6 +137,7 @@ class EngineWorker:
                 now = time.monotonic()
                 if now - last_tasks >= self.config.tasks_poll_s:
                     await self.sync_adapters()
+                    await self.sync_weights()
                     last_tasks = now
                 if self._inflight:
                     await self._check_cancels()
@@ -202,6 +205,26 @@ class EngineWorker:
                 self._failed.add((name, path))
                 log.error("cannot load adapter %s from %s: %s", name, path, exc)
         self._tasks_version = version if is_complete else -1
+
+    async def sync_weights(self) -> None:
+        """Swap in a newer quantized base (`inlaid:weights` version/path, published by the
+        quantizer). The loop awaits the swap, so it lands between two steps."""
+        info = await self.queue.client.hgetall(self.queue.keys.weights)
+        version = int(info.get("version") or 0)
+        if version <= self.weight_version or version in self._failed_weights:
+            return
+        from services.quantizer.qlinear import apply_checkpoint  # torch-heavy; only when used
+
+        try:
+            num_swapped = await asyncio.to_thread(apply_checkpoint, self.engine.runner,
+                                                  info.get("path", ""))
+        except (OSError, ValueError, KeyError) as exc:
+            self._failed_weights.add(version)
+            log.error("cannot swap in base weights version %d from %s: %s", version,
+                      info.get("path"), exc)
+            return
+        self.weight_version = version
+        log.info("serving base weights version %d (%d linears swapped)", version, num_swapped)
 
     # requests --------------------------------------------------------------------------
     async def _admit(self, delivery: Delivery) -> None:

@@ -179,3 +179,40 @@ async def test_engine_side_rejection_reaches_the_client_as_error(stack, engine):
 def _queued(request_id: str, prompt: list[int], max_tokens: int):
     return QueuedRequest(request_id=request_id, task="", prompt_token_ids=prompt,
                          params={"max_tokens": max_tokens})
+
+
+async def test_unloadable_weight_version_is_skipped_and_serving_goes_on(stack, engine):
+    worker, _ = stack.start_worker(engine)
+    await stack.queue.client.hset(stack.keys.weights, mapping={"version": 3,
+                                                               "path": "/nonexistent/ckpt"})
+    responses = await _collect(stack.stub.Generate(_req(max_tokens=2), timeout=60))
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    for _ in range(100):
+        if 3 in worker._failed_weights:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.weight_version == 0 and 3 in worker._failed_weights
+
+
+async def test_published_quantized_base_is_swapped_in_between_steps(stack, tmp_path):
+    from services.quantizer.config import QuantConfig
+    from services.quantizer.pipeline import quantize
+    from services.quantizer.qlinear import QuantLinear
+
+    version_dir = await asyncio.to_thread(quantize, "smollm2-135m", [],
+                                          QuantConfig(method="rtn", bits=4), tmp_path / "q",
+                                          "cpu", None, False)
+    own = LLMEngine(engine_config())  # not the session engine: the swap is permanent
+    worker, _ = stack.start_worker(own)
+    before = _tokens(await _collect(stack.stub.Generate(_req(max_tokens=4), timeout=60)))
+    await stack.queue.client.hset(stack.keys.weights, mapping={"version": 1,
+                                                               "path": str(version_dir)})
+    for _ in range(200):
+        if worker.weight_version == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert worker.weight_version == 1
+    assert isinstance(own.runner.base_linear(0, "q_proj"), QuantLinear)
+    after = await _collect(stack.stub.Generate(_req(max_tokens=4), timeout=60))
+    assert after[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert len(_tokens(after)) == len(before) == 4
