@@ -69,7 +69,10 @@ def bind_log_context(**fields: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        _LOG_CONTEXT.reset(token)
+        # A streaming handler's generator abandoned by its client may be closed from another
+        # context, where the token is foreign; the call's own context dies with its task.
+        with contextlib.suppress(ValueError):
+            _LOG_CONTEXT.reset(token)
 
 
 def set_log_context(**fields: Any) -> None:

@@ -101,3 +101,20 @@ def test_config_and_bad_levels():
     with pytest.raises(ValueError):
         setup_logging("LOUD")
     assert len(new_request_id()) == 32
+
+
+async def test_generator_closed_from_another_context_does_not_raise():
+    """gRPC may close an abandoned streaming handler from a context other than the one it ran in."""
+    async def handler():
+        with bind_log_context(request_id="stream"):
+            yield 1
+            yield 2
+
+    gen = handler()
+
+    async def first_step():
+        return await gen.__anext__()
+
+    assert await asyncio.create_task(first_step()) == 1  # entered in the task's context
+    await gen.aclose()  # closed from ours: the token is foreign here
+    assert get_request_id() is None
