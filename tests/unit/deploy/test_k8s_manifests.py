@@ -116,6 +116,11 @@ def test_workloads_probe_grpc_health_on_their_grpc_port(rendered, target):
         assert ports == {"grpc": grpc_port, "metrics": metrics_port}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == grpc_port, (role, probe)
+            # Kubernetes' default timeout is 1 s; a busy CPU pod must not flap on that.
+            assert container[probe].get("timeoutSeconds", 1) >= 2, (role, probe)
+        live = container["livenessProbe"]
+        # A restart only after >= 30 s of silence: a long step or GC pause is not death.
+        assert live["periodSeconds"] * live["failureThreshold"] >= 30, role
         assert container["command"] == ["python", "-m", f"services.{role}.server"]
         env = _env(rendered[target], role)
         assert env["METRICS_PORT"] == str(metrics_port)
