@@ -162,9 +162,14 @@ class EngineWorker:
                 elif self.is_draining and not self._inflight:
                     await asyncio.sleep(0.1)
                 if self.engine.has_unfinished:
-                    outputs = await asyncio.to_thread(self.engine.step)
+                    error = ""
+                    try:
+                        outputs = await asyncio.to_thread(self.engine.step)
+                    except Exception as exc:  # noqa: BLE001 - a failed step must not hang clients
+                        outputs = self._fail_all(exc)
+                        error = f"engine step failed: {type(exc).__name__}: {exc}"
                     self.num_steps += 1
-                    await self._publish(outputs)
+                    await self._publish(outputs, error)
                     if not outputs:
                         await asyncio.sleep(0.01)  # nothing schedulable: do not spin
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -270,12 +275,28 @@ class EngineWorker:
         self._inflight[rid] = _InFlight(delivery.entry_id, request.task, num_prompt, base, base)
         await self.queue.mark_running(rid, self.engine_id)
 
+    def _fail_all(self, exc: Exception) -> list[RequestOutput]:
+        """A step raised: finish every held request with ERROR (their entries get acked, so a
+        request that crashes the engine is not retried forever) and keep serving."""
+        log.exception("engine step failed; failing %d request(s)", len(self._inflight),
+                      exc_info=exc)
+        outputs = []
+        for request_id, state in self._inflight.items():
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - best effort on an engine in a bad state
+                log.exception("abort of %s failed", request_id)
+            outputs.append(RequestOutput(request_id, [], "", FinishReason.ERROR,
+                                         state.num_prompt_tokens, state.next_offset - state.base_offset,
+                                         True))
+        return outputs
+
     async def _check_cancels(self) -> None:
         cancelled = await self.queue.cancelled(list(self._inflight))
         outputs = [out for rid in cancelled if (out := self.engine.abort(rid)) is not None]
         await self._publish(outputs)
 
-    async def _publish(self, outputs: list[RequestOutput]) -> None:
+    async def _publish(self, outputs: list[RequestOutput], error: str = "") -> None:
         items, finished = [], []
         for out in outputs:
             state = self._inflight.get(out.request_id)
@@ -291,6 +312,7 @@ class EngineWorker:
                 chunk = OutputChunk(offset=chunk.offset, token_ids=chunk.token_ids,
                                     text=chunk.text,
                                     finish_reason=int(out.finish_reason) or int(FinishReason.ERROR),
+                                    error=error if out.finish_reason is FinishReason.ERROR else "",
                                     num_prompt_tokens=state.num_prompt_tokens,
                                     num_output_tokens=num_output)
                 if out.finish_reason in (FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP):

@@ -94,7 +94,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if not self._may_see(owner, caller):
                 raise AlreadyExistsError(f"request_id {request_id!r} is taken; use another")
             # Idempotency key seen before: attach to that request instead of running it twice.
-            yield gateway_pb2.GenerateResponse(request_id=request_id)
             async for response in self._stream(request_id, 0, cancel_on_exit=False):
                 yield response
             return
@@ -109,9 +108,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await self._queue.enqueue(QueuedRequest(
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
             predicted_output_tokens=predicted, tenant=caller.tenant))
-        yield gateway_pb2.GenerateResponse(request_id=request_id,
-                                           predicted_output_tokens=predicted or 0)
-        async for response in self._stream(request_id, 0, cancel_on_exit=True):
+        async for response in self._stream(request_id, 0, cancel_on_exit=True,
+                                           predicted_output_tokens=predicted or 0):
             yield response
 
     async def Resume(self, request, context):
@@ -119,7 +117,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.offset < 0:
             raise InvalidArgumentError(f"offset must be >= 0, got {request.offset}")
         await self._require_request(request.request_id)
-        yield gateway_pb2.GenerateResponse(request_id=request.request_id)
         async for response in self._stream(request.request_id, request.offset,
                                            cancel_on_exit=False):
             yield response
@@ -145,9 +142,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         text = self._tokenizer.render_chat([(m.role, m.content) for m in request.messages])
         return text, self._tokenizer.encode_rendered(text)
 
-    async def _stream(self, request_id: str, offset: int, cancel_on_exit: bool):
+    async def _stream(self, request_id: str, offset: int, cancel_on_exit: bool,
+                      predicted_output_tokens: int = 0):
+        """The first message (id, prediction) right away, then the output from `offset`."""
         is_finished = False
         try:
+            yield gateway_pb2.GenerateResponse(request_id=request_id,
+                                               predicted_output_tokens=predicted_output_tokens)
             async for chunk in self._queue.follow(request_id, self._config.read_block_ms):
                 response = self._response(request_id, chunk, offset)
                 is_finished = chunk.is_final

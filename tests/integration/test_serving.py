@@ -216,3 +216,24 @@ async def test_published_quantized_base_is_swapped_in_between_steps(stack, tmp_p
     after = await _collect(stack.stub.Generate(_req(max_tokens=4), timeout=60))
     assert after[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert len(_tokens(after)) == len(before) == 4
+
+
+async def test_a_failing_engine_step_errors_its_requests_and_serving_continues(stack, engine,
+                                                                                monkeypatch):
+    stack.start_worker(engine)
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def broken_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("kernel exploded")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    failed = await _collect(stack.stub.Generate(_req(max_tokens=8), timeout=60))
+    assert failed[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert "kernel exploded" in failed[-1].error
+    assert not engine.has_unfinished and await stack.queue.num_pending() == 0
+    ok = await _collect(stack.stub.Generate(_req(max_tokens=3), timeout=60))
+    assert ok[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
