@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +18,8 @@ EXIT_BAD_ARGS = 1
 EXIT_CONNECTION_FAILURE = 2
 EXIT_RPC_FAILURE = 3
 EXIT_UNHEALTHY = 4
+# Below the 5 s timeout compose gives its health checks.
+DEFAULT_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -27,20 +30,26 @@ class ProbeResult:
     message: str
 
 
-def probe(addr: str, service: str = "", timeout_s: float = 3.0) -> ProbeResult:
-    """Ask `addr`'s standard health service about `service` ("" = the whole server)."""
+def probe(addr: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) -> ProbeResult:
+    """Ask `addr`'s standard health service about `service` ("" = the whole server).
+
+    `timeout_s` bounds connect and RPC together, so it fits inside a container health
+    check's own timeout.
+    """
     if timeout_s <= 0:
         return ProbeResult(EXIT_BAD_ARGS, f"timeout must be > 0, got {timeout_s}")
     if not addr or ":" not in addr:
         return ProbeResult(EXIT_BAD_ARGS, f"address must be HOST:PORT, got {addr!r}")
+    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(addr) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             return ProbeResult(EXIT_CONNECTION_FAILURE, f"{addr}: no connection within {timeout_s}s")
         stub = health_pb2_grpc.HealthStub(channel)
+        remaining_s = max(deadline - time.monotonic(), 0.05)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=remaining_s)
         except grpc.RpcError as exc:
             return ProbeResult(EXIT_RPC_FAILURE, f"{addr}: health check failed: {exc.code().name} "
                                                  f"{exc.details()}")
@@ -54,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Check a gRPC server's standard health service.")
     parser.add_argument("addr", help="HOST:PORT, e.g. localhost:50051")
     parser.add_argument("--service", default="", help="service name to check (default: the server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds (connect and RPC each)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds for connect and RPC together (keep below the health check's)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2, which would read as "connection failure"

@@ -197,3 +197,16 @@ def test_prometheus_profile_scrapes_every_role(stack):
     targets = {(sd["names"][0], sd["port"]) for job in config["scrape_configs"]
                for sd in job["dns_sd_configs"]}
     assert targets == {(role, metrics) for role, (_, metrics) in ROLES.items()}
+
+
+def test_probe_budget_fits_inside_the_healthcheck_timeout(stack):
+    """health_probe's --timeout (connect + RPC together) must end before Docker kills it."""
+    from services.common.health_probe import DEFAULT_TIMEOUT_S
+
+    for name, svc in stack["services"].items():
+        test = svc.get("healthcheck", {}).get("test", [])
+        if "services.common.health_probe" not in test:
+            continue
+        budget_s = float(test[test.index("--timeout") + 1]) if "--timeout" in test else DEFAULT_TIMEOUT_S
+        timeout_s = float(svc["healthcheck"]["timeout"].rstrip("s"))
+        assert budget_s < timeout_s, name
