@@ -46,25 +46,49 @@ def write_calibration(name: str, path: Path, num: int) -> Path:
     return path
 
 
-def random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
-    peft.save_pretrained(out)
+def random_adapter(config, out: Path, seed: int, rank: int = 8) -> Path:
+    """A PEFT-format LoRA (rank 8 on q/v, the demo adapters' shape) with random A and B."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    head_dim = config.hidden_size // config.num_attention_heads
+    outs = {"q_proj": config.num_attention_heads * head_dim, "v_proj": config.num_key_value_heads * head_dim}
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for name, out_features in outs.items():
+            key = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, config.hidden_size, generator=g) / config.hidden_size ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=g) * 0.02
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(outs),
+        "bias": "none", "task_type": "CAUSAL_LM"}))
+    return out
+
+
+def random_model(shape: str, num_layers: int, tokenizer_dir: Path, out: Path) -> Path:
+    """Random weights in a public model's layer shapes (vocab of our tokenizer), saved as HF dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from services.common.model_source import RANDOM_SHAPES
+    dims = dict(RANDOM_SHAPES[shape], num_hidden_layers=num_layers, vocab_size=49152)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dims))
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
     return out
 
 
 def make_tasks(names: list[str], model_dir: Path, tmp: Path, demo: bool, num_examples: int) -> list[TaskSpec]:
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model_dir)
     specs = []
     for i, name in enumerate(names):
         demo_dir = ROOT / "adapters" / name
         if demo and (demo_dir / "adapter_config.json").is_file():
             adapter = demo_dir
         else:
-            adapter = random_adapter(model_dir, tmp / f"adapter_{i}", seed=i)
+            adapter = random_adapter(config, tmp / f"adapter_{i}", seed=i)
         calib = write_calibration(name, tmp / f"calib_{i}.jsonl", num_examples)
         specs.append(TaskSpec(name.replace("#", "_"), str(adapter), str(calib)))
     return specs
@@ -90,14 +114,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--demo-adapters", action="store_true", help="use adapters/<task>/ when present")
+    ap.add_argument("--random-shape", default="", help="e.g. llama-2-7b: random weights in that shape")
+    ap.add_argument("--num-layers", type=int, default=8, help="decoder layers of the random model")
+    ap.add_argument("--tokenizer-dir", default="", help="tokenizer files for the random model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "incremental"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model_dir = resolve_model(args.model).path
+    tmp = Path(tempfile.mkdtemp(prefix="bench_incr_"))
+    if args.random_shape:
+        model_dir = random_model(args.random_shape, args.num_layers, Path(args.tokenizer_dir), tmp / "model")
+        args.model = f"random {args.random_shape} shape, {args.num_layers} layers, vocab 49152"
+    else:
+        model_dir = resolve_model(args.model).path
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size, aggregation=args.aggregation,
                       num_seqs=args.num_seqs, seq_len=args.seq_len)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_incr_"))
     try:
         specs = make_tasks(task_names(args.t1 + args.t2), model_dir, tmp,
                            args.demo_adapters, num_examples=4 * args.num_seqs)
@@ -122,7 +153,9 @@ def main() -> int:
     result = {
         "model": args.model, "t1": args.t1, "t2": args.t2, "tasks": [s.name for s in specs],
         "adapters": adapters, "config": cfg.to_dict(), "device": args.device,
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "device_name": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                        else f"CPU {platform.processor() or platform.machine()}"),
+        "threads": args.threads,
         "full_s": round(full_s, 2), "incremental_s": round(inc_s, 2),
         "ratio": round(inc_s / full_s, 3), "bit_identical": equal,
         "full_breakdown_s": {k: round(v, 2) for k, v in full_t.items()},
@@ -136,7 +169,7 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Incremental MLGPTQ vs full quantization\n",
           f"{args.model}, {args.bits}-bit g{args.group_size}, aggregation {args.aggregation}, "
-          f"{args.num_seqs}×{args.seq_len} calibration tokens per task, device {args.device} "
+          f"{args.num_seqs}×{args.seq_len} calibration tokens per task, device {result['device_name']} "
           f"({args.threads} threads), adapters: {', '.join(adapters)}.\n",
           "| run | tasks with statistics computed | seconds | calibration s | quantize s |",
           "|---|---|---|---|---|",

@@ -25,11 +25,15 @@ class AggState:
     key: torch.Tensor | None = None
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.matrix": self.matrix.contiguous(),
-               f"{prefix}.dead": self.dead.to(torch.uint8).contiguous()}
+        out = {f"{prefix}.matrix": self.matrix.cpu().contiguous(),
+               f"{prefix}.dead": self.dead.to(torch.uint8).cpu().contiguous()}
         if self.key is not None:
-            out[f"{prefix}.key"] = self.key.contiguous()
+            out[f"{prefix}.key"] = self.key.cpu().contiguous()
         return out
+
+    def to(self, device) -> "AggState":
+        key = None if self.key is None else self.key.to(device)
+        return AggState(matrix=self.matrix.to(device), dead=self.dead.to(device), key=key)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "AggState":
@@ -42,7 +46,7 @@ def _damped(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += damp_percent * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp_percent * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return h
 
 

@@ -34,7 +34,7 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         if self.num_tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
-        return (2.0 / self.num_tokens * self.sum).float().cpu()
+        return (2.0 / self.num_tokens * self.sum).float()
 
 
 class LayerHessians:

@@ -108,7 +108,7 @@ class LayerQuantizer:
                     cached: AggState | None) -> tuple[torch.Tensor, AggState | None]:
         if self.cfg.method in ("gptq", "gptq-mixed"):
             return per_stream[0][group], None
-        states = ([cached] if cached is not None else []) + [
+        states = ([cached.to(self.device)] if cached is not None else []) + [
             self.aggregation.task_state(h[group]) for h in per_stream]
         state = self.aggregation.reduce(states)
         return self.aggregation.finalize(state), state
