@@ -207,7 +207,7 @@ def _add_z_scores(finite: dict[str, ModuleStats], stats: dict[str, ModuleStats],
         groups["*pooled*"] = small
     for members in groups.values():
         zs = _robust_z([math.log10(positive[m].norm) for m in members], config.min_log10_sigma)
-        for module, z in zip(members, zs):
+        for module, z in zip(members, zs, strict=True):
             stats[module] = ModuleStats(**{**asdict(stats[module]), "z_score": z})
             if abs(z) > config.max_z_score:
                 reasons.append((Verdict.QUARANTINE, f"{module}: norm z-score {z:+.1f} beyond "

@@ -5,7 +5,6 @@ import contextlib
 import contextvars
 import hashlib
 import inspect
-import json
 import logging
 import os
 import re

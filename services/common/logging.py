@@ -8,6 +8,7 @@ import json as _json
 import logging
 import os
 import sys
+import types
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import IO, Any
 
 # One contextvar (not a global dict): asyncio copies contexts per task, so each gRPC
 # call and everything it spawns sees its own fields and nothing leaks between calls.
+# The default is read-only: fields are only ever added by setting a new mapping.
 _LOG_CONTEXT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "inlaid_log_context", default={})
+    "inlaid_log_context", default=types.MappingProxyType({}))
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message",
                                                                                        "asctime"}
