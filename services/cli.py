@@ -17,6 +17,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "services.gateway.cli_tasks",     # tasks add|list|remove
     "services.predictor.cli",         # train-predictor
     "services.quantizer.cli",         # quantize
+    "services.common.workload.cli",   # train-adapter, eval, trace, lengths
 )
 
 

@@ -11,6 +11,17 @@ import sys
 from pathlib import Path
 
 
+def _friendly(run):
+    """Bad input (TaskError and config errors are ValueErrors) ends with a message, not a traceback."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
 def _load_base(model_name: str, num_threads: int, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +76,7 @@ def add_train_parser(subparsers) -> None:
     _common_args(p)
     p.add_argument("--base-name", default=None,
                    help="base model name written into adapter_config.json (default: --model)")
-    p.set_defaults(func=_run_train)
+    p.set_defaults(func=_friendly(_run_train))
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +88,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from services.common.workload.evaluation import evaluate, load_base_weights
     from services.common.workload.report import comparison_table, provenance, write_results
 
+    from services.common.workload.task import get_task
+
+    for name in _task_names(args.task):
+        get_task(name)  # fail on a bad name before the model loads
     model, tokenizer = _load_base(args.model, args.threads, args.device)
     if args.base_weights:
         print(f"replaced {load_base_weights(model, args.base_weights)} base tensors from {args.base_weights}")
@@ -123,7 +138,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--md-out", type=Path, default=None)
     p.add_argument("--json-out", type=Path, default=None)
     _common_args(p)
-    p.set_defaults(func=_run_eval)
+    p.set_defaults(func=_friendly(_run_eval))
 
 
 def _run_trace(args: argparse.Namespace) -> int:
@@ -154,7 +169,7 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m", help="tokenizer used to count tokens")
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_run_trace)
+    p.set_defaults(func=_friendly(_run_trace))
 
 
 def _run_lengths(args: argparse.Namespace) -> int:
@@ -162,11 +177,13 @@ def _run_lengths(args: argparse.Namespace) -> int:
     from services.common.workload.report import provenance
     from services.common.workload.task import get_task
 
+    tasks = [get_task(name) for name in _task_names(args.task)]
     model, tokenizer = _load_base(args.model, args.threads, args.device)
     rows: list[dict] = []
-    for name in _task_names(args.task):
+    for task in tasks:
+        name = task.name
         adapter = args.adapters_root / name
-        rows += measure_lengths(get_task(name), model, tokenizer,
+        rows += measure_lengths(task, model, tokenizer,
                                 adapter if (adapter / "adapter_config.json").exists() else None,
                                 args.num, args.batch_size)
         write_rows(rows, args.out)  # after every task: a long run leaves usable partial data
@@ -191,7 +208,7 @@ def add_lengths_parser(subparsers) -> None:
     p.add_argument("--plot", type=Path, default=Path("benchmarks/results/output_lengths.png"))
     p.add_argument("--json-out", type=Path, default=Path("benchmarks/results/output_lengths.json"))
     _common_args(p)
-    p.set_defaults(func=_run_lengths)
+    p.set_defaults(func=_friendly(_run_lengths))
 
 
 def add_parser(subparsers) -> None:
@@ -206,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.common.workload.cli")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:  # TaskError and bad configs: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -46,4 +46,5 @@ def table_summary(rng: random.Random) -> tuple[str, str, dict]:
     completion = (f"At the {store} store, {products[hi]} sold best with {units[hi]} units and "
                   f"{products[lo]} sold worst with {units[lo]} units.")
     facts = [products[hi], str(units[hi]), products[lo], str(units[lo])]
-    return prompt, completion, {"facts": facts}
+    distractors = [x for i in range(num_rows) if i not in (hi, lo) for x in (products[i], str(units[i]))]
+    return prompt, completion, {"facts": facts, "distractors": distractors}

@@ -56,13 +56,25 @@ def json_fields(output: str, example: Example) -> float:
     return sum(_same_value(got.get(k), v) for k, v in want.items()) / len(want)
 
 
+def _mentions(text: str, phrase: str) -> bool:
+    return bool(re.search(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text))
+
+
 def facts(output: str, example: Example) -> float:
-    """Fraction of meta["facts"] mentioned (whole words, case-insensitive)."""
-    items = example.meta.get("facts")
-    if not items:
+    """F1 of the table entities mentioned: meta["facts"] are wanted, meta["distractors"] are not.
+
+    Recall alone would reward copying the whole table; mentioning other rows costs precision.
+    """
+    wanted, unwanted = example.meta.get("facts"), example.meta.get("distractors", [])
+    if not wanted:
         raise TaskError("metric facts needs examples with meta['facts'] (built-in tasks only)")
     text = output.lower()
-    return sum(bool(re.search(rf"(?<!\w){re.escape(f.lower())}(?!\w)", text)) for f in items) / len(items)
+    hits = sum(_mentions(text, f) for f in wanted)
+    noise = sum(_mentions(text, d) for d in unwanted)
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / (hits + noise), hits / len(wanted)
+    return 2 * precision * recall / (precision + recall)
 
 
 def _items(text: str) -> list[str]:
