@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,17 +131,27 @@ def main() -> None:
     fixed = [args.new_tokens] * args.requests
     # Serving-like mix: per-request lengths; static batching must run to the longest.
     varied = [(8, 16, 32, 64)[i % 4] for i in range(args.requests)]
-    ours_s, ours_tokens = run_ours(engine, prompts, tasks, fixed)
-    ours_v_s, ours_v_tokens = run_ours(engine, prompts, tasks, varied)
     hf = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval()
     names = list(paths)
     peft_model = PeftModel.from_pretrained(hf, paths[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(paths[name], adapter_name=name)
     peft_model.eval()
-    hf_s, hf_tokens = run_hf(peft_model, tok, prompts, tasks, args.new_tokens)
-    hf_v_s, hf_v_tokens = run_hf(peft_model, tok, prompts, tasks, max(varied))
+    # The CPU is shared with other jobs, so load drifts: alternate the two sides and
+    # take medians, so a busy minute does not land on one side only.
+    times: dict[str, list[float]] = {"ours": [], "hf": [], "ours_v": [], "hf_v": []}
+    for _ in range(args.repeats):
+        t, ours_tokens = run_ours(engine, prompts, tasks, fixed)
+        times["ours"].append(t)
+        t, hf_tokens = run_hf(peft_model, tok, prompts, tasks, args.new_tokens)
+        times["hf"].append(t)
+        t, ours_v_tokens = run_ours(engine, prompts, tasks, varied)
+        times["ours_v"].append(t)
+        t, hf_v_tokens = run_hf(peft_model, tok, prompts, tasks, max(varied))
+        times["hf_v"].append(t)
     hf_v_tokens = [t[:n] for t, n in zip(hf_v_tokens, varied)]
+    ours_s, hf_s, ours_v_s, hf_v_s = (statistics.median(times[k])
+                                      for k in ("ours", "hf", "ours_v", "hf_v"))
 
     num_tokens = args.requests * args.new_tokens
     assert all(len(t) == args.new_tokens for t in ours_tokens + hf_tokens)
@@ -153,7 +165,7 @@ def main() -> None:
         "model": "smollm2-135m (fp32)", "requests": args.requests, "new_tokens": args.new_tokens,
         "adapters": {n: {"rank": r, "targets": t} for n, (r, t) in ADAPTERS.items()},
         "tasks": tasks, "prompt_tokens": [len(p) for p in prompts],
-        "ours_s": ours_s, "hf_s": hf_s,
+        "repeats": args.repeats, "all_times_s": times, "ours_s": ours_s, "hf_s": hf_s,
         "ours_tok_per_s": num_tokens / ours_s, "hf_tok_per_s": num_tokens / hf_s,
         "speedup": hf_s / ours_s, "identical_greedy_outputs": f"{same}/{args.requests}",
         "varied_new_tokens": varied, "varied_ours_s": ours_v_s, "varied_hf_s": hf_v_s,
@@ -172,6 +184,7 @@ def main() -> None:
         f"- model: {result['model']}; {args.requests} requests, {args.new_tokens} new tokens each, "
         f"greedy, EOS ignored; tasks cycle over {cycle} (adapters of ranks "
         f"{[r for r, _ in ADAPTERS.values()]}, different target modules)",
+        f"- median of {args.repeats} alternating repeats per side (all times in the JSON)",
         f"- commit {result['git_commit'][:12]}, {result['date']}", f"- command: `{result['command']}`", "",
         "| engine | wall s | output tok/s |", "|---|---|---|",
         f"| Inlaid engine (paged KV, multi-LoRA segments) | {ours_s:.2f} | {result['ours_tok_per_s']:.1f} |",
