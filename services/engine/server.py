@@ -6,6 +6,8 @@ import logging
 
 from services.common.grpc_server import ServiceHost
 from services.common.logging import LoggingConfig, setup_logging
+from services.common.metrics import (MetricsConfig, RpcMetricsInterceptor, create_metrics,
+                                     start_metrics_server)
 from services.common.pb.inlaid.v1 import engine_pb2, engine_pb2_grpc
 from services.common.redis_keys import RedisKeys
 from services.common.redis_server import connect, resolve_url
@@ -21,8 +23,9 @@ SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 
 
 async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> None:
+    metrics, metrics_config = create_metrics(), MetricsConfig.from_env("engine")
     host = ServiceHost([SERVICE_NAME], worker_config.host, worker_config.port,
-                       grace_s=worker_config.grace_s)
+                       grace_s=worker_config.grace_s, interceptors=[RpcMetricsInterceptor(metrics)])
     servicer = EngineServicer()
     engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, host.server)
     await host.start()  # health answers NOT_SERVING while the model loads
@@ -38,8 +41,10 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
     # that must not land on the first user's request.
     await asyncio.to_thread(engine.generate, [[0, 1, 2, 3]], SamplingParams(max_tokens=2))
     worker = EngineWorker(engine, RequestQueue(client, keys), TaskRegistry(client, keys),
-                          worker_config)
+                          worker_config, metrics)
     servicer.attach(worker)
+    metrics_server = (start_metrics_server(metrics_config.port, metrics, metrics_config.addr)
+                      if metrics_config.port is not None else None)
     run = asyncio.get_running_loop().create_task(worker.run())
 
     async def shutdown() -> None:
@@ -55,6 +60,8 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
             run.cancel()
         await worker.close()
         await client.aclose()
+        if metrics_server is not None:
+            metrics_server.close()
         if embedded is not None:
             embedded.stop()
 

@@ -13,6 +13,7 @@ import grpc
 import redis.exceptions
 
 from services.common.adapters import AdapterError
+from services.common.metrics import Metrics
 from services.common.pb.inlaid.v1 import predictor_pb2, predictor_pb2_grpc
 from services.common.request_queue import Delivery, OutputChunk, RequestQueue
 from services.common.task_registry import TaskRegistry
@@ -86,8 +87,9 @@ class EngineWorker:
     engine while a step runs, because every engine call is made from this loop in sequence."""
 
     def __init__(self, engine: LLMEngine, queue: RequestQueue, registry: TaskRegistry,
-                 config: WorkerConfig) -> None:
+                 config: WorkerConfig, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.queue = queue
         self.registry = registry
         self.config = config
@@ -162,13 +164,14 @@ class EngineWorker:
                 elif self.is_draining and not self._inflight:
                     await asyncio.sleep(0.1)
                 if self.engine.has_unfinished:
-                    error = ""
+                    error, step_start_s = "", time.perf_counter()
                     try:
                         outputs = await asyncio.to_thread(self.engine.step)
                     except Exception as exc:  # noqa: BLE001 - a failed step must not hang clients
                         outputs = self._fail_all(exc)
                         error = f"engine step failed: {type(exc).__name__}: {exc}"
                     self.num_steps += 1
+                    self._observe_step(outputs, time.perf_counter() - step_start_s)
                     await self._publish(outputs, error)
                     if not outputs:
                         await asyncio.sleep(0.01)  # nothing schedulable: do not spin
@@ -274,6 +277,26 @@ class EngineWorker:
             return
         self._inflight[rid] = _InFlight(delivery.entry_id, request.task, num_prompt, base, base)
         await self.queue.mark_running(rid, self.engine_id)
+
+    def _observe_step(self, outputs: list[RequestOutput], step_s: float) -> None:
+        if self.metrics is None or not outputs:
+            return
+        tasks: dict[str, int] = {}
+        for out in outputs:
+            state = self._inflight.get(out.request_id)
+            if state is not None:
+                tasks[state.task] = tasks.get(state.task, 0) + len(out.new_token_ids)
+        self.metrics.observe_step(step_s, len(outputs), len(tasks))
+        for task, num_tokens in tasks.items():
+            self.metrics.add_generated_tokens(task, num_tokens)
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        self.metrics.set_kv_blocks(blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
+        self.metrics.running_requests.set(len(scheduler.running))
+        depths: dict[str, int] = {}
+        for seq in scheduler.waiting:
+            depths[seq.task] = depths.get(seq.task, 0) + 1
+        self.metrics.set_queue_depths(depths)
+        self.metrics.adapters_loaded.set(len(self._loaded))
 
     def _fail_all(self, exc: Exception) -> list[RequestOutput]:
         """A step raised: finish every held request with ERROR (their entries get acked, so a

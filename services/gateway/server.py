@@ -7,6 +7,8 @@ import logging
 from services.common.auth import AuthConfig, AuthInterceptor
 from services.common.grpc_server import ServiceHost
 from services.common.logging import LoggingConfig, setup_logging
+from services.common.metrics import (Metrics, MetricsConfig, RpcMetricsInterceptor,
+                                     create_metrics, start_metrics_server)
 from services.common.model_source import resolve_model
 from services.common.pb.inlaid.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.redis_keys import RedisKeys
@@ -22,7 +24,8 @@ log = logging.getLogger("services.gateway")
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
-async def build(config: GatewayConfig, redis_url: str) -> tuple[GatewayServicer, RequestQueue]:
+async def build(config: GatewayConfig, redis_url: str,
+                metrics: Metrics | None = None) -> tuple[GatewayServicer, RequestQueue]:
     """The servicer and its queue, ready to serve (also used by tests and the stack)."""
     source = resolve_model(config.model)
     if source.path is None:
@@ -38,7 +41,7 @@ async def build(config: GatewayConfig, redis_url: str) -> tuple[GatewayServicer,
     quantizer = (QuantizerClient(config.quantizer_addr, config.quantizer_timeout_s)
                  if config.quantizer_addr else None)
     servicer = GatewayServicer(config, queue, TaskRegistry(client, keys), tokenizer,
-                               predictor, quantizer)
+                               predictor, quantizer, metrics)
     return servicer, queue
 
 
@@ -46,16 +49,22 @@ async def serve(config: GatewayConfig) -> None:
     # Auth off (the default for local runs) still installs the interceptor: every call then
     # runs as the local admin principal, so the servicer has one code path.
     auth = AuthInterceptor.from_config(AuthConfig.from_env())
+    metrics, metrics_config = create_metrics(), MetricsConfig.from_env("gateway")
     host = ServiceHost([SERVICE_NAME], config.host, config.port, grace_s=config.grace_s,
-                       interceptors=[auth])
+                       interceptors=[auth, RpcMetricsInterceptor(metrics)])
     url, embedded = resolve_url(config.redis_url)
-    servicer, queue = await build(config, url)
+    servicer, queue = await build(config, url, metrics)
     # grpc cannot add services to a started server, so the servicer is built first.
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, host.server)
     await host.start()
     host.install_signal_handlers()
 
+    metrics_server = (start_metrics_server(metrics_config.port, metrics, metrics_config.addr)
+                      if metrics_config.port is not None else None)
+
     async def shutdown() -> None:
+        if metrics_server is not None:
+            metrics_server.close()
         await servicer.close()
         await queue.client.aclose()
         if embedded is not None:

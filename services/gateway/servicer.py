@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import statistics
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from services.common.adapters import BaseDims, load_adapter
 from services.common.auth import LOCAL_PRINCIPAL, Principal, current_principal
 from services.common.errors import AlreadyExistsError, FailedPreconditionError, \
     InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError
+from services.common.metrics import Metrics
 from services.common.pb.inlaid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.request_queue import OutputChunk, QueuedRequest, RequestQueue
 from services.common.task_registry import TaskRecord, TaskRegistry, check_task_name
@@ -66,8 +68,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def __init__(self, config: GatewayConfig, queue: RequestQueue, registry: TaskRegistry,
                  tokenizer: Tokenizer, predictor: PredictorClient | None = None,
-                 quantizer: QuantizerClient | None = None) -> None:
+                 quantizer: QuantizerClient | None = None, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._queue = queue
         self._registry = registry
         self._tokenizer = tokenizer
@@ -79,7 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # generation -----------------------------------------------------------------------
     async def Generate(self, request, context):
-        caller = _caller()
+        start_s, caller = time.perf_counter(), _caller()
         if request.task:
             record = await self._require_visible(request.task, caller)
             if not record.is_servable:
@@ -109,7 +112,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
             predicted_output_tokens=predicted, tenant=caller.tenant))
         async for response in self._stream(request_id, 0, cancel_on_exit=True,
-                                           predicted_output_tokens=predicted or 0):
+                                           predicted_output_tokens=predicted or 0,
+                                           task=request.task, start_s=start_s):
             yield response
 
     async def Resume(self, request, context):
@@ -143,15 +147,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return text, self._tokenizer.encode_rendered(text)
 
     async def _stream(self, request_id: str, offset: int, cancel_on_exit: bool,
-                      predicted_output_tokens: int = 0):
-        """The first message (id, prediction) right away, then the output from `offset`."""
-        is_finished = False
+                      predicted_output_tokens: int = 0, task: str | None = None,
+                      start_s: float = 0.0):
+        """The first message (id, prediction) right away, then the output from `offset`.
+        `task` set means a new request whose latency the metrics should record."""
+        is_finished, ttft_s = False, None
         try:
             yield gateway_pb2.GenerateResponse(request_id=request_id,
                                                predicted_output_tokens=predicted_output_tokens)
             async for chunk in self._queue.follow(request_id, self._config.read_block_ms):
                 response = self._response(request_id, chunk, offset)
                 is_finished = chunk.is_final
+                if ttft_s is None and chunk.token_ids:
+                    ttft_s = time.perf_counter() - start_s
+                if is_finished and task is not None and self._metrics is not None:
+                    self._metrics.observe_finished(
+                        task, common_pb2.FinishReason.Name(chunk.finish_reason)
+                        .removeprefix("FINISH_REASON_").lower(), chunk.num_prompt_tokens,
+                        chunk.num_output_tokens, ttft_s, time.perf_counter() - start_s)
                 if response is not None:
                     yield response
         finally:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from services.common.grpc_server import ServiceHost
+from services.common.metrics import Metrics, create_metrics
 from services.common.model_source import resolve_model
 from services.common.pb.inlaid.v1 import gateway_pb2_grpc
 from services.common.redis_keys import RedisKeys
@@ -102,6 +103,7 @@ class Stack:
     redis_url: str
     predictor_addr: str
     workers: list
+    metrics: Metrics
 
     def start_worker(self, engine: LLMEngine, **overrides) -> tuple[EngineWorker, asyncio.Task]:
         client = connect(self.redis_url)
@@ -109,7 +111,7 @@ class Stack:
                               predictor_addr=self.predictor_addr, read_block_ms=50,
                               tasks_poll_s=0.2, **overrides)
         worker = EngineWorker(engine, RequestQueue(client, self.keys),
-                              TaskRegistry(client, self.keys), config)
+                              TaskRegistry(client, self.keys), config, self.metrics)
         task = asyncio.get_running_loop().create_task(worker.run())
         self.workers.append((worker, task, client))
         return worker, task
@@ -142,14 +144,15 @@ async def stack(redis_url, engine, tokenizer, predictor_addr):
                            read_block_ms=100, predictor_addr=predictor_addr,
                            predictor_timeout_s=1.0)
     predictor = PredictorClient(predictor_addr, 1.0) if predictor_addr else None
-    servicer = GatewayServicer(config, queue, registry, tokenizer, predictor)
+    metrics = create_metrics()
+    servicer = GatewayServicer(config, queue, registry, tokenizer, predictor, metrics=metrics)
     host = ServiceHost(["inlaid.v1.GatewayService"], "127.0.0.1", 0, grace_s=0.5)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, host.server)
     port = await host.start()
     await host.set_serving(True)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     result = Stack(gateway_pb2_grpc.GatewayServiceStub(channel), queue, registry, keys, redis_url,
-                   predictor_addr, [])
+                   predictor_addr, [], metrics)
     yield result
     await channel.close()
     await host.stop()

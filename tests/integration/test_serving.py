@@ -56,6 +56,10 @@ async def test_two_adapters_and_base_stream_concurrently(stack, engine, peft_ada
     assert outputs[1] != outputs[0] or outputs[2] != outputs[0], "adapters changed nothing"
     assert sorted(worker.loaded_adapters) == ["mlp", "qv"]
     assert await stack.queue.num_pending() == 0 and await stack.queue.backlog() == 0
+    metrics = stack.metrics.render().decode()
+    for task in ("", "qv", "mlp"):
+        assert f'inlaid_requests_total{{finish_reason="length",task="{task}"}} 1.0' in metrics
+        assert f'inlaid_generated_tokens_total{{task="{task}"}} 6.0' in metrics
     lengths = await stack.queue.client.lrange(stack.keys.stats("qv"), 0, -1)
     if not stack.predictor_addr:
         assert lengths == ["6"]

@@ -50,7 +50,8 @@ def test_inlaid_serve_runs_the_stack_and_stops_cleanly(tmp_path, peft_adapters, 
     ports = {role: free_port() for role in ("gateway", "predictor", "engine", "quantizer")}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "ENGINE_"))}
     env.update(INLAID_CACHE_DIR=str(cache), ENGINE_DEVICE="cpu", ENGINE_KV_CACHE_BYTES=str(32 << 20),
-               ENGINE_MAX_MODEL_LEN="1024", GATEWAY_MAX_MODEL_LEN="1024", LOG_LEVEL="WARNING")
+               ENGINE_MAX_MODEL_LEN="1024", GATEWAY_MAX_MODEL_LEN="1024", LOG_LEVEL="WARNING",
+               METRICS_PORT="off")  # fixed metrics ports could clash with another stack
     env.pop("REDIS_URL", None)  # exercise the embedded Redis
     args = [sys.executable, "-m", "services.cli", "serve", "--adapters", str(adapters),
             "--no-quantizer", *[f"--{r}-port={p}" for r, p in ports.items()]]
