@@ -38,6 +38,9 @@ class Featurizer:
 
     num_buckets: int = 1 << 15
     max_ngrams: int = 512
+    # Extra tokens per number of <= 6 digits: each digit with its place ("p2=5" in 253).
+    # Spelled-out and formatted lengths are close to additive over places.
+    digit_places: bool = True
 
     def __post_init__(self) -> None:
         if self.num_buckets < 2 or self.max_ngrams < 2:
@@ -49,13 +52,22 @@ class Featurizer:
             out.append(f"<d{min(len(tok), 12)}>" if tok[0].isdigit() else tok)
         return out
 
+    def place_tokens(self, text: str) -> list[str]:
+        if not self.digit_places:
+            return []
+        out = []
+        for run in re.findall(r"\d+", text):
+            if len(run) <= 6:
+                out += [f"<p{len(run) - i}={d}>" for i, d in enumerate(run)]
+        return out
+
     def _bucket(self, s: str) -> int:
         # Bucket 0 is padding.
         return 1 + zlib.crc32(s.encode("utf-8", "surrogatepass")) % (self.num_buckets - 1)
 
     def ngram_ids(self, text: str) -> list[int]:
         toks = self.tokens(text)
-        grams = toks + [f"{a} {b}" for a, b in zip(toks, toks[1:])]
+        grams = toks + self.place_tokens(text) + [f"{a} {b}" for a, b in zip(toks, toks[1:])]
         ids = [self._bucket(g) for g in grams]
         if len(ids) > self.max_ngrams:
             # Instructions sit at the start of a prompt, the data to transform at
@@ -93,8 +105,10 @@ class Featurizer:
         return ids, dense.reshape(len(texts), NUM_DENSE)
 
     def to_dict(self) -> dict:
-        return {"num_buckets": self.num_buckets, "max_ngrams": self.max_ngrams}
+        return {"num_buckets": self.num_buckets, "max_ngrams": self.max_ngrams,
+                "digit_places": self.digit_places}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Featurizer":
-        return cls(num_buckets=int(d["num_buckets"]), max_ngrams=int(d["max_ngrams"]))
+        return cls(num_buckets=int(d["num_buckets"]), max_ngrams=int(d["max_ngrams"]),
+                   digit_places=bool(d.get("digit_places", False)))

@@ -24,10 +24,18 @@ def test_templated_and_raw_prompts_get_the_same_features():
 
 
 def test_numbers_become_digit_count_shapes():
-    f = Featurizer()
+    f = Featurizer(digit_places=False)
     assert f.tokens("Write 123 and 7") == ["write", "<d3>", "and", "<d1>"]
     assert f.ngram_ids("Write 123") == f.ngram_ids("Write 456")
     assert f.ngram_ids("Write 123") != f.ngram_ids("Write 4567")
+
+
+def test_digit_places():
+    f = Featurizer()
+    assert f.place_tokens("253 and 1234567") == ["<p3=2>", "<p2=5>", "<p1=3>"]  # 7 digits: none
+    assert f.ngram_ids("Write 200") != f.ngram_ids("Write 253")
+    # Models saved before digit places existed load with them off.
+    assert Featurizer.from_dict({"num_buckets": 8, "max_ngrams": 8}).digit_places is False
 
 
 def test_truncation_keeps_head_and_tail():
