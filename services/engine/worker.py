@@ -348,15 +348,15 @@ class EngineWorker:
             await self._record_lengths(finished)
 
     async def _record_lengths(self, finished: list[tuple[str, int]]) -> None:
-        """Finished lengths feed the predictor's statistics. With a predictor, it writes them
-        through to `inlaid:stats:{task}` itself; pushing here too would count them twice."""
-        if self._predictor is None:
-            pipe = self.queue.client.pipeline(transaction=False)
-            for task, num_output in finished:
-                pipe.lpush(self.queue.keys.stats(task), num_output)
-                pipe.ltrim(self.queue.keys.stats(task), 0, self.config.stats_window - 1)
-            await pipe.execute()
-        else:
+        """Finished lengths feed the predictor's statistics: `inlaid:stats:{task}` is the shared
+        record (predictor replicas reload it; the predictor never writes it, so nothing is
+        counted twice), ReportLengths updates the predictor at once."""
+        pipe = self.queue.client.pipeline(transaction=False)
+        for task, num_output in finished:
+            pipe.lpush(self.queue.keys.stats(task), num_output)
+            pipe.ltrim(self.queue.keys.stats(task), 0, self.config.stats_window - 1)
+        await pipe.execute()
+        if self._predictor is not None:
             reports = [predictor_pb2.LengthReport(task=t, output_tokens=n) for t, n in finished]
             task = asyncio.get_running_loop().create_task(self._report(reports))
             self._background.add(task)
