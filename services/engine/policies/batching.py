@@ -30,7 +30,7 @@ def group_by_task(seqs: Iterable[Sequence]) -> dict[str, list[Sequence]]:
     return groups
 
 
-def choose_tasks(groups: dict[str, list[Sequence]], max_adapters: int,
+def choose_tasks(groups: dict[str, object], max_adapters: int,
                  task_key: Callable[[str], tuple]) -> set[str]:
     """The max_adapters tasks with the smallest task_key, plus the base model "".
 
@@ -102,6 +102,8 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
     admitted: list[Sequence] = []
     for seq in ordered:
         if len(sched.running) + len(admitted) >= cfg.max_num_seqs:
+            break
+        if free <= 0 and (sched.running or admitted):
             break
         if allowed_tasks is not None and seq.task not in allowed_tasks:
             continue

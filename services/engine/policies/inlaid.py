@@ -6,6 +6,7 @@ import time
 from services.engine.block_manager import BlockManager
 from services.engine.policies.batching import (
     admit_prefills,
+    reserved_blocks,
     choose_tasks,
     group_by_task,
     secure_decode_slots,
@@ -46,6 +47,12 @@ class InlaidScheduler(Scheduler):
     def add(self, seq: Sequence) -> None:
         super().add(seq)
         seq.sched_state.setdefault("last_service_s", seq.arrival_s)
+        # A waiting request generates nothing, so its SRTF key is fixed until it runs.
+        seq.sched_state["waiting_remaining"] = seq.predicted_remaining_tokens
+
+    def preempt(self, seq: Sequence) -> None:
+        super().preempt(seq)
+        seq.sched_state["waiting_remaining"] = seq.predicted_remaining_tokens
 
     def is_hungry(self, seq: Sequence, now_s: float) -> bool:
         predicted = seq.predicted_output_tokens
@@ -82,25 +89,44 @@ class InlaidScheduler(Scheduler):
             return True
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        return self.num_decode_streak >= self.config.max_decode_streak
+        if self.num_decode_streak < self.config.max_decode_streak:
+            return False
+        # Nothing can be admitted while the running requests' predicted needs take
+        # every free block; skipping the attempt saves sorting the waiting pool.
+        return self.block_manager.num_free_blocks > reserved_blocks(self.block_manager, self.running)
 
     def _prefill(self, now_s: float) -> list[Sequence]:
-        hungry = {id(s) for s in self.waiting if self.is_hungry(s, now_s)}
-        ordered = sorted(self.waiting, key=lambda s: (id(s) not in hungry,
-                                                       s.predicted_remaining_tokens, s.seq_no))
+        # Keys computed once per sequence: this runs over the whole waiting pool,
+        # thousands of requests when the engine is saturated.
+        keyed = []
+        for seq in self.waiting:
+            state = seq.sched_state
+            remaining = state.get("waiting_remaining")
+            if remaining is None:
+                remaining = state["waiting_remaining"] = seq.predicted_remaining_tokens
+            keyed.append(((not self.is_hungry(seq, now_s), remaining, seq.seq_no), seq))
+        keyed.sort(key=lambda item: item[0])
+        ordered = [s for _, s in keyed]
         allowed = None
         if self.config.max_adapters_per_batch:
-            groups = group_by_task(self.running)
-            for seq in ordered:
-                groups.setdefault(seq.task, []).append(seq)
-            allowed = choose_tasks(groups, self.config.max_adapters_per_batch,
-                                   lambda t: self.task_key(t, groups[t], now_s))
+            # Best (is_not_hungry, remaining) per task over running and waiting requests.
+            best: dict[str, tuple[bool, int]] = {}
+            for task, seqs in group_by_task(self.running).items():
+                best[task] = self.task_key(task, seqs, now_s, with_switch=False)
+            for (not_hungry, remaining, _), seq in keyed:
+                old = best.get(seq.task)
+                best[seq.task] = ((not_hungry, remaining) if old is None
+                                  else (old[0] and not_hungry, min(old[1], remaining)))
+            switch = self.config.inlaid_task_switch_tokens
+            allowed = choose_tasks(best, self.config.max_adapters_per_batch, lambda t: (
+                best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)))
+        hungry = {id(seq) for (not_hungry, _, _), seq in keyed if not not_hungry}
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
-                                  is_urgent=lambda s: id(s) in hungry)
+                                  is_urgent=lambda seq: id(seq) in hungry)
         start_running(self, admitted, now_s)
         return admitted
 
-    def task_key(self, task: str, seqs: list[Sequence], now_s: float) -> tuple:
+    def task_key(self, task: str, seqs: list[Sequence], now_s: float, with_switch: bool = True) -> tuple:
         """Rank of a task for one of the β slots: hungry first, then shortest remaining.
 
         A task outside the previous step pays `inlaid_task_switch_tokens` extra
@@ -110,7 +136,7 @@ class InlaidScheduler(Scheduler):
         and decode use the same ranking, so a short request of a new task can
         overtake long running ones (SRTF) without thrashing between tasks.
         """
-        switch = 0 if task in self.last_step_tasks else self.config.inlaid_task_switch_tokens
+        switch = 0 if task in self.last_step_tasks or not with_switch else self.config.inlaid_task_switch_tokens
         return (not any(self.is_hungry(s, now_s) for s in seqs),
                 min(s.predicted_remaining_tokens for s in seqs) + switch)
 

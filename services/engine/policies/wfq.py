@@ -7,6 +7,7 @@ import time
 from services.engine.block_manager import BlockManager
 from services.engine.policies.batching import (
     admit_prefills,
+    reserved_blocks,
     choose_tasks,
     group_by_task,
     secure_decode_slots,
@@ -108,7 +109,11 @@ class WFQScheduler(Scheduler):
             return True
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        return self.num_decode_streak >= self.config.max_decode_streak
+        if self.num_decode_streak < self.config.max_decode_streak:
+            return False
+        # Nothing can be admitted while the running requests' predicted needs take
+        # every free block; skipping the attempt saves sorting the waiting pool.
+        return self.block_manager.num_free_blocks > reserved_blocks(self.block_manager, self.running)
 
     def fair_order(self, now_s: float) -> list[Sequence]:
         """Waiting requests in the order WFQ would serve them, tags advancing per admission.
