@@ -122,7 +122,16 @@ class Stack:
             self._spawn(role, port, env)
         deadline = time.monotonic() + c.startup_timeout_s
         for child in list(self.children):
-            self._wait(child, deadline)
+            try:
+                self._wait(child, deadline)
+            except (RuntimeError, TimeoutError) as exc:
+                if child.role == "engine":
+                    raise
+                # Gateway and engine work without these (no predictions / no re-quantization).
+                log.warning("%s failed to start (%s); continuing without it", child.role, exc)
+                child.process.kill()
+                child.process.wait()
+                self.children.remove(child)
         self._wait(self._spawn("gateway", c.gateway_port, env), deadline)
 
     def _wait(self, child: _Child, deadline_s: float) -> None:

@@ -94,6 +94,7 @@ class ServiceHost:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._on_stop: list[Callable] = []
+        self._on_stopping: list[Callable] = []
 
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0)."""
@@ -108,6 +109,11 @@ class ServiceHost:
         status = _SERVING if is_serving else _NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+
+    def on_stopping(self, callback: Callable) -> None:
+        """Register a (sync or async) callable run when shutdown begins, before the grace
+        period (e.g. so in-flight streams know the server, not the client, is leaving)."""
+        self._on_stopping.append(callback)
 
     def on_stop(self, callback: Callable) -> None:
         """Register a (sync or async) callable run after the server stopped."""
@@ -124,13 +130,19 @@ class ServiceHost:
         self._stopping = True
         log.info("shutting down (%s): NOT_SERVING, grace %.1f s", reason, self.grace_s)
         await self.set_serving(False)
+        for callback in self._on_stopping:
+            await _call(callback)
         await self.server.stop(self.grace_s)
         for callback in reversed(self._on_stop):
-            result = callback()
-            if asyncio.iscoroutine(result):
-                await result
+            await _call(callback)
         self._stopped.set()
 
     async def wait(self) -> None:
         """Block until stop() finished (by signal or by a caller)."""
         await self._stopped.wait()
+
+
+async def _call(callback: Callable) -> None:
+    result = callback()
+    if asyncio.iscoroutine(result):
+        await result

@@ -70,6 +70,7 @@ async def serve(config: GatewayConfig) -> None:
         if embedded is not None:
             embedded.stop()
 
+    host.on_stopping(servicer.begin_shutdown)
     host.on_stop(shutdown)
     await host.set_serving(True)
     log.info("gateway listening on port %d (redis %s, pool %r, predictor %s)", host.port, url,

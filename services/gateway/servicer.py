@@ -79,6 +79,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._predictor = predictor
         self._quantizer = quantizer
         self._background: set[asyncio.Task] = set()  # keeps fire-and-forget cancels alive
+        self._is_shutting_down = False
 
     # generation -----------------------------------------------------------------------
     async def Generate(self, request, context):
@@ -168,8 +169,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 if response is not None:
                     yield response
         finally:
-            # Client cancelled, deadline passed or the server is stopping: free the engine slot.
-            if cancel_on_exit and not is_finished:
+            # Client cancelled or its deadline passed: free the engine slot. A stopping gateway
+            # leaves the request running, so the client can Resume it on another replica.
+            if cancel_on_exit and not is_finished and not self._is_shutting_down:
                 task = asyncio.get_running_loop().create_task(self._queue.cancel(request_id))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
@@ -256,6 +258,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await self._registry.remove(request.name)
         log.info("removed task %s", request.name)
         return gateway_pb2.RemoveTaskResponse()
+
+    def begin_shutdown(self) -> None:
+        self._is_shutting_down = True
 
     async def close(self) -> None:
         for peer in (self._predictor, self._quantizer):

@@ -41,10 +41,13 @@ def tokenizer():
 class Gateway:
     """A running gateway plus handles on its Redis state, for assertions."""
 
-    def __init__(self, stub, queue: RequestQueue, registry: TaskRegistry) -> None:
+    def __init__(self, stub, queue: RequestQueue, registry: TaskRegistry, host: ServiceHost,
+                 servicer: GatewayServicer) -> None:
         self.stub = stub
         self.queue = queue
         self.registry = registry
+        self.host = host
+        self.servicer = servicer
 
 
 @pytest.fixture
@@ -68,10 +71,12 @@ async def make_gateway(redis_url, tokenizer):
         host = ServiceHost(["inlaid.v1.GatewayService"], "127.0.0.1", 0, grace_s=0.1,
                            interceptors=interceptors)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, host.server)
+        host.on_stopping(servicer.begin_shutdown)
         port = await host.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         started.append((host, channel, client, servicer))
-        return Gateway(gateway_pb2_grpc.GatewayServiceStub(channel), queue, registry)
+        return Gateway(gateway_pb2_grpc.GatewayServiceStub(channel), queue, registry, host,
+                       servicer)
 
     yield start
     for host, channel, client, servicer in started:

@@ -167,3 +167,14 @@ async def test_predictor_tags_request_and_never_blocks(make_gateway, gateway_con
     responses = [r async for r in gateway.stub.Generate(_req(), timeout=3)]
     assert (await engine).predicted_output_tokens == expected
     assert responses[0].predicted_output_tokens == (expected or 0)
+
+
+async def test_gateway_shutdown_leaves_requests_running_for_resume(gateway):
+    call = gateway.stub.Generate(_req(request_id="keep-1"))
+    assert (await call.read()).request_id == "keep-1"
+    await gateway.host.stop("test")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call.read()
+    await asyncio.sleep(0.2)
+    assert not await gateway.queue.client.exists(gateway.queue.keys.cancel("keep-1"))
+    assert await gateway.queue.backlog() == 1
