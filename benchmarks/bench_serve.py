@@ -195,7 +195,15 @@ def main() -> None:
                   f"SLO {m['slo_attainment']:.2f} | adapters/step {m['adapters_per_step_avg']:.2f} | "
                   f"preempt {m['num_preemptions']} | steps {m['num_steps']}", flush=True)
             del engine
-    write_results(Path(args.out), args, trace, rows, all_steps, time.perf_counter() - t_start)
+            # After every policy, so a run cut short still leaves what it measured.
+            write_results(Path(args.out), args, trace, rows, all_steps, time.perf_counter() - t_start)
+
+
+def device_name(device: str, threads: int) -> str:
+    if device.startswith("cuda"):
+        import torch
+        return f"{torch.cuda.get_device_name(torch.device(device))} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()} CPU, {threads} torch threads (shared machine)"
 
 
 def write_results(out: Path, args, trace, rows, all_steps, wall_s: float) -> None:
@@ -207,8 +215,7 @@ def write_results(out: Path, args, trace, rows, all_steps, wall_s: float) -> Non
         writer.writerows(all_steps)
     fit = CostModel.fit(all_steps, source=str(steps_csv.name))
     meta = {"benchmark": "bench_serve (real engine, real-time replay)",
-            "device": f"{platform.processor() or platform.machine()} CPU, {args.threads} torch threads"
-                      if args.device in ("auto", "cpu") else args.device,
+            "device": device_name(rows[0].get("device", "cpu"), args.threads),
             "git_commit": git_commit(), "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "model": args.model,
             "num_requests": len(trace), "trace": args.trace or "synthetic", "wall_s": wall_s,
