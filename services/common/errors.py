@@ -55,13 +55,17 @@ class UnavailableError(InlaidError):
 def _foreign_codes() -> tuple[tuple[type[BaseException], grpc.StatusCode], ...]:
     """Error types of other layers that carry a client-facing meaning (imported lazily:
     adapters pulls in torch, which a bare gateway test should not pay for at import)."""
+    import redis.exceptions
+
     from services.common.adapters import AdapterError
     from services.engine.errors import (AdapterCapacityError, InvalidRequestError,
                                         UnknownTaskError)
     return ((UnknownTaskError, grpc.StatusCode.NOT_FOUND),
             (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
             (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
-            (AdapterCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED))
+            (AdapterCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+            (redis.exceptions.ConnectionError, grpc.StatusCode.UNAVAILABLE),
+            (redis.exceptions.TimeoutError, grpc.StatusCode.UNAVAILABLE))
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:

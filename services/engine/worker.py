@@ -161,8 +161,8 @@ class EngineWorker:
                             self.config.read_block_ms if is_idle else 0)
                     for delivery in deliveries:
                         await self._admit(delivery)
-                elif self.is_draining and not self._inflight:
-                    await asyncio.sleep(0.1)
+                elif not self.engine.has_unfinished:
+                    await asyncio.sleep(0.05)  # draining and idle: nothing to read or step
                 if self.engine.has_unfinished:
                     error, step_start_s = "", time.perf_counter()
                     try:

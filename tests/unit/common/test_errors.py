@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.adapters import AdapterError
@@ -22,6 +23,7 @@ CODES = [
     (AdapterError("x"), grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownTaskError("t"), grpc.StatusCode.NOT_FOUND),
     (InvalidRequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (redis.exceptions.ConnectionError("down"), grpc.StatusCode.UNAVAILABLE),
     (RuntimeError("x"), grpc.StatusCode.INTERNAL),
     (ValueError("x"), grpc.StatusCode.INTERNAL),  # a bare ValueError is a bug, not bad input
 ]
