@@ -6,9 +6,9 @@ import time
 from services.engine.block_manager import BlockManager
 from services.engine.policies.batching import (
     admit_prefills,
-    reserved_blocks,
     choose_tasks,
     group_by_task,
+    reserved_blocks,
     secure_decode_slots,
     start_running,
 )
@@ -27,8 +27,11 @@ class InlaidScheduler(Scheduler):
 
     * order is shortest predicted remaining output first (SRTF); the key is
       refreshed every step as tokens are generated;
-    * at most β = `max_adapters_per_batch` distinct tasks, tasks of the
-      previous step first (their adapters are already in the batch);
+    * at most β = `max_adapters_per_batch` distinct tasks (the base model ""
+      is free), ranked by their shortest request; a task absent from the
+      previous step pays `inlaid_task_switch_tokens`, so the batch keeps its
+      tasks unless a much shorter request arrives. Running requests of a task
+      that loses its slot keep their KV and wait (see `task_key`);
     * a request is hungry — it goes ahead of SRTF and of the task preference —
       when it has not been served for `starvation_limit_s` or has outrun its
       predicted length;
