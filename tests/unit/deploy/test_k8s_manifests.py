@@ -1,6 +1,7 @@
 """deploy/k8s: kustomize base and overlays render, match the vendored schemas, and hang together."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ ROLES = {"gateway": (50051, 9091), "predictor": (50052, 9092), "engine": (50053,
 EXTERNAL_SECRETS = {"prod": {"inlaid-redis", "inlaid-api-keys"}}
 
 
+@functools.lru_cache(maxsize=None)
 def _validator(name: str) -> jsonschema.Draft202012Validator:
     schema = json.loads((SCHEMAS / name).read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
