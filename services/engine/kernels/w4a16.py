@@ -58,7 +58,8 @@ if triton is not None:
         offs_i = tl.arange(0, 16)
         # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
         qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
-        offs_c = (pid_n * BN) % 128 + tl.arange(0, BN)
+        # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
+        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
         num_blocks = K // 128
@@ -124,7 +125,8 @@ if triton is not None:
         offs_i = tl.arange(0, 16)
         # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
         qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
-        offs_c = (pid_n * BN) % 128 + tl.arange(0, BN)
+        # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
+        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
         num_blocks = K // 128
@@ -289,6 +291,13 @@ class GemmTuner:
                 results.append((cfg, float("inf")))
                 print(f"GemmTuner: {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
+            # Time CUDA-graph replays: a Python launch (tens of µs) would otherwise swamp
+            # kernels of 10-50 µs and make the choice noise.
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                w4a16_matmul(xt, kw, cfg)
+            graph.replay()
             times = []
             for _ in range(self.num_reps):
                 if self._flush_buf is not None:
@@ -296,10 +305,11 @@ class GemmTuner:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
-                w4a16_matmul(xt, kw, cfg)
+                graph.replay()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
+            del graph
             results.append((cfg, sorted(times)[len(times) // 2]))
         self.timings_ms[key] = results
         return min(results, key=lambda r: r[1])[0]
