@@ -131,7 +131,7 @@ def main() -> int:
                       num_seqs=args.num_seqs, seq_len=args.seq_len)
     try:
         specs = make_tasks(task_names(args.t1 + args.t2), model_dir, tmp,
-                           args.demo_adapters, num_examples=4 * args.num_seqs)
+                           args.demo_adapters, num_examples=max(4 * args.num_seqs, args.num_seqs * args.seq_len // 40))
         old, new = specs[:args.t1], specs[args.t1:]
         t = time.perf_counter()
         quantize(str(model_dir), specs, cfg, tmp / "full", device=args.device)

@@ -29,7 +29,7 @@ from services.quantizer.config import AGGREGATIONS, QuantConfig  # noqa: E402
 from services.quantizer.gptq import gptq_quantize  # noqa: E402
 from services.quantizer.hessian import INPUT_GROUPS  # noqa: E402
 from services.quantizer.pipeline import Stream, _capture_inputs, _run_layer, load_base  # noqa: E402
-from services.quantizer.rtn import rtn_quantize  # noqa: E402
+from services.quantizer.rtn import QuantResult, rtn_quantize  # noqa: E402
 
 
 def calib_tokens(task: str, tokenizer, num_seqs: int, seq_len: int) -> torch.Tensor:
@@ -74,17 +74,23 @@ def quantize_all(hf, tokenizer, tasks, adapters, args) -> dict[str, dict[str, to
             hs = method_hessians(base_h, lora_h, tasks, group, args.aggregations, args.with_mean)
             for bits in args.bits:
                 cfg = QuantConfig(bits=bits, group_size=args.group_size)
-                for name in members:
-                    w = layer.get_submodule(name).weight.detach()
-                    prefix = f"model.layers.{idx}.{name}"
-                    results = {"rtn": rtn_quantize(w, cfg)}
-                    for method, h in hs.items():
-                        if method.startswith("gptq:") and bits not in args.per_task_bits:
-                            continue
-                        results[method] = gptq_quantize(w, h, cfg)
-                    for method, res in results.items():
+                # Members share H: one GPTQ sweep over their stacked rows (as the pipeline does).
+                weights = [layer.get_submodule(name).weight.detach() for name in members]
+                stacked = torch.cat(weights)
+                results = {"rtn": rtn_quantize(stacked, cfg)}
+                for method, h in hs.items():
+                    if method.startswith("gptq:") and bits not in args.per_task_bits:
+                        continue
+                    results[method] = gptq_quantize(stacked, h, cfg)
+                for method, res in results.items():
+                    start = 0
+                    for name, w in zip(members, weights):
+                        rows = slice(start, start + w.shape[0])
+                        start += w.shape[0]
+                        part = QuantResult(res.codes[rows].clone(), res.scales[:, rows].clone(),
+                                           res.zeros[:, rows].clone(), res.g_idx.clone(), res.dequant[rows])
                         packed.setdefault(f"{method}@{bits}", {}).update(
-                            packed_tensors(prefix, res, bits))
+                            packed_tensors(f"model.layers.{idx}.{name}", part, bits))
         print(f"layer {idx}: {time.perf_counter() - t0:.1f}s", flush=True)
     return packed
 
