@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,11 @@ from services.predictor.config import PredictorConfig  # noqa: E402
 from services.predictor.export import max_abs_diff, write_model_dir  # noqa: E402
 from services.predictor.features import Featurizer  # noqa: E402
 from services.predictor.metrics import summarize  # noqa: E402
-from services.predictor.model import LengthModel, LengthModelConfig  # noqa: E402
 from services.predictor.onnx_predictor import OnnxLengthModel  # noqa: E402
 from services.predictor.predictor import LengthPredictor  # noqa: E402
 from services.predictor.stats import RunningStats  # noqa: E402
-from services.predictor.train import TrainConfig, fit, load_rows, split_rows  # noqa: E402
+from services.predictor.train import (  # noqa: E402
+    TrainConfig, fit, load_rows, new_model, predict_tokens, split_rows)
 
 
 def git_commit() -> str:
@@ -257,6 +258,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--latency-calls", type=int, default=2000)
     ap.add_argument("--drift-task", default="sort_list")
+    ap.add_argument("--pretrain-reference", type=int, default=0, metavar="N",
+                    help="with --data: also train a model pretrained on N reference examples/task, "
+                         "fine-tuned on the data; it becomes the measured model, the plain one is compared")
     ap.add_argument("--with-minilm", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--latency-only", type=Path, metavar="PROMPTS_JSONL", default=None,
@@ -280,14 +284,29 @@ def main() -> None:
     train, test, holdout = split_rows(rows, 0.2, 0, args.holdout_task)
     tasks = sorted({r["task"] for r in train})
     feat = Featurizer()
-    model = LengthModel(LengthModelConfig(num_tasks=len(tasks) + 1, num_buckets=feat.num_buckets))
+    true = [r["output_tokens"] for r in test]
+    model = new_model(len(tasks), feat)
     t0 = time.perf_counter()
-    fit(model, feat, tasks, train, TrainConfig(epochs=args.epochs, show_progress=False))
+    cfg = TrainConfig(epochs=args.epochs, show_progress=False)
+    fit(model, feat, tasks, train, cfg)
     train_s = time.perf_counter() - t0
     res: dict = {"data": source, "num_rows": len(rows), "num_train": len(train),
                  "num_test": len(test), "num_holdout": len(holdout), "tasks": tasks,
                  "train_seconds": train_s}
-    true = [r["output_tokens"] for r in test]
+    if args.data is not None and args.pretrain_reference > 0:
+        from services.predictor.reference_data import reference_rows
+
+        # Generators' train split; the held-out task is left out of pretraining too.
+        pre = [r for r in reference_rows(args.pretrain_reference) if r["task"] in set(tasks)]
+        res["data_only_model_torch"] = summarize(predict_tokens(model, feat, tasks, test), true)
+        torch.manual_seed(0)
+        model = new_model(len(tasks), feat)
+        t0 = time.perf_counter()
+        fit(model, feat, tasks, pre, cfg)
+        fit(model, feat, tasks, train, replace(cfg, epochs=max(1, cfg.epochs * 3 // 5), lr=cfg.lr / 3))
+        res["train_seconds"] = time.perf_counter() - t0
+        res["num_pretrain"] = len(pre)
+        res["data"] += f"; measured model pretrained on {len(pre)} reference-completion rows"
     with tempfile.TemporaryDirectory() as tmp:
         for variant, quantize in (("fp32", False), ("int8", True)):
             out = Path(tmp) / variant
@@ -329,13 +348,16 @@ def main() -> None:
 def render(r: dict) -> str:
     def q(m):
         return f"{m['kendall_tau']:.3f} | {m['bucket_accuracy']:.3f} | {m['mae_tokens']:.2f}"
-    lines = [f"# Predictor benchmark", "",
+    lines = ["# Predictor benchmark", "",
              f"Data: {r['data']}; {r['num_train']} train / {r['num_test']} held-out prompts of "
              f"{len(r['tasks'])} tasks; held-out task: {r.get('fallback', {}).get('task', 'none')} "
              f"({r['num_holdout']} rows). Training {r['train_seconds']:.1f} s on 1 thread.", "",
              "| predictor (held-out prompts) | Kendall τ | bucket acc | MAE tokens |", "|---|---|---|---|",
              f"| hashed n-gram model, ONNX fp32 | {q(r['fp32']['quality'])} |",
              f"| hashed n-gram model, ONNX int8 | {q(r['int8']['quality'])} |"]
+    if "data_only_model_torch" in r:
+        lines.append(f"| same model trained on the data only (no reference pretraining; torch) | "
+                     f"{q(r['data_only_model_torch'])} |")
     for name, m in r["baselines"].items():
         lines.append(f"| baseline: {name} | {q(m)} |")
     if "minilm_frozen" in r:

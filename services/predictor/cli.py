@@ -19,6 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--reference-examples", type=int, metavar="N",
                      help="instead of --data: N examples per built-in task, lengths of their "
                           "reference completions (a stand-in before real generations exist)")
+    p.add_argument("--pretrain-reference", type=int, metavar="N", default=0,
+                   help="with --data: first fit N reference-completion examples per task, then "
+                        "fine-tune on the data (helps when the data is small)")
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="output model directory")
     p.add_argument("--holdout-task", default=None,
                    help="leave this task out of training (it is then served from statistics)")
@@ -39,20 +42,25 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--test-frac must be in [0, 1)")
     # This is a small model; one thread is fastest on a shared CPU.
     torch.set_num_threads(1)
+    from services.predictor.reference_data import reference_rows
+
+    pretrain = None
     if args.data is not None:
         if not args.data.exists():
             raise SystemExit(f"{args.data} not found")
         rows = load_rows(args.data)
         source = str(args.data)
+        if args.pretrain_reference > 0:
+            # Generators' train split: disjoint from prompts measured on other splits.
+            pretrain = reference_rows(args.pretrain_reference, seed=args.seed)
+            source += f", pretrained on reference completions ({args.pretrain_reference}/task)"
     else:
-        from services.predictor.reference_data import reference_rows
-
         rows = reference_rows(args.reference_examples, seed=args.seed)
         source = f"reference completions, {args.reference_examples} per task"
     report = train_predictor(rows, args.out, holdout_task=args.holdout_task,
                              test_frac=args.test_frac, quantize=args.int8,
                              train_cfg=TrainConfig(epochs=args.epochs, seed=args.seed),
-                             data_source=source)
+                             data_source=source, pretrain_rows=pretrain)
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0

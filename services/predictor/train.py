@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,28 +135,44 @@ def task_log_sigma(pred: np.ndarray, rows: list[dict]) -> dict[str, float]:
     return {t: float(np.sqrt(np.mean(np.square(e)))) for t, e in errs.items()}
 
 
+def new_model(num_tasks: int, featurizer: Featurizer,
+              model_cfg: LengthModelConfig | None = None) -> LengthModel:
+    """A fresh model sized for num_tasks known tasks and the featurizer's buckets."""
+    base = model_cfg or LengthModelConfig()
+    return LengthModel(LengthModelConfig(**{**asdict(base), "num_tasks": num_tasks + 1,
+                                            "num_buckets": featurizer.num_buckets}))
+
+
 def train_predictor(rows: list[dict], out_dir: Path, *, holdout_task: str | None = None,
                     test_frac: float = 0.2, quantize: bool = False,
                     model_cfg: LengthModelConfig | None = None,
                     featurizer: Featurizer | None = None,
-                    train_cfg: TrainConfig = TrainConfig(), data_source: str = "") -> dict:
-    """Train on the train split, evaluate on held-out prompts, export ONNX to out_dir; returns the report."""
+                    train_cfg: TrainConfig = TrainConfig(), data_source: str = "",
+                    pretrain_rows: list[dict] | None = None) -> dict:
+    """Train on the train split, evaluate on held-out prompts, export ONNX to out_dir; returns the report.
+
+    pretrain_rows (e.g. reference-completion lengths, cheap to generate in any
+    number) are fitted first, then the model is fine-tuned on the real rows; only
+    tasks present in the real train split are kept, the held-out task never.
+    """
     torch.manual_seed(train_cfg.seed)
     train, test, _ = split_rows(rows, test_frac, train_cfg.seed, holdout_task)
     if not train:
         raise ValueError("no training rows left after the split")
     tasks = sorted({r["task"] for r in train})
     featurizer = featurizer or Featurizer()
-    base = model_cfg or LengthModelConfig()
-    model_cfg = LengthModelConfig(**{**asdict(base), "num_tasks": len(tasks) + 1,
-                                     "num_buckets": featurizer.num_buckets})
-    model = LengthModel(model_cfg)
+    model = new_model(len(tasks), featurizer, model_cfg)
+    pretrain = [r for r in (pretrain_rows or []) if r["task"] in set(tasks)]
+    if pretrain:
+        fit(model, featurizer, tasks, pretrain, train_cfg)
+        train_cfg = replace(train_cfg, epochs=max(1, train_cfg.epochs * 3 // 5), lr=train_cfg.lr / 3)
     losses = fit(model, featurizer, tasks, train, train_cfg)
     eval_rows = test or train
     pred = predict_tokens(model, featurizer, tasks, eval_rows)
     report = {
         "data_source": data_source, "num_train": len(train), "num_test": len(test), "tasks": tasks,
         "holdout_task": holdout_task, "final_train_loss": losses[-1],
+        "num_pretrain": len(pretrain),
         "test": summarize(pred, [r["output_tokens"] for r in eval_rows]),
         "train_config": asdict(train_cfg),
     }

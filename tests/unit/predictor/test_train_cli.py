@@ -52,3 +52,14 @@ def test_bad_rows_name_the_line(tmp_path, line, match):
     data.write_text(line + "\n")
     with pytest.raises(ValueError, match=match):
         load_rows(data)
+
+
+def test_pretraining_skips_unknown_and_held_out_tasks(tmp_path):
+    from services.predictor.train import TrainConfig, train_predictor
+
+    rows = synthetic_rows(40)
+    pretrain = synthetic_rows(40, seed=5) + [{"task": "elsewhere", "prompt": "x", "output_tokens": 9}]
+    report = train_predictor(rows, tmp_path, holdout_task="short", pretrain_rows=pretrain,
+                             train_cfg=TrainConfig(epochs=2, show_progress=False))
+    assert report["num_pretrain"] == 40  # only "spell": not "short" (held out), not "elsewhere"
+    assert OnnxLengthModel(tmp_path).tasks == ["spell"]
