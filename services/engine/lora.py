@@ -26,7 +26,8 @@ class LoraManager:
     """
 
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
-                 device: str | torch.device, dtype: torch.dtype) -> None:
+                 device: str | torch.device, dtype: torch.dtype,
+                 gather_max_tokens: int | None = None) -> None:
         self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
         self._registered: dict[str, LoraAdapter] = {}
@@ -38,6 +39,14 @@ class LoraManager:
         self._ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self._slot_cap, self._rank_cap = 0, 0
         self._segments: list[tuple[int, int, int]] = []        # (slot, start, end) this step
+        # Small mixed batches (decode) on a GPU: one gather + two bmm per module instead of
+        # two matmuls per segment, fewer kernel launches. Per-segment stays the default on
+        # CPU (no copies) and for long prefills (the gathered A/B would be T copies).
+        if gather_max_tokens is None:
+            gather_max_tokens = 64 if self.device.type == "cuda" else 0
+        self.gather_max_tokens = gather_max_tokens
+        self._token_slots: torch.Tensor | None = None          # [T] long, gather path only
+        self._token_mask: torch.Tensor | None = None           # [T, 1] 1 = has an adapter
         self.num_loads = 0                                     # host→device adapter copies
 
     # ---- registry ------------------------------------------------------------
@@ -133,6 +142,13 @@ class LoraManager:
     def prepare(self, segments: list[tuple[int, int, int]]) -> None:
         """Set this step's (slot, token_start, token_end) runs; slot -1 = no adapter."""
         self._segments = [s for s in segments if s[0] >= 0]
+        num_tokens = segments[-1][2] if segments else 0
+        self._token_slots = self._token_mask = None
+        if len(self._segments) > 1 and num_tokens <= self.gather_max_tokens:
+            slots = torch.cat([torch.full((e - b,), slot, dtype=torch.long)
+                               for slot, b, e in segments])
+            self._token_mask = (slots >= 0).to(self.dtype)[:, None].to(self.device)
+            self._token_slots = slots.clamp(min=0).to(self.device)
 
     @property
     def is_active(self) -> bool:
@@ -144,6 +160,11 @@ class LoraManager:
         if key not in self._a:
             return y
         a_stack, bt_stack = self._a[key], self._bt[key]
+        if self._token_slots is not None:
+            # Ranks are zero-padded in the stacks, so the full rank_cap is exact.
+            xa = torch.bmm(x[:, None, :], a_stack[self._token_slots].transpose(1, 2))  # [T,1,R]
+            delta = torch.bmm(xa, bt_stack[self._token_slots])[:, 0, :]            # [T, out]
+            return y.addcmul_(delta, self._token_mask)
         for slot, start, end in self._segments:
             r = self._ranks[slot].get(key, 0)
             if r == 0:

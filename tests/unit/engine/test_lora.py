@@ -35,17 +35,18 @@ def reference(adapter: LoraAdapter | None, layer: int, module: str, x: torch.Ten
     return adapter.scaling[(layer, module)] * (x @ a.t() @ b.t())
 
 
-def manager(num_slots=4, max_rank=16) -> LoraManager:
+def manager(num_slots=4, max_rank=16, gather_max_tokens=0) -> LoraManager:
     return LoraManager(DIMS, num_slots=num_slots, max_rank=max_rank, device="cpu",
-                       dtype=torch.float32)
+                       dtype=torch.float32, gather_max_tokens=gather_max_tokens)
 
 
-def test_mixed_segments_match_per_adapter_math():
+@pytest.mark.parametrize("gather_max_tokens", [0, 64])   # per-segment matmuls, gather + bmm
+def test_mixed_segments_match_per_adapter_math(gather_max_tokens):
     torch.set_num_threads(1)
     ads = [make_adapter("a", 2, ("q_proj", "v_proj"), seed=1),
            make_adapter("b", 8, ("q_proj", "down_proj"), 2.0, seed=2),
            make_adapter("c", 5, ("k_proj",), seed=3)]
-    mgr = manager()
+    mgr = manager(gather_max_tokens=gather_max_tokens)
     for ad in ads:
         mgr.add_adapter(ad)
     slots = mgr.acquire({"a", "b", "c"})
@@ -56,6 +57,7 @@ def test_mixed_segments_match_per_adapter_math():
         segments.append((slots[ad.name] if ad else -1, start, start + n))
         start += n
     mgr.prepare(segments)
+    assert (mgr._token_slots is not None) == bool(gather_max_tokens)
     for layer in range(2):
         for module in ("q_proj", "k_proj", "v_proj", "down_proj", "up_proj"):
             in_f, out_f = DIMS.features(module)

@@ -86,14 +86,19 @@ def hf_greedy(peft_model, ids: list[int], task: str, n: int) -> list[int]:
 TASKS = ["qv8", "", "all16", "mlp4"]   # three adapters and the bare base in one batch
 
 
-def test_mixed_adapter_prefill_logits_match_peft(setup):
+@pytest.mark.parametrize("gather_max_tokens", [0, 10**6])  # per-segment LoRA, gather + bmm
+def test_mixed_adapter_prefill_logits_match_peft(setup, gather_max_tokens):
     engine, peft_model, prompts = setup
     runner, bm = engine.runner, BlockManager(engine.runner.num_kv_blocks, engine.config.block_size)
     seqs = [Sequence(f"r{i}", p, SamplingParams(), task=t)
             for i, (p, t) in enumerate(zip(prompts, TASKS))]
     for s in seqs:
         bm.allocate(s)
-    logits = runner.compute_logits(seqs)
+    saved, runner.lora.gather_max_tokens = runner.lora.gather_max_tokens, gather_max_tokens
+    try:
+        logits = runner.compute_logits(seqs)
+    finally:
+        runner.lora.gather_max_tokens = saved
     for seq, ours in zip(seqs, logits):
         ref = hf_logits(peft_model, seq.prompt_token_ids, seq.task)
         assert ours.shape == ref.shape
