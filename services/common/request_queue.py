@@ -1,6 +1,7 @@
 """RequestQueue: the Redis request stream and per-request output streams shared by gateway and engines."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services.common.redis_keys import RedisKeys
 
@@ -16,6 +17,28 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TTL_S = 3600          # finished output streams stay readable (Resume) for an hour
 REQUEST_TTL_S = 24 * 3600    # upper bound for state of requests nobody finished
+
+
+# KEYS: output stream, request hash, request stream, cancel key.
+# ARGV: offset, number of tokens, is_final, group, entry id, ttl, then the chunk's fields.
+_APPEND_SCRIPT = """
+local stream_end = tonumber(redis.call('HGET', KEYS[2], 'end') or '0')
+if tonumber(ARGV[1]) ~= stream_end or redis.call('HGET', KEYS[2], 'state') == 'finished' then
+  return 0
+end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 7))
+redis.call('HSET', KEYS[2], 'end', stream_end + tonumber(ARGV[2]))
+if ARGV[3] == '1' then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('HSET', KEYS[2], 'state', 'finished')
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('DEL', KEYS[4])
+  redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('XDEL', KEYS[3], ARGV[5])
+end
+return 1
+"""
+_APPEND_SHA = hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -92,13 +115,15 @@ class Delivery:
 class RequestQueue:
     """Gateway side: enqueue, follow outputs, cancel. Engine side: read, claim, publish, ack.
 
-    Invariant: an entry is XACKed (and deleted, so XLEN is the backlog) in the same
-    MULTI that writes its final chunk; a crash before that leaves it pending for XAUTOCLAIM.
+    Invariants: an entry is XACKed (and deleted, so XLEN is the backlog) in the same script
+    that writes its final chunk, so a crash before that leaves it pending for XAUTOCLAIM;
+    an output stream only grows at its end (offset == `end`), so it never repeats tokens.
     """
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys) -> None:
         self.client = client
         self.keys = keys
+        self._append_sha = _APPEND_SHA
 
     async def ensure_group(self) -> None:
         try:
@@ -219,19 +244,26 @@ class RequestQueue:
             token_ids += chunk.token_ids
         return token_ids, False
 
-    async def publish(self, items: list[tuple[str, str, OutputChunk]]) -> None:
-        """Write (entry_id, request_id, chunk) items in one round trip; finals ack their entry."""
+    async def publish(self, items: list[tuple[str, str, OutputChunk]]) -> list[bool]:
+        """Write (entry_id, request_id, chunk) items in one round trip; finals ack their entry.
+
+        A chunk is written only if its offset is exactly where the stream ends (the request
+        hash's `end`), atomically in a script: an engine wrongly presumed dead that keeps
+        writing after another took its request over is refused instead of duplicating
+        tokens. Returns, per item, whether it was written."""
         if not items:
-            return
-        pipe = self.client.pipeline(transaction=True)
+            return []
+        pipe = self.client.pipeline(transaction=False)
         for entry_id, request_id, chunk in items:
-            out = self.keys.output(request_id)
-            pipe.xadd(out, chunk.to_fields())
-            if chunk.is_final:
-                pipe.expire(out, OUTPUT_TTL_S)
-                pipe.hset(self.keys.request(request_id), "state", "finished")
-                pipe.expire(self.keys.request(request_id), OUTPUT_TTL_S)
-                pipe.delete(self.keys.cancel(request_id))
-                pipe.xack(self.keys.requests, self.keys.group, entry_id)
-                pipe.xdel(self.keys.requests, entry_id)
-        await pipe.execute()
+            fields = [x for kv in chunk.to_fields().items() for x in kv]
+            keys = [self.keys.output(request_id), self.keys.request(request_id),
+                    self.keys.requests, self.keys.cancel(request_id)]
+            args = [chunk.offset, len(chunk.token_ids), int(chunk.is_final), self.keys.group,
+                    entry_id, OUTPUT_TTL_S, *fields]
+            pipe.evalsha(self._append_sha, len(keys), *keys, *args)
+        try:
+            results = await pipe.execute()
+        except NoScriptError:  # the server restarted (or never saw the script): load and retry
+            self._append_sha = await self.client.script_load(_APPEND_SCRIPT)
+            return await self.publish(items)
+        return [bool(r) for r in results]

@@ -343,7 +343,14 @@ class EngineWorker:
             elif not chunk.token_ids and not chunk.text:
                 continue
             items.append((state.entry_id, out.request_id, chunk))
-        await self.queue.publish(items)
+        accepted = await self.queue.publish(items)
+        for (_entry_id, request_id, _chunk), is_written in zip(items, accepted):
+            if not is_written and request_id in self._inflight:
+                # Another engine took the request over (we looked dead) or it already finished:
+                # its stream is theirs now, so stop spending steps on it here.
+                log.warning("request %s was taken over by another engine; dropping it", request_id)
+                del self._inflight[request_id]
+                self.engine.abort(request_id)
         if finished:
             await self._record_lengths(finished)
 

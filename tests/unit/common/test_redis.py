@@ -105,3 +105,27 @@ async def test_malformed_entry_is_dropped_not_redelivered(queue):
     await queue.client.xadd(queue.keys.requests, {"req": "{not json"})
     assert await queue.read_new("e1", count=10, block_ms=0) == []
     assert await queue.num_pending() == 0
+
+
+async def test_output_stream_only_grows_at_its_end(queue):
+    """A chunk whose offset is not the stream's end (a zombie engine's) is refused."""
+    await queue.enqueue(_request("r1"))
+    [delivery] = await queue.read_new("e1", count=1, block_ms=0)
+    entry = delivery.entry_id
+    assert await queue.publish([(entry, "r1", OutputChunk(0, [1, 2], "ab"))]) == [True]
+    # The engine that took over wrote [3]; the zombie retries its offset-2 chunk and an old one.
+    assert await queue.publish([(entry, "r1", OutputChunk(2, [3], "c")),
+                                (entry, "r1", OutputChunk(2, [9], "z")),
+                                (entry, "r1", OutputChunk(0, [1, 2], "ab"))]) == [True, False, False]
+    final = OutputChunk(3, [], "", finish_reason=2, num_output_tokens=3)
+    assert await queue.publish([(entry, "r1", final)]) == [True]
+    assert await queue.publish([(entry, "r1", final)]) == [False]  # finished: nothing more
+    assert await queue.written("r1") == ([1, 2, 3], True)
+    assert await queue.num_pending() == 0
+
+
+async def test_publish_reloads_the_script_after_a_flush(queue):
+    await queue.client.script_flush()
+    await queue.enqueue(_request("r1"))
+    [delivery] = await queue.read_new("e1", count=1, block_ms=0)
+    assert await queue.publish([(delivery.entry_id, "r1", OutputChunk(0, [1], "a"))]) == [True]
