@@ -30,10 +30,14 @@ def test_json_fields_partial_credit_and_garbage():
     assert json_fields('{"name": ', ref) == 0.0
 
 
-def test_facts_counts_whole_words():
-    ref = ex("x", facts=["lamps", "120", "mugs", "12"])
+def test_facts_counts_whole_words_and_penalizes_copied_rows():
+    ref = ex("x", facts=["lamps", "120", "mugs", "12"], distractors=["tents", "50"])
     assert facts("lamps sold best with 120 units and mugs worst with 12.", ref) == 1.0
-    assert facts("lamps sold 1200 units", ref) == 0.25  # "120" inside "1200" does not count
+    # "120" inside "1200" does not count: recall 1/4, precision 1 -> F1 0.4
+    assert facts("lamps sold 1200 units", ref) == pytest.approx(0.4)
+    # copying the whole table: recall 1, precision 4/6
+    assert facts("lamps 120, tents 50, mugs 12", ref) == pytest.approx(0.8)
+    assert facts("nothing relevant", ref) == 0.0
     with pytest.raises(TaskError):
         facts("x", ex("y"))
 
