@@ -150,10 +150,14 @@ class RequestQueue:
         exists, tenant = await pipe.execute()
         return (tenant or "") if exists else None
 
-    async def enqueue(self, request: QueuedRequest) -> str:
+    async def enqueue(self, request: QueuedRequest) -> str | None:
+        """Queue the request and return its entry id; None if its id already exists (two
+        clients sending one idempotency key at once: only the first one queues it)."""
         rid = request.request_id
+        if not await self.client.hsetnx(self.keys.request(rid), "state", "queued"):
+            return None
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.request(rid), mapping={"state": "queued", "task": request.task,
+        pipe.hset(self.keys.request(rid), mapping={"task": request.task,
                                                    "tenant": request.tenant,
                                                    "created_ts": str(request.arrival_ts)})
         pipe.expire(self.keys.request(rid), REQUEST_TTL_S)

@@ -93,12 +93,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         params = check_params(request.params, self._config)
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id)
-        owner = await self._queue.owner(request_id) if request.request_id else None
-        if owner is not None:
-            if not self._may_see(owner, caller):
-                raise AlreadyExistsError(f"request_id {request_id!r} is taken; use another")
-            # Idempotency key seen before: attach to that request instead of running it twice.
-            async for response in self._stream(request_id, 0, cancel_on_exit=False):
+        if request.request_id and await self._queue.exists(request_id):
+            async for response in self._attach(request_id, caller):
                 yield response
             return
         prompt_text, token_ids = await asyncio.to_thread(self._tokenize, request)
@@ -109,12 +105,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         predicted = None
         if self._predictor is not None:
             predicted = await self._predictor.predict(request.task, prompt_text)
-        await self._queue.enqueue(QueuedRequest(
+        entry_id = await self._queue.enqueue(QueuedRequest(
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
             predicted_output_tokens=predicted, tenant=caller.tenant))
+        if entry_id is None:  # the same idempotency key arrived twice at once; one queued it
+            async for response in self._attach(request_id, caller):
+                yield response
+            return
         async for response in self._stream(request_id, 0, cancel_on_exit=True,
                                            predicted_output_tokens=predicted or 0,
                                            task=request.task, start_s=start_s):
+            yield response
+
+    async def _attach(self, request_id: str, caller: Principal):
+        """Idempotency key seen before: stream that request instead of running it twice."""
+        owner = await self._queue.owner(request_id)
+        if owner is not None and not self._may_see(owner, caller):
+            raise AlreadyExistsError(f"request_id {request_id!r} is taken; use another")
+        async for response in self._stream(request_id, 0, cancel_on_exit=False):
             yield response
 
     async def Resume(self, request, context):

@@ -178,3 +178,17 @@ async def test_gateway_shutdown_leaves_requests_running_for_resume(gateway):
     await asyncio.sleep(0.2)
     assert not await gateway.queue.client.exists(gateway.queue.keys.cancel("keep-1"))
     assert await gateway.queue.backlog() == 1
+
+
+async def test_one_idempotency_key_sent_twice_at_once_runs_once(gateway):
+    done = OutputChunk(0, [7], "x", finish_reason=2, num_output_tokens=1)
+    engine = asyncio.create_task(_serve_one(gateway, [done]))
+    calls = [gateway.stub.Generate(_req(request_id="same-key")) for _ in range(2)]
+    async def collect(call):
+        return [r async for r in call]
+
+    results = await asyncio.gather(*(collect(c) for c in calls))
+    await engine
+    assert [[list(r.token_ids) for r in rs[1:]] for rs in results] == [[[7]], [[7]]]
+    assert await gateway.queue.client.xlen(gateway.queue.keys.requests) == 0
+    assert await gateway.queue.read_new("other", count=5, block_ms=0) == []
