@@ -79,7 +79,8 @@ def predictor_addr():
         return
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PREDICTOR_REDIS_URL")}
-    env.update(PREDICTOR_PORT=str(port), PREDICTOR_HOST="127.0.0.1", PREDICTOR_NUM_THREADS="1")
+    env.update(PREDICTOR_PORT=str(port), PREDICTOR_HOST="127.0.0.1", PREDICTOR_NUM_THREADS="1",
+               METRICS_PORT="off")  # a fixed metrics port could clash with another run
     process = subprocess.Popen([sys.executable, "-m", "services.predictor.server"], cwd=ROOT,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
