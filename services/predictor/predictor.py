@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgumentError
+from services.common.metrics import Metrics
 from services.common.pb.inlaid.v1 import predictor_pb2
 from services.predictor.config import PredictorConfig
 from services.predictor.onnx_predictor import MicroBatcher, OnnxLengthModel
@@ -18,6 +20,8 @@ SOURCE_MODEL = predictor_pb2.PREDICTION_SOURCE_MODEL
 SOURCE_STATISTICS = predictor_pb2.PREDICTION_SOURCE_STATISTICS
 SOURCE_BLEND = predictor_pb2.PREDICTION_SOURCE_BLEND
 SOURCE_DEFAULT = predictor_pb2.PREDICTION_SOURCE_DEFAULT
+_SOURCE_LABELS = {SOURCE_MODEL: "model", SOURCE_STATISTICS: "statistics", SOURCE_BLEND: "blend",
+                  SOURCE_DEFAULT: "default"}
 
 
 class InvalidInputError(InvalidArgumentError):
@@ -49,11 +53,13 @@ class LengthPredictor:
     """
 
     def __init__(self, config: PredictorConfig, stats: RunningStats,
-                 model: OnnxLengthModel | None = None, batcher: MicroBatcher | None = None) -> None:
+                 model: OnnxLengthModel | None = None, batcher: MicroBatcher | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._config = config
         self._stats = stats
         self._model = model
         self._batcher = batcher
+        self._metrics = metrics
 
     @property
     def has_model(self) -> bool:
@@ -74,6 +80,15 @@ class LengthPredictor:
 
     async def predict(self, items: list[tuple[str, str]]) -> list[LengthPrediction]:
         """Validate, run the model on the items it can judge, and fill in the rest from statistics."""
+        start = time.perf_counter()
+        preds = await self._predict(items)
+        if self._metrics is not None:
+            self._metrics.predict_s.observe(time.perf_counter() - start)
+            for p in preds:
+                self._metrics.predictions.labels(source=_SOURCE_LABELS[p.source]).inc()
+        return preds
+
+    async def _predict(self, items: list[tuple[str, str]]) -> list[LengthPrediction]:
         self.validate(items)
         # An empty prompt carries nothing for the model to read: statistics decide.
         model_rows = [i for i, (task, prompt) in enumerate(items)

@@ -6,6 +6,8 @@ import logging
 
 from services.common.grpc_server import ServiceHost
 from services.common.logging import LoggingConfig, setup_logging
+from services.common.metrics import (Metrics, MetricsConfig, RpcMetricsInterceptor,
+                                     create_metrics, start_metrics_server)
 from services.common.pb.inlaid.v1 import predictor_pb2, predictor_pb2_grpc
 from services.predictor.config import PredictorConfig
 from services.predictor.onnx_predictor import METADATA_FILE, MicroBatcher, OnnxLengthModel
@@ -36,9 +38,15 @@ def load_model(config: PredictorConfig) -> OnnxLengthModel | None:
 class PredictorServer:
     """The predictor's components on one ServiceHost; start() → port, stop() frees everything."""
 
-    def __init__(self, config: PredictorConfig) -> None:
+    def __init__(self, config: PredictorConfig, metrics: Metrics | None = None,
+                 metrics_config: MetricsConfig | None = None) -> None:
+        """metrics_config with a port also serves /metrics over HTTP (main() does; tests don't)."""
         self.config = config
-        self.host = ServiceHost([SERVICE_NAME], config.host, config.port, grace_s=config.grace_s)
+        self.metrics = metrics or create_metrics()
+        self._metrics_config = metrics_config
+        self._metrics_server = None
+        self.host = ServiceHost([SERVICE_NAME], config.host, config.port, grace_s=config.grace_s,
+                                interceptors=[RpcMetricsInterceptor(self.metrics)])
         self.port: int | None = None
         self._batcher: MicroBatcher | None = None
         self._redis_sync: RedisStatsSync | None = None
@@ -53,6 +61,14 @@ class PredictorServer:
         stats = RunningStats(window=cfg.stats_window)
         # grpc cannot add services to a started server: register now, answer UNAVAILABLE
         # until the predictor is installed, so probes see NOT_SERVING while the model loads.
+        if self._metrics_config is not None and self._metrics_config.port is not None:
+            # Before the gRPC port: a taken metrics port fails start-up cleanly.
+            try:
+                self._metrics_server = start_metrics_server(
+                    self._metrics_config.port, self.metrics, self._metrics_config.addr)
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve metrics on port {self._metrics_config.port} "
+                                   f"({exc}); set METRICS_PORT to a free port or 'off'") from exc
         servicer = PredictorServicer()
         predictor_pb2_grpc.add_PredictorServiceServicer_to_server(servicer, self.host.server)
         self.port = await self.host.start()
@@ -65,13 +81,15 @@ class PredictorServer:
             self._redis_sync = RedisStatsSync(cfg.redis_url, stats, cfg.stats_window,
                                               namespace=cfg.redis_namespace)
             self._redis_sync.start()
-        servicer.set_predictor(LengthPredictor(cfg, stats, model, self._batcher))
+        servicer.set_predictor(LengthPredictor(cfg, stats, model, self._batcher, self.metrics))
         await self.host.set_serving(True)
         log.info("predictor listening on port %d (model %s, redis %s)", self.port,
                  "loaded" if model is not None else "none", "yes" if cfg.redis_url else "no")
         return self.port
 
     async def _close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self._batcher is not None:
             await self._batcher.close()
         if self._redis_sync is not None:
@@ -83,7 +101,7 @@ class PredictorServer:
 
 
 async def serve(config: PredictorConfig) -> None:
-    server = PredictorServer(config)
+    server = PredictorServer(config, metrics_config=MetricsConfig.from_env("predictor"))
     server.host.install_signal_handlers()
     await server.start()
     await server.host.wait()

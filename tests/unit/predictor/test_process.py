@@ -22,7 +22,8 @@ def _free_port() -> int:
 def test_server_process_sigterm(tiny_model_dir):
     port = _free_port()
     env = {**os.environ, "PREDICTOR_PORT": str(port), "PREDICTOR_HOST": "127.0.0.1",
-           "PREDICTOR_MODEL_DIR": str(tiny_model_dir[0]), "PREDICTOR_GRACE_S": "1"}
+           "PREDICTOR_MODEL_DIR": str(tiny_model_dir[0]), "PREDICTOR_GRACE_S": "1",
+           "METRICS_PORT": "0", "LOG_FORMAT": "text"}
     proc = subprocess.Popen([sys.executable, "-m", "services.predictor.server"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -36,7 +37,9 @@ def test_server_process_sigterm(tiny_model_dir):
                         break
                 except grpc.RpcError:
                     pass
-                assert time.monotonic() < deadline, "predictor did not become SERVING"
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise AssertionError(f"predictor did not become SERVING: {proc.communicate()[0]}")
                 time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)

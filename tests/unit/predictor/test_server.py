@@ -118,3 +118,11 @@ async def test_unavailable_before_model_is_installed():
 
     with pytest.raises(UnavailableError, match="loading"):
         await PredictorServicer().Predict(P.PredictRequest(), None)
+
+
+async def test_metrics_count_predictions_by_source(stub_factory):
+    stub, _, server = await stub_factory(model_dir=None)
+    await stub.Predict(P.PredictRequest(items=[P.PredictItem(task="a", prompt="x")] * 3))
+    text = server.metrics.render().decode()
+    assert 'inlaid_predictions_total{source="default"} 3.0' in text
+    assert "inlaid_predict_seconds_count 1.0" in text
