@@ -192,3 +192,16 @@ async def test_one_idempotency_key_sent_twice_at_once_runs_once(gateway):
     assert [[list(r.token_ids) for r in rs[1:]] for rs in results] == [[[7]], [[7]]]
     assert await gateway.queue.client.xlen(gateway.queue.keys.requests) == 0
     assert await gateway.queue.read_new("other", count=5, block_ms=0) == []
+
+
+async def test_deadline_cancels_the_request(gateway):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in gateway.stub.Generate(_req(request_id="late-1"), timeout=0.5):
+            pass
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    key = gateway.queue.keys.cancel("late-1")
+    for _ in range(50):
+        if await gateway.queue.client.exists(key):
+            break
+        await asyncio.sleep(0.05)
+    assert await gateway.queue.client.exists(key)
