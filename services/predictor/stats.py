@@ -47,6 +47,8 @@ class RunningStats:
     """
 
     window: int = 512
+    # Bound on tracked tasks: reports name tasks freely, memory must not grow without end.
+    max_tasks: int = 100_000
     _tasks: dict[str, _Window] = field(default_factory=dict)
     _predicted: dict[str, deque[float]] = field(default_factory=dict)
     _global_median: float | None = None
@@ -59,6 +61,11 @@ class RunningStats:
     def _get(self, task: str) -> _Window:
         win = self._tasks.get(task)
         if win is None:
+            if len(self._tasks) >= self.max_tasks:
+                # Forget the task first seen longest ago (dicts keep insertion order).
+                oldest = next(iter(self._tasks))
+                del self._tasks[oldest]
+                self._predicted.pop(oldest, None)
             win = _Window(deque(maxlen=self.window))
             self._tasks[task] = win
         return win

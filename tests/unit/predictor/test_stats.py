@@ -62,3 +62,10 @@ def test_replace_and_log_bias():
     assert stats.log_bias("t") is None  # no model predictions yet
     stats.observe_prediction("t", math.log1p(9))
     assert stats.log_bias("t") == pytest.approx(math.log1p(99) - math.log1p(9))
+
+
+def test_number_of_tracked_tasks_is_bounded():
+    stats = RunningStats(max_tasks=2)
+    for task in ("a", "b", "c"):
+        stats.observe(task, 1)
+    assert sorted(stats.tasks()) == ["b", "c"]
