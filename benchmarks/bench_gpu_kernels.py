@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, unpack_along_rows  # noqa: E402
 from services.engine.kernels.lora import prepare_lora_batch, triton_lora_apply  # noqa: E402
-from services.engine.kernels.w4a16 import GemmTuner, TritonQuantLinear  # noqa: E402
+from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
+from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
 
 GEMM_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (13824, 5120)]  # (K, N)

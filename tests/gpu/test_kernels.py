@@ -18,7 +18,9 @@ from services.engine.kernels.fused_ops import (  # noqa: E402
 )
 from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, repack_for_kernel  # noqa: E402
 from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batch, triton_lora_apply  # noqa: E402
-from services.engine.kernels.w4a16 import GemmTuner, TritonQuantLinear, candidate_configs, w4a16_matmul  # noqa: E402
+from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
+from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
+from services.engine.kernels.w4a16 import candidate_configs, w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, GraphedDecode, W4Decoder  # noqa: E402
 
 DEV = torch.device("cuda")

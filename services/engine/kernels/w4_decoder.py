@@ -15,7 +15,8 @@ from services.engine.kernels.attention import paged_decode_attention
 from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, rope_tables, silu_mul
 from services.engine.kernels.gptq_format import quantize_gptq_v1
 from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
-from services.engine.kernels.w4a16 import GemmTuner, TritonQuantLinear
+from services.engine.kernels.gemm_tuner import GemmTuner
+from services.engine.kernels.quant_linear import TritonQuantLinear
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""W4A16 GEMM (fp16 activations × GPTQ 4-bit weights) in Triton, with a per-shape tuner and a drop-in linear.
+"""W4A16 GEMM (fp16 activations × GPTQ 4-bit weights) in Triton: kernels, launch configs, launcher.
 
 The kernel reads the repacked layout of gptq_format.repack_for_kernel. Each 128-row K block is
 one [16, BN] int32 tile; nibble j of it pairs with x[:, 16j:16j+16] of the block, so the unpack is
@@ -14,14 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from services.engine.kernels.gptq_format import (
     KERNEL_K_BLOCK,
-    GptqTensors,
     KernelWeights,
-    dequantize_kernel_weights,
-    repack_for_kernel,
 )
 
 try:
@@ -30,6 +26,8 @@ try:
 except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
     triton = None
     tl = None
+
+HAS_TRITON = triton is not None
 
 
 if triton is not None:
@@ -247,124 +245,3 @@ def w4a16_matmul(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
-
-
-class GemmTuner:
-    """Picks the fastest GemmConfig per (M bucket, N, K) on first use, timing each with CUDA events.
-
-    One tuner is shared by all layers of a model (same shapes → one tuning). Tuning runs real
-    launches, so do a warm-up forward before CUDA-graph capture. On CPU (TRITON_INTERPRET) it
-    returns the first candidate without timing.
-    """
-
-    def __init__(self, num_reps: int = 10, flush_l2: bool = True) -> None:
-        self.num_reps = num_reps
-        self.flush_l2 = flush_l2
-        self.best: dict[tuple[int, int, int], GemmConfig] = {}
-        self.timings_ms: dict[tuple[int, int, int], list[tuple[GemmConfig, float]]] = {}
-        self._flush_buf: torch.Tensor | None = None
-
-    def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
-        m, k = x.shape
-        n = kw.out_features
-        key = (m_bucket(m), n, k)
-        cfg = self.best.get(key)
-        if cfg is None:
-            cfg = self._tune(key, x, kw)
-            self.best[key] = cfg
-        return cfg
-
-    def _tune(self, key: tuple[int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
-        cands = candidate_configs(key[0])
-        if not x.is_cuda:
-            return cands[0]
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"GemmTuner: shape {key} first seen during CUDA-graph capture; warm up first")
-        xt = torch.randn(key[0], key[2], dtype=torch.float16, device=x.device)
-        if self._flush_buf is None and self.flush_l2:
-            self._flush_buf = torch.empty(256 * 2**20, dtype=torch.uint8, device=x.device)
-        results: list[tuple[GemmConfig, float]] = []
-        for cfg in cands:
-            try:
-                w4a16_matmul(xt, kw, cfg)
-            except Exception as exc:  # noqa: BLE001 — a config the compiler rejects is skipped
-                results.append((cfg, float("inf")))
-                print(f"GemmTuner: {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            # Time CUDA-graph replays: a Python launch (tens of µs) would otherwise swamp
-            # kernels of 10-50 µs and make the choice noise.
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                w4a16_matmul(xt, kw, cfg)
-            graph.replay()
-            times = []
-            for _ in range(self.num_reps):
-                if self._flush_buf is not None:
-                    self._flush_buf.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            del graph
-            results.append((cfg, sorted(times)[len(times) // 2]))
-        self.timings_ms[key] = results
-        return min(results, key=lambda r: r[1])[0]
-
-
-class TritonQuantLinear(nn.Module):
-    """Drop-in replacement for nn.Linear(K, N) over GPTQ v1 4-bit weights.
-
-    forward(x [..., K]) → [..., N] in x's dtype. On CUDA with fp16 input it runs the Triton
-    kernel (config from the shared GemmTuner); elsewhere it multiplies by the dequantized
-    weight (cached on first use) so CPU runs give the same function.
-    Build with TritonQuantLinear.from_gptq(GptqTensors, bias=None, tuner=shared_tuner).
-    """
-
-    def __init__(self, kw: KernelWeights, bias: torch.Tensor | None, tuner: GemmTuner | None) -> None:
-        super().__init__()
-        self.in_features = kw.in_features
-        self.out_features = kw.out_features
-        self.kw = kw
-        self.bias = bias
-        self.tuner = tuner if tuner is not None else GemmTuner()
-        self._dense: torch.Tensor | None = None
-
-    @classmethod
-    def from_gptq(
-        cls, t: GptqTensors, bias: torch.Tensor | None = None, tuner: GemmTuner | None = None
-    ) -> TritonQuantLinear:
-        return cls(repack_for_kernel(t), bias, tuner)
-
-    def to(self, device: torch.device | str) -> TritonQuantLinear:  # type: ignore[override]
-        kw = self.kw
-        self.kw = KernelWeights(
-            qweight=kw.qweight.to(device), zeros=kw.zeros.to(device), scales=kw.scales.to(device),
-            perm=None if kw.perm is None else kw.perm.to(device), group_size=kw.group_size,
-        )
-        if self.bias is not None:
-            self.bias = self.bias.to(device)
-        self._dense = None
-        return self
-
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized W [K, N] (cached) — the fallback path and a debugging aid."""
-        if self._dense is None or self._dense.dtype != dtype:
-            self._dense = dequantize_kernel_weights(self.kw).to(dtype)
-        return self._dense
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if triton is not None and x.is_cuda and x.dtype == torch.float16 and x2.shape[0] > 0:
-            y = w4a16_matmul(x2, self.kw, self.tuner.config_for(x2, self.kw), self.bias)
-        else:
-            y = x2 @ self.dense_weight(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
