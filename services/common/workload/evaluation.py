@@ -19,7 +19,8 @@ def load_base_weights(model, path: str | Path) -> int:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    params = dict(model.named_parameters())
+    # state_dict, not named_parameters: tied weights (lm_head = embed_tokens) keep both names.
+    params = model.state_dict(keep_vars=True)
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise TaskError(f"{path}: {len(unknown)} tensors match no model parameter, e.g. {unknown[:3]}")

@@ -87,3 +87,22 @@ def test_evaluate_with_and_without_adapter(tokenizer, tiny_llama, tmp_path):
     assert 0.0 <= tuned["score"] <= 1.0 and len(tuned["outputs"]) == 3
     assert all(o["output_tokens"] <= 4 for o in tuned["outputs"])
     assert not any("lora" in name for name, _ in tiny_llama.named_parameters())
+
+
+def test_load_base_weights_replaces_and_validates(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    from services.common.workload.evaluation import load_base_weights
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    new = torch.full_like(tiny_llama.state_dict()[name], 0.5)
+    save_file({name: new, "lm_head.weight": tiny_llama.lm_head.weight.detach().clone()},
+              str(tmp_path / "w.safetensors"))
+    assert load_base_weights(tiny_llama, tmp_path / "w.safetensors") == 2
+    assert torch.equal(tiny_llama.model.layers[0].self_attn.q_proj.weight, new)
+    save_file({"model.nope.weight": new}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TaskError, match="match no model parameter"):
+        load_base_weights(tiny_llama, tmp_path / "bad.safetensors")
+    save_file({name: new[:2].contiguous()}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(TaskError, match="shape"):
+        load_base_weights(tiny_llama, tmp_path / "shape.safetensors")
