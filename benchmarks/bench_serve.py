@@ -199,6 +199,10 @@ def main() -> None:
             write_results(Path(args.out), args, trace, rows, all_steps, time.perf_counter() - t_start)
 
 
+def _fit_error(source: str) -> float:
+    return float(source.split("median relative error ")[1].split("%")[0]) / 100
+
+
 def device_name(device: str, threads: int) -> str:
     if device.startswith("cuda"):
         import torch
@@ -240,6 +244,11 @@ def write_results(out: Path, args, trace, rows, all_steps, wall_s: float) -> Non
           f"them: a={fit.a_s:.3e} s, b={fit.b_s_per_prefill_token:.3e} s/prefill token, "
           f"c={fit.c_s_per_decode_seq:.3e} s/decode seq, d={fit.d_s_per_adapter:.3e} s/adapter, "
           f"e={fit.e_s_per_kv_token:.3e} s/KV token ({fit.source}).", ""]
+    if "median relative error" in fit.source and _fit_error(fit.source) > 0.25:
+        md += ["**The linear model does not fit these steps (median relative error above 25 %): step times "
+               "were dominated by something else (on a shared CPU, other processes). Do not use this fit "
+               "for bench_sim, and do not read the SLO column: its solo-latency reference comes from such fits.**",
+               ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {out.with_suffix('.md')}, .json and {steps_csv}")
 
