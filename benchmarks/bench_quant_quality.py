@@ -56,6 +56,7 @@ def method_hessians(base_h, lora_h, tasks, group, aggs, with_mean) -> dict[str, 
     return out
 
 
+@torch.no_grad()
 def quantize_all(hf, tokenizer, tasks, adapters, args) -> dict[str, dict[str, torch.Tensor]]:
     """{config "<method>@<bits>": {linear prefix: dequantized fp32 weight (stored packed)}}."""
     base_streams, lora_streams = [], []

@@ -161,6 +161,7 @@ def _streams(cfg: QuantConfig, tasks: list[TaskSpec], hf, tokenizer) -> list[Str
     return [Stream("pooled", torch.cat([tokens[t.name] for t in tasks]), None)]
 
 
+@torch.no_grad()
 def run_pipeline(hf, tokenizer, base_dir: Path, cfg: QuantConfig, new_tasks: list[TaskSpec],
                  all_tasks: list[TaskSpec], out_dir: Path, device: str = "cpu",
                  cached_version: Path | None = None, progress: ProgressFn | None = None,
