@@ -71,3 +71,81 @@ class QuantConfig:
                 values[field_name] = cast(os.environ[var])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class QuantizerServiceConfig:
+    """The quantizer service (server.py): where it listens, which base it quantizes, where the
+    versions go. `quant` holds the settings a first (full) job uses; later jobs reuse the
+    settings stored in the current version, because incremental results must match it."""
+
+    host: str = "0.0.0.0"
+    port: int = 50054
+    model: str = "smollm2-135m"
+    checkpoint_dir: str = ""               # "" → <INLAID_CACHE_DIR>/quantized/<model name>
+    device: str = "cpu"                    # cpu | cuda | cuda:N | auto
+    num_threads: int = 1                   # torch threads for a job (shared CPUs: keep it small)
+    redis_url: str = ""                    # REDIS_URL; "" → embedded Redis
+    redis_namespace: str = "inlaid"
+    grace_s: float = 5.0
+    quant: QuantConfig = QuantConfig(num_seqs=8)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise QuantConfigError(f"QUANTIZER_PORT must be in 0..65535, got {self.port}")
+        if self.num_threads <= 0:
+            raise QuantConfigError(f"QUANTIZER_NUM_THREADS must be > 0, got {self.num_threads}")
+        if self.quant.method != "mlgptq":
+            # Only MLGPTQ caches the per-layer aggregates that adding a task needs.
+            raise QuantConfigError(f"QUANTIZER_METHOD={self.quant.method!r}: the service adds "
+                                   "tasks incrementally, which needs method 'mlgptq'")
+
+    def resolved_checkpoint_dir(self) -> str:
+        if self.checkpoint_dir:
+            return self.checkpoint_dir
+        from services.common.model_source import cache_dir
+        name = self.model.rstrip("/").split("/")[-1] or "model"
+        return str(cache_dir() / "quantized" / name)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "QuantizerServiceConfig":
+        """QUANTIZER_* variables (QUANTIZER_MODEL falls back to ENGINE_MODEL so both serve
+        and quantize one base; QUANTIZER_NUM_CALIB_SEQS or QUANTIZER_NUM_SEQS)."""
+        env = os.environ if env is None else env
+        plain = {"host": ("QUANTIZER_HOST", str), "port": ("QUANTIZER_PORT", int),
+                 "checkpoint_dir": ("QUANTIZER_CHECKPOINT_DIR", str),
+                 "device": ("QUANTIZER_DEVICE", str), "num_threads": ("QUANTIZER_NUM_THREADS", int),
+                 "redis_url": ("REDIS_URL", str),
+                 "redis_namespace": ("QUANTIZER_REDIS_NAMESPACE", str),
+                 "grace_s": ("QUANTIZER_GRACE_S", float)}
+        quant_vars = {"bits": ("QUANTIZER_BITS", int), "group_size": ("QUANTIZER_GROUP_SIZE", int),
+                      "method": ("QUANTIZER_METHOD", str),
+                      "aggregation": ("QUANTIZER_AGGREGATION", str),
+                      "num_seqs": ("QUANTIZER_NUM_CALIB_SEQS", int),
+                      "seq_len": ("QUANTIZER_SEQ_LEN", int)}
+        values, quant = {}, {"num_seqs": 8}
+        model = env.get("QUANTIZER_MODEL") or env.get("ENGINE_MODEL")
+        if model:
+            values["model"] = model
+        if env.get("QUANTIZER_NUM_SEQS") and not env.get("QUANTIZER_NUM_CALIB_SEQS"):
+            quant["num_seqs"] = _cast("QUANTIZER_NUM_SEQS", env["QUANTIZER_NUM_SEQS"], int)
+        for target, table in ((values, plain), (quant, quant_vars)):
+            for field_name, (var, cast) in table.items():
+                if env.get(var):
+                    target[field_name] = _cast(var, env[var], cast)
+        values["quant"] = QuantConfig(**quant)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _cast(var: str, raw: str, cast):
+    try:
+        return cast(raw)
+    except ValueError:
+        raise QuantConfigError(f"{var}={raw!r} is not a valid {cast.__name__}") from None
