@@ -1,8 +1,7 @@
 """MLGPTQ aggregation of per-task Hessians into one, associative and commutative by construction.
 
 Every variant keeps a *state* (what the cache stores) that is combined with elementwise
-max / selection only — operations that are exactly associative and commutative in floating
-point, so aggregate(cached(T1), new(T2)) is bit-identical to aggregating T1+T2 at once.
+max / selection / integer addition only — operations that are exactly associative and commutative, so aggregate(cached(T1), new(T2)) is bit-identical to aggregating T1+T2 at once.
 `finalize` turns a state into a Hessian GPTQ can factor; it is never cached.
 """
 from __future__ import annotations
@@ -161,9 +160,38 @@ class RowMax(Aggregation):
         return h.float()
 
 
+class MeanHessian(Aggregation):
+    """Mean of the H_t (each task weighted equally, whatever its calibration size).
+
+    Float sums are not associative, so the state is an exact fixed-point sum: each H_t is
+    rounded once to int64 multiples of 2⁻³² (resolution 2.3e-10) and integer addition is
+    exactly associative and commutative. `key` holds the number of tasks.
+    """
+
+    name = "mean"
+    FRAC_BITS = 32
+    MAX_ABS = 2.0 ** 62
+
+    def task_state(self, hessian: torch.Tensor) -> AggState:
+        fixed = torch.round(hessian.double() * 2.0 ** self.FRAC_BITS)
+        if fixed.abs().max() >= self.MAX_ABS / 1024:
+            raise ValueError("Hessian entries too large for the fixed-point mean aggregate")
+        return AggState(matrix=fixed.to(torch.int64), dead=torch.diagonal(hessian) == 0,
+                        key=torch.ones(1, dtype=torch.int64, device=hessian.device))
+
+    def combine(self, a: AggState, b: AggState) -> AggState:
+        return AggState(matrix=a.matrix + b.matrix, dead=a.dead & b.dead, key=a.key + b.key)
+
+    def finalize(self, state: AggState) -> torch.Tensor:
+        h = state.matrix.double() / 2.0 ** self.FRAC_BITS / state.key.double()
+        h[state.dead, :] = 0
+        h[:, state.dead] = 0
+        return h.float()
+
+
 def make_aggregation(name: str, damp_percent: float = 0.01) -> Aggregation:
     """The aggregation variant called `name` (see config.AGGREGATIONS)."""
-    for cls in (MaxInverse, MaxHessian, RowMax):
+    for cls in (MaxInverse, MaxHessian, RowMax, MeanHessian):
         if cls.name == name:
             return cls(damp_percent)
     raise ValueError(f"unknown aggregation {name!r}")

@@ -5,7 +5,7 @@ import os
 from dataclasses import asdict, dataclass
 
 METHODS = ("rtn", "gptq", "gptq-mixed", "mlgptq")
-AGGREGATIONS = ("max-inv", "max-h", "row-max")
+AGGREGATIONS = ("max-inv", "max-h", "row-max", "mean")
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 

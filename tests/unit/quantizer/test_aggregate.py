@@ -74,3 +74,14 @@ def test_single_task_max_variants_keep_hessian():
 def test_empty_reduce_rejected():
     with pytest.raises(ValueError):
         make_aggregation("max-h").reduce([])
+
+
+def test_mean_is_the_float_mean_to_fixed_point_resolution():
+    hs = _hessians(3)
+    agg = make_aggregation("mean")
+    out = agg.finalize(agg.reduce([agg.task_state(h) for h in hs]))
+    expect = sum(h.double() for h in hs) / 3
+    expect[3, :] = expect[:, 3] = 0  # not dead: alive for two tasks, so only compare elsewhere
+    alive = torch.ones(24, dtype=torch.bool)
+    alive[3] = False
+    assert torch.allclose(out.double()[alive][:, alive], expect[alive][:, alive], atol=1e-6)
