@@ -150,6 +150,16 @@ class RequestQueue:
         exists, tenant = await pipe.execute()
         return (tenant or "") if exists else None
 
+    async def median_output_tokens(self, task: str, window: int = 64) -> int | None:
+        """Median of the task's most recent finished lengths (engines LPUSH them); None if
+        the task has no finished requests yet. The gateway's fallback when the predictor
+        is unreachable: scheduling keeps a per-task length estimate instead of none."""
+        raw = await self.client.lrange(self.keys.stats(task), 0, window - 1)
+        lengths = sorted(int(v) for v in raw)
+        if not lengths:
+            return None
+        return lengths[len(lengths) // 2]
+
     async def enqueue(self, request: QueuedRequest) -> str | None:
         """Queue the request and return its entry id; None if its id already exists (two
         clients sending one idempotency key at once: only the first one queues it)."""

@@ -105,6 +105,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         predicted = None
         if self._predictor is not None:
             predicted = await self._predictor.predict(request.task, prompt_text)
+        if predicted is None:
+            # No predictor, or it is down: degrade to the task's running statistics.
+            predicted = await self._queue.median_output_tokens(request.task)
         entry_id = await self._queue.enqueue(QueuedRequest(
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
             predicted_output_tokens=predicted, tenant=caller.tenant))

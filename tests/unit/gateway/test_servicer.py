@@ -205,3 +205,17 @@ async def test_deadline_cancels_the_request(gateway):
             break
         await asyncio.sleep(0.05)
     assert await gateway.queue.client.exists(key)
+
+
+@pytest.mark.parametrize("predictor_delay_s", [5.0, None], ids=["predictor-down", "no-predictor"])
+async def test_prediction_degrades_to_task_statistics(make_gateway, gateway_config,
+                                                      predictor_delay_s):
+    """A predictor outage (or none configured) tags requests with the task's running median."""
+    predictor = None if predictor_delay_s is None else _SlowPredictor(predictor_delay_s, 42)
+    gateway = await make_gateway(gateway_config, predictor=predictor)
+    await gateway.queue.client.lpush(gateway.queue.keys.stats(""), 5, 9, 30, 7, 11)
+    done = OutputChunk(0, [1], "x", finish_reason=2, num_output_tokens=1)
+    engine = asyncio.create_task(_serve_one(gateway, [done]))
+    responses = [r async for r in gateway.stub.Generate(_req(), timeout=3)]
+    assert (await engine).predicted_output_tokens == 9  # median of 5, 7, 9, 11, 30
+    assert responses[0].predicted_output_tokens == 9
