@@ -112,6 +112,18 @@ def _read_config(path: Path) -> dict:
 
 def load_adapter(name: str, path: str | Path, dims: BaseDims, max_rank: int) -> LoraAdapter:
     """Read a PEFT LoRA directory and check it against the base model; raise AdapterError."""
+    try:
+        return _load_adapter(name, path, dims, max_rank)
+    except AdapterError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, re.error) as exc:
+        # Fuzzing (tests/fuzz) found malformed configs (r: null, target_modules: [[1]],
+        # rank_pattern: []) escaping as TypeError & co., which AddTask answered as INTERNAL.
+        raise AdapterError(f"adapter {name!r}: malformed {CONFIG_FILE} or tensors: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load_adapter(name: str, path: str | Path, dims: BaseDims, max_rank: int) -> LoraAdapter:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter {name!r}: {path} is not a directory")
@@ -173,6 +185,9 @@ def load_adapter(name: str, path: str | Path, dims: BaseDims, max_rank: int) -> 
         if rank > max_rank:
             raise AdapterError(f"adapter {name!r}: rank {rank} exceeds the engine's max LoRA rank "
                                f"{max_rank} (ENGINE_MAX_LORA_RANK)")
+        if not (a.is_floating_point() and b.is_floating_point()):  # fuzzing: int/bool loaded
+            raise AdapterError(f"adapter {name!r}: layer {layer} {module}: lora tensors must be "
+                               f"floating point, got {a.dtype}/{b.dtype}")
         a, b = a.float(), b.float()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"adapter {name!r}: layer {layer} {module} has NaN or Inf weights")
@@ -182,6 +197,8 @@ def load_adapter(name: str, path: str | Path, dims: BaseDims, max_rank: int) -> 
             raise AdapterError(f"adapter {name!r}: layer {layer} {module} has rank {rank} but "
                                f"{CONFIG_FILE} says r={r_cfg}")
         alpha = float(_pattern_value(alpha_pattern, module_path, alpha_default))
+        if not math.isfinite(alpha):  # fuzzing: lora_alpha "NaN" made every output NaN
+            raise AdapterError(f"adapter {name!r}: lora_alpha {alpha} is not finite")
         scaling[(layer, module)] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         weights[(layer, module)] = (a.contiguous(), b.contiguous())
 
