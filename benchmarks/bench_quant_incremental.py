@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--t2", type=int, default=2, help="tasks added")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--aggregation", default="max-inv")
+    ap.add_argument("--aggregation", default="mean")
     ap.add_argument("--num-seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)

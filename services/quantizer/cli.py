@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bits", type=int, default=4, help=f"one of {SUPPORTED_BITS}")
     p.add_argument("--group-size", type=int, default=128, help="-1 for per-row groups")
     p.add_argument("--method", default="mlgptq", choices=METHODS)
-    p.add_argument("--aggregation", default="max-inv", choices=AGGREGATIONS, help="mlgptq only")
+    p.add_argument("--aggregation", default="mean", choices=AGGREGATIONS, help="mlgptq only")
     p.add_argument("--desc-act", action="store_true", help="act-order (columns by descending H diag)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     p.add_argument("--num-seqs", type=int, default=32, help="calibration sequences per task")

@@ -29,7 +29,7 @@ class QuantConfig:
     damp_percent: float = 0.01
     block_size: int = 128
     method: str = "mlgptq"
-    aggregation: str = "max-inv"
+    aggregation: str = "mean"
     num_seqs: int = 32
     seq_len: int = 128
 

@@ -112,7 +112,7 @@ def test_rtn_round_to_nearest():
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=5), dict(bits=1), dict(group_size=96), dict(group_size=0),
-                                    dict(method="awq"), dict(aggregation="mean")])
+                                    dict(method="awq"), dict(aggregation="median")])
 def test_bad_config_rejected(kwargs):
     with pytest.raises(QuantConfigError):
         QuantConfig(**kwargs)
