@@ -18,7 +18,7 @@ from tests.unit.quantizer.conftest import make_adapter, make_calibration, make_t
 SMALL = dict(num_seqs=4, seq_len=32, group_size=32)
 
 
-@pytest.mark.parametrize("aggregation", ["max-inv", "max-h", "row-max"])
+@pytest.mark.parametrize("aggregation", ["max-inv", "max-h", "row-max", "mean"])
 def test_incremental_equals_full_bit_for_bit(tiny_model, tiny_tasks, tmp_path, aggregation):
     cfg = QuantConfig(aggregation=aggregation, **SMALL)
     quantize(str(tiny_model), tiny_tasks, cfg, tmp_path / "full", show_progress=False)
