@@ -322,6 +322,7 @@ async def test_add_task_tiny_llama(tmp_path, redis_url):
     from services.quantizer.server import QuantizerServer
     from tests.unit.quantizer.conftest import make_adapter, make_calibration, make_tiny_llama
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = make_tiny_llama(tmp_path / "tiny")
     adapter = make_adapter(model, tmp_path / "adapter", seed=3)
@@ -379,3 +380,4 @@ async def test_add_task_tiny_llama(tmp_path, redis_url):
     finally:
         await spine.stop()
         await server.stop()
+        torch.set_num_threads(threads)  # the session engine of other tests keeps its setting
