@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common.adapter_screening import ScreeningConfig
 from services.common.auth import AuthConfig, AuthInterceptor
 from services.common.grpc_server import ServiceHost
 from services.common.logging import LoggingConfig, setup_logging
@@ -41,7 +42,7 @@ async def build(config: GatewayConfig, redis_url: str,
     quantizer = (QuantizerClient(config.quantizer_addr, config.quantizer_timeout_s)
                  if config.quantizer_addr else None)
     servicer = GatewayServicer(config, queue, TaskRegistry(client, keys), tokenizer,
-                               predictor, quantizer, metrics)
+                               predictor, quantizer, metrics, ScreeningConfig.from_env())
     return servicer, queue
 
 

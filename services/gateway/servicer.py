@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+from services.common.adapter_screening import ScreeningConfig, screen_adapter_dir
 from services.common.adapters import BaseDims, load_adapter
 from services.common.auth import LOCAL_PRINCIPAL, Principal, current_principal
 from services.common.errors import AlreadyExistsError, FailedPreconditionError, \
@@ -68,8 +69,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def __init__(self, config: GatewayConfig, queue: RequestQueue, registry: TaskRegistry,
                  tokenizer: Tokenizer, predictor: PredictorClient | None = None,
-                 quantizer: QuantizerClient | None = None, metrics: Metrics | None = None) -> None:
+                 quantizer: QuantizerClient | None = None, metrics: Metrics | None = None,
+                 screening: ScreeningConfig | None = None) -> None:
         self._config = config
+        self._screening = screening or ScreeningConfig()
         self._metrics = metrics
         self._queue = queue
         self._registry = registry
@@ -240,11 +243,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgumentError(f"calibration file {calibration_path} does not exist")
         adapter = await asyncio.to_thread(load_adapter, request.name, adapter_path, self._dims,
                                           self._config.max_lora_rank)
+        # A poisoned adapter would hurt every task through the shared quantized base (the
+        # paper's stated limitation): screen before it is served or joins quantization.
+        report = await asyncio.to_thread(screen_adapter_dir, adapter_path, self._screening)
+        is_quarantined = report.should_quarantine
+        state = "QUARANTINED" if is_quarantined else (
+            "QUANTIZING" if calibration_path else "READY")
         record = TaskRecord(name=request.name, adapter_path=adapter_path, rank=adapter.rank,
-                            targets=list(adapter.targets),
-                            state="QUANTIZING" if calibration_path else "READY",
+                            targets=list(adapter.targets), state=state,
+                            message=report.summary() if report.reasons else "",
                             tenant=_owner_tenant(_caller()), weight=request.weight or 1.0)
         await self._registry.add(record)
+        if is_quarantined:
+            log.warning("quarantined task %s: %s", record.name, report.summary())
+            return gateway_pb2.AddTaskResponse(task=task_info(record))
         job_id = ""
         if calibration_path:
             # Hook for incremental MLGPTQ: the task serves on the current base meanwhile and

@@ -107,3 +107,36 @@ async def test_calibration_starts_quantizer_job(make_gateway, gateway_config, tm
     code, details = await _fails(gateway.stub.AddTask(request))
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "no rows" in details
     assert await gateway.registry.get("q2") is None
+
+
+async def test_outlier_adapter_is_quarantined_and_not_served(gateway, tmp_path):
+    """Screening runs before a task is served or joins quantization; a quarantined task
+    is registered (visible to its owner, with the reason) but Generate refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_lora(tmp_path / "poison", rank=4, layers=tuple(range(8)))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    victim = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"
+    tensors[victim] = tensors[victim] * 1e5  # one module's update dwarfs the base weight
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    added = await gateway.stub.AddTask(gateway_pb2.AddTaskRequest(name="poison",
+                                                                  adapter_path=str(path)))
+    assert added.task.state == common_pb2.TASK_STATE_QUARANTINED
+    assert "layers.3.self_attn.q_proj" in added.task.message
+    request = gateway_pb2.GenerateRequest(task="poison", prompt="hi",
+                                          params=common_pb2.SamplingParams(max_tokens=4))
+    code, details = await _fails(_drain(gateway.stub.Generate(request)))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "QUARANTINED" in details
+    assert await gateway.queue.backlog() == 0
+
+
+async def test_clean_adapter_passes_screening(gateway, tmp_path):
+    path = write_lora(tmp_path / "clean", rank=4, layers=tuple(range(8)))
+    added = await gateway.stub.AddTask(gateway_pb2.AddTaskRequest(name="clean",
+                                                                  adapter_path=str(path)))
+    assert added.task.state == common_pb2.TASK_STATE_READY
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
