@@ -1,67 +1,173 @@
-"""Background incremental-quantization jobs: one at a time, progress per layer, failures recorded."""
+"""JobRunner: quantization jobs run one at a time in a background thread, FIFO.
+
+A job thread is a daemon: a stopping service does not wait for a half-done quantization
+(its temporary version directory is simply never published), and its tasks stay QUANTIZING.
+"""
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from services.common.errors import NotFoundError
+from services.common.metrics import Metrics
+from services.common.task_registry import TaskRegistry
 from services.quantizer.calibration import TaskSpec
-from services.quantizer.incremental import add_tasks
+from services.quantizer.pipeline import ProgressFn
+from services.quantizer.publisher import WeightPublisher
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+log = logging.getLogger(__name__)
+QUEUED, RUNNING, DONE, FAILED = "QUEUED", "RUNNING", "DONE", "FAILED"
+MAX_KEPT_JOBS = 256  # finished jobs remembered for GetJob
 
 
 @dataclass
 class Job:
-    """State of one add-tasks job (mutated only by its worker thread, read by RPCs)."""
+    """One StartJob: its tasks and progress (layers done / total)."""
 
     job_id: str
     tasks: list[TaskSpec]
+    num_layers_total: int
     state: str = QUEUED
     num_layers_done: int = 0
-    num_layers_total: int = 0
     message: str = ""
-    version: int = 0
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    weight_version: int = 0
+    created_s: float = field(default_factory=time.time)
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in (QUEUED, RUNNING)
 
 
-class JobManager:
-    """Runs add_tasks jobs on a checkpoint root, serially (each re-quantizes every layer and
-    the next one must build on the version the previous one published)."""
+class JobRunner:
+    """Queues jobs and runs `quantize(tasks, progress) -> version dir` for each in turn; on
+    success publishes the version and marks the tasks READY, on failure marks them FAILED
+    (the served version is untouched: a version is only published once complete)."""
 
-    def __init__(self, checkpoint_root: str | Path, device: str = "cpu"):
-        self.root, self.device = Path(checkpoint_root), device
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()  # one job runs at a time
+    def __init__(self, quantize: Callable[[list[TaskSpec], ProgressFn], Path],
+                 publisher: WeightPublisher, registry: TaskRegistry, num_layers: int,
+                 metrics: Metrics | None = None) -> None:
+        self._quantize = quantize
+        self._publisher = publisher
+        self._registry = registry
+        self._num_layers = num_layers
+        self._metrics = metrics
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._loop_task: asyncio.Task | None = None
 
-    def start(self, tasks: list[TaskSpec]) -> Job:
-        if not tasks:
-            raise ValueError("a job needs at least one task")
-        job = Job(job_id=uuid.uuid4().hex[:12], tasks=list(tasks))
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run_forever())
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+
+    def submit(self, tasks: list[TaskSpec]) -> Job:
+        job = Job(job_id=f"q-{uuid.uuid4().hex[:12]}", tasks=list(tasks),
+                  num_layers_total=self._num_layers)
         self._jobs[job.job_id] = job
-        threading.Thread(target=self._run, args=(job,), daemon=True, name=f"quant-{job.job_id}").start()
+        while len(self._jobs) > MAX_KEPT_JOBS:
+            oldest = next(iter(self._jobs.values()))
+            if oldest.is_active:
+                break
+            self._jobs.popitem(last=False)
+        self._queue.put_nowait(job)
+        log.info("job %s queued for tasks %s", job.job_id, [t.name for t in tasks])
         return job
 
     def get(self, job_id: str) -> Job:
-        if job_id not in self._jobs:
-            raise KeyError(f"unknown job {job_id!r}")
-        return self._jobs[job_id]
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"unknown job {job_id!r} (finished jobs are kept for the "
+                                f"last {MAX_KEPT_JOBS})")
+        return job
 
-    def _progress(self, job: Job):
-        def update(done: int, total: int) -> None:
+    def pending_task_names(self) -> set[str]:
+        return {t.name for j in self._jobs.values() if j.is_active for t in j.tasks}
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job:
+        """Poll until a job is finished (tests, tools)."""
+        deadline = time.monotonic() + timeout_s
+        job = self.get(job_id)
+        while job.is_active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return job
+
+    async def _run_forever(self) -> None:
+        while True:
+            job = await self._queue.get()
+            await self._run(job)
+
+    async def _run(self, job: Job) -> None:
+        job.state = RUNNING
+        started = time.perf_counter()
+        try:
+            version_dir = await self._in_thread(job)
+            job.weight_version = await self._publisher.publish(version_dir)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the job, never the service
+            job.state, job.message = FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("job %s failed: %s", job.job_id, job.message)
+            await self._mark(job, "FAILED", f"quantization failed: {job.message}")
+            self._finish_metrics(job, "failed")
+            return
+        job.message = f"published weight version {job.weight_version} ({version_dir})"
+        job.state = DONE
+        log.info("job %s done in %.1f s: %s", job.job_id, time.perf_counter() - started, job.message)
+        await self._mark(job, "READY", f"quantized into weight version {job.weight_version}")
+        self._finish_metrics(job, "done")
+
+    async def _in_thread(self, job: Job) -> Path:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Path] = loop.create_future()
+
+        def progress(done: int, total: int) -> None:
             job.num_layers_done, job.num_layers_total = done, total
-        return update
+            if self._metrics is not None:
+                self._metrics.set_quantization_progress(job.job_id, min(1.0, done / max(total, 1)))
 
-    def _run(self, job: Job) -> None:
-        with self._lock:
-            job.state = RUNNING
+        def target() -> None:
+            result, error = None, None
             try:
-                version = add_tasks(self.root, job.tasks, device=self.device,
-                                    progress=self._progress(job), show_progress=False)
-                job.version = int(version.name.lstrip("v"))
-                job.message, job.state = f"published {version}", DONE
-            except Exception as exc:  # noqa: BLE001 - any failure is reported through GetJob
-                job.message, job.state = f"{type(exc).__name__}: {exc}", FAILED
-            finally:
-                job.done.set()
+                result = self._quantize(job.tasks, progress)
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop as the job's error
+                error = exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the service stopped meanwhile: nobody waits for this job
+                pass
+
+        threading.Thread(target=target, name=f"quantize-{job.job_id}", daemon=True).start()
+        return await future
+
+    async def _mark(self, job: Job, state: str, message: str) -> None:
+        for spec in job.tasks:
+            try:
+                await self._registry.update(spec.name, state=state, message=message)
+            except NotFoundError:  # removed while quantizing: nothing to mark
+                log.info("task %s was removed during job %s", spec.name, job.job_id)
+            except Exception as exc:  # noqa: BLE001 - Redis down: the job's own state still tells
+                log.error("cannot mark task %s %s: %s", spec.name, state, exc)
+
+    def _finish_metrics(self, job: Job, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.finish_quantization(job.job_id, state)
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
