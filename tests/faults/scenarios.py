@@ -229,7 +229,18 @@ async def cancel_and_deadline(cluster: FaultCluster, ref: list[list[int]],
             except grpc.aio.AioRpcError as exc:
                 codes[i] = exc.code().name
 
+    peak = {"num_running": 0}
+
+    async def watch() -> None:  # proof the engines were busy before the cancels landed
+        while True:
+            for name in cluster.live_engines():
+                status = await asyncio.to_thread(cluster.engine_status, name)
+                peak["num_running"] = max(peak["num_running"], status.num_running)
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch())
     await asyncio.gather(*(client(i) for i in range(n)))
+    watcher.cancel()
     # Resources are freed asynchronously (the gateway sets the cancel key, the worker polls it).
     end, statuses = time.monotonic() + 30, {}
     while time.monotonic() < end:
@@ -253,7 +264,7 @@ async def cancel_and_deadline(cluster: FaultCluster, ref: list[list[int]],
                         f"{long_max_tokens}: engine resources freed",
             "n_in_flight": n, "completed": finished, "correct": prefix_ok,
             "lost": n - finished, "duplicated_tokens": 0, "gap_tokens": 0, "resumes": 0,
-            "errors": sorted(set(codes)), "resources_freed": all_free,
+            "errors": sorted(set(codes)), "resources_freed": all_free, "peak_num_running": peak["num_running"],
             "freed_after_s": round(freed_s, 1),
             "engine_status": {name: {"num_running": s.num_running, "num_waiting": s.num_waiting,
                                      "free_blocks": f"{s.num_free_blocks}/{s.num_total_blocks}"}
