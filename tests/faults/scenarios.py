@@ -271,3 +271,41 @@ async def cancel_and_deadline(cluster: FaultCluster, ref: list[list[int]],
                               for name, s in statuses.items()},
             "note": "completed = request state 'finished' (CANCELLED) in Redis; correct = tokens "
                     "seen before the cancel are a prefix of the reference"}
+
+
+async def engine_pause(cluster: FaultCluster, ref: list[list[int]], max_tokens: int) -> dict:
+    """SIGSTOP the engine holding the requests (a hung, not dead, engine) until the other one
+    has reclaimed and finished them, then SIGCONT it: the stale engine's late writes must be
+    refused (offset check in the append script), so no output stream grows past max_tokens."""
+    import signal  # noqa: PLC0415
+
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    from services.common.request_queue import OutputChunk  # noqa: PLC0415
+
+    n = len(ref)
+    tracker, tasks = await _clients_with_results(cluster, n, max_tokens, "epause")
+    await _wait_streaming(tasks, lambda: tracker.results)
+    held = {name: cluster.engine_status(name).num_running for name in cluster.live_engines()}
+    victim = max(held, key=held.get)
+    process = cluster.engines[victim].process
+    process.send_signal(signal.SIGSTOP)
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    await asyncio.sleep(3.0)  # let the woken engine try to publish its stale tokens
+    keys = RedisKeys("inlaid", "default")
+    client = aioredis.from_url(cluster.redis_url, decode_responses=True)
+    stream_tokens = []
+    for r in results:
+        entries = await client.xrange(keys.output(r.request_id))
+        stream_tokens.append(sum(len(OutputChunk.from_fields(f).token_ids) for _, f in entries))
+    await client.aclose()
+    over = sum(max(0, t - max_tokens) for t in stream_tokens)
+    row = score("e. engine SIGSTOP (hung) mid-stream, reclaimed, then SIGCONT (stale writer)",
+                n, results, ref, {"victim_held": held[victim],
+                                  "stream_tokens_beyond_max_after_wakeup": over,
+                                  "victim_alive_after": process.poll() is None})
+    row["duplicated_tokens"] += over
+    return row

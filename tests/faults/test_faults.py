@@ -42,3 +42,9 @@ async def test_cancel_and_deadline_free_engine(cluster, reference):
     assert row["completed"] == row["n_in_flight"], row  # every request reached 'finished'
     assert row["correct"] == row["n_in_flight"], row
     assert set(row["errors"]) <= {"CANCELLED (client)", "DEADLINE_EXCEEDED"}, row
+
+
+async def test_hung_engine_cannot_write_after_takeover(cluster, reference):
+    row = await scenarios.engine_pause(cluster, reference, MAX_TOKENS)
+    _assert_clean(row)
+    assert row["stream_tokens_beyond_max_after_wakeup"] == 0, row
