@@ -226,8 +226,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         check_task_name(request.name)
         if not request.adapter_path:
             raise InvalidArgumentError("adapter_path is required")
-        if request.weight < 0 or request.weight != request.weight:
-            raise InvalidArgumentError(f"weight must be >= 0 (0 = 1.0), got {request.weight}")
+        if not 0 <= request.weight < float("inf"):  # NaN and inf too (fuzzing: inf was stored)
+            raise InvalidArgumentError(f"weight must be finite and >= 0 (0 = 1.0), got {request.weight}")
+        if "\x00" in request.adapter_path or "\x00" in request.calibration_path:
+            # Path.resolve() raises ValueError on NUL, which answered INTERNAL (found by fuzzing).
+            raise InvalidArgumentError("adapter_path and calibration_path must not contain NUL bytes")
         if await self._registry.get(request.name) is not None:
             raise AlreadyExistsError(f"task {request.name!r} already exists; remove it first "
                                      "or pick another name")
