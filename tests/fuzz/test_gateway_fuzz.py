@@ -67,3 +67,20 @@ def test_seeded_cases_are_reproducible():
     a = [repr(hostile.random_case(random.Random(5), ["arith"], [])) for _ in range(3)]
     b = [repr(hostile.random_case(random.Random(5), ["arith"], [])) for _ in range(3)]
     assert a == b
+
+
+@pytest.mark.parametrize("method, payload", [
+    # Regressions the 10k campaign found (each once answered INTERNAL or UNKNOWN).
+    ("AddTask", gateway_pb2.AddTaskRequest(name="fz_nul", adapter_path="/tmp/\x00x")),
+    ("AddTask", gateway_pb2.AddTaskRequest(name="fz_nul2", adapter_path="adapters/arith",
+                                           calibration_path="a\x00b")),
+    ("AddTask", gateway_pb2.AddTaskRequest(name="fz_inf", adapter_path="adapters/arith",
+                                           weight=float("inf"))),
+    ("Generate", b"\x12\x02\xff\xfe"),          # prompt that is not UTF-8
+    ("ListTasks", b"\x12\xc0\x84=abc"),         # length prefix past the end
+])
+def test_found_cases_are_client_errors(fuzz_gateway, method, payload):
+    cluster, _tasks, _dirs = fuzz_gateway
+    with grpc.insecure_channel(cluster.gateway_addr) as channel:
+        code, details = hostile.send(channel, method, payload)
+    assert code == "INVALID_ARGUMENT", (code, details)
