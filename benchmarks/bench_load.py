@@ -175,6 +175,11 @@ def summarize(out: Result, extra: dict, args) -> dict:
                         "last_mb": samples[-1][1] if samples else None,
                         "max_mb": max((r for _, r in samples), default=None),
                         "slope_mb_per_min_second_half": slope,
+                        # RSS tends to rise in steps (allocator high-water marks) and then
+                        # plateau; growth over the last third separates that from a leak.
+                        "growth_last_third_mb": (samples[-1][1] - next(
+                            r for t, r in samples if t >= 2 * samples[-1][0] / 3))
+                        if samples else None,
                         "num_samples": len(samples),
                         "flat": slope is not None and abs(slope) < 1.0}
     loads = [v for _, v in extra["loadavg"]]
@@ -216,11 +221,12 @@ def write_results(summary: dict, args, command: str) -> None:
              + "/".join(fmt(summary["ttft_s"][q]) for q in ("p50", "p90", "p99")) + " |", "",
              "Errors: " + (", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or "none"),
              "", "## Memory (RSS) per process",
-             "", "| process | first MB | last MB | max MB | slope MB/min (2nd half) | flat (<1 MB/min) |",
-             "|---|---|---|---|---|---|"]
+             "", "| process | first MB | last MB | max MB | slope MB/min (2nd half) | flat (<1 MB/min) | "
+             "growth last third MB |", "|---|---|---|---|---|---|---|"]
     for role, m in summary["memory"].items():
         lines.append(f"| {role} | {fmt(m['first_mb'])} | {fmt(m['last_mb'])} | {fmt(m['max_mb'])} "
-                     f"| {fmt(m['slope_mb_per_min_second_half'])} | {m['flat']} |")
+                     f"| {fmt(m['slope_mb_per_min_second_half'])} | {m['flat']} | "
+                     f"{fmt(m['growth_last_third_mb'])} |")
     (results / "load.md").write_text("\n".join(lines) + "\n")
 
 
