@@ -23,7 +23,7 @@ from services.common.metrics import Metrics, create_metrics
 from services.common.model_source import resolve_model
 from services.common.pb.inlaid.v1 import gateway_pb2_grpc
 from services.common.redis_keys import RedisKeys
-from services.common.redis_server import EmbeddedRedis, connect
+from services.common.redis_server import connect
 from services.common.request_queue import RequestQueue
 from services.common.task_registry import TaskRegistry
 from services.common.tokenizer import Tokenizer
@@ -47,17 +47,6 @@ def free_port() -> int:
 def engine_config() -> EngineConfig:
     return EngineConfig(device="cpu", kv_cache_bytes=48 << 20, max_num_seqs=8,
                         max_model_len=1024)
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """The machine's Redis when REDIS_URL is set, else an embedded redis-server."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
@@ -11,16 +10,6 @@ import redis
 from services.common.redis_keys import RedisKeys
 from services.common.redis_server import EmbeddedRedis, connect
 from services.common.request_queue import OutputChunk, QueuedRequest, RequestQueue
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture

@@ -1,25 +1,14 @@
 """TaskRegistry against a real redis-server: add/remove/update bump the version atomically."""
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 
 from services.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from services.common.redis_keys import RedisKeys
-from services.common.redis_server import EmbeddedRedis, connect
+from services.common.redis_server import connect
 from services.common.task_registry import TaskRecord, TaskRegistry
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -15,22 +14,12 @@ from services.common.grpc_server import ServiceHost
 from services.common.model_source import resolve_model
 from services.common.pb.inlaid.v1 import gateway_pb2_grpc
 from services.common.redis_keys import RedisKeys
-from services.common.redis_server import EmbeddedRedis, connect
+from services.common.redis_server import connect
 from services.common.request_queue import RequestQueue
 from services.common.task_registry import TaskRegistry
 from services.common.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import GatewayServicer
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from services.common.pb.inlaid.v1 import quantizer_pb2, quantizer_pb2_grpc
 from services.common.redis_keys import RedisKeys
-from services.common.redis_server import EmbeddedRedis, connect
+from services.common.redis_server import connect
 from services.common.task_registry import TaskRecord, TaskRegistry
 from services.quantizer.calibration import CalibrationError, TaskSpec
 from services.quantizer.checkpoint import load_checkpoint, resolve
@@ -24,16 +24,6 @@ from tests.unit.quantizer.conftest import make_adapter, make_calibration, make_t
 
 pytestmark = pytest.mark.timeout(120)
 DONE, FAILED = quantizer_pb2.JOB_STATE_DONE, quantizer_pb2.JOB_STATE_FAILED
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
 
 
 class Service:
