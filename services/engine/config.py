@@ -1,9 +1,9 @@
 """EngineConfig: every engine knob in one frozen dataclass, built from ENGINE_* variables."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from services.common.env_config import env_values
 from services.engine.scheduler import SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -68,20 +68,7 @@ class EngineConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EngineConfig:
         """Build from ENGINE_<FIELD> variables (e.g. ENGINE_MAX_ADAPTERS); overrides win."""
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            raw = env.get("ENGINE_" + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            kind = type(f.default)
-            try:
-                values[f.name] = kind(raw) if kind is not int else int(raw, 0)
-            except ValueError as exc:
-                raise ValueError(f"ENGINE_{f.name.upper()}={raw!r} is not a valid "
-                                 f"{kind.__name__}") from exc
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**env_values(cls, "ENGINE", env), **overrides})
 
     def resolved_device(self) -> str:
         if self.device != "auto":

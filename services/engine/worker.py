@@ -7,11 +7,12 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import grpc
 import redis.exceptions
 
+from services.common.env_config import env_values
 from services.common.adapters import AdapterError
 from services.common.metrics import Metrics
 from services.common.pb.inlaid.v1 import predictor_pb2, predictor_pb2_grpc
@@ -54,20 +55,8 @@ class WorkerConfig:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> WorkerConfig:
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            name = "REDIS_URL" if f.name == "redis_url" else "ENGINE_" + f.name.upper()
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            kind = type(f.default)
-            try:
-                values[f.name] = int(raw, 0) if kind is int else kind(raw)
-            except ValueError as exc:
-                raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
-        values.update(overrides)
-        return cls(**values)
+        """Build from ENGINE_<FIELD> variables (REDIS_URL for redis_url); overrides win."""
+        return cls(**{**env_values(cls, "ENGINE", env), **overrides})
 
     def resolved_engine_id(self) -> str:
         return self.engine_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

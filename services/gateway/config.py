@@ -1,8 +1,9 @@
 """GatewayConfig: the gateway's settings in one frozen dataclass, built from GATEWAY_* variables."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from services.common.env_config import env_values
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,4 @@ class GatewayConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> GatewayConfig:
         """Build from GATEWAY_<FIELD> variables (REDIS_URL for redis_url); overrides win."""
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            name = "REDIS_URL" if f.name == "redis_url" else "GATEWAY_" + f.name.upper()
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            kind = type(f.default)
-            try:
-                values[f.name] = int(raw, 0) if kind is int else kind(raw)
-            except ValueError as exc:
-                raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**env_values(cls, "GATEWAY", env), **overrides})
