@@ -183,11 +183,23 @@ class RequestQueue:
         await self.client.set(self.keys.cancel(request_id), "1", ex=REQUEST_TTL_S)
         return True
 
-    async def follow(self, request_id: str, block_ms: int = 1000) -> AsyncIterator[OutputChunk]:
-        """Yield the request's chunks in order, waiting for new ones, until the final chunk."""
+    async def follow(self, request_id: str, block_ms: int = 1000,
+                     deadline_s: float | None = None) -> AsyncIterator[OutputChunk]:
+        """Yield the request's chunks in order, waiting for new ones, until the final chunk.
+
+        `deadline_s` (a time.monotonic() instant) ends the wait early: the caller's own
+        deadline check, so a client whose deadline passed stops holding the request even
+        when the gRPC runtime is late to cancel the handler.
+        """
         key, last_id = self.keys.output(request_id), "0-0"
         while True:
-            reply = await self.client.xread({key: last_id}, block=block_ms, count=256)
+            wait_ms = block_ms
+            if deadline_s is not None:
+                left_ms = int((deadline_s - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    return
+                wait_ms = max(1, min(block_ms, left_ms))
+            reply = await self.client.xread({key: last_id}, block=wait_ms, count=256)
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     last_id = entry_id

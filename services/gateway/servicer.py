@@ -118,9 +118,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             async for response in self._attach(request_id, caller):
                 yield response
             return
+        remaining_s = context.time_remaining()
+        deadline_s = None if remaining_s is None else time.monotonic() + remaining_s
         async for response in self._stream(request_id, 0, cancel_on_exit=True,
                                            predicted_output_tokens=predicted or 0,
-                                           task=request.task, start_s=start_s):
+                                           task=request.task, start_s=start_s,
+                                           deadline_s=deadline_s):
             yield response
 
     async def _attach(self, request_id: str, caller: Principal):
@@ -163,14 +166,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _stream(self, request_id: str, offset: int, cancel_on_exit: bool,
                       predicted_output_tokens: int = 0, task: str | None = None,
-                      start_s: float = 0.0):
+                      start_s: float = 0.0, deadline_s: float | None = None):
         """The first message (id, prediction) right away, then the output from `offset`.
         `task` set means a new request whose latency the metrics should record."""
         is_finished, ttft_s = False, None
         try:
             yield gateway_pb2.GenerateResponse(request_id=request_id,
                                                predicted_output_tokens=predicted_output_tokens)
-            async for chunk in self._queue.follow(request_id, self._config.read_block_ms):
+            async for chunk in self._queue.follow(request_id, self._config.read_block_ms,
+                                                  deadline_s):
                 response = self._response(request_id, chunk, offset)
                 is_finished = chunk.is_final
                 if ttft_s is None and chunk.token_ids:

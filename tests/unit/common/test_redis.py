@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -118,3 +119,12 @@ async def test_publish_reloads_the_script_after_a_flush(queue):
     await queue.enqueue(_request("r1"))
     [delivery] = await queue.read_new("e1", count=1, block_ms=0)
     assert await queue.publish([(delivery.entry_id, "r1", OutputChunk(0, [1], "a"))]) == [True]
+
+
+async def test_follow_stops_at_the_callers_deadline(queue):
+    """No chunk ever comes: follow() returns at the deadline instead of blocking forever."""
+    start = time.monotonic()
+    chunks = [c async for c in queue.follow("never-written", block_ms=1000,
+                                            deadline_s=start + 0.3)]
+    elapsed = time.monotonic() - start
+    assert chunks == [] and 0.25 <= elapsed < 0.9
