@@ -1,22 +1,18 @@
 """Inlaid policy: SRTF on predicted remaining tokens, at most β tasks per batch, starvation guard."""
 from __future__ import annotations
 
-import time
-
-from services.engine.block_manager import BlockManager
 from services.engine.policies.batching import (
     admit_prefills,
     choose_tasks,
     group_by_task,
-    reserved_blocks,
     secure_decode_slots,
     start_running,
 )
-from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from services.engine.policies.streak import StreakScheduler
 from services.engine.sequence import Sequence
 
 
-class InlaidScheduler(Scheduler):
+class InlaidScheduler(StreakScheduler):
     """LoRA-Inlaid's multi-task scheduler.
 
     Each step is one of the paper's three choices: a prefill batch from the
@@ -42,11 +38,6 @@ class InlaidScheduler(Scheduler):
 
     name = "inlaid"
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 clock=time.monotonic) -> None:
-        super().__init__(config, block_manager, clock)
-        self.num_decode_streak = 0
-
     def add(self, seq: Sequence) -> None:
         super().add(seq)
         seq.sched_state.setdefault("last_service_s", seq.arrival_s)
@@ -64,40 +55,7 @@ class InlaidScheduler(Scheduler):
         last = seq.sched_state.get("last_service_s", seq.arrival_s)
         return now_s - last > self.config.starvation_limit_s
 
-    # ---- the step ----------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        now = self.clock()
-        if self.waiting and self._should_prefill():
-            admitted = self._prefill(now)
-            # Reset even when nothing fitted: the next attempt (a full sort of the
-            # waiting pool) comes after another streak, not on every step.
-            self.num_decode_streak = 0
-            if admitted:
-                return SchedulerOutput(prefill=admitted)
-        if not self.running:
-            return SchedulerOutput()
-        decode, preempted = self._decode(now)
-        self.num_decode_streak += 1
-        return SchedulerOutput(decode=decode, preempted=preempted)
-
-    def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
-        super().update(out, token_ids)
-        now = self.clock()
-        for seq in out.seqs:
-            seq.sched_state["last_service_s"] = now
-
     # ---- choices -----------------------------------------------------------
-    def _should_prefill(self) -> bool:
-        if not self.running:
-            return True
-        if len(self.running) >= self.config.max_num_seqs:
-            return False
-        if self.num_decode_streak < self.config.max_decode_streak:
-            return False
-        # Nothing can be admitted while the running requests' predicted needs take
-        # every free block; skipping the attempt saves sorting the waiting pool.
-        return self.block_manager.num_free_blocks > reserved_blocks(self.block_manager, self.running)
-
     def _prefill(self, now_s: float) -> list[Sequence]:
         # Keys computed once per sequence: this runs over the whole waiting pool,
         # thousands of requests when the engine is saturated.

@@ -7,17 +7,17 @@ import time
 from services.engine.block_manager import BlockManager
 from services.engine.policies.batching import (
     admit_prefills,
-    reserved_blocks,
     choose_tasks,
     group_by_task,
     secure_decode_slots,
     start_running,
 )
-from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from services.engine.policies.streak import StreakScheduler
+from services.engine.scheduler import SchedulerConfig, SchedulerOutput
 from services.engine.sequence import Sequence
 
 
-class WFQScheduler(Scheduler):
+class WFQScheduler(StreakScheduler):
     """Per-task weighted fair queueing (beyond the paper, which left fairness open).
 
     Every task carries a virtual finish tag: the service it has received,
@@ -41,7 +41,6 @@ class WFQScheduler(Scheduler):
         self.task_weights: dict[str, float] = {}
         self._num_active: dict[str, int] = {}   # waiting + running requests per task
         self._virtual_now = 0.0
-        self.num_decode_streak = 0
 
     # ---- service accounting ---------------------------------------------------
     def _charge(self, task: str, service: float) -> None:
@@ -81,39 +80,10 @@ class WFQScheduler(Scheduler):
     def _is_hungry(self, seq: Sequence, now_s: float) -> bool:
         return now_s - seq.sched_state["last_service_s"] > self.config.starvation_limit_s
 
-    # ---- the step ------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        now = self.clock()
-        if self.waiting and self._should_prefill():
-            admitted = self._prefill(now)
-            # Reset even when nothing fitted: the next attempt (a full sort of the
-            # waiting pool) comes after another streak, not on every step.
-            self.num_decode_streak = 0
-            if admitted:
-                return SchedulerOutput(prefill=admitted)
-        if not self.running:
-            return SchedulerOutput()
-        decode, preempted = self._decode(now)
-        self.num_decode_streak += 1
-        return SchedulerOutput(decode=decode, preempted=preempted)
-
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
         super().update(out, token_ids)
-        now = self.clock()
         for seq in out.seqs:     # every scheduled sequence produced one output token
-            seq.sched_state["last_service_s"] = now
             self._charge(seq.task, 1.0)
-
-    def _should_prefill(self) -> bool:
-        if not self.running:
-            return True
-        if len(self.running) >= self.config.max_num_seqs:
-            return False
-        if self.num_decode_streak < self.config.max_decode_streak:
-            return False
-        # Nothing can be admitted while the running requests' predicted needs take
-        # every free block; skipping the attempt saves sorting the waiting pool.
-        return self.block_manager.num_free_blocks > reserved_blocks(self.block_manager, self.running)
 
     def fair_order(self, now_s: float) -> list[Sequence]:
         """Waiting requests in the order WFQ would serve them, tags advancing per admission.
