@@ -22,15 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from services.common.model_source import resolve_model  # noqa: E402
-from services.common.pb.inlaid.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from services.gateway.servicer import base_dims  # noqa: E402
 from tests.faults.cluster import FaultCluster  # noqa: E402
 from tests.fuzz import hostile, hostile_adapters  # noqa: E402
-from tests.fuzz.run import campaign  # noqa: E402
+from tests.fuzz.run import (  # noqa: E402
+    base_model_dims,
+    campaign,
+    hostile_adapter_dirs,
+    start_fuzz_gateway,
+)
 
 
 def adapter_campaign(num: int, seed: int, dims) -> dict:
@@ -57,19 +58,14 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     command = "python benchmarks/bench_fuzz.py " + " ".join(sys.argv[1:])
-    dims = base_dims(json.loads((Path(resolve_model().path) / "config.json").read_text()))
+    dims = base_model_dims()
     start = time.monotonic()
     cluster = FaultCluster()
     try:
-        cluster.start_redis()
-        cluster.start_gateway()
-        with grpc.insecure_channel(cluster.gateway_addr) as channel:
-            gateway_pb2_grpc.GatewayServiceStub(channel).AddTask(gateway_pb2.AddTaskRequest(
-                name="arith", adapter_path=str(ROOT / "adapters" / "arith")), timeout=60)
-        rng, root = random.Random(args.seed), Path(tempfile.mkdtemp(prefix="inlaid-fuzz-"))
-        dirs = [hostile_adapters.make(rng, root, dims, root / "MARKER", kind)[1]
-                for kind in hostile_adapters.KINDS]
-        grpc_result = campaign(cluster.gateway_addr, args.cases, args.seed, ["arith"], dirs)
+        tasks = start_fuzz_gateway(cluster)
+        dirs = hostile_adapter_dirs(random.Random(args.seed),
+                                    Path(tempfile.mkdtemp(prefix="inlaid-fuzz-")), dims)
+        grpc_result = campaign(cluster.gateway_addr, args.cases, args.seed, tasks, dirs)
         grpc_s = time.monotonic() - start
         alive = cluster.gateway.process.poll() is None
         log_text = cluster.gateway.log_path.read_text(errors="replace")

@@ -1,6 +1,7 @@
 """One fuzz campaign against a running gateway: N hostile cases, counts per method and status."""
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -8,7 +9,32 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.fuzz import hostile
+from services.common.model_source import resolve_model
+from services.common.pb.inlaid.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.servicer import base_dims
+from tests.faults.cluster import ROOT
+from tests.fuzz import hostile, hostile_adapters
+
+
+def base_model_dims():
+    """The served base's dimensions, which hostile adapters are shaped against."""
+    return base_dims(json.loads((Path(resolve_model().path) / "config.json").read_text()))
+
+
+def start_fuzz_gateway(cluster) -> list[str]:
+    """Redis + a gateway (no engine) with the demo task `arith` registered; returns the tasks."""
+    cluster.start_redis()
+    cluster.start_gateway()
+    with grpc.insecure_channel(cluster.gateway_addr) as channel:
+        gateway_pb2_grpc.GatewayServiceStub(channel).AddTask(gateway_pb2.AddTaskRequest(
+            name="arith", adapter_path=str(ROOT / "adapters" / "arith")), timeout=60)
+    return ["arith"]
+
+
+def hostile_adapter_dirs(rng: random.Random, root: Path, dims) -> list[Path]:
+    """One hostile adapter directory of every kind, under root."""
+    return [hostile_adapters.make(rng, root, dims, root / "MARKER", kind)[1]
+            for kind in hostile_adapters.KINDS]
 
 
 def campaign(addr: str, num_cases: int, seed: int, tasks: list[str],
