@@ -31,6 +31,16 @@ class EngineConfig:
     max_decode_streak: int = 8             # decode steps before prefills are considered
     starvation_limit_s: float = 30.0       # waiting longer than this jumps the queue
     num_threads: int = 0                   # torch CPU threads; 0 = torch's default
+    # Quantized base on the device (GPU fast path): 0 = serve the weights as loaded.
+    quant_bits: int = 0                    # 0 | 4: 4 → GPTQ 4-bit linears (random models: RTN-packed)
+    quant_group_size: int = 128            # GPTQ group size when quant_bits is set
+    cuda_graphs: bool = True               # capture pure-decode steps at bucketed batch sizes
+    # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
+    mlfq_num_levels: int = 6
+    mlfq_base_quantum: int = 8
+    mlfq_prefill_tokens_per_quantum: int = 256
+    wfq_prefill_token_weight: float = 0.5
+    inlaid_task_switch_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -50,6 +60,11 @@ class EngineConfig:
             raise ValueError(
                 f"max_adapters_per_batch ({self.max_adapters_per_batch}) cannot exceed the "
                 f"adapter slots max_adapters ({self.max_adapters})")
+        if self.quant_bits not in (0, 4):
+            raise ValueError(f"quant_bits must be 0 (unquantized) or 4, got {self.quant_bits}")
+        if self.quant_group_size <= 0 or self.quant_group_size % 32:
+            raise ValueError(f"quant_group_size must be a positive multiple of 32, "
+                             f"got {self.quant_group_size}")
         if not self.policy:
             raise ValueError("policy must be a non-empty name")
 
@@ -63,7 +78,12 @@ class EngineConfig:
                                max_num_batched_tokens=self.max_num_batched_tokens,
                                max_adapters_per_batch=self.adapters_per_batch_cap,
                                max_decode_streak=self.max_decode_streak,
-                               starvation_limit_s=self.starvation_limit_s)
+                               starvation_limit_s=self.starvation_limit_s,
+                               mlfq_num_levels=self.mlfq_num_levels,
+                               mlfq_base_quantum=self.mlfq_base_quantum,
+                               mlfq_prefill_tokens_per_quantum=self.mlfq_prefill_tokens_per_quantum,
+                               wfq_prefill_token_weight=self.wfq_prefill_token_weight,
+                               inlaid_task_switch_tokens=self.inlaid_task_switch_tokens)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EngineConfig:
