@@ -29,6 +29,8 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor | None = None  # [D] token positions of the decode seqs
     decode_blocks: torch.Tensor | None = None     # [D, max_nb] long, padded with block 0
     decode_mask: torch.Tensor | None = None       # [D, 1, 1, max_nb*block_size] bool: valid keys
+    decode_lens: torch.Tensor | None = None       # [D] int32 context lengths (GPU fast path)
+    is_all_decode: bool = False                   # every sequence computes one token
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -72,4 +74,33 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=meta.decode_mask,
                                            enable_gqa=gqa)
         out[idx] = o[:, :, 0, :]
+    return out
+
+
+def paged_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata) -> torch.Tensor:
+    """GPU fast path: like paged_attention, but the new K/V are already in the cache (written by
+    the fused RoPE kernel) and decode queries go through the Triton paged decode kernel, which
+    reads only each sequence's own blocks (no gather, no mask; CUDA-graph safe)."""
+    from services.engine.kernels.attention import paged_decode_attention
+    if meta.is_all_decode:
+        return paged_decode_attention(q, k_cache, v_cache, meta.decode_blocks, meta.decode_lens)
+    gqa = q.shape[1] != k_cache.shape[2]
+    out = torch.empty_like(q)
+    for i, blocks in zip(meta.prefill_ids, meta.prefill_blocks):
+        start, end = meta.query_starts[i], meta.query_starts[i + 1]
+        n, ctx = end - start, meta.context_lens[i]
+        qi = q[start:end].transpose(0, 1)                           # [H, n, D]
+        keys = _gather(k_cache, blocks)[:ctx].transpose(0, 1)      # [Hkv, ctx, D]
+        vals = _gather(v_cache, blocks)[:ctx].transpose(0, 1)
+        if n == ctx:
+            o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
+        else:
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+            o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    if meta.decode_token_idx is not None:
+        idx = meta.decode_token_idx
+        out[idx] = paged_decode_attention(q[idx], k_cache, v_cache, meta.decode_blocks,
+                                          meta.decode_lens)
     return out

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.adapters import ATTN_MODULES, MLP_MODULES, BaseDims
-from services.engine.attention import AttentionMetadata, paged_attention
+from services.engine.attention import AttentionMetadata, paged_attention, paged_attention_cuda
 
 LINEAR_NAMES = ATTN_MODULES + MLP_MODULES
+# Linears that share an input and run as one GEMM on the GPU fast path.
+FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True)
@@ -140,12 +142,90 @@ class LlamaLayer(nn.Module):
             shape.num_heads, shape.num_kv_heads, shape.head_dim)
         self.input_layernorm = RMSNorm(w["input_layernorm"], shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm"], shape.rms_norm_eps)
+        self.eps = shape.rms_norm_eps
         for name in LINEAR_NAMES:
-            setattr(self, name, BaseLinear(w[name]))
+            setattr(self, name, w[name] if isinstance(w[name], nn.Module) else BaseLinear(w[name]))
+        self.fused: dict[str, nn.Module] = {}   # GPU fast path: group name → FusedQuantLinear
 
     def _linear(self, name: str, x: torch.Tensor, lora) -> torch.Tensor:
         y = getattr(self, name)(x)
         return y if lora is None else lora.apply(self.idx, name, x, y)
+
+    # ---- swappable linears (fused groups included) -------------------------------------
+    def _group_of(self, name: str) -> str | None:
+        return next((g for g, names in FUSED_GROUPS.items() if name in names and g in self.fused), None)
+
+    def linear(self, name: str) -> nn.Module:
+        """The module computing `name` (a fused part comes back as a standalone copy)."""
+        group = self._group_of(name)
+        return self.fused[group].part(name) if group else getattr(self, name)
+
+    def set_linear(self, name: str, module: nn.Module) -> bool:
+        """Replace one linear; True when it was overwritten in place (captured graphs stay valid)."""
+        from services.engine.kernels.quant_linear import TritonQuantLinear, kernel_weights_of
+        kw = kernel_weights_of(module) if self.fused or _is_quant(getattr(self, name)) else None
+        group = self._group_of(name)
+        if group and kw is not None:
+            try:
+                self.fused[group].load_part_(name, kw)
+                return True
+            except ValueError:
+                pass
+        if group:  # cannot write into the fused layer: split the group back into its parts
+            fused = self.fused.pop(group)
+            for part in FUSED_GROUPS[group]:
+                setattr(self, part, fused.part(part))
+        current = getattr(self, name)
+        if kw is not None and isinstance(current, TritonQuantLinear) and current.bias is None:
+            try:
+                current.load_weights_(kw)
+                return True
+            except ValueError:
+                pass
+        setattr(self, name, module)
+        return False
+
+    def fuse(self, tuner) -> None:
+        """Fuse q|k|v and gate|up where all parts are 4-bit Triton linears of one layout."""
+        from services.engine.kernels.quant_linear import FusedQuantLinear
+        for group, names in FUSED_GROUPS.items():
+            parts = {n: getattr(self, n) for n in names}
+            if group in self.fused or not all(_is_quant(p) and p.kw.perm is None for p in parts.values()):
+                continue
+            if len({(p.in_features, p.kw.group_size) for p in parts.values()}) != 1:
+                continue
+            self.fused[group] = FusedQuantLinear(parts, tuner)
+            for n in names:   # the fused copy is the only one kept
+                setattr(self, n, None)
+
+    def _group(self, group: str, x: torch.Tensor, lora) -> torch.Tensor:
+        """Outputs of a fused group's linears side by side [T, ΣN], LoRA added per part."""
+        fused = self.fused.get(group)
+        if fused is None:
+            return torch.cat([self._linear(n, x, lora) for n in FUSED_GROUPS[group]], dim=-1)
+        y = fused(x)
+        if lora is not None:
+            for n in FUSED_GROUPS[group]:
+                start, end = fused.bounds(n)
+                lora.apply(self.idx, n, x, y[:, start:end])
+        return y
+
+    def forward_fast(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor],
+                     meta: AttentionMetadata, lora) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPU fast path (fp16, Triton): fused add+RMSNorm, one GEMM for q|k|v and for gate|up,
+        RoPE fused with the KV-cache write, paged decode attention. Returns (h, residual)."""
+        from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, silu_mul
+        t = h.shape[0]
+        x, residual = add_rmsnorm(h, self.input_layernorm.weight, self.eps, residual)
+        qkv = self._group("qkv_proj", x, lora)                        # [T, (H + 2 Hkv) D]
+        q = rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
+                           meta.slot_mapping, self.num_heads, self.num_kv_heads)  # [T, H, D]
+        attn = paged_attention_cuda(q, kv_cache[0], kv_cache[1], meta)
+        o = self._linear("o_proj", attn.reshape(t, -1), lora)
+        x, residual = add_rmsnorm(o, self.post_attention_layernorm.weight, self.eps, residual)
+        act = silu_mul(self._group("gate_up_proj", x, lora))         # [T, I]
+        return self._linear("down_proj", act, lora), residual
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -189,11 +269,25 @@ class LlamaModel(nn.Module):
         self.lm_head = head if isinstance(head, nn.Parameter) else nn.Parameter(head, requires_grad=False)
         inv_freq = rope_inv_freq(shape).to(self.embed_tokens.device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # set = fast path on
+
+    def enable_fast_path(self, max_positions: int, tuner) -> None:
+        """Switch to the fused Triton forward (CUDA, fp16, 4-bit linears fused where possible)."""
+        for layer in self.layers:
+            layer.fuse(tuner)
+        ang = torch.arange(max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+        self.rope_tables = (ang.cos().contiguous(), ang.sin().contiguous())  # fp32 [P, D/2]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 lora=None) -> torch.Tensor:
         """input_ids, positions [T] → hidden states [T, hidden] (before the final norm)."""
+        if self.rope_tables is not None:
+            h, residual = F.embedding(input_ids, self.embed_tokens), None
+            for layer, cache in zip(self.layers, kv_caches, strict=True):
+                h, residual = layer.forward_fast(h, residual, positions, self.rope_tables, cache,
+                                                 meta, lora)
+            return h + residual
         x = F.embedding(input_ids, self.embed_tokens)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]     # [T, D/2] fp32
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -223,6 +317,13 @@ def load_hf_weights(path: Path, device: str, dtype: torch.dtype) -> dict[str, to
 def random_weights(shape: LlamaShape, device: str, dtype: torch.dtype,
                    seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
     """Random weights made on the device in dtype (fast for 7B+); small std keeps activations finite."""
+    return dict(random_weight_items(shape, device, dtype, seed, std))
+
+
+def random_weight_items(shape: LlamaShape, device: str, dtype: torch.dtype, seed: int = 0,
+                        std: float = 0.02):
+    """(name, tensor) of random_weights one at a time, so a caller can quantize each linear
+    as it is made and never hold the whole fp16 model."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*size: int) -> torch.Tensor:
@@ -230,16 +331,20 @@ def random_weights(shape: LlamaShape, device: str, dtype: torch.dtype,
 
     h = shape.hidden_size
     dims = shape.dims()
-    w = {"model.embed_tokens.weight": normal(shape.vocab_size, h),
-         "model.norm.weight": torch.ones(h, device=device, dtype=dtype)}
+    yield "model.embed_tokens.weight", normal(shape.vocab_size, h)
+    yield "model.norm.weight", torch.ones(h, device=device, dtype=dtype)
     if not shape.tie_word_embeddings:
-        w["lm_head.weight"] = normal(shape.vocab_size, h)
+        yield "lm_head.weight", normal(shape.vocab_size, h)
     for layer in range(shape.num_layers):
         p = f"model.layers.{layer}."
-        w[p + "input_layernorm.weight"] = torch.ones(h, device=device, dtype=dtype)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(h, device=device, dtype=dtype)
+        yield p + "input_layernorm.weight", torch.ones(h, device=device, dtype=dtype)
+        yield p + "post_attention_layernorm.weight", torch.ones(h, device=device, dtype=dtype)
         for name in LINEAR_NAMES:
             in_f, out_f = dims.features(name)
             sub = "self_attn." if name in ATTN_MODULES else "mlp."
-            w[p + sub + name + ".weight"] = normal(out_f, in_f)
-    return w
+            yield p + sub + name + ".weight", normal(out_f, in_f)
+
+
+def _is_quant(module) -> bool:
+    from services.engine.kernels.quant_linear import TritonQuantLinear
+    return isinstance(module, TritonQuantLinear) and module.bias is None

@@ -22,14 +22,23 @@ class LoraManager:
     grow (slots, rank) on demand so a CPU engine with small adapters stays small.
     A step calls `prepare(slot per token segment)`; each layer then calls
     `apply(layer, module, x, y)` which adds x Aᵀ Bᵀ per segment with one pair of matmuls.
-    The stacked layout is what a gathered (BGMV/SGMV) kernel would read on a GPU.
+
+    With `use_triton` (CUDA, fp16) the step runs the Triton shrink/expand kernels
+    (services.engine.kernels.lora) instead: Bᵀ is then stored as B [slots, out, rank_cap],
+    rank_cap a power of two ≥ 16, and tokens are grouped by slot on the device, which is
+    what lets a decode step with mixed adapters be captured in a CUDA graph.
+    `layout_version` changes whenever a stack is (re)allocated: graphs captured before
+    hold stale addresses. Writing a slot is in place and keeps them valid.
     """
 
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
                  device: str | torch.device, dtype: torch.dtype,
-                 gather_max_tokens: int | None = None) -> None:
+                 gather_max_tokens: int | None = None, use_triton: bool = False) -> None:
         self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
+        self.use_triton = use_triton
+        self.layout_version = 0
+        self._batch = None                                     # Triton path: LoraBatch this step
         self._registered: dict[str, LoraAdapter] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()   # LRU order: oldest first
         self._free_slots = list(range(num_slots))
@@ -65,6 +74,10 @@ class LoraManager:
         del self._registered[name]
         slot = self._slot_of.pop(name, None)
         if slot is not None:
+            with torch.inference_mode():    # the stacks are made inside the engine's steps
+                for key in self._ranks[slot]:   # gathered/Triton paths read every slot's rows
+                    self._a[key][slot].zero_()
+                    self._bt[key][slot].zero_()
             self._ranks[slot] = {}
             self._free_slots.append(slot)
 
@@ -106,18 +119,31 @@ class LoraManager:
             return
         slot_cap, rank_cap = max(slot_cap, self._slot_cap), max(rank_cap, self._rank_cap)
         for key in list(self._a):
-            self._a[key] = self._resized(self._a[key], slot_cap, rank_cap)
-            self._bt[key] = self._resized(self._bt[key], slot_cap, rank_cap)
+            self._a[key] = self._resized(self._a[key], slot_cap, rank_cap, rank_dim=1)
+            self._bt[key] = self._resized(self._bt[key], slot_cap, rank_cap,
+                                          rank_dim=2 if self.use_triton else 1)
         self._slot_cap, self._rank_cap = slot_cap, rank_cap
+        self.layout_version += 1
 
-    def _resized(self, old: torch.Tensor, slot_cap: int, rank_cap: int) -> torch.Tensor:
-        new = torch.zeros(slot_cap, rank_cap, old.shape[2], device=self.device, dtype=self.dtype)
-        new[: old.shape[0], : old.shape[1]] = old
+    def _resized(self, old: torch.Tensor, slot_cap: int, rank_cap: int,
+                 rank_dim: int) -> torch.Tensor:
+        size = [slot_cap, *old.shape[1:]]
+        size[rank_dim] = rank_cap
+        new = torch.zeros(size, device=self.device, dtype=self.dtype)
+        new[tuple(slice(0, n) for n in old.shape)] = old
         return new
 
+    def _rank_cap_for(self, rank: int) -> int:
+        if self.use_triton:  # the kernels take power-of-two ranks ≥ 16 (zero padding is exact)
+            return max(16, 1 << (rank - 1).bit_length())
+        return min(self.max_rank, _round_up(rank, 8))
+
+    @torch.inference_mode()
     def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
-        slot_cap = min(self.num_slots, max(self._slot_cap, 1 << slot.bit_length()))
-        self._grow(slot_cap, min(self.max_rank, _round_up(adapter.rank, 8)))
+        # The Triton path takes every slot at once: stacks that never grow keep graphs valid.
+        slot_cap = self.num_slots if self.use_triton else min(
+            self.num_slots, max(self._slot_cap, 1 << slot.bit_length()))
+        self._grow(slot_cap, self._rank_cap_for(adapter.rank))
         for key in self._ranks[slot]:               # clear what the previous tenant left
             self._a[key][slot].zero_()
             self._bt[key][slot].zero_()
@@ -127,13 +153,18 @@ class LoraManager:
                 in_f, out_f = self.dims.features(key[1])
                 self._a[key] = torch.zeros(self._slot_cap, self._rank_cap, in_f,
                                            device=self.device, dtype=self.dtype)
-                self._bt[key] = torch.zeros(self._slot_cap, self._rank_cap, out_f,
-                                            device=self.device, dtype=self.dtype)
+                b_size = ((self._slot_cap, out_f, self._rank_cap) if self.use_triton
+                          else (self._slot_cap, self._rank_cap, out_f))
+                self._bt[key] = torch.zeros(b_size, device=self.device, dtype=self.dtype)
+                self.layout_version += 1
             r = a.shape[0]
             # Fold the scaling into Bᵀ in fp32 before casting: one fewer multiply per token.
-            bt = (b.float() * adapter.scaling[key]).t()
+            b_scaled = b.float() * adapter.scaling[key]                 # [out, r]
             self._a[key][slot, :r] = a.to(self.device, self.dtype)
-            self._bt[key][slot, :r] = bt.to(self.device, self.dtype)
+            if self.use_triton:
+                self._bt[key][slot, :, :r] = b_scaled.to(self.device, self.dtype)
+            else:
+                self._bt[key][slot, :r] = b_scaled.t().to(self.device, self.dtype)
             ranks[key] = r
         self._ranks[slot] = ranks
         self.num_loads += 1
@@ -144,11 +175,26 @@ class LoraManager:
         self._segments = [s for s in segments if s[0] >= 0]
         num_tokens = segments[-1][2] if segments else 0
         self._token_slots = self._token_mask = None
+        self._batch = None
+        if self.use_triton:
+            if self._segments:
+                slots = torch.cat([torch.full((e - b,), slot, dtype=torch.int32)
+                                   for slot, b, e in segments])
+                self.prepare_tokens(slots.to(self.device, non_blocking=True))
+            return
         if len(self._segments) > 1 and num_tokens <= self.gather_max_tokens:
             slots = torch.cat([torch.full((e - b,), slot, dtype=torch.long)
                                for slot, b, e in segments])
             self._token_mask = (slots >= 0).to(self.dtype)[:, None].to(self.device)
             self._token_slots = slots.clamp(min=0).to(self.device)
+
+    def prepare_tokens(self, slot_ids: torch.Tensor) -> None:
+        """Triton path: this step's adapter slot per token (int [T] on the device, -1 = none).
+
+        Device-only work (a sort), so a CUDA graph can capture it with static slot_ids."""
+        from services.engine.kernels.lora import prepare_lora_batch
+        self._batch = prepare_lora_batch(slot_ids)
+        self._segments = [(0, 0, 0)]   # marks the step active; tokens are grouped on the device
 
     @property
     def is_active(self) -> bool:
@@ -160,6 +206,9 @@ class LoraManager:
         if key not in self._a:
             return y
         a_stack, bt_stack = self._a[key], self._bt[key]
+        if self._batch is not None:
+            from services.engine.kernels.lora import triton_lora_apply
+            return triton_lora_apply(y, x, a_stack, bt_stack, self._batch)
         if self._token_slots is not None:
             # Ranks are zero-padded in the stacks, so the full rank_cap is exact.
             xa = torch.bmm(x[:, None, :], a_stack[self._token_slots].transpose(1, 2))  # [T,1,R]

@@ -9,7 +9,12 @@ from services.common.model_source import RANDOM_SHAPES, ModelSource, resolve_mod
 from services.engine.attention import AttentionMetadata
 from services.engine.config import EngineConfig
 from services.engine.llama import (LINEAR_NAMES, LlamaModel, LlamaShape, load_hf_weights,
-                                   random_weights)
+                                   random_weight_items)
+from services.engine.cuda_graphs import DecodeGraphs
+from services.engine.kernels.gemm_tuner import GemmTuner
+from services.engine.kernels.gptq_format import rtn_kernel_weights
+from services.engine.kernels.quant_linear import TritonQuantLinear
+from services.engine.kernels.w4a16 import HAS_TRITON
 from services.engine.lora import LoraManager
 from services.engine.sampler import Sampler
 from services.engine.sequence import Sequence
@@ -27,20 +32,42 @@ class ModelRunner:
     """
 
     def __init__(self, config: EngineConfig, shape: LlamaShape,
-                 weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> None:
+                 weights: dict[str, torch.Tensor | nn.Module], device: str,
+                 dtype: torch.dtype) -> None:
         self.config, self.shape = config, shape
         self.device, self.dtype = torch.device(device), dtype
+        # GPU fast path: 4-bit Triton linears, fused ops, Triton attention/LoRA, CUDA graphs.
+        self.is_fast = (config.quant_bits == 4 and self.device.type == "cuda"
+                        and dtype == torch.float16 and HAS_TRITON)
+        self.tuner = GemmTuner() if config.quant_bits == 4 else None  # one per model: same shapes
+        if config.quant_bits == 4:
+            weights = dict(weights)
+            for key in [k for k, v in weights.items() if _is_linear_key(k) and torch.is_tensor(v)]:
+                weights[key] = quantize_linear(weights.pop(key), config.quant_group_size, self.tuner)
+            for module in weights.values():
+                if isinstance(module, TritonQuantLinear):
+                    module.tuner = self.tuner
         self.model = LlamaModel(shape, weights)
         del weights
+        self.model_epoch = 0        # bumped when a weight swap replaces a module (graphs recapture)
         self.block_size = config.block_size
         self.lora = LoraManager(shape.dims(), config.max_adapters, config.max_lora_rank,
-                                self.device, dtype)
+                                self.device, dtype, use_triton=self.is_fast)
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._num_kv_blocks()
-        cache_shape = (self.num_kv_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
+        # The fast path keeps one extra scratch block that CUDA-graph padding rows write into.
+        num_alloc = self.num_kv_blocks + (1 if self.is_fast else 0)
+        cache_shape = (num_alloc, self.block_size, shape.num_kv_heads, shape.head_dim)
         self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=dtype),
                            torch.zeros(cache_shape, device=self.device, dtype=dtype))
                           for _ in range(shape.num_layers)]  # per layer: K, V
+        self.graphs: DecodeGraphs | None = None
+        if self.is_fast:
+            max_len = config.max_model_len or shape.max_position_embeddings
+            self.model.enable_fast_path(max_len, self.tuner)
+            if config.cuda_graphs:
+                self.graphs = DecodeGraphs(self, config.max_num_seqs,
+                                           -(-max_len // self.block_size), self.num_kv_blocks)
 
     @classmethod
     def load(cls, config: EngineConfig, source: ModelSource | None = None) -> ModelRunner:
@@ -52,10 +79,20 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         device = config.resolved_device()
         dtype = getattr(torch, config.resolved_dtype())
+        if config.quant_bits == 4 and device.startswith("cuda"):
+            # The W4A16 kernels take fp16 activations.
+            if config.dtype not in ("auto", "float16"):
+                raise ValueError(f"quant_bits=4 on CUDA runs in float16, not {config.dtype}")
+            dtype = torch.float16
         if source.kind == "random":
             shape = LlamaShape.from_hf_config(dict(RANDOM_SHAPES[source.random_shape],
                                                    model_type="llama"))
-            weights = random_weights(shape, device, dtype)
+            weights = {}
+            for key, tensor in random_weight_items(shape, device, dtype):
+                if config.quant_bits == 4 and _is_linear_key(key):
+                    # quantized as made: a 7B fp16 copy never sits whole in memory
+                    tensor = quantize_linear(tensor, config.quant_group_size, None)
+                weights[key] = tensor
         else:
             shape = LlamaShape.from_dir(source.path)
             weights = load_hf_weights(source.path, device, dtype)
@@ -74,6 +111,7 @@ class ModelRunner:
         kv_bytes = self.config.kv_cache_bytes
         if not kv_bytes:
             if self.device.type == "cuda":
+                torch.cuda.empty_cache()   # load-time temporaries (quantization) count as free
                 free, _ = torch.cuda.mem_get_info(self.device)
                 kv_bytes = int(free * _CUDA_KV_FRACTION)
             else:
@@ -88,13 +126,17 @@ class ModelRunner:
     def base_linear(self, layer_idx: int, name: str) -> nn.Module:
         if name not in LINEAR_NAMES:
             raise KeyError(f"unknown linear {name!r}; one of {LINEAR_NAMES}")
-        return getattr(self.model.layers[layer_idx], name)
+        return self.model.layers[layer_idx].linear(name)
 
     def set_base_linear(self, layer_idx: int, name: str, module: nn.Module) -> None:
-        """Replace one base linear (e.g. by a dequantize-on-the-fly module with forward(x))."""
-        old = self.base_linear(layer_idx, name)
-        setattr(self.model.layers[layer_idx], name, module)
-        del old
+        """Replace one base linear (e.g. by a dequantize-on-the-fly module with forward(x)).
+
+        With a 4-bit base, 4-bit modules (a GPTQ QuantLinear, a TritonQuantLinear) are written
+        into the existing kernel weights in place; anything else replaces the module."""
+        if name not in LINEAR_NAMES:
+            raise KeyError(f"unknown linear {name!r}; one of {LINEAR_NAMES}")
+        if not self.model.layers[layer_idx].set_linear(name, module):
+            self.model_epoch += 1
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         self.lora.add_adapter(adapter)
@@ -108,6 +150,10 @@ class ModelRunner:
         """One sampled token per sequence, in the order given."""
         if not seqs:
             return []
+        if self.graphs is not None and self.graphs.can_run(seqs):
+            logits = self.graphs.run(seqs, self._acquire_slots(seqs))
+            return self.sampler.sample(logits, [s.params for s in seqs],
+                                       [s.request_id for s in seqs])
         order, hidden, meta = self._forward(seqs)
         last = torch.tensor([meta.query_starts[j + 1] - 1 for j in range(len(order))],
                             device=self.device)
@@ -123,6 +169,9 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         """Logits [num_new_tokens, V] for every computed position (tests, scoring)."""
+        if self.graphs is not None and seqs and self.graphs.can_run(seqs):
+            logits = self.graphs.run(seqs, self._acquire_slots(seqs))
+            return [logits[i:i + 1].clone() for i in range(len(seqs))]
         order, hidden, meta = self._forward(seqs)
         logits = self.model.logits(hidden)
         out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
@@ -130,9 +179,12 @@ class ModelRunner:
             out[i] = logits[meta.query_starts[j]:meta.query_starts[j + 1]]
         return out
 
-    def _forward(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor, AttentionMetadata]:
+    def _acquire_slots(self, seqs: list[Sequence]) -> list[int]:
         slots = self.lora.acquire({s.task for s in seqs if s.task})
-        slot_of = [slots[s.task] if s.task else -1 for s in seqs]
+        return [slots[s.task] if s.task else -1 for s in seqs]
+
+    def _forward(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor, AttentionMetadata]:
+        slot_of = self._acquire_slots(seqs)
         # Group sequences by adapter so each adapter's tokens form one contiguous run.
         order = sorted(range(len(seqs)), key=lambda i: slot_of[i])
         ids, positions, slot_map, starts, ctx_lens, segments = [], [], [], [0], [], []
@@ -179,12 +231,32 @@ class ModelRunner:
             max_nb = max(-(-ctx_lens[j] // bs) for j in decode)
             table = [batch[j].block_table[:max_nb] for j in decode]
             table = [t + [0] * (max_nb - len(t)) for t in table]
-            meta.decode_token_idx = torch.tensor([starts[j] for j in decode], device=dev)
             meta.decode_blocks = torch.tensor(table, device=dev)                   # [D, nb]
+            if self.is_fast:   # the Triton kernel reads lengths, needs no mask
+                meta.decode_lens = torch.tensor([ctx_lens[j] for j in decode], device=dev,
+                                                dtype=torch.int32)
+                meta.is_all_decode = len(decode) == len(batch)
+                if not meta.is_all_decode:
+                    meta.decode_token_idx = torch.tensor([starts[j] for j in decode], device=dev)
+                return meta
+            meta.decode_token_idx = torch.tensor([starts[j] for j in decode], device=dev)
             lens = torch.tensor([ctx_lens[j] for j in decode], device=dev)
             meta.decode_mask = (torch.arange(max_nb * bs, device=dev)[None, :]
                                 < lens[:, None])[:, None, None, :]                 # [D,1,1,L]
         return meta
+
+
+def _is_linear_key(key: str) -> bool:
+    return key.endswith(".weight") and key.split(".")[-2] in LINEAR_NAMES
+
+
+def quantize_linear(weight: torch.Tensor, group_size: int, tuner: GemmTuner | None) -> TritonQuantLinear:
+    """RTN 4-bit of one nn.Linear weight [out, in] into a TritonQuantLinear on its device."""
+    out_f, in_f = weight.shape
+    if in_f % 128 or group_size % 128:
+        raise ValueError(f"quant_bits=4 needs in_features ({in_f}) and quant_group_size "
+                         f"({group_size}) to be multiples of 128 (the W4A16 kernel's K block)")
+    return TritonQuantLinear(rtn_kernel_weights(weight, group_size), None, tuner)
 
 
 def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -154,17 +154,22 @@ def repack_for_kernel(t: GptqTensors) -> KernelWeights:
     Act-order checkpoints are made contiguous by sorting rows by g_idx (x is gathered with the
     same permutation at run time), which needs every group to hold exactly group_size rows.
     """
-    k, n = t.in_features, t.out_features
-    g = t.group_size
+    return repack_codes(t.qweight, zeros_of(t), t.scales, t.g_idx, t.group_size)
+
+
+def repack_codes(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor, g: int) -> KernelWeights:
+    """repack_for_kernel from row-packed codes [K/8, N] and already unpacked zeros [K/G, N]."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
     if k % KERNEL_K_BLOCK or g % KERNEL_K_BLOCK:
         raise ValueError(f"kernel needs K ({k}) and group size ({g}) to be multiples of {KERNEL_K_BLOCK}")
-    if t.g_idx.shape != (k,):
-        raise ValueError(f"g_idx must have shape ({k},), got {tuple(t.g_idx.shape)}")
-    g_idx = t.g_idx.long()
+    if g_idx.shape != (k,):
+        raise ValueError(f"g_idx must have shape ({k},), got {tuple(g_idx.shape)}")
+    g_idx = g_idx.long()
     perm = torch.argsort(g_idx, stable=True)
     if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // g):
         raise ValueError("g_idx groups are not all of group_size rows; cannot repack")
-    q = unpack_along_rows(t.qweight)
+    q = unpack_along_rows(qweight)
     if torch.equal(perm, torch.arange(k, device=perm.device)):
         perm_out = None
     else:
@@ -179,11 +184,71 @@ def repack_for_kernel(t: GptqTensors) -> KernelWeights:
     tiled = packed.reshape(k // 8, n_pad // KERNEL_N_TILE, KERNEL_N_TILE).permute(1, 0, 2)
     return KernelWeights(
         qweight=_to_int32_wrapped(tiled).contiguous(),
-        zeros=zeros_of(t).to(torch.float16).contiguous(),
-        scales=t.scales.to(torch.float16).contiguous(),
+        zeros=zeros.to(torch.float16).contiguous(),
+        scales=scales.to(torch.float16).contiguous(),
         perm=perm_out,
         group_size=g,
     )
+
+
+def rtn_kernel_weights(weight: torch.Tensor, group_size: int) -> KernelWeights:
+    """Round-to-nearest 4-bit of an nn.Linear weight [N, K] straight into the kernel layout.
+
+    Used when a model is served 4-bit without a GPTQ checkpoint (random-weight benchmarks);
+    runs wherever the weight lives (a 4096×11008 layer takes milliseconds on a GPU).
+    """
+    return repack_for_kernel(quantize_gptq_v1(weight.t(), group_size))
+
+
+def _untile(kw: KernelWeights) -> torch.Tensor:
+    """Packed codes [K/8, N] (kernel nibble order, no column padding) of repacked weights."""
+    k, n = kw.in_features, kw.out_features
+    return kw.qweight.permute(1, 0, 2).reshape(k // 8, -1)[:, :n]
+
+
+def _tile(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of _untile: [K/8, N] int32 → [ceil(N/128), K/8, 128] column tiles, zero padded."""
+    k8, n = packed.shape
+    n_pad = -(-n // KERNEL_N_TILE) * KERNEL_N_TILE
+    out = torch.zeros(k8, n_pad, dtype=packed.dtype, device=packed.device)
+    out[:, :n] = packed
+    return out.reshape(k8, n_pad // KERNEL_N_TILE, KERNEL_N_TILE).permute(1, 0, 2).contiguous()
+
+
+def concat_kernel_weights(parts: list[KernelWeights]) -> KernelWeights:
+    """Several layers with the same input, side by side along N (q|k|v, gate|up): one GEMM."""
+    first = parts[0]
+    for p in parts:
+        if (p.in_features, p.group_size) != (first.in_features, first.group_size) or p.perm is not None:
+            raise ValueError("only layers of equal K and group size without act-order fuse")
+    return KernelWeights(qweight=_tile(torch.cat([_untile(p) for p in parts], dim=1)),
+                         zeros=torch.cat([p.zeros for p in parts], dim=1).contiguous(),
+                         scales=torch.cat([p.scales for p in parts], dim=1).contiguous(),
+                         perm=None, group_size=first.group_size)
+
+
+def slice_kernel_weights(kw: KernelWeights, start: int, end: int) -> KernelWeights:
+    """Output columns [start, end) of repacked weights as a layer of their own (a copy)."""
+    return KernelWeights(qweight=_tile(_untile(kw)[:, start:end]),
+                         zeros=kw.zeros[:, start:end].contiguous(),
+                         scales=kw.scales[:, start:end].contiguous(),
+                         perm=kw.perm, group_size=kw.group_size)
+
+
+def write_kernel_weights(dst: KernelWeights, src: KernelWeights, start: int) -> None:
+    """Overwrite dst's columns [start, start + src N) with src, in place (CUDA graphs stay valid)."""
+    end = start + src.out_features
+    if (src.in_features, src.group_size) != (dst.in_features, dst.group_size) or end > dst.out_features:
+        raise ValueError("weights do not fit the destination columns")
+    if src.perm is not None or dst.perm is not None:
+        if start or end != dst.out_features or src.perm is None or dst.perm is None \
+                or not torch.equal(src.perm.to(dst.perm.device), dst.perm):
+            raise ValueError("act-order weights can only replace a layer of the same permutation")
+    packed = _untile(dst).clone()
+    packed[:, start:end] = _untile(src).to(packed.device)
+    dst.qweight.copy_(_tile(packed))
+    dst.zeros[:, start:end].copy_(src.zeros)
+    dst.scales[:, start:end].copy_(src.scales)
 
 
 def dequantize_kernel_weights(kw: KernelWeights) -> torch.Tensor:

@@ -8,8 +8,12 @@ from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.gptq_format import (
     GptqTensors,
     KernelWeights,
+    concat_kernel_weights,
     dequantize_kernel_weights,
+    repack_codes,
     repack_for_kernel,
+    slice_kernel_weights,
+    write_kernel_weights,
 )
 from services.engine.kernels.w4a16 import HAS_TRITON, w4a16_matmul
 
@@ -67,3 +71,62 @@ class TritonQuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def load_weights_(self, kw: KernelWeights) -> None:
+        """Overwrite the weights in place with a layer of the same shape (keeps CUDA graphs valid)."""
+        if kw.out_features != self.out_features:
+            raise ValueError(f"expected {self.out_features} outputs, got {kw.out_features}")
+        write_kernel_weights(self.kw, kw, 0)
+        self._dense = None
+
+
+def kernel_weights_of(module: nn.Module) -> KernelWeights | None:
+    """The 4-bit weights of a TritonQuantLinear or of a 4-bit GPTQ QuantLinear (quantizer), else None.
+
+    A QuantLinear keeps GPTQ v1 row-packed codes, unpacked zeros, scales and g_idx; they are
+    repacked for the kernel on their own device.
+    """
+    if isinstance(module, TritonQuantLinear):
+        return module.kw if module.bias is None else None
+    qweight = getattr(module, "qweight", None)
+    if getattr(module, "bits", None) != 4 or qweight is None:
+        return None
+    zeros, scales, g_idx = module.zeros, module.scales, module.g_idx
+    return repack_codes(qweight, zeros.round().to(torch.int64), scales, g_idx,
+                        g_idx.shape[0] // scales.shape[0])
+
+
+class FusedQuantLinear(nn.Module):
+    """Linears sharing one input (q|k|v, gate|up) run as one W4A16 GEMM over concatenated columns.
+
+    forward(x) → [..., ΣN]; part i is output columns offsets[i]:offsets[i+1]. Parts can be read
+    back (`part`) and overwritten in place (`load_part_`), which is how weight swaps reach a
+    fused layer without invalidating captured CUDA graphs.
+    """
+
+    def __init__(self, parts: dict[str, TritonQuantLinear], tuner: GemmTuner | None) -> None:
+        super().__init__()
+        self.names = tuple(parts)
+        sizes = [p.out_features for p in parts.values()]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.inner = TritonQuantLinear(concat_kernel_weights([p.kw for p in parts.values()]), None, tuner)
+        self.in_features, self.out_features = self.inner.in_features, self.inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        i = self.names.index(name)
+        return self.offsets[i], self.offsets[i + 1]
+
+    def part(self, name: str) -> TritonQuantLinear:
+        """A standalone copy of one part."""
+        start, end = self.bounds(name)
+        return TritonQuantLinear(slice_kernel_weights(self.inner.kw, start, end), None, self.inner.tuner)
+
+    def load_part_(self, name: str, kw: KernelWeights) -> None:
+        start, end = self.bounds(name)
+        if kw.out_features != end - start:
+            raise ValueError(f"{name}: expected {end - start} outputs, got {kw.out_features}")
+        write_kernel_weights(self.inner.kw, kw, start)
+        self.inner._dense = None
