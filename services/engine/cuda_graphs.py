@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.attention import AttentionMetadata
+from services.engine.kernels.lora import LoraBatch
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -14,6 +15,24 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
         sizes.append(n)
         n += 16
     return sizes + [max_num_seqs]
+
+
+def lora_grouping(slot_of: list[int]) -> torch.Tensor:
+    """Host version of kernels.lora.prepare_lora_batch: int32 [4, T] = order, sorted slots,
+    first and one-past-last sorted position of each position's segment (no device sort in
+    the graph)."""
+    order = sorted(range(len(slot_of)), key=lambda i: slot_of[i])
+    slots = [slot_of[i] for i in order]
+    start, end = [0] * len(slots), [0] * len(slots)
+    i = 0
+    while i < len(slots):
+        j = i
+        while j < len(slots) and slots[j] == slots[i]:
+            j += 1
+        for k in range(i, j):
+            start[k], end[k] = i, j
+        i = j
+    return torch.tensor([order, slots, start, end], dtype=torch.int32)
 
 
 def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
@@ -45,7 +64,10 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32,
                                        device=dev)
-        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        # LoRA token grouping (services.engine.kernels.lora.LoraBatch), computed on the host:
+        # rows 0-3 = order, sorted slots, segment start, segment end per sorted position
+        self.lora_rows = torch.zeros(4, n, dtype=torch.int32, device=dev)
+        self.lora_order = torch.zeros(n, dtype=torch.long, device=dev)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._epoch: tuple | None = None
         self._pool = None
@@ -74,23 +96,24 @@ class DecodeGraphs:
             if len(table) * bs < s.num_tokens:
                 raise ValueError(f"sequence {s.request_id}: {len(s.block_table)} KV blocks "
                                  f"cannot hold {s.num_tokens} tokens")
-            rows.append([s.token_ids[-1], pos, table[pos // bs] * bs + pos % bs, s.num_tokens, slot]
+            rows.append([s.token_ids[-1], pos, table[pos // bs] * bs + pos % bs, s.num_tokens]
                         + table + [self.scratch_block] * (max_nb - len(table)))
-        host = torch.tensor(rows, dtype=torch.long)
-        dev = host.to(self.runner.device, non_blocking=True)           # [B, 5 + max_nb]
+        dev = torch.tensor(rows, dtype=torch.long).to(self.runner.device)   # [B, 4 + max_nb]
         self.input_ids[:num].copy_(dev[:, 0])
         self.positions[:num].copy_(dev[:, 1])
         self.slot_mapping[:num].copy_(dev[:, 2])
         self.context_lens[:num].copy_(dev[:, 3])
-        self.lora_slots[:num].copy_(dev[:, 4])
-        self.block_tables[:num, :max_nb].copy_(dev[:, 5:])
+        self.block_tables[:num, :max_nb].copy_(dev[:, 4:])
         if bucket > num:  # padding rows: one token at position 0 written into the scratch block
             self.input_ids[num:bucket].zero_()
             self.positions[num:bucket].zero_()
             self.slot_mapping[num:bucket].fill_(self.scratch_block * bs)
             self.context_lens[num:bucket].fill_(1)
-            self.lora_slots[num:bucket].fill_(-1)
             self.block_tables[num:bucket, 0].fill_(self.scratch_block)
+        if use_lora:
+            self.lora_rows[:, :bucket].copy_(lora_grouping(slot_of + [-1] * (bucket - num)).to(
+                self.runner.device))
+            self.lora_order[:bucket].copy_(self.lora_rows[0, :bucket])
         entry = self._graphs.get((bucket, use_lora))
         if entry is None:
             entry = self._capture(bucket, use_lora)
@@ -108,7 +131,10 @@ class DecodeGraphs:
                                  decode_lens=self.context_lens[:bucket], is_all_decode=True)
         lora = None
         if use_lora:
-            r.lora.prepare_tokens(self.lora_slots[:bucket])
+            r.lora.use_batch(LoraBatch(order=self.lora_order[:bucket],
+                                       sorted_slots=self.lora_rows[1, :bucket],
+                                       seg_start=self.lora_rows[2, :bucket],
+                                       seg_end=self.lora_rows[3, :bucket]))
             lora = r.lora
         hidden = r.model(self.input_ids[:bucket], self.positions[:bucket], r.kv_caches, meta, lora)
         return r.model.logits(hidden)

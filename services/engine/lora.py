@@ -196,6 +196,11 @@ class LoraManager:
         self._batch = prepare_lora_batch(slot_ids)
         self._segments = [(0, 0, 0)]   # marks the step active; tokens are grouped on the device
 
+    def use_batch(self, batch) -> None:
+        """Triton path: a LoraBatch already laid out in device buffers (CUDA-graph inputs)."""
+        self._batch = batch
+        self._segments = [(0, 0, 0)]
+
     @property
     def is_active(self) -> bool:
         return bool(self._segments)

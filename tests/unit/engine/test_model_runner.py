@@ -246,3 +246,119 @@ def test_cuda_matches_hf(tmp_path, dtype, tol):
         with torch.no_grad():
             ref = hf(torch.tensor([s.prompt_token_ids], device="cuda")).logits[0].float()
         assert rel_err(o, ref[s.num_cached_tokens:]) < tol
+
+
+# ---- 4-bit base (the GPU fast path's weights; on CPU the dequantized fallback) ----------------
+QSHAPE = LlamaShape(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def _dequantized_weights(runner, weights):
+    from services.common.adapters import ATTN_MODULES
+    from services.engine.llama import LINEAR_NAMES
+    out = dict(weights)
+    for layer in range(QSHAPE.num_layers):
+        for name in LINEAR_NAMES:
+            sub = "self_attn." if name in ATTN_MODULES else "mlp."
+            dense = runner.base_linear(layer, name).dense_weight(torch.float32)   # [in, out]
+            out[f"model.layers.{layer}.{sub}{name}.weight"] = dense.t().contiguous()
+    return out
+
+
+def _logits(runner, ids):
+    bm = BlockManager(runner.num_kv_blocks, runner.block_size)
+    seq = Sequence("s", ids, SamplingParams())
+    bm.allocate(seq)
+    return runner.compute_logits([seq])[0]
+
+
+def test_4bit_runner_on_cpu_equals_its_dequantized_weights():
+    torch.set_num_threads(1)
+    weights = random_weights(QSHAPE, "cpu", torch.float32, std=0.05)
+    q = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32",
+                                 quant_bits=4), QSHAPE, weights, "cpu", torch.float32)
+    assert not q.is_fast and q.graphs is None          # CPU: no Triton path, no graphs
+    dense = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32"),
+                        QSHAPE, _dequantized_weights(q, weights), "cpu", torch.float32)
+    full = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32"),
+                       QSHAPE, weights, "cpu", torch.float32)
+    ids = list(range(3, 40))
+    ref = _logits(dense, ids)
+    assert rel_err(_logits(q, ids), ref) < 1e-5
+    # 4-bit RTN is close to, but not, the full-precision model
+    assert 1e-3 < rel_err(_logits(full, ids), ref) < 0.5
+
+
+def test_4bit_swap_of_a_gptq_quant_linear_is_in_place_and_exact():
+    """A quantizer QuantLinear (GPTQ v1, act-order) swapped into a 4-bit runner is repacked into
+    the existing kernel weights (model_epoch unchanged: CUDA graphs stay valid)."""
+    torch.set_num_threads(1)
+    from services.engine.kernels.gptq_format import quantize_gptq_v1
+    from services.quantizer.qlinear import QuantLinear
+    weights = random_weights(QSHAPE, "cpu", torch.float32, std=0.05)
+    runner = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu",
+                                      dtype="float32", quant_bits=4), QSHAPE, weights, "cpu",
+                         torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(QSHAPE.hidden_size, QSHAPE.intermediate_size, generator=gen) * 0.05  # [in, out]
+    t = quantize_gptq_v1(w, 128, torch.randperm(QSHAPE.hidden_size, generator=gen))
+    module = QuantLinear(t.qweight, t.qzeros, t.scales, t.g_idx, 4)
+    before = runner.base_linear(0, "up_proj")
+    runner.set_base_linear(1, "up_proj", module)
+    after = runner.base_linear(1, "up_proj")
+    assert runner.model_epoch == 0 and after is not module
+    assert torch.equal(after.dense_weight(torch.float32), module.dequantized().t())
+    assert torch.equal(runner.base_linear(0, "up_proj").dense_weight(torch.float32),
+                       before.dense_weight(torch.float32))
+    # a module that is not 4-bit replaces the linear (and bumps the epoch)
+    runner.set_base_linear(1, "o_proj", nn.Linear(128, 128, bias=False))
+    assert runner.model_epoch == 1 and isinstance(runner.base_linear(1, "o_proj"), nn.Linear)
+
+
+def test_fused_quant_linear_parts_round_trip():
+    torch.set_num_threads(1)
+    from services.engine.kernels.gptq_format import rtn_kernel_weights
+    from services.engine.kernels.quant_linear import FusedQuantLinear, TritonQuantLinear
+    gen = torch.Generator().manual_seed(2)
+    parts = {n: TritonQuantLinear(rtn_kernel_weights(torch.randn(out, 256, generator=gen), 128),
+                                  None, None)
+             for n, out in (("q", 192), ("k", 64), ("v", 64))}     # 192: not a 128-column tile
+    fused = FusedQuantLinear(parts, None)
+    x = torch.randn(5, 256, generator=gen)
+    y = fused(x)
+    for name, part in parts.items():
+        start, end = fused.bounds(name)
+        assert torch.allclose(y[:, start:end], part(x), atol=1e-5)
+        assert torch.equal(fused.part(name).dense_weight(torch.float32),
+                           part.dense_weight(torch.float32))
+    new_k = rtn_kernel_weights(torch.randn(64, 256, generator=gen), 128)
+    fused.load_part_("k", new_k)
+    assert torch.equal(fused.part("k").kw.qweight, new_k.qweight)
+    assert torch.equal(fused.part("q").dense_weight(torch.float32),
+                       parts["q"].dense_weight(torch.float32))
+    with pytest.raises(ValueError):
+        fused.load_part_("v", rtn_kernel_weights(torch.randn(32, 256), 128))  # wrong width
+
+
+@pytest.mark.parametrize("max_num_seqs, sizes", [
+    (1, [1]), (8, [1, 2, 4, 8]), (40, [1, 2, 4, 8, 16, 32, 40]),
+    (64, [1, 2, 4, 8, 16, 32, 48, 64]), (100, [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100]),
+])
+def test_graph_batch_sizes(max_num_seqs, sizes):
+    from services.engine.cuda_graphs import bucket_for, graph_batch_sizes
+    assert graph_batch_sizes(max_num_seqs) == sizes
+    for n in range(1, max_num_seqs + 1):
+        b = bucket_for(n, sizes)
+        assert b >= n and not [s for s in sizes if n <= s < b]
+    assert bucket_for(max_num_seqs + 1, sizes) is None
+
+
+@pytest.mark.parametrize("slot_of", [[-1], [2, -1, 0, 2, 2, -1, 1], [3, 3, 3], [0, 1, 2, 3, -1, -1]])
+def test_host_lora_grouping_equals_the_device_one(slot_of):
+    from services.engine.cuda_graphs import lora_grouping
+    from services.engine.kernels.lora import prepare_lora_batch
+    batch = prepare_lora_batch(torch.tensor(slot_of))
+    host = lora_grouping(slot_of)
+    for row, ref in zip(host, (batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end)):
+        assert row.tolist() == ref.tolist()
