@@ -61,3 +61,12 @@ class RedisKeys:
     def stats(self, task: str) -> str:
         """List of recent output lengths of a task, newest first."""
         return f"{self.namespace}:stats:{task}"
+
+    def quant_job(self, job_id: str) -> str:
+        """Hash: one quantization job's record (services.quantizer.job_store)."""
+        return f"{self.namespace}:qjob:{job_id}"
+
+    @property
+    def quant_jobs(self) -> str:
+        """Sorted set: quantization job ids by creation time."""
+        return f"{self.namespace}:qjobs"

@@ -50,12 +50,13 @@ class QuantizerClient:
         self._stub = quantizer_pb2_grpc.QuantizerServiceStub(self._channel)
         self._timeout_s = timeout_s
 
-    async def start_job(self, name: str, adapter_path: str, calibration_path: str) -> str:
+    async def start_job(self, name: str, adapter_path: str, calibration_path: str,
+                        bits: int = 0, group_size: int = 0) -> str:
         task = quantizer_pb2.QuantTask(name=name, adapter_path=adapter_path,
                                        calibration_path=calibration_path)
+        request = quantizer_pb2.StartJobRequest(tasks=[task], bits=bits, group_size=group_size)
         try:
-            response = await self._stub.StartJob(quantizer_pb2.StartJobRequest(tasks=[task]),
-                                                 timeout=self._timeout_s)
+            response = await self._stub.StartJob(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             # Keep the quantizer's verdict (bad calibration file → INVALID_ARGUMENT).
             error = UnavailableError(f"quantizer: {exc.details()}")

@@ -22,7 +22,7 @@ from services.common.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.peers import PredictorClient, QuantizerClient
 from services.gateway.validation import check_input, check_length, check_params, \
-    check_request_id
+    check_quant_settings, check_request_id
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgumentError("adapter_path is required")
         if not 0 <= request.weight < float("inf"):  # NaN and inf too (fuzzing: inf was stored)
             raise InvalidArgumentError(f"weight must be finite and >= 0 (0 = 1.0), got {request.weight}")
+        check_quant_settings(request)
         if "\x00" in request.adapter_path or "\x00" in request.calibration_path:
             # Path.resolve() raises ValueError on NUL, which answered INTERNAL (found by fuzzing).
             raise InvalidArgumentError("adapter_path and calibration_path must not contain NUL bytes")
@@ -269,8 +270,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             # Hook for incremental MLGPTQ: the task serves on the current base meanwhile and
             # the quantizer publishes a new weight version when the job is done.
             try:
-                job_id = await self._quantizer.start_job(request.name, adapter_path,
-                                                         calibration_path)
+                job_id = await self._quantizer.start_job(
+                    request.name, adapter_path, calibration_path, bits=request.quant_bits,
+                    group_size=request.quant_group_size)
             except Exception:
                 await self._registry.remove(request.name)
                 raise

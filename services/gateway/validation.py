@@ -64,3 +64,21 @@ def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) ->
         raise InvalidArgumentError(
             f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
             f"{num_prompt_tokens + max_tokens} exceeds the context length {max_model_len}")
+
+
+def check_quant_settings(request: gateway_pb2.AddTaskRequest) -> None:
+    """AddTask's quantization settings, refused before anything is registered. The quantizer
+    has the last word (it also refuses settings that differ from the quantized base's)."""
+    from services.quantizer.config import SUPPORTED_BITS  # plain constants, no torch
+
+    bits, group_size = request.quant_bits, request.quant_group_size
+    if (bits or group_size) and not request.calibration_path:
+        raise InvalidArgumentError("quant_bits / quant_group_size need calibration_path: "
+                                   "without calibration data the task is not quantized")
+    if bits and bits not in SUPPORTED_BITS:
+        raise InvalidArgumentError(f"quant_bits={bits} is not supported: use one of "
+                                   f"{SUPPORTED_BITS}, or 0 for the current setting")
+    if group_size < -1:
+        raise InvalidArgumentError(f"quant_group_size={group_size} is not supported: use a "
+                                   "positive size (e.g. 128), -1 for one group per row, or 0 "
+                                   "for the current setting")

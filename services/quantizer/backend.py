@@ -8,9 +8,12 @@ take part — they are served on whatever base the engines have.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
@@ -21,8 +24,12 @@ from services.common.model_source import resolve_model
 from services.common.task_registry import check_task_name
 from services.quantizer.calibration import CalibrationError, TaskSpec, calibration_tokens, read_adapter
 from services.quantizer.checkpoint import QUANT_CONFIG, CheckpointError, resolve
-from services.quantizer.config import QuantConfig, QuantConfigError, QuantizerServiceConfig
+from services.quantizer.config import SUPPORTED_BITS, QuantConfig, QuantConfigError, \
+    QuantizerServiceConfig
 from services.quantizer.pipeline import ProgressFn
+
+if TYPE_CHECKING:
+    from services.quantizer.jobs import Job
 
 log = logging.getLogger(__name__)
 _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -77,13 +84,60 @@ class QuantizerBackend:
                                           f"({', '.join(mismatch)} differ from {self.config.model})")
         return cfg, {t["name"] for t in meta.get("tasks", [])}
 
-    def validate(self, tasks: list[TaskSpec], pending: set[str]) -> None:
-        """Raise InvalidArgumentError (or AlreadyExists/FailedPrecondition) before anything starts."""
+    def quantized_task_names(self) -> set[str]:
+        """Tasks already in the current version (none before the first)."""
+        try:
+            return self._current_meta()[1]
+        except FailedPreconditionError:
+            return set()
+
+    def remove_stale_temp_dirs(self) -> list[Path]:
+        """Delete half-written version directories a killed job left (call before any job
+        runs: write_version publishes a directory only by renaming a complete one)."""
+        stale = sorted(self.root.glob(".tmp-v*")) if self.root.is_dir() else []
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted quantization job", path)
+        return stale
+
+    def resolve_settings(self, bits: int, group_size: int) -> QuantConfig:
+        """The settings a job runs with: the current version's (incremental adds must match
+        it), or the service's for the first version; `bits`/`group_size` 0 mean "those".
+        Unsupported values raise InvalidArgumentError, values that differ from the current
+        version's FailedPreconditionError; either way before anything is written."""
+        if bits and bits not in SUPPORTED_BITS:
+            raise InvalidArgumentError(f"bits={bits} is not supported: use one of "
+                                       f"{SUPPORTED_BITS}, or 0 for the current setting")
+        max_group = int(self.model_config.intermediate_size)  # the widest linear input
+        if group_size < -1 or group_size > max_group:
+            raise InvalidArgumentError(f"group_size={group_size} is not supported: use 1.."
+                                       f"{max_group} (e.g. 32, 64, 128), -1 for one group per "
+                                       "row, or 0 for the current setting")
+        cfg, _ = self._current_meta()
+        try:
+            wanted = dataclasses.replace(cfg, bits=bits or cfg.bits,
+                                         group_size=group_size or cfg.group_size)
+        except QuantConfigError as e:
+            raise InvalidArgumentError(f"unsupported quantization settings: {e}") from None
+        if self.current_version() is not None and (wanted.bits, wanted.group_size) != \
+                (cfg.bits, cfg.group_size):
+            raise FailedPreconditionError(
+                f"the current version is {cfg.bits}-bit with group size {cfg.group_size}; tasks "
+                f"added to it are quantized with the same settings (asked: {wanted.bits}-bit, "
+                f"group size {wanted.group_size}). Send 0 to use them, or quantize into a new "
+                "QUANTIZER_CHECKPOINT_DIR to change them")
+        return wanted
+
+    def validate(self, tasks: list[TaskSpec], pending: set[str], bits: int = 0,
+                 group_size: int = 0) -> QuantConfig:
+        """Raise InvalidArgumentError (or AlreadyExists/FailedPrecondition) before anything
+        starts; returns the settings the job will use."""
         if not tasks:
             raise InvalidArgumentError("StartJob needs at least one task")
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise InvalidArgumentError(f"task names repeat in one job: {names}")
+        wanted = self.resolve_settings(bits, group_size)
         cfg, quantized = self._current_meta()
         for spec in tasks:
             check_task_name(spec.name)
@@ -99,16 +153,21 @@ class QuantizerBackend:
                 read_adapter(spec, self.model_config)
             except (CalibrationError, AdapterError, OSError) as e:
                 raise InvalidArgumentError(f"task {spec.name!r}: {e}") from None
+        return wanted
 
-    def run(self, tasks: list[TaskSpec], progress: ProgressFn) -> Path:
+    def run(self, job: Job, progress: ProgressFn) -> Path:
         """Quantize and publish a new version directory atomically (blocking; a job thread)."""
         torch.set_num_threads(self.config.num_threads)
+        tasks = job.tasks
         with torch.no_grad():
             if self.current_version() is None:
                 from services.quantizer.pipeline import quantize
-                log.info("no quantized version in %s: full quantization for %s", self.root,
-                         [t.name for t in tasks])
-                return quantize(str(self.model_dir), tasks, self.config.quant, self.root,
+                cfg = dataclasses.replace(self.config.quant,
+                                          bits=job.bits or self.config.quant.bits,
+                                          group_size=job.group_size or self.config.quant.group_size)
+                log.info("no quantized version in %s: full %d-bit g%d quantization for %s",
+                         self.root, cfg.bits, cfg.group_size, [t.name for t in tasks])
+                return quantize(str(self.model_dir), tasks, cfg, self.root,
                                 self.device, progress=progress, show_progress=False)
             from services.quantizer.incremental import add_tasks
             return add_tasks(self.root, tasks, self.device, progress=progress, show_progress=False)

@@ -88,6 +88,7 @@ class QuantizerServiceConfig:
     redis_url: str = ""                    # REDIS_URL; "" → embedded Redis
     redis_namespace: str = "inlaid"
     grace_s: float = 5.0
+    max_job_attempts: int = 2              # runs of a job a quantizer restart may interrupt
     quant: QuantConfig = QuantConfig(num_seqs=8)
 
     def __post_init__(self) -> None:
@@ -95,6 +96,9 @@ class QuantizerServiceConfig:
             raise QuantConfigError(f"QUANTIZER_PORT must be in 0..65535, got {self.port}")
         if self.num_threads <= 0:
             raise QuantConfigError(f"QUANTIZER_NUM_THREADS must be > 0, got {self.num_threads}")
+        if self.max_job_attempts <= 0:
+            raise QuantConfigError(f"QUANTIZER_MAX_JOB_ATTEMPTS must be > 0, got "
+                                   f"{self.max_job_attempts}")
         if self.quant.method != "mlgptq":
             # Only MLGPTQ caches the per-layer aggregates that adding a task needs.
             raise QuantConfigError(f"QUANTIZER_METHOD={self.quant.method!r}: the service adds "
@@ -123,7 +127,8 @@ class QuantizerServiceConfig:
                  "device": ("QUANTIZER_DEVICE", str), "num_threads": ("QUANTIZER_NUM_THREADS", int),
                  "redis_url": ("REDIS_URL", str),
                  "redis_namespace": ("QUANTIZER_REDIS_NAMESPACE", str),
-                 "grace_s": ("QUANTIZER_GRACE_S", float)}
+                 "grace_s": ("QUANTIZER_GRACE_S", float),
+                 "max_job_attempts": ("QUANTIZER_MAX_JOB_ATTEMPTS", int)}
         quant_vars = {"bits": ("QUANTIZER_BITS", int), "group_size": ("QUANTIZER_GROUP_SIZE", int),
                       "method": ("QUANTIZER_METHOD", str),
                       "aggregation": ("QUANTIZER_AGGREGATION", str),

@@ -1,7 +1,11 @@
-"""JobRunner: quantization jobs run one at a time in a background thread, FIFO.
+"""JobRunner: quantization jobs run one at a time in a background thread, FIFO, recorded in Redis.
 
-A job thread is a daemon: a stopping service does not wait for a half-done quantization
-(its temporary version directory is simply never published), and its tasks stay QUANTIZING.
+A job thread is a daemon: a stopping service does not wait for a half-done quantization (its
+temporary version directory is never published). Job records live in Redis (JobStore), so a
+restarted quantizer knows what it was doing: queued jobs run again, a job that was running is
+resumed from its start (quantization is deterministic and nothing of it was published) up to
+`max_attempts` times, then marked FAILED with the reason; the served weights never change
+unless a version is complete.
 """
 from __future__ import annotations
 
@@ -19,17 +23,19 @@ from services.common.errors import NotFoundError
 from services.common.metrics import Metrics
 from services.common.task_registry import TaskRegistry
 from services.quantizer.calibration import TaskSpec
+from services.quantizer.job_store import JobStore
 from services.quantizer.pipeline import ProgressFn
 from services.quantizer.publisher import WeightPublisher
 
 log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED = "QUEUED", "RUNNING", "DONE", "FAILED"
+STATES = (QUEUED, RUNNING, DONE, FAILED)
 MAX_KEPT_JOBS = 256  # finished jobs remembered for GetJob
 
 
 @dataclass
 class Job:
-    """One StartJob: its tasks and progress (layers done / total)."""
+    """One StartJob: its tasks, settings (bits, group size; 0 = the service's) and progress."""
 
     job_id: str
     tasks: list[TaskSpec]
@@ -39,6 +45,9 @@ class Job:
     message: str = ""
     weight_version: int = 0
     created_s: float = field(default_factory=time.time)
+    num_attempts: int = 0              # runs started, counting runs a restart interrupted
+    bits: int = 0
+    group_size: int = 0
 
     @property
     def is_active(self) -> bool:
@@ -46,18 +55,23 @@ class Job:
 
 
 class JobRunner:
-    """Queues jobs and runs `quantize(tasks, progress) -> version dir` for each in turn; on
+    """Queues jobs and runs `quantize(job, progress) -> version dir` for each in turn; on
     success publishes the version and marks the tasks READY, on failure marks them FAILED
     (the served version is untouched: a version is only published once complete)."""
 
-    def __init__(self, quantize: Callable[[list[TaskSpec], ProgressFn], Path],
+    def __init__(self, quantize: Callable[[Job, ProgressFn], Path],
                  publisher: WeightPublisher, registry: TaskRegistry, num_layers: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, store: JobStore | None = None,
+                 max_attempts: int = 2) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self._quantize = quantize
         self._publisher = publisher
         self._registry = registry
         self._num_layers = num_layers
         self._metrics = metrics
+        self._store = store
+        self._max_attempts = max_attempts
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._loop_task: asyncio.Task | None = None
@@ -73,18 +87,58 @@ class JobRunner:
             except asyncio.CancelledError:
                 pass
 
-    def submit(self, tasks: list[TaskSpec]) -> Job:
+    async def submit(self, tasks: list[TaskSpec], bits: int = 0, group_size: int = 0) -> Job:
+        """Record the job (in Redis first, so an accepted job survives a crash) and queue it."""
         job = Job(job_id=f"q-{uuid.uuid4().hex[:12]}", tasks=list(tasks),
-                  num_layers_total=self._num_layers)
-        self._jobs[job.job_id] = job
-        while len(self._jobs) > MAX_KEPT_JOBS:
-            oldest = next(iter(self._jobs.values()))
-            if oldest.is_active:
-                break
-            self._jobs.popitem(last=False)
+                  num_layers_total=self._num_layers, bits=bits, group_size=group_size)
+        await self._save(job, must=True)
+        self._remember(job)
         self._queue.put_nowait(job)
         log.info("job %s queued for tasks %s", job.job_id, [t.name for t in tasks])
         return job
+
+    async def recover(self, quantized_task_names: set[str], served_version: int) -> list[Job]:
+        """Take over the jobs a previous quantizer process left in Redis (call before start()).
+
+        `quantized_task_names`: tasks in the current version. A RUNNING job whose tasks are all
+        in it had published before the crash, so it is DONE. Otherwise it is queued again, or
+        FAILED once it has been interrupted `max_attempts` times. Returns the re-queued jobs."""
+        if self._store is None:
+            return []
+        requeued = []
+        for job in await self._store.load_all():
+            self._remember(job)
+            if not job.is_active:
+                continue
+            names = {t.name for t in job.tasks}
+            if job.state == RUNNING and names <= quantized_task_names:
+                job.state, job.weight_version = DONE, served_version
+                job.message = (f"published weight version {served_version} (the quantizer "
+                               "restarted before recording it)")
+                await self._save(job)
+                await self._mark(job, "READY", f"quantized into weight version {served_version}")
+                continue
+            if job.state == RUNNING and job.num_attempts >= self._max_attempts:
+                job.state = FAILED
+                job.message = (f"the quantizer stopped while this job was running (layer "
+                               f"{job.num_layers_done}/{job.num_layers_total}, attempt "
+                               f"{job.num_attempts}/{self._max_attempts}); nothing was published "
+                               f"(served weight version {served_version} is unchanged); "
+                               "submit the tasks again")
+                log.error("job %s: %s", job.job_id, job.message)
+                await self._save(job)
+                await self._mark(job, "FAILED", f"quantization failed: {job.message}")
+                continue
+            if job.state == RUNNING:
+                job.message = (f"resumed after a quantizer restart (it had reached layer "
+                               f"{job.num_layers_done}/{job.num_layers_total})")
+            job.state, job.num_layers_done = QUEUED, 0
+            await self._save(job)
+            self._queue.put_nowait(job)
+            requeued.append(job)
+            log.warning("job %s re-queued after a restart (%d earlier attempt(s))", job.job_id,
+                        job.num_attempts)
+        return requeued
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -104,13 +158,33 @@ class JobRunner:
             await asyncio.sleep(0.05)
         return job
 
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.job_id] = job
+        while len(self._jobs) > MAX_KEPT_JOBS:
+            oldest = next((j for j in self._jobs.values() if not j.is_active), None)
+            if oldest is None:
+                break
+            del self._jobs[oldest.job_id]
+
+    async def _save(self, job: Job, must: bool = False) -> None:
+        """`must`: a new job that cannot be recorded is not accepted (StartJob fails)."""
+        if self._store is None:
+            return
+        try:
+            await self._store.save(job)
+        except Exception as exc:  # noqa: BLE001 - Redis down: the job runs; its record lags
+            if must:
+                raise
+            log.error("cannot record job %s (%s) in redis: %s", job.job_id, job.state, exc)
+
     async def _run_forever(self) -> None:
         while True:
             job = await self._queue.get()
             await self._run(job)
 
     async def _run(self, job: Job) -> None:
-        job.state = RUNNING
+        job.state, job.num_attempts = RUNNING, job.num_attempts + 1
+        await self._save(job)
         started = time.perf_counter()
         try:
             version_dir = await self._in_thread(job)
@@ -118,12 +192,14 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, never the service
             job.state, job.message = FAILED, f"{type(exc).__name__}: {exc}"
             log.error("job %s failed: %s", job.job_id, job.message)
+            await self._save(job)
             await self._mark(job, "FAILED", f"quantization failed: {job.message}")
             self._finish_metrics(job, "failed")
             return
         job.message = f"published weight version {job.weight_version} ({version_dir})"
         job.state = DONE
         log.info("job %s done in %.1f s: %s", job.job_id, time.perf_counter() - started, job.message)
+        await self._save(job)
         await self._mark(job, "READY", f"quantized into weight version {job.weight_version}")
         self._finish_metrics(job, "done")
 
@@ -135,11 +211,16 @@ class JobRunner:
             job.num_layers_done, job.num_layers_total = done, total
             if self._metrics is not None:
                 self._metrics.set_quantization_progress(job.job_id, min(1.0, done / max(total, 1)))
+            if self._store is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(self._save_progress(job), loop)
+                except RuntimeError:  # the loop is gone: the service is stopping
+                    pass
 
         def target() -> None:
             result, error = None, None
             try:
-                result = self._quantize(job.tasks, progress)
+                result = self._quantize(job, progress)
             except BaseException as exc:  # noqa: BLE001 - handed to the loop as the job's error
                 error = exc
             try:
@@ -149,6 +230,12 @@ class JobRunner:
 
         threading.Thread(target=target, name=f"quantize-{job.job_id}", daemon=True).start()
         return await future
+
+    async def _save_progress(self, job: Job) -> None:
+        try:
+            await self._store.save_progress(job)
+        except Exception as exc:  # noqa: BLE001 - progress is advisory
+            log.warning("cannot record progress of job %s: %s", job.job_id, exc)
 
     async def _mark(self, job: Job, state: str, message: str) -> None:
         for spec in job.tasks:

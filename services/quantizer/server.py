@@ -14,7 +14,8 @@ from services.common.redis_server import connect, resolve_url
 from services.common.task_registry import TaskRegistry
 from services.quantizer.backend import QuantizerBackend
 from services.quantizer.config import QuantizerServiceConfig
-from services.quantizer.jobs import JobRunner
+from services.quantizer.job_store import JobStore
+from services.quantizer.jobs import MAX_KEPT_JOBS, JobRunner
 from services.quantizer.publisher import WeightPublisher
 from services.quantizer.servicer import QuantizerServicer
 
@@ -60,7 +61,13 @@ class QuantizerServer:
         self.backend = await asyncio.to_thread(QuantizerBackend, self.config)
         await self._publish_current(publisher)
         self.runner = JobRunner(self.backend.run, publisher, TaskRegistry(self._client, keys),
-                                self.backend.num_layers, self.metrics)
+                                self.backend.num_layers, self.metrics,
+                                store=JobStore(self._client, keys, MAX_KEPT_JOBS),
+                                max_attempts=self.config.max_job_attempts)
+        # No job runs yet: whatever a killed job half-wrote can go, then its record decides.
+        await asyncio.to_thread(self.backend.remove_stale_temp_dirs)
+        served_version, _ = await publisher.current()
+        await self.runner.recover(self.backend.quantized_task_names(), served_version)
         self.runner.start()
         self.servicer.attach(self.backend, self.runner)
         await self.host.set_serving(True)

@@ -17,7 +17,8 @@ def job_response(job: Job) -> quantizer_pb2.GetJobResponse:
     return quantizer_pb2.GetJobResponse(
         job_id=job.job_id, state=_STATES[job.state], num_layers_done=job.num_layers_done,
         num_layers_total=job.num_layers_total, message=job.message,
-        weight_version=job.weight_version)
+        weight_version=job.weight_version, bits=job.bits, group_size=job.group_size,
+        num_attempts=job.num_attempts)
 
 
 class QuantizerServicer(quantizer_pb2_grpc.QuantizerServiceServicer):
@@ -43,8 +44,10 @@ class QuantizerServicer(quantizer_pb2_grpc.QuantizerServiceServicer):
                           calibration_path=t.calibration_path) for t in request.tasks]
         # One submission at a time: two jobs naming one task must not both pass validation.
         async with self._submit_lock:
-            await asyncio.to_thread(backend.validate, tasks, runner.pending_task_names())
-            job = runner.submit(tasks)
+            settings = await asyncio.to_thread(backend.validate, tasks,
+                                               runner.pending_task_names(), request.bits,
+                                               request.group_size)
+            job = await runner.submit(tasks, bits=settings.bits, group_size=settings.group_size)
         return quantizer_pb2.StartJobResponse(job_id=job.job_id)
 
     async def GetJob(self, request, context):

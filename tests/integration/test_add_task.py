@@ -371,7 +371,7 @@ async def test_add_task_tiny_llama(tmp_path, redis_url):
         await spine.registry.add(TaskRecord(name="gone", adapter_path=str(adapter), rank=4,
                                             state="QUANTIZING"))
         gone.unlink()
-        failed = server.runner.submit([TaskSpec("gone", str(adapter), str(gone))])
+        failed = await server.runner.submit([TaskSpec("gone", str(adapter), str(gone))])
         job = await spine.wait_job(failed.job_id, 60)
         assert job.state == quantizer_pb2.JOB_STATE_FAILED and "does not exist" in job.message
         assert (await spine.registry.get("gone")).state == "FAILED"

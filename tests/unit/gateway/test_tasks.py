@@ -79,12 +79,15 @@ async def test_calibration_without_quantizer_is_failed_precondition(gateway, tmp
 class _Quantizer:
     def __init__(self, error: Exception | None = None) -> None:
         self.jobs: list[tuple[str, str, str]] = []
+        self.settings: list[tuple[int, int]] = []
         self.error = error
 
-    async def start_job(self, name: str, adapter_path: str, calibration_path: str) -> str:
+    async def start_job(self, name: str, adapter_path: str, calibration_path: str,
+                        bits: int = 0, group_size: int = 0) -> str:
         if self.error is not None:
             raise self.error
         self.jobs.append((name, adapter_path, calibration_path))
+        self.settings.append((bits, group_size))
         return "job-1"
 
     async def close(self) -> None:
@@ -107,6 +110,30 @@ async def test_calibration_starts_quantizer_job(make_gateway, gateway_config, tm
     code, details = await _fails(gateway.stub.AddTask(request))
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "no rows" in details
     assert await gateway.registry.get("q2") is None
+
+
+async def test_quant_settings_checked_before_registering(make_gateway, gateway_config, tmp_path):
+    quantizer = _Quantizer()
+    gateway = await make_gateway(gateway_config, quantizer=quantizer)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"prompt": "a", "completion": "b"}\n')
+    adapter = str(write_lora(tmp_path / "a"))
+    cases = [({"calibration_path": str(calib), "quant_bits": 5}, "quant_bits=5"),
+             ({"calibration_path": str(calib), "quant_bits": -1}, "quant_bits=-1"),
+             ({"calibration_path": str(calib), "quant_group_size": -7}, "quant_group_size=-7"),
+             ({"quant_bits": 4}, "need calibration_path"),
+             ({"quant_group_size": 64}, "need calibration_path")]
+    for i, (fields, needle) in enumerate(cases):
+        request = gateway_pb2.AddTaskRequest(name=f"s{i}", adapter_path=adapter, **fields)
+        code, details = await _fails(gateway.stub.AddTask(request))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and needle in details, (fields, details)
+        assert await gateway.registry.get(f"s{i}") is None
+    assert quantizer.jobs == []
+    request = gateway_pb2.AddTaskRequest(name="ok", adapter_path=adapter,
+                                         calibration_path=str(calib), quant_bits=8,
+                                         quant_group_size=64)
+    assert (await gateway.stub.AddTask(request)).job_id == "job-1"
+    assert quantizer.settings == [(8, 64)]
 
 
 async def test_outlier_adapter_is_quarantined_and_not_served(gateway, tmp_path):

@@ -149,7 +149,7 @@ async def test_job_failing_at_run_time_marks_task_failed_and_keeps_weights(servi
     spec = TaskSpec("vanishing", tiny_tasks[1].adapter_path, str(calib))
     await service.register(spec)
     calib.unlink()
-    job = service.server.runner.submit([spec])  # bypasses StartJob's up-front check
+    job = await service.server.runner.submit([spec])  # bypasses StartJob's up-front check
     failed = await service.finish(job.job_id)
     assert failed.state == FAILED and "does not exist" in failed.message
     record = await service.registry.get("vanishing")
@@ -171,7 +171,7 @@ async def test_runner_failure_never_publishes(redis_url):
 
     runner = JobRunner(explode, WeightPublisher(client, keys), registry, num_layers=3)
     runner.start()
-    job = runner.submit([TaskSpec("x", "/a", "/c.jsonl")])
+    job = await runner.submit([TaskSpec("x", "/a", "/c.jsonl")])
     assert job.state == "QUEUED" and job.num_layers_total == 3
     job = await runner.wait(job.job_id, 10)
     assert (job.state, job.num_layers_done) == ("FAILED", 1)
