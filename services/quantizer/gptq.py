@@ -45,20 +45,36 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig,
     `dead` overrides which inputs count as never active (MLGPTQ passes the AND over tasks);
     by default an input is dead when its Hessian diagonal is 0. `dtype` float64 is for tests.
     """
-    w = weight.detach().to(dtype).clone()
-    h = hessian.detach().to(dtype)
-    rows, cols = w.shape
-    if h.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match {cols} input features")
-    dead = (torch.diagonal(h) == 0) if dead is None else dead
-    w[:, dead] = 0
+    return gptq_quantize_many(weight, [hessian], cfg, None if dead is None else [dead], dtype)[0]
+
+
+def gptq_quantize_many(weight: torch.Tensor, hessians: list[torch.Tensor], cfg: QuantConfig,
+                       deads: list[torch.Tensor] | None = None,
+                       dtype: torch.dtype = torch.float32) -> list[QuantResult]:
+    """GPTQ of one weight [out, in] under several Hessians at once: one QuantResult per Hessian.
+
+    Each Hessian gets its own independent sweep; they run side by side as a leading batch
+    dimension because on a GPU the column loop is bound by kernel launches, not arithmetic,
+    so C sweeps in one loop cost about as much as one (the quality benchmark's many methods).
+    """
+    num = len(hessians)
+    h = torch.stack([x.detach().to(dtype) for x in hessians])  # [C, in, in]
+    cols = weight.shape[1]
+    if h.shape[1:] != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(h.shape[1:])} does not match {cols} input features")
+    dead = (torch.diagonal(h, dim1=1, dim2=2) == 0) if deads is None else torch.stack(deads)  # [C, in]
+    w = weight.detach().to(dtype).unsqueeze(0).expand(num, -1, -1)  # [C, out, in]
+    w = torch.where(dead[:, None, :], torch.zeros((), dtype=dtype, device=w.device), w)
     perm = None
     if cfg.desc_act:
-        diag = torch.diagonal(h).clone()
+        diag = torch.diagonal(h, dim1=1, dim2=2).clone()
         diag[dead] = 1.0
-        perm = torch.argsort(diag, descending=True)
-        w, h, dead = w[:, perm], h[perm][:, perm], dead[perm]
-    hinv, _ = prepare_hessian(h, cfg.damp_percent, dead)
+        perm = torch.argsort(diag, dim=1, descending=True)  # [C, in]
+        w = torch.gather(w, 2, perm[:, None, :].expand_as(w))
+        h = torch.stack([h[c][perm[c]][:, perm[c]] for c in range(num)])
+        dead = torch.gather(dead, 1, perm)
+    hinv = torch.stack([prepare_hessian(h[c], cfg.damp_percent, dead[c])[0] for c in range(num)])
+    w = w.contiguous()
 
     gsize = cols if cfg.group_size == -1 else cfg.group_size
     codes = torch.zeros_like(w)
@@ -67,34 +83,41 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig,
     scale = zero = None
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, :, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        hinv1 = hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % gsize == 0:
                 # Group parameters come from the weights as updated so far: the current block's
                 # working copy, plus columns past the block (only when the group starts at a
                 # block boundary, where those columns are already up to date).
-                group = torch.cat([w1[:, i:i + gsize], w[:, i2:col + gsize]], dim=1)
-                scale, zero = grid_params(group, cfg.bits, cfg.sym)
+                group = torch.cat([w1[:, :, i:i + gsize], w[:, :, i2:col + gsize]], dim=2)
+                scale, zero = grid_params(group, cfg.bits, cfg.sym)  # [C, out] each
                 scales.append(scale)
                 zeros.append(zero)
-            col_w = w1[:, i]
+            col_w = w1[:, :, i]
             q = quantize_codes(col_w, scale, zero, cfg.maxq)
             deq = dequantize_codes(q, scale, zero)
-            codes[:, col] = q
-            dequant[:, col] = deq
-            err = (col_w - deq) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
-            err1[:, i] = err
+            codes[:, :, col] = q
+            dequant[:, :, col] = deq
+            err = (col_w - deq) / hinv1[:, i, i, None]
+            w1[:, :, i:] -= err[:, :, None] * hinv1[:, None, i, i:]
+            err1[:, :, i] = err
         # Lazy batch update: the rest of the matrix sees this block's errors in one matmul.
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, :, i2:] -= err1 @ hinv[:, i1:i2, i2:]
 
     g_idx = (torch.arange(cols) // gsize).to(torch.int32)
-    if perm is not None:
-        invperm = torch.argsort(perm)
-        codes, dequant, g_idx = codes[:, invperm], dequant[:, invperm], g_idx[invperm]
-    return QuantResult(codes=codes.to(torch.int32), scales=torch.stack(scales).float(),
-                       zeros=torch.stack(zeros).to(torch.int32), g_idx=g_idx,
-                       dequant=dequant.float())
+    scales_all = torch.stack(scales).float()  # [groups, C, out]
+    zeros_all = torch.stack(zeros).to(torch.int32)
+    results = []
+    for c in range(num):
+        c_codes, c_dequant, c_gidx = codes[c], dequant[c], g_idx
+        if perm is not None:
+            invperm = torch.argsort(perm[c]).to(c_codes.device)
+            c_codes, c_dequant = c_codes[:, invperm], c_dequant[:, invperm]
+            c_gidx = g_idx[invperm.cpu()]
+        results.append(QuantResult(codes=c_codes.to(torch.int32), scales=scales_all[:, c].contiguous(),
+                                   zeros=zeros_all[:, c].contiguous(), g_idx=c_gidx,
+                                   dequant=c_dequant.float()))
+    return results

@@ -25,15 +25,15 @@ class QuantResult:
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for w [rows, cols], same rule as AutoGPTQ's Quantizer.find_params.
+    """Per-row (scale, zero) for w [..., rows, cols], same rule as AutoGPTQ's Quantizer.find_params.
 
     The scale is rounded to fp16 here, so the weights GPTQ compensates for are exactly the
     weights the fp16-scale checkpoint dequantizes to.
     """
     maxq = 2 ** bits - 1
-    zero_t = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    xmin = torch.minimum(w.min(dim=1).values, zero_t)
-    xmax = torch.maximum(w.max(dim=1).values, zero_t)
+    zero_t = torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
+    xmin = torch.minimum(w.min(dim=-1).values, zero_t)
+    xmax = torch.maximum(w.max(dim=-1).values, zero_t)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)

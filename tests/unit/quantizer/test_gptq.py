@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from services.quantizer.config import QuantConfig, QuantConfigError
-from services.quantizer.gptq import gptq_quantize, prepare_hessian
+from services.quantizer.gptq import gptq_quantize, gptq_quantize_many, prepare_hessian
 from services.quantizer.rtn import dequantize_codes, grid_params, quantize_codes, rtn_quantize
 
 
@@ -116,3 +116,22 @@ def test_rtn_round_to_nearest():
 def test_bad_config_rejected(kwargs):
     with pytest.raises(QuantConfigError):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("desc_act,sym", [(False, True), (True, False)])
+def test_many_hessians_equal_one_at_a_time(desc_act, sym):
+    """The batched sweep (one weight, several Hessians) gives each Hessian's own result."""
+    w, _, h1 = _layer(11)
+    _, _, h2 = _layer(12)
+    h2[5, :] = 0
+    h2[:, 5] = 0  # a dead input in one Hessian only
+    cfg = QuantConfig(bits=3, group_size=64, sym=sym, desc_act=desc_act)
+    many = gptq_quantize_many(w, [h1, h2], cfg)
+    for h, got in zip([h1, h2], many):
+        one = gptq_quantize(w, h, cfg)
+        assert torch.equal(got.codes, one.codes)
+        assert torch.equal(got.g_idx, one.g_idx)
+        assert torch.allclose(got.dequant, one.dequant, atol=1e-6)
+        assert torch.allclose(got.scales, one.scales)
+    assert not torch.equal(many[0].codes, many[1].codes)
+    assert torch.all(many[1].dequant[:, 5] == 0) and not torch.all(many[0].dequant[:, 5] == 0)
