@@ -33,6 +33,7 @@ async def run_all(cluster: FaultCluster, n: int, max_tokens: int, only: set[str]
     ref = await scenarios.reference(cluster, n, max_tokens)
     rows = []
     steps = [("engine", scenarios.engine_kill), ("gateway", scenarios.gateway_restart),
+             ("gateway-term", scenarios.gateway_sigterm),
              ("redis", scenarios.redis_restart), ("pause", scenarios.engine_pause)]
     for key, scenario in steps:
         if not only or key in only:
@@ -75,7 +76,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--only", default="", help="comma list of engine,gateway,redis,pause,cancel")
+    p.add_argument("--only", default="", help="comma list of engine,gateway,gateway-term,redis,pause,cancel")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     command = "python benchmarks/faults.py " + " ".join(sys.argv[1:])

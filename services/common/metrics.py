@@ -12,7 +12,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, \
+    generate_latest
 from prometheus_client.exposition import start_http_server
 
 # Metrics ports by role (compose and Kubernetes use the same numbers).
@@ -122,13 +123,34 @@ class Metrics:
                             ["method", "code"], registry=r)
         self.rpc_s = Histogram("inlaid_rpc_seconds", "gRPC call duration (whole stream for streams)",
                                ["method"], buckets=LATENCY_BUCKETS_S, registry=r)
+        # process_resident_memory_bytes & co.: what an operator watches for leaks.
+        ProcessCollector(registry=r)
         self._lock = threading.Lock()
         self._queued_tasks: set[str] = set()
+        self._finish_reasons: dict[str, set[str]] = {}   # label pairs of `requests`, by task
+
+    def forget_task(self, task: str) -> None:
+        """Drop every series labelled with a removed task, so label sets do not grow without
+        bound as tasks come and go (a re-added task starts from zero)."""
+        for metric in (self.ttft_s, self.tpot_s, self.latency_s, self.prompt_tokens,
+                       self.generated_tokens):
+            try:
+                metric.remove(task)
+            except KeyError:
+                pass
+        with self._lock:
+            for reason in self._finish_reasons.pop(task, ()):
+                self.requests.remove(task, reason)
+            if task in self._queued_tasks:
+                self.queue_depth.remove(task)
+                self._queued_tasks.discard(task)
 
     def observe_finished(self, task: str, finish_reason: str, num_prompt_tokens: int,
                          num_output_tokens: int, ttft_s: float | None, latency_s: float) -> None:
         """Record one finished request; TPOT is derived as (latency - ttft) / (n - 1)."""
         self.requests.labels(task, finish_reason).inc()
+        with self._lock:
+            self._finish_reasons.setdefault(task, set()).add(finish_reason)
         self.prompt_tokens.labels(task).inc(max(num_prompt_tokens, 0))
         self.latency_s.labels(task).observe(latency_s)
         if ttft_s is not None:

@@ -120,9 +120,13 @@ class RequestQueue:
     an output stream only grows at its end (offset == `end`), so it never repeats tokens.
     """
 
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys,
+                 output_ttl_s: int = OUTPUT_TTL_S) -> None:
+        if output_ttl_s <= 0:
+            raise ValueError(f"output_ttl_s must be > 0, got {output_ttl_s}")
         self.client = client
         self.keys = keys
+        self.output_ttl_s = output_ttl_s   # how long a finished request stays resumable
         self._append_sha = _APPEND_SHA
 
     async def ensure_group(self) -> None:
@@ -285,7 +289,7 @@ class RequestQueue:
             keys = [self.keys.output(request_id), self.keys.request(request_id),
                     self.keys.requests, self.keys.cancel(request_id)]
             args = [chunk.offset, len(chunk.token_ids), int(chunk.is_final), self.keys.group,
-                    entry_id, OUTPUT_TTL_S, *fields]
+                    entry_id, self.output_ttl_s, *fields]
             pipe.evalsha(self._append_sha, len(keys), *keys, *args)
         try:
             results = await pipe.execute()

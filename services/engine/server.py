@@ -40,7 +40,8 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
     # Warm up before SERVING: the first forward pays for lazy init (allocator, kernels), and
     # that must not land on the first user's request.
     await asyncio.to_thread(engine.generate, [[0, 1, 2, 3]], SamplingParams(max_tokens=2))
-    worker = EngineWorker(engine, RequestQueue(client, keys), TaskRegistry(client, keys),
+    worker = EngineWorker(engine, RequestQueue(client, keys, worker_config.output_ttl_s),
+                          TaskRegistry(client, keys),
                           worker_config, metrics)
     servicer.attach(worker)
     metrics_server = (start_metrics_server(metrics_config.port, metrics, metrics_config.addr)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -14,6 +16,7 @@ import redis.exceptions
 
 from services.common.env_config import env_values
 from services.common.adapters import AdapterError
+from services.common.memory import MallocTrimmer
 from services.common.metrics import Metrics
 from services.common.pb.inlaid.v1 import predictor_pb2, predictor_pb2_grpc
 from services.common.request_queue import Delivery, OutputChunk, RequestQueue
@@ -44,8 +47,14 @@ class WorkerConfig:
     predictor_addr: str = ""           # ReportLengths target; "" → none
     stats_window: int = 1000           # length of inlaid:stats:{task}
     grace_s: float = 10.0
+    trim_every_s: float = 60.0         # malloc_trim when idle, at most this often; 0 → never
+    output_ttl_s: int = 3600           # a finished request's output stays resumable this long
 
     def __post_init__(self) -> None:
+        if self.output_ttl_s <= 0:
+            raise ValueError(f"ENGINE_OUTPUT_TTL_S must be > 0, got {self.output_ttl_s}")
+        if self.trim_every_s < 0:
+            raise ValueError(f"ENGINE_TRIM_EVERY_S must be >= 0, got {self.trim_every_s}")
         for name in ("read_block_ms", "claim_idle_s", "claim_every_s", "tasks_poll_s",
                      "stats_window"):
             if getattr(self, name) <= 0:
@@ -101,6 +110,11 @@ class EngineWorker:
             self._predictor = predictor_pb2_grpc.PredictorServiceStub(self._channel)
         self._background: set[asyncio.Task] = set()
         self.ready = asyncio.Event()                    # set once the group exists and adapters loaded
+        # Every engine call runs on this one thread: torch's CPU buffers then come from one
+        # malloc arena instead of one per pool thread, each kept at its own high-water mark.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._trimmer = MallocTrimmer()
+        self._last_trim_s = time.monotonic()
 
     @property
     def num_inflight(self) -> int:
@@ -155,7 +169,7 @@ class EngineWorker:
                 if self.engine.has_unfinished:
                     error, step_start_s = "", time.perf_counter()
                     try:
-                        outputs = await asyncio.to_thread(self.engine.step)
+                        outputs = await self._in_engine_thread(self.engine.step)
                     except Exception as exc:  # noqa: BLE001 - a failed step must not hang clients
                         outputs = self._fail_all(exc)
                         error = f"engine step failed: {type(exc).__name__}: {exc}"
@@ -164,6 +178,8 @@ class EngineWorker:
                     await self._publish(outputs, error)
                     if not outputs:
                         await asyncio.sleep(0.01)  # nothing schedulable: do not spin
+                else:
+                    await self._maybe_trim(now)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.error("redis unavailable (%s); retrying in 1 s", exc)
                 await asyncio.sleep(1.0)
@@ -173,6 +189,18 @@ class EngineWorker:
             task.cancel()
         if self._channel is not None:
             await self._channel.close()
+        self._engine_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_engine_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(
+            self._engine_thread, functools.partial(fn, *args))
+
+    async def _maybe_trim(self, now: float) -> None:
+        """Idle engine: hand the allocator's free pages back (RSS then shows real use)."""
+        every_s = self.config.trim_every_s
+        if every_s and self._trimmer.is_available and now - self._last_trim_s >= every_s:
+            self._last_trim_s = now
+            await self._in_engine_thread(self._trimmer.trim)
 
     # adapters --------------------------------------------------------------------------
     async def sync_adapters(self, force: bool = False) -> None:
@@ -188,14 +216,17 @@ class EngineWorker:
             try:
                 self.engine.remove_adapter(name)
                 del self._loaded[name]
+                if self.metrics is not None and name not in wanted:
+                    self.metrics.forget_task(name)
                 log.info("unloaded adapter %s", name)
             except AdapterInUseError:
                 is_complete = False  # retried on the next poll, when its requests are done
+        self._failed = {(n, p) for n, p in self._failed if wanted.get(n) == p}  # bounded by tasks
         for name, path in wanted.items():
             if name in self._loaded or (name, path) in self._failed:
                 continue
             try:
-                await asyncio.to_thread(self.engine.add_adapter, name, path)
+                await self._in_engine_thread(self.engine.add_adapter, name, path)
                 self._loaded[name] = path
                 log.info("loaded adapter %s from %s", name, path)
             except (AdapterError, EngineError, OSError) as exc:
@@ -213,8 +244,8 @@ class EngineWorker:
         from services.quantizer.qlinear import apply_checkpoint  # torch-heavy; only when used
 
         try:
-            num_swapped = await asyncio.to_thread(apply_checkpoint, self.engine.runner,
-                                                  info.get("path", ""))
+            num_swapped = await self._in_engine_thread(apply_checkpoint, self.engine.runner,
+                                                       info.get("path", ""))
         except (OSError, ValueError, KeyError) as exc:
             self._failed_weights.add(version)
             log.error("cannot swap in base weights version %d from %s: %s", version,

@@ -18,6 +18,7 @@ class GatewayConfig:
     redis_namespace: str = "inlaid"
     pool: str = "default"                  # request stream the engines of this pool read
     max_queue: int = 1024                  # queued + running requests before RESOURCE_EXHAUSTED
+    retry_after_s: float = 1.0             # back-off hint sent with RESOURCE_EXHAUSTED
     max_tokens_limit: int = 4096           # largest max_tokens a request may ask for
     max_model_len: int = 0                 # prompt + output; 0 → the model's max positions
     max_prompt_chars: int = 1_000_000
@@ -41,6 +42,8 @@ class GatewayConfig:
         for name in ("max_model_len", "max_stop_strings", "max_stop_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GATEWAY_{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.retry_after_s < float("inf"):
+            raise ValueError(f"GATEWAY_RETRY_AFTER_S must be > 0, got {self.retry_after_s}")
         if self.predictor_timeout_s <= 0 or self.quantizer_timeout_s <= 0:
             raise ValueError("peer timeouts must be > 0")
 

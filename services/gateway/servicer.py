@@ -9,10 +9,12 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
+
 from services.common.adapter_screening import ScreeningConfig, screen_adapter_dir
 from services.common.adapters import BaseDims, load_adapter
 from services.common.auth import LOCAL_PRINCIPAL, Principal, current_principal
-from services.common.errors import AlreadyExistsError, FailedPreconditionError, \
+from services.common.errors import AlreadyExistsError, FailedPreconditionError, InlaidError, \
     InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError
 from services.common.metrics import Metrics
 from services.common.pb.inlaid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -25,6 +27,12 @@ from services.gateway.validation import check_input, check_length, check_params,
     check_quant_settings, check_request_id
 
 log = logging.getLogger(__name__)
+
+
+class DeadlineExceededError(InlaidError):
+    """The client's deadline passed while its request was still running."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def base_dims(config: dict) -> BaseDims:
@@ -103,8 +111,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         prompt_text, token_ids = await asyncio.to_thread(self._tokenize, request)
         check_length(len(token_ids), params["max_tokens"], self._max_model_len)
         if await self._queue.backlog() >= self._config.max_queue:
+            # The hint travels as trailing metadata: grpc-retry-pushback-ms is what gRPC's own
+            # retry policy obeys; retry-after-s is for clients that retry by hand.
+            retry_s = self._config.retry_after_s
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry_s * 1000))),
+                                           ("retry-after-s", f"{retry_s:g}")))
             raise ResourceExhaustedError(f"request queue is full ({self._config.max_queue} queued "
-                                         "or running); retry later")
+                                         f"or running); retry in {retry_s:g} s")
         predicted = None
         if self._predictor is not None:
             predicted = await self._predictor.predict(request.task, prompt_text)
@@ -186,6 +199,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         chunk.num_output_tokens, ttft_s, time.perf_counter() - start_s)
                 if response is not None:
                     yield response
+            if not is_finished and deadline_s is not None and time.monotonic() >= deadline_s:
+                # follow() stopped at the client's deadline: say so (the request is cancelled
+                # below) instead of ending the stream as if it were complete.
+                raise DeadlineExceededError(f"deadline passed before request {request_id} "
+                                            "finished; it was cancelled")
         finally:
             # Client cancelled or its deadline passed: free the engine slot. A stopping gateway
             # leaves the request running, so the client can Resume it on another replica.
@@ -288,6 +306,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise PermissionDeniedError(f"task {request.name!r} is shared; only an admin key "
                                         "may remove it")
         await self._registry.remove(request.name)
+        if self._metrics is not None:
+            self._metrics.forget_task(request.name)  # label sets stay bounded by live tasks
         log.info("removed task %s", request.name)
         return gateway_pb2.RemoveTaskResponse()
 

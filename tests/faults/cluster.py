@@ -165,6 +165,21 @@ class FaultCluster:
             proc.process.send_signal(signal.SIGKILL)
             proc.process.wait()
 
+    @staticmethod
+    def terminate(proc: _Proc, timeout_s: float = 30.0) -> tuple[int | None, float]:
+        """SIGTERM (what Kubernetes and `docker stop` send) and wait for the process to exit:
+        its graceful shutdown runs. Returns (exit code, seconds until it exited)."""
+        start = time.monotonic()
+        if proc.process is None or proc.process.poll() is not None:
+            return (proc.process.returncode if proc.process else None), 0.0
+        proc.process.send_signal(signal.SIGTERM)
+        try:
+            code = proc.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.process.kill()
+            code = proc.process.wait()
+        return code, time.monotonic() - start
+
     def engine_status(self, name: str) -> engine_pb2.GetStatusResponse:
         with grpc.insecure_channel(f"127.0.0.1:{self.engines[name].port}") as channel:
             return engine_pb2_grpc.EngineServiceStub(channel).GetStatus(

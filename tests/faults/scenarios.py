@@ -190,6 +190,22 @@ async def gateway_restart(cluster: FaultCluster, ref: list[list[int]], max_token
                  results, ref, {"tokens_seen_at_kill": tokens_at_kill})
 
 
+async def gateway_sigterm(cluster: FaultCluster, ref: list[list[int]], max_tokens: int) -> dict:
+    """SIGTERM the gateway mid-stream (a rolling update): it stops taking calls, gives streams
+    its grace period, leaves the requests running (no cancel), exits; a new gateway starts on
+    the same port and the clients Resume."""
+    n = len(ref)
+    tracker, tasks = await _clients_with_results(cluster, n, max_tokens, "gwterm")
+    await _wait_streaming(tasks, lambda: tracker.results)
+    tokens_at_stop = sum(len(r.token_ids) for r in tracker.results)
+    code, exit_s = await asyncio.to_thread(cluster.terminate, cluster.gateway)
+    cluster.start_gateway()
+    results = await asyncio.gather(*tasks)
+    return score("f. gateway SIGTERM (graceful) + restart mid-stream, clients Resume(id, offset)",
+                 n, results, ref, {"tokens_seen_at_stop": tokens_at_stop, "exit_code": code,
+                                   "shutdown_s": round(exit_s, 1)})
+
+
 async def redis_restart(cluster: FaultCluster, ref: list[list[int]], max_tokens: int) -> dict:
     """kill -9 Redis (AOF, fsync always) mid-stream and restart it on the same port."""
     n = len(ref)

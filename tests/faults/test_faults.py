@@ -31,6 +31,13 @@ async def test_gateway_restart_clients_resume(cluster, reference):
     assert row["resumes"] >= row["n_in_flight"]  # every stream broke and was resumed
 
 
+async def test_gateway_sigterm_clients_resume(cluster, reference):
+    row = await scenarios.gateway_sigterm(cluster, reference, MAX_TOKENS)
+    _assert_clean(row)
+    assert row["exit_code"] == 0, row  # the graceful path ran, not a kill after a timeout
+    assert row["resumes"] >= 1, row  # the streams outlived the grace period and were resumed
+
+
 async def test_redis_restart_with_aof_loses_nothing(cluster, reference):
     _assert_clean(await scenarios.redis_restart(cluster, reference, MAX_TOKENS))
 

@@ -65,8 +65,13 @@ async def test_unknown_task_is_not_found(gateway):
 async def test_full_queue_is_resource_exhausted(gateway, gateway_config):
     for _ in range(gateway_config.max_queue):
         await gateway.queue.client.xadd(gateway.queue.keys.requests, {"req": "{}"})
-    code, details = await _code(gateway.stub.Generate(_req()))
+    call = gateway.stub.Generate(_req())
+    code, details = await _code(call)
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in details
+    assert "retry in 1 s" in details
+    trailing = dict(await call.trailing_metadata())
+    assert trailing["grpc-retry-pushback-ms"] == "1000" and trailing["retry-after-s"] == "1"
+    assert await gateway.queue.backlog() == gateway_config.max_queue  # nothing more queued
 
 
 async def _serve_one(gateway, chunks: list[OutputChunk], gate: asyncio.Event | None = None):
@@ -207,6 +212,27 @@ async def test_deadline_cancels_the_request(gateway):
             break
         await asyncio.sleep(0.05)
     assert await gateway.queue.client.exists(key)
+
+
+async def test_stream_at_its_deadline_is_deadline_exceeded_never_a_clean_end(gateway):
+    """The gateway's own deadline check can fire before grpc cancels the call: the stream must
+    then end with DEADLINE_EXCEEDED (and cancel the request), not as if it were complete."""
+    import time
+
+    from services.common.request_queue import QueuedRequest
+    from services.gateway.servicer import DeadlineExceededError
+
+    await gateway.queue.enqueue(QueuedRequest("late-2", "", [1, 2], {"max_tokens": 4}))
+    stream = gateway.servicer._stream("late-2", 0, cancel_on_exit=True,
+                                      deadline_s=time.monotonic() + 0.3)
+    with pytest.raises(DeadlineExceededError):
+        async for _ in stream:
+            pass
+    for _ in range(100):
+        if await gateway.queue.client.exists(gateway.queue.keys.cancel("late-2")):
+            break
+        await asyncio.sleep(0.02)
+    assert await gateway.queue.client.exists(gateway.queue.keys.cancel("late-2"))
 
 
 @pytest.mark.parametrize("predictor_delay_s", [5.0, None], ids=["predictor-down", "no-predictor"])
