@@ -160,9 +160,41 @@ if triton is not None:
             tl.store(out, out_v.to(tl.float16), mask=omask)
 
 
+    @triton.jit
+    def _dequant_kernel(qw_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size):
+        """W [K, N] fp16 from the repacked layout: one program per (128-row K block, 128-col tile)."""
+        b = tl.program_id(0)
+        t = tl.program_id(1)
+        offs_i = tl.arange(0, 16)
+        offs_c = tl.arange(0, 128)
+        q = tl.load(qw_ptr + t * (K // 8 * 128) + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :])
+        n = t * 128 + offs_c
+        nmask = n < N
+        g = (b * 128) // group_size
+        s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+        for j in tl.static_range(8):
+            w = (((q >> (4 * j)) & 0xF).to(tl.float32) - z[None, :]) * s[None, :]
+            k = b * 128 + 16 * j + offs_i
+            tl.store(out_ptr + k[:, None].to(tl.int64) * N + n[None, :], w.to(tl.float16),
+                     mask=nmask[None, :])
+
+
+def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
+    """W [K, N] fp16 (rows in the kernel's order, i.e. after kw.perm) with one Triton launch."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    k, n = kw.in_features, kw.out_features
+    out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
+    _dequant_kernel[(k // KERNEL_K_BLOCK, triton.cdiv(n, 128))](
+        kw.qweight, kw.zeros, kw.scales, out, n, k, kw.group_size, num_warps=4)
+    return out
+
+
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration: kind "gemv" (CUDA cores), "mma8" (8 K=16 dots) or "mma" (one K=128 dot)."""
+    """One launch configuration: kind "gemv" (CUDA cores), "mma8" (8 K=16 dots), "mma" (one K=128
+    dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound prefill at large M)."""
 
     kind: str
     block_m: int
@@ -203,7 +235,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         for bm in (64, 128)
         for bn in (64, 128)
         for sk in (1, 2)
-    ]
+    ] + [GemmConfig("dense", 0, 128, 1)]
 
 
 def w4a16_matmul(
@@ -223,6 +255,9 @@ def w4a16_matmul(
         raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
     if 128 % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
+    if cfg.kind == "dense":
+        out = x @ dequantize_fp16(kw)
+        return out if bias is None else out + bias.to(out.dtype)
     num_blocks = k // KERNEL_K_BLOCK
     split_k = max(1, min(cfg.split_k, num_blocks))
     blocks_per_split = -(-num_blocks // split_k)
