@@ -19,6 +19,7 @@ class GatewayConfig:
     pool: str = "default"                  # request stream the engines of this pool read
     max_queue: int = 1024                  # queued + running requests before RESOURCE_EXHAUSTED
     retry_after_s: float = 1.0             # back-off hint sent with RESOURCE_EXHAUSTED
+    max_streams: int = 4096                # open Generate + Resume streams per gateway
     max_tokens_limit: int = 4096           # largest max_tokens a request may ask for
     max_model_len: int = 0                 # prompt + output; 0 → the model's max positions
     max_prompt_chars: int = 1_000_000
@@ -33,7 +34,7 @@ class GatewayConfig:
     grace_s: float = 5.0                   # SIGTERM: time for streams in flight to finish
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_tokens_limit", "max_prompt_chars", "max_lora_rank",
+        for name in ("max_queue", "max_streams", "max_tokens_limit", "max_prompt_chars", "max_lora_rank",
                      "read_block_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GATEWAY_{name.upper()} must be > 0, got {getattr(self, name)}")

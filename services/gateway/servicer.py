@@ -91,10 +91,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._quantizer = quantizer
         self._background: set[asyncio.Task] = set()  # keeps fire-and-forget cancels alive
         self._is_shutting_down = False
+        self._num_streams = 0
 
     # generation -----------------------------------------------------------------------
+    def _refuse(self, context, reason: str) -> None:
+        """RESOURCE_EXHAUSTED with a back-off hint in the trailing metadata: grpc-retry-pushback-ms
+        is what gRPC's own retry policy obeys; retry-after-s is for clients that retry by hand."""
+        retry_s = self._config.retry_after_s
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry_s * 1000))),
+                                       ("retry-after-s", f"{retry_s:g}")))
+        raise ResourceExhaustedError(f"{reason}; retry in {retry_s:g} s")
+
+    def _check_stream_room(self, context) -> None:
+        # Streams are what a gateway holds per client (a task, buffers, a Redis read): their
+        # number is bounded, so neither Generate nor Resume can grow memory without bound.
+        if self._num_streams >= self._config.max_streams:
+            self._refuse(context, f"gateway is serving its maximum of {self._config.max_streams} "
+                                  "streams")
+
     async def Generate(self, request, context):
         start_s, caller = time.perf_counter(), _caller()
+        self._check_stream_room(context)
         if request.task:
             record = await self._require_visible(request.task, caller)
             if not record.is_servable:
@@ -111,13 +128,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         prompt_text, token_ids = await asyncio.to_thread(self._tokenize, request)
         check_length(len(token_ids), params["max_tokens"], self._max_model_len)
         if await self._queue.backlog() >= self._config.max_queue:
-            # The hint travels as trailing metadata: grpc-retry-pushback-ms is what gRPC's own
-            # retry policy obeys; retry-after-s is for clients that retry by hand.
-            retry_s = self._config.retry_after_s
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry_s * 1000))),
-                                           ("retry-after-s", f"{retry_s:g}")))
-            raise ResourceExhaustedError(f"request queue is full ({self._config.max_queue} queued "
-                                         f"or running); retry in {retry_s:g} s")
+            self._refuse(context, f"request queue is full ({self._config.max_queue} queued or "
+                                  "running)")
         predicted = None
         if self._predictor is not None:
             predicted = await self._predictor.predict(request.task, prompt_text)
@@ -152,6 +164,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.offset < 0:
             raise InvalidArgumentError(f"offset must be >= 0, got {request.offset}")
         await self._require_request(request.request_id)
+        self._check_stream_room(context)
         async for response in self._stream(request.request_id, request.offset,
                                            cancel_on_exit=False):
             yield response
@@ -183,6 +196,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         """The first message (id, prediction) right away, then the output from `offset`.
         `task` set means a new request whose latency the metrics should record."""
         is_finished, ttft_s = False, None
+        self._num_streams += 1
         try:
             yield gateway_pb2.GenerateResponse(request_id=request_id,
                                                predicted_output_tokens=predicted_output_tokens)
@@ -205,6 +219,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise DeadlineExceededError(f"deadline passed before request {request_id} "
                                             "finished; it was cancelled")
         finally:
+            self._num_streams -= 1
             # Client cancelled or its deadline passed: free the engine slot. A stopping gateway
             # leaves the request running, so the client can Resume it on another replica.
             if cancel_on_exit and not is_finished and not self._is_shutting_down:
@@ -306,6 +321,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise PermissionDeniedError(f"task {request.name!r} is shared; only an admin key "
                                         "may remove it")
         await self._registry.remove(request.name)
+        # Its finished-length statistics go too (a task re-added under the name starts afresh).
+        await self._queue.client.delete(self._queue.keys.stats(request.name))
         if self._metrics is not None:
             self._metrics.forget_task(request.name)  # label sets stay bounded by live tasks
         log.info("removed task %s", request.name)

@@ -247,3 +247,23 @@ async def test_prediction_degrades_to_task_statistics(make_gateway, gateway_conf
     responses = [r async for r in gateway.stub.Generate(_req(), timeout=3)]
     assert (await engine).predicted_output_tokens == 9  # median of 5, 7, 9, 11, 30
     assert responses[0].predicted_output_tokens == 9
+
+
+async def test_open_streams_are_bounded_with_a_retry_hint(make_gateway, gateway_config):
+    import dataclasses
+
+    gateway = await make_gateway(dataclasses.replace(gateway_config, max_streams=1))
+    first = gateway.stub.Generate(_req(request_id="held-1"))
+    assert (await first.read()).request_id == "held-1"  # holds the only stream
+    for call in (gateway.stub.Generate(_req(request_id="held-2")),
+                 gateway.stub.Resume(gateway_pb2.ResumeRequest(request_id="held-1"))):
+        code, details = await _code(call)
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 1 streams" in details
+        assert dict(await call.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
+    assert await gateway.queue.backlog() == 1  # the refused Generate queued nothing
+    first.cancel()
+    for _ in range(100):  # the handler's finally runs once grpc has cancelled it
+        if gateway.servicer._num_streams == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gateway.servicer._num_streams == 0

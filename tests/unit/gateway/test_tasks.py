@@ -167,3 +167,12 @@ async def test_clean_adapter_passes_screening(gateway, tmp_path):
 async def _drain(call) -> None:
     async for _ in call:
         pass
+
+
+async def test_remove_task_drops_its_length_statistics(gateway, tmp_path):
+    request = gateway_pb2.AddTaskRequest(name="stats", adapter_path=str(write_lora(tmp_path / "a")))
+    await gateway.stub.AddTask(request)
+    key = gateway.queue.keys.stats("stats")
+    await gateway.queue.client.lpush(key, 5, 7)
+    await gateway.stub.RemoveTask(gateway_pb2.RemoveTaskRequest(name="stats"))
+    assert not await gateway.queue.client.exists(key)
