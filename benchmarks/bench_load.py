@@ -219,10 +219,13 @@ def memory_verdict(samples: list[tuple[float, float]], send_s: float,
             "flat": slope is not None and abs(slope) <= limit_mb_per_min}
 
 
-def write_results(summary: dict, args, command: str) -> None:
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def write_results(summary: dict, args, command: str, commit: str) -> None:
     results = ROOT / "benchmarks" / "results"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     meta = {"device": f"cpu ({os.cpu_count()} cores, shared machine), engine ENGINE_NUM_THREADS="
                       f"{args.engine_threads}", "git_commit": commit,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
@@ -288,6 +291,7 @@ def main() -> int:
     if args.rate <= 0 or args.duration_s <= 0:
         p.error("--rate and --duration-s must be > 0")
     command = "python benchmarks/bench_load.py " + " ".join(sys.argv[1:])
+    commit = git_commit()  # the code that runs (the tree may move on during a long run)
     # SIGTERM ends the run through `finally`, so the stack's processes are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -342,7 +346,7 @@ def main() -> int:
     print(f"memory flat: {'PASS' if summary['memory_flat'] else 'FAIL'}; errors: "
           f"{summary['num_errors']}")
     if not args.no_write:
-        write_results(summary, args, command)
+        write_results(summary, args, command, commit)
     return 0 if summary["num_errors"] == 0 and summary["memory_flat"] else 1
 
 
