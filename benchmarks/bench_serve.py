@@ -67,15 +67,19 @@ def make_random_adapter(dims, out_dir: Path, seed: int, rank: int = 8) -> Path:
 
 
 class StepRecorder:
-    """Wraps a scheduler's schedule() to keep the last SchedulerOutput (the engine does not return it)."""
+    """Wraps a scheduler's schedule() to keep the last SchedulerOutput (the engine does not return it)
+    and its StepFeatures, taken at schedule time: after the step, update() has marked the computed
+    tokens cached, so a prefill would look like a single new token."""
 
     def __init__(self, scheduler) -> None:
         self.last = None
+        self.features = None
         self._schedule = scheduler.schedule
         scheduler.schedule = self
 
     def __call__(self):
         self.last = self._schedule()
+        self.features = step_features(self.last)
         return self.last
 
 
@@ -115,7 +119,7 @@ def replay(engine, trace: list[TraceRequest], vocab: int, max_tokens: int, seed:
         done_s = time.perf_counter()
         out = recorder.last
         if out is not None and not out.is_empty:
-            f = step_features(out)
+            f = recorder.features
             steps.append(StepRecord(f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
                                     f.num_kv_tokens_read, done_s - t_step))
             for seq in out.preempted:

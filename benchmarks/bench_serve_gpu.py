@@ -1,0 +1,755 @@
+"""GPU serving benchmark: every scheduling policy on one loaded engine, in one process.
+
+Random weights in the exact Llama-2-7B shapes (no model hub on the GPU machine),
+4-bit RTN base (EngineConfig(quant_bits=4)), synthetic rank-8/16 LoRA adapters made
+in memory (q/k/v/o, timing only), output lengths from the workload kit's measured
+distributions (data/lengths.jsonl; EOS ignored, a request ends at its trace length).
+The runner is loaded once; each replay builds a fresh LLMEngine (policy, β) around it.
+
+Sections (each skippable, each printed with a time estimate, results written after each):
+  calib    warm-up grid on the runner (GEMM tuning, CUDA-graph capture), a FIFO burst
+           (saturated throughput C), a half-load replay; the simulator's cost model is fitted
+           to those engine steps (error on held-out steps), solo latencies measured
+  main     3 rates (fractions of C) × inlaid/fifo/mlfq/wfq, same trace per rate
+  ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths
+  wfq      one task at 10× the others' rate: others' p99 with vs without the hog
+  scale    2/10/100/1000 tasks at a fixed rate: real engine (inlaid) + simulator (fitted model)
+  fp16     frees the 4-bit runner, loads an fp16 base (S-LoRA's configuration), fifo + inlaid
+
+    python benchmarks/bench_serve_gpu.py --out $OUT --commit <sha>          # GPU, ≈ 450 s
+    python benchmarks/bench_serve_gpu.py --tiny --out /tmp/sg --replay-s 3   # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gc
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import StepRecorder  # noqa: E402
+from bench_serve_gpu_report import write_report  # noqa: E402
+from bench_sim import with_predictions  # noqa: E402
+from services.engine.policies import POLICIES  # noqa: E402
+from services.engine.simulator.cost_model import FEATURES, CostModel  # noqa: E402
+from services.engine.simulator.metrics import RequestRecord, StepRecord, summarize  # noqa: E402
+from services.engine.simulator.simulator import SimConfig, Simulator, solo_latency_s  # noqa: E402
+from services.engine.simulator.trace import TraceRequest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_OVERHEAD_TOKENS = 30     # SmolLM2 chat template around a user prompt (system + role tags)
+SECTIONS = ("calib", "main", "ablate", "wfq", "scale", "fp16")
+TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=1024, max_position_embeddings=4096,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+# ---- workload --------------------------------------------------------------------------
+def family_lengths(path: Path) -> dict[str, list[tuple[int, int]]]:
+    """(prompt tokens, output tokens) per task family; prompt ≈ chars/4 + chat template."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            prompt = max(1, round(len(row["prompt"]) / 4)) + CHAT_OVERHEAD_TOKENS
+            out.setdefault(row["task"], []).append((prompt, int(row["output_tokens"])))
+    return out
+
+
+def task_names(num: int, families: list[str]) -> list[str]:
+    """The workload kit's naming: the families, then variants `family#k` cycling through them."""
+    f = len(families)
+    return [families[i % f] + (f"#{i // f}" if i >= f else "") for i in range(num)]
+
+
+def family_of(task: str) -> str:
+    return task.split("#")[0]
+
+
+def make_trace(tasks: list[str], lengths, rate: float, window_s: float, seed: int, *,
+               weights: list[float] | None = None, zipf_a: float = 1.0, pred_sigma: float = 0.25,
+               prefix: str = "r", burst: int = 0, pooled: bool = False) -> list[TraceRequest]:
+    """Poisson arrivals over window_s (or `burst` requests all at t=0); Zipf task popularity
+    over a shuffled task order unless `weights`; lengths drawn from the task family's rows.
+
+    predicted_output_tokens emulates the length predictor: true length × log-normal noise of
+    sd pred_sigma (the trained ONNX predictor is not on the GPU machine; its held-out MAE on
+    this data is ~1 token, see predictor.md, i.e. better than this emulation). With `pooled`,
+    a request's lengths come from all families' rows whatever its task, so traces with different
+    task counts carry the same work and differ only in adapters."""
+    rng = random.Random(seed)
+    pool = [row for rows in lengths.values() for row in rows] if pooled else None
+    if weights is None:
+        order = list(range(len(tasks)))
+        rng.shuffle(order)
+        weights = [0.0] * len(tasks)
+        for rank, i in enumerate(order):
+            weights[i] = 1.0 / (rank + 1) ** zipf_a
+    cum, acc = [], 0.0
+    for w in weights:
+        acc += w
+        cum.append(acc)
+    out, t = [], 0.0
+    while True:
+        if burst:
+            if len(out) >= burst:
+                break
+        else:
+            t += rng.expovariate(rate)
+            if t >= window_s:
+                break
+        task = rng.choices(tasks, cum_weights=cum)[0]
+        prompt, output = rng.choice(pool if pooled else lengths[family_of(task)])
+        predicted = max(1, round(output * math.exp(rng.gauss(0.0, pred_sigma))))
+        out.append(TraceRequest(arrival_s=t, task=task, prompt_tokens=prompt, output_tokens=output,
+                                predicted_output_tokens=predicted, request_id=f"{prefix}{len(out)}"))
+    return out
+
+
+# ---- engine ---------------------------------------------------------------------------
+def make_adapters(dims, names: list[str], num_sets: int, seed: int):
+    """LoraAdapter objects for every name; `num_sets` distinct weight sets (ranks 8 and 16,
+    q/k/v/o) shared among names, so 1000 tasks fit in host memory. Each name still gets its
+    own device slot when used, so slot loads and per-batch adapter counts are real."""
+    import torch
+
+    from services.common.adapters import ATTN_MODULES, LoraAdapter
+    gen = torch.Generator().manual_seed(seed)
+    sets = []
+    for k in range(num_sets):
+        rank = (8, 16)[k % 2]
+        weights = {}
+        for layer in range(dims.num_layers):
+            for module in ATTN_MODULES:
+                d_in, d_out = dims.features(module)
+                weights[(layer, module)] = (torch.randn(rank, d_in, generator=gen) / d_in ** 0.5,
+                                            0.01 * torch.randn(d_out, rank, generator=gen))
+        sets.append((rank, weights, dict.fromkeys(weights, 2.0)))
+    return [LoraAdapter(name, Path(f"<memory:{name}>"), sets[i % num_sets][0], ATTN_MODULES,
+                        sets[i % num_sets][1], sets[i % num_sets][2]) for i, name in enumerate(names)]
+
+
+def load_runner(base_cfg):
+    import torch
+
+    from services.engine.model_runner import ModelRunner
+    t0 = time.perf_counter()
+    runner = ModelRunner.load(base_cfg)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    return runner, time.perf_counter() - t0
+
+
+def make_engine(runner, base_cfg, policy: str, beta: int):
+    from services.engine.llm_engine import LLMEngine
+    cfg = dataclasses.replace(base_cfg, policy=policy, max_adapters_per_batch=beta)
+    return LLMEngine(cfg, runner=runner, load_tokenizer=False)
+
+
+def replay(engine, trace: list[TraceRequest], max_tokens: int, deadline_s: float, seed: int):
+    """Real-time replay; at deadline_s (from the first arrival) unfinished requests are aborted.
+
+    Returns (finished RequestRecords, StepRecords with engine.step wall times, #unfinished, wall s).
+    """
+    import numpy as np
+
+    from services.engine.sequence import SamplingParams
+    vocab = engine.runner.shape.vocab_size
+    rng = np.random.default_rng(seed)
+    prompts = {r.request_id: rng.integers(100, vocab, r.prompt_tokens).tolist() for r in trace}
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    recorder = StepRecorder(engine.scheduler)
+    by_id = {r.request_id: r for r in trace}
+    first_token: dict[str, float] = {}
+    preempt: dict[str, int] = {}
+    records: list[RequestRecord] = []
+    steps: list[StepRecord] = []
+    open_ids: set[str] = set()
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < len(trace) or engine.has_unfinished:
+        now = time.perf_counter() - t0
+        if now > deadline_s:
+            break
+        while nxt < len(trace) and trace[nxt].arrival_s <= now:
+            req = trace[nxt]
+            engine.add_request(req.request_id, prompts[req.request_id], params, task=req.task,
+                               predicted_output_tokens=req.predicted_output_tokens)
+            open_ids.add(req.request_id)
+            nxt += 1
+        if not engine.has_unfinished:
+            time.sleep(max(0.0, min(trace[nxt].arrival_s, deadline_s) - (time.perf_counter() - t0)))
+            continue
+        t_step = time.perf_counter()
+        outputs = engine.step()
+        done = time.perf_counter()
+        out = recorder.last
+        if out is not None and not out.is_empty:
+            f = recorder.features
+            steps.append(StepRecord(f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
+                                    f.num_kv_tokens_read, done - t_step))
+            for seq in out.preempted:
+                preempt[seq.request_id] = preempt.get(seq.request_id, 0) + 1
+        for o in outputs:
+            rid = o.request_id
+            first_token.setdefault(rid, done - t0)
+            req = by_id[rid]
+            if o.num_output_tokens >= req.output_tokens or o.is_finished:
+                if not o.is_finished:
+                    engine.abort(rid)      # its trace length reached: this replay's "EOS"
+                open_ids.discard(rid)
+                records.append(RequestRecord(rid, req.task, req.arrival_s, first_token[rid], done - t0,
+                                             req.prompt_tokens, o.num_output_tokens, preempt.get(rid, 0)))
+    wall = time.perf_counter() - t0
+    for rid in list(open_ids):
+        engine.abort(rid)
+    unfinished = len(trace) - len(records)
+    return records, steps, unfinished, wall
+
+
+def measure(engine, trace, solo_s, args, label: str, deadline_s: float, **extra) -> tuple[dict, list]:
+    """One replay → one result row (summarize + unfinished-aware SLO), and its step rows.
+
+    solo_s(TraceRequest) -> seconds: the request's latency served alone (the SLO reference)."""
+    records, steps, unfinished, wall = replay(engine, trace, args.max_tokens, deadline_s, args.seed)
+    by_id = {r.request_id: r for r in trace}
+    records = [dataclasses.replace(r, solo_latency_s=solo_s(by_id[r.request_id])) for r in records]
+    if records:
+        m = summarize(records, steps, args.slo_scale)
+        met = sum(r.jct_s <= args.slo_scale * r.solo_latency_s for r in records)
+        m["slo_attainment_all"] = met / len(trace)       # unfinished requests count as missed
+    else:
+        m = {"num_requests": 0, "slo_attainment_all": 0.0}
+    m.update(variant=label, num_trace_requests=len(trace), num_unfinished=unfinished, replay_wall_s=wall,
+             offered_rate_req_s=len(trace) / max(1e-9, trace[-1].arrival_s) if trace else 0.0, **extra)
+    m["_jct"] = sorted(r.jct_s for r in records)
+    m["_records"] = records
+    print(f"  {label:40s} thr {m.get('throughput_req_s', 0):7.2f} req/s {m.get('throughput_tok_s', 0):8.0f} tok/s"
+          f" | lat {m.get('latency_avg_s_per_token', float('nan')) * 1e3:7.1f} ms/tok"
+          f" | JCT {m.get('jct_avg_s', float('nan')):6.2f} p99 {m.get('jct_p99_s', float('nan')):6.2f} s"
+          f" | TTFT {m.get('ttft_avg_s', float('nan')):5.2f} s | SLO {m['slo_attainment_all']:.3f}"
+          f" | tasks/step {m.get('adapters_per_step_avg', float('nan')):.2f} | unfinished {unfinished}"
+          f" | {wall:.1f}s", flush=True)
+    step_rows = [dict(dataclasses.asdict(s), run=label) for s in steps]
+    return m, step_rows
+
+
+# ---- calibration --------------------------------------------------------------------------
+def runner_grid(runner, tasks: list[str], reps: int) -> list[dict]:
+    """Time runner.run on synthetic batches (decode at every graph bucket, prefills); doubles as
+    warm-up: GEMM tuning and CUDA-graph capture happen here, not inside a timed replay."""
+    import torch
+
+    from services.engine.block_manager import BlockManager
+    from services.engine.sequence import SamplingParams, Sequence
+    cuda = runner.device.type == "cuda"
+    sizes = runner.graphs.sizes if runner.graphs is not None else [1, 2, 4, 8, 16, 32, 64, 128]
+    sizes = [s for s in sizes if s <= runner.config.max_num_seqs]
+    bm = BlockManager(runner.num_kv_blocks, runner.block_size)
+    rows = []
+
+    def timed(seqs) -> float:
+        runner.run(seqs)
+        times = []
+        for _ in range(reps):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.run(seqs)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def batch(n: int, tokens: int, n_adapters: int, decode: bool) -> list:
+        seqs = []
+        for i in range(n):
+            task = tasks[i % min(n_adapters, len(tasks))] if n_adapters else ""
+            s = Sequence(f"grid{i}", [(7 * i + j) % 900 + 3 for j in range(tokens)], SamplingParams(), task=task)
+            bm.allocate(s)
+            s.num_cached_tokens = tokens - 1 if decode else 0
+            seqs.append(s)
+        return seqs
+
+    # Every replayed request has an adapter, so decode graphs are warmed with LoRA only; prefills
+    # cover every GEMM tuning bucket (powers of two) up to the step token budget.
+    configs = [(b, ctx, a, True) for b in sizes for a in sorted({1, min(b, 10)}) for ctx in (64, 320)]
+    budget = runner.config.max_num_batched_tokens
+    prefill_sizes = [1 << k for k in range(3, 13) if 1 << k <= budget]
+    configs += [(max(1, n // 64), min(n, 64), a, False) for n in prefill_sizes for a in (1, 4)]
+    for n, tokens, n_adapters, decode in configs:
+        seqs = batch(n, tokens, n_adapters, decode)
+        step_s = timed(seqs)
+        rows.append({"num_prefill_tokens": 0 if decode else n * tokens, "num_decode_seqs": n if decode else 0,
+                     "num_adapters": len({s.task for s in seqs if s.task}),
+                     "num_kv_tokens_read": n * tokens, "step_s": step_s})
+        for s in seqs:
+            bm.free(s)
+            runner.sampler.release(s.request_id)
+    return rows
+
+
+def fit_error(cost: CostModel, rows: list[dict]) -> dict:
+    """How well `cost` predicts measured steps: median/mean |rel err| and the error of their sum."""
+    if not rows:
+        return {}
+    pred = [cost.a_s + cost.b_s_per_prefill_token * r["num_prefill_tokens"]
+            + cost.c_s_per_decode_seq * r["num_decode_seqs"] + cost.d_s_per_adapter * r["num_adapters"]
+            + cost.e_s_per_kv_token * r["num_kv_tokens_read"] for r in rows]
+    meas = [float(r["step_s"]) for r in rows]
+    rel = [abs(p - m) / max(m, 1e-9) for p, m in zip(pred, meas)]
+    return {"num_steps": len(rows), "median_abs_rel_err": statistics.median(rel),
+            "mean_abs_rel_err": statistics.fmean(rel),
+            "p90_abs_rel_err": sorted(rel)[int(0.9 * (len(rel) - 1))],
+            "total_time_rel_err": sum(pred) / sum(meas) - 1.0}
+
+
+def fit_cost(rows: list[dict], source: str) -> CostModel:
+    return CostModel.fit([{k: r[k] for k in (*FEATURES, "step_s")} for r in rows], source=source)
+
+
+# ---- the run -----------------------------------------------------------------------------
+class Bench:
+    """Holds the run's state; each section method appends to `data` and the report is rewritten."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.t_start = time.perf_counter()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lengths = family_lengths(ROOT / "data" / "lengths.jsonl")
+        self.families = list(self.lengths)
+        self.tasks = task_names(args.num_tasks, self.families)
+        self.all_steps: list[dict] = []
+        self.data: dict = {"meta": {}, "sections": {}}
+        self.runner = None
+        self.cost: CostModel | None = None
+        self.capacity: float | None = None
+        self.solo_s = lambda req: solo_latency_s(self.cost, req)   # replaced by the measured fit
+
+    # -- helpers --
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def save(self) -> None:
+        meta = self.data["meta"]
+        meta["wall_s"] = self.elapsed()
+        path = self.out / "serve_gpu.json"
+        path.write_text(json.dumps(_public(self.data), indent=1, default=str))
+        with (self.out / "serve_gpu.steps.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[*FEATURES, "step_s", "run"])
+            w.writeheader()
+            w.writerows(self.all_steps)
+        try:
+            write_report(_public(self.data), self.out / "serve_gpu.md", self.out / "serve_gpu.png")
+        except Exception as exc:  # noqa: BLE001 — the JSON is already written; the report can be redone
+            print(f"report failed: {type(exc).__name__}: {exc}", flush=True)
+
+    def run_replay(self, engine_args: tuple, trace, label: str, window_s: float, **extra) -> dict:
+        policy, beta = engine_args
+        engine = make_engine(self.runner, self.base_cfg, policy, beta)
+        deadline = window_s + max(self.args.drain_s, 0.5 * window_s)
+        m, steps = measure(engine, trace, self.solo_s, self.args, label, deadline, policy=policy,
+                           beta=beta, **extra)
+        self.all_steps += steps
+        del engine
+        return m
+
+    def section(self, name: str, est_s: float, fn) -> None:
+        info = self.data["sections"].setdefault(name, {})
+        info["estimate_s"] = est_s
+        left = self.args.budget_s - self.elapsed()
+        if name not in self.args.sections:
+            info["status"] = "skipped (flag)"
+            return
+        if est_s > left:
+            info["status"] = f"skipped: estimate {est_s:.0f} s > {left:.0f} s left of the budget"
+            print(f"== {name}: {info['status']}", flush=True)
+            self.save()
+            return
+        print(f"== {name}: estimate {est_s:.0f} s ({self.elapsed():.0f} s elapsed, {left:.0f} s left)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            fn()
+            info["status"] = "done"
+        except Exception as exc:  # noqa: BLE001 — record it, keep the other sections' results
+            traceback.print_exc()
+            info["status"] = f"failed: {type(exc).__name__}: {exc}"
+        info["wall_s"] = time.perf_counter() - t0
+        print(f"== {name}: {info['status']} in {info['wall_s']:.0f} s", flush=True)
+        self.save()
+
+    def replay_est(self, n: int, window_s: float) -> float:
+        return n * (window_s + 0.4 * max(self.args.drain_s, 0.5 * window_s) + 1.0)
+
+    # -- sections --
+    def setup(self) -> None:
+        args = self.args
+        from services.engine.config import EngineConfig
+        self.base_cfg = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, quant_bits=args.quant_bits,
+            cuda_graphs=True, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+            max_adapters=args.slots, max_adapters_per_batch=args.beta, max_model_len=args.max_model_len,
+            max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
+            num_kv_blocks=args.num_kv_blocks, policy="fifo")
+        self.runner, load_s = load_runner(self.base_cfg)
+        n_names = max([args.num_tasks, 10, *args.scale_tasks])
+        t0 = time.perf_counter()
+        self.names = task_names(n_names, self.families)
+        for adapter in make_adapters(self.runner.shape.dims(), self.names, args.adapter_sets, args.seed):
+            self.runner.add_adapter(adapter)
+        adapters_s = time.perf_counter() - t0
+        self.data["meta"].update(self.meta(load_s, adapters_s, n_names))
+        print(f"loaded {args.model} ({self.data['meta']['device']}) in {load_s:.1f} s, "
+              f"{self.runner.num_kv_blocks} KV blocks; {n_names} adapters in {adapters_s:.1f} s", flush=True)
+
+    def meta(self, load_s: float, adapters_s: float, n_names: int) -> dict:
+        a = self.args
+        return {
+            "benchmark": "bench_serve_gpu (real engine, real-time replays, one process)",
+            "device": device_name(a.device), "git_commit": a.commit,
+            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/bench_serve_gpu.py"] + sys.argv[1:]),
+            "model": a.model + " (random weights, exact shapes)", "quant_bits": a.quant_bits,
+            "load_s": load_s, "num_kv_blocks": self.runner.num_kv_blocks, "block_size": self.runner.block_size,
+            "num_adapters_registered": n_names, "adapter_slots": a.slots, "adapter_sets": a.adapter_sets,
+            "adapter_make_s": adapters_s, "beta": a.beta, "max_num_seqs": a.max_num_seqs,
+            "max_batched_tokens": a.max_batched_tokens, "max_decode_streak": a.max_decode_streak,
+            "starvation_limit_s": a.starvation_s, "slo_scale": a.slo_scale, "num_tasks": a.num_tasks,
+            "replay_window_s": a.replay_s, "drain_s": a.drain_s, "pred_sigma": a.pred_sigma,
+            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "lengths": "data/lengths.jsonl (test split)",
+            "families": {f: {"n": len(v), "mean_output": statistics.fmean(o for _, o in v),
+                             "mean_prompt": statistics.fmean(p for p, _ in v)} for f, v in self.lengths.items()},
+        }
+
+    def sec_calib(self) -> None:
+        a = self.args
+        cal: dict = {}
+        self.data["calibration"] = cal
+        t0 = time.perf_counter()
+        grid = runner_grid(self.runner, self.names[:10], a.grid_reps)
+        cal["grid_wall_s"] = time.perf_counter() - t0
+        cal["grid_rows"] = grid
+        print(f"  runner grid: {len(grid)} configs in {cal['grid_wall_s']:.1f} s (warm-up included)", flush=True)
+        # Provisional model from the grid, only to stamp SLO references of the calibration runs.
+        self.cost = fit_cost(grid, "runner grid")
+        # Saturated FIFO throughput: a burst of requests all at t=0, cut at burst_s.
+        burst = make_trace(self.tasks, self.lengths, 1.0, 0.0, a.seed + 1, burst=a.burst_requests,
+                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix="b")
+        engine = make_engine(self.runner, self.base_cfg, "fifo", a.beta)
+        records, steps, unfinished, wall = replay(engine, burst, a.max_tokens, a.burst_s, a.seed)
+        del engine
+        # Steady state: completions after the first quarter (the start is all prefills).
+        t_lo = 0.25 * wall
+        late = [r for r in records if r.finished_s >= t_lo]
+        self.capacity = len(late) / max(1e-9, wall - t_lo) if unfinished else len(records) / wall
+        cal.update(burst_requests=len(burst), burst_finished=len(records), burst_wall_s=wall,
+                   fifo_capacity_req_s=self.capacity,
+                   fifo_capacity_tok_s=sum(r.num_output_tokens for r in late) / max(1e-9, wall - t_lo))
+        burst_steps = [dict(dataclasses.asdict(s), run="calib burst fifo") for s in steps]
+        print(f"  FIFO burst: {len(records)}/{len(burst)} finished in {wall:.1f} s → capacity "
+              f"{self.capacity:.1f} req/s", flush=True)
+        half = make_trace(self.tasks, self.lengths, 0.5 * self.capacity, a.calib_half_s, a.seed + 2,
+                          zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix="h")
+        engine = make_engine(self.runner, self.base_cfg, "inlaid", a.beta)
+        _, steps, _, _ = replay(engine, half, a.max_tokens, a.calib_half_s + a.drain_s, a.seed)
+        del engine
+        half_steps = [dict(dataclasses.asdict(s), run="calib half-load inlaid") for s in steps]
+        rows = burst_steps + half_steps
+        self.all_steps += rows
+        rng = random.Random(a.seed)
+        idx = list(range(len(rows)))
+        rng.shuffle(idx)
+        cut = int(0.7 * len(rows))
+        train, test = [rows[i] for i in idx[:cut]], [rows[i] for i in idx[cut:]]
+        split_fit = fit_cost(train, "70 % of calibration engine steps")
+        cal["fit_70_30"] = {"cost_model": split_fit.to_dict(), "heldout": fit_error(split_fit, test),
+                            "train": fit_error(split_fit, train)}
+        self.cost = fit_cost(rows, "calibration engine steps (FIFO burst + half-load inlaid replay)")
+        cal["cost_model"] = self.cost.to_dict()
+        cal["cost_model_on_calib_steps"] = fit_error(self.cost, rows)
+        cal["grid_fit"] = {"cost_model": fit_cost(grid, "runner grid").to_dict(),
+                           "on_engine_steps": fit_error(fit_cost(grid, "runner grid"), rows)}
+        print(f"  cost model: {self.cost.source}; held-out (30 %): "
+              f"{cal['fit_70_30']['heldout'].get('median_abs_rel_err', float('nan')):.1%} median |rel err|",
+              flush=True)
+        cal["solo"] = self.solo_latencies()
+
+    def solo_latencies(self) -> dict:
+        """Requests served alone (each family at its p10/p50/p90 output length), measured on the
+        engine; a linear fit in (prompt, output tokens) of those JCTs is the SLO reference."""
+        import numpy as np
+        rows = []
+        for fam in self.families:
+            pool = sorted(self.lengths[fam], key=lambda po: po[1])
+            for q in (0.1, 0.5, 0.9):
+                prompt, output = pool[int(q * (len(pool) - 1))]
+                req = TraceRequest(arrival_s=0.0, task=fam, prompt_tokens=prompt, output_tokens=output,
+                                   predicted_output_tokens=output, request_id=f"solo-{fam}-{q}")
+                engine = make_engine(self.runner, self.base_cfg, "inlaid", self.args.beta)
+                recs, _, _, _ = replay(engine, [req], self.args.max_tokens, 30.0, self.args.seed)
+                del engine
+                rows.append({"task": fam, "prompt_tokens": prompt, "output_tokens": output,
+                             "measured_s": recs[0].jct_s, "cost_model_s": solo_latency_s(self.cost, req)})
+        x = np.array([[1.0, r["prompt_tokens"], r["output_tokens"]] for r in rows])
+        y = np.array([r["measured_s"] for r in rows])
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        coef = np.maximum(coef, 0.0)
+        for r, fit in zip(rows, x @ coef):
+            r["fit_s"] = float(fit)
+        c0, c_prompt, c_out = (float(c) for c in coef)
+        self.solo_s = lambda req: c0 + c_prompt * req.prompt_tokens + c_out * req.output_tokens
+        rel = [abs(r["fit_s"] - r["measured_s"]) / r["measured_s"] for r in rows]
+        print(f"  solo latency fit: {c0 * 1e3:.2f} ms + {c_prompt * 1e6:.1f} µs/prompt tok + "
+              f"{c_out * 1e3:.2f} ms/output tok (median |rel err| {statistics.median(rel):.1%})", flush=True)
+        return {"rows": rows, "fit": {"intercept_s": c0, "s_per_prompt_token": c_prompt,
+                                      "s_per_output_token": c_out, "median_abs_rel_err": statistics.median(rel)}}
+
+    def rates(self) -> list[float]:
+        return [f * self.capacity for f in self.args.rates]
+
+    def sec_main(self) -> None:
+        a = self.args
+        rows = []
+        self.data["main"] = rows
+        for frac, rate in zip(a.rates, self.rates()):
+            trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
+                               zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{frac}-")
+            print(f" rate {rate:.1f} req/s ({frac:.0%} of FIFO capacity), {len(trace)} requests", flush=True)
+            for policy in a.policies:
+                m = self.run_replay((policy, a.beta), trace, policy, a.replay_s, rate_req_s=rate, load_frac=frac)
+                if frac != a.rates[-1]:
+                    m.pop("_jct")
+                rows.append(m)
+                self.save()
+        main_steps = [s for s in self.all_steps if not s["run"].startswith("calib")]
+        self.data["calibration"]["cost_model_on_main_steps"] = fit_error(self.cost, main_steps)
+
+    def sec_ablate(self) -> None:
+        a = self.args
+        rows = []
+        self.data["ablations"] = rows
+        rate = self.rates()[-1]
+        trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
+                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{a.rates[-1]}-")
+        for label, mode, beta in (("inlaid, no prediction (task mean)", "task-mean", a.beta),
+                                  ("inlaid, beta=inf", "predictor", 0),
+                                  ("inlaid, oracle lengths", "oracle", a.beta)):
+            rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
+                                        rate_req_s=rate, load_frac=a.rates[-1]))
+            self.save()
+
+    def sec_scale(self) -> None:
+        a = self.args
+        real, sim = [], []
+        self.data["scale"] = {"real": real, "sim": sim}
+        rate = a.scale_frac * self.capacity
+        for count in a.scale_tasks:
+            tasks = self.names[:count]
+            trace = make_trace(tasks, self.lengths, rate, a.scale_s, a.seed + 20, zipf_a=a.zipf_a,
+                               pred_sigma=a.pred_sigma, prefix=f"s{count}-", pooled=True)
+            for policy in a.scale_policies:
+                m = self.run_replay((policy, a.beta), trace, f"{policy}, {count} tasks", a.scale_s,
+                                    num_tasks=count, rate_req_s=rate)
+                m.pop("_jct")
+                real.append(m)
+                self.save()
+        # The simulator with the fitted cost model: longer traces, same rate and task counts.
+        sched = self.base_cfg.scheduler_config()
+        sim_cfg = SimConfig(num_kv_blocks=self.runner.num_kv_blocks, block_size=self.runner.block_size,
+                            max_tokens=a.max_tokens, slo_scale=a.slo_scale)
+        for count in a.scale_tasks:
+            trace = make_trace(self.names[:count], self.lengths, rate, a.sim_s, a.seed + 20,
+                               zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"sim{count}-", pooled=True)
+            for policy in ("inlaid", "fifo"):
+                t0 = time.perf_counter()
+                res = Simulator(POLICIES[policy], sched, self.cost, sim_cfg).run(trace)
+                sim.append(dict(res.metrics, variant=f"{policy}, {count} tasks (sim)", policy=policy,
+                                num_tasks=count, rate_req_s=rate, sim_wall_s=time.perf_counter() - t0))
+                print(f"  sim {policy:6s} {count:5d} tasks thr {res.metrics['throughput_req_s']:.2f} req/s "
+                      f"JCT {res.metrics['jct_avg_s']:.2f} s", flush=True)
+
+    def sec_wfq(self) -> None:
+        a = self.args
+        rows = []
+        self.data["wfq_hog"] = rows
+        tasks = self.names[:10]
+        means = {t: statistics.fmean(o for _, o in self.lengths[family_of(t)]) for t in tasks}
+        hog = sorted(tasks, key=means.get)[len(tasks) // 2]      # a middle-length task
+        weights = [10.0 if t == hog else 1.0 for t in tasks]
+        rate = a.hog_overload * self.capacity
+        trace = make_trace(tasks, self.lengths, rate, a.hog_s, a.seed + 30, weights=weights,
+                           pred_sigma=a.pred_sigma, prefix="w")
+        no_hog = [r for r in trace if r.task != hog]
+        for policy in a.hog_policies:
+            with_m = self.run_replay((policy, a.beta), trace, f"{policy}, with hog", a.hog_s)
+            base_m = self.run_replay((policy, a.beta), no_hog, f"{policy}, no hog", a.hog_s)
+            others_with = [r for r in with_m["_records"] if r.task != hog]
+            n_others = len(no_hog)
+            row = {"variant": policy, "hog_task": hog, "rate_req_s": rate, "hog_overload": a.hog_overload,
+                   "num_requests": len(trace), "num_others": n_others,
+                   "others_unfinished_with_hog": n_others - len(others_with),
+                   "others_unfinished_no_hog": base_m["num_unfinished"]}
+            for key, recs in (("with_hog", others_with), ("no_hog", base_m["_records"])):
+                if recs:
+                    s = summarize(recs)
+                    row[f"others_jct_p99_{key}_s"] = s["jct_p99_s"]
+                    row[f"others_latency_p99_{key}_s_per_token"] = s["latency_p99_s_per_token"]
+                    row[f"others_ttft_p99_{key}_s"] = s["ttft_p99_s"]
+            if "others_jct_p99_with_hog_s" in row and "others_jct_p99_no_hog_s" in row:
+                row["others_p99_ratio"] = row["others_jct_p99_with_hog_s"] / row["others_jct_p99_no_hog_s"]
+                row["others_latency_p99_ratio"] = (row["others_latency_p99_with_hog_s_per_token"]
+                                                   / row["others_latency_p99_no_hog_s_per_token"])
+            hog_recs = [r for r in with_m["_records"] if r.task == hog]
+            row["hog_finished"] = len(hog_recs)
+            row["hog_throughput_tok_s"] = (sum(r.num_output_tokens for r in hog_recs) / with_m["replay_wall_s"]
+                                           if hog_recs else 0.0)
+            rows.append(row)
+            print(f"  hog {policy}: others p99 JCT {row.get('others_jct_p99_no_hog_s', float('nan')):.2f} → "
+                  f"{row.get('others_jct_p99_with_hog_s', float('nan')):.2f} s "
+                  f"(×{row.get('others_p99_ratio', float('nan')):.2f})", flush=True)
+            self.save()
+
+    def sec_fp16(self) -> None:
+        import torch
+        a = self.args
+        rows = []
+        self.data["fp16"] = rows
+        rate = self.rates()[-1]
+        self.runner = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        fp16_cfg = dataclasses.replace(self.base_cfg, quant_bits=0,
+                                       dtype="float16" if a.device.startswith("cuda") else a.dtype)
+        self.base_cfg = fp16_cfg
+        self.runner, load_s = load_runner(fp16_cfg)
+        for adapter in make_adapters(self.runner.shape.dims(), self.names[:a.num_tasks], a.adapter_sets, a.seed):
+            self.runner.add_adapter(adapter)
+        runner_grid(self.runner, self.names[:4], 1)          # warm-up (allocator, kernels)
+        self.data["fp16_meta"] = {"load_s": load_s, "num_kv_blocks": self.runner.num_kv_blocks,
+                                  "graphs": self.runner.graphs is not None, "fast_path": self.runner.is_fast}
+        trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
+                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{a.rates[-1]}-")
+        for policy in a.fp16_policies:
+            m = self.run_replay((policy, a.beta), trace, f"{policy}, fp16 base", a.replay_s,
+                                rate_req_s=rate, load_frac=a.rates[-1], base="fp16")
+            rows.append(m)
+            self.save()
+
+
+def device_name(device: str) -> str:
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+
+
+def _public(obj):
+    """The data without in-memory-only entries (keys starting with "_records")."""
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items() if not str(k).startswith("_records")}
+    if isinstance(obj, list):
+        return [_public(v) for v in obj]
+    return obj
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--commit", default="unknown", help="git commit of the code (the device copy has no .git)")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--budget-s", type=float, default=525.0, help="skip a section whose estimate exceeds what is left")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny random model, fp32, no quantization")
+    ap.add_argument("--model", default="random:llama-2-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quant-bits", type=int, default=4)
+    ap.add_argument("--policies", default="inlaid,fifo,mlfq,wfq")
+    ap.add_argument("--num-tasks", type=int, default=21)
+    ap.add_argument("--rates", default="0.5,0.8,1.1", help="fractions of FIFO's saturated throughput")
+    ap.add_argument("--replay-s", type=float, default=8.0, help="arrival window of one replay")
+    ap.add_argument("--drain-s", type=float, default=4.0, help="a replay is cut at window + max(this, window/2)")
+    ap.add_argument("--burst-requests", type=int, default=3000)
+    ap.add_argument("--burst-s", type=float, default=6.0)
+    ap.add_argument("--calib-half-s", type=float, default=5.0)
+    ap.add_argument("--grid-reps", type=int, default=3)
+    ap.add_argument("--scale-tasks", default="2,10,100,1000")
+    ap.add_argument("--scale-policies", default="inlaid")
+    ap.add_argument("--scale-frac", type=float, default=1.3,
+                    help="rate of the scaling runs as a fraction of C: above 1, so throughput is capacity")
+    ap.add_argument("--scale-s", type=float, default=6.0)
+    ap.add_argument("--sim-s", type=float, default=60.0)
+    ap.add_argument("--hog-policies", default="wfq,fifo")
+    ap.add_argument("--hog-overload", type=float, default=1.5)
+    ap.add_argument("--hog-s", type=float, default=6.0)
+    ap.add_argument("--fp16-policies", default="fifo,inlaid")
+    ap.add_argument("--beta", type=int, default=10)
+    ap.add_argument("--slots", type=int, default=32, help="adapter slots on the device (LRU)")
+    ap.add_argument("--adapter-sets", type=int, default=8, help="distinct random weight sets shared by the tasks")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-batched-tokens", type=int, default=4096)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-decode-streak", type=int, default=4)
+    ap.add_argument("--starvation-s", type=float, default=5.0)
+    ap.add_argument("--num-kv-blocks", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=512, help="loose cap; requests end at their trace length")
+    ap.add_argument("--slo-scale", type=float, default=5.0)
+    ap.add_argument("--pred-sigma", type=float, default=0.25)
+    ap.add_argument("--zipf-a", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    args.policies = args.policies.split(",")
+    args.rates = [float(x) for x in args.rates.split(",")]
+    args.scale_tasks = [int(x) for x in args.scale_tasks.split(",") if x]
+    args.scale_policies = args.scale_policies.split(",")
+    args.hog_policies = args.hog_policies.split(",")
+    args.fp16_policies = args.fp16_policies.split(",")
+    if args.tiny:
+        from services.common.model_source import RANDOM_SHAPES
+        RANDOM_SHAPES.setdefault("tiny-serve", TINY_SHAPE)   # only inside this process
+        args.model, args.device, args.quant_bits = "random:tiny-serve", "cpu", 0
+        if args.dtype == "auto":
+            args.dtype = "float32"
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
+    bench = Bench(args)
+    bench.setup()
+    n_main = len(args.rates) * len(args.policies)
+    n_scale = len(args.scale_tasks) * len(args.scale_policies)
+    bench.section("calib", 60 + args.burst_s + args.calib_half_s + args.drain_s + 10, bench.sec_calib)
+    if bench.capacity is None:
+        print("no calibration: the other sections need its capacity and cost model", flush=True)
+        return
+    bench.section("main", bench.replay_est(n_main, args.replay_s), bench.sec_main)
+    bench.section("ablate", bench.replay_est(3, args.replay_s), bench.sec_ablate)
+    bench.section("wfq", bench.replay_est(2 * len(args.hog_policies), args.hog_s), bench.sec_wfq)
+    bench.section("scale", bench.replay_est(n_scale, args.scale_s) + 10, bench.sec_scale)
+    # Last: it frees the 4-bit runner.
+    bench.section("fp16", 25 + bench.replay_est(len(args.fp16_policies), args.replay_s), bench.sec_fp16)
+    print(f"done in {bench.elapsed():.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
