@@ -266,12 +266,46 @@ def write_results(summary: dict, args, command: str, commit: str, date: str | No
         lines.append(f"| {role} | {fmt(m['start_mb'])} | {fmt(m['warm_mb'])} | {fmt(m['end_mb'])} "
                      f"| {fmt(m['max_mb'])} | {fmt(m['warm_growth_mb'])} "
                      f"| {fmt(m['slope_mb_per_min_warm'])} | {'PASS' if m['flat'] else 'FAIL'} |")
+    if summary.get("memwatch"):
+        lines += memwatch_lines(summary["memwatch"])
     lines += ["", "Latency numbers are noisy: the 2 CPU cores are shared with other engineers' "
               "jobs (see the load average above); the memory verdict does not depend on them."]
     (results / "load.md").write_text("\n".join(lines) + "\n")
 
 
-def rerender(path: Path, limit_mb_per_min: float, commit: str, command: str) -> int:
+def collect_memwatch(directory: Path) -> dict[str, list[dict]]:
+    """The memwatch samples of each service (benchmarks/memwatch), keyed by role."""
+    samples = {}
+    for path in sorted(directory.glob("*.jsonl")):
+        role = path.stem.split("-")[0]
+        keep = ("t_s", "VmRSS", "rss_anon_mb", "rss_heap_mb", "malloc_in_use_mb",
+                "malloc_free_mb", "malloc_mmapped_mb", "num_arenas", "Threads")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        samples[role] = [{k: r[k] for k in keep if k in r} for r in rows]
+    return samples
+
+
+def memwatch_lines(memwatch: dict[str, list[dict]]) -> list[str]:
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["", "## Allocator view (memwatch)", "",
+             "glibc malloc statistics sampled inside each service (benchmarks/memwatch): bytes "
+             "in use vs free-but-kept by the allocator, first → last sample.", "",
+             "| process | samples | malloc in use MB | malloc free MB | mmapped MB | arenas | "
+             "threads |", "|---|---|---|---|---|---|---|"]
+    for role, rows in memwatch.items():
+        if not rows:
+            continue
+        a, b = rows[0], rows[-1]
+        pair = lambda k: f"{fmt(a.get(k))} → {fmt(b.get(k))}"  # noqa: E731
+        lines.append(f"| {role} | {len(rows)} | {pair('malloc_in_use_mb')} | "
+                     f"{pair('malloc_free_mb')} | {pair('malloc_mmapped_mb')} | "
+                     f"{a.get('num_arenas')} → {b.get('num_arenas')} | "
+                     f"{a.get('Threads', 0):.0f} → {b.get('Threads', 0):.0f} |")
+    return lines
+
+
+def rerender(path: Path, limit_mb_per_min: float, commit: str, command: str,
+             memwatch_dir: str = "") -> int:
     data = json.loads(path.read_text())
     meta_keys = ("device", "git_commit", "date", "command", "args", "rendered_by")
     summary = {k: v for k, v in data.items() if k not in meta_keys}
@@ -280,6 +314,8 @@ def rerender(path: Path, limit_mb_per_min: float, commit: str, command: str) -> 
                          for role, samples in data["rss_samples"].items()}
     summary["memory_flat"] = all(m["flat"] for m in summary["memory"].values())
     summary["flat_mb_per_min"] = limit_mb_per_min
+    if memwatch_dir:
+        summary["memwatch"] = collect_memwatch(Path(memwatch_dir))
     write_results(summary, run_args, data["command"], commit or data["git_commit"], data["date"],
                   rendered_by=command)
     print(f"memory flat: {'PASS' if summary['memory_flat'] else 'FAIL'}")
@@ -316,7 +352,8 @@ def main() -> int:
     args = p.parse_args()
     if args.rerender:
         return rerender(Path(args.rerender), args.flat_mb_per_min, args.commit,
-                        "python benchmarks/bench_load.py " + " ".join(sys.argv[1:]))
+                        "python benchmarks/bench_load.py " + " ".join(sys.argv[1:]),
+                        args.memwatch_dir)
     if args.rate <= 0 or args.duration_s <= 0:
         p.error("--rate and --duration-s must be > 0")
     command = "python benchmarks/bench_load.py " + " ".join(sys.argv[1:])
@@ -366,7 +403,9 @@ def main() -> int:
         redis.terminate()
         redis.wait(10)
     summary = summarize(out, extra, args)
-    printable = {k: v for k, v in summary.items() if k != "rss_samples"}
+    if args.memwatch_dir:
+        summary["memwatch"] = collect_memwatch(Path(args.memwatch_dir))
+    printable = {k: v for k, v in summary.items() if k not in ("rss_samples", "memwatch")}
     print(json.dumps(printable, indent=1))
     for role, m in summary["memory"].items():
         print(f"memory {role}: start {m['start_mb']} MB, warm {m['warm_mb']} MB, end {m['end_mb']} "
