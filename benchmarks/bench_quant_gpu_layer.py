@@ -94,6 +94,54 @@ def one_run(layer, cfg: QuantConfig, streams: list[Stream], inputs: list[list], 
     return time.perf_counter() - t0
 
 
+def report(times: dict[str, list[float]], counts: list[int], args, meta: dict) -> None:
+    """Write <out>.md/.json from the runs so far (called after every round: a cut run keeps them)."""
+    times = {name: v for name, v in times.items() if v}
+    med = {name: statistics.median(v) for name, v in times.items()}
+    rows = []
+    for t in counts:
+        if f"mlgptq ({t} tasks)" not in med or "gptq (1 task)" not in med:
+            continue
+        single = med["gptq (1 task)"]
+        ml, pooled = med[f"mlgptq ({t} tasks)"], med.get(f"gptq (pooled {t} tasks)", single)
+        rows.append({"tasks": t, "mlgptq_s": ml, "gptq_pooled_s": pooled, "gptq_1task_s": single,
+                     "ratio_vs_pooled": ml / pooled, "ratio_vs_1task": ml / single,
+                     "target_ratio": 1 + 0.1 * t, "meets_target_vs_pooled": ml / pooled <= 1 + 0.1 * t,
+                     "meets_target_vs_1task": ml / single <= 1 + 0.1 * t})
+    result = {"shape": args.shape, "bits": args.bits, "group_size": 128, "aggregation": args.aggregation,
+              "calibration_per_task": f"{args.num_seqs}x{args.seq_len} tokens", "lora_rank": args.rank,
+              **provenance(meta["device"] if "device_name" not in meta else "cpu"),
+              "command": " ".join(["python"] + sys.argv),
+              "times_s": times, "median_s": med, "rows": rows}
+    result["git_commit"] = os.environ.get("BENCH_COMMIT", result["git_commit"])
+    result.update({k: v for k, v in meta.items() if k not in ("device", "device_name")})
+    if "device_name" in meta:  # a report rebuilt from a device run's log, here
+        result["device"] = meta["device_name"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Quantization time of one {args.shape}-shaped decoder layer on the GPU", "",
+             f"Random weights, random calibration activations ({args.num_seqs}×{args.seq_len} tokens per "
+             f"task), {args.bits}-bit g128 sym, mlgptq aggregation `{args.aggregation}`, random rank-"
+             f"{args.rank} LoRA on q/v per task. One run = forward of the calibration data through the "
+             "layer with Hessian hooks (+ LoRA per task for mlgptq) + aggregation + GPTQ of all 7 linears "
+             f"(4 Hessian groups) + copy to CPU; medians of {min(len(v) for v in times.values())}–"
+             f"{max(len(v) for v in times.values())} round-robin runs after a warm-up, same process. "
+             "Target: mlgptq ≤ (1 + 0.1·T) × gptq.", "",
+             "| tasks T | gptq, 1 task's data (s) | gptq, T tasks' data pooled (s) | mlgptq (s) | "
+             "mlgptq / gptq pooled | mlgptq / gptq 1 task | target |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['tasks']} | {r['gptq_1task_s']:.3f} | {r['gptq_pooled_s']:.3f} | {r['mlgptq_s']:.3f} | "
+                     f"{r['ratio_vs_pooled']:.3f} | {r['ratio_vs_1task']:.3f} | ≤ {r['target_ratio']:.1f} |")
+    lines += ["", "Every run (s): " + "; ".join(f"{k}: {', '.join(f'{x:.3f}' for x in v)}" for k, v in times.items()),
+              "", *meta.get("notes", []),
+              "", f"Device {result['device']}, commit {result['git_commit']}, {result['date_utc']}.",
+              f"Command: `{result['command']}`", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 @torch.no_grad()
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -137,41 +185,7 @@ def main() -> int:
         for name, (cfg, streams, inp) in runs.items():
             times[name].append(one_run(layer, cfg, streams, inp, device))
             print(f"round {rnd} {name}: {times[name][-1]:.3f}s", flush=True)
-
-    med = {name: statistics.median(v) for name, v in times.items()}
-    rows = []
-    for t in counts:
-        single = med["gptq (1 task)"]
-        ml, pooled = med[f"mlgptq ({t} tasks)"], med.get(f"gptq (pooled {t} tasks)", single)
-        rows.append({"tasks": t, "mlgptq_s": ml, "gptq_pooled_s": pooled, "gptq_1task_s": single,
-                     "ratio_vs_pooled": ml / pooled, "ratio_vs_1task": ml / single,
-                     "target_ratio": 1 + 0.1 * t, "meets_target_vs_pooled": ml / pooled <= 1 + 0.1 * t,
-                     "meets_target_vs_1task": ml / single <= 1 + 0.1 * t})
-    result = {"shape": args.shape, "bits": args.bits, "group_size": 128, "aggregation": args.aggregation,
-              "calibration_per_task": f"{args.num_seqs}x{args.seq_len} tokens", "lora_rank": args.rank,
-              **provenance(device), "command": " ".join(["python"] + sys.argv),
-              "times_s": times, "median_s": med, "rows": rows}
-    result["git_commit"] = os.environ.get("BENCH_COMMIT", result["git_commit"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Quantization time of one {args.shape}-shaped decoder layer on the GPU", "",
-             f"Random weights, random calibration activations ({args.num_seqs}×{args.seq_len} tokens per "
-             f"task), {args.bits}-bit g128 sym, mlgptq aggregation `{args.aggregation}`, random rank-"
-             f"{args.rank} LoRA on q/v per task. One run = forward of the calibration data through the "
-             "layer with Hessian hooks (+ LoRA per task for mlgptq) + aggregation + GPTQ of all 7 linears "
-             f"(4 Hessian groups) + copy to CPU; medians of {min(len(v) for v in times.values())} "
-             "round-robin runs after a warm-up, same process. Target: mlgptq ≤ (1 + 0.1·T) × gptq.", "",
-             "| tasks T | gptq, 1 task's data (s) | gptq, T tasks' data pooled (s) | mlgptq (s) | "
-             "mlgptq / gptq pooled | mlgptq / gptq 1 task | target |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['tasks']} | {r['gptq_1task_s']:.3f} | {r['gptq_pooled_s']:.3f} | {r['mlgptq_s']:.3f} | "
-                     f"{r['ratio_vs_pooled']:.3f} | {r['ratio_vs_1task']:.3f} | ≤ {r['target_ratio']:.1f} |")
-    lines += ["", f"Device {result['device']}, commit {result['git_commit']}, {result['date_utc']}.",
-              f"Command: `{result['command']}`", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        report(times, counts, args, {"device": device})
     return 0
 
 
