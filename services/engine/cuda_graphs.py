@@ -87,6 +87,9 @@ class DecodeGraphs:
         epoch = (self.runner.model_epoch, self.runner.lora.layout_version)
         if epoch != self._epoch:
             self._graphs.clear()
+            # The freed graphs' memory pool dies with them; capturing into its stale handle
+            # trips an allocator assertion (seen on torch 2.11), so the next capture starts a new one.
+            self._pool = None
             self._epoch = epoch
         max_nb = max(-(-s.num_tokens // bs) for s in seqs)
         rows = []
