@@ -52,6 +52,18 @@ class Setting:
     methods: tuple[str, ...]  # "rtn", "gptq-mixed", "gptq:*", "mlgptq-<agg>", "gptq+adapter:*", ...
 
 
+def selected_settings(args) -> list[Setting]:
+    """settings() filtered by --settings / --methods (comma lists; empty = all)."""
+    labels = [x for x in args.settings.split(",") if x]
+    methods = [x for x in args.methods.split(",") if x]
+    out = []
+    for s in settings(args.group_size):
+        kept = tuple(m for m in s.methods if not methods or m in methods)
+        if (not labels or s.label in labels) and kept:
+            out.append(Setting(s.label, s.cfg, kept))
+    return out
+
+
 def settings(group_size: int) -> list[Setting]:
     def cfg(bits, sym=True, act=False):
         return QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=act)
@@ -117,12 +129,17 @@ def method_hessians(names, tasks, group, base_h, lora_h, small_h) -> list[torch.
 @torch.no_grad()
 def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, dict]:
     """{"<method>@<setting>": {param name: dequantized fp32 weight}} for every configuration."""
+    chosen = selected_settings(args)
+    wanted = {m for s in chosen for m in s.methods}
     streams = {"base": [], "lora": [], "small": []}
     for t in tasks:
         tokens = calib_tokens(t, tokenizer, args.num_seqs, args.seq_len)
-        streams["base"].append(Stream(t, tokens, None))
-        streams["lora"].append(Stream(t, tokens, adapters[t]))
-        streams["small"].append(Stream(t, tokens[:args.small_seqs], adapters[t]))
+        if wanted & {"gptq-mixed", "gptq:*"}:
+            streams["base"].append(Stream(t, tokens, None))
+        if any(m.startswith("mlgptq") and m != "mlgptq-mean-small" or m == "gptq+adapter:*" for m in wanted):
+            streams["lora"].append(Stream(t, tokens, adapters[t]))
+        if "mlgptq-mean-small" in wanted:
+            streams["small"].append(Stream(t, tokens[:args.small_seqs], adapters[t]))
     for s in [s for group in streams.values() for s in group]:
         _capture_inputs(hf, s, device)
     weights: dict[str, dict[str, torch.Tensor]] = {}
@@ -139,7 +156,7 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
         for group, members in INPUT_GROUPS.items():
             stacked_w = torch.cat([layer.get_submodule(n).weight.detach() for n in members])
             cache: dict[str, torch.Tensor] = {}
-            for setting in settings(args.group_size):
+            for setting in chosen:
                 names = [m for m in expand(setting.methods, tasks) if m != "rtn"]
                 t2 = time.perf_counter()
                 missing = [n for n in names if n not in cache]
@@ -231,6 +248,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=200, help="generation batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no configuration after this")
+    ap.add_argument("--settings", default="", help="comma list of setting labels (4,3,4-asym,...); default all")
+    ap.add_argument("--methods", default="", help="comma list (rtn,gptq-mixed,gptq:*,mlgptq-mean,...); default all")
     ap.add_argument("--max-layers", type=int, default=0, help="smoke tests only: quantize the first K layers")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
     args = ap.parse_args()
