@@ -180,8 +180,10 @@ class LlamaLayer(nn.Module):
             try:
                 current.load_weights_(kw)
                 return True
-            except ValueError:
+            except ValueError:  # another layout (e.g. act-order): a new kernel module below
                 pass
+        if kw is not None and isinstance(current, TritonQuantLinear) and not isinstance(module, TritonQuantLinear):
+            module = TritonQuantLinear(kw, None, current.tuner)  # keep the Triton kernel path
         setattr(self, name, module)
         return False
 

@@ -92,8 +92,11 @@ def kernel_weights_of(module: nn.Module) -> KernelWeights | None:
     if getattr(module, "bits", None) != 4 or qweight is None:
         return None
     zeros, scales, g_idx = module.zeros, module.scales, module.g_idx
-    return repack_codes(qweight, zeros.round().to(torch.int64), scales, g_idx,
-                        g_idx.shape[0] // scales.shape[0])
+    try:
+        return repack_codes(qweight, zeros.round().to(torch.int64), scales, g_idx,
+                            g_idx.shape[0] // scales.shape[0])
+    except ValueError:  # a layout the kernel cannot take (e.g. group 32): served as given
+        return None
 
 
 class FusedQuantLinear(nn.Module):

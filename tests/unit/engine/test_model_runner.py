@@ -291,29 +291,46 @@ def test_4bit_runner_on_cpu_equals_its_dequantized_weights():
 
 
 def test_4bit_swap_of_a_gptq_quant_linear_is_in_place_and_exact():
-    """A quantizer QuantLinear (GPTQ v1, act-order) swapped into a 4-bit runner is repacked into
-    the existing kernel weights (model_epoch unchanged: CUDA graphs stay valid)."""
+    """A quantizer QuantLinear (GPTQ v1) swapped into a 4-bit runner is repacked into the existing
+    kernel weights (model_epoch unchanged: CUDA graphs stay valid); an act-order one, whose row
+    permutation differs, becomes a new kernel module (epoch bumped); a plain module replaces."""
     torch.set_num_threads(1)
     from services.engine.kernels.gptq_format import quantize_gptq_v1
+    from services.engine.kernels.quant_linear import TritonQuantLinear
     from services.quantizer.qlinear import QuantLinear
     weights = random_weights(QSHAPE, "cpu", torch.float32, std=0.05)
     runner = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu",
                                       dtype="float32", quant_bits=4), QSHAPE, weights, "cpu",
                          torch.float32)
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(QSHAPE.hidden_size, QSHAPE.intermediate_size, generator=gen) * 0.05  # [in, out]
-    t = quantize_gptq_v1(w, 128, torch.randperm(QSHAPE.hidden_size, generator=gen))
-    module = QuantLinear(t.qweight, t.qzeros, t.scales, t.g_idx, 4)
-    before = runner.base_linear(0, "up_proj")
-    runner.set_base_linear(1, "up_proj", module)
-    after = runner.base_linear(1, "up_proj")
+    k, n = QSHAPE.intermediate_size, QSHAPE.hidden_size                     # down_proj: 2 groups
+    w = torch.randn(k, n, generator=gen) * 0.05                            # [in, out]
+    plain = quantize_gptq_v1(w, 128)
+    module = QuantLinear(plain.qweight, plain.qzeros, plain.scales, plain.g_idx, 4)
+    before = runner.base_linear(0, "down_proj")
+    runner.set_base_linear(1, "down_proj", module)
+    after = runner.base_linear(1, "down_proj")
     assert runner.model_epoch == 0 and after is not module
     assert torch.equal(after.dense_weight(torch.float32), module.dequantized().t())
-    assert torch.equal(runner.base_linear(0, "up_proj").dense_weight(torch.float32),
+    assert torch.equal(runner.base_linear(0, "down_proj").dense_weight(torch.float32),
                        before.dense_weight(torch.float32))
-    # a module that is not 4-bit replaces the linear (and bumps the epoch)
+    act = quantize_gptq_v1(w, 128, torch.randperm(k, generator=gen))
+    act_module = QuantLinear(act.qweight, act.qzeros, act.scales, act.g_idx, 4)
+    runner.set_base_linear(1, "down_proj", act_module)
+    swapped = runner.base_linear(1, "down_proj")
+    assert runner.model_epoch == 1 and isinstance(swapped, TritonQuantLinear)
+    assert swapped.kw.perm is not None
+    assert torch.allclose(swapped.dense_weight(torch.float32), act_module.dequantized().t())
+    x = torch.randn(3, k, generator=gen)
+    assert torch.allclose(swapped(x), act_module(x), atol=1e-5)
+    # a layout the kernel cannot take (group 32) and a module that is not 4-bit replace the
+    # linear as given (and bump the epoch)
+    g32 = quantize_gptq_v1(w, 32)
+    g32_module = QuantLinear(g32.qweight, g32.qzeros, g32.scales, g32.g_idx, 4)
+    runner.set_base_linear(0, "down_proj", g32_module)
+    assert runner.model_epoch == 2 and runner.base_linear(0, "down_proj") is g32_module
     runner.set_base_linear(1, "o_proj", nn.Linear(128, 128, bias=False))
-    assert runner.model_epoch == 1 and isinstance(runner.base_linear(1, "o_proj"), nn.Linear)
+    assert runner.model_epoch == 3 and isinstance(runner.base_linear(1, "o_proj"), nn.Linear)
 
 
 def test_fused_quant_linear_parts_round_trip():
