@@ -289,9 +289,16 @@ def runner_grid(runner, tasks: list[str], reps: int) -> list[dict]:
     budget = runner.config.max_num_batched_tokens
     prefill_sizes = [1 << k for k in range(3, 13) if 1 << k <= budget]
     configs += [(max(1, n // 64), min(n, 64), a, False) for n in prefill_sizes for a in (1, 4)]
+    t_grid = time.perf_counter()
     for n, tokens, n_adapters, decode in configs:
         seqs = batch(n, tokens, n_adapters, decode)
+        t0 = time.perf_counter()
         step_s = timed(seqs)
+        took = time.perf_counter() - t0
+        if took > 1.0:   # tuning / compiling / capturing: where warm-up time goes
+            print(f"    grid {'decode' if decode else 'prefill'} {n}x{tokens} tok, {n_adapters} adapters: "
+                  f"{took:.1f} s (step {step_s * 1e3:.1f} ms; {time.perf_counter() - t_grid:.0f} s in grid)",
+                  flush=True)
         rows.append({"num_prefill_tokens": 0 if decode else n * tokens, "num_decode_seqs": n if decode else 0,
                      "num_adapters": len({s.task for s in seqs if s.task}),
                      "num_kv_tokens_read": n * tokens, "step_s": step_s})
@@ -321,6 +328,10 @@ def fit_cost(rows: list[dict], source: str) -> CostModel:
 
 
 # ---- the run -----------------------------------------------------------------------------
+class OutOfTime(Exception):
+    """The next replay would not end inside --budget-s; the section keeps what it measured."""
+
+
 class Bench:
     """Holds the run's state; each section method appends to `data` and the report is rewritten."""
 
@@ -359,6 +370,9 @@ class Bench:
 
     def run_replay(self, engine_args: tuple, trace, label: str, window_s: float, **extra) -> dict:
         policy, beta = engine_args
+        worst = window_s + max(self.args.drain_s, 0.5 * window_s) + 1.0
+        if self.elapsed() + worst > self.args.budget_s:
+            raise OutOfTime(f"{label}: {worst:.0f} s needed, {self.args.budget_s - self.elapsed():.0f} s left")
         engine = make_engine(self.runner, self.base_cfg, policy, beta)
         deadline = window_s + max(self.args.drain_s, 0.5 * window_s)
         m, steps = measure(engine, trace, self.solo_s, self.args, label, deadline, policy=policy,
@@ -367,14 +381,14 @@ class Bench:
         del engine
         return m
 
-    def section(self, name: str, est_s: float, fn) -> None:
+    def section(self, name: str, est_s: float, fn, required: bool = False) -> None:
         info = self.data["sections"].setdefault(name, {})
         info["estimate_s"] = est_s
         left = self.args.budget_s - self.elapsed()
         if name not in self.args.sections:
             info["status"] = "skipped (flag)"
             return
-        if est_s > left:
+        if est_s > left and not required:
             info["status"] = f"skipped: estimate {est_s:.0f} s > {left:.0f} s left of the budget"
             print(f"== {name}: {info['status']}", flush=True)
             self.save()
@@ -384,6 +398,8 @@ class Bench:
         try:
             fn()
             info["status"] = "done"
+        except OutOfTime as exc:
+            info["status"] = f"truncated (out of time before {exc})"
         except Exception as exc:  # noqa: BLE001 — record it, keep the other sections' results
             traceback.print_exc()
             info["status"] = f"failed: {type(exc).__name__}: {exc}"
@@ -403,7 +419,7 @@ class Bench:
             cuda_graphs=True, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
             max_adapters=args.slots, max_adapters_per_batch=args.beta, max_model_len=args.max_model_len,
             max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
-            num_kv_blocks=args.num_kv_blocks, policy="fifo")
+            num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo")
         self.runner, load_s = load_runner(self.base_cfg)
         n_names = max([args.num_tasks, 10, *args.scale_tasks])
         t0 = time.perf_counter()
@@ -680,31 +696,33 @@ def parse_args(argv=None):
     ap.add_argument("--policies", default="inlaid,fifo,mlfq,wfq")
     ap.add_argument("--num-tasks", type=int, default=21)
     ap.add_argument("--rates", default="0.5,0.8,1.1", help="fractions of FIFO's saturated throughput")
-    ap.add_argument("--replay-s", type=float, default=8.0, help="arrival window of one replay")
-    ap.add_argument("--drain-s", type=float, default=4.0, help="a replay is cut at window + max(this, window/2)")
+    ap.add_argument("--replay-s", type=float, default=6.0, help="arrival window of one replay")
+    ap.add_argument("--drain-s", type=float, default=3.0, help="a replay is cut at window + max(this, window/2)")
     ap.add_argument("--burst-requests", type=int, default=3000)
-    ap.add_argument("--burst-s", type=float, default=6.0)
-    ap.add_argument("--calib-half-s", type=float, default=5.0)
+    ap.add_argument("--burst-s", type=float, default=5.0)
+    ap.add_argument("--calib-half-s", type=float, default=4.0)
     ap.add_argument("--grid-reps", type=int, default=3)
     ap.add_argument("--scale-tasks", default="2,10,100,1000")
     ap.add_argument("--scale-policies", default="inlaid")
     ap.add_argument("--scale-frac", type=float, default=1.3,
                     help="rate of the scaling runs as a fraction of C: above 1, so throughput is capacity")
-    ap.add_argument("--scale-s", type=float, default=6.0)
+    ap.add_argument("--scale-s", type=float, default=5.0)
     ap.add_argument("--sim-s", type=float, default=60.0)
     ap.add_argument("--hog-policies", default="wfq,fifo")
     ap.add_argument("--hog-overload", type=float, default=1.5)
-    ap.add_argument("--hog-s", type=float, default=6.0)
+    ap.add_argument("--hog-s", type=float, default=5.0)
     ap.add_argument("--fp16-policies", default="fifo,inlaid")
     ap.add_argument("--beta", type=int, default=10)
     ap.add_argument("--slots", type=int, default=32, help="adapter slots on the device (LRU)")
     ap.add_argument("--adapter-sets", type=int, default=8, help="distinct random weight sets shared by the tasks")
-    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-decode-streak", type=int, default=4)
     ap.add_argument("--starvation-s", type=float, default=5.0)
-    ap.add_argument("--num-kv-blocks", type=int, default=0)
+    ap.add_argument("--num-kv-blocks", type=int, default=0, help="0: from --kv-gib")
+    ap.add_argument("--kv-gib", type=float, default=16.0,
+                    help="KV cache per runner (same for the 4-bit and fp16 bases; ample for this workload)")
     ap.add_argument("--max-tokens", type=int, default=512, help="loose cap; requests end at their trace length")
     ap.add_argument("--slo-scale", type=float, default=5.0)
     ap.add_argument("--pred-sigma", type=float, default=0.25)
@@ -724,7 +742,7 @@ def parse_args(argv=None):
     if args.tiny:
         from services.common.model_source import RANDOM_SHAPES
         RANDOM_SHAPES.setdefault("tiny-serve", TINY_SHAPE)   # only inside this process
-        args.model, args.device, args.quant_bits = "random:tiny-serve", "cpu", 0
+        args.model, args.device, args.quant_bits, args.kv_gib = "random:tiny-serve", "cpu", 0, 0.25
         if args.dtype == "auto":
             args.dtype = "float32"
     return args
@@ -738,7 +756,8 @@ def main(argv=None) -> None:
     bench.setup()
     n_main = len(args.rates) * len(args.policies)
     n_scale = len(args.scale_tasks) * len(args.scale_policies)
-    bench.section("calib", 60 + args.burst_s + args.calib_half_s + args.drain_s + 10, bench.sec_calib)
+    bench.section("calib", 60 + args.burst_s + args.calib_half_s + args.drain_s + 10, bench.sec_calib,
+                  required=True)
     if bench.capacity is None:
         print("no calibration: the other sections need its capacity and cost model", flush=True)
         return
