@@ -29,6 +29,9 @@ class ModelRunner:
     Sequences of a step may mix prefill, recompute and decode; the runner groups
     them by adapter slot (contiguous token runs for the LoRA matmuls) and returns
     results in the caller's order. Device-agnostic torch; every tensor lives here.
+    With quant_bits=4 on CUDA (fp16) the GPU fast path is on: 4-bit Triton linears with
+    q|k|v and gate|up fused, Triton attention/LoRA, and pure-decode steps replayed from
+    CUDA graphs (see docs/architecture.md, "GPU fast path").
     """
 
     def __init__(self, config: EngineConfig, shape: LlamaShape,
