@@ -215,18 +215,23 @@ def candidate_configs(m: int) -> list[GemmConfig]:
     """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles)."""
     cands: list[GemmConfig] = []
     if m <= 16:
-        bm = min(m_bucket(m), 8)
-        bns = (64, 128) if bm <= 2 else (32, 64)  # keep the [BM, 16, BN] accumulator in registers
-        cands += [GemmConfig("gemv", bm, bn, sk, 4, 1, u) for bn in bns for u in (2, 4) for sk in (2, 4, 8, 16)]
+        # Pruned by the H100 tuning record (gpu_kernels.json "tuning_top6_us", 5 Llama shapes):
+        # the GEMV won only at M = 1 (split-K 4/8), never at M = 4 or 16 (2-3x slower than mma8
+        # there), and every variant dropped here costs a Triton compile during engine warm-up.
+        bm = m_bucket(m)
+        if bm <= 2:
+            cands += [GemmConfig("gemv", bm, bn, sk, 4, 1, u) for bn in (64, 128) for u in (2, 4)
+                      for sk in (4, 8)]
         cands += [GemmConfig("mma8", 16, bn, sk, 4, 3) for bn in (64, 128) for sk in (4, 8)]
         return cands
     if m <= 64:
+        # split-K 1 never made the recorded top six at M = 64 (same record as above)
         return [
             GemmConfig(kind, bm, bn, sk, 4, 3)
             for kind in ("mma8", "mma")
             for bm in (16, 32, 64)
             for bn in (64, 128)
-            for sk in (1, 2, 4)
+            for sk in (2, 4)
             if bm >= m // 2 or bm == 64
         ]
     return [
