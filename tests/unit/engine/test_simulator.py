@@ -43,6 +43,22 @@ def test_fit_recovers_linear_coefficients():
     assert "fitted to 200 measured steps from synthetic" in fitted.source
 
 
+def test_fit_recovers_the_price_of_a_step_with_a_prefill():
+    cost = CostModel(a_s=5e-3, b_s_per_prefill_token=1e-4, c_s_per_decode_seq=2e-4, d_s_per_adapter=1e-3,
+                     e_s_per_kv_token=1e-7, source="test", g_s_per_prefill_step=0.03)
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(200):
+        p = int(rng.integers(1, 2000)) if i % 2 else 0      # half the steps are pure decode
+        f = StepFeatures(p, *(int(v) for v in rng.integers(0, [64, 10, 50_000])))
+        rows.append(dict(zip(FEATURES, (f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
+                                        f.num_kv_tokens_read)), step_s=cost.step_time_s(f)))
+    fitted = CostModel.fit(rows, source="synthetic")
+    assert fitted.g_s_per_prefill_step == pytest.approx(0.03, rel=1e-6)
+    assert fitted.a_s == pytest.approx(5e-3, rel=1e-6)
+    assert cost.step_time_s(StepFeatures(1, 0, 0, 1)) - cost.step_time_s(StepFeatures(0, 0, 0, 1)) > 0.03
+
+
 def test_fit_clamps_a_feature_that_makes_steps_cheaper(tmp_path):
     rng = np.random.default_rng(1)
     rows = []
