@@ -754,6 +754,24 @@ SIM_VARIANTS = [("inlaid", "inlaid", "predictor", None), ("fifo", "fifo", "predi
                 ("inlaid, oracle lengths", "inlaid", "oracle", None)]
 
 
+def step_stats(rows: list[dict], run: str) -> dict:
+    """Decode vs prefill steps of one replay (from the measured step rows)."""
+    rs = [r for r in rows if r["run"] == run]
+    dec = [r for r in rs if r["num_prefill_tokens"] == 0]
+    pre = [r for r in rs if r["num_prefill_tokens"] > 0]
+
+    def mean(xs):
+        return statistics.fmean(xs) if xs else float("nan")
+    return {"run": run, "num_steps": len(rs), "busy_s": sum(r["step_s"] for r in rs),
+            "decode_steps": len(dec), "decode_ms": 1e3 * mean([r["step_s"] for r in dec]),
+            "decode_batch": mean([r["num_decode_seqs"] for r in dec]),
+            "decode_adapters": mean([r["num_adapters"] for r in dec]),
+            "prefill_steps": len(pre), "prefill_ms": 1e3 * mean([r["step_s"] for r in pre]),
+            "prefill_tokens": mean([r["num_prefill_tokens"] for r in pre]),
+            "prefill_adapters": mean([r["num_adapters"] for r in pre]),
+            "prefill_busy_s": sum(r["step_s"] for r in pre)}
+
+
 def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> None:
     """After a run, on any machine: refit the cost model to the measured steps (serve_gpu.steps.csv)
     with the current CostModel.fit, evaluate it on held-out steps, and rerun the simulator sections
@@ -805,6 +823,7 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
                                  num_tasks=count, rate_req_s=rate))
             print(f"sim {policy:6s} {count:5d} tasks: {res.metrics['throughput_req_s']:.2f} req/s", flush=True)
     sc["sim"] = sim_rows
+    sc["step_stats"] = [step_stats(rows, r["variant"]) for r in real]
     tasks = task_names(meta["num_tasks"], families)
     rate_rows = []
     for frac in sim_rates:
