@@ -2,7 +2,8 @@
 
 Layout: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. A token at
 position p of a sequence lives in slot block_table[p // block_size] * block_size + p % block_size.
-A faster kernel (Triton) can replace `paged_attention` behind the same metadata.
+On CUDA (the GPU fast path) `paged_attention_cuda` runs Triton kernels: one varlen launch per
+layer for a step with any prefill, the paged decode kernel for pure-decode steps.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from services.engine.kernels.attention import VarlenBatch
 
 
 @dataclass
@@ -31,6 +34,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None       # [D, 1, 1, max_nb*block_size] bool: valid keys
     decode_lens: torch.Tensor | None = None       # [D] int32 context lengths (GPU fast path)
     is_all_decode: bool = False                   # every sequence computes one token
+    varlen: VarlenBatch | None = None             # GPU fast path, steps with a prefill: all seqs
+    last_token_idx: torch.Tensor | None = None    # [B] long: each sequence's last token (fast path)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -79,28 +84,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def paged_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata) -> torch.Tensor:
-    """GPU fast path: like paged_attention, but the new K/V are already in the cache (written by
-    the fused RoPE kernel) and decode queries go through the Triton paged decode kernel, which
-    reads only each sequence's own blocks (no gather, no mask; CUDA-graph safe)."""
-    from services.engine.kernels.attention import paged_decode_attention
+    """GPU fast path: the new K/V are already in the cache (written by the fused RoPE kernel).
+
+    A pure-decode step goes through the Triton paged decode kernel (CUDA-graph safe); any other
+    step through ONE varlen launch for all its sequences (prefill, recompute and decode rows
+    alike), reading each sequence's own blocks with no gather and no mask tensor."""
+    from services.engine.kernels.attention import paged_decode_attention, paged_varlen_attention
     if meta.is_all_decode:
         return paged_decode_attention(q, k_cache, v_cache, meta.decode_blocks, meta.decode_lens)
-    gqa = q.shape[1] != k_cache.shape[2]
-    out = torch.empty_like(q)
-    for i, blocks in zip(meta.prefill_ids, meta.prefill_blocks):
-        start, end = meta.query_starts[i], meta.query_starts[i + 1]
-        n, ctx = end - start, meta.context_lens[i]
-        qi = q[start:end].transpose(0, 1)                           # [H, n, D]
-        keys = _gather(k_cache, blocks)[:ctx].transpose(0, 1)      # [Hkv, ctx, D]
-        vals = _gather(v_cache, blocks)[:ctx].transpose(0, 1)
-        if n == ctx:
-            o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=gqa)
-        else:
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-            o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
-        out[start:end] = o.transpose(0, 1)
-    if meta.decode_token_idx is not None:
-        idx = meta.decode_token_idx
-        out[idx] = paged_decode_attention(q[idx], k_cache, v_cache, meta.decode_blocks,
-                                          meta.decode_lens)
-    return out
+    if meta.varlen is None:
+        raise ValueError("a step with prefill rows needs meta.varlen on the GPU fast path")
+    return paged_varlen_attention(q, k_cache, v_cache, meta.varlen)

@@ -29,11 +29,17 @@ class LoraManager:
     what lets a decode step with mixed adapters be captured in a CUDA graph.
     `layout_version` changes whenever a stack is (re)allocated: graphs captured before
     hold stale addresses. Writing a slot is in place and keeps them valid.
+
+    Slot loads copy from a host copy of each adapter already in the device dtype and layout
+    (scaling folded, B transposed as the stacks want it). On CUDA these copies sit in pinned
+    memory in an LRU of up to `host_cache_bytes` and the copies are non_blocking: a load does
+    no host-side math and never stalls the host on a pageable copy.
     """
 
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
                  device: str | torch.device, dtype: torch.dtype,
-                 gather_max_tokens: int | None = None, use_triton: bool = False) -> None:
+                 gather_max_tokens: int | None = None, use_triton: bool = False,
+                 host_cache_bytes: int | None = None) -> None:
         self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
         self.use_triton = use_triton
@@ -57,6 +63,12 @@ class LoraManager:
         self._token_slots: torch.Tensor | None = None          # [T] long, gather path only
         self._token_mask: torch.Tensor | None = None           # [T, 1] 1 = has an adapter
         self.num_loads = 0                                     # host→device adapter copies
+        if host_cache_bytes is None:
+            host_cache_bytes = 4 << 30 if self.device.type == "cuda" else 0
+        self.host_cache_bytes = host_cache_bytes
+        # name → {(layer, module): (A [r, in], B in the stack's layout)}, LRU order, pinned on CUDA
+        self._host: OrderedDict[str, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._host_bytes: dict[str, int] = {}
 
     # ---- registry ------------------------------------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> None:
@@ -65,6 +77,7 @@ class LoraManager:
             raise ValueError(f"adapter {adapter.name!r} rank {adapter.rank} > max {self.max_rank}")
         replaced = adapter.name in self._registered
         self._registered[adapter.name] = adapter
+        self._drop_host(adapter.name)
         if replaced and adapter.name in self._slot_of:
             self._write_slot(self._slot_of[adapter.name], adapter)
 
@@ -72,6 +85,7 @@ class LoraManager:
         if name not in self._registered:
             raise UnknownTaskError(name)
         del self._registered[name]
+        self._drop_host(name)
         slot = self._slot_of.pop(name, None)
         if slot is not None:
             with torch.inference_mode():    # the stacks are made inside the engine's steps
@@ -148,7 +162,8 @@ class LoraManager:
             self._a[key][slot].zero_()
             self._bt[key][slot].zero_()
         ranks = {}
-        for key, (a, b) in adapter.weights.items():
+        host = self._host_copy(adapter)
+        for key in adapter.weights:
             if key not in self._a:
                 in_f, out_f = self.dims.features(key[1])
                 self._a[key] = torch.zeros(self._slot_cap, self._rank_cap, in_f,
@@ -157,17 +172,55 @@ class LoraManager:
                           else (self._slot_cap, self._rank_cap, out_f))
                 self._bt[key] = torch.zeros(b_size, device=self.device, dtype=self.dtype)
                 self.layout_version += 1
-            r = a.shape[0]
-            # Fold the scaling into Bᵀ in fp32 before casting: one fewer multiply per token.
-            b_scaled = b.float() * adapter.scaling[key]                 # [out, r]
-            self._a[key][slot, :r] = a.to(self.device, self.dtype)
+            a_host, b_host = host[key]
+            r = a_host.shape[0]
+            self._a[key][slot, :r].copy_(a_host, non_blocking=True)
             if self.use_triton:
-                self._bt[key][slot, :, :r] = b_scaled.to(self.device, self.dtype)
+                self._bt[key][slot, :, :r].copy_(b_host, non_blocking=True)
             else:
-                self._bt[key][slot, :r] = b_scaled.t().to(self.device, self.dtype)
+                self._bt[key][slot, :r].copy_(b_host, non_blocking=True)
             ranks[key] = r
         self._ranks[slot] = ranks
         self.num_loads += 1
+
+    def _host_copy(self, adapter: LoraAdapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """The adapter's tensors as the slots take them (dtype, scaling folded, B's layout), from
+        the LRU host cache or made now: one pinned buffer per adapter on CUDA."""
+        cached = self._host.get(adapter.name)
+        if cached is not None:
+            self._host.move_to_end(adapter.name)
+            return cached
+        shapes = {}
+        for key, (a, b) in adapter.weights.items():
+            b_shape = tuple(b.shape) if self.use_triton else (b.shape[1], b.shape[0])
+            shapes[key] = (tuple(a.shape), b_shape)
+        total = sum(sa[0] * sa[1] + sb[0] * sb[1] for sa, sb in shapes.values())
+        pin = self.device.type == "cuda"
+        flat = torch.empty(total, dtype=self.dtype, pin_memory=pin)
+        out, offset = {}, 0
+        for key, (a, b) in adapter.weights.items():
+            (ra, ca), (rb, cb) = shapes[key]
+            a_host = flat[offset:offset + ra * ca].view(ra, ca)
+            offset += ra * ca
+            b_host = flat[offset:offset + rb * cb].view(rb, cb)
+            offset += rb * cb
+            a_host.copy_(a)
+            # Fold the scaling into B in fp32 before casting: one fewer multiply per token.
+            b_scaled = b.float() * adapter.scaling[key]                 # [out, r]
+            b_host.copy_(b_scaled if self.use_triton else b_scaled.t())
+            out[key] = (a_host, b_host)
+        num_bytes = total * flat.element_size()
+        if num_bytes <= self.host_cache_bytes:
+            while self._host and sum(self._host_bytes.values()) + num_bytes > self.host_cache_bytes:
+                self._drop_host(next(iter(self._host)))
+            self._host[adapter.name] = out
+            self._host_bytes[adapter.name] = num_bytes
+        return out
+
+    def _drop_host(self, name: str) -> None:
+        # Safe with copies in flight: the pinned allocator holds a block until its copies finish.
+        self._host.pop(name, None)
+        self._host_bytes.pop(name, None)
 
     # ---- the step ---------------------------------------------------------------
     def prepare(self, segments: list[tuple[int, int, int]]) -> None:

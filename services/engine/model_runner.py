@@ -7,6 +7,7 @@ from torch import nn
 from services.common.adapters import LoraAdapter
 from services.common.model_source import RANDOM_SHAPES, ModelSource, resolve_model
 from services.engine.attention import AttentionMetadata
+from services.engine.kernels.attention import VarlenBatch
 from services.engine.config import EngineConfig
 from services.engine.llama import (LINEAR_NAMES, LlamaModel, LlamaShape, load_hf_weights,
                                    random_weight_items)
@@ -158,8 +159,10 @@ class ModelRunner:
             return self.sampler.sample(logits, [s.params for s in seqs],
                                        [s.request_id for s in seqs])
         order, hidden, meta = self._forward(seqs)
-        last = torch.tensor([meta.query_starts[j + 1] - 1 for j in range(len(order))],
-                            device=self.device)
+        last = meta.last_token_idx
+        if last is None:
+            last = torch.tensor([meta.query_starts[j + 1] - 1 for j in range(len(order))],
+                                device=self.device)
         logits = self.model.logits(hidden[last])                      # [B, V] fp32
         batch = [seqs[i] for i in order]
         tokens = self.sampler.sample(logits, [s.params for s in batch],
@@ -209,12 +212,55 @@ class ModelRunner:
             segments.append((slot_of[i], starts[-1], starts[-1] + len(toks)))
             starts.append(starts[-1] + len(toks))
             ctx_lens.append(n_tok)
+        if self.is_fast:
+            hidden, meta = self._forward_fast([seqs[i] for i in order], ids, positions, slot_map,
+                                              starts, ctx_lens, [slot_of[i] for i in order])
+            return order, hidden, meta
         meta = self._metadata([seqs[i] for i in order], slot_map, starts, ctx_lens)
         self.lora.prepare(_merge_runs(segments))
         dev = self.device
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                             self.kv_caches, meta, self.lora if self.lora.is_active else None)
         return order, hidden, meta
+
+    def _forward_fast(self, batch: list[Sequence], ids: list[int], positions: list[int],
+                      slot_map: list[int], starts: list[int], ctx_lens: list[int],
+                      slots: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Eager step of the GPU fast path: every index tensor of the step (token ids, positions,
+        KV slots, last-token rows, adapter slot per token, attention metadata) goes to the device
+        in ONE host→device copy, built once and read by all layers (no per-layer host work)."""
+        bs, num_tokens = self.block_size, len(ids)
+        q_lens = [starts[j + 1] - starts[j] for j in range(len(batch))]
+        tables = [seq.block_table[:-(-ctx_lens[j] // bs)] for j, seq in enumerate(batch)]
+        token_slots: list[int] = []
+        if any(slot >= 0 for slot in slots):
+            for slot, n in zip(slots, q_lens):
+                token_slots.extend([slot] * n)
+        is_all_decode = all(n == 1 for n in q_lens)
+        if is_all_decode:   # graphs off or batch too large for them: the decode kernel, eagerly
+            max_nb = max(len(t) for t in tables)
+            attn = [b for t in tables for b in t + [0] * (max_nb - len(t))] + ctx_lens
+        else:
+            attn, dims = VarlenBatch.host_layout(starts[:-1], q_lens, ctx_lens, tables)
+        flat = ids + positions + slot_map + [s - 1 for s in starts[1:]] + token_slots + attn
+        dev = torch.tensor(flat, dtype=torch.long).to(self.device)
+        n_b = len(batch)
+        ids_d, pos_d, slot_d, last_d, tok_slots_d, attn_d = dev.split(
+            [num_tokens, num_tokens, num_tokens, n_b, len(token_slots), len(attn)])
+        meta = AttentionMetadata(slot_mapping=slot_d, query_starts=starts, context_lens=ctx_lens,
+                                 prefill_ids=[], prefill_blocks=[], is_all_decode=is_all_decode,
+                                 last_token_idx=last_d)
+        if is_all_decode:
+            meta.decode_blocks = attn_d[:n_b * max_nb].view(n_b, max_nb)
+            meta.decode_lens = attn_d[n_b * max_nb:]
+        else:
+            meta.varlen = VarlenBatch.from_flat(attn_d, dims)
+        self.lora.prepare([])
+        if token_slots:
+            self.lora.prepare_tokens(tok_slots_d)
+        hidden = self.model(ids_d, pos_d, self.kv_caches, meta,
+                            self.lora if self.lora.is_active else None)
+        return hidden, meta
 
     def _metadata(self, batch: list[Sequence], slot_map: list[int], starts: list[int],
                   ctx_lens: list[int]) -> AttentionMetadata:
@@ -235,13 +281,6 @@ class ModelRunner:
             table = [batch[j].block_table[:max_nb] for j in decode]
             table = [t + [0] * (max_nb - len(t)) for t in table]
             meta.decode_blocks = torch.tensor(table, device=dev)                   # [D, nb]
-            if self.is_fast:   # the Triton kernel reads lengths, needs no mask
-                meta.decode_lens = torch.tensor([ctx_lens[j] for j in decode], device=dev,
-                                                dtype=torch.int32)
-                meta.is_all_decode = len(decode) == len(batch)
-                if not meta.is_all_decode:
-                    meta.decode_token_idx = torch.tensor([starts[j] for j in decode], device=dev)
-                return meta
             meta.decode_token_idx = torch.tensor([starts[j] for j in decode], device=dev)
             lens = torch.tensor([ctx_lens[j] for j in decode], device=dev)
             meta.decode_mask = (torch.arange(max_nb * bs, device=dev)[None, :]

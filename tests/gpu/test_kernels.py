@@ -12,7 +12,10 @@ pytestmark = [
 
 triton = pytest.importorskip("triton")
 
-from services.engine.kernels.attention import paged_decode_attention, paged_decode_reference  # noqa: E402
+from services.engine.kernels.attention import (  # noqa: E402
+    VarlenBatch, paged_decode_attention, paged_decode_reference, paged_varlen_attention,
+    paged_varlen_reference,
+)
 from services.engine.kernels.fused_ops import (  # noqa: E402
     add_rmsnorm, add_rmsnorm_reference, rope_and_cache, rope_reference, rope_tables, silu_mul,
 )
@@ -93,6 +96,36 @@ def test_paged_decode_attention(num_heads: int, num_kv_heads: int) -> None:
     q = torch.randn(bsz, num_heads, d, device=DEV).half()
     out = paged_decode_attention(q, kc, vc, tables, lens)
     assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 32), (32, 8)])
+def test_paged_varlen_attention(dtype: torch.dtype, num_heads: int, num_kv_heads: int) -> None:
+    """Prefill, recompute after a cached prefix, decode and multi-tile prompts in one launch."""
+    d, block_size, num_blocks = 128, 16, 256
+    cases = [(60, 60), (1, 130), (200, 200), (17, 300), (1, 1), (64, 64), (65, 65)]  # (n, ctx)
+    perm = torch.randperm(num_blocks).tolist()
+    starts, lens, ctxs, tables, row = [], [], [], [], 0
+    for n, ctx in cases:
+        nb = -(-ctx // block_size)
+        tables.append(perm[:nb])
+        perm = perm[nb:]
+        starts.append(row)
+        lens.append(n)
+        ctxs.append(ctx)
+        row += n + 3                                       # 3 rows no sequence owns
+    kc = torch.randn(num_blocks, block_size, num_kv_heads, d, device=DEV).to(dtype)
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, d, device=DEV).to(dtype)
+    q = torch.randn(row, num_heads, d, device=DEV).to(dtype)
+    out = paged_varlen_attention(q, kc, vc, VarlenBatch.build(starts, lens, ctxs, tables, DEV),
+                                 out=torch.zeros_like(q))
+    ref = paged_varlen_reference(q, kc, vc, starts, lens, ctxs, tables)
+    assert rel_err(out, ref) < 1e-2
+    owned = torch.zeros(row, dtype=torch.bool, device=DEV)
+    for start, n in zip(starts, lens):
+        owned[start:start + n] = True
+    assert (out[~owned] == 0).all()
 
 
 def test_fused_ops() -> None:

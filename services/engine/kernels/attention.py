@@ -1,10 +1,13 @@
-"""Paged attention: Triton decode kernel over block-table KV caches, varlen prefill via torch SDPA.
+"""Paged attention in Triton over block-table KV caches: a decode kernel and a varlen kernel.
 
 KV caches are shaped [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's token t lives
 in block block_table[t // block_size] at offset t % block_size. Query heads map to KV heads in
 contiguous groups (GQA): kv_head = head // (num_heads // num_kv_heads).
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -133,4 +136,174 @@ def prefill_attention(
         vs = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
         o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scale)
         out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_varlen_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, q_start_ptr, q_len_ptr, ctx_ptr, tile_seq_ptr, tile_m_ptr,
+        scale_log2, block_size, q_per_kv,
+        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ot, stride_oh,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // q_per_kv
+        s = tl.load(tile_seq_ptr + tile)
+        m0 = tl.load(tile_m_ptr + tile)
+        q_start = tl.load(q_start_ptr + s)
+        n = tl.load(q_len_ptr + s)
+        ctx = tl.load(ctx_ptr + s)
+        offs_m = m0 + tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < n
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)                        # [BM, D]
+        # Query m sits at position ctx - n + m and sees keys 0..that position. Padding rows
+        # (m >= n) sit past ctx - 1 and see every key: no row is ever fully masked (no NaN).
+        pos = ctx - n + offs_m
+        m_i = tl.full((BM,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BM,), dtype=tl.float32)
+        acc = tl.zeros((BM, D), dtype=tl.float32)
+        hi = ctx - n + m0 + BM   # one past the last key this tile can see
+        if hi > ctx:
+            hi = ctx
+        # Triton's interpreter cannot take a loaded or passed value as a range bound: there the
+        # loop runs to the step's longest context (STEP_STOP, a constant; 0 when compiled), and
+        # blocks past `hi` are fully masked (p = 0, alpha = 1).
+        for t0 in range(0, STEP_STOP if STEP_STOP > 0 else hi, BN):
+            t = t0 + tl.arange(0, BN)
+            tmask = t < hi
+            blk = tl.load(bt_ptr + s * stride_btb + t // block_size, mask=tmask, other=0)
+            off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + kvh * stride_ch
+            kv_off = off[:, None] + offs_d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)     # [BN, D]
+            qk = tl.dot(q, tl.trans(k)) * scale_log2                        # [BM, BN] fp32
+            qk = tl.where((t[None, :] <= pos[:, None]) & tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+VARLEN_BLOCK_M = 64   # query rows per program (a tile never spans two sequences)
+
+
+@dataclass(frozen=True)
+class VarlenBatch:
+    """Device metadata of one varlen attention launch, built once per step, read by every layer.
+
+    Sequence i owns query rows [q_starts[i], q_starts[i] + q_lens[i]) of the step's token axis
+    and attends causally over its first ctx_lens[i] cached tokens (its queries are the last
+    q_lens[i] of them); block_tables [B, max_blocks] padded with block 0. Each program takes one
+    tile of VARLEN_BLOCK_M rows of one sequence: tile_seq / tile_m = its sequence and first row.
+    Index tensors may be int32 or int64 (views of one packed host→device copy).
+    """
+
+    q_starts: torch.Tensor
+    q_lens: torch.Tensor
+    ctx_lens: torch.Tensor
+    block_tables: torch.Tensor
+    tile_seq: torch.Tensor
+    tile_m: torch.Tensor
+    max_ctx: int              # longest context of the step (host int)
+
+    @staticmethod
+    def host_layout(q_starts: list[int], q_lens: list[int], ctx_lens: list[int],
+                    block_tables: list[list[int]]) -> tuple[list[int], tuple[int, ...]]:
+        """Flat int list [q_starts, q_lens, ctx_lens, tables (padded), tile_seq, tile_m] and
+        (B, max_blocks, num_tiles, max_ctx), for `from_flat` after one copy to the device."""
+        num = len(q_lens)
+        max_nb = max(len(t) for t in block_tables)
+        flat = list(q_starts) + list(q_lens) + list(ctx_lens)
+        for t in block_tables:
+            flat.extend(t)
+            flat.extend([0] * (max_nb - len(t)))
+        tile_seq, tile_m = [], []
+        for i, n in enumerate(q_lens):
+            for m0 in range(0, n, VARLEN_BLOCK_M):
+                tile_seq.append(i)
+                tile_m.append(m0)
+        return flat + tile_seq + tile_m, (num, max_nb, len(tile_seq), max(ctx_lens))
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, dims: tuple[int, ...]) -> VarlenBatch:
+        num, max_nb, num_tiles, max_ctx = dims
+        parts = flat.split([num, num, num, num * max_nb, num_tiles, num_tiles])
+        return cls(q_starts=parts[0], q_lens=parts[1], ctx_lens=parts[2],
+                   block_tables=parts[3].view(num, max_nb), tile_seq=parts[4], tile_m=parts[5],
+                   max_ctx=max_ctx)
+
+    @classmethod
+    def build(cls, q_starts: list[int], q_lens: list[int], ctx_lens: list[int],
+              block_tables: list[list[int]], device: torch.device | str) -> VarlenBatch:
+        flat, dims = cls.host_layout(q_starts, q_lens, ctx_lens, block_tables)
+        return cls.from_flat(torch.tensor(flat, dtype=torch.int32).to(device), dims)
+
+
+def paged_varlen_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: VarlenBatch,
+    scale: float | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of every sequence's new queries over its paged KV, one launch for all.
+
+    q [T, H, D] (fp16/bf16, the K/V of the new tokens already in the caches) → [T, H, D]; rows of
+    q that no sequence owns are left untouched in `out`. Prefill, recompute (queries after a
+    cached prefix) and decode (one query) rows can share a launch. fp32 accumulation, online
+    softmax; GQA maps query head h to KV head h // (H // KVH).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    num_heads, d = q.shape[1], q.shape[2]
+    _, block_size, num_kv_heads, dc = k_cache.shape
+    if dc != d or d & (d - 1) or d < 16 or num_heads % num_kv_heads:
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or q.stride(2) != 1:
+        raise ValueError("q and the k/v caches need a contiguous head_dim, k/v the same strides")
+    if out is None:
+        out = torch.empty_like(q)
+    scale = scale if scale is not None else d ** -0.5
+    num_tiles = batch.tile_seq.shape[0]
+    if num_tiles == 0:
+        return out
+    _paged_varlen_kernel[(num_tiles, num_heads)](
+        q, k_cache, v_cache, out, batch.block_tables, batch.q_starts, batch.q_lens,
+        batch.ctx_lens, batch.tile_seq, batch.tile_m,
+        scale * 1.4426950408889634, block_size, num_heads // num_kv_heads,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        batch.block_tables.stride(0), out.stride(0), out.stride(1),
+        D=d, BM=VARLEN_BLOCK_M, BN=64, STEP_STOP=batch.max_ctx if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def paged_varlen_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_starts: list[int],
+    q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float32 reference of paged_varlen_attention (any device); unowned rows come back 0."""
+    num_heads, d = q.shape[1], q.shape[2]
+    scale = scale if scale is not None else d ** -0.5
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for start, n, ctx, table in zip(q_starts, q_lens, ctx_lens, block_tables, strict=True):
+        bt = torch.tensor(table, device=q.device)
+        k = gather_kv(k_cache, bt, ctx).float()                  # [ctx, KVH, D]
+        v = gather_kv(v_cache, bt, ctx).float()
+        rep = num_heads // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        s = torch.einsum("nhd,khd->hnk", q[start:start + n].float() * scale, k)
+        allowed = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[start:start + n] = torch.einsum("hnk,khd->nhd", p, v)
     return out

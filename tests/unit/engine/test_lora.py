@@ -119,3 +119,22 @@ def test_remove_and_replace():
 def test_rank_above_max_is_refused():
     with pytest.raises(ValueError, match="rank"):
         manager(max_rank=4).add_adapter(make_adapter("big", 8, ("q_proj",)))
+
+
+def test_host_cache_is_lru_within_its_budget_and_refreshed_on_replace():
+    torch.set_num_threads(1)
+    one = make_adapter("a", 4, ("q_proj",)).num_bytes     # fp32 host copy: same bytes
+    mgr = LoraManager(DIMS, num_slots=1, max_rank=16, device="cpu", dtype=torch.float32,
+                      host_cache_bytes=2 * one)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        mgr.add_adapter(make_adapter(name, 4, ("q_proj",), seed=seed))
+        mgr.acquire({name})                                 # one slot: every acquire loads
+    assert list(mgr._host) == ["b", "c"]                    # "a" evicted, within 2 adapters
+    new_b = make_adapter("b", 4, ("q_proj",), seed=9)
+    mgr.add_adapter(new_b)                                  # a replaced adapter's copy is stale
+    assert "b" not in mgr._host
+    mgr.acquire({"b"})
+    x = torch.randn(3, DIMS.hidden_size)
+    mgr.prepare([(0, 0, 3)])
+    y = mgr.apply(0, "q_proj", x, torch.zeros(3, DIMS.features("q_proj")[1]))
+    assert torch.allclose(y, reference(new_b, 0, "q_proj", x), atol=1e-5)
