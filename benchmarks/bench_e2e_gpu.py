@@ -7,10 +7,13 @@ Random weights in the exact Llama-2-7B shapes (no model hub here), the same weig
          (fp16, mixed adapters per batch via adapter_names), generated tokens per second;
   decode one decode step through ModelRunner.run at several batch sizes vs the byte floor
          (4-bit weights + fp16 LM head + KV read) / measured copy bandwidth;
-  lora   the batch-64 decode step with 0/1/8/32/64 distinct adapters.
-Writes <out>/e2e_gpu.{json,md}.
+  lora   the batch-64 decode step with 0/1/8/32/64 distinct adapters;
+  prefill an eager prefill step through ModelRunner.run at several (sequences × prompt) shapes, and
+         the attention of that step alone (32 layers): the varlen Triton kernel (one launch per
+         layer) vs the previous per-sequence gather + SDPA loop.
+Writes <out>/e2e_gpu.{json,md}. --skip-hf: the e2e section runs ours only.
 
-  python benchmarks/bench_e2e_gpu.py --out DIR [--commit SHA] [--sections e2e,decode,lora]
+  python benchmarks/bench_e2e_gpu.py --out DIR [--commit SHA] [--sections e2e,decode,lora,prefill]
 """
 from __future__ import annotations
 
@@ -301,6 +304,72 @@ def bench_lora(runner, counts: list[int], batch: int, context: int, reps: int) -
     return rows
 
 
+def legacy_attention(q, k_cache, v_cache, meta) -> torch.Tensor:
+    """The GPU path's attention before the varlen kernel (per sequence: block gather + SDPA)."""
+    import torch.nn.functional as F
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k_cache.shape[2]
+    for j, ctx in enumerate(meta.context_lens):
+        start, end = meta.query_starts[j], meta.query_starts[j + 1]
+        table = meta.blocks[j]
+        keys = k_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)     # [Hkv, ctx, D]
+        vals = v_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys, vals,
+                                           is_causal=True, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def bench_prefill(runner, shapes: list[tuple[int, int]], reps: int = 5) -> list[dict]:
+    """Eager prefill step (no adapters) through runner.run, and its attention alone (all layers)."""
+    from types import SimpleNamespace
+
+    from services.engine.kernels.attention import VarlenBatch, paged_varlen_attention
+    s = runner.shape
+    rows = []
+    for num_seqs, prompt in shapes:
+        walls = []
+        for rep in range(reps + 2):   # 2 warm-ups: GEMM tuning of this M, kernel compiles
+            bm = BlockManager(runner.num_kv_blocks, runner.block_size)
+            seqs = []
+            for i in range(num_seqs):
+                seq = Sequence(f"p{i}", [(11 * i + j) % 30000 + 3 for j in range(prompt)],
+                               SamplingParams())
+                bm.allocate(seq)
+                seqs.append(seq)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.run(seqs)          # ends in the sampler's host sync
+            if rep >= 2:
+                walls.append((time.perf_counter() - t0) * 1e3)
+        tokens = num_seqs * prompt
+        q = torch.randn(tokens, s.num_heads, s.head_dim, device="cuda", dtype=runner.dtype)
+        starts = [i * prompt for i in range(num_seqs + 1)]
+        tables = [seq.block_table[:-(-prompt // runner.block_size)] for seq in seqs]
+        varlen = VarlenBatch.build(starts[:-1], [prompt] * num_seqs, [prompt] * num_seqs, tables, "cuda")
+        legacy = SimpleNamespace(query_starts=starts, context_lens=[prompt] * num_seqs,
+                                 blocks=[torch.tensor(t, device="cuda") for t in tables])
+        attn = {}
+        for name, fn in (("varlen_ms", lambda kc, vc: paged_varlen_attention(q, kc, vc, varlen)),
+                         ("legacy_ms", lambda kc, vc: legacy_attention(q, kc, vc, legacy))):
+            times = []
+            for rep in range(reps + 1):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for kc, vc in runner.kv_caches:   # one call per layer, as in the step
+                    fn(kc, vc)
+                torch.cuda.synchronize()
+                if rep:
+                    times.append((time.perf_counter() - t0) * 1e3)
+            attn[name] = statistics.median(times)
+        row = {"num_seqs": num_seqs, "prompt_len": prompt, "tokens": tokens,
+               "run_ms": statistics.median(walls), "us_per_token": statistics.median(walls) * 1e3 / tokens,
+               "attn_layers": s.num_layers, **attn}
+        rows.append(row)
+        print(f"prefill {num_seqs}x{prompt}: {row}", flush=True)
+    return rows
+
+
 def markdown(res: dict) -> str:
     lines = ["# End-to-end GPU: engine (4-bit, Triton, CUDA graphs) vs HF generate + PEFT", "",
              f"Device **{res['device']}**, torch {res['torch']}, commit `{res['commit']}`, {res['date']}. "
@@ -350,6 +419,17 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['adapters']} | {r['run_ms']:.3f} | {r['run_x']:.2f} | "
                          f"{r.get('replay_ms', float('nan')):.3f} | {r.get('replay_x', float('nan')):.2f} |")
         lines.append("")
+    if res.get("prefill"):
+        lines += ["## Eager prefill step through ModelRunner.run (no adapters)", "",
+                  "run = wall time of `runner.run` (host prep, one H2D copy, eager forward, sampling); "
+                  "attention = host-timed, synchronized, all layers, for the same step layout: the varlen "
+                  "Triton kernel (one launch per layer) vs the previous per-sequence gather + SDPA loop.", "",
+                  "| seqs × prompt | tokens | run ms | µs/token | attention varlen ms | attention loop ms |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["prefill"]:
+            lines.append(f"| {r['num_seqs']} × {r['prompt_len']} | {r['tokens']} | {r['run_ms']:.1f} | "
+                         f"{r['us_per_token']:.1f} | {r['varlen_ms']:.2f} | {r['legacy_ms']:.2f} |")
+        lines.append("")
     for k, v in res.get("errors", {}).items():
         lines.append(f"Section {k} failed: `{v}`")
     return "\n".join(lines) + "\n"
@@ -359,7 +439,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--sections", default="e2e,decode,lora")
+    ap.add_argument("--sections", default="e2e,decode,lora,prefill")
+    ap.add_argument("--skip-hf", action="store_true", help="e2e: measure ours only")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--num-adapters", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -392,7 +473,7 @@ def main() -> None:
     paths = {f"t{i}": write_peft_adapter(tmp / f"t{i}", shape.dims(), shape.num_layers, 100 + i)
              for i in range(args.num_adapters)} if "e2e" in sections else {}
     engine = None
-    if "e2e" in sections:   # HF first: it needs the memory our engine would hold
+    if "e2e" in sections and not args.skip_hf:   # HF first: it needs the memory ours would hold
         try:
             res["e2e"] = {"hf": bench_hf(args, paths)}
         except Exception as exc:  # noqa: BLE001 — keep what was measured, record the failure
@@ -413,7 +494,11 @@ def main() -> None:
         if "lora" in sections:
             res["lora"] = bench_lora(engine.runner, [0, 1, 8, 32, 64], 64, 256, args.reps)
             save()
+        if "prefill" in sections:
+            res["prefill"] = bench_prefill(engine.runner, [(64, 64), (16, 256), (4, 1000), (1, 1000)])
+            save()
         if "e2e" in sections:
+            res.setdefault("e2e", {})
             for name, path in paths.items():
                 engine.add_adapter(name, path)
             ours = bench_ours(args, engine)
