@@ -63,7 +63,9 @@ def write(rows: list[dict], args, command: str, wall_s: float) -> None:
              f"- each scenario: {args.n} greedy requests (ignore_eos, max_tokens "
              f"{args.max_tokens}) streaming when the fault hits; correct = the client's tokens "
              "equal the no-fault reference run token-for-token; duplicated/gap = tokens the "
-             "client received twice / never (checked by offset)", "",
+             "client received twice / never (checked by offset); resumes = Resume calls the clients made, "
+             "counting those refused while the gateway or Redis was still down (clients retry "
+             "every 0.3 s)", "",
              "| " + " | ".join(COLUMNS) + " | notes |", "|" + "---|" * (len(COLUMNS) + 1)]
     for row in rows:
         notes = {k: v for k, v in row.items() if k not in COLUMNS}
