@@ -305,7 +305,7 @@ def memwatch_lines(memwatch: dict[str, list[dict]]) -> list[str]:
 
 
 def rerender(path: Path, limit_mb_per_min: float, commit: str, command: str,
-             memwatch_dir: str = "") -> int:
+             memwatch_dir: str = "", is_written: bool = True) -> int:
     data = json.loads(path.read_text())
     meta_keys = ("device", "git_commit", "date", "command", "args", "rendered_by")
     summary = {k: v for k, v in data.items() if k not in meta_keys}
@@ -316,8 +316,12 @@ def rerender(path: Path, limit_mb_per_min: float, commit: str, command: str,
     summary["flat_mb_per_min"] = limit_mb_per_min
     if memwatch_dir:
         summary["memwatch"] = collect_memwatch(Path(memwatch_dir))
-    write_results(summary, run_args, data["command"], commit or data["git_commit"], data["date"],
-                  rendered_by=command)
+    if is_written:
+        write_results(summary, run_args, data["command"], commit or data["git_commit"],
+                      data["date"], rendered_by=command)
+    for role, m in summary["memory"].items():
+        print(f"memory {role}: warm slope {m['slope_mb_per_min_warm']:.3f} MB/min, warm-phase "
+              f"growth {m['warm_growth_mb']:.1f} MB -> {'PASS' if m['flat'] else 'FAIL'}")
     print(f"memory flat: {'PASS' if summary['memory_flat'] else 'FAIL'}")
     return 0 if summary["memory_flat"] and summary["num_errors"] == 0 else 1
 
@@ -353,7 +357,7 @@ def main() -> int:
     if args.rerender:
         return rerender(Path(args.rerender), args.flat_mb_per_min, args.commit,
                         "python benchmarks/bench_load.py " + " ".join(sys.argv[1:]),
-                        args.memwatch_dir)
+                        args.memwatch_dir, is_written=not args.no_write)
     if args.rate <= 0 or args.duration_s <= 0:
         p.error("--rate and --duration-s must be > 0")
     command = "python benchmarks/bench_load.py " + " ".join(sys.argv[1:])
