@@ -56,9 +56,11 @@ def selected_settings(args) -> list[Setting]:
     """settings() filtered by --settings / --methods (comma lists; empty = all)."""
     labels = [x for x in args.settings.split(",") if x]
     methods = [x for x in args.methods.split(",") if x]
+    only = [x for x in args.only.split(",") if x]
     out = []
     for s in settings(args.group_size):
-        kept = tuple(m for m in s.methods if not methods or m in methods)
+        kept = tuple(m for m in s.methods if (not methods or m in methods)
+                     and (not only or f"{m}@{s.label}" in only))
         if (not labels or s.label in labels) and kept:
             out.append(Setting(s.label, s.cfg, kept))
     return out
@@ -250,6 +252,7 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="start no configuration after this")
     ap.add_argument("--settings", default="", help="comma list of setting labels (4,3,4-asym,...); default all")
     ap.add_argument("--methods", default="", help="comma list (rtn,gptq-mixed,gptq:*,mlgptq-mean,...); default all")
+    ap.add_argument("--only", default="", help="comma list of configurations method@setting (e.g. rtn@4-asym)")
     ap.add_argument("--max-layers", type=int, default=0, help="smoke tests only: quantize the first K layers")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
     args = ap.parse_args()
