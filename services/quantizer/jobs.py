@@ -10,6 +10,7 @@ unless a version is complete.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -190,18 +191,25 @@ class JobRunner:
             version_dir = await self._in_thread(job)
             job.weight_version = await self._publisher.publish(version_dir)
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, never the service
-            job.state, job.message = FAILED, f"{type(exc).__name__}: {exc}"
-            log.error("job %s failed: %s", job.job_id, job.message)
-            await self._save(job)
-            await self._mark(job, "FAILED", f"quantization failed: {job.message}")
+            message = f"{type(exc).__name__}: {exc}"
+            log.error("job %s failed: %s", job.job_id, message)
+            await self._finish(job, FAILED, message, "FAILED", f"quantization failed: {message}")
             self._finish_metrics(job, "failed")
             return
-        job.message = f"published weight version {job.weight_version} ({version_dir})"
-        job.state = DONE
-        log.info("job %s done in %.1f s: %s", job.job_id, time.perf_counter() - started, job.message)
-        await self._save(job)
-        await self._mark(job, "READY", f"quantized into weight version {job.weight_version}")
+        message = f"published weight version {job.weight_version} ({version_dir})"
+        log.info("job %s done in %.1f s: %s", job.job_id, time.perf_counter() - started, message)
+        await self._finish(job, DONE, message, "READY",
+                           f"quantized into weight version {job.weight_version}")
         self._finish_metrics(job, "done")
+
+    async def _finish(self, job: Job, state: str, message: str, task_state: str,
+                      task_message: str) -> None:
+        """Record the end in Redis and on the tasks first; GetJob reports it only then, so a
+        caller that sees DONE/FAILED also sees the tasks READY/FAILED."""
+        final = dataclasses.replace(job, state=state, message=message)
+        await self._save(final)
+        await self._mark(final, task_state, task_message)
+        job.state, job.message = state, message
 
     async def _in_thread(self, job: Job) -> Path:
         loop = asyncio.get_running_loop()
