@@ -18,6 +18,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add.add_argument("--calibration", default="",
                      help="JSONL calibration data: re-quantize the base with this task")
     add.add_argument("--weight", type=float, default=0.0, help="fair-queueing weight (1.0)")
+    add.add_argument("--bits", type=int, default=0,
+                     help="with --calibration: bits of the quantized base (2, 3, 4, 8; 0 = current)")
+    add.add_argument("--group-size", type=int, default=0,
+                     help="with --calibration: quantization group size (-1 = per row; 0 = current)")
     add.set_defaults(func=run_add)
     ls = actions.add_parser("list", help="list registered tasks")
     ls.set_defaults(func=run_list)
@@ -46,7 +50,8 @@ def _describe(task: common_pb2.TaskInfo) -> str:
 
 def run_add(args: argparse.Namespace) -> int:
     request = gateway_pb2.AddTaskRequest(name=args.name, adapter_path=args.adapter,
-                                         calibration_path=args.calibration, weight=args.weight)
+                                         calibration_path=args.calibration, weight=args.weight,
+                                         quant_bits=args.bits, quant_group_size=args.group_size)
     try:
         response = _call(args, "AddTask", request)
     except grpc.RpcError as exc:
