@@ -123,19 +123,21 @@ def _calibration(data: dict) -> list[str]:
                 f"the engine's measured step times (engine.step wall: schedule + run + update): "
                 f"t = {c['a_s']:.3e} + {c['b_s_per_prefill_token']:.3e}·prefill_tokens + "
                 f"{c['c_s_per_decode_seq']:.3e}·decode_seqs + {c['d_s_per_adapter']:.3e}·adapters + "
-                f"{c['e_s_per_kv_token']:.3e}·kv_tokens_read s ({c.get('source')}).", ""]
+                f"{c['e_s_per_kv_token']:.3e}·kv_tokens_read + {c.get('g_s_per_prefill_step', 0):.3e}·[prefill step] s "
+                f"({c.get('source')}).", ""]
     rf = data.get("refit")
     if rf:
-        c = rf["cost_model"]
+        device_fit, c = c, rf["cost_model"]
+        same = all(abs(device_fit.get(k, 0) - v) <= 1e-12 + 1e-6 * abs(v)
+                   for k, v in c.items() if isinstance(v, float))
         out += ["**Refit after the run** (on the CPU, from the same measured steps, `serve_gpu.steps.csv`; "
-                f"command `{data['meta'].get('refit_command')}`): the on-device fit above (plain least "
-                "squares on the four features) predicted typical steps badly, because a step that holds any "
-                "prefill runs eagerly instead of replaying a CUDA graph and costs ~40 ms more. The refit adds "
-                "that per-step term and weights residuals by 1/sqrt(t): "
-                f"t = {c['a_s']:.3e} + {c['b_s_per_prefill_token']:.3e}·prefill_tokens + "
+                f"command `{data['meta'].get('refit_command')}`): least squares with a per-step term for steps "
+                "that hold a prefill (they run eagerly instead of replaying a CUDA graph), residuals weighted by "
+                f"1/sqrt(t): t = {c['a_s']:.3e} + {c['b_s_per_prefill_token']:.3e}·prefill_tokens + "
                 f"{c['c_s_per_decode_seq']:.3e}·decode_seqs + {c['d_s_per_adapter']:.3e}·adapters + "
-                f"{c['e_s_per_kv_token']:.3e}·kv_tokens_read + {c.get('g_s_per_prefill_step', 0):.3e}·[prefill step] s. "
-                "The simulated rows below use the refit.", ""]
+                f"{c['e_s_per_kv_token']:.3e}·kv_tokens_read + {c.get('g_s_per_prefill_step', 0):.3e}·[prefill step] s"
+                + (" (the same as the on-device fit: the run's code already fitted this form)." if same else ".")
+                + " The simulated rows below use the refit.", ""]
     out += ["| fit | evaluated on | steps | median abs rel err | mean abs rel err | p90 abs rel err | error of summed time |",
             "|---|---|---|---|---|---|---|"]
     for label, fit_on, err in (
