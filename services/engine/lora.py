@@ -8,32 +8,144 @@ import torch
 from services.common.adapters import BaseDims, LoraAdapter
 from services.engine.errors import AdapterCapacityError, UnknownTaskError
 
+_CHUNK_BYTES = 256 << 20   # pinned frames are carved from chunks this big (see _HostPacks)
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+class SlotLayout:
+    """Where each (layer, module)'s A and B sit inside one slot's flat row of the device store.
+
+    Per key, in sorted key order: A [rank_cap, in], then B as the stacks want it — [out, rank_cap]
+    for the Triton kernels, Bᵀ [rank_cap, out] for the PyTorch path. A host pack of an adapter is
+    one such row, zero-padded, so a slot load is one contiguous copy.
+    """
+
+    def __init__(self, dims: BaseDims, keys, rank_cap: int, b_rank_last: bool) -> None:
+        self.keys, self.rank_cap, self.b_rank_last = tuple(sorted(keys)), rank_cap, b_rank_last
+        self.offsets: dict[tuple[int, str], tuple[int, int, int, int]] = {}  # a_off, b_off, in, out
+        offset = 0
+        for key in self.keys:
+            in_f, out_f = dims.features(key[1])
+            self.offsets[key] = (offset, offset + rank_cap * in_f, in_f, out_f)
+            offset += rank_cap * (in_f + out_f)
+        self.numel = offset
+
+    def a_view(self, rows: torch.Tensor, key) -> torch.Tensor:
+        """A of `key` in rows [..., numel] → [..., rank_cap, in]."""
+        a_off, b_off, in_f, _ = self.offsets[key]
+        return rows[..., a_off:b_off].unflatten(-1, (self.rank_cap, in_f))
+
+    def b_view(self, rows: torch.Tensor, key) -> torch.Tensor:
+        """B of `key` in rows [..., numel] → [..., out, rank_cap] or Bᵀ [..., rank_cap, out]."""
+        _, b_off, _, out_f = self.offsets[key]
+        shape = (out_f, self.rank_cap) if self.b_rank_last else (self.rank_cap, out_f)
+        return rows[..., b_off:b_off + self.rank_cap * out_f].unflatten(-1, shape)
+
+    def pack(self, adapter: LoraAdapter, row: torch.Tensor) -> None:
+        """Write `adapter` into `row` [numel] exactly as a slot holds it (scaling folded, padding 0)."""
+        row.zero_()
+        for key, (a, b) in adapter.weights.items():
+            r = a.shape[0]
+            self.a_view(row, key)[:r].copy_(a)
+            # Fold the scaling into B in fp32 before casting: one fewer multiply per token.
+            b_scaled = b.float() * adapter.scaling[key]                 # [out, r]
+            if self.b_rank_last:
+                self.b_view(row, key)[:, :r].copy_(b_scaled)
+            else:
+                self.b_view(row, key)[:r].copy_(b_scaled.t())
+
+
+class _HostPacks:
+    """Host copies of adapters, each one slot row (SlotLayout.pack), LRU by name, ≤ max_frames.
+
+    On CUDA the frames are pinned and carved from chunks of ~_CHUNK_BYTES: the pinned caching
+    allocator rounds every block up to a power of two, which would double the memory of a frame
+    of 33 MB. A frame is rewritten only after its last slot copy has finished (an event per frame),
+    since the copies are non_blocking.
+    """
+
+    def __init__(self, numel: int, dtype: torch.dtype, pin: bool, max_frames: int) -> None:
+        self.numel, self.dtype, self.pin, self.max_frames = numel, dtype, pin, max_frames
+        self._frames: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = []
+        self._free: list[int] = []
+        self._frame_of: OrderedDict[str, int] = OrderedDict()   # LRU order: oldest first
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._frame_of)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        i = self._frame_of.get(name)
+        if i is None:
+            return None
+        self._frame_of.move_to_end(name)
+        return self._frames[i]
+
+    def take(self, name: str, evict: bool) -> torch.Tensor | None:
+        """A writable frame now owned by `name` (its old one freed); None when none can be had."""
+        self.drop(name)
+        if not self._free and len(self._frames) < self.max_frames:
+            self._grow()
+        if not self._free and evict and self._frame_of:
+            self._free.append(self._frame_of.pop(next(iter(self._frame_of))))
+        if not self._free:
+            return None
+        i = self._free.pop()
+        if self._events[i] is not None:
+            self._events[i].synchronize()   # its last copy to a slot has finished
+            self._events[i] = None
+        self._frame_of[name] = i
+        return self._frames[i]
+
+    def after_copy(self, name: str) -> None:
+        if self.pin and name in self._frame_of:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[self._frame_of[name]] = event
+
+    def drop(self, name: str) -> None:
+        i = self._frame_of.pop(name, None)
+        if i is not None:
+            self._free.append(i)
+
+    def _grow(self) -> None:
+        frame_bytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
+        n = max(1, min(self.max_frames - len(self._frames), _CHUNK_BYTES // max(frame_bytes, 1)))
+        chunk = torch.empty(n, self.numel, dtype=self.dtype, pin_memory=self.pin)
+        for j in range(n):
+            self._free.insert(0, len(self._frames))
+            self._frames.append(chunk[j])
+            self._events.append(None)
+
+
 class LoraManager:
     """Keeps registered adapters on the host and up to `num_slots` of them on the device.
 
-    For every (layer, module) that some adapter targets there is one stacked pair
-    A [slots, rank_cap, in] and Bᵀ [slots, rank_cap, out] with the scaling folded
-    into Bᵀ; smaller ranks are zero-padded, untargeted modules stay zero. Stacks
-    grow (slots, rank) on demand so a CPU engine with small adapters stays small.
+    The device store is one tensor [slot_cap, numel]: row s is slot s, laid out by a SlotLayout
+    over every (layer, module) that some registered adapter targets, at one rank_cap. The stacks
+    the math reads are views of it: for every key A [slots, rank_cap, in] and Bᵀ [slots, rank_cap,
+    out] with the scaling folded into Bᵀ; smaller ranks are zero-padded, untargeted modules stay
+    zero. The layout grows (keys, rank) when an adapter that needs it is added, the slot count on
+    demand (CPU only), so a CPU engine with small adapters stays small.
     A step calls `prepare(slot per token segment)`; each layer then calls
     `apply(layer, module, x, y)` which adds x Aᵀ Bᵀ per segment with one pair of matmuls.
 
     With `use_triton` (CUDA, fp16) the step runs the Triton shrink/expand kernels
-    (services.engine.kernels.lora) instead: Bᵀ is then stored as B [slots, out, rank_cap],
+    (services.engine.kernels.lora) instead: B is then viewed as [slots, out, rank_cap],
     rank_cap a power of two ≥ 16, and tokens are grouped by slot on the device, which is
     what lets a decode step with mixed adapters be captured in a CUDA graph.
-    `layout_version` changes whenever a stack is (re)allocated: graphs captured before
+    `layout_version` changes whenever the store is (re)allocated: graphs captured before
     hold stale addresses. Writing a slot is in place and keeps them valid.
 
-    Slot loads copy from a host copy of each adapter already in the device dtype and layout
-    (scaling folded, B transposed as the stacks want it). On CUDA these copies sit in pinned
-    memory in an LRU of up to `host_cache_bytes` and the copies are non_blocking: a load does
-    no host-side math and never stalls the host on a pageable copy.
+    Slot loads are one copy of a host pack (SlotLayout.pack: the slot's whole row, padding
+    included, so nothing is zeroed on the device). Packs are made when an adapter is added, while
+    the host budget `host_cache_bytes` allows, else at its first load, and kept in an LRU within
+    that budget; on CUDA they are pinned and the copy is non_blocking, so a load costs the host
+    one call and the device one contiguous transfer on the step's stream.
     """
 
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
@@ -48,11 +160,13 @@ class LoraManager:
         self._registered: dict[str, LoraAdapter] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()   # LRU order: oldest first
         self._free_slots = list(range(num_slots))
-        self._a: dict[tuple[int, str], torch.Tensor] = {}
+        self._layout: SlotLayout | None = None
+        self._store: torch.Tensor | None = None                 # [slot_cap, layout.numel]
+        self._a: dict[tuple[int, str], torch.Tensor] = {}       # views of the store
         self._bt: dict[tuple[int, str], torch.Tensor] = {}
-        # rank of each (layer, module) per slot; 0 = untargeted (skipped at apply time)
+        # rank of each (layer, module) per slot; absent = untargeted (skipped at apply time)
         self._ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
-        self._slot_cap, self._rank_cap = 0, 0
+        self._slot_cap = 0
         self._segments: list[tuple[int, int, int]] = []        # (slot, start, end) this step
         # Small mixed batches (decode) on a GPU: one gather + two bmm per module instead of
         # two matmuls per segment, fewer kernel launches. Per-segment stays the default on
@@ -66,32 +180,33 @@ class LoraManager:
         if host_cache_bytes is None:
             host_cache_bytes = 4 << 30 if self.device.type == "cuda" else 0
         self.host_cache_bytes = host_cache_bytes
-        # name → {(layer, module): (A [r, in], B in the stack's layout)}, LRU order, pinned on CUDA
-        self._host: OrderedDict[str, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self._host_bytes: dict[str, int] = {}
+        self._packs: _HostPacks | None = None                  # per layout
 
     # ---- registry ------------------------------------------------------------
+    @torch.inference_mode()    # the store and packs are inference tensors, written only here
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        """Register (or replace) an adapter; it reaches a device slot when first used."""
+        """Register (or replace) an adapter and pack it for the device; it reaches a slot when used."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.name!r} rank {adapter.rank} > max {self.max_rank}")
-        replaced = adapter.name in self._registered
         self._registered[adapter.name] = adapter
-        self._drop_host(adapter.name)
-        if replaced and adapter.name in self._slot_of:
-            self._write_slot(self._slot_of[adapter.name], adapter)
+        if self._packs is not None:
+            self._packs.drop(adapter.name)            # a replaced adapter's pack is stale
+        if not self._fit_layout(adapter):             # a new layout repacks and reloads all
+            frame = self._packs.take(adapter.name, evict=False)
+            if frame is not None:
+                self._layout.pack(adapter, frame)
+            if adapter.name in self._slot_of:
+                self._write_slot(self._slot_of[adapter.name], adapter)
 
+    @torch.inference_mode()
     def remove_adapter(self, name: str) -> None:
         if name not in self._registered:
             raise UnknownTaskError(name)
         del self._registered[name]
-        self._drop_host(name)
+        self._packs.drop(name)
         slot = self._slot_of.pop(name, None)
         if slot is not None:
-            with torch.inference_mode():    # the stacks are made inside the engine's steps
-                for key in self._ranks[slot]:   # gathered/Triton paths read every slot's rows
-                    self._a[key][slot].zero_()
-                    self._bt[key][slot].zero_()
+            self._store[slot].zero_()   # gathered/Triton paths read every slot's rows
             self._ranks[slot] = {}
             self._free_slots.append(slot)
 
@@ -107,7 +222,13 @@ class LoraManager:
         """Adapters resident in device slots, least recently used first."""
         return list(self._slot_of)
 
+    @property
+    def packed_names(self) -> list[str]:
+        """Adapters with a host pack ready, least recently used first."""
+        return self._packs.names if self._packs is not None else []
+
     # ---- slots ----------------------------------------------------------------
+    @torch.inference_mode()
     def acquire(self, names: set[str]) -> dict[str, int]:
         """Make every named adapter resident; evict least recently used others if needed."""
         if len(names) > self.num_slots:
@@ -128,99 +249,61 @@ class LoraManager:
             self._slot_of[name] = slot
         return {name: self._slot_of[name] for name in names}
 
-    def _grow(self, slot_cap: int, rank_cap: int) -> None:
-        if slot_cap <= self._slot_cap and rank_cap <= self._rank_cap:
-            return
-        slot_cap, rank_cap = max(slot_cap, self._slot_cap), max(rank_cap, self._rank_cap)
-        for key in list(self._a):
-            self._a[key] = self._resized(self._a[key], slot_cap, rank_cap, rank_dim=1)
-            self._bt[key] = self._resized(self._bt[key], slot_cap, rank_cap,
-                                          rank_dim=2 if self.use_triton else 1)
-        self._slot_cap, self._rank_cap = slot_cap, rank_cap
-        self.layout_version += 1
-
-    def _resized(self, old: torch.Tensor, slot_cap: int, rank_cap: int,
-                 rank_dim: int) -> torch.Tensor:
-        size = [slot_cap, *old.shape[1:]]
-        size[rank_dim] = rank_cap
-        new = torch.zeros(size, device=self.device, dtype=self.dtype)
-        new[tuple(slice(0, n) for n in old.shape)] = old
-        return new
-
     def _rank_cap_for(self, rank: int) -> int:
         if self.use_triton:  # the kernels take power-of-two ranks ≥ 16 (zero padding is exact)
             return max(16, 1 << (rank - 1).bit_length())
         return min(self.max_rank, _round_up(rank, 8))
 
-    @torch.inference_mode()
+    def _fit_layout(self, adapter: LoraAdapter) -> bool:
+        """Grow the slot layout to hold `adapter`; True when it changed (store reallocated, every
+        pack remade within the budget, resident slots reloaded)."""
+        old = self._layout
+        keys = set(old.keys if old else ()) | set(adapter.weights)
+        rank_cap = max(old.rank_cap if old else 0, self._rank_cap_for(adapter.rank))
+        if old is not None and keys == set(old.keys) and rank_cap == old.rank_cap:
+            return False
+        layout = SlotLayout(self.dims, keys, rank_cap, b_rank_last=self.use_triton)
+        frame_bytes = layout.numel * torch.empty((), dtype=self.dtype).element_size()
+        # The old packs' pinned chunks stay alive until their in-flight copies finish (allocator).
+        self._packs = _HostPacks(layout.numel, self.dtype, self.device.type == "cuda",
+                                 self.host_cache_bytes // max(frame_bytes, 1))
+        self._layout = layout
+        slot_cap = self.num_slots if self.use_triton else max(self._slot_cap, 1)
+        self._alloc_store(slot_cap, keep_rows=False)
+        for name in self._registered:              # packing happens here, not during steps
+            frame = self._packs.take(name, evict=False)
+            if frame is None:
+                break
+            self._layout.pack(self._registered[name], frame)
+        for name, slot in self._slot_of.items():
+            self._write_slot(slot, self._registered[name])
+        return True
+
+    def _alloc_store(self, slot_cap: int, keep_rows: bool) -> None:
+        store = torch.zeros(slot_cap, self._layout.numel, device=self.device, dtype=self.dtype)
+        if keep_rows and self._store is not None:
+            store[:self._store.shape[0]] = self._store
+        self._store, self._slot_cap = store, slot_cap
+        self._a = {key: self._layout.a_view(store, key) for key in self._layout.keys}
+        self._bt = {key: self._layout.b_view(store, key) for key in self._layout.keys}
+        self.layout_version += 1
+
     def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
-        # The Triton path takes every slot at once: stacks that never grow keep graphs valid.
-        slot_cap = self.num_slots if self.use_triton else min(
-            self.num_slots, max(self._slot_cap, 1 << slot.bit_length()))
-        self._grow(slot_cap, self._rank_cap_for(adapter.rank))
-        for key in self._ranks[slot]:               # clear what the previous tenant left
-            self._a[key][slot].zero_()
-            self._bt[key][slot].zero_()
-        ranks = {}
-        host = self._host_copy(adapter)
-        for key in adapter.weights:
-            if key not in self._a:
-                in_f, out_f = self.dims.features(key[1])
-                self._a[key] = torch.zeros(self._slot_cap, self._rank_cap, in_f,
-                                           device=self.device, dtype=self.dtype)
-                b_size = ((self._slot_cap, out_f, self._rank_cap) if self.use_triton
-                          else (self._slot_cap, self._rank_cap, out_f))
-                self._bt[key] = torch.zeros(b_size, device=self.device, dtype=self.dtype)
-                self.layout_version += 1
-            a_host, b_host = host[key]
-            r = a_host.shape[0]
-            self._a[key][slot, :r].copy_(a_host, non_blocking=True)
-            if self.use_triton:
-                self._bt[key][slot, :, :r].copy_(b_host, non_blocking=True)
-            else:
-                self._bt[key][slot, :r].copy_(b_host, non_blocking=True)
-            ranks[key] = r
-        self._ranks[slot] = ranks
+        if slot >= self._slot_cap:   # CPU: grow by doubling (the Triton path has every slot)
+            self._alloc_store(min(self.num_slots, max(self._slot_cap, 1 << slot.bit_length())),
+                              keep_rows=True)
+        frame = self._packs.get(adapter.name)
+        if frame is None:            # over the host budget at add time, or evicted since
+            frame = self._packs.take(adapter.name, evict=True)
+            if frame is None:        # budget below one pack: a one-off buffer
+                frame = torch.empty(self._layout.numel, dtype=self.dtype,
+                                    pin_memory=self.device.type == "cuda")
+            self._layout.pack(adapter, frame)
+        # The pack is the whole row (zero padding, untargeted modules): no clearing needed.
+        self._store[slot].copy_(frame, non_blocking=True)
+        self._packs.after_copy(adapter.name)
+        self._ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.weights.items()}
         self.num_loads += 1
-
-    def _host_copy(self, adapter: LoraAdapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        """The adapter's tensors as the slots take them (dtype, scaling folded, B's layout), from
-        the LRU host cache or made now: one pinned buffer per adapter on CUDA."""
-        cached = self._host.get(adapter.name)
-        if cached is not None:
-            self._host.move_to_end(adapter.name)
-            return cached
-        shapes = {}
-        for key, (a, b) in adapter.weights.items():
-            b_shape = tuple(b.shape) if self.use_triton else (b.shape[1], b.shape[0])
-            shapes[key] = (tuple(a.shape), b_shape)
-        total = sum(sa[0] * sa[1] + sb[0] * sb[1] for sa, sb in shapes.values())
-        pin = self.device.type == "cuda"
-        flat = torch.empty(total, dtype=self.dtype, pin_memory=pin)
-        out, offset = {}, 0
-        for key, (a, b) in adapter.weights.items():
-            (ra, ca), (rb, cb) = shapes[key]
-            a_host = flat[offset:offset + ra * ca].view(ra, ca)
-            offset += ra * ca
-            b_host = flat[offset:offset + rb * cb].view(rb, cb)
-            offset += rb * cb
-            a_host.copy_(a)
-            # Fold the scaling into B in fp32 before casting: one fewer multiply per token.
-            b_scaled = b.float() * adapter.scaling[key]                 # [out, r]
-            b_host.copy_(b_scaled if self.use_triton else b_scaled.t())
-            out[key] = (a_host, b_host)
-        num_bytes = total * flat.element_size()
-        if num_bytes <= self.host_cache_bytes:
-            while self._host and sum(self._host_bytes.values()) + num_bytes > self.host_cache_bytes:
-                self._drop_host(next(iter(self._host)))
-            self._host[adapter.name] = out
-            self._host_bytes[adapter.name] = num_bytes
-        return out
-
-    def _drop_host(self, name: str) -> None:
-        # Safe with copies in flight: the pinned allocator holds a block until its copies finish.
-        self._host.pop(name, None)
-        self._host_bytes.pop(name, None)
 
     # ---- the step ---------------------------------------------------------------
     def prepare(self, segments: list[tuple[int, int, int]]) -> None:

@@ -121,20 +121,88 @@ def test_rank_above_max_is_refused():
         manager(max_rank=4).add_adapter(make_adapter("big", 8, ("q_proj",)))
 
 
-def test_host_cache_is_lru_within_its_budget_and_refreshed_on_replace():
+def frame_bytes(rank_cap: int, targets: tuple[str, ...]) -> int:
+    """Bytes of one fp32 slot row (SlotLayout) holding `targets` on every layer at rank_cap."""
+    per_layer = sum(rank_cap * sum(DIMS.features(m)) for m in targets)
+    return DIMS.num_layers * per_layer * 4
+
+
+def test_host_packs_are_lru_within_their_budget_and_refreshed_on_replace():
     torch.set_num_threads(1)
-    one = make_adapter("a", 4, ("q_proj",)).num_bytes     # fp32 host copy: same bytes
     mgr = LoraManager(DIMS, num_slots=1, max_rank=16, device="cpu", dtype=torch.float32,
-                      host_cache_bytes=2 * one)
+                      host_cache_bytes=2 * frame_bytes(8, ("q_proj",)))
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         mgr.add_adapter(make_adapter(name, 4, ("q_proj",), seed=seed))
+    assert mgr.packed_names == ["a", "b"]                   # packed at add time, budget: 2
+    for name in "abc":
         mgr.acquire({name})                                 # one slot: every acquire loads
-    assert list(mgr._host) == ["b", "c"]                    # "a" evicted, within 2 adapters
+    assert mgr.packed_names == ["b", "c"]                   # "c" packed on use, evicting "a"
     new_b = make_adapter("b", 4, ("q_proj",), seed=9)
-    mgr.add_adapter(new_b)                                  # a replaced adapter's copy is stale
-    assert "b" not in mgr._host
+    mgr.add_adapter(new_b)                                  # a replaced adapter is repacked
+    assert mgr.packed_names == ["c", "b"]
     mgr.acquire({"b"})
     x = torch.randn(3, DIMS.hidden_size)
     mgr.prepare([(0, 0, 3)])
     y = mgr.apply(0, "q_proj", x, torch.zeros(3, DIMS.features("q_proj")[1]))
     assert torch.allclose(y, reference(new_b, 0, "q_proj", x), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])    # Bᵀ [r, out] rows, B [out, r] columns
+def test_loaded_slot_is_the_adapter_zero_padded_in_one_contiguous_row(use_triton):
+    torch.set_num_threads(1)
+    mgr = LoraManager(DIMS, num_slots=3, max_rank=16, device="cpu", dtype=torch.float32,
+                      use_triton=use_triton, host_cache_bytes=1 << 20)
+    ad = make_adapter("a", 3, ("q_proj", "down_proj"), scaling=0.25, seed=4)
+    other = make_adapter("o", 8, ("v_proj",), seed=5)      # widens the layout: v_proj too
+    mgr.add_adapter(other)
+    mgr.add_adapter(ad)
+    assert mgr.packed_names == ["o", "a"]
+    slot = mgr.acquire({"a"})["a"]
+    rank_cap = 16 if use_triton else 8
+    for key in [(l, m) for l in range(DIMS.num_layers) for m in ("q_proj", "v_proj", "down_proj")]:
+        a_slot, b_slot = mgr._a[key][slot], mgr._bt[key][slot]
+        in_f, out_f = DIMS.features(key[1])
+        assert a_slot.shape == (rank_cap, in_f)
+        want_a, want_b = torch.zeros(rank_cap, in_f), torch.zeros(rank_cap, out_f)
+        if key in ad.weights:
+            a, b = ad.weights[key]
+            want_a[:3], want_b[:3] = a, 0.25 * b.t()
+        assert torch.equal(a_slot, want_a)
+        torch.testing.assert_close(b_slot.t() if use_triton else b_slot, want_b)
+        # every slot's stacks are views of one row per slot: a load is one copy
+        assert a_slot.data_ptr() - mgr._store[slot].data_ptr() in range(mgr._store[slot].numel() * 4)
+    assert mgr._store.shape[1] == frame_bytes(rank_cap, ("q_proj", "v_proj", "down_proj")) // 4
+
+
+def test_load_of_a_packed_adapter_does_not_repack():
+    mgr = LoraManager(DIMS, num_slots=1, max_rank=16, device="cpu", dtype=torch.float32,
+                      host_cache_bytes=1 << 20)
+    for i, name in enumerate("ab"):
+        mgr.add_adapter(make_adapter(name, 4, ("q_proj",), seed=i))
+    calls = []
+    pack = mgr._layout.pack
+    mgr._layout.pack = lambda adapter, row: (calls.append(adapter.name), pack(adapter, row))
+    for name in "abab":
+        mgr.acquire({name})
+    assert calls == [] and mgr.num_loads == 4
+
+
+def test_layout_growth_reloads_resident_slots():
+    """A larger rank and a new module arrive while an adapter is resident: the store is
+    reallocated (new layout_version) and the resident adapter's math is unchanged."""
+    torch.set_num_threads(1)
+    mgr = manager(num_slots=2)
+    small = make_adapter("s", 2, ("q_proj",), seed=1)
+    mgr.add_adapter(small)
+    slot = mgr.acquire({"s"})["s"]
+    version = mgr.layout_version
+    big = make_adapter("b", 16, ("q_proj", "up_proj"), seed=2)
+    mgr.add_adapter(big)
+    assert mgr.layout_version > version and mgr._a[(0, "q_proj")].shape[1] == 16
+    slots = mgr.acquire({"s", "b"})
+    assert slots["s"] == slot
+    x = torch.randn(4, DIMS.hidden_size)
+    for key, ad in (((1, "q_proj"), small), ((1, "up_proj"), big), ((1, "q_proj"), big)):
+        mgr.prepare([(slots[ad.name], 0, 4)])
+        got = mgr.apply(*key, x, torch.zeros(4, DIMS.features(key[1])[1]))
+        torch.testing.assert_close(got, reference(ad, *key, x), rtol=1e-5, atol=1e-5)
