@@ -568,15 +568,17 @@ class Bench:
     def sec_scale(self) -> None:
         a = self.args
         real, sim = [], []
-        self.data["scale"] = {"real": real, "sim": sim}
+        self.data["scale"] = {"real": real, "sim": sim, "slot_load": self.time_slot_loads()}
         rate = a.scale_frac * self.capacity
         for count in a.scale_tasks:
             tasks = self.names[:count]
             trace = make_trace(tasks, self.lengths, rate, a.scale_s, a.seed + 20, zipf_a=a.zipf_a,
                                pred_sigma=a.pred_sigma, prefix=f"s{count}-", pooled=True)
             for policy in a.scale_policies:
+                loads = self.runner.lora.num_loads
                 m = self.run_replay((policy, a.beta), trace, f"{policy}, {count} tasks", a.scale_s,
                                     num_tasks=count, rate_req_s=rate)
+                m["adapter_loads"] = self.runner.lora.num_loads - loads
                 m.pop("_jct")
                 real.append(m)
                 self.save()
@@ -594,6 +596,28 @@ class Bench:
                                 num_tasks=count, rate_req_s=rate, sim_wall_s=time.perf_counter() - t0))
                 print(f"  sim {policy:6s} {count:5d} tasks thr {res.metrics['throughput_req_s']:.2f} req/s "
                       f"JCT {res.metrics['jct_avg_s']:.2f} s", flush=True)
+
+    def time_slot_loads(self, n: int = 16) -> dict:
+        """One adapter slot load (LoraManager.acquire of a packed, non-resident adapter): host
+        time of the call, and time until the device copy has finished."""
+        import torch
+        lora, cuda = self.runner.lora, self.runner.device.type == "cuda"
+        names = [x for x in lora.packed_names if x not in lora.loaded_names][:n]
+        host, done = [], []
+        for name in names:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            lora.acquire({name})
+            host.append(time.perf_counter() - t0)
+            if cuda:
+                torch.cuda.synchronize()
+            done.append(time.perf_counter() - t0)
+        row = {"num_timed": len(names), "slot_bytes": lora.slot_bytes, "num_packed": len(lora.packed_names),
+               "host_ms_median": 1e3 * statistics.median(host) if host else None,
+               "done_ms_median": 1e3 * statistics.median(done) if done else None}
+        print(f"  slot load: {row}", flush=True)
+        return row
 
     def sec_wfq(self) -> None:
         a = self.args

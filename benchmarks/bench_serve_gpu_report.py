@@ -258,15 +258,21 @@ def _scale(data: dict) -> list[str]:
     sc = data.get("scale")
     if not sc:
         return []
-    cols = [("num_tasks", "tasks", "d")] + COLS
+    cols = [("num_tasks", "tasks", "d")] + COLS + [("adapter_loads", "slot loads", "d")]
     rate = (sc.get("real") or sc.get("sim") or [{}])[0].get("rate_req_s")
+    load = sc.get("slot_load") or {}
     out = ["## Task-count scaling at a fixed rate", "",
            f"Every run at {_fmt(rate, '.1f')} req/s, above FIFO's saturated throughput C, so throughput "
            "measures capacity with that many tasks. Request lengths are drawn from all families' rows "
            "whatever the task, so every task count carries the same work and only the number of adapters "
            "changes; Zipf popularity over the task list; tasks beyond the adapter slots are loaded from "
-           "host memory on use (LRU).", "", "Real engine:", "", table(sc.get("real", []), cols), "",
-           "Simulator (the engine's policy classes on a virtual clock, step times from the "
+           "host memory on use (LRU).", "", "Real engine:", "", table(sc.get("real", []), cols), ""]
+    if load.get("num_timed"):
+        out += [f"One slot load ({load['slot_bytes'] / 2**20:.1f} MiB, one copy from a pinned host pack; "
+                f"{load['num_packed']} adapters packed at registration; median of {load['num_timed']}): "
+                f"{_fmt(load['host_ms_median'], '.3f')} ms of host time, "
+                f"{_fmt(load['done_ms_median'], '.3f')} ms until the copy is done.", ""]
+    out += ["Simulator (the engine's policy classes on a virtual clock, step times from the "
            f"{'refitted' if data.get('refit') else 'fitted'} cost model; longer traces; the model has no term "
            "for adapter slot loads beyond its per-adapter cost):", "",
            table(sc.get("sim", []), [("num_tasks", "tasks", "d"), ("variant", "run", ""),

@@ -227,6 +227,11 @@ class LoraManager:
         """Adapters with a host pack ready, least recently used first."""
         return self._packs.names if self._packs is not None else []
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot (one host pack): every key of the layout at its rank_cap."""
+        return 0 if self._store is None else self._store[0].numel() * self._store.element_size()
+
     # ---- slots ----------------------------------------------------------------
     @torch.inference_mode()
     def acquire(self, names: set[str]) -> dict[str, int]:

@@ -15,12 +15,12 @@ DIMS = BaseDims(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
 
 
 def make_adapter(name: str, rank: int, targets: tuple[str, ...], scaling: float = 0.5,
-                 seed: int = 0) -> LoraAdapter:
+                 seed: int = 0, dims: BaseDims = DIMS) -> LoraAdapter:
     gen = torch.Generator().manual_seed(seed)
     weights, scale = {}, {}
-    for layer in range(DIMS.num_layers):
+    for layer in range(dims.num_layers):
         for m in targets:
-            in_f, out_f = DIMS.features(m)
+            in_f, out_f = dims.features(m)
             weights[(layer, m)] = (torch.randn(rank, in_f, generator=gen),
                                    torch.randn(out_f, rank, generator=gen))
             scale[(layer, m)] = scaling
@@ -28,9 +28,10 @@ def make_adapter(name: str, rank: int, targets: tuple[str, ...], scaling: float 
                        weights=weights, scaling=scale)
 
 
-def reference(adapter: LoraAdapter | None, layer: int, module: str, x: torch.Tensor):
+def reference(adapter: LoraAdapter | None, layer: int, module: str, x: torch.Tensor,
+              dims: BaseDims = DIMS):
     if adapter is None or (layer, module) not in adapter.weights:
-        return torch.zeros(x.shape[0], DIMS.features(module)[1])
+        return torch.zeros(x.shape[0], dims.features(module)[1])
     a, b = adapter.weights[(layer, module)]
     return adapter.scaling[(layer, module)] * (x @ a.t() @ b.t())
 
@@ -206,3 +207,35 @@ def test_layout_growth_reloads_resident_slots():
         mgr.prepare([(slots[ad.name], 0, 4)])
         got = mgr.apply(*key, x, torch.zeros(4, DIMS.features(key[1])[1]))
         torch.testing.assert_close(got, reference(ad, *key, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_slots_loaded_from_pinned_packs_feed_the_triton_kernels():
+    """fp16 Triton path: packs are pinned, frames are reused under a 2-pack budget (event-guarded),
+    and the per-slot views of the store give the kernels the reference math after evictions."""
+    dims = BaseDims(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=64)
+    targets = ("q_proj", "v_proj")
+    frame = dims.num_layers * sum(16 * sum(dims.features(m)) for m in targets) * 2
+    mgr = LoraManager(dims, num_slots=2, max_rank=16, device="cuda", dtype=torch.float16,
+                      use_triton=True, host_cache_bytes=2 * frame)
+    ads = {n: make_adapter(n, r, targets, scaling=2.0, seed=i, dims=dims)
+           for i, (n, r) in enumerate((("a", 8), ("b", 16), ("c", 4)))}
+    for ad in ads.values():
+        mgr.add_adapter(ad)
+    assert mgr.packed_names == ["a", "b"] and mgr._packs.get("a").is_pinned()
+    x = torch.randn(6, dims.hidden_size, device="cuda", dtype=torch.float16)
+    for pair in (("a", "b"), ("b", "c"), ("c", "a"), ("a", "b")):   # every step evicts one
+        slots = mgr.acquire(set(pair))
+        slot_ids = torch.tensor([slots[pair[0]]] * 3 + [-1] + [slots[pair[1]]] * 2,
+                                dtype=torch.int32, device="cuda")
+        mgr.prepare_tokens(slot_ids)
+        for key in [(0, "q_proj"), (1, "v_proj")]:
+            y = mgr.apply(*key, x, torch.zeros(6, dims.features(key[1])[1], device="cuda",
+                                               dtype=torch.float16))
+            want = torch.cat([reference(ads[pair[0]], *key, x[:3].float().cpu(), dims),
+                              torch.zeros(1, y.shape[1]),
+                              reference(ads[pair[1]], *key, x[4:].float().cpu(), dims)])
+            assert (y.float().cpu() - want).norm() <= 1e-2 * want.norm()   # fp16 rounding
+    assert mgr.num_loads == 5
