@@ -271,7 +271,7 @@ class LoraManager:
         frame_bytes = layout.numel * torch.empty((), dtype=self.dtype).element_size()
         # The old packs' pinned chunks stay alive until their in-flight copies finish (allocator).
         self._packs = _HostPacks(layout.numel, self.dtype, self.device.type == "cuda",
-                                 self.host_cache_bytes // max(frame_bytes, 1))
+                                 self.host_cache_bytes // frame_bytes if frame_bytes else 0)
         self._layout = layout
         slot_cap = self.num_slots if self.use_triton else max(self._slot_cap, 1)
         self._alloc_store(slot_cap, keep_rows=False)
