@@ -150,12 +150,20 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
         _capture_inputs(hf, s, device)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     timings = {"stats_s": 0.0, "aggregate_s": 0.0, "gptq_s": 0.0}
+    failed: set[str] = set()
     for idx, layer in enumerate(hf.model.layers):
         if args.max_layers and idx >= args.max_layers:
             break
         layer.to(device)
         t0 = time.perf_counter()
         hs = {k: [_run_layer(layer, idx, s) for s in v] for k, v in streams.items()}
+        for kind, group_hs in hs.items():
+            for stream, h in zip(streams[kind], group_hs):
+                bad = [g for g, m in h.items() if not bool(torch.isfinite(m).all())]
+                if bad:
+                    amax = max(float(x.abs().max()) for x, _ in stream.inputs)
+                    print(f"layer {idx} {kind}/{stream.name}: non-finite Hessian in {bad}; "
+                          f"max |output| {amax:.3g}", flush=True)
         sync(device)
         t1 = time.perf_counter()
         timings["stats_s"] += t1 - t0
@@ -170,6 +178,13 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
                     cache[n] = h.to(device)
                 sync(device)
                 t3 = time.perf_counter()
+                bad = [n for n in names if not bool(torch.isfinite(cache[n]).all())]
+                for n in bad:  # report and drop instead of aborting every configuration
+                    if f"{n}@{setting.label}" not in failed:
+                        print(f"FAILED {n}@{setting.label}: non-finite Hessian at layer {idx} "
+                              f"({group})", flush=True)
+                    failed.add(f"{n}@{setting.label}")
+                names = [n for n in names if n not in bad]
                 results = dict(zip(names, gptq_quantize_many(stacked_w, [cache[n] for n in names], setting.cfg)))
                 if "rtn" in setting.methods:
                     results["rtn"] = rtn_quantize(stacked_w, setting.cfg)
@@ -185,6 +200,8 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
                         start += rows
         layer.to("cpu")
         print(f"layer {idx}: {time.perf_counter() - t0:.1f}s", flush=True)
+    for key in failed:  # a configuration missing any layer is not evaluated
+        weights.pop(key, None)
     return weights, timings
 
 
