@@ -78,8 +78,8 @@ def settings(group_size: int) -> list[Setting]:
         Setting("4-asym", cfg(4, sym=False), ("rtn", "gptq-mixed", "mlgptq-mean")),
         Setting("3-asym", cfg(3, sym=False), ("rtn", "gptq-mixed", "mlgptq-mean")),
         Setting("4-act", cfg(4, act=True), ("gptq-mixed", "mlgptq-mean")),
-        Setting("4-asym-act", cfg(4, sym=False, act=True), ("rtn", "gptq-mixed", "mlgptq-mean", "gptq:*")),
-        Setting("3-asym-act", cfg(3, sym=False, act=True), ("rtn", "gptq-mixed", "mlgptq-mean", "gptq:*")),
+        Setting("4-asym-act", cfg(4, sym=False, act=True), ("gptq-mixed", "mlgptq-mean", "gptq:*")),
+        Setting("3-asym-act", cfg(3, sym=False, act=True), ("gptq-mixed", "mlgptq-mean", "gptq:*")),
     ]
 
 
@@ -87,12 +87,14 @@ def settings(group_size: int) -> list[Setting]:
 PRIORITY = [
     "rtn@4", "gptq-mixed@4", "mlgptq-mean@4", "gptq:*@4",
     "rtn@3", "gptq-mixed@3", "mlgptq-mean@3", "gptq:*@3",
-    "mlgptq-mean@4-asym", "rtn@4-asym", "gptq-mixed@4-asym", "mlgptq-max-inv@4",
-    "mlgptq-mean@4-asym-act", "gptq-mixed@4-asym-act",
-    "mlgptq-mean@3-asym", "rtn@3-asym", "gptq-mixed@3-asym",
-    "mlgptq-mean@3-asym-act", "gptq-mixed@3-asym-act", "mlgptq-mean@4-act", "gptq-mixed@4-act",
-    "gptq:*@4-asym-act", "gptq:*@3-asym-act", "rtn@4-asym-act", "rtn@3-asym-act",
-    "mlgptq-row-max@4", "mlgptq-mean-small@4", "gptq+adapter:*@4", "mlgptq-max-inv@3", "mlgptq-row-max@3", "mlgptq-max-h@4",
+    # The best grid on the CPU run (asym + act-order), with its baselines.
+    "mlgptq-mean@4-asym-act", "gptq-mixed@4-asym-act", "rtn@4-asym",
+    "mlgptq-mean@3-asym-act", "gptq-mixed@3-asym-act", "rtn@3-asym",
+    "gptq:*@4-asym-act", "gptq:*@3-asym-act",
+    "mlgptq-mean@4-asym", "gptq-mixed@4-asym", "mlgptq-max-inv@4",
+    "mlgptq-mean@3-asym", "gptq-mixed@3-asym", "mlgptq-mean@4-act", "gptq-mixed@4-act",
+    "mlgptq-row-max@4", "mlgptq-mean-small@4", "gptq+adapter:*@4", "mlgptq-max-inv@3",
+    "mlgptq-row-max@3", "mlgptq-max-h@4",
 ]
 
 
