@@ -19,8 +19,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--group-size", type=int, default=128, help="-1 for per-row groups")
     p.add_argument("--method", default="mlgptq", choices=METHODS)
     p.add_argument("--aggregation", default="mean", choices=AGGREGATIONS, help="mlgptq only")
-    p.add_argument("--desc-act", action="store_true", help="act-order (columns by descending H diag)")
-    p.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
+                   help="act-order: columns by descending H diag (default on; --no-desc-act)")
+    p.add_argument("--asym", action=argparse.BooleanOptionalAction, default=True,
+                   help="asymmetric grid (default on; --no-asym for a symmetric grid)")
     p.add_argument("--num-seqs", type=int, default=32, help="calibration sequences per task")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -24,8 +24,10 @@ class QuantConfig:
 
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
+    # Asymmetric grid + act-order: the best measured setting on the demo tasks
+    # (benchmarks/results/quality_variants.md, quality_act_order.md; docs/mlgptq.md).
+    sym: bool = False
+    desc_act: bool = True
     damp_percent: float = 0.01
     block_size: int = 128
     method: str = "mlgptq"

@@ -54,7 +54,7 @@ def reference_gptq(w, h, bits, group_size, sym, damp):
                                                  (2, -1, False), (8, 256, True)])
 def test_gptq_matches_float64_reference(bits, group_size, sym):
     w, _, h = _layer(1)
-    cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym)
+    cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=False)
     ours = gptq_quantize(w, h, cfg, dtype=torch.float64)
     ref_codes, ref_q = reference_gptq(w, h, bits, group_size, sym, cfg.damp_percent)
     mismatch = (ours.codes != ref_codes.to(torch.int32)).float().mean().item()
@@ -105,7 +105,7 @@ def test_singular_hessian_retries_damping():
 
 def test_rtn_round_to_nearest():
     w = torch.randn(8, 64)
-    res = rtn_quantize(w, QuantConfig(bits=4, group_size=32))
+    res = rtn_quantize(w, QuantConfig(bits=4, group_size=32, sym=True, desc_act=False))
     scale, zero = grid_params(w[:, :32], 4, True)
     assert torch.equal(res.codes[:, :32], quantize_codes(w[:, :32], scale[:, None], zero[:, None], 15).int())
     assert res.scales.shape == (2, 8)
