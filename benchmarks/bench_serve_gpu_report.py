@@ -289,9 +289,9 @@ def _scale(data: dict) -> list[str]:
                               ("prefill_adapters", "adapters/prefill", ".1f"),
                               ("prefill_busy_s", "prefill busy s", ".2f")]), "",
                 "Prefill steps are where a task enters the batch, so where adapters are copied host → device "
-                "into one of the LRU slots: with 100 and 1000 tasks the prefill steps are slower while computing "
-                "fewer tokens, and decode steps are not. The cost model has no slot-load term, which is why the "
-                "simulator's loss is small and the engine's is not.", ""]
+                "into one of the LRU slots (slot loads above): compare prefill ms and prefill busy s across task "
+                "counts for what loads cost, decode steps and decode batch for what spreading the requests over "
+                "more tasks (at most β per step) costs. The cost model has no slot-load term.", ""]
     for kind in ("real", "sim"):
         for policy in ("inlaid", "fifo"):
             loss = scale_loss(sc.get(kind, []), policy)
