@@ -187,7 +187,7 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
                               f"({group})", flush=True)
                     failed.add(f"{n}@{setting.label}")
                 names = [n for n in names if n not in bad]
-                results = dict(zip(names, gptq_quantize_many(stacked_w, [cache[n] for n in names], setting.cfg)))
+                results = dict(zip(names, gptq_quantize_many(stacked_w, [cache[n] for n in names], setting.cfg))) if names else {}
                 if "rtn" in setting.methods:
                     results["rtn"] = rtn_quantize(stacked_w, setting.cfg)
                 sync(device)
