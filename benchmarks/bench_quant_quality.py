@@ -348,6 +348,9 @@ def method_label(config: str) -> tuple[str, str]:
 def summarize(result: dict, out: Path) -> None:
     """Relative drop vs unquantized per task, average and worst task, paired standard error."""
     scores, tasks, per_ex = result["scores"], result["tasks"], result["per_example"]
+    if "unquantized" not in scores:
+        raise SystemExit("no configuration was evaluated before --deadline-s (not even the "
+                         "unquantized reference): raise --deadline-s")
     ref, ref_ex = scores["unquantized"], per_ex["unquantized"]
     rows: dict[tuple[str, str], dict] = {}
     for config, per_task in scores.items():
