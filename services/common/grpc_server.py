@@ -175,3 +175,19 @@ async def _call(callback: Callable) -> None:
     result = callback()
     if asyncio.iscoroutine(result):
         await result
+
+
+async def run_until_stopped(server) -> None:
+    """Run a role's server object (its `host` a ServiceHost, `start()` binding and warming it):
+    SIGTERM/SIGINT stop it gracefully; returns once it has stopped."""
+    server.host.install_signal_handlers()
+    await server.start()
+    await server.host.wait()
+
+
+def run_main(serve: Callable, config_from_env: Callable) -> None:
+    """A service's `main()`: logging from the environment, then `serve(config_from_env())`."""
+    from services.common.logging import LoggingConfig, setup_logging
+    logging_config = LoggingConfig.from_env()
+    setup_logging(logging_config.level, logging_config.is_json)
+    asyncio.run(serve(config_from_env()))

@@ -309,3 +309,15 @@ def start_metrics_server(port: int, metrics: Metrics, addr: str = "0.0.0.0") -> 
     """Serve `metrics` on http://addr:port/metrics (port 0 picks a free port)."""
     server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
     return MetricsServer(server=server, thread=thread)
+
+
+def serve_metrics(config: MetricsConfig, metrics: Metrics) -> MetricsServer | None:
+    """A role's /metrics endpoint as `config` says (None when disabled); call it before binding
+    the gRPC port, so a taken metrics port fails start-up with a message naming the fix."""
+    if config.port is None:
+        return None
+    try:
+        return start_metrics_server(config.port, metrics, config.addr)
+    except OSError as exc:
+        raise RuntimeError(f"cannot serve metrics on port {config.port} ({exc}); "
+                           f"set METRICS_PORT to a free port or 'off'") from exc

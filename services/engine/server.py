@@ -7,7 +7,7 @@ import logging
 from services.common.grpc_server import ServiceHost
 from services.common.logging import LoggingConfig, setup_logging
 from services.common.metrics import (MetricsConfig, RpcMetricsInterceptor, create_metrics,
-                                     start_metrics_server)
+                                     serve_metrics)
 from services.common.pb.inlaid.v1 import engine_pb2, engine_pb2_grpc
 from services.common.redis_keys import RedisKeys
 from services.common.redis_server import connect, resolve_url
@@ -44,8 +44,7 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
                           TaskRegistry(client, keys),
                           worker_config, metrics)
     servicer.attach(worker)
-    metrics_server = (start_metrics_server(metrics_config.port, metrics, metrics_config.addr)
-                      if metrics_config.port is not None else None)
+    metrics_server = serve_metrics(metrics_config, metrics)
     run = asyncio.get_running_loop().create_task(worker.run())
 
     async def shutdown() -> None:

@@ -6,10 +6,9 @@ import logging
 
 from services.common.adapter_screening import ScreeningConfig
 from services.common.auth import AuthConfig, AuthInterceptor
-from services.common.grpc_server import ServiceHost
-from services.common.logging import LoggingConfig, setup_logging
+from services.common.grpc_server import ServiceHost, run_main
 from services.common.metrics import (Metrics, MetricsConfig, RpcMetricsInterceptor,
-                                     create_metrics, start_metrics_server)
+                                     create_metrics, serve_metrics)
 from services.common.model_source import resolve_model
 from services.common.pb.inlaid.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.redis_keys import RedisKeys
@@ -60,8 +59,7 @@ async def serve(config: GatewayConfig) -> None:
     await host.start()
     host.install_signal_handlers()
 
-    metrics_server = (start_metrics_server(metrics_config.port, metrics, metrics_config.addr)
-                      if metrics_config.port is not None else None)
+    metrics_server = serve_metrics(metrics_config, metrics)
 
     async def shutdown() -> None:
         if metrics_server is not None:
@@ -80,9 +78,7 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main() -> None:
-    logging_config = LoggingConfig.from_env()
-    setup_logging(logging_config.level, logging_config.is_json)
-    asyncio.run(serve(GatewayConfig.from_env()))
+    run_main(serve, GatewayConfig.from_env)
 
 
 if __name__ == "__main__":

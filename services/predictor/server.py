@@ -4,10 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.common.grpc_server import ServiceHost
-from services.common.logging import LoggingConfig, setup_logging
+from services.common.grpc_server import ServiceHost, run_main, run_until_stopped
 from services.common.metrics import (Metrics, MetricsConfig, RpcMetricsInterceptor,
-                                     create_metrics, start_metrics_server)
+                                     create_metrics, serve_metrics)
 from services.common.pb.inlaid.v1 import predictor_pb2, predictor_pb2_grpc
 from services.predictor.config import PredictorConfig
 from services.predictor.onnx_predictor import METADATA_FILE, MicroBatcher, OnnxLengthModel
@@ -61,14 +60,8 @@ class PredictorServer:
         stats = RunningStats(window=cfg.stats_window)
         # grpc cannot add services to a started server: register now, answer UNAVAILABLE
         # until the predictor is installed, so probes see NOT_SERVING while the model loads.
-        if self._metrics_config is not None and self._metrics_config.port is not None:
-            # Before the gRPC port: a taken metrics port fails start-up cleanly.
-            try:
-                self._metrics_server = start_metrics_server(
-                    self._metrics_config.port, self.metrics, self._metrics_config.addr)
-            except OSError as exc:
-                raise RuntimeError(f"cannot serve metrics on port {self._metrics_config.port} "
-                                   f"({exc}); set METRICS_PORT to a free port or 'off'") from exc
+        if self._metrics_config is not None:   # before the gRPC port (see serve_metrics)
+            self._metrics_server = serve_metrics(self._metrics_config, self.metrics)
         servicer = PredictorServicer()
         predictor_pb2_grpc.add_PredictorServiceServicer_to_server(servicer, self.host.server)
         self.port = await self.host.start()
@@ -101,16 +94,11 @@ class PredictorServer:
 
 
 async def serve(config: PredictorConfig) -> None:
-    server = PredictorServer(config, metrics_config=MetricsConfig.from_env("predictor"))
-    server.host.install_signal_handlers()
-    await server.start()
-    await server.host.wait()
+    await run_until_stopped(PredictorServer(config, metrics_config=MetricsConfig.from_env("predictor")))
 
 
 def main() -> None:
-    logging_config = LoggingConfig.from_env()
-    setup_logging(logging_config.level, logging_config.is_json)
-    asyncio.run(serve(PredictorConfig.from_env()))
+    run_main(serve, PredictorConfig.from_env)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.common.grpc_server import ServiceHost
-from services.common.logging import LoggingConfig, setup_logging
+from services.common.grpc_server import ServiceHost, run_main, run_until_stopped
 from services.common.metrics import (Metrics, MetricsConfig, RpcMetricsInterceptor,
-                                     create_metrics, start_metrics_server)
+                                     create_metrics, serve_metrics)
 from services.common.pb.inlaid.v1 import quantizer_pb2, quantizer_pb2_grpc
 from services.common.redis_keys import RedisKeys
 from services.common.redis_server import connect, resolve_url
@@ -45,13 +44,8 @@ class QuantizerServer:
     async def start(self) -> int:
         """Bind (NOT_SERVING), load the base, publish a not-yet-published current version,
         then SERVING. Returns the port."""
-        if self._metrics_config is not None and self._metrics_config.port is not None:
-            try:
-                self._metrics_server = start_metrics_server(
-                    self._metrics_config.port, self.metrics, self._metrics_config.addr)
-            except OSError as exc:
-                raise RuntimeError(f"cannot serve metrics on port {self._metrics_config.port} "
-                                   f"({exc}); set METRICS_PORT to a free port or 'off'") from exc
+        if self._metrics_config is not None:   # before the gRPC port (see serve_metrics)
+            self._metrics_server = serve_metrics(self._metrics_config, self.metrics)
         self.port = await self.host.start()
         self.host.on_stop(self._close)
         url, self._embedded = resolve_url(self.config.redis_url)
@@ -100,16 +94,11 @@ class QuantizerServer:
 
 
 async def serve(config: QuantizerServiceConfig) -> None:
-    server = QuantizerServer(config, metrics_config=MetricsConfig.from_env("quantizer"))
-    server.host.install_signal_handlers()
-    await server.start()
-    await server.host.wait()
+    await run_until_stopped(QuantizerServer(config, metrics_config=MetricsConfig.from_env("quantizer")))
 
 
 def main() -> None:
-    logging_config = LoggingConfig.from_env()
-    setup_logging(logging_config.level, logging_config.is_json)
-    asyncio.run(serve(QuantizerServiceConfig.from_env()))
+    run_main(serve, QuantizerServiceConfig.from_env)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.metrics import MetricsConfig, create_metrics, start_metrics_server
+from services.common.metrics import MetricsConfig, create_metrics, serve_metrics, start_metrics_server
 
 
 def _value(metrics, name, labels=None):
@@ -100,6 +100,17 @@ def test_http_endpoint_serves_the_registry():
         server.close()
     assert b'inlaid_generated_tokens_total{task="t"} 7.0' in body
     assert b"inlaid_kv_blocks_used 0.0" in body
+
+
+def test_serve_metrics_off_and_taken_port():
+    m = create_metrics()
+    assert serve_metrics(MetricsConfig(port=None), m) is None
+    first = serve_metrics(MetricsConfig(port=0, addr="127.0.0.1"), m)
+    try:
+        with pytest.raises(RuntimeError, match="METRICS_PORT to a free port or 'off'"):
+            serve_metrics(MetricsConfig(port=first.port, addr="127.0.0.1"), m)
+    finally:
+        first.close()
 
 
 def test_observability_doc_example_runs(monkeypatch):
