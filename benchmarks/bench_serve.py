@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sim import generate_trace, git_commit, make_tasks, table  # noqa: E402
+from engine_replay import replay  # noqa: E402
 from services.engine.simulator.cost_model import FEATURES, CostModel  # noqa: E402
-from services.engine.simulator.metrics import RequestRecord, StepRecord, summarize  # noqa: E402
-from services.engine.simulator.simulator import solo_latency_s, step_features  # noqa: E402
+from services.engine.simulator.metrics import summarize  # noqa: E402
+from services.engine.simulator.simulator import solo_latency_s  # noqa: E402
 from services.engine.simulator.trace import TraceRequest, load_trace  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,75 +67,16 @@ def make_random_adapter(dims, out_dir: Path, seed: int, rank: int = 8) -> Path:
     return out_dir
 
 
-class StepRecorder:
-    """Wraps a scheduler's schedule() to keep the last SchedulerOutput (the engine does not return it)
-    and its StepFeatures, taken at schedule time: after the step, update() has marked the computed
-    tokens cached, so a prefill would look like a single new token."""
-
-    def __init__(self, scheduler) -> None:
-        self.last = None
-        self.features = None
-        self._schedule = scheduler.schedule
-        scheduler.schedule = self
-
-    def __call__(self):
-        self.last = self._schedule()
-        self.features = step_features(self.last)
-        return self.last
-
-
-def replay(engine, trace: list[TraceRequest], vocab: int, max_tokens: int, seed: int):
-    """Real-time replay: returns request records, step records (wall clock, seconds from start)."""
-    from services.engine.sequence import SamplingParams
-
+def make_prompts(engine, trace: list[TraceRequest], vocab: int, seed: int) -> dict[str, list[int]]:
+    """Token ids per request: the trace's prompt text when it has one, else random ids of its length."""
     rng = random.Random(seed)
-    recorder = StepRecorder(engine.scheduler)
     prompts = {}
     for req in trace:
         if req.prompt is not None and engine.tokenizer is not None:
             prompts[req.request_id] = engine.encode(req.prompt)
         else:
             prompts[req.request_id] = [rng.randrange(100, vocab) for _ in range(req.prompt_tokens)]
-    by_id = {r.request_id: r for r in trace}
-    first_token: dict[str, float] = {}
-    num_out: dict[str, int] = {}
-    records: list[RequestRecord] = []
-    steps: list[StepRecord] = []
-    preemptions: dict[str, int] = {}
-    t0 = time.perf_counter()
-    next_req = 0
-    while next_req < len(trace) or engine.has_unfinished:
-        now = time.perf_counter() - t0
-        while next_req < len(trace) and trace[next_req].arrival_s <= now:
-            req = trace[next_req]
-            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=next_req)
-            engine.add_request(req.request_id, prompts[req.request_id], params, task=req.task,
-                               predicted_output_tokens=req.predicted_output_tokens)
-            next_req += 1
-        if not engine.has_unfinished:
-            time.sleep(max(0.0, trace[next_req].arrival_s - (time.perf_counter() - t0)))
-            continue
-        t_step = time.perf_counter()
-        outputs = engine.step()
-        done_s = time.perf_counter()
-        out = recorder.last
-        if out is not None and not out.is_empty:
-            f = recorder.features
-            steps.append(StepRecord(f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
-                                    f.num_kv_tokens_read, done_s - t_step))
-            for seq in out.preempted:
-                preemptions[seq.request_id] = preemptions.get(seq.request_id, 0) + 1
-        for o in outputs:
-            rid = o.request_id
-            first_token.setdefault(rid, done_s - t0)
-            num_out[rid] = o.num_output_tokens
-            req = by_id[rid]
-            if o.num_output_tokens >= req.output_tokens or o.is_finished:
-                if not o.is_finished:
-                    engine.abort(rid)     # reached its trace length: the "EOS" of this replay
-                records.append(RequestRecord(rid, req.task, req.arrival_s, first_token[rid], done_s - t0,
-                                             req.prompt_tokens, o.num_output_tokens, preemptions.get(rid, 0)))
-    return records, steps
+    return prompts
 
 
 def main() -> None:
@@ -185,7 +127,9 @@ def main() -> None:
                                            make_random_adapter(engine.runner.shape.dims(), Path(tmp) / name, i))
                 engine.add_adapter(name, adapter_paths[name])
             engine.generate([[101] * 16], tasks=[task_names[0] if task_names else ""])   # warm up
-            records, steps = replay(engine, trace, engine.runner.shape.vocab_size, args.max_tokens, args.seed)
+            prompts = make_prompts(engine, trace, engine.runner.shape.vocab_size, args.seed)
+            result = replay(engine, trace, prompts, args.max_tokens)
+            records, steps = result.records, result.steps
             cost = CostModel.fit([dict(dataclasses.asdict(s)) for s in steps], source=f"{policy} run")
             records = [dataclasses.replace(r, solo_latency_s=solo_latency_s(cost, next(
                 t for t in trace if t.request_id == r.request_id))) for r in records]

@@ -39,12 +39,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import StepRecorder  # noqa: E402
+import engine_replay  # noqa: E402
 from bench_serve_gpu_report import write_report  # noqa: E402
 from bench_sim import with_predictions  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.cost_model import FEATURES, CostModel, StepFeatures  # noqa: E402
-from services.engine.simulator.metrics import RequestRecord, StepRecord, summarize  # noqa: E402
+from services.engine.simulator.metrics import summarize  # noqa: E402
 from services.engine.simulator.simulator import SimConfig, Simulator, solo_latency_s  # noqa: E402
 from services.engine.simulator.trace import TraceRequest  # noqa: E402
 
@@ -159,64 +159,14 @@ def make_engine(runner, base_cfg, policy: str, beta: int):
 
 
 def replay(engine, trace: list[TraceRequest], max_tokens: int, deadline_s: float, seed: int):
-    """Real-time replay; at deadline_s (from the first arrival) unfinished requests are aborted.
-
-    Returns (finished RequestRecords, StepRecords with engine.step wall times, #unfinished, wall s).
-    """
+    """engine_replay.replay with random prompt ids of each request's length (random weights: the
+    ids only set the prompt length). Returns (records, steps, #unfinished, wall s)."""
     import numpy as np
-
-    from services.engine.sequence import SamplingParams
-    vocab = engine.runner.shape.vocab_size
     rng = np.random.default_rng(seed)
+    vocab = engine.runner.shape.vocab_size
     prompts = {r.request_id: rng.integers(100, vocab, r.prompt_tokens).tolist() for r in trace}
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    recorder = StepRecorder(engine.scheduler)
-    by_id = {r.request_id: r for r in trace}
-    first_token: dict[str, float] = {}
-    preempt: dict[str, int] = {}
-    records: list[RequestRecord] = []
-    steps: list[StepRecord] = []
-    open_ids: set[str] = set()
-    t0 = time.perf_counter()
-    nxt = 0
-    while nxt < len(trace) or engine.has_unfinished:
-        now = time.perf_counter() - t0
-        if now > deadline_s:
-            break
-        while nxt < len(trace) and trace[nxt].arrival_s <= now:
-            req = trace[nxt]
-            engine.add_request(req.request_id, prompts[req.request_id], params, task=req.task,
-                               predicted_output_tokens=req.predicted_output_tokens)
-            open_ids.add(req.request_id)
-            nxt += 1
-        if not engine.has_unfinished:
-            time.sleep(max(0.0, min(trace[nxt].arrival_s, deadline_s) - (time.perf_counter() - t0)))
-            continue
-        t_step = time.perf_counter()
-        outputs = engine.step()
-        done = time.perf_counter()
-        out = recorder.last
-        if out is not None and not out.is_empty:
-            f = recorder.features
-            steps.append(StepRecord(f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
-                                    f.num_kv_tokens_read, done - t_step))
-            for seq in out.preempted:
-                preempt[seq.request_id] = preempt.get(seq.request_id, 0) + 1
-        for o in outputs:
-            rid = o.request_id
-            first_token.setdefault(rid, done - t0)
-            req = by_id[rid]
-            if o.num_output_tokens >= req.output_tokens or o.is_finished:
-                if not o.is_finished:
-                    engine.abort(rid)      # its trace length reached: this replay's "EOS"
-                open_ids.discard(rid)
-                records.append(RequestRecord(rid, req.task, req.arrival_s, first_token[rid], done - t0,
-                                             req.prompt_tokens, o.num_output_tokens, preempt.get(rid, 0)))
-    wall = time.perf_counter() - t0
-    for rid in list(open_ids):
-        engine.abort(rid)
-    unfinished = len(trace) - len(records)
-    return records, steps, unfinished, wall
+    result = engine_replay.replay(engine, trace, prompts, max_tokens, deadline_s)
+    return result.records, result.steps, result.num_unfinished, result.wall_s
 
 
 def measure(engine, trace, solo_s, args, label: str, deadline_s: float, **extra) -> tuple[dict, list]:

@@ -1,0 +1,96 @@
+"""Real-time replay of a request trace against an LLMEngine (shared by bench_serve and bench_serve_gpu)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from services.engine.sequence import SamplingParams
+from services.engine.simulator.metrics import RequestRecord, StepRecord
+from services.engine.simulator.simulator import step_features
+from services.engine.simulator.trace import TraceRequest
+
+
+class StepRecorder:
+    """Wraps a scheduler's schedule() to keep the last SchedulerOutput (the engine does not return it)
+    and its StepFeatures, taken at schedule time: after the step, update() has marked the computed
+    tokens cached, so a prefill would look like a single new token."""
+
+    def __init__(self, scheduler) -> None:
+        self.last = None
+        self.features = None
+        self._schedule = scheduler.schedule
+        scheduler.schedule = self
+
+    def __call__(self):
+        self.last = self._schedule()
+        self.features = step_features(self.last)
+        return self.last
+
+
+@dataclass
+class ReplayResult:
+    """What one replay measured: finished requests, executed steps (engine.step wall), the rest."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    num_unfinished: int = 0
+    wall_s: float = 0.0
+
+
+def replay(engine, trace: list[TraceRequest], prompts: dict[str, list[int]], max_tokens: int,
+           deadline_s: float = math.inf) -> ReplayResult:
+    """Add each request at its arrival time and step the engine until every request is done.
+
+    Output lengths come from the trace: EOS is ignored and a request is aborted when it reaches
+    its trace length, so max_tokens stays a loose cap and leaks nothing to the policies' length
+    predictions. At `deadline_s` (seconds from the start) the replay stops and aborts what is open.
+    """
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    recorder = StepRecorder(engine.scheduler)
+    by_id = {r.request_id: r for r in trace}
+    first_token_s: dict[str, float] = {}
+    preemptions: dict[str, int] = {}
+    open_ids: set[str] = set()
+    result = ReplayResult()
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < len(trace) or engine.has_unfinished:
+        now = time.perf_counter() - t0
+        if now > deadline_s:
+            break
+        while nxt < len(trace) and trace[nxt].arrival_s <= now:
+            req = trace[nxt]
+            engine.add_request(req.request_id, prompts[req.request_id], params, task=req.task,
+                               predicted_output_tokens=req.predicted_output_tokens)
+            open_ids.add(req.request_id)
+            nxt += 1
+        if not engine.has_unfinished:
+            time.sleep(max(0.0, min(trace[nxt].arrival_s, deadline_s) - (time.perf_counter() - t0)))
+            continue
+        t_step = time.perf_counter()
+        outputs = engine.step()
+        done_s = time.perf_counter()
+        out = recorder.last
+        if out is not None and not out.is_empty:
+            f = recorder.features
+            result.steps.append(StepRecord(f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
+                                           f.num_kv_tokens_read, done_s - t_step))
+            for seq in out.preempted:
+                preemptions[seq.request_id] = preemptions.get(seq.request_id, 0) + 1
+        for o in outputs:
+            rid = o.request_id
+            first_token_s.setdefault(rid, done_s - t0)
+            req = by_id[rid]
+            if o.num_output_tokens >= req.output_tokens or o.is_finished:
+                if not o.is_finished:
+                    engine.abort(rid)      # its trace length reached: this replay's "EOS"
+                open_ids.discard(rid)
+                result.records.append(RequestRecord(
+                    rid, req.task, req.arrival_s, first_token_s[rid], done_s - t0,
+                    req.prompt_tokens, o.num_output_tokens, preemptions.get(rid, 0)))
+    result.wall_s = time.perf_counter() - t0
+    for rid in open_ids:
+        engine.abort(rid)
+    result.num_unfinished = len(trace) - len(result.records)
+    return result
