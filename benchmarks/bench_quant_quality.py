@@ -2,7 +2,7 @@
 
 One calibration pass through the unquantized base gives every Hessian needed (each task's
 calibration split with and without its adapter), so all methods share it; per decoder layer
-and quantization setting (bits, sym/asym, act-order) one batched GPTQ sweep
+and quantization setting (bits, sym/asym, act-order, MSE clipping) one batched GPTQ sweep
 (`gptq_quantize_many`) quantizes the layer under every method's Hessian at once. Each
 quantized base is then scored per task (workload-kit test split, greedy, the task's metric)
 with that task's adapter merged into the quantized weights (W_q + s·B·A: the same function
@@ -45,7 +45,7 @@ AGGREGATIONS = ("mean", "max-inv", "row-max", "max-h")
 
 @dataclass(frozen=True)
 class Setting:
-    """One quantization grid (bits, sym, act-order) and the Hessian-based methods run on it."""
+    """One quantization grid (bits, sym, act-order, mse) and the Hessian-based methods run on it."""
 
     label: str
     cfg: QuantConfig
@@ -67,8 +67,8 @@ def selected_settings(args) -> list[Setting]:
 
 
 def settings(group_size: int) -> list[Setting]:
-    def cfg(bits, sym=True, act=False):
-        return QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=act)
+    def cfg(bits, sym=True, act=False, mse=False):
+        return QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=act, mse=mse)
 
     core = ("rtn", "gptq-mixed", "gptq:*", "mlgptq-mean")
     return [
@@ -80,6 +80,10 @@ def settings(group_size: int) -> list[Setting]:
         Setting("4-act", cfg(4, act=True), ("gptq-mixed", "mlgptq-mean")),
         Setting("4-asym-act", cfg(4, sym=False, act=True), ("gptq-mixed", "mlgptq-mean", "gptq:*")),
         Setting("3-asym-act", cfg(3, sym=False, act=True), ("gptq-mixed", "mlgptq-mean", "gptq:*")),
+        Setting("4-asym-mse", cfg(4, sym=False, mse=True), ("rtn", "gptq-mixed", "mlgptq-mean")),
+        Setting("3-asym-mse", cfg(3, sym=False, mse=True), ("rtn", "gptq-mixed", "mlgptq-mean")),
+        Setting("4-asym-act-mse", cfg(4, sym=False, act=True, mse=True), ("gptq-mixed", "mlgptq-mean", "gptq:*")),
+        Setting("3-asym-act-mse", cfg(3, sym=False, act=True, mse=True), ("gptq-mixed", "mlgptq-mean", "gptq:*")),
     ]
 
 
@@ -87,14 +91,19 @@ def settings(group_size: int) -> list[Setting]:
 PRIORITY = [
     "rtn@4", "gptq-mixed@4", "mlgptq-mean@4", "gptq:*@4",
     "rtn@3", "gptq-mixed@3", "mlgptq-mean@3", "gptq:*@3",
-    # The best grid on the CPU run (asym + act-order), with its baselines.
-    "mlgptq-mean@4-asym-act", "gptq-mixed@4-asym-act", "rtn@4-asym",
-    "mlgptq-mean@3-asym-act", "gptq-mixed@3-asym-act", "rtn@3-asym",
+    # The best grid on the CPU run (asym + act-order), with its baselines, each followed by
+    # its MSE-clipping counterpart so a deadline cuts whole pairs.
+    "mlgptq-mean@4-asym-act", "mlgptq-mean@4-asym-act-mse", "rtn@4-asym", "rtn@4-asym-mse",
+    "mlgptq-mean@3-asym-act", "mlgptq-mean@3-asym-act-mse", "rtn@3-asym", "rtn@3-asym-mse",
+    "gptq-mixed@4-asym-act-mse", "gptq-mixed@4-asym-act", "gptq-mixed@3-asym-act",
+    "gptq-mixed@3-asym-act-mse",
     "gptq:*@4-asym-act", "gptq:*@3-asym-act",
     "mlgptq-mean@4-asym", "gptq-mixed@4-asym", "mlgptq-max-inv@4",
     "mlgptq-mean@3-asym", "gptq-mixed@3-asym", "mlgptq-mean@4-act", "gptq-mixed@4-act",
     "mlgptq-row-max@4", "mlgptq-mean-small@4", "gptq+adapter:*@4", "mlgptq-max-inv@3",
     "mlgptq-row-max@3", "mlgptq-max-h@4",
+    "gptq:*@4-asym-act-mse", "gptq:*@3-asym-act-mse", "mlgptq-mean@4-asym-mse", "gptq-mixed@4-asym-mse",
+    "mlgptq-mean@3-asym-mse", "gptq-mixed@3-asym-mse",
 ]
 
 
@@ -374,7 +383,8 @@ def summarize(result: dict, out: Path) -> None:
                         "avg_drop_pct": sum(drops.values()) / len(drops),
                         "avg_drop_se_pct": math.sqrt(sum(v * v for v in ses.values())) / len(ses),
                         "worst_drop_pct": max(drops.values()), "worst_task": max(drops, key=drops.get)})
-    order = {s: i for i, s in enumerate(["4", "3", "4-asym", "3-asym", "4-act", "4-asym-act", "3-asym-act"])}
+    order = {s: i for i, s in enumerate(["4", "3", "4-asym", "4-asym-mse", "3-asym", "3-asym-mse", "4-act",
+                                         "4-asym-act", "4-asym-act-mse", "3-asym-act", "3-asym-act-mse"])}
     summary.sort(key=lambda r: (order.get(r["setting"], 99), r["avg_drop_pct"]))
     result["summary"] = summary
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -383,7 +393,9 @@ def summarize(result: dict, out: Path) -> None:
              f"Score of each task's adapter on the quantized base; N = {result['num_examples']} test "
              f"examples per task (greedy, workload-kit metric); calibration {result['num_calibration']}. "
              "Cells: score (relative drop % vs unquantized). Setting: bits, `asym` = asymmetric grid "
-             "(default symmetric), `act` = act-order. `gptq (per task)` quantizes one base per task "
+             "(default symmetric), `act` = act-order, `mse` = MSE clipping search of each group's range "
+             f"(grid {QuantConfig.mse_grid}, max shrink {QuantConfig.mse_max_shrink}, norm "
+             f"{QuantConfig.mse_norm}; otherwise AutoGPTQ's min/max rule). `gptq (per task)` quantizes one base per task "
              "with that task's data only (not shareable); `gptq+adapter (per task)` the same with the "
              "task's adapter active during calibration (= mlgptq with one task). s.e. = paired standard "
              "error of the average drop over the same test prompts.", "",

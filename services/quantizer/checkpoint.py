@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.quantizer.grid import dequantize_codes
 from services.quantizer.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
-from services.quantizer.rtn import QuantResult, dequantize_codes
+from services.quantizer.rtn import QuantResult
 
 QUANT_CONFIG = "quantize_config.json"
 WEIGHTS = "model.safetensors"

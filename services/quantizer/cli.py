@@ -23,6 +23,8 @@ def add_parser(subparsers) -> None:
                    help="act-order: columns by descending H diag (default on; --no-desc-act)")
     p.add_argument("--asym", action=argparse.BooleanOptionalAction, default=True,
                    help="asymmetric grid (default on; --no-asym for a symmetric grid)")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=False,
+                   help="MSE clipping search for each group's range instead of min/max (default off)")
     p.add_argument("--num-seqs", type=int, default=32, help="calibration sequences per task")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from services.quantizer.pipeline import quantize
             cfg = QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                              desc_act=args.desc_act, method=args.method,
+                              desc_act=args.desc_act, mse=args.mse, method=args.method,
                               aggregation=args.aggregation, num_seqs=args.num_seqs,
                               seq_len=args.seq_len)
             version = quantize(args.model, tasks, cfg, args.out, device=_device(args.device))

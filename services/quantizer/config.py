@@ -29,6 +29,12 @@ class QuantConfig:
     sym: bool = False
     desc_act: bool = True
     damp_percent: float = 0.01
+    # MSE clipping: per row of each group, shrink the min/max range by p = 1, 1 − 1/mse_grid,
+    # …, 1 − mse_max_shrink and keep the p with the smallest Σ|q(w) − w|^mse_norm (grid.py).
+    mse: bool = False
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
     block_size: int = 128
     method: str = "mlgptq"
     aggregation: str = "mean"
@@ -45,6 +51,13 @@ class QuantConfig:
                 f"(e.g. 32, 64, 128) or a multiple of it (256, 512, ...)")
         if not 0.0 < self.damp_percent < 1.0:
             raise QuantConfigError(f"damp_percent={self.damp_percent} must be in (0, 1)")
+        if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, int) or self.mse_grid < 1:
+            raise QuantConfigError(f"mse_grid={self.mse_grid!r} must be a positive integer")
+        if not 0.0 <= self.mse_max_shrink < 1.0:
+            # A shrink of 1 would try the empty range [0, 0].
+            raise QuantConfigError(f"mse_max_shrink={self.mse_max_shrink} must be in [0, 1)")
+        if not self.mse_norm > 0.0:
+            raise QuantConfigError(f"mse_norm={self.mse_norm} must be positive")
         if self.method not in METHODS:
             raise QuantConfigError(f"method={self.method!r} is not one of {METHODS}")
         if self.aggregation not in AGGREGATIONS:

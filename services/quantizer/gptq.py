@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from services.quantizer.config import QuantConfig
-from services.quantizer.rtn import QuantResult, dequantize_codes, grid_params, quantize_codes
+from services.quantizer.grid import dequantize_codes, group_params, quantize_codes
+from services.quantizer.rtn import QuantResult
 
 MAX_DAMP_RETRIES = 8
 
@@ -93,7 +94,7 @@ def gptq_quantize_many(weight: torch.Tensor, hessians: list[torch.Tensor], cfg: 
                 # working copy, plus columns past the block (only when the group starts at a
                 # block boundary, where those columns are already up to date).
                 group = torch.cat([w1[:, :, i:i + gsize], w[:, :, i2:col + gsize]], dim=2)
-                scale, zero = grid_params(group, cfg.bits, cfg.sym)  # [C, out] each
+                scale, zero = group_params(group, cfg)  # [C, out] each
                 scales.append(scale)
                 zeros.append(zero)
             col_w = w1[:, :, i]

@@ -201,7 +201,8 @@ def run_pipeline(hf, tokenizer, base_dir: Path, cfg: QuantConfig, new_tasks: lis
         tensors[key] = value.detach().cpu()
     quant_config = {
         "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act, "sym": cfg.sym,
-        "damp_percent": cfg.damp_percent, "method": cfg.method, "checkpoint_format": "gptq",
+        "mse": cfg.mse, "damp_percent": cfg.damp_percent, "method": cfg.method,
+        "checkpoint_format": "gptq",
         "aggregation": cfg.aggregation if cfg.method == "mlgptq" else None,
         "tasks": [t.to_dict() for t in all_tasks], "base_model": str(base_dir),
         "config": cfg.to_dict(),

@@ -1,4 +1,4 @@
-"""Uniform quantization grid (AutoGPTQ's min/max rule) and round-to-nearest quantization."""
+"""Round-to-nearest quantization, and the QuantResult every method returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from services.quantizer.config import QuantConfig
+from services.quantizer.grid import dequantize_codes, group_params, quantize_codes
 
 
 @dataclass
@@ -22,42 +23,6 @@ class QuantResult:
     zeros: torch.Tensor
     g_idx: torch.Tensor
     dequant: torch.Tensor
-
-
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for w [..., rows, cols], same rule as AutoGPTQ's Quantizer.find_params.
-
-    The scale is rounded to fp16 here, so the weights GPTQ compensates for are exactly the
-    weights the fp16-scale checkpoint dequantizes to.
-    """
-    maxq = 2 ** bits - 1
-    zero_t = torch.zeros(w.shape[:-1], dtype=w.dtype, device=w.device)
-    xmin = torch.minimum(w.min(dim=-1).values, zero_t)
-    xmax = torch.maximum(w.max(dim=-1).values, zero_t)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    both_zero = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both_zero, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
-    scale = ((xmax - xmin) / maxq).to(torch.float16).to(w.dtype)
-    # fp16 underflow of a tiny range would give scale 0 and division by zero.
-    scale = torch.where(scale == 0, torch.full_like(scale, 2.0 ** -24), scale)
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
-    return scale, zero
-
-
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as floats) of w; scale/zero broadcast against w's rows."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-
-
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """scale · (q − zero): the one formula both GPTQ and the checkpoint loader use (bit-exact)."""
-    return scale * (q - zero)
 
 
 def group_index(num_cols: int, group_size: int) -> torch.Tensor:
@@ -77,7 +42,7 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantResult:
     scales, zeros = [], []
     for start in range(0, cols, gsize):
         block = w[:, start:start + gsize]
-        scale, zero = grid_params(block, cfg.bits, cfg.sym)
+        scale, zero = group_params(block, cfg)
         q = quantize_codes(block, scale[:, None], zero[:, None], cfg.maxq)
         codes[:, start:start + gsize] = q
         dequant[:, start:start + gsize] = dequantize_codes(q, scale[:, None], zero[:, None])

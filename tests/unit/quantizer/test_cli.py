@@ -33,3 +33,13 @@ def test_errors_are_clear(tiny_model, tiny_tasks, tmp_path, capsys):
     assert main(["quantize", "--add", *_task_args(tiny_tasks[:1]), "--out", str(tmp_path / "none")]) == 2
     assert "not a quantized checkpoint" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_mse_flag_is_recorded(tiny_model, tiny_tasks, tmp_path):
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(tiny_model), *_task_args(tiny_tasks[:1]), "--mse",
+                 "--group-size", "32", "--num-seqs", "2", "--seq-len", "32", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    meta = load_checkpoint(out).quant_config
+    assert meta["mse"] is True and meta["config"]["mse_grid"] == 100
+    assert meta["config"]["mse_max_shrink"] == 0.8 and meta["config"]["mse_norm"] == 2.4

@@ -6,7 +6,8 @@ import torch
 
 from services.quantizer.config import QuantConfig, QuantConfigError
 from services.quantizer.gptq import gptq_quantize, gptq_quantize_many, prepare_hessian
-from services.quantizer.rtn import dequantize_codes, grid_params, quantize_codes, rtn_quantize
+from services.quantizer.grid import dequantize_codes, grid_params, quantize_codes
+from services.quantizer.rtn import rtn_quantize
 
 
 def _layer(seed: int, rows: int = 48, cols: int = 256, tokens: int = 1024):

@@ -18,15 +18,17 @@ from tests.unit.quantizer.conftest import make_adapter, make_calibration, make_t
 SMALL = dict(num_seqs=4, seq_len=32, group_size=32)
 
 
-@pytest.mark.parametrize("aggregation", ["max-inv", "max-h", "row-max", "mean"])
-def test_incremental_equals_full_bit_for_bit(tiny_model, tiny_tasks, tmp_path, aggregation):
-    cfg = QuantConfig(aggregation=aggregation, **SMALL)
+@pytest.mark.parametrize("aggregation,mse", [("max-inv", False), ("max-h", False), ("row-max", False),
+                                             ("mean", False), ("mean", True)])
+def test_incremental_equals_full_bit_for_bit(tiny_model, tiny_tasks, tmp_path, aggregation, mse):
+    cfg = QuantConfig(aggregation=aggregation, mse=mse, **SMALL)
     quantize(str(tiny_model), tiny_tasks, cfg, tmp_path / "full", show_progress=False)
     quantize(str(tiny_model), tiny_tasks[:1], cfg, tmp_path / "inc", show_progress=False)
     v2 = add_tasks(tmp_path / "inc", tiny_tasks[1:], show_progress=False)
     assert v2.name == "v2" and resolve(tmp_path / "inc") == v2
     full, inc = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "inc")
     assert [t["name"] for t in inc.quant_config["tasks"]] == ["alpha", "beta", "gamma"]
+    assert inc.quant_config["mse"] is mse and inc.quant_config["config"]["mse"] is mse
     assert full.tensors.keys() == inc.tensors.keys()
     for key in full.tensors:
         assert torch.equal(full.tensors[key], inc.tensors[key]), key
