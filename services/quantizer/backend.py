@@ -4,7 +4,8 @@ A job adds tasks to the current MLGPTQ version with `incremental.add_tasks` (cac
 aggregates of the earlier tasks + statistics of the new tasks only). When the checkpoint
 directory holds no version yet, the first job quantizes the base fully for the job's tasks:
 the task registry keeps no calibration data, so tasks registered earlier without it cannot
-take part — they are served on whatever base the engines have.
+take part — they are served on whatever base the engines have. `screen` runs the influence
+screen (influence.py) on a job's tasks before it quantizes the ones not quarantined.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from services.quantizer.calibration import CalibrationError, TaskSpec, calibrati
 from services.quantizer.checkpoint import QUANT_CONFIG, CheckpointError, resolve
 from services.quantizer.config import SUPPORTED_BITS, QuantConfig, QuantConfigError, \
     QuantizerServiceConfig
-from services.quantizer.pipeline import ProgressFn
+from services.quantizer.influence import InfluenceConfig, InfluenceReport, screen_tasks
+from services.quantizer.pipeline import ProgressFn, load_base
 
 if TYPE_CHECKING:
     from services.quantizer.jobs import Job
@@ -40,8 +42,10 @@ class QuantizerBackend:
     """Holds the base's config and tokenizer (enough to validate inputs in milliseconds);
     a job loads the weights itself, so an idle quantizer keeps no model in memory."""
 
-    def __init__(self, config: QuantizerServiceConfig) -> None:
+    def __init__(self, config: QuantizerServiceConfig,
+                 influence: InfluenceConfig = InfluenceConfig()) -> None:
         self.config = config
+        self.influence = influence
         self.root = Path(config.resolved_checkpoint_dir())
         self.device = config.resolved_device()
         source = resolve_model(config.model)
@@ -155,10 +159,22 @@ class QuantizerBackend:
                 raise InvalidArgumentError(f"task {spec.name!r}: {e}") from None
         return wanted
 
-    def run(self, job: Job, progress: ProgressFn) -> Path:
-        """Quantize and publish a new version directory atomically (blocking; a job thread)."""
+    def screen(self, job: Job) -> dict[str, InfluenceReport]:
+        """Influence report of each of the job's tasks (blocking; a job thread). Loads the base
+        once more than `run` does: a few seconds, against minutes of quantization."""
         torch.set_num_threads(self.config.num_threads)
-        tasks = job.tasks
+        cfg, _ = self._current_meta()
+        hf, tokenizer, _ = load_base(str(self.model_dir))
+        reports = screen_tasks(hf, tokenizer, job.tasks, cfg.seq_len, self.influence, self.device)
+        for name, report in reports.items():
+            log.info("job %s: task %s %s", job.job_id, name, report.summary())
+        return reports
+
+    def run(self, job: Job, progress: ProgressFn) -> Path:
+        """Quantize the job's kept tasks and publish a new version directory atomically
+        (blocking; a job thread)."""
+        torch.set_num_threads(self.config.num_threads)
+        tasks = job.kept_tasks
         with torch.no_grad():
             if self.current_version() is None:
                 from services.quantizer.pipeline import quantize

@@ -89,7 +89,7 @@ def _to_fields(job: Job) -> dict[str, str]:
             "num_layers_total": str(job.num_layers_total), "message": job.message,
             "weight_version": str(job.weight_version), "created_s": repr(job.created_s),
             "num_attempts": str(job.num_attempts), "bits": str(job.bits),
-            "group_size": str(job.group_size)}
+            "group_size": str(job.group_size), "quarantined": json.dumps(job.quarantined)}
 
 
 def _from_fields(job_id: str, fields: dict[str, str]) -> Job:
@@ -105,4 +105,6 @@ def _from_fields(job_id: str, fields: dict[str, str]) -> Job:
                weight_version=int(fields.get("weight_version", 0)),
                created_s=float(fields["created_s"]),
                num_attempts=int(fields.get("num_attempts", 0)),
-               bits=int(fields.get("bits", 0)), group_size=int(fields.get("group_size", 0)))
+               bits=int(fields.get("bits", 0)), group_size=int(fields.get("group_size", 0)),
+               quarantined={str(k): str(v) for k, v in
+                            json.loads(fields.get("quarantined") or "{}").items()})

@@ -6,6 +6,9 @@ restarted quantizer knows what it was doing: queued jobs run again, a job that w
 resumed from its start (quantization is deterministic and nothing of it was published) up to
 `max_attempts` times, then marked FAILED with the reason; the served weights never change
 unless a version is complete.
+
+Before quantizing, an optional influence screen (influence.py) runs on the job's tasks: a task
+it quarantines is marked QUARANTINED at once (no longer served) and left out; the others go on.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
+from services.common.adapter_screening import Verdict
 from services.common.errors import NotFoundError
 from services.common.metrics import Metrics
 from services.common.task_registry import TaskRegistry
@@ -28,10 +32,15 @@ from services.quantizer.job_store import JobStore
 from services.quantizer.pipeline import ProgressFn
 from services.quantizer.publisher import WeightPublisher
 
+if TYPE_CHECKING:
+    from services.quantizer.influence import InfluenceReport
+
 log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED = "QUEUED", "RUNNING", "DONE", "FAILED"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
 MAX_KEPT_JOBS = 256  # finished jobs remembered for GetJob
+T = TypeVar("T")
+ScreenFn = Callable[["Job"], "dict[str, InfluenceReport]"]
 
 
 @dataclass
@@ -49,24 +58,32 @@ class Job:
     num_attempts: int = 0              # runs started, counting runs a restart interrupted
     bits: int = 0
     group_size: int = 0
+    quarantined: dict[str, str] = field(default_factory=dict)  # task name → screen summary
 
     @property
     def is_active(self) -> bool:
         return self.state in (QUEUED, RUNNING)
 
+    @property
+    def kept_tasks(self) -> list[TaskSpec]:
+        """The tasks that join quantization: all but those the influence screen quarantined."""
+        return [t for t in self.tasks if t.name not in self.quarantined]
+
 
 class JobRunner:
     """Queues jobs and runs `quantize(job, progress) -> version dir` for each in turn; on
     success publishes the version and marks the tasks READY, on failure marks them FAILED
-    (the served version is untouched: a version is only published once complete)."""
+    (the served version is untouched: a version is only published once complete).
+    `screen(job)` (None: no screening) returns each task's influence report first."""
 
     def __init__(self, quantize: Callable[[Job, ProgressFn], Path],
                  publisher: WeightPublisher, registry: TaskRegistry, num_layers: int,
                  metrics: Metrics | None = None, store: JobStore | None = None,
-                 max_attempts: int = 2) -> None:
+                 max_attempts: int = 2, screen: ScreenFn | None = None) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self._quantize = quantize
+        self._screen = screen
         self._publisher = publisher
         self._registry = registry
         self._num_layers = num_layers
@@ -111,8 +128,8 @@ class JobRunner:
             self._remember(job)
             if not job.is_active:
                 continue
-            names = {t.name for t in job.tasks}
-            if job.state == RUNNING and names <= quantized_task_names:
+            names = {t.name for t in job.kept_tasks}
+            if job.state == RUNNING and names and names <= quantized_task_names:
                 job.state, job.weight_version = DONE, served_version
                 job.message = (f"published weight version {served_version} (the quantizer "
                                "restarted before recording it)")
@@ -185,9 +202,18 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         job.state, job.num_attempts = RUNNING, job.num_attempts + 1
+        job.quarantined = {}  # a resumed job is screened again (deterministic, nothing kept)
         await self._save(job)
         started = time.perf_counter()
         try:
+            warned = await self._screen_tasks(job)
+            if not job.kept_tasks:
+                message = ("every task was quarantined by the influence screen; nothing was "
+                           f"published (served weights untouched): {_quarantine_text(job)}")
+                log.warning("job %s: %s", job.job_id, message)
+                await self._finish(job, FAILED, message, "FAILED", message)
+                self._finish_metrics(job, "failed")
+                return
             version_dir = await self._in_thread(job)
             job.weight_version = await self._publisher.publish(version_dir)
         except Exception as exc:  # noqa: BLE001 - any failure fails the job, never the service
@@ -197,6 +223,10 @@ class JobRunner:
             self._finish_metrics(job, "failed")
             return
         message = f"published weight version {job.weight_version} ({version_dir})"
+        if job.quarantined:
+            message += f"; quarantined (left out): {_quarantine_text(job)}"
+        if warned:
+            message += f"; influence screen warnings: {'; '.join(warned)}"
         log.info("job %s done in %.1f s: %s", job.job_id, time.perf_counter() - started, message)
         await self._finish(job, DONE, message, "READY",
                            f"quantized into weight version {job.weight_version}")
@@ -211,9 +241,29 @@ class JobRunner:
         await self._mark(final, task_state, task_message)
         job.state, job.message = state, message
 
+    async def _screen_tasks(self, job: Job) -> list[str]:
+        """Screen the job's tasks; quarantined ones leave the job and stop being served now
+        (before quantizing, which may take long). Returns the warnings, one line per task."""
+        if self._screen is None:
+            return []
+        reports = await _in_daemon_thread(f"screen-{job.job_id}", lambda: self._screen(job))
+        warned = []
+        for name, report in reports.items():
+            if self._metrics is not None:
+                self._metrics.adapter_screenings.labels(report.verdict.value).inc()
+            if report.should_quarantine:
+                job.quarantined[name] = report.summary()
+                log.warning("job %s: task %s quarantined: %s", job.job_id, name, report.summary())
+            elif report.verdict is Verdict.WARN:
+                warned.append(f"{name}: {report.reason}")
+        if job.quarantined:
+            await self._save(job)
+            for name, summary in job.quarantined.items():
+                await self._set_state(name, "QUARANTINED", summary, job.job_id)
+        return warned
+
     async def _in_thread(self, job: Job) -> Path:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Path] = loop.create_future()
 
         def progress(done: int, total: int) -> None:
             job.num_layers_done, job.num_layers_total = done, total
@@ -225,19 +275,8 @@ class JobRunner:
                 except RuntimeError:  # the loop is gone: the service is stopping
                     pass
 
-        def target() -> None:
-            result, error = None, None
-            try:
-                result = self._quantize(job, progress)
-            except BaseException as exc:  # noqa: BLE001 - handed to the loop as the job's error
-                error = exc
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:  # the service stopped meanwhile: nobody waits for this job
-                pass
-
-        threading.Thread(target=target, name=f"quantize-{job.job_id}", daemon=True).start()
-        return await future
+        return await _in_daemon_thread(f"quantize-{job.job_id}",
+                                       lambda: self._quantize(job, progress))
 
     async def _save_progress(self, job: Job) -> None:
         try:
@@ -246,17 +285,45 @@ class JobRunner:
             log.warning("cannot record progress of job %s: %s", job.job_id, exc)
 
     async def _mark(self, job: Job, state: str, message: str) -> None:
-        for spec in job.tasks:
-            try:
-                await self._registry.update(spec.name, state=state, message=message)
-            except NotFoundError:  # removed while quantizing: nothing to mark
-                log.info("task %s was removed during job %s", spec.name, job.job_id)
-            except Exception as exc:  # noqa: BLE001 - Redis down: the job's own state still tells
-                log.error("cannot mark task %s %s: %s", spec.name, state, exc)
+        """Set the state of the job's kept tasks (quarantined ones stay QUARANTINED)."""
+        for spec in job.kept_tasks:
+            await self._set_state(spec.name, state, message, job.job_id)
+
+    async def _set_state(self, name: str, state: str, message: str, job_id: str) -> None:
+        try:
+            await self._registry.update(name, state=state, message=message)
+        except NotFoundError:  # removed while quantizing: nothing to mark
+            log.info("task %s was removed during job %s", name, job_id)
+        except Exception as exc:  # noqa: BLE001 - Redis down: the job's own state still tells
+            log.error("cannot mark task %s %s: %s", name, state, exc)
 
     def _finish_metrics(self, job: Job, state: str) -> None:
         if self._metrics is not None:
             self._metrics.finish_quantization(job.job_id, state)
+
+
+def _quarantine_text(job: Job) -> str:
+    return "; ".join(f"{name} ({summary})" for name, summary in job.quarantined.items())
+
+
+async def _in_daemon_thread(name: str, call: Callable[[], T]) -> T:
+    """`call()` in a daemon thread: a stopping service does not wait for it (module doc)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop as the job's error
+            error = exc
+        try:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        except RuntimeError:  # the service stopped meanwhile: nobody waits for this job
+            pass
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
 
 
 def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:

@@ -13,6 +13,7 @@ from services.common.redis_server import connect, resolve_url
 from services.common.task_registry import TaskRegistry
 from services.quantizer.backend import QuantizerBackend
 from services.quantizer.config import QuantizerServiceConfig
+from services.quantizer.influence import InfluenceConfig
 from services.quantizer.job_store import JobStore
 from services.quantizer.jobs import MAX_KEPT_JOBS, JobRunner
 from services.quantizer.publisher import WeightPublisher
@@ -26,8 +27,10 @@ class QuantizerServer:
     """The quantizer's components on one ServiceHost; start() → port, stop() frees everything."""
 
     def __init__(self, config: QuantizerServiceConfig, metrics: Metrics | None = None,
-                 metrics_config: MetricsConfig | None = None) -> None:
+                 metrics_config: MetricsConfig | None = None,
+                 influence: InfluenceConfig = InfluenceConfig()) -> None:
         self.config = config
+        self.influence = influence
         self.metrics = metrics or create_metrics()
         self._metrics_config = metrics_config
         self._metrics_server = None
@@ -52,12 +55,13 @@ class QuantizerServer:
         self._client = connect(url)
         keys = RedisKeys(self.config.redis_namespace)
         publisher = WeightPublisher(self._client, keys)
-        self.backend = await asyncio.to_thread(QuantizerBackend, self.config)
+        self.backend = await asyncio.to_thread(QuantizerBackend, self.config, self.influence)
         await self._publish_current(publisher)
         self.runner = JobRunner(self.backend.run, publisher, TaskRegistry(self._client, keys),
                                 self.backend.num_layers, self.metrics,
                                 store=JobStore(self._client, keys, MAX_KEPT_JOBS),
-                                max_attempts=self.config.max_job_attempts)
+                                max_attempts=self.config.max_job_attempts,
+                                screen=self.backend.screen if self.influence.is_enabled else None)
         # No job runs yet: whatever a killed job half-wrote can go, then its record decides.
         await asyncio.to_thread(self.backend.remove_stale_temp_dirs)
         served_version, _ = await publisher.current()
@@ -94,7 +98,8 @@ class QuantizerServer:
 
 
 async def serve(config: QuantizerServiceConfig) -> None:
-    await run_until_stopped(QuantizerServer(config, metrics_config=MetricsConfig.from_env("quantizer")))
+    await run_until_stopped(QuantizerServer(config, metrics_config=MetricsConfig.from_env("quantizer"),
+                                            influence=InfluenceConfig.from_env()))
 
 
 def main() -> None:

@@ -319,6 +319,7 @@ async def test_add_task_tiny_llama(tmp_path, redis_url):
     from services.common.tokenizer import Tokenizer
     from services.engine.config import EngineConfig
     from services.quantizer.config import QuantizerServiceConfig
+    from services.quantizer.influence import InfluenceConfig
     from services.quantizer.server import QuantizerServer
     from tests.unit.quantizer.conftest import make_adapter, make_calibration, make_tiny_llama
 
@@ -331,7 +332,10 @@ async def test_add_task_tiny_llama(tmp_path, redis_url):
     server = QuantizerServer(QuantizerServiceConfig(
         host="127.0.0.1", port=0, model=str(model), checkpoint_dir=str(tmp_path / "ckpt"),
         redis_url=redis_url, redis_namespace=namespace,
-        quant=QuantConfig(num_seqs=4, seq_len=64, group_size=32)))
+        quant=QuantConfig(num_seqs=4, seq_len=64, group_size=32)),
+        # conftest's random adapters (‖ΔW‖ 25–40× the tiny base's ‖W‖) fail the influence
+        # screen by design; test_influence.py covers it.
+        influence=InfluenceConfig(is_enabled=False))
     port = await server.start()
     engine = LLMEngine(EngineConfig(model=str(model), device="cpu", kv_cache_bytes=4 << 20,
                                     max_num_seqs=4, max_model_len=256))

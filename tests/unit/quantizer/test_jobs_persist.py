@@ -16,6 +16,7 @@ from services.common.task_registry import TaskRecord, TaskRegistry
 from services.quantizer.calibration import TaskSpec
 from services.quantizer.checkpoint import resolve
 from services.quantizer.config import QuantConfig, QuantizerServiceConfig
+from services.quantizer.influence import InfluenceConfig
 from services.quantizer.job_store import JobStore
 from services.quantizer.jobs import Job, JobRunner
 from services.quantizer.publisher import WeightPublisher
@@ -79,7 +80,9 @@ async def start_quantizer(env):
             redis_url=env["redis_url"], redis_namespace=env["keys"].namespace,
             max_job_attempts=max_job_attempts,
             quant=QuantConfig(num_seqs=4, seq_len=64, group_size=32))
-        server = QuantizerServer(config)
+        # conftest's random adapters (‖ΔW‖ 25–40× the tiny base's ‖W‖) fail the influence
+        # screen by design; test_influence.py covers it.
+        server = QuantizerServer(config, influence=InfluenceConfig(is_enabled=False))
         port = await server.start()
         quantizer = Quantizer(server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
         started.append(quantizer)
@@ -126,8 +129,7 @@ async def test_running_job_is_resumed_by_the_next_quantizer(start_quantizer, env
     first = await start_quantizer()
     release = first.hang_jobs()
     job_id = await first.start_job(tiny_tasks[0])
-    await _until(lambda: first.server.runner.get(job_id).num_layers_done == 1)
-    stored = await redis.hgetall(env["keys"].quant_job(job_id))
+    stored = await _until_recorded(redis, env["keys"], job_id)
     assert (stored["state"], stored["num_layers_done"]) == ("RUNNING", "1")
     await first.crash()
     # A killed job can leave a half-written version directory behind.
@@ -156,7 +158,7 @@ async def test_interrupted_too_often_fails_with_reason_and_keeps_weights(start_q
     served = await redis.hgetall(env["keys"].weights)
     release = first.hang_jobs()
     job_id = await first.start_job(beta)
-    await _until(lambda: first.server.runner.get(job_id).num_layers_done == 1)
+    await _until_recorded(redis, env["keys"], job_id)
     await first.crash()
     try:
         second = await start_quantizer(max_job_attempts=1)
@@ -212,10 +214,14 @@ async def test_store_keeps_active_jobs_and_trims_finished(env, redis):
     assert "q-4" not in [j.job_id for j in await store.load_all()]
 
 
-async def _until(predicate, timeout_s: float = 60.0) -> None:
+async def _until_recorded(redis, keys, job_id: str, timeout_s: float = 60.0) -> dict:
+    """The job's Redis record once it shows layer 1 done. Progress reaches Redis through a task
+    the job thread schedules after updating the in-memory job, so polling the in-memory job and
+    then reading Redis raced (seen under CPU load)."""
     import asyncio
     import time
     end = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
+    while (stored := await redis.hgetall(keys.quant_job(job_id))).get("num_layers_done") != "1":
+        assert time.monotonic() < end, "progress not recorded"
         await asyncio.sleep(0.02)
+    return stored
