@@ -243,7 +243,7 @@ def markdown(r: dict, specs: list[TaskSpec], poisoned: list[TaskSpec]) -> str:
         s = r["screens"][spec.name]
         st, inf = s["static"], s["influence"]
         lines.append(f"| {spec.name} | {st['verdict']} ({st['median_norm']:.2f} / {st['max_norm']:.2f}, "
-                     f"{st['max_relative_norm']:.3f})"
+                     f"{st['max_relative_norm']:.3f}) "
                      f"| {inf['max_ratio']:.2f} | {inf['where']} | {inf['verdict']} | {s['seconds']:.1f} |")
     lines += [
         "",
