@@ -40,7 +40,8 @@ _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
 
 class QuantizerBackend:
     """Holds the base's config and tokenizer (enough to validate inputs in milliseconds);
-    a job loads the weights itself, so an idle quantizer keeps no model in memory."""
+    a job loads the weights itself, so an idle quantizer keeps no model in memory (the model
+    the influence screen loads is handed on to the same job's `run`, then dropped)."""
 
     def __init__(self, config: QuantizerServiceConfig,
                  influence: InfluenceConfig = InfluenceConfig()) -> None:
@@ -55,6 +56,7 @@ class QuantizerBackend:
         self.model_dir = Path(source.path)
         self.model_config = AutoConfig.from_pretrained(str(self.model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self._screened_base: tuple[str, tuple] | None = None   # (job id, load_base result)
 
     @property
     def num_layers(self) -> int:
@@ -160,21 +162,30 @@ class QuantizerBackend:
         return wanted
 
     def screen(self, job: Job) -> dict[str, InfluenceReport]:
-        """Influence report of each of the job's tasks (blocking; a job thread). Loads the base
-        once more than `run` does: a few seconds, against minutes of quantization."""
+        """Influence report of each of the job's tasks (blocking; a job thread). The base it
+        loads is kept for this job's `run` when any task is left to quantize."""
         torch.set_num_threads(self.config.num_threads)
         cfg, _ = self._current_meta()
-        hf, tokenizer, _ = load_base(str(self.model_dir))
-        reports = screen_tasks(hf, tokenizer, job.tasks, cfg.seq_len, self.influence, self.device)
+        self._screened_base = None
+        base = load_base(str(self.model_dir))
+        reports = screen_tasks(base[0], base[1], job.tasks, cfg.seq_len, self.influence, self.device)
         for name, report in reports.items():
             log.info("job %s: task %s %s", job.job_id, name, report.summary())
+        if any(not report.should_quarantine for report in reports.values()):
+            self._screened_base = (job.job_id, base)
         return reports
+
+    def _take_base(self, job: Job) -> tuple | None:
+        """The base `screen` loaded for this job, if any (handed over once)."""
+        held, self._screened_base = self._screened_base, None
+        return held[1] if held is not None and held[0] == job.job_id else None
 
     def run(self, job: Job, progress: ProgressFn) -> Path:
         """Quantize the job's kept tasks and publish a new version directory atomically
         (blocking; a job thread)."""
         torch.set_num_threads(self.config.num_threads)
         tasks = job.kept_tasks
+        base = self._take_base(job)
         with torch.no_grad():
             if self.current_version() is None:
                 from services.quantizer.pipeline import quantize
@@ -184,6 +195,7 @@ class QuantizerBackend:
                 log.info("no quantized version in %s: full %d-bit g%d quantization for %s",
                          self.root, cfg.bits, cfg.group_size, [t.name for t in tasks])
                 return quantize(str(self.model_dir), tasks, cfg, self.root,
-                                self.device, progress=progress, show_progress=False)
+                                self.device, progress=progress, show_progress=False, base=base)
             from services.quantizer.incremental import add_tasks
-            return add_tasks(self.root, tasks, self.device, progress=progress, show_progress=False)
+            return add_tasks(self.root, tasks, self.device, progress=progress, show_progress=False,
+                             base=base)

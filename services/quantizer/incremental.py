@@ -11,13 +11,15 @@ from services.quantizer.pipeline import ProgressFn, load_base, run_pipeline
 
 
 def add_tasks(checkpoint_root: str | Path, new_tasks: list[TaskSpec], device: str = "cpu",
-              progress: ProgressFn | None = None, show_progress: bool = True) -> Path:
+              progress: ProgressFn | None = None, show_progress: bool = True,
+              base: tuple | None = None) -> Path:
     """Publish a new version quantized for old + new tasks, computing statistics of new ones only.
 
     The result equals a full MLGPTQ run over all tasks bit for bit: each task's Hessians come
     from the unquantized base, and the cached state is the pre-repair elementwise-max
     aggregate, which combines exactly. The current version stays served until the new one is
-    complete; a failure leaves it untouched.
+    complete; a failure leaves it untouched. `base`: a `load_base` result the caller already
+    holds; used only when it is the checkpoint's own base model, otherwise that one is loaded.
     """
     old = resolve(checkpoint_root)
     meta = json.loads((old / QUANT_CONFIG).read_text())
@@ -31,7 +33,9 @@ def add_tasks(checkpoint_root: str | Path, new_tasks: list[TaskSpec], device: st
     if clash or len({t.name for t in new_tasks}) != len(new_tasks):
         raise CalibrationError(f"task names already quantized or repeated: {sorted(clash) or new_tasks}")
     cfg = QuantConfig(**meta["config"])
-    hf, tokenizer, base_dir = load_base(meta["base_model"])
+    if base is None or str(base[2]) != meta["base_model"]:
+        base = load_base(meta["base_model"])
+    hf, tokenizer, base_dir = base
     timings = {}
 
     def build(tmp: Path) -> None:

@@ -219,10 +219,12 @@ def _check_names(tasks: list[TaskSpec]) -> None:
 
 def quantize(model: str, tasks: list[TaskSpec], cfg: QuantConfig, out_root: str | Path,
              device: str = "cpu", progress: ProgressFn | None = None,
-             show_progress: bool = True) -> Path:
-    """Full quantization with every task; publishes and returns a new version directory."""
+             show_progress: bool = True, base: tuple | None = None) -> Path:
+    """Full quantization with every task; publishes and returns a new version directory.
+
+    `base`: `load_base(model)`'s result when the caller already holds it (not loaded again)."""
     _check_names(tasks)
-    hf, tokenizer, base_dir = load_base(model)
+    hf, tokenizer, base_dir = base if base is not None else load_base(model)
     timings = {}
 
     def build(tmp: Path) -> None:

@@ -199,7 +199,16 @@ async def _run_job(server, channel, registry, *specs: TaskSpec) -> quantizer_pb2
     return await stub.GetJob(quantizer_pb2.GetJobRequest(job_id=job_id))
 
 
-async def test_service_publishes_only_the_good_task(tiny_model, tmp_path, redis_url, adapters):
+async def test_service_publishes_only_the_good_task(tiny_model, tmp_path, redis_url, adapters,
+                                                    monkeypatch):
+    loads = []
+
+    def counting_load_base(model):
+        loads.append(model)
+        return load_base(model)
+
+    for module in ("backend", "pipeline", "incremental"):
+        monkeypatch.setattr(f"services.quantizer.{module}.load_base", counting_load_base)
     server, channel, keys = await _start(tiny_model, tmp_path, redis_url, InfluenceConfig())
     client = connect(redis_url)
     registry = TaskRegistry(client, keys)
@@ -225,6 +234,10 @@ async def test_service_publishes_only_the_good_task(tiny_model, tmp_path, redis_
         # The job record keeps what was quarantined (recovery must not wait for it).
         stored = {j.job_id: j for j in await JobStore(client, keys, 16).load_all()}[job.job_id]
         assert list(stored.quarantined) == ["poisoned"] and [t.name for t in stored.kept_tasks] == ["normal"]
+        # An incremental add: the base the screen loaded is the one quantization uses.
+        job = await _run_job(server, channel, registry, replace(adapters["normal"], name="normal2"))
+        assert job.state == quantizer_pb2.JOB_STATE_DONE and job.weight_version == 2, job.message
+        assert len(loads) == 3        # one load per job: the screen's, handed on to the run
     finally:
         await channel.close()
         await server.stop()
