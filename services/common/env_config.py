@@ -27,7 +27,7 @@ def env_values(cls: type, prefix: str, env: Mapping[str, str] | None = None) -> 
         kind = type(f.default)
         try:
             if kind is bool:
-                values[f.name] = _parse_bool(raw)
+                values[f.name] = parse_bool(raw)
             else:
                 values[f.name] = int(raw, 0) if kind is int else kind(raw)
         except ValueError as exc:
@@ -35,7 +35,8 @@ def env_values(cls: type, prefix: str, env: Mapping[str, str] | None = None) -> 
     return values
 
 
-def _parse_bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
+    """1/true/yes/on or 0/false/no/off (any case); anything else raises ValueError."""
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True

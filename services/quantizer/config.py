@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from services.common.env_config import parse_bool
+
 METHODS = ("rtn", "gptq", "gptq-mixed", "mlgptq")
 AGGREGATIONS = ("max-inv", "max-h", "row-max", "mean")
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -148,7 +150,8 @@ class QuantizerServiceConfig:
                       "method": ("QUANTIZER_METHOD", str),
                       "aggregation": ("QUANTIZER_AGGREGATION", str),
                       "num_seqs": ("QUANTIZER_NUM_CALIB_SEQS", int),
-                      "seq_len": ("QUANTIZER_SEQ_LEN", int)}
+                      "seq_len": ("QUANTIZER_SEQ_LEN", int),
+                      "mse": ("QUANTIZER_MSE", parse_bool)}
         values, quant = {}, {"num_seqs": 8}
         model = env.get("QUANTIZER_MODEL") or env.get("ENGINE_MODEL")
         if model:
@@ -168,4 +171,5 @@ def _cast(var: str, raw: str, cast):
     try:
         return cast(raw)
     except ValueError:
-        raise QuantConfigError(f"{var}={raw!r} is not a valid {cast.__name__}") from None
+        raise QuantConfigError(f"{var}={raw!r} is not a valid "
+                               f"{'boolean' if cast is parse_bool else cast.__name__}") from None

@@ -215,7 +215,9 @@ def test_config_from_env(tmp_path):
                                            "QUANTIZER_SEQ_LEN": "64"})
     assert (cfg.model, cfg.port, cfg.quant.bits, cfg.quant.num_seqs, cfg.quant.seq_len) == \
         ("/m/tiny", 50054, 3, 2, 64)
-    assert cfg.quant.group_size == 128 and cfg.quant.method == "mlgptq"
+    assert cfg.quant.group_size == 128 and cfg.quant.method == "mlgptq" and not cfg.quant.mse
+    assert QuantizerServiceConfig.from_env({"QUANTIZER_MSE": "on"}).quant.mse
+    assert not QuantizerServiceConfig.from_env({"QUANTIZER_MSE": "false"}).quant.mse
     assert QuantizerServiceConfig.from_env({"QUANTIZER_MODEL": "a", "ENGINE_MODEL": "b"}).model == "a"
     os.environ["INLAID_CACHE_DIR"], old = str(tmp_path), os.environ.get("INLAID_CACHE_DIR")
     try:
@@ -227,6 +229,7 @@ def test_config_from_env(tmp_path):
         else:
             os.environ["INLAID_CACHE_DIR"] = old
     for env, reason in [({"QUANTIZER_BITS": "5"}, "bits=5"), ({"QUANTIZER_GROUP_SIZE": "100"}, "group_size"),
-                        ({"QUANTIZER_METHOD": "rtn"}, "mlgptq"), ({"QUANTIZER_PORT": "x"}, "QUANTIZER_PORT")]:
+                        ({"QUANTIZER_METHOD": "rtn"}, "mlgptq"), ({"QUANTIZER_PORT": "x"}, "QUANTIZER_PORT"),
+                        ({"QUANTIZER_MSE": "maybe"}, "QUANTIZER_MSE='maybe' is not a valid boolean")]:
         with pytest.raises(QuantConfigError, match=reason):
             QuantizerServiceConfig.from_env(env)
