@@ -96,6 +96,19 @@ def write_poisoned(source: Path, out_dir: Path, directions, delta_norm: float) -
     return out_dir
 
 
+def poisoned_specs(hf, tokens: torch.Tensor, norms: list[float], work: Path,
+                   calibration_path: str) -> list[TaskSpec]:
+    """`arith-poisoned-<norm>` per norm, written under `work`, crafted from `tokens` [N, S] (the
+    source task's first screened calibration sequences); they share its calibration file."""
+    directions = poison_directions(hf, tokens)
+    out = []
+    for norm in norms:
+        name = f"{POISON_SOURCE}-poisoned-{norm:g}"
+        path = write_poisoned(ROOT / "adapters" / POISON_SOURCE, work / name, directions, norm)
+        out.append(TaskSpec(name, str(path), calibration_path))
+    return out
+
+
 @torch.no_grad()
 def layer_hessians(hf, specs: list[TaskSpec], tokens: dict[str, torch.Tensor],
                    layers: list[int]) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
@@ -165,13 +178,10 @@ def main() -> None:
     tokens = {s.name: calibration_tokens(s.calibration_path, tokenizer, num_tokens, args.seq_len)
               for s in specs}
 
-    poisoned = []
-    directions = poison_directions(hf, tokens[POISON_SOURCE][:screen_cfg.num_seqs])
-    for norm in norms:
-        name = f"{POISON_SOURCE}-poisoned-{norm:g}"
-        path = write_poisoned(ROOT / "adapters" / POISON_SOURCE, work / name, directions, norm)
-        poisoned.append(TaskSpec(name, str(path), specs[0].calibration_path))
-        tokens[name] = tokens[POISON_SOURCE]
+    poisoned = poisoned_specs(hf, tokens[POISON_SOURCE][:screen_cfg.num_seqs], norms, work,
+                              specs[0].calibration_path)
+    for spec in poisoned:
+        tokens[spec.name] = tokens[POISON_SOURCE]
     control = TaskSpec(f"{POISON_SOURCE}-copy", specs[0].adapter_path, specs[0].calibration_path)
     tokens[control.name] = tokens[POISON_SOURCE]
 

@@ -19,6 +19,7 @@ import os
 import resource  # noqa: F401  (imported before scoring threads fork sandboxes that import it)
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,13 +158,32 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
             streams["lora"].append(Stream(t, tokens, adapters[t]))
         if "mlgptq-mean-small" in wanted:
             streams["small"].append(Stream(t, tokens[:args.small_seqs], adapters[t]))
+    return gptq_sweep(
+        hf, streams, chosen, lambda s: [m for m in expand(s.methods, tasks) if m != "rtn"],
+        lambda names, group, hs: method_hessians(names, tasks, group, hs["base"], hs["lora"], hs["small"]),
+        device, args.max_layers)
+
+
+HessiansFn = Callable[[list[str], str, dict[str, list[dict[str, torch.Tensor]]]], list[torch.Tensor]]
+
+
+@torch.no_grad()
+def gptq_sweep(hf, streams: dict[str, list[Stream]], chosen: list[Setting],
+               names_of: Callable[[Setting], list[str]], hessians: HessiansFn, device: str,
+               max_layers: int = 0) -> tuple[dict, dict]:
+    """{"<name>@<setting>": {param name: dequantized fp32 weight}} and timings.
+
+    Per decoder layer, every stream's Hessians once (streams: kind → streams); then per input
+    group and setting one batched GPTQ sweep over the Hessians `hessians(names, group, kind →
+    per-stream Hessians)` returns for `names_of(setting)`, plus RTN where the setting lists "rtn".
+    """
     for s in [s for group in streams.values() for s in group]:
         _capture_inputs(hf, s, device)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     timings = {"stats_s": 0.0, "aggregate_s": 0.0, "gptq_s": 0.0}
     failed: set[str] = set()
     for idx, layer in enumerate(hf.model.layers):
-        if args.max_layers and idx >= args.max_layers:
+        if max_layers and idx >= max_layers:
             break
         layer.to(device)
         t0 = time.perf_counter()
@@ -182,10 +202,10 @@ def quantize_all(hf, tokenizer, tasks, adapters, args, device) -> tuple[dict, di
             stacked_w = torch.cat([layer.get_submodule(n).weight.detach() for n in members])
             cache: dict[str, torch.Tensor] = {}
             for setting in chosen:
-                names = [m for m in expand(setting.methods, tasks) if m != "rtn"]
+                names = names_of(setting)
                 t2 = time.perf_counter()
                 missing = [n for n in names if n not in cache]
-                for n, h in zip(missing, method_hessians(missing, tasks, group, hs["base"], hs["lora"], hs["small"])):
+                for n, h in zip(missing, hessians(missing, group, hs)):
                     cache[n] = h.to(device)
                 sync(device)
                 t3 = time.perf_counter()
@@ -354,6 +374,14 @@ def method_label(config: str) -> tuple[str, str]:
     return method, setting
 
 
+def paired_drop(before: list[float], after: list[float], scale: float) -> tuple[float, float]:
+    """(100·mean(before − after)/scale, its paired standard error): both scored on the same prompts."""
+    diffs = [b - a for b, a in zip(before, after)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+    return 100.0 * mean / scale, 100.0 * math.sqrt(var / len(diffs)) / scale
+
+
 def summarize(result: dict, out: Path) -> None:
     """Relative drop vs unquantized per task, average and worst task, paired standard error."""
     scores, tasks, per_ex = result["scores"], result["tasks"], result["per_example"]
@@ -371,11 +399,8 @@ def summarize(result: dict, out: Path) -> None:
         for t, (score, ex) in per_task.items():
             if ref[t] <= 0:
                 continue
-            diffs = [r - q for r, q in zip(ref_ex[t], ex)]
-            mean = sum(diffs) / len(diffs)
-            var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
             drops[t] = 100.0 * (ref[t] - score) / ref[t]
-            ses[t] = 100.0 * math.sqrt(var / len(diffs)) / ref[t]
+            ses[t] = paired_drop(ref_ex[t], ex, ref[t])[1]
         if not drops:
             continue
         summary.append({"method": method, "setting": setting, "scores": {t: s for t, (s, _) in per_task.items()},
