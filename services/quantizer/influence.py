@@ -39,7 +39,8 @@ class InfluenceConfig:
     is_enabled: bool = True
     # SmolLM2-135M (benchmarks/results/influence.md): the seven demo adapters reach 1.59–2.26;
     # crafted poisons reach 3.6 / 10.7 / 43 and cost the other tasks +3.7 / +8.7 / +22.5 % GPTQ
-    # loss on the worst layer group. Quarantine sits 3.5× above the largest demo ratio.
+    # loss on the worst layer group (end-task metrics at N=64 did not resolve a difference,
+    # poison_quality.md). Quarantine sits 3.5× above the largest demo ratio.
     warn_ratio: float = 3.0
     max_ratio: float = 8.0        # quarantine above this
     num_seqs: int = 4             # first calibration sequences screened per task
