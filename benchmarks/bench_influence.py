@@ -40,7 +40,7 @@ from services.quantizer.config import QuantConfig  # noqa: E402
 from services.quantizer.gptq import gptq_quantize  # noqa: E402
 from services.quantizer.hessian import INPUT_GROUPS  # noqa: E402
 from services.quantizer.influence import InfluenceConfig, canary_tokens, screen_influence  # noqa: E402
-from services.quantizer.pipeline import Stream, _capture_inputs, _run_layer, load_base  # noqa: E402
+from services.quantizer.pipeline import Stream, capture_inputs, run_layer, load_base  # noqa: E402
 
 TASKS = ("arith", "num2words_en", "num2words_fr", "json_extract", "table_summary", "sort_list",
          "code_gen")
@@ -66,10 +66,10 @@ def poison_directions(hf, tokens: torch.Tensor) -> list[tuple[torch.Tensor, int]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = cfg.hidden_size // heads
     stream = Stream("bare", tokens, None)
-    _capture_inputs(hf, stream, "cpu")
+    capture_inputs(hf, stream, "cpu")
     out = []
     for idx, layer in enumerate(hf.model.layers):
-        h = _run_layer(layer, idx, stream)
+        h = run_layer(layer, idx, stream)
         top = torch.linalg.eigh(h["self_attn.q_proj"].double())[1][:, -1].float()
         # o_proj input channel (query head q, dim j) reads v channel (q // group, j).
         energy = torch.diagonal(h["self_attn.o_proj"]).view(kv_heads, heads // kv_heads, head_dim)
@@ -115,10 +115,10 @@ def layer_hessians(hf, specs: list[TaskSpec], tokens: dict[str, torch.Tensor],
     """layer → task → group → H_t, each task's data through its own adapter (MLGPTQ's path)."""
     streams = [Stream(s.name, tokens[s.name], read_adapter(s, hf.config)) for s in specs]
     for stream in streams:
-        _capture_inputs(hf, stream, "cpu")
+        capture_inputs(hf, stream, "cpu")
     out = {}
     for idx in range(max(layers) + 1):
-        per_task = {s.name: _run_layer(hf.model.layers[idx], idx, s) for s in streams}
+        per_task = {s.name: run_layer(hf.model.layers[idx], idx, s) for s in streams}
         if idx in layers:
             out[idx] = per_task
     return out

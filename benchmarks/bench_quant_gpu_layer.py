@@ -2,7 +2,7 @@
 
 Random weights and random calibration activations (no real 7B weights can reach the GPU
 machine). Each timed run is the pipeline's per-layer work, through the pipeline's own code
-(`_run_layer` + `LayerQuantizer.quantize`): calibration activations forward through the layer
+(`run_layer` + `LayerQuantizer.quantize`): calibration activations forward through the layer
 with Hessian hooks, (mlgptq) one stream per task with that task's random LoRA adapter and the
 per-task aggregation, then GPTQ of the layer's 4 Hessian groups, results copied to the CPU.
 
@@ -29,7 +29,7 @@ from services.common.adapters import LoraAdapter  # noqa: E402
 from services.common.model_source import RANDOM_SHAPES  # noqa: E402
 from services.common.workload.report import provenance  # noqa: E402
 from services.quantizer.config import QuantConfig  # noqa: E402
-from services.quantizer.pipeline import LayerQuantizer, Stream, _run_layer  # noqa: E402
+from services.quantizer.pipeline import LayerQuantizer, Stream, run_layer  # noqa: E402
 
 
 # A small shape to check the script on a CPU (not a result).
@@ -88,7 +88,7 @@ def one_run(layer, cfg: QuantConfig, streams: list[Stream], inputs: list[list], 
         stream.inputs = list(inp)
     sync(device)
     t0 = time.perf_counter()
-    per_stream = [_run_layer(layer, 0, s) for s in streams]
+    per_stream = [run_layer(layer, 0, s) for s in streams]
     LayerQuantizer(cfg, device).quantize(layer, per_stream, None)
     sync(device)
     return time.perf_counter() - t0

@@ -38,7 +38,7 @@ from services.quantizer.calibration import TaskSpec, format_example, read_adapte
 from services.quantizer.config import QuantConfig  # noqa: E402
 from services.quantizer.gptq import gptq_quantize_many  # noqa: E402
 from services.quantizer.hessian import INPUT_GROUPS  # noqa: E402
-from services.quantizer.pipeline import Stream, _capture_inputs, _run_layer, load_base  # noqa: E402
+from services.quantizer.pipeline import Stream, capture_inputs, run_layer, load_base  # noqa: E402
 from services.quantizer.rtn import rtn_quantize  # noqa: E402
 
 AGGREGATIONS = ("mean", "max-inv", "row-max", "max-h")
@@ -178,7 +178,7 @@ def gptq_sweep(hf, streams: dict[str, list[Stream]], chosen: list[Setting],
     per-stream Hessians)` returns for `names_of(setting)`, plus RTN where the setting lists "rtn".
     """
     for s in [s for group in streams.values() for s in group]:
-        _capture_inputs(hf, s, device)
+        capture_inputs(hf, s, device)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     timings = {"stats_s": 0.0, "aggregate_s": 0.0, "gptq_s": 0.0}
     failed: set[str] = set()
@@ -187,7 +187,7 @@ def gptq_sweep(hf, streams: dict[str, list[Stream]], chosen: list[Setting],
             break
         layer.to(device)
         t0 = time.perf_counter()
-        hs = {k: [_run_layer(layer, idx, s) for s in v] for k, v in streams.items()}
+        hs = {k: [run_layer(layer, idx, s) for s in v] for k, v in streams.items()}
         for kind, group_hs in hs.items():
             for stream, h in zip(streams[kind], group_hs):
                 bad = [g for g, m in h.items() if not bool(torch.isfinite(m).all())]

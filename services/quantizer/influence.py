@@ -12,7 +12,7 @@ from services.common.adapters import LoraAdapter
 from services.common.env_config import env_values
 from services.quantizer.calibration import TaskSpec, calibration_tokens, format_example, read_adapter
 from services.quantizer.hessian import INPUT_GROUPS
-from services.quantizer.pipeline import Stream, _capture_inputs, _run_layer
+from services.quantizer.pipeline import Stream, capture_inputs, run_layer
 
 GROUPS = tuple(INPUT_GROUPS)
 # Generic text no task owns: an adapter that behaves on its own data but blows up the base
@@ -129,13 +129,13 @@ def measure_influence(hf, adapter: LoraAdapter | None, sources: Mapping[str, tor
     for name, tokens in sources.items():
         pairs[name] = (Stream(f"{name}/bare", tokens, None), Stream(f"{name}/adapter", tokens, adapter))
         for stream in pairs[name]:
-            _capture_inputs(hf, stream, device)
+            capture_inputs(hf, stream, device)
     ratios: dict[str, list[list[float]]] = {name: [] for name in sources}
     num_nonfinite = 0
     for idx, layer in enumerate(hf.model.layers):
         layer.to(device)
         for name, (bare, adapted) in pairs.items():
-            h_bare, h_adapted = _run_layer(layer, idx, bare), _run_layer(layer, idx, adapted)
+            h_bare, h_adapted = run_layer(layer, idx, bare), run_layer(layer, idx, adapted)
             ratios[name].append([_ratio(float(torch.trace(h_adapted[g])), float(torch.trace(h_bare[g])))
                                  for g in GROUPS])
             num_nonfinite += sum(int((~torch.isfinite(h)).sum()) for h, _ in adapted.inputs)

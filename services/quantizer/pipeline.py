@@ -58,7 +58,7 @@ def load_base(model: str):
     return hf, AutoTokenizer.from_pretrained(str(src.path)), Path(src.path)
 
 
-def _capture_inputs(hf, stream: Stream, device: str) -> None:
+def capture_inputs(hf, stream: Stream, device: str) -> None:
     """Inputs of decoder layer 0 (and the kwargs every layer gets), per batch of sequences."""
     inner = hf.model
     inner.embed_tokens.to(device)
@@ -86,7 +86,7 @@ def _linear(layer, name: str):
     return layer.get_submodule(name)
 
 
-def _run_layer(layer, layer_idx: int, stream: Stream) -> dict[str, torch.Tensor]:
+def run_layer(layer, layer_idx: int, stream: Stream) -> dict[str, torch.Tensor]:
     """Forward one stream through the unquantized layer; return its Hessians, advance its inputs."""
     with LoraHooks(layer, layer_idx, stream.adapter), LayerHessians(layer) as stats:
         advanced = []
@@ -170,7 +170,7 @@ def run_pipeline(hf, tokenizer, base_dir: Path, cfg: QuantConfig, new_tasks: lis
     t0 = time.perf_counter()
     streams = _streams(cfg, new_tasks, hf, tokenizer)
     for stream in tqdm(streams, desc="tasks", disable=not show_progress):
-        _capture_inputs(hf, stream, device)
+        capture_inputs(hf, stream, device)
     layers = hf.model.layers
     quantizer = LayerQuantizer(cfg, device)
     quantized: set[str] = set()
@@ -179,7 +179,7 @@ def run_pipeline(hf, tokenizer, base_dir: Path, cfg: QuantConfig, new_tasks: lis
     for idx in tqdm(range(len(layers)), desc="layers", disable=not show_progress):
         layer = layers[idx].to(device)
         t1 = time.perf_counter()
-        per_stream = [_run_layer(layer, idx, s) for s in streams]
+        per_stream = [run_layer(layer, idx, s) for s in streams]
         t2 = time.perf_counter()
         cached = (cache.load_layer(cached_version, idx, cfg.aggregation)
                   if cached_version is not None else None)

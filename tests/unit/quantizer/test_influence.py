@@ -25,7 +25,7 @@ from services.quantizer.config import QuantConfig, QuantizerServiceConfig
 from services.quantizer.influence import (GROUPS, InfluenceConfig, canary_tokens, judge,
                                           screen_influence, screen_tasks)
 from services.quantizer.job_store import JobStore
-from services.quantizer.pipeline import Stream, _capture_inputs, _run_layer, load_base
+from services.quantizer.pipeline import Stream, capture_inputs, run_layer, load_base
 from services.quantizer.server import QuantizerServer
 from tests.unit.quantizer.conftest import LAYERS, make_calibration
 
@@ -60,8 +60,8 @@ def _random_pair(out_f: int, in_f: int, norm: float, gen: torch.Generator):
 def _top_input_directions(hf, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, the top eigenvector of the bare v_proj input (an attacker can compute it)."""
     stream = Stream("bare", tokens, None)
-    _capture_inputs(hf, stream, "cpu")
-    return [torch.linalg.eigh(_run_layer(layer, idx, stream)["self_attn.q_proj"].double())[1][:, -1]
+    capture_inputs(hf, stream, "cpu")
+    return [torch.linalg.eigh(run_layer(layer, idx, stream)["self_attn.q_proj"].double())[1][:, -1]
             .float() for idx, layer in enumerate(hf.model.layers)]
 
 

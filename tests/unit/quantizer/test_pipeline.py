@@ -12,7 +12,7 @@ from services.quantizer.calibration import CalibrationError, LoraHooks, TaskSpec
 from services.quantizer.checkpoint import load_checkpoint, resolve
 from services.quantizer.config import QuantConfig
 from services.quantizer.incremental import add_tasks
-from services.quantizer.pipeline import Stream, _capture_inputs, _run_layer, quantize
+from services.quantizer.pipeline import Stream, capture_inputs, run_layer, quantize
 from tests.unit.quantizer.conftest import make_adapter, make_calibration, make_tiny_llama
 
 SMALL = dict(num_seqs=4, seq_len=32, group_size=32)
@@ -74,9 +74,9 @@ def test_lora_hooks_match_peft(tiny_model, tiny_tasks):
     spec = tiny_tasks[0]
     tokens = torch.randint(0, 1000, (2, 16))
     stream = Stream(spec.name, tokens, read_adapter(spec, base.config))
-    _capture_inputs(base, stream, "cpu")
+    capture_inputs(base, stream, "cpu")
     for idx, layer in enumerate(base.model.layers):
-        _run_layer(layer, idx, stream)
+        run_layer(layer, idx, stream)
     ours = base.model.norm(stream.inputs[0][0])
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), spec.adapter_path)
     ref = peft.base_model.model.model(input_ids=tokens).last_hidden_state
