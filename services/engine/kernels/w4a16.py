@@ -33,11 +33,73 @@ HAS_TRITON = triton is not None
 if triton is not None:
 
     @triton.jit
+    def _nibble_fp16(q, FAST_DEQ: tl.constexpr):
+        """int32 values 0..15 → fp16. FAST_DEQ: OR in the exponent of 1024 and reinterpret, giving
+        1024 + q exactly with two integer ops instead of a quarter-rate int→float convert (the
+        caller subtracts 1024 through the zero point); otherwise a plain convert."""
+        if FAST_DEQ:
+            return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return q.to(tl.float16)
+
+    @triton.jit
+    def _w4a16_gemv_row_kernel(
+        x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+    ):
+        """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
+        no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
+        int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        row = tl.program_id(2)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_i = tl.arange(0, 16)
+        qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
+        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
+        mask_n = offs_n < N
+        num_blocks = K // 128
+        b_start = pid_k * blocks_per_split
+        b_end = b_start + blocks_per_split
+        if b_end > num_blocks:  # (a scalar branch, not tl.minimum: the interpreter can loop on it)
+            b_end = num_blocks
+        acc = tl.zeros((16, BN), dtype=tl.float32)
+        zacc = tl.zeros((BN,), dtype=tl.float32)
+        x_row = x_ptr + row * stride_xm
+        for b0 in range(b_start, b_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                b = tl.minimum(b0 + u, b_end - 1)
+                live = (b0 + u < b_end).to(tl.float32)  # a block past the split's end counts 0
+                q = tl.load(qw_tile + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :])
+                g = (b * 128) // group_size
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
+                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                part = tl.zeros((16, BN), dtype=tl.float32)
+                xs = tl.zeros((16,), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    xj = tl.load(x_row + b * 128 + 16 * j + offs_i).to(tl.float32)
+                    wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    part += xj[:, None] * wj
+                    xs += xj
+                acc += part * s[None, :]
+                zacc += tl.sum(xs, axis=0) * z * s
+        out_v = tl.sum(acc, axis=0) - zacc
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out_v += bias * (pid_k == 0).to(tl.float32)
+        out = out_ptr + row * stride_om + offs_n
+        if USE_ATOMIC:
+            tl.atomic_add(out, out_v.to(tl.float16), mask=mask_n, sem="relaxed")
+        else:
+            tl.store(out, out_v.to(tl.float16), mask=mask_n)
+
+    @triton.jit
     def _w4a16_kernel(
         x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
+        FAST_DEQ: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -76,7 +138,7 @@ if triton is not None:
                 # (duplicate addresses, served by the cache), x read contiguously.
                 offs_k = tl.arange(0, 128)
                 qk = tl.load(qw_tile + (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], mask=mask_n[None, :], other=0)
-                w = ((qk >> ((offs_k // 16) * 4)[:, None]) & 0xF).to(tl.float16)
+                w = _nibble_fp16((qk >> ((offs_k // 16) * 4)[:, None]) & 0xF, FAST_DEQ)
                 xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
                 part = tl.dot(xt, w)
                 xsum = tl.sum(xt.to(tl.float32), axis=1)
@@ -86,9 +148,11 @@ if triton is not None:
                 xsum = tl.zeros((BM,), dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
-                    wj = ((q >> (4 * j)) & 0xF).to(tl.float16)
+                    wj = _nibble_fp16((q >> (4 * j)) & 0xF, FAST_DEQ)
                     part = tl.dot(xj, wj, part)
                     xsum += tl.sum(xj.to(tl.float32), axis=1)
+            if FAST_DEQ:
+                z += 1024.0  # the fp16 magic below yields 1024 + q
             acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
 
         if HAS_BIAS:
@@ -193,8 +257,10 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration: kind "gemv" (CUDA cores), "mma8" (8 K=16 dots), "mma" (one K=128
-    dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound prefill at large M)."""
+    """One launch configuration: kind "gemv" (CUDA cores, [BM, 16, BN] tiles), "gemv_row" (CUDA
+    cores, one x row per program, 2-D tiles), "mma8" (8 K=16 dots), "mma" (one K=128 dot) or
+    "dense" (dequantize to fp16, then cuBLAS: compute-bound prefill at large M). fast_deq: the
+    mma kinds turn nibbles into fp16 with the 1024-exponent trick instead of int→float converts."""
 
     kind: str
     block_m: int
@@ -204,6 +270,7 @@ class GemmConfig:
     num_stages: int = 3
     unroll: int = 1
     group_m: int = 8
+    fast_deq: bool = False
 
 
 def m_bucket(m: int) -> int:
@@ -271,7 +338,12 @@ def w4a16_matmul(
     out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
     args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
-    if cfg.kind == "gemv":
+    if cfg.kind == "gemv_row":
+        _w4a16_gemv_row_kernel[(triton.cdiv(n, cfg.block_n), split_k, m)](
+            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif cfg.kind == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
         _w4a16_gemv_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
@@ -282,6 +354,7 @@ def w4a16_matmul(
         _w4a16_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
+            FAST_DEQ=cfg.fast_deq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
