@@ -13,7 +13,8 @@ Sections (each skippable, each printed with a time estimate, results written aft
   main     3 rates (fractions of C) × inlaid/fifo/mlfq/wfq, same trace per rate
   ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths
   wfq      one task at 10× the others' rate: others' p99 with vs without the hog
-  scale    2/10/100/1000 tasks at a fixed rate: real engine (inlaid) + simulator (fitted model)
+  scale    2/10/100/1000 tasks at a fixed rate: real engine (inlaid with the current and the old
+           prefill rule, same trace) + simulator (fitted model)
   fp16     frees the 4-bit runner, loads an fp16 base (S-LoRA's configuration), fifo + inlaid
 
     python benchmarks/bench_serve_gpu.py --out $OUT --commit <sha>          # GPU, ≈ 450 s
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine_replay  # noqa: E402
-from serve_gpu_fit import fit_cost, fit_error, refit  # noqa: E402
+from serve_gpu_fit import SCALE_VARIANTS, fit_cost, fit_error, refit, scale_variant, step_stats  # noqa: E402
 from serve_gpu_workload import family_lengths, family_of, make_adapters, make_trace, task_names  # noqa: E402
 from bench_serve_gpu_report import write_report  # noqa: E402
 from bench_sim import with_predictions  # noqa: E402
@@ -68,9 +69,10 @@ def load_runner(base_cfg):
     return runner, time.perf_counter() - t0
 
 
-def make_engine(runner, base_cfg, policy: str, beta: int):
+def make_engine(runner, base_cfg, policy: str, beta: int, **overrides):
+    """A fresh LLMEngine around the loaded runner; overrides: other EngineConfig fields (policy knobs)."""
     from services.engine.llm_engine import LLMEngine
-    cfg = dataclasses.replace(base_cfg, policy=policy, max_adapters_per_batch=beta)
+    cfg = dataclasses.replace(base_cfg, policy=policy, max_adapters_per_batch=beta, **overrides)
     return LLMEngine(cfg, runner=runner, load_tokenizer=False)
 
 
@@ -215,12 +217,13 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 — the JSON is already written; the report can be redone
             print(f"report failed: {type(exc).__name__}: {exc}", flush=True)
 
-    def run_replay(self, engine_args: tuple, trace, label: str, window_s: float, **extra) -> dict:
+    def run_replay(self, engine_args: tuple, trace, label: str, window_s: float, cfg_overrides=None,
+                   **extra) -> dict:
         policy, beta = engine_args
         worst = window_s + max(self.args.drain_s, 0.5 * window_s) + 1.0
         if self.elapsed() + worst > self.args.budget_s:
             raise OutOfTime(f"{label}: {worst:.0f} s needed, {self.args.budget_s - self.elapsed():.0f} s left")
-        engine = make_engine(self.runner, self.base_cfg, policy, beta)
+        engine = make_engine(self.runner, self.base_cfg, policy, beta, **(cfg_overrides or {}))
         deadline = window_s + max(self.args.drain_s, 0.5 * window_s)
         m, steps = measure(engine, trace, self.solo_s, self.args, label, deadline, policy=policy,
                            beta=beta, **extra)
@@ -291,7 +294,8 @@ class Bench:
             "adapter_make_s": adapters_s, "beta": a.beta, "max_num_seqs": a.max_num_seqs,
             "max_batched_tokens": a.max_batched_tokens, "max_decode_streak": a.max_decode_streak,
             "starvation_limit_s": a.starvation_s, "slo_scale": a.slo_scale, "num_tasks": a.num_tasks,
-            "replay_window_s": a.replay_s, "drain_s": a.drain_s, "pred_sigma": a.pred_sigma,
+            "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
+            "scale_variants": {v: scale_variant(v)[2] for v in a.scale_policies}, "pred_sigma": a.pred_sigma,
             "zipf_a": a.zipf_a, "rate_fractions": a.rates, "lengths": "data/lengths.jsonl (test split)",
             "families": {f: {"n": len(v), "mean_output": statistics.fmean(o for _, o in v),
                              "mean_prompt": statistics.fmean(p for p, _ in v)} for f, v in self.lengths.items()},
@@ -423,13 +427,17 @@ class Bench:
             tasks = self.names[:count]
             trace = make_trace(tasks, self.lengths, rate, a.scale_s, a.seed + 20, zipf_a=a.zipf_a,
                                pred_sigma=a.pred_sigma, prefix=f"s{count}-", pooled=True)
-            for policy in a.scale_policies:
+            for name in a.scale_policies:
+                policy, overrides, desc = scale_variant(name)
                 loads = self.runner.lora.num_loads
-                m = self.run_replay((policy, a.beta), trace, f"{policy}, {count} tasks", a.scale_s,
+                m = self.run_replay((policy, a.beta), trace, f"{desc}, {count} tasks", a.scale_s, overrides,
                                     num_tasks=count, rate_req_s=rate)
+                m["policy"] = name           # the variant (the engine policy is in `engine_policy`)
+                m["engine_policy"] = policy
                 m["adapter_loads"] = self.runner.lora.num_loads - loads
                 m.pop("_jct")
                 real.append(m)
+                self.data["scale"]["step_stats"] = [step_stats(self.all_steps, r["variant"]) for r in real]
                 self.save()
         # The simulator with the fitted cost model: longer traces, same rate and task counts.
         sched = self.base_cfg.scheduler_config()
@@ -438,12 +446,14 @@ class Bench:
         for count in a.scale_tasks:
             trace = make_trace(self.names[:count], self.lengths, rate, a.sim_s, a.seed + 20,
                                zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"sim{count}-", pooled=True)
-            for policy in ("inlaid", "fifo"):
+            for name in dict.fromkeys((*a.scale_policies, "fifo")):
+                policy, overrides, desc = scale_variant(name)
                 t0 = time.perf_counter()
-                res = Simulator(POLICIES[policy], sched, self.cost, sim_cfg).run(trace)
-                sim.append(dict(res.metrics, variant=f"{policy}, {count} tasks (sim)", policy=policy,
+                res = Simulator(POLICIES[policy], dataclasses.replace(sched, **overrides), self.cost,
+                                sim_cfg).run(trace)
+                sim.append(dict(res.metrics, variant=f"{desc}, {count} tasks (sim)", policy=name,
                                 num_tasks=count, rate_req_s=rate, sim_wall_s=time.perf_counter() - t0))
-                print(f"  sim {policy:6s} {count:5d} tasks thr {res.metrics['throughput_req_s']:.2f} req/s "
+                print(f"  sim {name:10s} {count:5d} tasks thr {res.metrics['throughput_req_s']:.2f} req/s "
                       f"JCT {res.metrics['jct_avg_s']:.2f} s", flush=True)
 
     def time_slot_loads(self, n: int = 16) -> dict:
@@ -574,10 +584,12 @@ def parse_args(argv=None):
     ap.add_argument("--calib-half-s", type=float, default=4.0)
     ap.add_argument("--grid-reps", type=int, default=3)
     ap.add_argument("--scale-tasks", default="2,10,100,1000")
-    ap.add_argument("--scale-policies", default="inlaid")
+    ap.add_argument("--scale-policies", default="inlaid,inlaid-old",
+                    help=f"variants replayed on each scaling trace: a policy name or one of {sorted(SCALE_VARIANTS)}")
     ap.add_argument("--scale-frac", type=float, default=1.3,
                     help="rate of the scaling runs as a fraction of C: above 1, so throughput is capacity")
-    ap.add_argument("--scale-s", type=float, default=5.0)
+    ap.add_argument("--scale-s", type=float, default=12.0,
+                    help="arrival window of one scaling replay (5 s runs were dominated by the drain after it)")
     ap.add_argument("--sim-s", type=float, default=60.0)
     ap.add_argument("--hog-policies", default="wfq,fifo")
     ap.add_argument("--hog-overload", type=float, default=1.5)
@@ -608,6 +620,9 @@ def parse_args(argv=None):
     args.rates = [float(x) for x in args.rates.split(",")]
     args.scale_tasks = [int(x) for x in args.scale_tasks.split(",") if x]
     args.scale_policies = args.scale_policies.split(",")
+    unknown = [v for v in args.scale_policies if scale_variant(v)[0] not in POLICIES]
+    if unknown:
+        ap.error(f"unknown scale variants {unknown}; choose policies {sorted(POLICIES)} or {sorted(SCALE_VARIANTS)}")
     args.hog_policies = args.hog_policies.split(",")
     args.fp16_policies = args.fp16_policies.split(",")
     if args.tiny:

@@ -44,6 +44,18 @@ SIM_VARIANTS = [("inlaid", "inlaid", "predictor", None), ("fifo", "fifo", "predi
                 ("inlaid, oracle lengths", "inlaid", "oracle", None)]
 
 
+# Variants of the scale section: name -> (engine policy, EngineConfig/SchedulerConfig overrides, label).
+# "inlaid-old" is inlaid before the full-batch prefill rule (prefill after max_decode_streak decode steps
+# even when the running pool already holds β tasks), kept to compare both on one machine and trace.
+SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
+                  "inlaid-old": ("inlaid", {"inlaid_full_batch_streak_factor": 1}, "inlaid (old prefill rule)")}
+
+
+def scale_variant(name: str) -> tuple[str, dict, str]:
+    """(engine policy, config overrides, label) of a scale variant; any other name is a plain policy."""
+    return SCALE_VARIANTS.get(name, (name, {}, name))
+
+
 def step_stats(rows: list[dict], run: str) -> dict:
     """Decode vs prefill steps of one replay (from the measured step rows)."""
     rs = [r for r in rows if r["run"] == run]
@@ -107,11 +119,12 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
     for count in counts:
         trace = make_trace(task_names(count, families), lengths, rate, sim_s, seed + 20, zipf_a=meta["zipf_a"],
                            pred_sigma=meta["pred_sigma"], prefix=f"sim{count}-", pooled=True)
-        for policy in ("inlaid", "fifo"):
-            res = Simulator(POLICIES[policy], sched, cost, sim_cfg).run(trace)
-            sim_rows.append(dict(res.metrics, variant=f"{policy}, {count} tasks (sim)", policy=policy,
+        for name in ("inlaid", "inlaid-old", "fifo"):
+            policy, overrides, desc = scale_variant(name)
+            res = Simulator(POLICIES[policy], dataclasses.replace(sched, **overrides), cost, sim_cfg).run(trace)
+            sim_rows.append(dict(res.metrics, variant=f"{desc}, {count} tasks (sim)", policy=name,
                                  num_tasks=count, rate_req_s=rate))
-            print(f"sim {policy:6s} {count:5d} tasks: {res.metrics['throughput_req_s']:.2f} req/s", flush=True)
+            print(f"sim {name:10s} {count:5d} tasks: {res.metrics['throughput_req_s']:.2f} req/s", flush=True)
     sc["sim"] = sim_rows
     sc["step_stats"] = [step_stats(rows, r["variant"]) for r in real]
     tasks = task_names(meta["num_tasks"], families)

@@ -41,6 +41,7 @@ class EngineConfig:
     mlfq_prefill_tokens_per_quantum: int = 256
     wfq_prefill_token_weight: float = 0.5
     inlaid_task_switch_tokens: int = 32
+    inlaid_full_batch_streak_factor: int = 2
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -83,7 +84,8 @@ class EngineConfig:
                                mlfq_base_quantum=self.mlfq_base_quantum,
                                mlfq_prefill_tokens_per_quantum=self.mlfq_prefill_tokens_per_quantum,
                                wfq_prefill_token_weight=self.wfq_prefill_token_weight,
-                               inlaid_task_switch_tokens=self.inlaid_task_switch_tokens)
+                               inlaid_task_switch_tokens=self.inlaid_task_switch_tokens,
+                               inlaid_full_batch_streak_factor=self.inlaid_full_batch_streak_factor)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EngineConfig:

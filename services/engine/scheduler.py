@@ -28,6 +28,9 @@ class SchedulerConfig:
     mlfq_prefill_tokens_per_quantum: int = 256  # prompt tokens costing one quantum unit (skip-join)
     wfq_prefill_token_weight: float = 0.5  # WFQ service charged per prompt token (decode token = 1)
     inlaid_task_switch_tokens: int = 32    # inlaid: a task new to the batch must be this much shorter
+    # inlaid: while the running pool holds >= β tasks, prefill waits this many times
+    # max_decode_streak decode steps (1 = the plain streak rule)
+    inlaid_full_batch_streak_factor: int = 2
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -38,6 +41,8 @@ class SchedulerConfig:
             raise ValueError("mlfq_num_levels, mlfq_base_quantum, mlfq_prefill_tokens_per_quantum must be > 0")
         if self.inlaid_task_switch_tokens < 0:
             raise ValueError("inlaid_task_switch_tokens must be >= 0")
+        if self.inlaid_full_batch_streak_factor < 1:
+            raise ValueError("inlaid_full_batch_streak_factor must be >= 1 (1 = the plain streak rule)")
         if self.wfq_prefill_token_weight < 0:
             raise ValueError("wfq_prefill_token_weight must be >= 0")
 

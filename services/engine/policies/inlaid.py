@@ -19,7 +19,9 @@ class InlaidScheduler(StreakScheduler):
     waiting pool, or a decode batch from the running pool (continuing the
     previous decode batch when its tasks are still there). Prefill is
     considered when nothing runs or after `max_decode_streak` decode steps
-    (bounding how long a new request waits for its first chance). Within a batch:
+    (bounding how long a new request waits for its first chance), or after
+    `inlaid_full_batch_streak_factor` times as many while the running pool
+    already holds β tasks (see `_should_prefill`). Within a batch:
 
     * order is shortest predicted remaining output first (SRTF); the key is
       refreshed every step as tokens are generated;
@@ -54,6 +56,19 @@ class InlaidScheduler(StreakScheduler):
             return True
         last = seq.sched_state.get("last_service_s", seq.arrival_s)
         return now_s - last > self.config.starvation_limit_s
+
+    def _should_prefill(self) -> bool:
+        # With β tasks already running, every decode batch has its task slots taken:
+        # a prefill step (which stalls the whole pool, and on a GPU cannot replay a
+        # CUDA graph) mostly admits requests that wait in the pool for a slot. Under
+        # overload with many tasks, fewer and larger prefills then leave more steps
+        # for decoding (benchmarks/results/sim_scale.md).
+        beta = self.config.max_adapters_per_batch
+        if beta and self.running and self.num_decode_streak < (
+                self.config.inlaid_full_batch_streak_factor * self.config.max_decode_streak):
+            if len({s.task for s in self.running if s.task}) >= beta:
+                return False
+        return super()._should_prefill()
 
     # ---- choices -----------------------------------------------------------
     def _prefill(self, now_s: float) -> list[Sequence]:

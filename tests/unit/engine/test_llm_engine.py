@@ -176,9 +176,11 @@ def test_detokenizer_never_emits_broken_utf8(engine):
 
 def test_config_from_env():
     cfg = EngineConfig.from_env({"ENGINE_MAX_ADAPTERS": "12", "ENGINE_DTYPE": "float32",
-                                 "ENGINE_KV_CACHE_BYTES": "1048576", "ENGINE_POLICY": "fifo"})
+                                 "ENGINE_KV_CACHE_BYTES": "1048576", "ENGINE_POLICY": "fifo",
+                                 "ENGINE_INLAID_FULL_BATCH_STREAK_FACTOR": "3"})
     assert cfg.max_adapters == 12 and cfg.kv_cache_bytes == 1 << 20 and cfg.model == "smollm2-135m"
     assert cfg.scheduler_config().max_adapters_per_batch == 10
+    assert cfg.scheduler_config().inlaid_full_batch_streak_factor == 3
     for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"},
                 {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}):
         with pytest.raises(ValueError):

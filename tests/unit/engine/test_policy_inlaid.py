@@ -194,3 +194,42 @@ def test_random_workload_runs_to_completion_within_beta():
                 finished += 1
     assert finished == 120
     assert sched.block_manager.num_free_blocks == 200
+
+
+def prefill_after_full_pool(pool_tasks: list[str], **cfg) -> list[str]:
+    """Step kinds (P/D) after the pool's tasks started and one request of a new task arrived."""
+    sched, clock = make_sched(max_decode_streak=2, **cfg)
+    for i, task in enumerate(pool_tasks):
+        sched.add(make_seq(f"pool{i}", task=task, predicted=100))
+    assert step(sched, clock).prefill                       # nothing running: prefill at once
+    sched.add(make_seq("new", task="tnew", predicted=5, arrival_s=clock.now_s))
+    kinds = []
+    while not kinds or kinds[-1] != "P":
+        out = step(sched, clock)
+        assert len(kinds) < 20 and out.seqs
+        kinds.append("P" if out.prefill else "D")
+    assert ids(out.prefill) == ["new"]
+    return kinds
+
+
+@pytest.mark.parametrize("factor, num_decode_steps", [(1, 2), (2, 4), (3, 6)])
+def test_pool_holding_beta_tasks_waits_factor_times_the_streak(factor, num_decode_steps):
+    # β = 2 tasks already run: the decode batch has no free task slot, so a prefill only
+    # buys a request that would wait in the pool; it comes after factor × streak decode steps.
+    kinds = prefill_after_full_pool(["ta", "tb"], max_adapters_per_batch=2,
+                                    inlaid_full_batch_streak_factor=factor)
+    assert kinds == ["D"] * num_decode_steps + ["P"]
+
+
+@pytest.mark.parametrize("pool_tasks, beta", [(["ta", "tb"], 3), (["ta", ""], 2), (["ta", "tb", "tc"], 0)])
+def test_pool_with_a_free_task_slot_keeps_the_plain_streak(pool_tasks, beta):
+    # A free slot (β > tasks running; the base model "" takes none; β = 0 is unlimited): the
+    # new request can join the next decode batch, so prefill comes after the plain streak.
+    kinds = prefill_after_full_pool(pool_tasks, max_adapters_per_batch=beta,
+                                    inlaid_full_batch_streak_factor=3)
+    assert kinds == ["D", "D", "P"]
+
+
+def test_full_batch_streak_factor_must_be_positive():
+    with pytest.raises(ValueError, match="inlaid_full_batch_streak_factor"):
+        SchedulerConfig(inlaid_full_batch_streak_factor=0)
