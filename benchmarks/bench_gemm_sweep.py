@@ -131,6 +131,8 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
                 results.append((cfg, float("inf"), float("nan")))
                 continue
             results.append((cfg, ms, err))
+        if not results:  # the budget ran out before this cell's first config
+            break
         results.sort(key=lambda r: r[1])
         best_cfg, best_ms, best_err = results[0]
         old_best = min((r for r in results if r[0] in set(candidate_configs(m))), key=lambda r: r[1], default=None)

@@ -50,9 +50,9 @@ if triton is not None:
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
         int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q)."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        row = tl.program_id(2)
+        row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
         qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
@@ -279,22 +279,26 @@ def m_bucket(m: int) -> int:
 
 
 def candidate_configs(m: int) -> list[GemmConfig]:
-    """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles)."""
+    """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles).
+
+    Pruned by the H100 sweep (benchmarks/results/gemm_sweep.md, cold rotating weights): at M = 1
+    gemv_row with 32-column tiles and split-K 4-16 won on every shape (1.3-1.9x cuBLAS fp16); at
+    M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (the [BM, 16, BN]
+    "gemv" kernel was 30-60x slower at M = 4 and is kept only where it was tried before, M <= 2).
+    Every variant here costs a Triton compile during engine warm-up.
+    """
     cands: list[GemmConfig] = []
     if m <= 16:
-        # Pruned by the H100 tuning record (gpu_kernels.json "tuning_top6_us", 5 Llama shapes):
-        # the GEMV won only at M = 1 (split-K 4/8), never at M = 4 or 16 (2-3x slower than mma8
-        # there), and every variant dropped here costs a Triton compile during engine warm-up.
-        bm = m_bucket(m)
-        if bm <= 2:
-            cands += [GemmConfig("gemv", bm, bn, sk, 4, 1, u) for bn in (64, 128) for u in (2, 4)
-                      for sk in (4, 8)]
-        cands += [GemmConfig("mma8", 16, bn, sk, 4, 3) for bn in (64, 128) for sk in (4, 8)]
+        if m <= 4:
+            cands += [GemmConfig("gemv_row", 1, 32, sk, w, 1, u) for sk in (4, 8, 16) for w in (2, 4) for u in (1, 2)]
+            cands += [GemmConfig("gemv_row", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
+        cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True) for bn in (64, 128) for sk in (4, 8)
+                  for st in (2, 3)]
         return cands
     if m <= 64:
-        # split-K 1 never made the recorded top six at M = 64 (same record as above)
+        # split-K 1 never made the recorded top six at M = 64 (gpu_kernels.json "tuning_top6_us")
         return [
-            GemmConfig(kind, bm, bn, sk, 4, 3)
+            GemmConfig(kind, bm, bn, sk, 4, 3, fast_deq=True)
             for kind in ("mma8", "mma")
             for bm in (16, 32, 64)
             for bn in (64, 128)
@@ -302,7 +306,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
             if bm >= m // 2 or bm == 64
         ]
     return [
-        GemmConfig(kind, bm, bn, sk, 4, 3)
+        GemmConfig(kind, bm, bn, sk, 4, 3, fast_deq=True)
         for kind in ("mma8", "mma")
         for bm in (64, 128)
         for bn in (64, 128)
@@ -339,7 +343,7 @@ def w4a16_matmul(
     args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if cfg.kind == "gemv_row":
-        _w4a16_gemv_row_kernel[(triton.cdiv(n, cfg.block_n), split_k, m)](
+        _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
