@@ -83,10 +83,15 @@ class GemmTuner:
         return sorted(times)[len(times) // 2]
 
 
+def num_copies(weight_bytes: int, l2_bytes: int) -> int:
+    """How many copies of a layer's weights a timing rotates through: enough to exceed
+    L2_MULTIPLE × the L2, at least 2, at most MAX_COPIES."""
+    return min(MAX_COPIES, max(2, math.ceil(L2_MULTIPLE * l2_bytes / max(weight_bytes, 1))))
+
+
 def weight_copies(kw: KernelWeights, device: torch.device) -> list[KernelWeights]:
     """kw plus clones enough for all of them to exceed L2_MULTIPLE × the device's L2."""
     nbytes = sum(t.numel() * t.element_size() for t in (kw.qweight, kw.zeros, kw.scales))
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    count = min(MAX_COPIES, max(2, math.ceil(L2_MULTIPLE * l2 / nbytes)))
+    count = num_copies(nbytes, torch.cuda.get_device_properties(device).L2_cache_size)
     return [kw] + [KernelWeights(qweight=kw.qweight.clone(), zeros=kw.zeros.clone(), scales=kw.scales.clone(),
                                  perm=kw.perm, group_size=kw.group_size) for _ in range(count - 1)]

@@ -1,0 +1,39 @@
+"""W4A16 launch configs and the tuner's rotation size (no GPU, no triton needed)."""
+from __future__ import annotations
+
+import pytest
+
+from services.engine.kernels.gemm_tuner import MAX_COPIES, num_copies
+from services.engine.kernels.w4a16 import candidate_configs, m_bucket
+
+KINDS = {"gemv", "gemv_row", "mma8", "mma", "dense"}
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16, 17, 40, 64, 65, 128, 300])
+def test_candidates_are_launchable(m: int) -> None:
+    cands = candidate_configs(m_bucket(m))
+    assert cands
+    assert len(set(cands)) == len(cands)
+    for cfg in cands:
+        assert cfg.kind in KINDS
+        assert 128 % cfg.block_n == 0        # a tile never straddles two 128-column weight tiles
+        assert cfg.split_k >= 1 and cfg.num_warps in (1, 2, 4, 8)
+
+
+def test_candidate_kinds_follow_the_sweep() -> None:
+    # gemv_row reads the weights once per row: only for a few rows; the [BM, 16, BN] gemv kernel
+    # was 30-60x slower at M = 4 on the H100 and is no longer offered for small M.
+    assert {c.kind for c in candidate_configs(1)} == {"gemv_row", "mma8"}
+    assert {c.kind for c in candidate_configs(4)} == {"gemv_row", "mma8"}
+    assert {c.kind for c in candidate_configs(16)} == {"mma8"}
+    assert "dense" in {c.kind for c in candidate_configs(256)}
+    assert all(c.fast_deq for m in (1, 16, 64, 256) for c in candidate_configs(m) if c.kind in ("mma8", "mma"))
+
+
+def test_rotation_exceeds_the_l2_within_bounds() -> None:
+    l2 = 50 * 2**20
+    n = num_copies(8 * 2**20, l2)                  # a 4096x4096 4-bit layer: 19 copies > 3x L2
+    assert n * 8 * 2**20 >= 3 * l2 and (n - 1) * 8 * 2**20 < 3 * l2
+    assert num_copies(400 * 2**20, l2) == 2        # always at least two, so no call reuses a warm copy
+    assert num_copies(1000, l2) == MAX_COPIES      # tiny layers: capture stays bounded
+    assert num_copies(0, l2) == MAX_COPIES
