@@ -148,7 +148,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
                                           if c.kind == "mma8" and not c.fast_deq), default=None),
             "num_configs": len(results),
         })
-        winners[(m_bucket(m), n, k)] = best_cfg
+        winners[(m_bucket(m), n, k, kw.bits)] = best_cfg
         row["best_flush_ms"] = flush.median_ms(lambda: w4a16_matmul(x, kw, best_cfg))
         row["fp16_flush_ms"] = flush.median_ms(lambda: F.linear(x, w16))
         row["int4_flush_ms"] = (flush.median_ms(lambda: torch.ops.aten._weight_int4pack_mm(xb, i4s[0][0], GROUP, i4s[0][1]))

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, unpack_along_rows  # noqa: E402
+from services.engine.kernels.gptq_format import (  # noqa: E402
+    dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_values, rtn_codes, unpack_along_rows,
+)
 from services.engine.kernels.lora import prepare_lora_batch, triton_lora_apply  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
@@ -86,15 +88,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict) -> list[dict]:
+def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits: int = 4) -> list[dict]:
     tuner = GemmTuner()
     rows = []
     shapes = GEMM_SHAPES[:2] if quick else GEMM_SHAPES
     for k, n in shapes:
         w = torch.randn(k, n, device="cuda") * k ** -0.5
-        t = quantize_gptq_v1(w, GROUP)
-        ref_w = dequantize_reference(t)
-        lin = TritonQuantLinear.from_gptq(t, tuner=tuner)
+        t = quantize_gptq_v1(w, GROUP)   # 4-bit: also torch int4's input
+        if bits == 4:
+            ref_w = dequantize_reference(t)
+            lin = TritonQuantLinear.from_gptq(t, tuner=tuner)
+        else:
+            codes, zeros, scales, g_idx = rtn_codes(w, GROUP, bits)
+            ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+            lin = TritonQuantLinear(repack_values(codes, zeros, scales, g_idx, GROUP, bits), None, tuner)
         w16 = ref_w.t().contiguous().half()  # nn.Linear layout [N, K]
         try:
             w4p, sz = torch_int4_pack(t, "cuda")
@@ -117,7 +124,7 @@ def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict) -> li
                     row["int4_rel_err"] = rel_err(torch.ops.aten._weight_int4pack_mm(xb, w4p, GROUP, sz), ref)
                 except RuntimeError as exc:
                     print(f"torch int4 mm failed {k}x{n} M={m}: {str(exc)[:200]}")
-            ours_bytes = k * n // 2 + 2 * 2 * (k // GROUP) * n + 2 * m * (k + n)
+            ours_bytes = k * n * bits // 8 + 2 * 2 * (k // GROUP) * n + 2 * m * (k + n)
             row["ours_gbs"] = ours_bytes / (row["ours_ms"] * 1e-3) / 1e9
             row["ours_frac_copy_bw"] = row["ours_gbs"] / bw_gbs
             row["fp16_frac_copy_bw"] = (2 * k * n + 2 * m * (k + n)) / (row["fp16_ms"] * 1e-3) / 1e9 / bw_gbs
@@ -181,13 +188,13 @@ def decode_inputs(bsz: int, ctx: int, block_size: int, vocab: int, slot_ids: tor
                 context_lens=lens, slot_mapping=slot_map, slot_ids=slot_ids)
 
 
-def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int) -> tuple[list[dict], list[dict]]:
+def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4) -> tuple[list[dict], list[dict]]:
     shape = DecoderShape(num_layers=4 if quick else 32)
     block_size = 16
     batches = [1, 8, 16, 32, 64]
     num_blocks = max(batches) * -(-(ctx + 1) // block_size)
-    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"))
-    weight_bytes = shape.quantized_weight_bytes(GROUP) + 2 * shape.vocab * shape.hidden
+    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"), bits=bits)
+    weight_bytes = shape.quantized_weight_bytes(GROUP, bits) + 2 * shape.vocab * shape.hidden
     rows = []
     for bsz in batches:
         inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, None)
@@ -219,13 +226,14 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int) -> tuple[li
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"# GPU kernels: W4A16 GEMM, multi-LoRA, W4 decode\n",
+    b = res.get("bits", 4)
+    lines = [f"# GPU kernels: W{b}A16 GEMM, multi-LoRA, W{b} decode\n",
              f"Device **{res['device']}**, torch {res['torch']}, triton {res['triton']}, commit `{res['commit']}`, "
              f"{res['date']}. Command: `{res['command']}`. Random weights in Llama-2 shapes (no model hub here); "
              f"L2 flushed before every rep, CUDA-event medians of CUDA-graph replays. Measured copy bandwidth "
              f"{res['copy_bw_gbs']:.0f} GB/s (read+write).\n"]
     if res.get("gemm"):
-        lines += ["## GEMM (y = x W, W 4-bit g128)\n",
+        lines += [f"## GEMM (y = x W, W {b}-bit g128; torch int4 is 4-bit)\n",
                   "| K×N | M | ours µs | fp16 cuBLAS µs | torch int4 µs | ×fp16 | ×int4 | ours % copy BW | fp16 % copy BW | ours rel err |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["gemm"]:
@@ -239,7 +247,7 @@ def write_markdown(res: dict, path: Path) -> None:
                   "| adapters | layer µs | × no-LoRA |", "|---|---|---|"]
         lines += [f"| {r['num_adapters']} | {r['layer_ms']*1e3:.1f} | {r['vs_no_lora']:.2f} |" for r in res["lora_layer"]]
     if res.get("decode"):
-        lines += ["\n## Decode step, random Llama-2-7B, 4-bit g128, fp16 lm_head\n",
+        lines += [f"\n## Decode step, random Llama-2-7B, {b}-bit g128, fp16 lm_head\n",
                   "| batch | context | CUDA graph ms | eager ms | floor ms | graph / floor | tok/s |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} | {r['floor_ms']:.3f} | "
                   f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} |" for r in res["decode"]]
@@ -258,6 +266,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bits", type=int, default=4, choices=(3, 4),
+                    help="weight width of our GEMMs and decoder (torch int4 stays 4-bit); 3 writes gpu_kernels_w3.*")
     args = ap.parse_args()
     import triton
 
@@ -274,15 +284,17 @@ def main() -> None:
     sections = set(args.sections.split(","))
     t0 = time.time()
     out = Path(args.out)
+    stem = "gpu_kernels" if args.bits == 4 else f"gpu_kernels_w{args.bits}"
+    res["bits"] = args.bits
     out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        (out / "gpu_kernels.json").write_text(json.dumps(res, indent=1))
-        write_markdown(res, out / "gpu_kernels.md")
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        write_markdown(res, out / f"{stem}.md")
 
     if "gemm" in sections:
         res["tuning_top6_us"] = {}
-        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick, res["tuning_top6_us"])
+        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick, res["tuning_top6_us"], args.bits)
         save()
         print(f"[gemm done at {time.time()-t0:.0f}s]", flush=True)
     if "lora" in sections:
@@ -290,10 +302,11 @@ def main() -> None:
         save()
         print(f"[lora done at {time.time()-t0:.0f}s]", flush=True)
     if "decode" in sections:
-        res["decode"], res["decode_lora"] = bench_decode(timer, res["copy_bw_gbs"], args.quick, args.context)
+        res["decode"], res["decode_lora"] = bench_decode(timer, res["copy_bw_gbs"], args.quick, args.context,
+                                                         args.bits)
         save()
         print(f"[decode done at {time.time()-t0:.0f}s]", flush=True)
-    print((out / "gpu_kernels.md").read_text())
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.env_config import env_values
-from services.engine.scheduler import SchedulerConfig
+from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -32,7 +32,7 @@ class EngineConfig:
     starvation_limit_s: float = 30.0       # waiting longer than this jumps the queue
     num_threads: int = 0                   # torch CPU threads; 0 = torch's default
     # Quantized base on the device (GPU fast path): 0 = serve the weights as loaded.
-    quant_bits: int = 0                    # 0 | 4: 4 → GPTQ 4-bit linears (random models: RTN-packed)
+    quant_bits: int = 0                    # 0 | 3 | 4: GPTQ 3/4-bit linears (random models: RTN-packed)
     quant_group_size: int = 128            # GPTQ group size when quant_bits is set
     cuda_graphs: bool = True               # capture pure-decode steps at bucketed batch sizes
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
@@ -42,6 +42,7 @@ class EngineConfig:
     wfq_prefill_token_weight: float = 0.5
     inlaid_task_switch_tokens: int = 32
     inlaid_full_batch_streak_factor: int = 2
+    inlaid_decode_task_rank: str = "srtf"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -61,13 +62,16 @@ class EngineConfig:
             raise ValueError(
                 f"max_adapters_per_batch ({self.max_adapters_per_batch}) cannot exceed the "
                 f"adapter slots max_adapters ({self.max_adapters})")
-        if self.quant_bits not in (0, 4):
-            raise ValueError(f"quant_bits must be 0 (unquantized) or 4, got {self.quant_bits}")
+        if self.quant_bits not in (0, 3, 4):
+            raise ValueError(f"quant_bits must be 0 (unquantized), 3 or 4, got {self.quant_bits}")
         if self.quant_group_size <= 0 or self.quant_group_size % 32:
             raise ValueError(f"quant_group_size must be a positive multiple of 32, "
                              f"got {self.quant_group_size}")
         if not self.policy:
             raise ValueError("policy must be a non-empty name")
+        if self.inlaid_decode_task_rank not in INLAID_DECODE_TASK_RANKS:
+            raise ValueError(f"ENGINE_INLAID_DECODE_TASK_RANK must be one of {INLAID_DECODE_TASK_RANKS}, "
+                             f"got {self.inlaid_decode_task_rank!r}")
 
     @property
     def adapters_per_batch_cap(self) -> int:
@@ -85,7 +89,8 @@ class EngineConfig:
                                mlfq_prefill_tokens_per_quantum=self.mlfq_prefill_tokens_per_quantum,
                                wfq_prefill_token_weight=self.wfq_prefill_token_weight,
                                inlaid_task_switch_tokens=self.inlaid_task_switch_tokens,
-                               inlaid_full_batch_streak_factor=self.inlaid_full_batch_streak_factor)
+                               inlaid_full_batch_streak_factor=self.inlaid_full_batch_streak_factor,
+                               inlaid_decode_task_rank=self.inlaid_decode_task_rank)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EngineConfig:

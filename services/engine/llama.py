@@ -188,13 +188,13 @@ class LlamaLayer(nn.Module):
         return False
 
     def fuse(self, tuner) -> None:
-        """Fuse q|k|v and gate|up where all parts are 4-bit Triton linears of one layout."""
+        """Fuse q|k|v and gate|up where all parts are 3/4-bit Triton linears of one layout and width."""
         from services.engine.kernels.quant_linear import FusedQuantLinear
         for group, names in FUSED_GROUPS.items():
             parts = {n: getattr(self, n) for n in names}
             if group in self.fused or not all(_is_quant(p) and p.kw.perm is None for p in parts.values()):
                 continue
-            if len({(p.in_features, p.kw.group_size) for p in parts.values()}) != 1:
+            if len({(p.in_features, p.kw.group_size, p.kw.bits) for p in parts.values()}) != 1:
                 continue
             self.fused[group] = FusedQuantLinear(parts, tuner)
             for n in names:   # the fused copy is the only one kept

@@ -30,7 +30,7 @@ class ModelRunner:
     Sequences of a step may mix prefill, recompute and decode; the runner groups
     them by adapter slot (contiguous token runs for the LoRA matmuls) and returns
     results in the caller's order. Device-agnostic torch; every tensor lives here.
-    With quant_bits=4 on CUDA (fp16) the GPU fast path is on: 4-bit Triton linears with
+    With quant_bits=3 or 4 on CUDA (fp16) the GPU fast path is on: 3/4-bit Triton linears with
     q|k|v and gate|up fused, Triton attention/LoRA, and pure-decode steps replayed from
     CUDA graphs (see docs/architecture.md, "GPU fast path").
     """
@@ -41,13 +41,14 @@ class ModelRunner:
         self.config, self.shape = config, shape
         self.device, self.dtype = torch.device(device), dtype
         # GPU fast path: 4-bit Triton linears, fused ops, Triton attention/LoRA, CUDA graphs.
-        self.is_fast = (config.quant_bits == 4 and self.device.type == "cuda"
+        self.is_fast = (config.quant_bits in (3, 4) and self.device.type == "cuda"
                         and dtype == torch.float16 and HAS_TRITON)
-        self.tuner = GemmTuner() if config.quant_bits == 4 else None  # one per model: same shapes
-        if config.quant_bits == 4:
+        self.tuner = GemmTuner() if config.quant_bits else None  # one per model: same shapes
+        if config.quant_bits:
             weights = dict(weights)
             for key in [k for k, v in weights.items() if _is_linear_key(k) and torch.is_tensor(v)]:
-                weights[key] = quantize_linear(weights.pop(key), config.quant_group_size, self.tuner)
+                weights[key] = quantize_linear(weights.pop(key), config.quant_group_size, self.tuner,
+                                               config.quant_bits)
             for module in weights.values():
                 if isinstance(module, TritonQuantLinear):
                     module.tuner = self.tuner
@@ -83,19 +84,19 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         device = config.resolved_device()
         dtype = getattr(torch, config.resolved_dtype())
-        if config.quant_bits == 4 and device.startswith("cuda"):
-            # The W4A16 kernels take fp16 activations.
+        if config.quant_bits and device.startswith("cuda"):
+            # The W4A16/W3A16 kernels take fp16 activations.
             if config.dtype not in ("auto", "float16"):
-                raise ValueError(f"quant_bits=4 on CUDA runs in float16, not {config.dtype}")
+                raise ValueError(f"quant_bits={config.quant_bits} on CUDA runs in float16, not {config.dtype}")
             dtype = torch.float16
         if source.kind == "random":
             shape = LlamaShape.from_hf_config(dict(RANDOM_SHAPES[source.random_shape],
                                                    model_type="llama"))
             weights = {}
             for key, tensor in random_weight_items(shape, device, dtype):
-                if config.quant_bits == 4 and _is_linear_key(key):
+                if config.quant_bits and _is_linear_key(key):
                     # quantized as made: a 7B fp16 copy never sits whole in memory
-                    tensor = quantize_linear(tensor, config.quant_group_size, None)
+                    tensor = quantize_linear(tensor, config.quant_group_size, None, config.quant_bits)
                 weights[key] = tensor
         else:
             shape = LlamaShape.from_dir(source.path)
@@ -135,8 +136,9 @@ class ModelRunner:
     def set_base_linear(self, layer_idx: int, name: str, module: nn.Module) -> None:
         """Replace one base linear (e.g. by a dequantize-on-the-fly module with forward(x)).
 
-        With a 4-bit base, 4-bit modules (a GPTQ QuantLinear, a TritonQuantLinear) are written
-        into the existing kernel weights in place; anything else replaces the module."""
+        With a 3/4-bit base, modules of the same width (a GPTQ QuantLinear, a TritonQuantLinear)
+        are written into the existing kernel weights in place; a 3/4-bit module of the other width
+        becomes a new kernel module; anything else replaces the module."""
         if name not in LINEAR_NAMES:
             raise KeyError(f"unknown linear {name!r}; one of {LINEAR_NAMES}")
         if not self.model.layers[layer_idx].set_linear(name, module):
@@ -292,13 +294,14 @@ def _is_linear_key(key: str) -> bool:
     return key.endswith(".weight") and key.split(".")[-2] in LINEAR_NAMES
 
 
-def quantize_linear(weight: torch.Tensor, group_size: int, tuner: GemmTuner | None) -> TritonQuantLinear:
-    """RTN 4-bit of one nn.Linear weight [out, in] into a TritonQuantLinear on its device."""
+def quantize_linear(weight: torch.Tensor, group_size: int, tuner: GemmTuner | None,
+                    bits: int = 4) -> TritonQuantLinear:
+    """RTN 3/4-bit of one nn.Linear weight [out, in] into a TritonQuantLinear on its device."""
     out_f, in_f = weight.shape
     if in_f % 128 or group_size % 128:
-        raise ValueError(f"quant_bits=4 needs in_features ({in_f}) and quant_group_size "
-                         f"({group_size}) to be multiples of 128 (the W4A16 kernel's K block)")
-    return TritonQuantLinear(rtn_kernel_weights(weight, group_size), None, tuner)
+        raise ValueError(f"quant_bits={bits} needs in_features ({in_f}) and quant_group_size "
+                         f"({group_size}) to be multiples of 128 (the W4A16/W3A16 kernel's K block)")
+    return TritonQuantLinear(rtn_kernel_weights(weight, group_size, bits), None, tuner)
 
 
 def _merge_runs(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

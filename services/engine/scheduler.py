@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from services.engine.block_manager import BlockManager
 from services.engine.sequence import Sequence, SequenceStatus
 
+# inlaid: how tasks are ranked for the β decode slots (see InlaidScheduler._decode).
+INLAID_DECODE_TASK_RANKS = ("srtf", "srtf_per_seq")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -31,6 +34,9 @@ class SchedulerConfig:
     # inlaid: while the running pool holds >= β tasks, prefill waits this many times
     # max_decode_streak decode steps (1 = the plain streak rule)
     inlaid_full_batch_streak_factor: int = 2
+    # inlaid: decode slot rank of a task: "srtf" = its shortest remaining (+ switch penalty);
+    # "srtf_per_seq" = that divided by its running sequences (tokens per sequence a slot advances)
+    inlaid_decode_task_rank: str = "srtf"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -43,6 +49,9 @@ class SchedulerConfig:
             raise ValueError("inlaid_task_switch_tokens must be >= 0")
         if self.inlaid_full_batch_streak_factor < 1:
             raise ValueError("inlaid_full_batch_streak_factor must be >= 1 (1 = the plain streak rule)")
+        if self.inlaid_decode_task_rank not in INLAID_DECODE_TASK_RANKS:
+            raise ValueError(f"inlaid_decode_task_rank must be one of {INLAID_DECODE_TASK_RANKS}, "
+                             f"got {self.inlaid_decode_task_rank!r}")
         if self.wfq_prefill_token_weight < 0:
             raise ValueError("wfq_prefill_token_weight must be >= 0")
 

@@ -51,8 +51,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def gpu_runner(weights, graphs: bool) -> ModelRunner:
-    config = EngineConfig(device="cuda", quant_bits=4, cuda_graphs=graphs, num_kv_blocks=64,
+def gpu_runner(weights, graphs: bool, bits: int = 4) -> ModelRunner:
+    config = EngineConfig(device="cuda", quant_bits=bits, cuda_graphs=graphs, num_kv_blocks=64,
                           block_size=16, max_num_seqs=8, max_adapters=4,
                           max_adapters_per_batch=4)
     runner = ModelRunner(config, SHAPE, weights, "cuda", torch.float16)
@@ -95,9 +95,11 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
+@pytest.mark.parametrize("bits", [4, 3], ids=["w4", "w3"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_engine_logits_match_cpu_reference(weights, graphs):
-    gpu = gpu_runner(weights, graphs)
+def test_engine_logits_match_cpu_reference(weights, graphs, bits):
+    gpu = gpu_runner(weights, graphs, bits)
+    assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)
     for i, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
         gpu.add_adapter(make_adapter(name, rank, targets, i))

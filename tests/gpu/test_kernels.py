@@ -19,7 +19,9 @@ from services.engine.kernels.attention import (  # noqa: E402
 from services.engine.kernels.fused_ops import (  # noqa: E402
     add_rmsnorm, add_rmsnorm_reference, rope_and_cache, rope_reference, rope_tables, silu_mul,
 )
-from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, repack_for_kernel  # noqa: E402
+from services.engine.kernels.gptq_format import (  # noqa: E402
+    dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
+)
 from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batch, triton_lora_apply  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
@@ -36,12 +38,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("m", [1, 3, 16, 40, 128])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_w4a16_every_candidate_matches_reference(m: int, act_order: bool) -> None:
+@pytest.mark.parametrize("bits", [4, 3])
+def test_w4a16_every_candidate_matches_reference(m: int, act_order: bool, bits: int) -> None:
     k, n = 768, 320  # 6 K-blocks, N not a multiple of 128 or 256: exercises the masks
     w = torch.randn(k, n, device=DEV)
-    t = quantize_gptq_v1(w, 128, torch.randperm(k, device=DEV) if act_order else None)
-    ref_w = dequantize_reference(t)
-    kw = repack_for_kernel(t)
+    perm = torch.randperm(k, device=DEV) if act_order else None
+    if bits == 4:
+        t = quantize_gptq_v1(w, 128, perm)
+        ref_w = dequantize_reference(t)
+        kw = repack_for_kernel(t)
+    else:
+        codes, zeros, scales, g_idx = rtn_codes(w, 128, 3, perm)
+        ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+        kw = repack_values(codes, zeros, scales, g_idx, 128, bits=3)
     x = torch.randn(m, k, device=DEV).half()
     bias = torch.randn(n, device=DEV).half()
     ref = x.float() @ ref_w + bias.float()
@@ -63,7 +72,7 @@ def test_quant_linear_forward_and_tuner(group_size: int) -> None:
     ref = x.float() @ dequantize_reference(t)
     assert out.shape == (2, 3, n)
     assert rel_err(out, ref) < 1e-2
-    assert list(tuner.best) == [(8, n, k)]  # 6 rows tune under the bucket of 8
+    assert list(tuner.best) == [(8, n, k, 4)]  # 6 rows tune under the bucket of 8
 
 
 @pytest.mark.parametrize("num_tokens,num_slots", [(1, 1), (7, 3), (64, 32), (300, 5)])

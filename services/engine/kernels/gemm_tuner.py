@@ -1,4 +1,4 @@
-"""GemmTuner: picks the fastest W4A16 launch config per (M bucket, N, K) by timing CUDA-graph replays."""
+"""GemmTuner: picks the fastest W4A16/W3A16 launch config per (M bucket, N, K, bits) by timing CUDA-graph replays."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,7 @@ MAX_COPIES = 512  # bounds graph capture for tiny layers (a model that small sit
 
 
 class GemmTuner:
-    """Picks the fastest GemmConfig per (M bucket, N, K) on first use, timing each with CUDA events.
+    """Picks the fastest GemmConfig per (M bucket, N, K, bits) on first use, timing each with CUDA events.
 
     Each candidate is timed as one CUDA graph of back-to-back calls, each call on its own copy of
     the weights, the copies together over L2_MULTIPLE × the L2: cold weights and no launch gaps,
@@ -28,20 +28,20 @@ class GemmTuner:
 
     def __init__(self, num_reps: int = 10) -> None:
         self.num_reps = num_reps
-        self.best: dict[tuple[int, int, int], GemmConfig] = {}
-        self.timings_ms: dict[tuple[int, int, int], list[tuple[GemmConfig, float]]] = {}
+        self.best: dict[tuple[int, int, int, int], GemmConfig] = {}
+        self.timings_ms: dict[tuple[int, int, int, int], list[tuple[GemmConfig, float]]] = {}
 
     def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         m, k = x.shape
         n = kw.out_features
-        key = (m_bucket(m), n, k)
+        key = (m_bucket(m), n, k, kw.bits)
         cfg = self.best.get(key)
         if cfg is None:
             cfg = self._tune(key, x, kw)
             self.best[key] = cfg
         return cfg
 
-    def _tune(self, key: tuple[int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
+    def _tune(self, key: tuple[int, int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         cands = candidate_configs(key[0])
         if not x.is_cuda:
             return cands[0]
@@ -91,7 +91,7 @@ def num_copies(weight_bytes: int, l2_bytes: int) -> int:
 
 def weight_copies(kw: KernelWeights, device: torch.device) -> list[KernelWeights]:
     """kw plus clones enough for all of them to exceed L2_MULTIPLE × the device's L2."""
-    nbytes = sum(t.numel() * t.element_size() for t in (kw.qweight, kw.zeros, kw.scales))
+    nbytes = sum(t.numel() * t.element_size() for t in (*kw.planes, kw.zeros, kw.scales))
     count = num_copies(nbytes, torch.cuda.get_device_properties(device).L2_cache_size)
-    return [kw] + [KernelWeights(qweight=kw.qweight.clone(), zeros=kw.zeros.clone(), scales=kw.scales.clone(),
-                                 perm=kw.perm, group_size=kw.group_size) for _ in range(count - 1)]
+    return [kw] + [kw.with_planes(tuple(p.clone() for p in kw.planes), kw.zeros.clone(), kw.scales.clone(), kw.perm)
+                   for _ in range(count - 1)]

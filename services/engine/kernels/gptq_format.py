@@ -49,6 +49,9 @@ class KernelWeights:
     (after the act-order permutation), so the 8 nibbles of a [16, 128] tile pair with 8 contiguous
     16-wide slices of x. zeros/scales fp16 [K/G, N] (zeros unpacked, exact ints).
     perm int64 [K] or None: x must be gathered as x[:, perm] (act-order checkpoints only).
+    bits 3 (W3A16): the same tile geometry in two planes, qweight int16 holding the low two bits
+    of each code at bits 2j and qweight_hi int8 holding the third bit at bit j (same k ↔ (row, j)
+    map as the nibbles), 3 bits per weight with aligned 2- and 1-byte loads; qweight_hi is None at 4.
     """
 
     qweight: torch.Tensor
@@ -56,10 +59,22 @@ class KernelWeights:
     scales: torch.Tensor
     perm: torch.Tensor | None
     group_size: int
+    qweight_hi: torch.Tensor | None = None
+    bits: int = 4
 
     @property
     def in_features(self) -> int:
         return self.qweight.shape[1] * 8
+
+    @property
+    def planes(self) -> tuple[torch.Tensor, ...]:
+        """The tiled code planes: (int32 nibbles,) at 4 bits, (int16 low 2 bits, int8 high bit) at 3."""
+        return (self.qweight,) if self.bits == 4 else (self.qweight, self.qweight_hi)
+
+    def with_planes(self, planes: tuple[torch.Tensor, ...], zeros: torch.Tensor, scales: torch.Tensor,
+                    perm: torch.Tensor | None) -> KernelWeights:
+        return KernelWeights(qweight=planes[0], zeros=zeros, scales=scales, perm=perm, group_size=self.group_size,
+                             qweight_hi=planes[1] if len(planes) > 1 else None, bits=self.bits)
 
     @property
     def out_features(self) -> int:
@@ -68,8 +83,14 @@ class KernelWeights:
 
 def _to_int32_wrapped(x: torch.Tensor) -> torch.Tensor:
     """int64 holding a 32-bit pattern → int32 with the same bits (nibble 7 can set the sign bit)."""
-    x = x & 0xFFFFFFFF
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+    return _wrapped(x, torch.int32)
+
+
+def _wrapped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int64 holding a bit pattern of dtype's width → dtype with the same bits."""
+    width = torch.iinfo(dtype).bits
+    x = x & ((1 << width) - 1)
+    return torch.where(x >= 2 ** (width - 1), x - 2 ** width, x).to(dtype)
 
 
 def unpack_along_rows(packed: torch.Tensor) -> torch.Tensor:
@@ -159,8 +180,16 @@ def repack_for_kernel(t: GptqTensors) -> KernelWeights:
 
 def repack_codes(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor, g: int) -> KernelWeights:
-    """repack_for_kernel from row-packed codes [K/8, N] and already unpacked zeros [K/G, N]."""
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    """repack_for_kernel from row-packed 4-bit codes [K/8, N] and already unpacked zeros [K/G, N]."""
+    return repack_values(unpack_along_rows(qweight), zeros, scales, g_idx, g, bits=4)
+
+
+def repack_values(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor, g: int, bits: int) -> KernelWeights:
+    """Kernel layout of integer codes q [K, N] (original row order) at 3 or 4 bits."""
+    k, n = q.shape
+    if bits not in (3, 4):
+        raise ValueError(f"the kernel layout holds 3- or 4-bit codes, not {bits}")
     if k % KERNEL_K_BLOCK or g % KERNEL_K_BLOCK:
         raise ValueError(f"kernel needs K ({k}) and group size ({g}) to be multiples of {KERNEL_K_BLOCK}")
     if g_idx.shape != (k,):
@@ -169,45 +198,106 @@ def repack_codes(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
     perm = torch.argsort(g_idx, stable=True)
     if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // g):
         raise ValueError("g_idx groups are not all of group_size rows; cannot repack")
-    q = unpack_along_rows(qweight)
+    q = q.to(torch.int64)
     if torch.equal(perm, torch.arange(k, device=perm.device)):
         perm_out = None
     else:
         q = q[perm]
         perm_out = perm
-    # [b, j, i, n] → packed row (b, i) holds nibble j = q[128b + 16j + i]
-    blocks = q.reshape(k // KERNEL_K_BLOCK, 8, KERNEL_K_BLOCK // 8, n).permute(0, 2, 1, 3)
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
-    packed = (blocks << shifts[None, None, :, None]).sum(dim=2).reshape(k // 8, n)
-    n_pad = -(-n // KERNEL_N_TILE) * KERNEL_N_TILE
-    packed = torch.nn.functional.pad(packed, (0, n_pad - n))
-    tiled = packed.reshape(k // 8, n_pad // KERNEL_N_TILE, KERNEL_N_TILE).permute(1, 0, 2)
+    planes = tuple(_tile(p) for p in _pack_planes(q, bits))
     return KernelWeights(
-        qweight=_to_int32_wrapped(tiled).contiguous(),
+        qweight=planes[0],
         zeros=zeros.to(torch.float16).contiguous(),
         scales=scales.to(torch.float16).contiguous(),
         perm=perm_out,
         group_size=g,
+        qweight_hi=planes[1] if bits == 3 else None,
+        bits=bits,
     )
 
 
-def rtn_kernel_weights(weight: torch.Tensor, group_size: int) -> KernelWeights:
-    """Round-to-nearest 4-bit of an nn.Linear weight [N, K] straight into the kernel layout.
+def _pack_planes(q: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """Codes [K, N] (kernel row order) → packed planes [K/8, N]: field j of packed row (b, i) is
+    the code of k = 128b + 16j + i (int32 nibbles at 4 bits; int16 2-bit fields + int8 bits at 3)."""
+    k, n = q.shape
+    # [b, j, i, n] → [b, i, j, n]
+    blocks = q.reshape(k // KERNEL_K_BLOCK, 8, KERNEL_K_BLOCK // 8, n).permute(0, 2, 1, 3)
+    j = torch.arange(8, device=q.device, dtype=torch.int64)[None, None, :, None]
+    if bits == 4:
+        return (_wrapped((blocks << (4 * j)).sum(dim=2).reshape(k // 8, n), torch.int32),)
+    lo = ((blocks & 3) << (2 * j)).sum(dim=2).reshape(k // 8, n)
+    hi = (((blocks >> 2) & 1) << j).sum(dim=2).reshape(k // 8, n)
+    return _wrapped(lo, torch.int16), _wrapped(hi, torch.int8)
 
-    Used when a model is served 4-bit without a GPTQ checkpoint (random-weight benchmarks);
+
+def kernel_codes(kw: KernelWeights) -> torch.Tensor:
+    """int64 codes [K, N] in the kernel's row order (after kw.perm) of repacked weights."""
+    k, n = kw.in_features, kw.out_features
+    j = torch.arange(8, device=kw.qweight.device, dtype=torch.int64)[None, None, :, None]
+
+    def fields(plane: torch.Tensor, width: int) -> torch.Tensor:
+        packed = plane.permute(1, 0, 2).reshape(k // 8, -1)[:, :n].to(torch.int64)
+        vals = (packed.reshape(k // KERNEL_K_BLOCK, KERNEL_K_BLOCK // 8, 1, n) >> (width * j)) & ((1 << width) - 1)
+        return vals.permute(0, 2, 1, 3).reshape(k, n)
+
+    if kw.bits == 4:
+        return fields(kw.qweight, 4)
+    return fields(kw.qweight, 2) | (fields(kw.qweight_hi, 1) << 2)
+
+
+def rtn_codes(w: torch.Tensor, group_size: int, bits: int,
+              act_order_perm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest asymmetric codes of w [K, N]: (codes int64 [K, N], zeros, scales [K/G, N], g_idx).
+
+    For tests, benchmarks and random-weight serving at 3 bits (4-bit goes through
+    quantize_gptq_v1, which also writes the checkpoint layout). Groups are formed over rows in
+    act_order_perm's order when given, as GPTQ's act-order does.
+    """
+    k, n = w.shape
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    maxq = 2 ** bits - 1
+    w = w.float()
+    perm = act_order_perm if act_order_perm is not None else torch.arange(k, device=w.device)
+    wp = w[perm].reshape(k // group_size, group_size, n)
+    lo = wp.amin(dim=1).clamp(max=0.0)
+    hi = wp.amax(dim=1).clamp(min=0.0)
+    scale = ((hi - lo) / maxq).clamp(min=1e-8)
+    zero = torch.round(-lo / scale).clamp(0, maxq)
+    q = torch.clamp(torch.round(wp / scale[:, None, :]) + zero[:, None, :], 0, maxq).to(torch.int64)
+    codes = torch.empty(k, n, dtype=torch.int64, device=w.device)
+    codes[perm] = q.reshape(k, n)
+    g_idx = torch.empty(k, dtype=torch.int32, device=w.device)
+    g_idx[perm] = (torch.arange(k, device=w.device) // group_size).to(torch.int32)
+    return codes, zero, scale.to(torch.float16), g_idx
+
+
+def dequantize_codes(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                     g_idx: torch.Tensor) -> torch.Tensor:
+    """float32 W [K, N] = (code − zero[g]) · scale[g] (the reference for 3-bit kernel tests)."""
+    g = g_idx.long()
+    return (codes.float() - zeros.float()[g]) * scales.float()[g]
+
+
+def rtn_kernel_weights(weight: torch.Tensor, group_size: int, bits: int = 4) -> KernelWeights:
+    """Round-to-nearest 3- or 4-bit of an nn.Linear weight [N, K] straight into the kernel layout.
+
+    Used when a model is served quantized without a GPTQ checkpoint (random-weight benchmarks);
     runs wherever the weight lives (a 4096×11008 layer takes milliseconds on a GPU).
     """
-    return repack_for_kernel(quantize_gptq_v1(weight.t(), group_size))
+    if bits == 4:
+        return repack_for_kernel(quantize_gptq_v1(weight.t(), group_size))
+    codes, zeros, scales, g_idx = rtn_codes(weight.t(), group_size, bits)
+    return repack_values(codes, zeros, scales, g_idx, group_size, bits)
 
 
-def _untile(kw: KernelWeights) -> torch.Tensor:
-    """Packed codes [K/8, N] (kernel nibble order, no column padding) of repacked weights."""
-    k, n = kw.in_features, kw.out_features
-    return kw.qweight.permute(1, 0, 2).reshape(k // 8, -1)[:, :n]
+def _untile(plane: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed plane [K/8, N] (kernel field order, no column padding) of a tiled plane."""
+    return plane.permute(1, 0, 2).reshape(plane.shape[1], -1)[:, :n]
 
 
 def _tile(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of _untile: [K/8, N] int32 → [ceil(N/128), K/8, 128] column tiles, zero padded."""
+    """Inverse of _untile: [K/8, N] → [ceil(N/128), K/8, 128] column tiles, zero padded."""
     k8, n = packed.shape
     n_pad = -(-n // KERNEL_N_TILE) * KERNEL_N_TILE
     out = torch.zeros(k8, n_pad, dtype=packed.dtype, device=packed.device)
@@ -219,46 +309,45 @@ def concat_kernel_weights(parts: list[KernelWeights]) -> KernelWeights:
     """Several layers with the same input, side by side along N (q|k|v, gate|up): one GEMM."""
     first = parts[0]
     for p in parts:
-        if (p.in_features, p.group_size) != (first.in_features, first.group_size) or p.perm is not None:
-            raise ValueError("only layers of equal K and group size without act-order fuse")
-    return KernelWeights(qweight=_tile(torch.cat([_untile(p) for p in parts], dim=1)),
-                         zeros=torch.cat([p.zeros for p in parts], dim=1).contiguous(),
-                         scales=torch.cat([p.scales for p in parts], dim=1).contiguous(),
-                         perm=None, group_size=first.group_size)
+        if (p.in_features, p.group_size, p.bits) != (first.in_features, first.group_size, first.bits) \
+                or p.perm is not None:
+            raise ValueError("only layers of equal K, group size and bits without act-order fuse")
+    planes = tuple(_tile(torch.cat([_untile(p.planes[i], p.out_features) for p in parts], dim=1))
+                   for i in range(len(first.planes)))
+    return first.with_planes(planes, torch.cat([p.zeros for p in parts], dim=1).contiguous(),
+                             torch.cat([p.scales for p in parts], dim=1).contiguous(), None)
 
 
 def slice_kernel_weights(kw: KernelWeights, start: int, end: int) -> KernelWeights:
     """Output columns [start, end) of repacked weights as a layer of their own (a copy)."""
-    return KernelWeights(qweight=_tile(_untile(kw)[:, start:end]),
-                         zeros=kw.zeros[:, start:end].contiguous(),
-                         scales=kw.scales[:, start:end].contiguous(),
-                         perm=kw.perm, group_size=kw.group_size)
+    planes = tuple(_tile(_untile(p, kw.out_features)[:, start:end]) for p in kw.planes)
+    return kw.with_planes(planes, kw.zeros[:, start:end].contiguous(), kw.scales[:, start:end].contiguous(),
+                          kw.perm)
 
 
 def write_kernel_weights(dst: KernelWeights, src: KernelWeights, start: int) -> None:
     """Overwrite dst's columns [start, start + src N) with src, in place (CUDA graphs stay valid)."""
     end = start + src.out_features
-    if (src.in_features, src.group_size) != (dst.in_features, dst.group_size) or end > dst.out_features:
+    if (src.in_features, src.group_size, src.bits) != (dst.in_features, dst.group_size, dst.bits) \
+            or end > dst.out_features:
         raise ValueError("weights do not fit the destination columns")
     if src.perm is not None or dst.perm is not None:
         if start or end != dst.out_features or src.perm is None or dst.perm is None \
                 or not torch.equal(src.perm.to(dst.perm.device), dst.perm):
             raise ValueError("act-order weights can only replace a layer of the same permutation")
-    packed = _untile(dst).clone()
-    packed[:, start:end] = _untile(src).to(packed.device)
-    dst.qweight.copy_(_tile(packed))
+    for d, s in zip(dst.planes, src.planes):
+        packed = _untile(d, dst.out_features).clone()
+        packed[:, start:end] = _untile(s, src.out_features).to(packed.device)
+        d.copy_(_tile(packed))
     dst.zeros[:, start:end].copy_(src.zeros)
     dst.scales[:, start:end].copy_(src.scales)
 
 
 def dequantize_kernel_weights(kw: KernelWeights) -> torch.Tensor:
     """float32 W [K, N] in the original row order from repacked weights (the CPU fallback path)."""
-    k, n = kw.in_features, kw.out_features
-    packed = kw.qweight.to(torch.int64).permute(1, 0, 2).reshape(k // 8, -1)[:, :n]
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
-    blocks = (packed.reshape(k // KERNEL_K_BLOCK, KERNEL_K_BLOCK // 8, 1, n) >> shifts[None, None, :, None]) & 0xF
-    q = blocks.permute(0, 2, 1, 3).reshape(k, n).float()
-    grp = torch.arange(k, device=packed.device) // kw.group_size
+    k = kw.in_features
+    q = kernel_codes(kw).float()
+    grp = torch.arange(k, device=q.device) // kw.group_size
     w = (q - kw.zeros.float()[grp]) * kw.scales.float()[grp]
     if kw.perm is not None:
         out = torch.empty_like(w)

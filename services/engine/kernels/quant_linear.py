@@ -11,6 +11,7 @@ from services.engine.kernels.gptq_format import (
     concat_kernel_weights,
     dequantize_kernel_weights,
     repack_codes,
+    repack_values,
     repack_for_kernel,
     slice_kernel_weights,
     write_kernel_weights,
@@ -44,10 +45,8 @@ class TritonQuantLinear(nn.Module):
 
     def to(self, device: torch.device | str) -> TritonQuantLinear:  # type: ignore[override]
         kw = self.kw
-        self.kw = KernelWeights(
-            qweight=kw.qweight.to(device), zeros=kw.zeros.to(device), scales=kw.scales.to(device),
-            perm=None if kw.perm is None else kw.perm.to(device), group_size=kw.group_size,
-        )
+        self.kw = kw.with_planes(tuple(p.to(device) for p in kw.planes), kw.zeros.to(device), kw.scales.to(device),
+                                 None if kw.perm is None else kw.perm.to(device))
         if self.bias is not None:
             self.bias = self.bias.to(device)
         self._dense = None
@@ -81,20 +80,29 @@ class TritonQuantLinear(nn.Module):
 
 
 def kernel_weights_of(module: nn.Module) -> KernelWeights | None:
-    """The 4-bit weights of a TritonQuantLinear or of a 4-bit GPTQ QuantLinear (quantizer), else None.
+    """The 3/4-bit weights of a TritonQuantLinear or of a 3/4-bit GPTQ QuantLinear (quantizer), else None.
 
-    A QuantLinear keeps GPTQ v1 row-packed codes, unpacked zeros, scales and g_idx; they are
-    repacked for the kernel on their own device.
+    A QuantLinear keeps GPTQ v1 row-packed codes (3-bit: codes unpacked once), unpacked zeros,
+    scales and g_idx; they are repacked for the kernel on their own device.
     """
     if isinstance(module, TritonQuantLinear):
         return module.kw if module.bias is None else None
-    qweight = getattr(module, "qweight", None)
-    if getattr(module, "bits", None) != 4 or qweight is None:
+    bits = getattr(module, "bits", None)
+    if bits not in (3, 4):
         return None
     zeros, scales, g_idx = module.zeros, module.scales, module.g_idx
     try:
-        return repack_codes(qweight, zeros.round().to(torch.int64), scales, g_idx,
-                            g_idx.shape[0] // scales.shape[0])
+        if bits == 4:
+            qweight = getattr(module, "qweight", None)
+            if qweight is None:
+                return None
+            return repack_codes(qweight, zeros.round().to(torch.int64), scales, g_idx,
+                                g_idx.shape[0] // scales.shape[0])
+        codes = getattr(module, "codes", None)
+        if codes is None:
+            return None
+        return repack_values(codes.T.to(torch.int64), zeros.round().to(torch.int64), scales, g_idx,
+                             g_idx.shape[0] // scales.shape[0], bits=3)
     except ValueError:  # a layout the kernel cannot take (e.g. group 32): served as given
         return None
 

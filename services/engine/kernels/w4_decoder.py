@@ -13,7 +13,7 @@ import torch
 
 from services.engine.kernels.attention import paged_decode_attention
 from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, rope_tables, silu_mul
-from services.engine.kernels.gptq_format import quantize_gptq_v1
+from services.engine.kernels.gptq_format import quantize_gptq_v1, rtn_kernel_weights
 from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
 from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.quant_linear import TritonQuantLinear
@@ -33,12 +33,12 @@ class DecoderShape:
     rope_theta: float = 10000.0
     eps: float = 1e-5
 
-    def quantized_weight_bytes(self, group_size: int = 128) -> int:
-        """Bytes of all 4-bit linears as the kernel stores them (int4 + fp16 scales and zeros)."""
+    def quantized_weight_bytes(self, group_size: int = 128, bits: int = 4) -> int:
+        """Bytes of all quantized linears as the kernel stores them (codes + fp16 scales and zeros)."""
         h, i = self.hidden, self.intermediate
         qkv_n = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         per_layer = [(h, qkv_n), (self.num_heads * self.head_dim, h), (h, 2 * i), (i, h)]
-        total = sum(k * n // 2 + 2 * 2 * (k // group_size) * n for k, n in per_layer)
+        total = sum(k * n * bits // 8 + 2 * 2 * (k // group_size) * n for k, n in per_layer)
         return total * self.num_layers
 
 
@@ -53,8 +53,9 @@ class W4Decoder:
     """Random-weight quantized Llama with paged KV caches; decode(...) runs one step for a batch."""
 
     def __init__(self, shape: DecoderShape, num_blocks: int, block_size: int, device: torch.device,
-                 max_positions: int = 4096, seed: int = 0) -> None:
+                 max_positions: int = 4096, seed: int = 0, bits: int = 4) -> None:
         self.shape = shape
+        self.bits = bits
         self.block_size = block_size
         self.device = device
         self.tuner = GemmTuner()
@@ -64,7 +65,9 @@ class W4Decoder:
 
         def qlinear(k: int, n: int) -> TritonQuantLinear:
             w = torch.randn(k, n, device=device, generator=gen) * (k ** -0.5)
-            return TritonQuantLinear.from_gptq(quantize_gptq_v1(w, 128), tuner=self.tuner)
+            if bits == 4:
+                return TritonQuantLinear.from_gptq(quantize_gptq_v1(w, 128), tuner=self.tuner)
+            return TritonQuantLinear(rtn_kernel_weights(w.t(), 128, bits), None, self.tuner)
 
         self.layers = []
         for _ in range(s.num_layers):

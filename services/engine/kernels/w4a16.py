@@ -1,4 +1,4 @@
-"""W4A16 GEMM (fp16 activations × GPTQ 4-bit weights) in Triton: kernels, launch configs, launcher.
+"""W4A16 / W3A16 GEMM (fp16 activations × GPTQ 4- or 3-bit weights) in Triton: kernels, launch configs, launcher.
 
 The kernel reads the repacked layout of gptq_format.repack_for_kernel. Each 128-row K block is
 one [16, BN] int32 tile; nibble j of it pairs with x[:, 16j:16j+16] of the block, so the unpack is
@@ -7,6 +7,8 @@ the [BM, BN] partial instead of per weight: for a block inside one group,
   Σ_k x_k (q_k - z) s = s · (Σ_k x_k q_k - z · Σ_k x_k),
 with Σ x q computed on the tensor cores from exact small-integer fp16 operands.
 Small M uses split-K (fp16 atomics into a zeroed output) to put enough loads in flight.
+3-bit weights use the same tiles in two planes (int16 low 2-bit fields, int8 high bits; see
+gptq_format.KernelWeights): every kernel but the 3-D "gemv" one takes them through BITS.
 """
 from __future__ import annotations
 
@@ -42,10 +44,30 @@ if triton is not None:
         return q.to(tl.float16)
 
     @triton.jit
+    def _load_planes(qw_ptr, qh_ptr, offs, BITS: tl.constexpr):
+        """The code planes of one tile as int32: (nibbles, same) at 4 bits, (low 2-bit fields,
+        high bits) at 3 (int16/int8 loads sign-extend; every field is masked after its shift)."""
+        q = tl.load(qw_ptr + offs).to(tl.int32)
+        if BITS == 3:
+            qh = tl.load(qh_ptr + offs).to(tl.int32)
+        else:
+            qh = q
+        return q, qh
+
+    @triton.jit
+    def _field(q, qh, j, BITS: tl.constexpr):
+        """Code j (0..7) of each element: nibble j at 4 bits; 2-bit field j plus high bit j at 3."""
+        if BITS == 4:
+            return (q >> (4 * j)) & 0xF
+        else:
+            return ((q >> (2 * j)) & 3) | (((qh >> j) & 1) << 2)
+
+    @triton.jit
     def _w4a16_gemv_row_kernel(
-        x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+        BITS: tl.constexpr,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
@@ -55,7 +77,7 @@ if triton is not None:
         pid_k = tl.program_id(2)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
-        qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
+        tile = ((pid_n * BN) // 128) * (K // 8 * 128)
         offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_n = offs_n < N
         num_blocks = K // 128
@@ -70,7 +92,8 @@ if triton is not None:
             for u in tl.static_range(UNROLL):
                 b = tl.minimum(b0 + u, b_end - 1)
                 live = (b0 + u < b_end).to(tl.float32)  # a block past the split's end counts 0
-                q = tl.load(qw_tile + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :])
+                q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile,
+                                     (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
                 g = (b * 128) // group_size
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -78,7 +101,7 @@ if triton is not None:
                 xs = tl.zeros((16,), dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + b * 128 + 16 * j + offs_i).to(tl.float32)
-                    wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    wj = (_field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     part += xj[:, None] * wj
                     xs += xj
                 acc += part * s[None, :]
@@ -95,11 +118,11 @@ if triton is not None:
 
     @triton.jit
     def _w4a16_kernel(
-        x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
-        FAST_DEQ: tl.constexpr,
+        FAST_DEQ: tl.constexpr, BITS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -117,7 +140,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
         # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
-        qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
+        tile = ((pid_n * BN) // 128) * (K // 8 * 128)
         # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
         offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_m = offs_m < M
@@ -137,18 +160,20 @@ if triton is not None:
                 # One K=128 dot: row k of the tile is nibble k // 16 of packed row k % 16
                 # (duplicate addresses, served by the cache), x read contiguously.
                 offs_k = tl.arange(0, 128)
-                qk = tl.load(qw_tile + (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], mask=mask_n[None, :], other=0)
-                w = _nibble_fp16((qk >> ((offs_k // 16) * 4)[:, None]) & 0xF, FAST_DEQ)
+                qk, qkh = _load_planes(qw_ptr + tile, qh_ptr + tile,
+                                       (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], BITS)
+                w = _nibble_fp16(_field(qk, qkh, (offs_k // 16)[:, None], BITS), FAST_DEQ)
                 xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
                 part = tl.dot(xt, w)
                 xsum = tl.sum(xt.to(tl.float32), axis=1)
             else:
-                q = tl.load(qw_tile + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], mask=mask_n[None, :], other=0)
+                q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile,
+                                     (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
                 part = tl.zeros((BM, BN), dtype=tl.float32)
                 xsum = tl.zeros((BM,), dtype=tl.float32)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
-                    wj = _nibble_fp16((q >> (4 * j)) & 0xF, FAST_DEQ)
+                    wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
                     part = tl.dot(xj, wj, part)
                     xsum += tl.sum(xj.to(tl.float32), axis=1)
             if FAST_DEQ:
@@ -225,20 +250,21 @@ if triton is not None:
 
 
     @triton.jit
-    def _dequant_kernel(qw_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size):
+    def _dequant_kernel(qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BITS: tl.constexpr):
         """W [K, N] fp16 from the repacked layout: one program per (128-row K block, 128-col tile)."""
         b = tl.program_id(0)
         t = tl.program_id(1)
         offs_i = tl.arange(0, 16)
         offs_c = tl.arange(0, 128)
-        q = tl.load(qw_ptr + t * (K // 8 * 128) + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :])
+        q, qh = _load_planes(qw_ptr + t * (K // 8 * 128), qh_ptr + t * (K // 8 * 128),
+                             (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
         n = t * 128 + offs_c
         nmask = n < N
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         for j in tl.static_range(8):
-            w = (((q >> (4 * j)) & 0xF).to(tl.float32) - z[None, :]) * s[None, :]
+            w = (_field(q, qh, j, BITS).to(tl.float32) - z[None, :]) * s[None, :]
             k = b * 128 + 16 * j + offs_i
             tl.store(out_ptr + k[:, None].to(tl.int64) * N + n[None, :], w.to(tl.float16),
                      mask=nmask[None, :])
@@ -251,7 +277,7 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
     k, n = kw.in_features, kw.out_features
     out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
     _dequant_kernel[(k // KERNEL_K_BLOCK, triton.cdiv(n, 128))](
-        kw.qweight, kw.zeros, kw.scales, out, n, k, kw.group_size, num_warps=4)
+        kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, n, k, kw.group_size, BITS=kw.bits, num_warps=4)
     return out
 
 
@@ -331,6 +357,8 @@ def w4a16_matmul(
         raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
     if 128 % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
+    if kw.bits != 4 and cfg.kind == "gemv":
+        raise ValueError(f"the {cfg.kind} kernel takes 4-bit weights only, got {kw.bits}-bit")
     if cfg.kind == "dense":
         out = x @ dequantize_fp16(kw)
         return out if bias is None else out + bias.to(out.dtype)
@@ -340,12 +368,14 @@ def w4a16_matmul(
     split_k = -(-num_blocks // blocks_per_split)
     use_atomic = split_k > 1
     out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
-    args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
+    tail = (kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
+    args = (x, kw.qweight, *tail)
+    args_planes = (x, kw.qweight, kw.planes[-1], *tail)   # kernels that also take 3-bit planes
     if cfg.kind == "gemv_row":
         _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
-            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *args_planes, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
+            BITS=kw.bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kind == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
@@ -356,9 +386,9 @@ def w4a16_matmul(
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
         _w4a16_kernel[grid](
-            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
+            *args_planes, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
-            FAST_DEQ=cfg.fast_deq,
+            FAST_DEQ=cfg.fast_deq, BITS=kw.bits,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -29,7 +29,11 @@ class InlaidScheduler(StreakScheduler):
       is free), ranked by their shortest request; a task absent from the
       previous step pays `inlaid_task_switch_tokens`, so the batch keeps its
       tasks unless a much shorter request arrives. Running requests of a task
-      that loses its slot keep their KV and wait (see `task_key`);
+      that loses its slot keep their KV and wait (see `task_key`). With
+      `inlaid_decode_task_rank` = "srtf_per_seq", decode divides that key by
+      the task's running sequences, so a slot that advances many sequences
+      beats one holding a single request (off by default: neutral in the
+      simulator, benchmarks/results/sim_scale.md);
     * a request is hungry — it goes ahead of SRTF and of the task preference —
       when it has not been served for `starvation_limit_s` or has outrun its
       predicted length;
@@ -120,8 +124,12 @@ class InlaidScheduler(StreakScheduler):
         candidates = self.running
         groups = group_by_task(self.running)
 
+        per_seq = self.config.inlaid_decode_task_rank == "srtf_per_seq"
+
         def task_key(task: str) -> tuple:
-            return self.task_key(task, groups[task], now_s)
+            not_hungry, remaining = self.task_key(task, groups[task], now_s)
+            # Hungry tasks still go first; among the rest, tokens a slot needs per sequence it advances.
+            return (not_hungry, remaining / len(groups[task])) if per_seq else (not_hungry, remaining)
 
         chosen = choose_tasks(groups, self.config.max_adapters_per_batch, task_key)
         if len(chosen) < len(groups):

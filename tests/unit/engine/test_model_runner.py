@@ -379,3 +379,35 @@ def test_host_lora_grouping_equals_the_device_one(slot_of):
     host = lora_grouping(slot_of)
     for row, ref in zip(host, (batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end)):
         assert row.tolist() == ref.tolist()
+
+
+def test_3bit_runner_and_swaps_between_widths():
+    """quant_bits=3 serves W3A16 kernel weights (CPU: their dequantized form); a 3-bit quantizer
+    QuantLinear swaps into a 3-bit runner in place, and into a 4-bit runner as a new kernel module."""
+    torch.set_num_threads(1)
+    from services.engine.kernels.gptq_format import rtn_codes
+    from services.engine.kernels.quant_linear import TritonQuantLinear
+    from services.quantizer.packing import pack_qweight, pack_qzeros
+    from services.quantizer.qlinear import QuantLinear
+    weights = random_weights(QSHAPE, "cpu", torch.float32, std=0.05)
+    q3 = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32",
+                                  quant_bits=3), QSHAPE, weights, "cpu", torch.float32)
+    assert q3.base_linear(0, "q_proj").kw.bits == 3
+    dense = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32"),
+                        QSHAPE, _dequantized_weights(q3, weights), "cpu", torch.float32)
+    ids = list(range(3, 40))
+    assert rel_err(_logits(q3, ids), _logits(dense, ids)) < 1e-5
+    gen = torch.Generator().manual_seed(2)
+    k, n = QSHAPE.intermediate_size, QSHAPE.hidden_size
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, generator=gen) * 0.05, 128, 3)
+    module = QuantLinear(pack_qweight(codes.T.to(torch.int32), 3), pack_qzeros(zeros.to(torch.int32), 3),
+                         scales, g_idx, 3)
+    q3.set_base_linear(1, "down_proj", module)
+    assert q3.model_epoch == 0
+    assert torch.equal(q3.base_linear(1, "down_proj").dense_weight(torch.float32), module.dequantized().t())
+    q4 = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32",
+                                  quant_bits=4), QSHAPE, weights, "cpu", torch.float32)
+    q4.set_base_linear(1, "down_proj", module)
+    swapped = q4.base_linear(1, "down_proj")
+    assert q4.model_epoch == 1 and isinstance(swapped, TritonQuantLinear) and swapped.kw.bits == 3
+    assert torch.equal(swapped.dense_weight(torch.float32), module.dequantized().t())

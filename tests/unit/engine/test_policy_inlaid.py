@@ -6,6 +6,7 @@ import random
 import pytest
 
 from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
 from services.engine.policies.inlaid import InlaidScheduler
 from services.engine.scheduler import SchedulerConfig
 from services.engine.sequence import SamplingParams, Sequence, SequenceStatus
@@ -233,3 +234,58 @@ def test_pool_with_a_free_task_slot_keeps_the_plain_streak(pool_tasks, beta):
 def test_full_batch_streak_factor_must_be_positive():
     with pytest.raises(ValueError, match="inlaid_full_batch_streak_factor"):
         SchedulerConfig(inlaid_full_batch_streak_factor=0)
+
+
+def decode_tasks_with_rank(rank: str, hungry_task: str | None = None) -> set[str]:
+    """Tasks decoded when β = 1 slot is contested by ta (3 running, shortest 30 tokens left)
+    and tb (1 running, 20 left); both ran last step, so neither pays the switch penalty."""
+    sched, clock = make_sched(max_adapters_per_batch=1, max_decode_streak=100, starvation_limit_s=5.0,
+                              inlaid_decode_task_rank=rank)
+    for i, predicted in enumerate((31, 40, 50)):
+        make_running(sched, make_seq(f"a{i}", task="ta", predicted=predicted), num_outputs=1)
+    make_running(sched, make_seq("b", task="tb", predicted=21), num_outputs=1)
+    sched.last_step_tasks = {"ta", "tb"}
+    for seq in sched.running:
+        seq.sched_state["last_service_s"] = 0.0
+    clock.now_s = 1.0
+    if hungry_task:
+        for seq in sched.running:
+            if seq.task == hungry_task:
+                seq.sched_state["last_service_s"] = -10.0   # unserved past the starvation limit
+    out = sched.schedule()
+    assert not out.prefill
+    return {s.task for s in out.decode}
+
+
+@pytest.mark.parametrize("rank, expected", [("srtf", {"tb"}), ("srtf_per_seq", {"ta"})])
+def test_decode_rank_per_seq_prefers_the_slot_advancing_more_sequences(rank, expected):
+    # srtf: 20 < 30 tokens, tb's single request wins the slot. srtf_per_seq: 30 / 3 = 10 < 20 / 1.
+    assert decode_tasks_with_rank(rank) == expected
+
+
+def test_decode_rank_per_seq_keeps_the_starvation_guard():
+    assert decode_tasks_with_rank("srtf_per_seq", hungry_task="tb") == {"tb"}
+
+
+def test_decode_rank_per_seq_keeps_the_previous_step_preference():
+    # tc (new to the batch, 3 running, 30 left) pays 32 tokens: (30 + 32) / 3 > 20 / 1 of tb.
+    sched, _ = make_sched(max_adapters_per_batch=1, max_decode_streak=100,
+                          inlaid_decode_task_rank="srtf_per_seq")
+    for i in range(3):
+        make_running(sched, make_seq(f"c{i}", task="tc", predicted=31 + i), num_outputs=1)
+    make_running(sched, make_seq("b", task="tb", predicted=21), num_outputs=1)
+    sched.last_step_tasks = {"tb"}
+    assert {s.task for s in sched.schedule().decode} == {"tb"}
+
+
+def test_decode_task_rank_is_validated():
+    with pytest.raises(ValueError, match="inlaid_decode_task_rank"):
+        SchedulerConfig(inlaid_decode_task_rank="biggest")
+    with pytest.raises(ValueError, match="ENGINE_INLAID_DECODE_TASK_RANK"):
+        EngineConfig(inlaid_decode_task_rank="biggest")
+
+
+@pytest.mark.parametrize("env, expected", [({}, "srtf"),
+                                           ({"ENGINE_INLAID_DECODE_TASK_RANK": "srtf_per_seq"}, "srtf_per_seq")])
+def test_decode_task_rank_from_env(env, expected):
+    assert EngineConfig.from_env(env).scheduler_config().inlaid_decode_task_rank == expected
