@@ -14,7 +14,7 @@ Sections (each skippable, each printed with a time estimate, results written aft
   ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths
   wfq      one task at 10× the others' rate: others' p99 with vs without the hog
   scale    2/10/100/1000 tasks at a fixed rate: real engine (inlaid with the current and the old
-           prefill rule, same trace) + simulator (fitted model)
+           prefill rule and with the per-sequence decode rank, same trace) + simulator (fitted model)
   fp16     frees the 4-bit runner, loads an fp16 base (S-LoRA's configuration), fifo + inlaid
 
     python benchmarks/bench_serve_gpu.py --out $OUT --commit <sha>          # GPU, ≈ 450 s
@@ -590,7 +590,7 @@ def parse_args(argv=None):
     ap.add_argument("--calib-half-s", type=float, default=4.0)
     ap.add_argument("--grid-reps", type=int, default=3)
     ap.add_argument("--scale-tasks", default="2,10,100,1000")
-    ap.add_argument("--scale-policies", default="inlaid,inlaid-old",
+    ap.add_argument("--scale-policies", default="inlaid,inlaid-old,inlaid-per-seq",
                     help=f"variants replayed on each scaling trace: a policy name or one of {sorted(SCALE_VARIANTS)}")
     ap.add_argument("--scale-frac", type=float, default=1.3,
                     help="rate of the scaling runs as a fraction of C: above 1, so throughput is capacity")

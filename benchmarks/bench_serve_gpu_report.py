@@ -293,7 +293,7 @@ def _scale(data: dict) -> list[str]:
                 "counts for what loads cost, decode steps and decode batch for what spreading the requests over "
                 "more tasks (at most β per step) costs. The cost model has no slot-load term.", ""]
     for kind in ("real", "sim"):
-        for policy in ("inlaid", "inlaid-old", "fifo"):
+        for policy in dict.fromkeys(r.get("policy") for r in sc.get(kind, [])):
             loss = scale_loss(sc.get(kind, []), policy)
             if loss is not None:
                 out.append(f"- {kind}, {policy}: throughput loss 2 → 100 tasks {loss:+.1%}")

@@ -47,8 +47,12 @@ SIM_VARIANTS = [("inlaid", "inlaid", "predictor", None), ("fifo", "fifo", "predi
 # Variants of the scale section: name -> (engine policy, EngineConfig/SchedulerConfig overrides, label).
 # "inlaid-old" is inlaid before the full-batch prefill rule (prefill after max_decode_streak decode steps
 # even when the running pool already holds β tasks), kept to compare both on one machine and trace.
+# "inlaid-per-seq" ranks tasks for the β decode slots by shortest remaining per running sequence
+# (inlaid_decode_task_rank, off by default; simulated neutral, results/sim_scale.md).
 SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
-                  "inlaid-old": ("inlaid", {"inlaid_full_batch_streak_factor": 1}, "inlaid (old prefill rule)")}
+                  "inlaid-old": ("inlaid", {"inlaid_full_batch_streak_factor": 1}, "inlaid (old prefill rule)"),
+                  "inlaid-per-seq": ("inlaid", {"inlaid_decode_task_rank": "srtf_per_seq"},
+                                     "inlaid (decode rank per running seq)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
@@ -119,7 +123,7 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
     for count in counts:
         trace = make_trace(task_names(count, families), lengths, rate, sim_s, seed + 20, zipf_a=meta["zipf_a"],
                            pred_sigma=meta["pred_sigma"], prefix=f"sim{count}-", pooled=True)
-        for name in ("inlaid", "inlaid-old", "fifo"):
+        for name in (*SCALE_VARIANTS, "fifo"):
             policy, overrides, desc = scale_variant(name)
             res = Simulator(POLICIES[policy], dataclasses.replace(sched, **overrides), cost, sim_cfg).run(trace)
             sim_rows.append(dict(res.metrics, variant=f"{desc}, {count} tasks (sim)", policy=name,
