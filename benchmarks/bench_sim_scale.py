@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sim import git_commit, table  # noqa: E402
-from serve_gpu_fit import SCALE_VARIANTS  # noqa: E402
+from serve_gpu_fit import SCALE_VARIANTS, run_settings  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, task_names  # noqa: E402
-from services.engine.config import EngineConfig  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.policies.batching import group_by_task  # noqa: E402
 from services.engine.policies.inlaid import InlaidScheduler  # noqa: E402
@@ -330,12 +329,7 @@ def load_measured(path: Path) -> dict:
         src, commit, window = sc["_meta"], sc["_meta"]["git_commit"], 5.0
     else:
         src, commit, window = data["calibration"], meta["git_commit"], meta["scale_window_s"]
-    base = EngineConfig(max_num_seqs=meta["max_num_seqs"], max_num_batched_tokens=meta["max_batched_tokens"],
-                        max_adapters=meta["adapter_slots"], max_adapters_per_batch=meta["beta"],
-                        max_decode_streak=meta["max_decode_streak"],
-                        starvation_limit_s=meta["starvation_limit_s"]).scheduler_config()
-    sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
-                        slo_scale=meta["slo_scale"])
+    base, sim_cfg = run_settings(meta)
     cost = CostModel.from_dict(src["cost_model"])
     # The measured steps of the scaling replays (the merged re-run keeps its own file; serve_gpu.steps.csv
     # there is another run's). A model fitted to the replays of <= 100 tasks tells the calibration model's

@@ -78,6 +78,18 @@ def step_stats(rows: list[dict], run: str) -> dict:
             "prefill_busy_s": sum(r["step_s"] for r in pre)}
 
 
+def run_settings(meta: dict) -> tuple:
+    """(SchedulerConfig, SimConfig) of a bench_serve_gpu run, from its JSON's meta."""
+    from services.engine.config import EngineConfig
+    sched = EngineConfig(max_num_seqs=meta["max_num_seqs"], max_num_batched_tokens=meta["max_batched_tokens"],
+                         max_adapters=meta["adapter_slots"], max_adapters_per_batch=meta["beta"],
+                         max_decode_streak=meta["max_decode_streak"],
+                         starvation_limit_s=meta["starvation_limit_s"]).scheduler_config()
+    sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
+                        slo_scale=meta["slo_scale"])
+    return sched, sim_cfg
+
+
 def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> None:
     """After a run, on any machine: refit the cost model to the measured steps (serve_gpu.steps.csv)
     with the current CostModel.fit, evaluate it on held-out steps, and rerun the simulator sections
@@ -102,14 +114,7 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
         "cost_model": cost.to_dict(), "fit_70_30": {"cost_model": split.to_dict(), "heldout": fit_error(split, test)},
         "on_calib_steps": fit_error(cost, cal_rows), "on_main_steps": fit_error(cost, main_rows),
         "on_all_4bit_replay_steps": fit_error(cost, replay_4bit)}
-    meta = data["meta"]
-    from services.engine.config import EngineConfig
-    sched = EngineConfig(max_num_seqs=meta["max_num_seqs"], max_num_batched_tokens=meta["max_batched_tokens"],
-                         max_adapters=meta["adapter_slots"], max_adapters_per_batch=meta["beta"],
-                         max_decode_streak=meta["max_decode_streak"],
-                         starvation_limit_s=meta["starvation_limit_s"]).scheduler_config()
-    sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
-                        slo_scale=meta["slo_scale"])
+    sched, sim_cfg = run_settings(data["meta"])
     lengths = family_lengths(ROOT / "data" / "lengths.jsonl")
     families = list(lengths)
     capacity = data["calibration"]["fifo_capacity_req_s"]
