@@ -45,9 +45,6 @@ def sweep_configs(m: int) -> list[GemmConfig]:
         cands += [GemmConfig("gemv_row", 1, bn, sk, w, 1, u)
                   for bn in (32, 64, 128) for u in (1, 2, 4) for sk in (1, 2, 4, 8, 16)
                   for w in ((2, 4) if bn == 32 else (4,) if bn == 64 else (4, 8))]
-    if m <= 4:
-        cands += [GemmConfig("gemv", m_bucket(m), bn, sk, 4, 1, u)
-                  for bn in (64, 128) for u in (2, 4) for sk in (1, 2, 4, 8)]
     cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=fd)
               for fd in (True, False) for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4)
               if fd or (st == 3 and bn != 32)]
@@ -143,7 +140,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
             "top8": [(str(c), round(ms * 1e3, 2)) for c, ms, _ in results[:8]],
             "best_by_kind": {kind: min((round(ms * 1e3, 2) for c, ms, _ in results if c.kind == kind and
                                         (kind != "mma8" or c.fast_deq)), default=None)
-                             for kind in ("gemv_row", "gemv", "mma8", "mma")},
+                             for kind in ("gemv_row", "mma8", "mma")},
             "mma8_slow_deq_best_us": min((round(ms * 1e3, 2) for c, ms, _ in results
                                           if c.kind == "mma8" and not c.fast_deq), default=None),
             "num_configs": len(results),
@@ -214,10 +211,10 @@ def write_markdown(res: dict, path: Path) -> None:
             f"{r['best_rot_frac_copy_bw']*100:.0f} | {r['best_flush_ms']*1e3:.1f} | {r['fp16_flush_ms']*1e3:.1f} | "
             f"{i4f*1e3 if i4f else float('nan'):.1f} | {r['fp16_flush_ms']/r['best_flush_ms']:.2f} | {r['best_rel_err']:.1e} |")
     lines += ["\nBest per kernel kind (µs, rotate; mma8 = fast dequant; 'mma8 slow deq' = int→float converts):\n",
-              "| K×N | M | gemv_row | gemv | mma8 | mma | mma8 slow deq |", "|---|---|---|---|---|---|---|"]
+              "| K×N | M | gemv_row | gemv (3-D, removed since) | mma8 | mma | mma8 slow deq |", "|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         b = r["best_by_kind"]
-        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {b['gemv_row']} | {b['gemv']} | {b['mma8']} | {b['mma']} | "
+        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {b['gemv_row']} | {b.get('gemv')} | {b['mma8']} | {b['mma']} | "
                      f"{r['mma8_slow_deq_best_us']} |")
     if res.get("decode"):
         lines += ["\n## Decode step (random Llama-2-7B, 4-bit g128, ctx 256, CUDA graph, flush method)\n",

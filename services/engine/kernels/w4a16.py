@@ -8,7 +8,7 @@ the [BM, BN] partial instead of per weight: for a block inside one group,
 with Σ x q computed on the tensor cores from exact small-integer fp16 operands.
 Small M uses split-K (fp16 atomics into a zeroed output) to put enough loads in flight.
 3-bit weights use the same tiles in two planes (int16 low 2-bit fields, int8 high bits; see
-gptq_format.KernelWeights): every kernel but the 3-D "gemv" one takes them through BITS.
+gptq_format.KernelWeights): every kernel takes them through BITS.
 """
 from __future__ import annotations
 
@@ -192,64 +192,6 @@ if triton is not None:
 
 
     @triton.jit
-    def _w4a16_gemv_kernel(
-        x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
-        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
-        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
-    ):
-        """CUDA-core path for a few rows: FMAs into a [BM, 16, BN] accumulator, one reduction at the end.
-
-        int4 → fp32 without a convert: (q | 0x4B000000) read as fp32 is 2^23 + q, so subtracting
-        2^23 + zero gives q - zero exactly. UNROLL K blocks are loaded per iteration so that
-        several 16-row tiles are in flight per program.
-        """
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_i = tl.arange(0, 16)
-        # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
-        qw_tile = qw_ptr + ((pid_n * BN) // 128) * (K // 8 * 128)
-        # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
-        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        num_blocks = K // 128
-        b_start = pid_k * blocks_per_split
-        b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
-        acc = tl.zeros((BM, 16, BN), dtype=tl.float32)
-        x_row = x_ptr + offs_m[:, None] * stride_xm
-        for b0 in range(b_start, b_end, UNROLL):
-            for u in tl.static_range(UNROLL):
-                b = b0 + u
-                n_lim = tl.where(b < b_end, N, 0)  # blocks past this split's end contribute 0
-                nmask = offs_n < n_lim
-                q = tl.load(qw_tile + (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], mask=nmask[None, :], other=0)
-                g = (b * 128) // group_size
-                s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-                zm = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32) + 8388608.0
-                part = tl.zeros((BM, 16, BN), dtype=tl.float32)
-                for j in tl.static_range(8):
-                    kk = b * 128 + 16 * j + offs_i
-                    xj = tl.load(x_row + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-                    wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zm[None, :]
-                    part += xj[:, :, None] * wj[None, :, :]
-                acc += part * s[None, None, :]
-        out_v = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            out_v += bias[None, :] * (pid_k == 0).to(tl.float32)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        omask = mask_m[:, None] & mask_n[None, :]
-        if USE_ATOMIC:
-            tl.atomic_add(out, out_v.to(tl.float16), mask=omask, sem="relaxed")
-        else:
-            tl.store(out, out_v.to(tl.float16), mask=omask)
-
-
-    @triton.jit
     def _dequant_kernel(qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BITS: tl.constexpr):
         """W [K, N] fp16 from the repacked layout: one program per (128-row K block, 128-col tile)."""
         b = tl.program_id(0)
@@ -283,10 +225,10 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration: kind "gemv" (CUDA cores, [BM, 16, BN] tiles), "gemv_row" (CUDA
-    cores, one x row per program, 2-D tiles), "mma8" (8 K=16 dots), "mma" (one K=128 dot) or
-    "dense" (dequantize to fp16, then cuBLAS: compute-bound prefill at large M). fast_deq: the
-    mma kinds turn nibbles into fp16 with the 1024-exponent trick instead of int→float converts."""
+    """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
+    "mma8" (8 K=16 dots), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS:
+    compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the
+    1024-exponent trick instead of int→float converts."""
 
     kind: str
     block_m: int
@@ -309,8 +251,8 @@ def candidate_configs(m: int) -> list[GemmConfig]:
 
     Pruned by the H100 sweep (benchmarks/results/gemm_sweep.md, cold rotating weights): at M = 1
     gemv_row with 32-column tiles and split-K 4-16 won on every shape (1.3-1.9x cuBLAS fp16); at
-    M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (the [BM, 16, BN]
-    "gemv" kernel was 30-60x slower at M = 4 and is kept only where it was tried before, M <= 2).
+    M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (an earlier CUDA-core
+    kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
     Every variant here costs a Triton compile during engine warm-up.
     """
     cands: list[GemmConfig] = []
@@ -357,8 +299,6 @@ def w4a16_matmul(
         raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
     if 128 % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
-    if kw.bits != 4 and cfg.kind == "gemv":
-        raise ValueError(f"the {cfg.kind} kernel takes 4-bit weights only, got {kw.bits}-bit")
     if cfg.kind == "dense":
         out = x @ dequantize_fp16(kw)
         return out if bias is None else out + bias.to(out.dtype)
@@ -370,23 +310,16 @@ def w4a16_matmul(
     out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
     tail = (kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
-    args = (x, kw.qweight, *tail)
-    args_planes = (x, kw.qweight, kw.planes[-1], *tail)   # kernels that also take 3-bit planes
+    args = (x, kw.qweight, kw.planes[-1], *tail)   # planes[-1]: the 3-bit high plane (4-bit: unused)
     if cfg.kind == "gemv_row":
         _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
-            *args_planes, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
+            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    elif cfg.kind == "gemv":
-        grid = (triton.cdiv(n, cfg.block_n), split_k, triton.cdiv(m, cfg.block_m))
-        _w4a16_gemv_kernel[grid](
-            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
-            BM=cfg.block_m, BN=cfg.block_n, UNROLL=cfg.unroll, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
         _w4a16_kernel[grid](
-            *args_planes, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
+            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
             FAST_DEQ=cfg.fast_deq, BITS=kw.bits,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -6,7 +6,7 @@ import pytest
 from services.engine.kernels.gemm_tuner import MAX_COPIES, num_copies
 from services.engine.kernels.w4a16 import candidate_configs, m_bucket
 
-KINDS = {"gemv", "gemv_row", "mma8", "mma", "dense"}
+KINDS = {"gemv_row", "mma8", "mma", "dense"}
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16, 17, 40, 64, 65, 128, 300])
