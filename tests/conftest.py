@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-from services.common.redis_server import EmbeddedRedis
-
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
@@ -17,6 +15,8 @@ def redis_url(tmp_path_factory):
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
+    # Imported here, not at collection: the GPU suites run on machines without the redis package.
+    from services.common.redis_server import EmbeddedRedis
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     yield server.start()
     server.stop()
