@@ -7,8 +7,8 @@ Two timings per cell:
           (per-call time = graph time / R). Nothing dirty is left in the L2 by the timer.
   flush:  bench_gpu_kernels' method (256 MB written before each single call), for the winners only.
 
-  python benchmarks/bench_gemm_sweep.py --out DIR [--commit SHA] [--budget-s 420] [--quick]
-Writes DIR/gemm_sweep.json and DIR/gemm_sweep.md.
+  python benchmarks/bench_gemm_sweep.py --out DIR [--commit SHA] [--budget-s 420] [--quick] [--bits 3]
+Writes DIR/gemm_sweep.{json,md} (--bits 3: gemm_sweep_w3.*).
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, copy_bandwidth_gbs, decode_inputs, torch_int4_pack  # noqa: E402
-from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, repack_for_kernel  # noqa: E402
+from services.engine.kernels.gptq_format import (  # noqa: E402
+    dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
+)
 from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
 from services.engine.kernels.w4a16 import GemmConfig, candidate_configs, m_bucket, w4a16_matmul  # noqa: E402
 
@@ -39,17 +41,25 @@ L2_BYTES = 50 * 2**20
 
 
 def sweep_configs(m: int) -> list[GemmConfig]:
-    """A wider grid than the engine's tuner tries (split-K 1 included: no memset, no atomics)."""
+    """A wider grid than the engine's tuner tries, kept to about 20 Triton compiles (the first
+    run's ~100 took 274 s of a 380 s budget): split-K only changes a runtime argument, so the
+    grid spends its variety there; gemv_row also tries software pipelining (num_stages 3)."""
     cands: list[GemmConfig] = []
-    if m == 1:
-        cands += [GemmConfig("gemv_row", 1, bn, sk, w, 1, u)
-                  for bn in (32, 64, 128) for u in (1, 2, 4) for sk in (1, 2, 4, 8, 16)
-                  for w in ((2, 4) if bn == 32 else (4,) if bn == 64 else (4, 8))]
+    if m <= 4:
+        cands += [GemmConfig("gemv_row", 1, bn, sk, w, st, u)
+                  for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16) for st in (1, 3)
+                  for w in ((2, 4) if bn == 32 else (4,))]
     cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=fd)
-              for fd in (True, False) for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4)
-              if fd or (st == 3 and bn != 32)]
-    cands += [GemmConfig("mma", 16, bn, sk, 4, 3, fast_deq=True) for bn in (64, 128) for sk in (1, 2, 4, 8)]
+              for fd in (True, False) for bn in (64, 128) for sk in (2, 4, 8) for st in (2, 3)
+              if fd or st == 3]
+    cands += [GemmConfig("mma", 16, bn, sk, 4, 3, fast_deq=True) for bn in (64, 128) for sk in (2, 4, 8)]
     return cands
+
+
+def weight_copies_n(kw, count: int) -> list:
+    """kw and count - 1 clones of it (every code plane, zeros and scales)."""
+    return [kw] + [kw.with_planes(tuple(p.clone() for p in kw.planes), kw.zeros.clone(), kw.scales.clone(), kw.perm)
+                   for _ in range(count - 1)]
 
 
 class RotTimer:
@@ -83,15 +93,19 @@ def copies_for(nbytes: int) -> int:
 
 
 def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline: float, log: list,
-                winners: dict) -> list[dict]:
+                winners: dict, bits: int = 4) -> list[dict]:
     w = torch.randn(k, n, device="cuda") * k ** -0.5
-    t = quantize_gptq_v1(w, GROUP)
-    ref_w = dequantize_reference(t)
-    kw = repack_for_kernel(t)
-    q_bytes = k * n // 2 + 4 * (k // GROUP) * n
+    t = quantize_gptq_v1(w, GROUP)   # 4-bit: also torch int4's input
+    if bits == 4:
+        ref_w = dequantize_reference(t)
+        kw = repack_for_kernel(t)
+    else:
+        codes, zeros, scales, g_idx = rtn_codes(w, GROUP, bits)
+        ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+        kw = repack_values(codes, zeros, scales, g_idx, GROUP, bits)
+    q_bytes = k * n * bits // 8 + 4 * (k // GROUP) * n
     nq = copies_for(q_bytes)
-    kws = [kw] + [type(kw)(qweight=kw.qweight.clone(), zeros=kw.zeros.clone(), scales=kw.scales.clone(),
-                           perm=kw.perm, group_size=kw.group_size) for _ in range(nq - 1)]
+    kws = weight_copies_n(kw, nq)
     w16 = ref_w.t().contiguous().half()
     n16 = copies_for(2 * k * n)
     w16s = [w16] + [w16.clone() for _ in range(n16 - 1)]
@@ -163,14 +177,14 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
     return rows
 
 
-def bench_decode_winners(winners: dict, flush: Timer, bw: float, quick: bool) -> list[dict]:
+def bench_decode_winners(winners: dict, flush: Timer, bw: float, quick: bool, bits: int = 4) -> list[dict]:
     """Decode step at batch 1/8/16 with the engine tuner's own choice vs the sweep's winners."""
     shape = DecoderShape(num_layers=4 if quick else 32)
     block_size, ctx = 16, 256
     batches = [1, 8, 16]
     num_blocks = max(batches) * -(-(ctx + 1) // block_size)
-    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"))
-    weight_bytes = shape.quantized_weight_bytes(GROUP) + 2 * shape.vocab * shape.hidden
+    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"), bits=bits)
+    weight_bytes = shape.quantized_weight_bytes(GROUP, bits) + 2 * shape.vocab * shape.hidden
     out = []
     for bsz in batches:
         inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, None)
@@ -234,6 +248,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop sweeping new configs after this long")
     ap.add_argument("--quick", action="store_true", help="two shapes, 4-layer decoder")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--bits", type=int, default=4, choices=(3, 4), help="weight width swept (and decoded)")
     args = ap.parse_args()
     import triton
 
@@ -247,20 +262,23 @@ def main() -> None:
     print(f"{res['device']}: copy bandwidth {res['copy_bw_gbs']:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = "gemm_sweep" if args.bits == 4 else f"gemm_sweep_w{args.bits}"
+    res["bits"] = args.bits
     rot = RotTimer(args.reps)
     shapes = SHAPES[:2] if args.quick else SHAPES
     deadline = t0 + args.budget_s
     winners: dict = {}
     for k, n in shapes:
-        res["gemm"] += sweep_shape(k, n, rot, flush, res["copy_bw_gbs"], deadline, res["errors"], winners)
-        (out / "gemm_sweep.json").write_text(json.dumps(res, indent=1, default=str))
+        res["gemm"] += sweep_shape(k, n, rot, flush, res["copy_bw_gbs"], deadline, res["errors"], winners,
+                                   args.bits)
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
         print(f"[{k}x{n} done at {time.time()-t0:.0f}s]", flush=True)
     if not args.no_decode:
-        res["decode"] = bench_decode_winners(winners, flush, res["copy_bw_gbs"], args.quick)
-    (out / "gemm_sweep.json").write_text(json.dumps(res, indent=1, default=str))
-    write_markdown(res, out / "gemm_sweep.md")
+        res["decode"] = bench_decode_winners(winners, flush, res["copy_bw_gbs"], args.quick, args.bits)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    write_markdown(res, out / f"{stem}.md")
     print(f"[all done at {time.time()-t0:.0f}s]", flush=True)
-    print((out / "gemm_sweep.md").read_text())
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
