@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import statistics
 import sys
 import time
@@ -26,17 +25,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_gpu_kernels import Timer, copy_bandwidth_gbs, decode_inputs, torch_int4_pack  # noqa: E402
-from services.engine.kernels.gptq_format import (  # noqa: E402
-    dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
+from benchmarks.bench_gpu_kernels import (  # noqa: E402
+    DECODE_BLOCK, GROUP, Timer, copy_bandwidth_gbs, decode_floor, decode_inputs, decode_model, quantized_layer,
+    torch_int4_pack,
 )
-from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
+from services.engine.kernels.gemm_tuner import num_copies, with_clones  # noqa: E402
 from services.engine.kernels.w4a16 import GemmConfig, candidate_configs, m_bucket, w4a16_matmul  # noqa: E402
 
 # (K, N): the issue's Llama-2-7B shapes and the decode step's fused q|k|v and gate|up.
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016)]
 MS = [1, 4, 8, 16]
-GROUP = 128
 L2_BYTES = 50 * 2**20
 
 
@@ -54,12 +52,6 @@ def sweep_configs(m: int) -> list[GemmConfig]:
               if fd or st == 3]
     cands += [GemmConfig("mma", 16, bn, sk, 4, 3, fast_deq=True) for bn in (64, 128) for sk in (2, 4, 8)]
     return cands
-
-
-def weight_copies_n(kw, count: int) -> list:
-    """kw and count - 1 clones of it (every code plane, zeros and scales)."""
-    return [kw] + [kw.with_planes(tuple(p.clone() for p in kw.planes), kw.zeros.clone(), kw.scales.clone(), kw.perm)
-                   for _ in range(count - 1)]
 
 
 class RotTimer:
@@ -88,26 +80,15 @@ class RotTimer:
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / len(fns)
 
 
-def copies_for(nbytes: int) -> int:
-    return max(2, math.ceil(3 * L2_BYTES / nbytes))
-
-
 def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline: float, log: list,
                 winners: dict, bits: int = 4) -> list[dict]:
     w = torch.randn(k, n, device="cuda") * k ** -0.5
-    t = quantize_gptq_v1(w, GROUP)   # 4-bit: also torch int4's input
-    if bits == 4:
-        ref_w = dequantize_reference(t)
-        kw = repack_for_kernel(t)
-    else:
-        codes, zeros, scales, g_idx = rtn_codes(w, GROUP, bits)
-        ref_w = dequantize_codes(codes, zeros, scales, g_idx)
-        kw = repack_values(codes, zeros, scales, g_idx, GROUP, bits)
+    t, ref_w, kw = quantized_layer(w, bits)   # t: the 4-bit layer torch int4 gets
     q_bytes = k * n * bits // 8 + 4 * (k // GROUP) * n
-    nq = copies_for(q_bytes)
-    kws = weight_copies_n(kw, nq)
+    nq = num_copies(q_bytes, L2_BYTES)
+    kws = with_clones(kw, nq)
     w16 = ref_w.t().contiguous().half()
-    n16 = copies_for(2 * k * n)
+    n16 = num_copies(2 * k * n, L2_BYTES)
     w16s = [w16] + [w16.clone() for _ in range(n16 - 1)]
     try:
         w4p, sz = torch_int4_pack(t, "cuda")
@@ -179,17 +160,13 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
 
 def bench_decode_winners(winners: dict, flush: Timer, bw: float, quick: bool, bits: int = 4) -> list[dict]:
     """Decode step at batch 1/8/16 with the engine tuner's own choice vs the sweep's winners."""
-    shape = DecoderShape(num_layers=4 if quick else 32)
-    block_size, ctx = 16, 256
+    ctx = 256
     batches = [1, 8, 16]
-    num_blocks = max(batches) * -(-(ctx + 1) // block_size)
-    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"), bits=bits)
-    weight_bytes = shape.quantized_weight_bytes(GROUP, bits) + 2 * shape.vocab * shape.hidden
+    model = decode_model(quick, ctx, max(batches), bits)
     out = []
     for bsz in batches:
-        inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, None)
-        kv_bytes = bsz * ctx * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * 2
-        floor_ms = (weight_bytes + kv_bytes) / (bw * 1e9) * 1e3
+        inputs = decode_inputs(bsz, ctx, DECODE_BLOCK, model.shape.vocab, None)
+        floor_ms = decode_floor(model, bsz, ctx, bw)[0]
         model.tuner.best = {}
         tuned_ms = flush.median_ms(lambda: model.decode(**inputs))
         tuned = {str(k): str(v) for k, v in model.tuner.best.items()}

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.engine.kernels.gptq_format import (  # noqa: E402
-    dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_values, rtn_codes, unpack_along_rows,
+    dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
+    unpack_along_rows,
 )
 from services.engine.kernels.lora import prepare_lora_batch, triton_lora_apply  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
@@ -32,6 +33,7 @@ from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: 
 GEMM_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (13824, 5120)]  # (K, N)
 GEMM_MS = [1, 4, 16, 64, 128]
 GROUP = 128
+DECODE_BLOCK = 16  # KV block size of the decode benchmarks
 
 
 class Timer:
@@ -88,20 +90,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def quantized_layer(w: torch.Tensor, bits: int) -> tuple:
+    """(4-bit GPTQ tensors for torch int4, float32 reference W, our kernel weights at `bits`) of w [K, N]."""
+    t = quantize_gptq_v1(w, GROUP)
+    if bits == 4:
+        return t, dequantize_reference(t), repack_for_kernel(t)
+    codes, zeros, scales, g_idx = rtn_codes(w, GROUP, bits)
+    return t, dequantize_codes(codes, zeros, scales, g_idx), repack_values(codes, zeros, scales, g_idx, GROUP, bits)
+
+
 def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits: int = 4) -> list[dict]:
     tuner = GemmTuner()
     rows = []
     shapes = GEMM_SHAPES[:2] if quick else GEMM_SHAPES
     for k, n in shapes:
         w = torch.randn(k, n, device="cuda") * k ** -0.5
-        t = quantize_gptq_v1(w, GROUP)   # 4-bit: also torch int4's input
-        if bits == 4:
-            ref_w = dequantize_reference(t)
-            lin = TritonQuantLinear.from_gptq(t, tuner=tuner)
-        else:
-            codes, zeros, scales, g_idx = rtn_codes(w, GROUP, bits)
-            ref_w = dequantize_codes(codes, zeros, scales, g_idx)
-            lin = TritonQuantLinear(repack_values(codes, zeros, scales, g_idx, GROUP, bits), None, tuner)
+        t, ref_w, kw = quantized_layer(w, bits)
+        lin = TritonQuantLinear(kw, None, tuner)
         w16 = ref_w.t().contiguous().half()  # nn.Linear layout [N, K]
         try:
             w4p, sz = torch_int4_pack(t, "cuda")
@@ -188,18 +193,29 @@ def decode_inputs(bsz: int, ctx: int, block_size: int, vocab: int, slot_ids: tor
                 context_lens=lens, slot_mapping=slot_map, slot_ids=slot_ids)
 
 
+def decode_model(quick: bool, ctx: int, max_batch: int, bits: int) -> W4Decoder:
+    """Random Llama-2-7B (4 layers with quick) at `bits`, KV blocks for max_batch sequences of ctx."""
+    num_blocks = max_batch * -(-(ctx + 1) // DECODE_BLOCK)
+    return W4Decoder(DecoderShape(num_layers=4 if quick else 32), num_blocks=num_blocks, block_size=DECODE_BLOCK,
+                     device=torch.device("cuda"), bits=bits)
+
+
+def decode_floor(model: W4Decoder, bsz: int, ctx: int, bw_gbs: float) -> tuple[float, int, int]:
+    """(floor ms, weight bytes, KV bytes): one decode step reads every weight and the batch's KV once."""
+    shape = model.shape
+    weight_bytes = shape.quantized_weight_bytes(GROUP, model.bits) + 2 * shape.vocab * shape.hidden
+    kv_bytes = bsz * ctx * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * 2
+    return (weight_bytes + kv_bytes) / (bw_gbs * 1e9) * 1e3, weight_bytes, kv_bytes
+
+
 def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4) -> tuple[list[dict], list[dict]]:
-    shape = DecoderShape(num_layers=4 if quick else 32)
-    block_size = 16
     batches = [1, 8, 16, 32, 64]
-    num_blocks = max(batches) * -(-(ctx + 1) // block_size)
-    model = W4Decoder(shape, num_blocks=num_blocks, block_size=block_size, device=torch.device("cuda"), bits=bits)
-    weight_bytes = shape.quantized_weight_bytes(GROUP, bits) + 2 * shape.vocab * shape.hidden
+    model = decode_model(quick, ctx, max(batches), bits)
+    shape, block_size = model.shape, DECODE_BLOCK
     rows = []
     for bsz in batches:
         inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, None)
-        kv_bytes = bsz * ctx * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * 2
-        floor_ms = (weight_bytes + kv_bytes) / (bw_gbs * 1e9) * 1e3
+        floor_ms, weight_bytes, kv_bytes = decode_floor(model, bsz, ctx, bw_gbs)
         graph_ms = timer.median_ms(lambda: model.decode(**inputs))
         eager_ms = timer.median_ms(lambda: model.decode(**inputs), use_graph=False)
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sim import git_commit, table  # noqa: E402
-from serve_gpu_fit import SCALE_VARIANTS, run_settings  # noqa: E402
+from serve_gpu_fit import run_settings, scale_variant  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.policies.batching import group_by_task  # noqa: E402
@@ -80,7 +80,7 @@ def variant(name: str, base):
             "inlaid-old + β-aware admission (candidate)"
     if name == "inlaid-beta-inf":
         return POLICIES["inlaid"], dataclasses.replace(base, max_adapters_per_batch=0), "inlaid, β = ∞ (bound)"
-    policy, overrides, label = SCALE_VARIANTS.get(name, (name, {}, name))
+    policy, overrides, label = scale_variant(name)
     return POLICIES[policy], dataclasses.replace(base, **overrides), label
 
 

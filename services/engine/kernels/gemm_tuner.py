@@ -92,6 +92,10 @@ def num_copies(weight_bytes: int, l2_bytes: int) -> int:
 def weight_copies(kw: KernelWeights, device: torch.device) -> list[KernelWeights]:
     """kw plus clones enough for all of them to exceed L2_MULTIPLE × the device's L2."""
     nbytes = sum(t.numel() * t.element_size() for t in (*kw.planes, kw.zeros, kw.scales))
-    count = num_copies(nbytes, torch.cuda.get_device_properties(device).L2_cache_size)
+    return with_clones(kw, num_copies(nbytes, torch.cuda.get_device_properties(device).L2_cache_size))
+
+
+def with_clones(kw: KernelWeights, count: int) -> list[KernelWeights]:
+    """kw and count - 1 clones of it (every code plane, zeros and scales; perm is shared)."""
     return [kw] + [kw.with_planes(tuple(p.clone() for p in kw.planes), kw.zeros.clone(), kw.scales.clone(), kw.perm)
                    for _ in range(count - 1)]

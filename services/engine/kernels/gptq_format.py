@@ -134,23 +134,12 @@ def quantize_gptq_v1(
     k, n = w.shape
     if k % group_size or k % 8 or n % 8:
         raise ValueError(f"shape {tuple(w.shape)} not divisible by group {group_size} / 8")
-    w = w.float()
-    perm = act_order_perm if act_order_perm is not None else torch.arange(k, device=w.device)
-    wp = w[perm].reshape(k // group_size, group_size, n)
-    lo = wp.amin(dim=1).clamp(max=0.0)
-    hi = wp.amax(dim=1).clamp(min=0.0)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
     # v1 stores zero - 1, so a zero of 0 would wrap to 16 on reading: keep zeros in [1, 15].
-    zero = torch.round(-lo / scale).clamp(1, 15)
-    q = torch.clamp(torch.round(wp / scale[:, None, :]) + zero[:, None, :], 0, 15).to(torch.int64)
-    q_orig = torch.empty(k, n, dtype=torch.int64, device=w.device)
-    q_orig[perm] = q.reshape(k, n)
-    g_idx = torch.empty(k, dtype=torch.int32, device=w.device)
-    g_idx[perm] = (torch.arange(k, device=w.device) // group_size).to(torch.int32)
+    codes, zero, scale, g_idx = rtn_codes(w, group_size, 4, act_order_perm, min_zero=1)
     return GptqTensors(
-        qweight=_pack_rows(q_orig),
+        qweight=_pack_rows(codes),
         qzeros=_pack_cols(zero.to(torch.int64) - 1),
-        scales=scale.to(torch.float16),
+        scales=scale,
         g_idx=g_idx,
         group_size=group_size,
     )
@@ -175,13 +164,7 @@ def repack_for_kernel(t: GptqTensors) -> KernelWeights:
     Act-order checkpoints are made contiguous by sorting rows by g_idx (x is gathered with the
     same permutation at run time), which needs every group to hold exactly group_size rows.
     """
-    return repack_codes(t.qweight, zeros_of(t), t.scales, t.g_idx, t.group_size)
-
-
-def repack_codes(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                 g_idx: torch.Tensor, g: int) -> KernelWeights:
-    """repack_for_kernel from row-packed 4-bit codes [K/8, N] and already unpacked zeros [K/G, N]."""
-    return repack_values(unpack_along_rows(qweight), zeros, scales, g_idx, g, bits=4)
+    return repack_values(unpack_along_rows(t.qweight), zeros_of(t), t.scales, t.g_idx, t.group_size, bits=4)
 
 
 def repack_values(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -245,13 +228,13 @@ def kernel_codes(kw: KernelWeights) -> torch.Tensor:
     return fields(kw.qweight, 2) | (fields(kw.qweight_hi, 1) << 2)
 
 
-def rtn_codes(w: torch.Tensor, group_size: int, bits: int,
-              act_order_perm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Round-to-nearest asymmetric codes of w [K, N]: (codes int64 [K, N], zeros, scales [K/G, N], g_idx).
+def rtn_codes(w: torch.Tensor, group_size: int, bits: int, act_order_perm: torch.Tensor | None = None,
+              min_zero: int = 0) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest asymmetric codes of w [K, N]: (codes int64 [K, N], zeros, scales fp16 [K/G, N], g_idx).
 
-    For tests, benchmarks and random-weight serving at 3 bits (4-bit goes through
-    quantize_gptq_v1, which also writes the checkpoint layout). Groups are formed over rows in
-    act_order_perm's order when given, as GPTQ's act-order does.
+    For tests, benchmarks and random-weight serving (quantize_gptq_v1 packs its 4-bit codes into
+    the checkpoint layout). Groups are formed over rows in act_order_perm's order when given, as
+    GPTQ's act-order does. Zero points are clamped to [min_zero, 2^bits - 1].
     """
     k, n = w.shape
     if k % group_size:
@@ -263,7 +246,7 @@ def rtn_codes(w: torch.Tensor, group_size: int, bits: int,
     lo = wp.amin(dim=1).clamp(max=0.0)
     hi = wp.amax(dim=1).clamp(min=0.0)
     scale = ((hi - lo) / maxq).clamp(min=1e-8)
-    zero = torch.round(-lo / scale).clamp(0, maxq)
+    zero = torch.round(-lo / scale).clamp(min_zero, maxq)
     q = torch.clamp(torch.round(wp / scale[:, None, :]) + zero[:, None, :], 0, maxq).to(torch.int64)
     codes = torch.empty(k, n, dtype=torch.int64, device=w.device)
     codes[perm] = q.reshape(k, n)

@@ -10,10 +10,10 @@ from services.engine.kernels.gptq_format import (
     KernelWeights,
     concat_kernel_weights,
     dequantize_kernel_weights,
-    repack_codes,
     repack_values,
     repack_for_kernel,
     slice_kernel_weights,
+    unpack_along_rows,
     write_kernel_weights,
 )
 from services.engine.kernels.w4a16 import HAS_TRITON, w4a16_matmul
@@ -90,19 +90,18 @@ def kernel_weights_of(module: nn.Module) -> KernelWeights | None:
     bits = getattr(module, "bits", None)
     if bits not in (3, 4):
         return None
+    if bits == 4:
+        packed = getattr(module, "qweight", None)
+        codes = None if packed is None else unpack_along_rows(packed)
+    else:
+        codes = getattr(module, "codes", None)
+        codes = None if codes is None else codes.T
+    if codes is None:
+        return None
     zeros, scales, g_idx = module.zeros, module.scales, module.g_idx
     try:
-        if bits == 4:
-            qweight = getattr(module, "qweight", None)
-            if qweight is None:
-                return None
-            return repack_codes(qweight, zeros.round().to(torch.int64), scales, g_idx,
-                                g_idx.shape[0] // scales.shape[0])
-        codes = getattr(module, "codes", None)
-        if codes is None:
-            return None
-        return repack_values(codes.T.to(torch.int64), zeros.round().to(torch.int64), scales, g_idx,
-                             g_idx.shape[0] // scales.shape[0], bits=3)
+        return repack_values(codes, zeros.round().to(torch.int64), scales, g_idx,
+                             g_idx.shape[0] // scales.shape[0], bits=bits)
     except ValueError:  # a layout the kernel cannot take (e.g. group 32): served as given
         return None
 

@@ -13,7 +13,7 @@ import torch
 
 from services.engine.kernels.attention import paged_decode_attention
 from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, rope_tables, silu_mul
-from services.engine.kernels.gptq_format import quantize_gptq_v1, rtn_kernel_weights
+from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
 from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.quant_linear import TritonQuantLinear
@@ -65,8 +65,6 @@ class W4Decoder:
 
         def qlinear(k: int, n: int) -> TritonQuantLinear:
             w = torch.randn(k, n, device=device, generator=gen) * (k ** -0.5)
-            if bits == 4:
-                return TritonQuantLinear.from_gptq(quantize_gptq_v1(w, 128), tuner=self.tuner)
             return TritonQuantLinear(rtn_kernel_weights(w.t(), 128, bits), None, self.tuner)
 
         self.layers = []

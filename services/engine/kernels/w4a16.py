@@ -308,9 +308,9 @@ def w4a16_matmul(
     split_k = -(-num_blocks // blocks_per_split)
     use_atomic = split_k > 1
     out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
-    tail = (kw.zeros, kw.scales, out, bias if bias is not None else out,
+    # planes[-1] is the 3-bit high plane (at 4 bits: qweight again, unused)
+    args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
-    args = (x, kw.qweight, kw.planes[-1], *tail)   # planes[-1]: the 3-bit high plane (4-bit: unused)
     if cfg.kind == "gemv_row":
         _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
