@@ -52,7 +52,9 @@ SIM_VARIANTS = [("inlaid", "inlaid", "predictor", None), ("fifo", "fifo", "predi
 SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-old": ("inlaid", {"inlaid_full_batch_streak_factor": 1}, "inlaid (old prefill rule)"),
                   "inlaid-per-seq": ("inlaid", {"inlaid_decode_task_rank": "srtf_per_seq"},
-                                     "inlaid (decode rank per running seq)")}
+                                     "inlaid (decode rank per running seq)"),
+                  "inlaid-streak4": ("inlaid", {"inlaid_full_batch_streak_factor": 4},
+                                     "inlaid (prefill waits 4x the decode streak at beta)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
