@@ -38,8 +38,8 @@ MS = [1, 4, 8, 16]
 L2_BYTES = 50 * 2**20
 
 
-def sweep_configs(m: int) -> list[GemmConfig]:
-    """A wider grid than the engine's tuner tries, kept to about 20 Triton compiles (the first
+def sweep_configs(m: int, bits: int = 4) -> list[GemmConfig]:
+    """A wider grid than the engine's tuner tries, kept to about 25 Triton compiles (the first
     run's ~100 took 274 s of a 380 s budget): split-K only changes a runtime argument, so the
     grid spends its variety there; gemv_row also tries software pipelining (num_stages 3)."""
     cands: list[GemmConfig] = []
@@ -47,6 +47,10 @@ def sweep_configs(m: int) -> list[GemmConfig]:
         cands += [GemmConfig("gemv_row", 1, bn, sk, w, st, u)
                   for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16) for st in (1, 3)
                   for w in ((2, 4) if bn == 32 else (4,))]
+        if bits == 4:
+            cands += [GemmConfig("gemv_h2", 1, bn, sk, w, st, u)
+                      for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16, 32) for st in (1, 3)
+                      for w in ((2, 4) if bn == 32 else (4,))]
     cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=fd)
               for fd in (True, False) for bn in (64, 128) for sk in (2, 4, 8) for st in (2, 3)
               if fd or st == 3]
@@ -81,7 +85,7 @@ class RotTimer:
 
 
 def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline: float, log: list,
-                winners: dict, bits: int = 4) -> list[dict]:
+                winners: dict, bits: int = 4, kinds: set | None = None, ms: list[int] = MS) -> list[dict]:
     w = torch.randn(k, n, device="cuda") * k ** -0.5
     t, ref_w, kw = quantized_layer(w, bits)   # t: the 4-bit layer torch int4 gets
     q_bytes = k * n * bits // 8 + 4 * (k // GROUP) * n
@@ -98,7 +102,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
         i4s = []
     del w
     rows = []
-    for m in MS:
+    for m in ms:
         x = torch.randn(m, k, device="cuda").half()
         xb = x.bfloat16()
         ref = x.float() @ ref_w
@@ -107,7 +111,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
         row["int4_rot_ms"] = (rot.per_call_ms([lambda p=p: torch.ops.aten._weight_int4pack_mm(xb, p[0], GROUP, p[1])
                                                for p in i4s]) if i4s else None)
         results = []
-        for cfg in sweep_configs(m):
+        for cfg in [c for c in sweep_configs(m, bits) if kinds is None or c.kind in kinds]:
             if time.time() > deadline:
                 row["truncated"] = True
                 break
@@ -127,7 +131,8 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
             break
         results.sort(key=lambda r: r[1])
         best_cfg, best_ms, best_err = results[0]
-        old_best = min((r for r in results if r[0] in set(candidate_configs(m))), key=lambda r: r[1], default=None)
+        old_best = min((r for r in results if r[0] in set(candidate_configs(m, bits))), key=lambda r: r[1],
+                       default=None)
         row.update({
             "best_config": str(best_cfg), "best_rot_ms": best_ms, "best_rel_err": best_err,
             "tuner_set_best_config": str(old_best[0]) if old_best else None,
@@ -135,7 +140,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
             "top8": [(str(c), round(ms * 1e3, 2)) for c, ms, _ in results[:8]],
             "best_by_kind": {kind: min((round(ms * 1e3, 2) for c, ms, _ in results if c.kind == kind and
                                         (kind != "mma8" or c.fast_deq)), default=None)
-                             for kind in ("gemv_row", "mma8", "mma")},
+                             for kind in ("gemv_row", "gemv_h2", "mma8", "mma")},
             "mma8_slow_deq_best_us": min((round(ms * 1e3, 2) for c, ms, _ in results
                                           if c.kind == "mma8" and not c.fast_deq), default=None),
             "num_configs": len(results),
@@ -202,10 +207,10 @@ def write_markdown(res: dict, path: Path) -> None:
             f"{r['best_rot_frac_copy_bw']*100:.0f} | {r['best_flush_ms']*1e3:.1f} | {r['fp16_flush_ms']*1e3:.1f} | "
             f"{i4f*1e3 if i4f else float('nan'):.1f} | {r['fp16_flush_ms']/r['best_flush_ms']:.2f} | {r['best_rel_err']:.1e} |")
     lines += ["\nBest per kernel kind (µs, rotate; mma8 = fast dequant; 'mma8 slow deq' = int→float converts):\n",
-              "| K×N | M | gemv_row | gemv (3-D, removed since) | mma8 | mma | mma8 slow deq |", "|---|---|---|---|---|---|---|"]
+              "| K×N | M | gemv_row | gemv_h2 | mma8 | mma | mma8 slow deq |", "|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         b = r["best_by_kind"]
-        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {b['gemv_row']} | {b.get('gemv')} | {b['mma8']} | {b['mma']} | "
+        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {b['gemv_row']} | {b.get('gemv_h2')} | {b['mma8']} | {b['mma']} | "
                      f"{r['mma8_slow_deq_best_us']} |")
     if res.get("decode"):
         lines += ["\n## Decode step (random Llama-2-7B, 4-bit g128, ctx 256, CUDA graph, flush method)\n",
@@ -226,6 +231,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes, 4-layer decoder")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--bits", type=int, default=4, choices=(3, 4), help="weight width swept (and decoded)")
+    ap.add_argument("--kinds", default="", help="comma list: sweep only these kernel kinds (default: all)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma list of row counts M")
+    ap.add_argument("--stem", default="", help="output file stem (default gemm_sweep, gemm_sweep_w3 at --bits 3)")
     args = ap.parse_args()
     import triton
 
@@ -239,7 +247,9 @@ def main() -> None:
     print(f"{res['device']}: copy bandwidth {res['copy_bw_gbs']:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gemm_sweep" if args.bits == 4 else f"gemm_sweep_w{args.bits}"
+    stem = args.stem or ("gemm_sweep" if args.bits == 4 else f"gemm_sweep_w{args.bits}")
+    kinds = set(args.kinds.split(",")) if args.kinds else None
+    ms = [int(v) for v in args.ms.split(",")]
     res["bits"] = args.bits
     rot = RotTimer(args.reps)
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -247,7 +257,7 @@ def main() -> None:
     winners: dict = {}
     for k, n in shapes:
         res["gemm"] += sweep_shape(k, n, rot, flush, res["copy_bw_gbs"], deadline, res["errors"], winners,
-                                   args.bits)
+                                   args.bits, kinds, ms)
         (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
         print(f"[{k}x{n} done at {time.time()-t0:.0f}s]", flush=True)
     if not args.no_decode:

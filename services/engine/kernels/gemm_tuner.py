@@ -6,12 +6,15 @@ import math
 import torch
 
 from services.engine.kernels.gptq_format import KernelWeights
-from services.engine.kernels.w4a16 import GemmConfig, candidate_configs, m_bucket, w4a16_matmul
+from services.engine.kernels.w4a16 import GemmConfig, candidate_configs, dequantize_fp16, m_bucket, w4a16_matmul
 
 # Weight copies a timing rotates through must together exceed the L2 this many times over, so
 # every call reads its weights from DRAM, as each layer's GEMM does in a decode pass.
 L2_MULTIPLE = 3
 MAX_COPIES = 512  # bounds graph capture for tiny layers (a model that small sits in the L2 anyway)
+# A candidate whose output differs from the dequantize-then-matmul reference by more than this
+# (relative Frobenius error) is never picked: a miscompile or a bad fast path cannot be chosen for speed.
+MAX_REL_ERR = 1e-2
 
 
 class GemmTuner:
@@ -22,7 +25,8 @@ class GemmTuner:
     the situation of a decode pass (a single call after an L2 flush also pays for writing back
     the flush's dirty lines and for the graph launch, which favours different configs). The
     copies exist only while a shape is tuned. One tuner is shared by all layers of a model (same
-    shapes → one tuning). Tuning runs real launches, so do a warm-up forward before CUDA-graph
+    shapes → one tuning). A candidate whose output is off the dequantized reference by more than
+    MAX_REL_ERR is rejected. Tuning runs real launches, so do a warm-up forward before CUDA-graph
     capture. On CPU (TRITON_INTERPRET) it returns the first candidate without timing.
     """
 
@@ -42,20 +46,27 @@ class GemmTuner:
         return cfg
 
     def _tune(self, key: tuple[int, int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
-        cands = candidate_configs(key[0])
+        cands = candidate_configs(key[0], key[3])
         if not x.is_cuda:
             return cands[0]
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"GemmTuner: shape {key} first seen during CUDA-graph capture; warm up first")
         xt = torch.randn(key[0], key[2], dtype=torch.float16, device=x.device)
+        xr = xt if kw.perm is None else xt[:, kw.perm]
+        ref = xr.float() @ dequantize_fp16(kw).float()
         copies = weight_copies(kw, x.device)
         results: list[tuple[GemmConfig, float]] = []
         for cfg in cands:
             try:
-                w4a16_matmul(xt, kw, cfg)
+                out = w4a16_matmul(xt, kw, cfg)
             except Exception as exc:  # noqa: BLE001 — a config the compiler rejects is skipped
                 results.append((cfg, float("inf")))
                 print(f"GemmTuner: {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            if not err <= MAX_REL_ERR:  # (NaN too)
+                results.append((cfg, float("inf")))
+                print(f"GemmTuner: {cfg} rejected: relative error {err:.2e} > {MAX_REL_ERR:g}")
                 continue
             results.append((cfg, self._time_ms(xt, copies, cfg)))
         del copies

@@ -13,6 +13,7 @@ gptq_format.KernelWeights): every kernel takes them through BITS.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
     tl = None
 
 HAS_TRITON = triton is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
 
 
 if triton is not None:
@@ -62,16 +64,88 @@ if triton is not None:
         else:
             return ((q >> (2 * j)) & 3) | (((qh >> j) & 1) << 2)
 
+    # One packed word of 8 nibbles → Σ_j x_j (q_j - z) with fp16x2 arithmetic: the masks 0x000F000F
+    # after shifts of 0/4/8/12 give the nibble pairs (j, j + 4) as two fp16 1024 + q (one lop3
+    # each), sub.f16x2 against (1024 + z, 1024 + z) leaves q - z exactly, and four fma.f16x2 with
+    # the x pairs (x_j, x_{j+4}) sum eight products two at a time; the two halves go to fp32.
+    # About 2.4 instructions per weight against ~4.5 on the fp32 path.
+    _H2_DOT_ASM = """
+    {
+    .reg .b32 t1, t2, t3, w0, w1, w2, w3, acc;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    shr.u32 t1, $1, 4;
+    shr.u32 t2, $1, 8;
+    shr.u32 t3, $1, 12;
+    lop3.b32 w0, $1, 983055, 1677747200, 234;
+    lop3.b32 w1, t1, 983055, 1677747200, 234;
+    lop3.b32 w2, t2, 983055, 1677747200, 234;
+    lop3.b32 w3, t3, 983055, 1677747200, 234;
+    sub.f16x2 w0, w0, $6;
+    sub.f16x2 w1, w1, $6;
+    sub.f16x2 w2, w2, $6;
+    sub.f16x2 w3, w3, $6;
+    mul.rn.f16x2 acc, w0, $2;
+    fma.rn.f16x2 acc, w1, $3, acc;
+    fma.rn.f16x2 acc, w2, $4, acc;
+    fma.rn.f16x2 acc, w3, $5, acc;
+    mov.b32 {lo, hi}, acc;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }
+    """
+
+    @triton.jit
+    def _fp16_bits(v):
+        """fp16 tensor → its 16 bits in the low half of an int32 (high half zero)."""
+        return v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _h2_dot(q, p0, p1, p2, p3, zz, EMULATE: tl.constexpr):
+        """_H2_DOT_ASM on a [16, BN] tile (x pairs [16, 1], zero pair [1, BN]) → fp32 [16, BN].
+        EMULATE (TRITON_INTERPRET, which has no inline PTX): the same sum from the same packed
+        operands in plain fp32 ops, so the CPU check covers the packing."""
+        if EMULATE:
+            z = (zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - 1024.0
+            out = tl.zeros(q.shape, dtype=tl.float32)
+            for j in tl.static_range(4):
+                if j == 0:
+                    p = p0
+                elif j == 1:
+                    p = p1
+                elif j == 2:
+                    p = p2
+                else:
+                    p = p3
+                x_lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                out += x_lo * (((q >> (4 * j)) & 0xF).to(tl.float32) - z)
+                out += x_hi * (((q >> (4 * j + 16)) & 0xF).to(tl.float32) - z)
+            return out
+        return tl.inline_asm_elementwise(_H2_DOT_ASM, "=f,r,r,r,r,r,r", [q, p0, p1, p2, p3, zz],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _x_pair(x_blk, j: tl.constexpr, offs_i):
+        """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]."""
+        lo = (tl.load(x_blk + 16 * j + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
+        hi = (tl.load(x_blk + 16 * (j + 4) + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
+        return _fp16_bits(lo) | (_fp16_bits(hi) << 16)
+
     @triton.jit
     def _w4a16_gemv_row_kernel(
         x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
-        BITS: tl.constexpr,
+        BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
-        int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q)."""
+        int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q).
+        H2 (4-bit only): packed fp16x2 dequant and products (_h2_dot), fp32 across words. x is
+        scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
+        |x| below ~35 000; the output is scaled back in fp32."""
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -97,16 +171,27 @@ if triton is not None:
                 g = (b * 128) // group_size
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                part = tl.zeros((16, BN), dtype=tl.float32)
-                xs = tl.zeros((16,), dtype=tl.float32)
-                for j in tl.static_range(8):
-                    xj = tl.load(x_row + b * 128 + 16 * j + offs_i).to(tl.float32)
-                    wj = (_field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    part += xj[:, None] * wj
-                    xs += xj
-                acc += part * s[None, :]
-                zacc += tl.sum(xs, axis=0) * z * s
-        out_v = tl.sum(acc, axis=0) - zacc
+                if H2:
+                    zz = _fp16_bits((z + 1024.0).to(tl.float16)) * 65537
+                    x_blk = x_row + b * 128
+                    part = _h2_dot(q, _x_pair(x_blk, 0, offs_i)[:, None], _x_pair(x_blk, 1, offs_i)[:, None],
+                                   _x_pair(x_blk, 2, offs_i)[:, None], _x_pair(x_blk, 3, offs_i)[:, None],
+                                   zz[None, :], EMULATE)
+                    acc += part * s[None, :]
+                else:
+                    part = tl.zeros((16, BN), dtype=tl.float32)
+                    xs = tl.zeros((16,), dtype=tl.float32)
+                    for j in tl.static_range(8):
+                        xj = tl.load(x_row + b * 128 + 16 * j + offs_i).to(tl.float32)
+                        wj = (_field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                        part += xj[:, None] * wj
+                        xs += xj
+                    acc += part * s[None, :]
+                    zacc += tl.sum(xs, axis=0) * z * s
+        if H2:
+            out_v = tl.sum(acc, axis=0) * 32.0
+        else:
+            out_v = tl.sum(acc, axis=0) - zacc
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             out_v += bias * (pid_k == 0).to(tl.float32)
@@ -226,9 +311,10 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 @dataclass(frozen=True)
 class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
-    "mma8" (8 K=16 dots), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS:
-    compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the
-    1024-exponent trick instead of int→float converts."""
+    "gemv_h2" (gemv_row with packed fp16x2 dequant and products, 4-bit only), "mma8" (8 K=16
+    dots), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound
+    prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
+    trick instead of int→float converts."""
 
     kind: str
     block_m: int
@@ -246,13 +332,14 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(m, 1))))
 
 
-def candidate_configs(m: int) -> list[GemmConfig]:
+def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles).
 
     Pruned by the H100 sweep (benchmarks/results/gemm_sweep.md, cold rotating weights): at M = 1
     gemv_row with 32-column tiles and split-K 4-16 won on every shape (1.3-1.9x cuBLAS fp16); at
     M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (an earlier CUDA-core
     kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
+    gemv_h2 (4-bit only) is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4.
     Every variant here costs a Triton compile during engine warm-up.
     """
     cands: list[GemmConfig] = []
@@ -260,6 +347,9 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         if m <= 4:
             cands += [GemmConfig("gemv_row", 1, 32, sk, w, 1, u) for sk in (4, 8, 16) for w in (2, 4) for u in (1, 2)]
             cands += [GemmConfig("gemv_row", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
+            if bits == 4:
+                cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
+                cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
         cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True) for bn in (64, 128) for sk in (4, 8)
                   for st in (2, 3)]
         return cands
@@ -311,10 +401,13 @@ def w4a16_matmul(
     # planes[-1] is the 3-bit high plane (at 4 bits: qweight again, unused)
     args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
-    if cfg.kind == "gemv_row":
+    if cfg.kind in ("gemv_row", "gemv_h2"):
+        if cfg.kind == "gemv_h2" and kw.bits != 4:
+            raise ValueError("gemv_h2 takes 4-bit weights only")
         _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
-            BITS=kw.bits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
