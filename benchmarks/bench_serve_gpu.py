@@ -590,7 +590,7 @@ def parse_args(argv=None):
     ap.add_argument("--calib-half-s", type=float, default=4.0)
     ap.add_argument("--grid-reps", type=int, default=3)
     ap.add_argument("--scale-tasks", default="2,10,100,1000")
-    ap.add_argument("--scale-policies", default="inlaid,inlaid-old,inlaid-per-seq",
+    ap.add_argument("--scale-policies", default="inlaid,inlaid-strict",
                     help=f"variants replayed on each scaling trace: a policy name or one of {sorted(SCALE_VARIANTS)}")
     ap.add_argument("--scale-frac", type=float, default=1.3,
                     help="rate of the scaling runs as a fraction of C: above 1, so throughput is capacity")

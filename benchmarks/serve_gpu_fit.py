@@ -54,7 +54,9 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-per-seq": ("inlaid", {"inlaid_decode_task_rank": "srtf_per_seq"},
                                      "inlaid (decode rank per running seq)"),
                   "inlaid-streak4": ("inlaid", {"inlaid_full_batch_streak_factor": 4},
-                                     "inlaid (prefill waits 4x the decode streak at beta)")}
+                                     "inlaid (prefill waits 4x the decode streak at beta)"),
+                  "inlaid-strict": ("inlaid", {"inlaid_beta_fill": 0.0},
+                                    "inlaid (strict beta cap, no fill)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:

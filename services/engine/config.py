@@ -43,6 +43,7 @@ class EngineConfig:
     inlaid_task_switch_tokens: int = 32
     inlaid_full_batch_streak_factor: int = 2
     inlaid_decode_task_rank: str = "srtf"
+    inlaid_beta_fill: float = 0.75
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -90,7 +91,9 @@ class EngineConfig:
                                wfq_prefill_token_weight=self.wfq_prefill_token_weight,
                                inlaid_task_switch_tokens=self.inlaid_task_switch_tokens,
                                inlaid_full_batch_streak_factor=self.inlaid_full_batch_streak_factor,
-                               inlaid_decode_task_rank=self.inlaid_decode_task_rank)
+                               inlaid_decode_task_rank=self.inlaid_decode_task_rank,
+                               inlaid_beta_fill=self.inlaid_beta_fill,
+                               max_adapter_slots=self.max_adapters)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EngineConfig:

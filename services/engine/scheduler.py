@@ -37,6 +37,13 @@ class SchedulerConfig:
     # inlaid: decode slot rank of a task: "srtf" = its shortest remaining (+ switch penalty);
     # "srtf_per_seq" = that divided by its running sequences (tokens per sequence a slot advances)
     inlaid_decode_task_rank: str = "srtf"
+    # inlaid: work-conserving β. 0 = strict cap. f > 0: while the sequences of the β chosen tasks
+    # would fill fewer than f × max_num_seqs batch slots, the next tasks in rank order join too
+    # (the cap then only binds when the batch is full enough to be worth protecting).
+    inlaid_beta_fill: float = 0.75
+    # Adapters the device holds at once (EngineConfig.max_adapters); bounds what the fill rule may
+    # add beyond β. 0 = no bound (simulations without a slot pool).
+    max_adapter_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -52,6 +59,8 @@ class SchedulerConfig:
         if self.inlaid_decode_task_rank not in INLAID_DECODE_TASK_RANKS:
             raise ValueError(f"inlaid_decode_task_rank must be one of {INLAID_DECODE_TASK_RANKS}, "
                              f"got {self.inlaid_decode_task_rank!r}")
+        if not 0.0 <= self.inlaid_beta_fill <= 1.0:
+            raise ValueError(f"inlaid_beta_fill must be in [0, 1], got {self.inlaid_beta_fill}")
         if self.wfq_prefill_token_weight < 0:
             raise ValueError("wfq_prefill_token_weight must be >= 0")
 

@@ -31,16 +31,28 @@ def group_by_task(seqs: Iterable[Sequence]) -> dict[str, list[Sequence]]:
 
 
 def choose_tasks(groups: dict[str, object], max_adapters: int,
-                 task_key: Callable[[str], tuple]) -> set[str]:
+                 task_key: Callable[[str], tuple], fill: int = 0,
+                 size: Callable[[str], int] | None = None, max_slots: int = 0) -> set[str]:
     """The max_adapters tasks with the smallest task_key, plus the base model "".
 
     The base model needs no adapter, so it never takes one of the β slots
-    (as in S-LoRA's cap); max_adapters 0 means unlimited.
+    (as in S-LoRA's cap); max_adapters 0 means unlimited. fill > 0 makes the cap
+    work-conserving: while the chosen tasks hold fewer than `fill` sequences
+    (size(task) each), the next tasks in key order are chosen as well, up to
+    max_slots adapters (0: no bound).
     """
     adapters = [t for t in groups if t]
     if max_adapters == 0 or len(adapters) <= max_adapters:
         return set(groups)
-    chosen = set(sorted(adapters, key=task_key)[:max_adapters])
+    ranked = sorted(adapters, key=task_key)
+    chosen = set(ranked[:max_adapters])
+    if fill > 0 and size is not None:
+        held = sum(size(t) for t in chosen) + (size("") if "" in groups else 0)
+        for task in ranked[max_adapters:]:
+            if held >= fill or (max_slots and len(chosen) >= max_slots):
+                break
+            chosen.add(task)
+            held += size(task)
     if "" in groups:
         chosen.add("")
     return chosen

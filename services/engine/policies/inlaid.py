@@ -33,7 +33,10 @@ class InlaidScheduler(StreakScheduler):
       `inlaid_decode_task_rank` = "srtf_per_seq", decode divides that key by
       the task's running sequences, so a slot that advances many sequences
       beats one holding a single request (off by default: neutral in the
-      simulator, benchmarks/results/sim_scale.md);
+      simulator, benchmarks/results/sim_scale.md). `inlaid_beta_fill` = f > 0
+      makes the cap work-conserving: while the chosen tasks' sequences fill
+      fewer than f × max_num_seqs slots, the next tasks in rank order join
+      (never more than the device's adapter slots, `max_adapter_slots`);
     * a request is hungry — it goes ahead of SRTF and of the task preference —
       when it has not been served for `starvation_limit_s` or has outrun its
       predicted length;
@@ -74,6 +77,10 @@ class InlaidScheduler(StreakScheduler):
                 return False
         return super()._should_prefill()
 
+    def _fill_seqs(self) -> int:
+        """Batch slots the β tasks must fill before the cap binds (0: strict cap)."""
+        return int(self.config.inlaid_beta_fill * self.config.max_num_seqs)
+
     # ---- choices -----------------------------------------------------------
     def _prefill(self, now_s: float) -> list[Sequence]:
         # Keys computed once per sequence: this runs over the whole waiting pool,
@@ -98,8 +105,12 @@ class InlaidScheduler(StreakScheduler):
                 best[seq.task] = ((not_hungry, remaining) if old is None
                                   else (old[0] and not_hungry, min(old[1], remaining)))
             switch = self.config.inlaid_task_switch_tokens
+            counts: dict[str, int] = {}
+            for seq in (*self.running, *self.waiting):
+                counts[seq.task] = counts.get(seq.task, 0) + 1
             allowed = choose_tasks(best, self.config.max_adapters_per_batch, lambda t: (
-                best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)))
+                best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)),
+                fill=self._fill_seqs(), size=lambda t: counts.get(t, 0), max_slots=self.config.max_adapter_slots)
         hungry = {id(seq) for (not_hungry, _, _), seq in keyed if not not_hungry}
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
                                   is_urgent=lambda seq: id(seq) in hungry)
@@ -131,7 +142,9 @@ class InlaidScheduler(StreakScheduler):
             # Hungry tasks still go first; among the rest, tokens a slot needs per sequence it advances.
             return (not_hungry, remaining / len(groups[task])) if per_seq else (not_hungry, remaining)
 
-        chosen = choose_tasks(groups, self.config.max_adapters_per_batch, task_key)
+        chosen = choose_tasks(groups, self.config.max_adapters_per_batch, task_key,
+                              fill=self._fill_seqs(), size=lambda t: len(groups.get(t, ())),
+                              max_slots=self.config.max_adapter_slots)
         if len(chosen) < len(groups):
             candidates = [s for s in self.running if s.task in chosen]
         if self.block_manager.num_free_blocks < len(candidates):

@@ -56,7 +56,9 @@ def drain(sched, clock, lengths: dict[str, int], max_steps: int = 5000) -> list:
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_beta_caps_distinct_adapters_in_every_step(policy):
-    sched, clock = make_sched(policy, max_adapters_per_batch=3, max_num_seqs=16)
+    # inlaid_beta_fill 0: the strict cap (the work-conserving default lets more tasks into an
+    # underfilled batch; see test_policy_inlaid.py)
+    sched, clock = make_sched(policy, max_adapters_per_batch=3, max_num_seqs=16, inlaid_beta_fill=0.0)
     seqs = [make_seq(f"t{t}-{i}", task=f"t{t}", predicted=4 + i) for t in range(8) for i in range(4)]
     seqs += [make_seq(f"base-{i}", task="", predicted=5) for i in range(3)]
     lengths = {s.request_id: 4 + (hash(s.request_id) % 3) for s in seqs}

@@ -29,6 +29,7 @@ def make_seq(rid: str, prompt: int = 8, predicted: int | None = 10, task: str = 
 def make_sched(num_blocks: int = 1000, block_size: int = 4, **cfg) -> tuple[InlaidScheduler, Clock]:
     clock = Clock()
     cfg.setdefault("max_decode_streak", 0)   # prefill whenever something waits
+    cfg.setdefault("inlaid_beta_fill", 0.0)   # the strict β cap; the work-conserving fill has its own tests
     sched = InlaidScheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size), clock=clock)
     return sched, clock
 
@@ -289,3 +290,49 @@ def test_decode_task_rank_is_validated():
                                            ({"ENGINE_INLAID_DECODE_TASK_RANK": "srtf_per_seq"}, "srtf_per_seq")])
 def test_decode_task_rank_from_env(env, expected):
     assert EngineConfig.from_env(env).scheduler_config().inlaid_decode_task_rank == expected
+
+
+# ---- work-conserving β (inlaid_beta_fill) -------------------------------------------------
+def test_fill_lets_more_tasks_into_an_underfilled_batch():
+    # 6 single-request tasks, β = 2, 8 batch slots: the strict cap runs 2 requests; fill 0.75
+    # (6 slots) lets tasks join in SRTF order until 6 requests are held.
+    for fill, expected in ((0.0, 2), (0.75, 6)):
+        sched, _ = make_sched(max_adapters_per_batch=2, max_num_seqs=8, inlaid_beta_fill=fill)
+        for i in range(6):
+            sched.add(make_seq(f"r{i}", task=f"t{i}", predicted=10 + i))
+        out = sched.schedule()
+        assert len({s.task for s in out.prefill}) == expected
+        assert ids(out.prefill) == [f"r{i}" for i in range(expected)]   # the shortest ones
+
+
+def test_fill_keeps_the_cap_when_the_beta_tasks_fill_the_batch():
+    sched, _ = make_sched(max_adapters_per_batch=2, max_num_seqs=8, inlaid_beta_fill=0.75)
+    for t in range(4):
+        for i in range(4):
+            sched.add(make_seq(f"t{t}-{i}", task=f"t{t}", predicted=10 + t))
+    out = sched.schedule()
+    assert {s.task for s in out.prefill} == {"t0", "t1"}    # 8 requests of the 2 best tasks: full
+
+
+def test_fill_never_exceeds_the_adapter_slots():
+    sched, _ = make_sched(max_adapters_per_batch=2, max_num_seqs=16, inlaid_beta_fill=1.0, max_adapter_slots=3)
+    for i in range(10):
+        sched.add(make_seq(f"r{i}", task=f"t{i}", predicted=10 + i))
+    sched.add(make_seq("base", task="", predicted=50))      # the base model needs no slot
+    out = sched.schedule()
+    assert {s.task for s in out.prefill} == {"t0", "t1", "t2", ""}
+
+
+def test_fill_in_decode_adds_tasks_of_waiting_running_requests():
+    sched, _ = make_sched(max_adapters_per_batch=1, max_num_seqs=4, max_decode_streak=100, inlaid_beta_fill=0.75)
+    for i in range(4):
+        make_running(sched, make_seq(f"r{i}", task=f"t{i}", predicted=20 + i), num_outputs=1)
+    out = sched.schedule()
+    assert not out.prefill
+    assert ids(out.decode) == ["r0", "r1", "r2"]            # 0.75 × 4 = 3 slots to fill, β = 1
+
+
+def test_fill_must_be_a_fraction():
+    with pytest.raises(ValueError, match="inlaid_beta_fill"):
+        SchedulerConfig(inlaid_beta_fill=1.5)
+    assert EngineConfig.from_env({"ENGINE_INLAID_BETA_FILL": "0"}).scheduler_config().inlaid_beta_fill == 0.0

@@ -121,7 +121,8 @@ def test_request_larger_than_kv_cache_is_rejected():
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_finishes_every_request_under_memory_pressure(policy):
     trace = random_trace(300, rate=50.0, num_tasks=12)
-    sim = Simulator(POLICIES[policy], SchedulerConfig(max_num_seqs=32, max_adapters_per_batch=4), COST,
+    sim = Simulator(POLICIES[policy], SchedulerConfig(max_num_seqs=32, max_adapters_per_batch=4,
+                                                      max_adapter_slots=6), COST,
                     SimConfig(num_kv_blocks=120, block_size=16))
     result = sim.run(trace)
     assert len(result.requests) == 300
@@ -129,7 +130,9 @@ def test_every_policy_finishes_every_request_under_memory_pressure(policy):
     for rec in result.requests:
         assert rec.num_output_tokens == by_id[rec.request_id].output_tokens
         assert rec.arrival_s <= rec.first_token_s <= rec.finished_s
-    assert all(s.num_adapters <= 4 for s in result.steps)   # nothing waits 30 s here: no hungry override
+    # nothing waits 30 s here: no hungry override; inlaid's fill rule may go past β, never past the slots
+    cap = 6 if policy == "inlaid" else 4
+    assert all(s.num_adapters <= cap for s in result.steps)
     assert result.metrics["throughput_req_s"] > 0
     assert sum(s.step_s for s in result.steps) <= result.metrics["duration_s"] + 1e-9
 
