@@ -282,8 +282,10 @@ def model_report(m: dict, meta: dict) -> list[str]:
 
 def report(res: dict) -> str:
     meta = res["meta"]
-    md = ["# Simulated task-count scaling of the inlaid policy: per-sequence decode task rank "
-          f"(commit {meta['git_commit']})", "",
+    names = list(dict.fromkeys([*meta["scale_variants"], *meta.get("main_variants", [])]))
+    from services.engine.scheduler import SchedulerConfig
+    labels = ", ".join(f"**{v}**: {variant(v, SchedulerConfig())[2]}" for v in names)
+    md = [f"# Simulated task-count scaling of the inlaid policy (commit {meta['git_commit']})", "",
           f"Device: {meta['device']}; nothing here ran on a GPU. Command: `{meta['command']}` "
           f"({meta['wall_s']:.0f} s).",
           f"Engine as in the GPU runs: {meta['sim_config']['num_kv_blocks']} KV blocks of "
@@ -295,10 +297,9 @@ def report(res: dict) -> str:
           f"{meta['scheduler_config']['starvation_limit_s']:g} s. Workloads from benchmarks/serve_gpu_workload.py "
           "(bench_serve_gpu's generator, same seeds and trace construction): scale = lengths pooled over all "
           "families whatever the task, Zipf(1.0) popularity, Poisson arrivals; main = 21 tasks, per-family lengths.",
-          "Variants: **inlaid** (default), **inlaid-per-seq** (`inlaid_decode_task_rank = \"srtf_per_seq\"`: the "
-          "β decode slots go to the tasks with the smallest (hungry first, shortest remaining + switch penalty) / "
-          "running sequences of the task), **inlaid-old** (`inlaid_full_batch_streak_factor = 1`), **β = ∞** "
-          "(inlaid without the task cap: what the cap costs), fifo.",
+          f"Variants ({labels}); **inlaid** runs each GPU run's own inlaid settings (inlaid_beta_fill = "
+          f"{meta['scheduler_config'].get('inlaid_beta_fill', 0.0):g} here: the strict cap unless the run recorded "
+          "the fill rule).",
           "Throughput = finished requests / (last finish − first arrival), as in the GPU bench; 'req/s in window' "
           "counts only requests finished before the last arrival (no drain); '1-seq tasks/decode' = tasks in a "
           "decode batch with a single sequence; running seqs/tasks = the running pool at decode steps.", ""]
@@ -441,6 +442,10 @@ def reading(models: list[dict]) -> list[str]:
                              "loss and most of the 1000-task gap, and the calibration model's too-dear prefills "
                              "offset some of it")
             line += ". "
+        if "inlaid-fill" in ls:
+            line += (f"Over seeds {sorted({r['seed'] for r in m['scale']})}: loss {ls['inlaid-fill']:+.1%} with the "
+                     f"work-conserving β (fill 0.75, the default now) vs {ls['inlaid']:+.1%} with that run's own "
+                     "setting (strict cap)")
         if cur and new:
             line += (f"Over seeds {sorted({r['seed'] for r in m['scale']})} at {m['scale_rate_req_s']:.1f} req/s: loss "
                      f"{ls['inlaid']:+.1%} (inlaid) vs {ls['inlaid-per-seq']:+.1%} (per-seq); at 100 tasks decode "
@@ -461,14 +466,15 @@ def reading(models: list[dict]) -> list[str]:
                        f"{a['decode_steps']} vs {b['decode_steps']} decode steps of {a['decode_batch']:.1f} vs "
                        f"{b['decode_batch']:.1f} and {a['prefill_ms']:.0f} vs {b['prefill_ms']:.0f} ms prefills: "
                        "step-count differences of this size between real replays are not policy effects.")
-    out += ["- Why the decode rank cannot help here: with 100 tasks of Zipf(1.0) popularity, 44 % of the requests "
+    if any("inlaid-per-seq" in m["scale_loss_2_to_100"] for m in models):
+        out += ["- Why the decode rank cannot help here: with 100 tasks of Zipf(1.0) popularity, 44 % of the requests "
             "go to the 90 tasks outside the top 10, which seldom have two requests running at once, and each such "
             "request holds one of the β slots for its "
             "whole output, whichever order the slots are granted in. Ranking by sequences per slot only reorders "
             "who waits (the decode batch and the running pool hardly move); the slot-steps the workload needs are "
             "the same, and β = ∞ removes the loss. What moves capacity is fewer prefill steps (the full-batch "
-            "streak rule) or more slots.", ""]
-    return out
+            "streak rule) or more slots."]
+    return out + [""]
 
 
 def main() -> None:

@@ -56,7 +56,9 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-streak4": ("inlaid", {"inlaid_full_batch_streak_factor": 4},
                                      "inlaid (prefill waits 4x the decode streak at beta)"),
                   "inlaid-strict": ("inlaid", {"inlaid_beta_fill": 0.0},
-                                    "inlaid (strict beta cap, no fill)")}
+                                    "inlaid (strict beta cap, no fill)"),
+                  "inlaid-fill": ("inlaid", {"inlaid_beta_fill": 0.75},
+                                  "inlaid (work-conserving beta, fill 0.75: the default since 58605d6)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
@@ -88,7 +90,11 @@ def run_settings(meta: dict) -> tuple:
     sched = EngineConfig(max_num_seqs=meta["max_num_seqs"], max_num_batched_tokens=meta["max_batched_tokens"],
                          max_adapters=meta["adapter_slots"], max_adapters_per_batch=meta["beta"],
                          max_decode_streak=meta["max_decode_streak"],
-                         starvation_limit_s=meta["starvation_limit_s"]).scheduler_config()
+                         starvation_limit_s=meta["starvation_limit_s"],
+                         # runs before the fill rule (no key in their meta) had the strict β cap
+                         inlaid_beta_fill=meta.get("inlaid_beta_fill", 0.0),
+                         inlaid_full_batch_streak_factor=meta.get("inlaid_full_batch_streak_factor", 2),
+                         ).scheduler_config()
     sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
                         slo_scale=meta["slo_scale"])
     return sched, sim_cfg
