@@ -69,32 +69,34 @@ if triton is not None:
     # each), sub.f16x2 against (1024 + z, 1024 + z) leaves q - z exactly, and four fma.f16x2 with
     # the x pairs (x_j, x_{j+4}) sum eight products two at a time; the two halves go to fp32.
     # About 2.4 instructions per weight against ~4.5 on the fp32 path.
-    _H2_DOT_ASM = """
+    _H2_DOT_ASM = tl.constexpr("""
     {
-    .reg .b32 t1, t2, t3, w0, w1, w2, w3, acc;
-    .reg .b16 lo, hi;
-    .reg .f32 flo, fhi;
-    shr.u32 t1, $1, 4;
-    shr.u32 t2, $1, 8;
-    shr.u32 t3, $1, 12;
-    lop3.b32 w0, $1, 983055, 1677747200, 234;
-    lop3.b32 w1, t1, 983055, 1677747200, 234;
-    lop3.b32 w2, t2, 983055, 1677747200, 234;
-    lop3.b32 w3, t3, 983055, 1677747200, 234;
-    sub.f16x2 w0, w0, $6;
-    sub.f16x2 w1, w1, $6;
-    sub.f16x2 w2, w2, $6;
-    sub.f16x2 w3, w3, $6;
-    mul.rn.f16x2 acc, w0, $2;
-    fma.rn.f16x2 acc, w1, $3, acc;
-    fma.rn.f16x2 acc, w2, $4, acc;
-    fma.rn.f16x2 acc, w3, $5, acc;
-    mov.b32 {lo, hi}, acc;
-    cvt.f32.f16 flo, lo;
-    cvt.f32.f16 fhi, hi;
-    add.f32 $0, flo, fhi;
+    .reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2acc, h2msk, h2mag;
+    .reg .b16 h2lo, h2hi;
+    .reg .f32 h2flo, h2fhi;
+    mov.b32 h2msk, 983055;
+    mov.b32 h2mag, 1677747200;
+    shr.u32 h2t1, $1, 4;
+    shr.u32 h2t2, $1, 8;
+    shr.u32 h2t3, $1, 12;
+    lop3.b32 h2w0, $1, h2msk, h2mag, 234;
+    lop3.b32 h2w1, h2t1, h2msk, h2mag, 234;
+    lop3.b32 h2w2, h2t2, h2msk, h2mag, 234;
+    lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;
+    sub.f16x2 h2w0, h2w0, $6;
+    sub.f16x2 h2w1, h2w1, $6;
+    sub.f16x2 h2w2, h2w2, $6;
+    sub.f16x2 h2w3, h2w3, $6;
+    mul.rn.f16x2 h2acc, h2w0, $2;
+    fma.rn.f16x2 h2acc, h2w1, $3, h2acc;
+    fma.rn.f16x2 h2acc, h2w2, $4, h2acc;
+    fma.rn.f16x2 h2acc, h2w3, $5, h2acc;
+    mov.b32 {h2lo, h2hi}, h2acc;
+    cvt.f32.f16 h2flo, h2lo;
+    cvt.f32.f16 h2fhi, h2hi;
+    add.f32 $0, h2flo, h2fhi;
     }
-    """
+    """)
 
     @triton.jit
     def _fp16_bits(v):
@@ -123,7 +125,7 @@ if triton is not None:
                 out += x_lo * (((q >> (4 * j)) & 0xF).to(tl.float32) - z)
                 out += x_hi * (((q >> (4 * j + 16)) & 0xF).to(tl.float32) - z)
             return out
-        return tl.inline_asm_elementwise(_H2_DOT_ASM, "=f,r,r,r,r,r,r", [q, p0, p1, p2, p3, zz],
+        return tl.inline_asm_elementwise(_H2_DOT_ASM, "=r,r,r,r,r,r,r", [q, p0, p1, p2, p3, zz],
                                          dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
@@ -151,7 +153,7 @@ if triton is not None:
         pid_k = tl.program_id(2)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
-        tile = ((pid_n * BN) // 128) * (K // 8 * 128)
+        tile = tl.multiple_of(((pid_n * BN) // 128) * (K // 8 * 128), 128)  # hint: keeps 16-byte loads
         offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_n = offs_n < N
         num_blocks = K // 128
@@ -225,7 +227,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_i = tl.arange(0, 16)
         # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
-        tile = ((pid_n * BN) // 128) * (K // 8 * 128)
+        tile = tl.multiple_of(((pid_n * BN) // 128) * (K // 8 * 128), 128)  # hint: keeps 16-byte loads
         # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
         offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_m = offs_m < M
