@@ -209,8 +209,11 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
-        FAST_DEQ: tl.constexpr, BITS: tl.constexpr,
+        FAST_DEQ: tl.constexpr, BITS: tl.constexpr, ZSUB: tl.constexpr = False,
     ):
+        """Tensor-core path: per 128-row block, 8 K=16 dots (or one K=128 dot, SINGLE_DOT) on fp16
+        codes, then (part - z·Σx)·s. ZSUB (with FAST_DEQ): subtract the zero in fp16 before the dot
+        instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BM)
@@ -243,6 +246,8 @@ if triton is not None:
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if ZSUB:
+                z16 = (z + 1024.0).to(tl.float16)[None, :]
             if SINGLE_DOT:
                 # One K=128 dot: row k of the tile is nibble k // 16 of packed row k % 16
                 # (duplicate addresses, served by the cache), x read contiguously.
@@ -251,8 +256,11 @@ if triton is not None:
                                        (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], BITS)
                 w = _nibble_fp16(_field(qk, qkh, (offs_k // 16)[:, None], BITS), FAST_DEQ)
                 xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
-                part = tl.dot(xt, w)
-                xsum = tl.sum(xt.to(tl.float32), axis=1)
+                if ZSUB:
+                    part = tl.dot(xt, w - z16)
+                else:
+                    part = tl.dot(xt, w)
+                    xsum = tl.sum(xt.to(tl.float32), axis=1)
             else:
                 q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile,
                                      (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
@@ -261,11 +269,17 @@ if triton is not None:
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
                     wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
-                    part = tl.dot(xj, wj, part)
-                    xsum += tl.sum(xj.to(tl.float32), axis=1)
-            if FAST_DEQ:
-                z += 1024.0  # the fp16 magic below yields 1024 + q
-            acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
+                    if ZSUB:
+                        part = tl.dot(xj, wj - z16, part)
+                    else:
+                        part = tl.dot(xj, wj, part)
+                        xsum += tl.sum(xj.to(tl.float32), axis=1)
+            if ZSUB:
+                acc += part * s[None, :]
+            else:
+                if FAST_DEQ:
+                    z += 1024.0  # the fp16 magic below yields 1024 + q
+                acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -316,7 +330,8 @@ class GemmConfig:
     "gemv_h2" (gemv_row with packed fp16x2 dequant and products, 4-bit only), "mma8" (8 K=16
     dots), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound
     prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
-    trick instead of int→float converts."""
+    trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
+    before the dot, which drops the per-block Σx reductions."""
 
     kind: str
     block_m: int
@@ -327,6 +342,7 @@ class GemmConfig:
     unroll: int = 1
     group_m: int = 8
     fast_deq: bool = False
+    zsub: bool = False      # mma kinds with fast_deq: zero subtracted in fp16 before the dot (no Σx)
 
 
 def m_bucket(m: int) -> int:
@@ -341,7 +357,12 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     gemv_row with 32-column tiles and split-K 4-16 won on every shape (1.3-1.9x cuBLAS fp16); at
     M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (an earlier CUDA-core
     kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
-    gemv_h2 (4-bit only) is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4.
+    gemv_h2 (4-bit only) is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4; the
+    mma8 configs at M <= 16 come in pairs with and without zsub (the zero subtracted in fp16 before
+    the dot: 26-37 % fewer SASS instructions in the K loop, benchmarks/results/kernel_sass.md, not yet
+    timed on a GPU, so the tuner times both). Split-K 16 joins them: the static count puts the
+    measured M = 16 time (36 µs on 4096×11008) at 4× its issue floor, so the K loop waits on
+    latency with ~3 programs per SM at split-K 4; split-K is a runtime argument (no extra compile).
     Every variant here costs a Triton compile during engine warm-up.
     """
     cands: list[GemmConfig] = []
@@ -352,8 +373,8 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
             if bits == 4:
                 cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
                 cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
-        cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True) for bn in (64, 128) for sk in (4, 8)
-                  for st in (2, 3)]
+        cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=zs) for zs in (False, True)
+                  for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]
         return cands
     if m <= 64:
         # split-K 1 never made the recorded top six at M = 64 (gpu_kernels.json "tuning_top6_us")
@@ -391,6 +412,8 @@ def w4a16_matmul(
         raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
     if 128 % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
+    if cfg.zsub and not cfg.fast_deq:
+        raise ValueError("zsub subtracts 1024 + z from the fast dequant's 1024 + q: it needs fast_deq")
     if cfg.kind == "dense":
         out = x @ dequantize_fp16(kw)
         return out if bias is None else out + bias.to(out.dtype)
@@ -416,7 +439,7 @@ def w4a16_matmul(
         _w4a16_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
-            FAST_DEQ=cfg.fast_deq, BITS=kw.bits,
+            FAST_DEQ=cfg.fast_deq, BITS=kw.bits, ZSUB=cfg.zsub,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

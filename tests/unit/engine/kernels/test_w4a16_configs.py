@@ -1,6 +1,8 @@
 """W4A16 launch configs and the tuner's rotation size (no GPU, no triton needed)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from services.engine.kernels.gemm_tuner import MAX_COPIES, num_copies
@@ -29,6 +31,10 @@ def test_candidate_kinds_follow_the_sweep() -> None:
     assert {c.kind for c in candidate_configs(16)} == {"mma8"}
     assert "dense" in {c.kind for c in candidate_configs(256)}
     assert all(c.fast_deq for m in (1, 16, 64, 256) for c in candidate_configs(m) if c.kind in ("mma8", "mma"))
+    # zsub needs the fast dequant's 1024 + q codes; offered in pairs with the Σx path at M <= 16
+    small = [c for c in candidate_configs(16) if c.kind == "mma8"]
+    assert {c.zsub for c in small} == {False, True}
+    assert {dataclasses.replace(c, zsub=False) for c in small if c.zsub} == {c for c in small if not c.zsub}
 
 
 def test_rotation_exceeds_the_l2_within_bounds() -> None:

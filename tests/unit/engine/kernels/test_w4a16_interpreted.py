@@ -1,7 +1,7 @@
 """The W4A16/W3A16 GEMM kernels run under TRITON_INTERPRET on the CPU against the float32 reference.
 
 Covers the index math of every kernel kind at small M (row masks, N not a multiple of 128,
-act-order), and for gemv_h2 the packing of x pairs and zero pairs (its inline PTX has no CPU
+act-order, the fp16 zero subtraction of zsub), and for gemv_h2 the packing of x pairs and zero pairs (its inline PTX has no CPU
 form: the interpreter runs an fp32 emulation of the same packed operands; the PTX itself is
 checked by tests/gpu/test_kernels.py and by the tuner's error guard). Skipped without triton.
 """
@@ -35,13 +35,14 @@ def check_interpreted(bits: int, act_order: bool) -> None:
         ref = x.float() @ ref_w + bias.float()
         seen = set()
         for cfg in candidate_configs(m, bits):
-            if (cfg.kind, cfg.split_k) in seen:   # one config per kind and split: interpreting is slow
-                continue
-            seen.add((cfg.kind, cfg.split_k))
+            if (cfg.kind, cfg.split_k, cfg.zsub) in seen:   # one config per kind, split and zero path:
+                continue                                     # interpreting is slow
+            seen.add((cfg.kind, cfg.split_k, cfg.zsub))
             out = w4a16_matmul(x, kw, cfg, bias)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (cfg, err)
-        assert any(kind == "gemv_h2" for kind, _ in seen) == (bits == 4)
+        assert any(kind == "gemv_h2" for kind, _, _ in seen) == (bits == 4)
+        assert any(zsub for _, _, zsub in seen)
 
 
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (3, True)])
