@@ -25,52 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.engine.kernels.aot import compile_gemv, compile_mma  # noqa: E402
+
 SHAPE = (4096, 11008)           # K, N for the issue floor
 SMS, ISSUE_PER_CLK, CLOCK_HZ = 132, 4, 1.755e9   # H100 SXM
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-
-
-def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool) -> bytes:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from services.engine.kernels import w4a16 as W
-    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32" if bits == 4 else "*i8", "z_ptr": "*fp16",
-           "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
-           "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BN": "constexpr", "UNROLL": "constexpr",
-           "BITS": "constexpr", "H2": "constexpr", "EMULATE": "constexpr"}
-    if bits == 3:
-        sig["qw_ptr"] = "*i16"
-    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BN": bn, "UNROLL": unroll, "BITS": bits, "H2": h2,
-              "EMULATE": False}
-    # what the launcher's specialization gives: 16-byte aligned pointers, 16-divisible sizes
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12)}
-    src = ASTSource(fn=W._w4a16_gemv_row_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
-    return kernel.asm["cubin"]
-
-
-def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
-                zsub: bool = False) -> bytes:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from services.engine.kernels import w4a16 as W
-    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32" if bits == 4 else "*i16", "qh_ptr": "*i32" if bits == 4 else "*i8",
-           "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32",
-           "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
-           "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BM": "constexpr", "BN": "constexpr",
-           "GROUP_M": "constexpr", "SINGLE_DOT": "constexpr", "FAST_DEQ": "constexpr", "BITS": "constexpr",
-           "ZSUB": "constexpr"}
-    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BM": bm, "BN": bn, "GROUP_M": 8, "SINGLE_DOT": single_dot,
-              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub}
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12)}
-    src = ASTSource(fn=W._w4a16_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return kernel.asm["cubin"]
 
 
 def disassemble(cubin: bytes) -> str:

@@ -1,0 +1,63 @@
+"""Compile the GEMM kernels ahead of time for an NVIDIA target, on any machine (no GPU needed).
+
+Triton lowers a kernel to PTX and runs the ptxas it bundles, so a CPU machine can check that every
+launch config compiles for Hopper (sm_90) and read its SASS (benchmarks/kernel_sass.py). Arguments
+get the specialization the launcher gives real tensors: 16-byte aligned pointers, 16-divisible
+sizes and strides.
+"""
+from __future__ import annotations
+
+from services.engine.kernels import w4a16 as W
+from services.engine.kernels.w4a16 import GemmConfig
+
+# argument positions of the pointers and the 16-divisible sizes (N, K, strides, group size)
+_ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12)
+
+
+def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) -> bytes:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    attrs = {(i,): [["tt.divisibility", 16]] for i in _ALIGNED_ARGS}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": warps, "num_stages": stages})
+    return kernel.asm["cubin"]
+
+
+def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90) -> bytes:
+    """cubin of the gemv_row / gemv_h2 kernel for one launch config."""
+    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32" if bits == 4 else "*i8", "z_ptr": "*fp16",
+           "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
+           "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BN": "constexpr", "UNROLL": "constexpr",
+           "BITS": "constexpr", "H2": "constexpr", "EMULATE": "constexpr"}
+    if bits == 3:
+        sig["qw_ptr"] = "*i16"
+    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BN": bn, "UNROLL": unroll, "BITS": bits, "H2": h2,
+              "EMULATE": False}
+    return _compile(W._w4a16_gemv_row_kernel, sig, consts, warps, stages, arch)
+
+
+def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
+                zsub: bool = False, arch: int = 90) -> bytes:
+    """cubin of the tensor-core kernel (mma8, or mma with single_dot) for one launch config."""
+    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32" if bits == 4 else "*i16", "qh_ptr": "*i32" if bits == 4 else "*i8",
+           "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
+           "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BM": "constexpr", "BN": "constexpr",
+           "GROUP_M": "constexpr", "SINGLE_DOT": "constexpr", "FAST_DEQ": "constexpr", "BITS": "constexpr",
+           "ZSUB": "constexpr"}
+    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BM": bm, "BN": bn, "GROUP_M": 8, "SINGLE_DOT": single_dot,
+              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub}
+    return _compile(W._w4a16_kernel, sig, consts, warps, stages, arch)
+
+
+def compile_config(cfg: GemmConfig, bits: int, arch: int = 90) -> bytes | None:
+    """cubin of one tuner candidate (None for "dense", which is cuBLAS)."""
+    if cfg.kind in ("gemv_row", "gemv_h2"):
+        return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages, arch)
+    if cfg.kind in ("mma8", "mma"):
+        return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
+                           cfg.kind == "mma", cfg.zsub, arch)
+    return None
