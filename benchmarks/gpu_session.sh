@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU device call's worth of work, in priority order, each stage bounded by its own timeout so
+# a slow stage cannot eat the next ones. Results land in $OUT (at most 8 files come back from the
+# device: each stage writes <= 2).
+#
+#   bash benchmarks/gpu_session.sh kernels COMMIT   # ~330 s: GPU kernel tests (gemv_h2, zsub, W3),
+#                                                   #   the gemv/zsub sweep, gemm+decode table
+#   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
+#   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
+#
+# The device copy has no .git: pass the commit explicitly.
+set -u
+stage=${1:?stage: kernels | serve | e2e}
+commit=${2:?commit}
+out=${OUT:?OUT must be set (the device tool sets it)}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+case "$stage" in
+  kernels)
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate or tuner" 2>&1 \
+      | tail -15 | tee "$out/pytest_kernels.log"
+    timeout 130 python3 benchmarks/bench_gemm_sweep.py --out "$out" --commit "$commit" --quick \
+      --kinds gemv_row,gemv_h2,mma8 --ms 1,4,16 --stem gemm_sweep_h2 --budget-s 100 --no-decode 2>&1 \
+      | grep -v -i warn | grep -v '^|'
+    timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
+      | grep -v -i warn | tee "$out/gpu_kernels.log"
+    ;;
+  serve)
+    timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \
+      | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  e2e)
+    timeout 560 python3 benchmarks/bench_e2e_gpu.py --out "$out" --commit "$commit" --skip-hf \
+      --sections decode,lora,e2e 2>&1 | grep -v -i warn | tee "$out/e2e_gpu.log"
+    ;;
+  *)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac
