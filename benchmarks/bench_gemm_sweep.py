@@ -47,10 +47,9 @@ def sweep_configs(m: int, bits: int = 4) -> list[GemmConfig]:
         cands += [GemmConfig("gemv_row", 1, bn, sk, w, st, u)
                   for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16) for st in (1, 3)
                   for w in ((2, 4) if bn == 32 else (4,))]
-        if bits == 4:
-            cands += [GemmConfig("gemv_h2", 1, bn, sk, w, st, u)
-                      for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16, 32) for st in (1, 3)
-                      for w in ((2, 4) if bn == 32 else (4,))]
+        cands += [GemmConfig("gemv_h2", 1, bn, sk, w, st, u)
+                  for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16, 32) for st in (1, 3)
+                  for w in ((2, 4) if bn == 32 else (4,))]
     cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=fd)
               for fd in (True, False) for bn in (64, 128) for sk in (2, 4, 8) for st in (2, 3)
               if fd or st == 3]

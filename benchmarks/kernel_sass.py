@@ -104,7 +104,7 @@ def main() -> None:
     import triton
     t0 = time.time()
     rows = []
-    for kind, bits, h2 in (("gemv_row", 4, False), ("gemv_h2", 4, True), ("gemv_row", 3, False)):
+    for kind, bits, h2 in (("gemv_row", 4, False), ("gemv_h2", 4, True), ("gemv_row", 3, False), ("gemv_h2", 3, True)):
         for bn, warps in ((32, 2), (32, 4), (64, 4)):
             cubin = compile_gemv(bn, warps, 1, bits, h2)
             wpt = 16 * bn * 8 // (32 * warps)      # one 128-row block of a [16, BN] tile per iteration

@@ -64,11 +64,28 @@ if triton is not None:
         else:
             return ((q >> (2 * j)) & 3) | (((qh >> j) & 1) << 2)
 
-    # One packed word of 8 nibbles → Σ_j x_j (q_j - z) with fp16x2 arithmetic: the masks 0x000F000F
-    # after shifts of 0/4/8/12 give the nibble pairs (j, j + 4) as two fp16 1024 + q (one lop3
-    # each), sub.f16x2 against (1024 + z, 1024 + z) leaves q - z exactly, and four fma.f16x2 with
-    # the x pairs (x_j, x_{j+4}) sum eight products two at a time; the two halves go to fp32.
-    # About 2.4 instructions per weight against ~4.5 on the fp32 path.
+    # One packed word of 8 codes → Σ_j x_j (q_j - z) with fp16x2 arithmetic. The code pairs (j, j + 4)
+    # become two fp16 1024 + q in one register (4-bit: masks 0x000F000F after shifts of 0/4/8/12,
+    # one lop3 each; 3-bit: the low 2-bit fields and the high bits spread into both halves by byte
+    # permutes, then two lop3 per pair), sub.f16x2 against (1024 + z, 1024 + z) leaves q - z
+    # exactly, and four fma.f16x2 with the x pairs (x_j, x_{j+4}) sum eight products two at a time;
+    # the two halves go to fp32. About 2.4 (4-bit) / 3.5 (3-bit) instructions per weight against
+    # ~4.5 / ~6 on the fp32 path. Operands: $0 out, then the code plane(s), 4 x pairs, the zero pair.
+    _H2_TAIL = """
+    sub.f16x2 h2w0, h2w0, {zz};
+    sub.f16x2 h2w1, h2w1, {zz};
+    sub.f16x2 h2w2, h2w2, {zz};
+    sub.f16x2 h2w3, h2w3, {zz};
+    mul.rn.f16x2 h2acc, h2w0, {x0};
+    fma.rn.f16x2 h2acc, h2w1, {x1}, h2acc;
+    fma.rn.f16x2 h2acc, h2w2, {x2}, h2acc;
+    fma.rn.f16x2 h2acc, h2w3, {x3}, h2acc;
+    mov.b32 {{h2lo, h2hi}}, h2acc;
+    cvt.f32.f16 h2flo, h2lo;
+    cvt.f32.f16 h2fhi, h2hi;
+    add.f32 $0, h2flo, h2fhi;
+    }}
+    """
     _H2_DOT_ASM = tl.constexpr("""
     {
     .reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2acc, h2msk, h2mag;
@@ -82,21 +99,40 @@ if triton is not None:
     lop3.b32 h2w0, $1, h2msk, h2mag, 234;
     lop3.b32 h2w1, h2t1, h2msk, h2mag, 234;
     lop3.b32 h2w2, h2t2, h2msk, h2mag, 234;
-    lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;
-    sub.f16x2 h2w0, h2w0, $6;
-    sub.f16x2 h2w1, h2w1, $6;
-    sub.f16x2 h2w2, h2w2, $6;
-    sub.f16x2 h2w3, h2w3, $6;
-    mul.rn.f16x2 h2acc, h2w0, $2;
-    fma.rn.f16x2 h2acc, h2w1, $3, h2acc;
-    fma.rn.f16x2 h2acc, h2w2, $4, h2acc;
-    fma.rn.f16x2 h2acc, h2w3, $5, h2acc;
-    mov.b32 {h2lo, h2hi}, h2acc;
-    cvt.f32.f16 h2flo, h2lo;
-    cvt.f32.f16 h2fhi, h2hi;
-    add.f32 $0, h2flo, h2fhi;
-    }
-    """)
+    lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;""" + _H2_TAIL.format(zz="$6", x0="$2", x1="$3", x2="$4", x3="$5"))
+    # 3-bit: $1 low plane (int16 in an int32), $2 high plane (int8 in an int32).
+    # t = [lo.b0, 0, lo.b1, 0]: fields j and j + 4 at bits 2j and 16 + 2j. hb: high bit j at bit
+    # 2 + j and high bit j + 4 at bit 18 + j (u = [hb, 0, hb, 0]; (u << 2) & 0x3C | (u >> 2) & 0x3C0000).
+    # Pair j: ((t >> 2j) & 0x00030003) | ((hb >> j) & 0x00040004) | 0x64006400.
+    _H2_DOT3_ASM = tl.constexpr("""
+    {
+    .reg .b32 h2t, h2u, h2a, h2b, h2hb, h2s, h2r, h2w0, h2w1, h2w2, h2w3, h2acc, h2m2, h2m1, h2mag, h2zero;
+    .reg .b16 h2lo, h2hi;
+    .reg .f32 h2flo, h2fhi;
+    mov.b32 h2zero, 0;
+    mov.b32 h2m2, 196611;
+    mov.b32 h2m1, 262148;
+    mov.b32 h2mag, 1677747200;
+    prmt.b32 h2t, $1, h2zero, 16704;
+    prmt.b32 h2u, $2, h2zero, 16448;
+    shl.b32 h2a, h2u, 2;
+    and.b32 h2a, h2a, 60;
+    shr.u32 h2b, h2u, 2;
+    lop3.b32 h2hb, h2b, 3932160, h2a, 234;
+    lop3.b32 h2w0, h2t, h2m2, h2mag, 234;
+    lop3.b32 h2w0, h2hb, h2m1, h2w0, 234;
+    shr.u32 h2s, h2t, 2;
+    shr.u32 h2r, h2hb, 1;
+    lop3.b32 h2w1, h2s, h2m2, h2mag, 234;
+    lop3.b32 h2w1, h2r, h2m1, h2w1, 234;
+    shr.u32 h2s, h2t, 4;
+    shr.u32 h2r, h2hb, 2;
+    lop3.b32 h2w2, h2s, h2m2, h2mag, 234;
+    lop3.b32 h2w2, h2r, h2m1, h2w2, 234;
+    shr.u32 h2s, h2t, 6;
+    shr.u32 h2r, h2hb, 3;
+    lop3.b32 h2w3, h2s, h2m2, h2mag, 234;
+    lop3.b32 h2w3, h2r, h2m1, h2w3, 234;""" + _H2_TAIL.format(zz="$7", x0="$3", x1="$4", x2="$5", x3="$6"))
 
     @triton.jit
     def _fp16_bits(v):
@@ -104,10 +140,10 @@ if triton is not None:
         return v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
     @triton.jit
-    def _h2_dot(q, p0, p1, p2, p3, zz, EMULATE: tl.constexpr):
-        """_H2_DOT_ASM on a [16, BN] tile (x pairs [16, 1], zero pair [1, BN]) → fp32 [16, BN].
-        EMULATE (TRITON_INTERPRET, which has no inline PTX): the same sum from the same packed
-        operands in plain fp32 ops, so the CPU check covers the packing."""
+    def _h2_dot(q, qh, p0, p1, p2, p3, zz, BITS: tl.constexpr, EMULATE: tl.constexpr):
+        """_H2_DOT_ASM / _H2_DOT3_ASM on a [16, BN] tile (x pairs [16, 1], zero pair [1, BN]) →
+        fp32 [16, BN]. EMULATE (TRITON_INTERPRET, which has no inline PTX): the same sum from the
+        same packed operands in plain fp32 ops, so the CPU check covers the packing."""
         if EMULATE:
             z = (zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - 1024.0
             out = tl.zeros(q.shape, dtype=tl.float32)
@@ -122,9 +158,12 @@ if triton is not None:
                     p = p3
                 x_lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                 x_hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                out += x_lo * (((q >> (4 * j)) & 0xF).to(tl.float32) - z)
-                out += x_hi * (((q >> (4 * j + 16)) & 0xF).to(tl.float32) - z)
+                out += x_lo * (_field(q, qh, j, BITS).to(tl.float32) - z)
+                out += x_hi * (_field(q, qh, j + 4, BITS).to(tl.float32) - z)
             return out
+        if BITS == 3:
+            return tl.inline_asm_elementwise(_H2_DOT3_ASM, "=r,r,r,r,r,r,r,r", [q, qh, p0, p1, p2, p3, zz],
+                                             dtype=tl.float32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise(_H2_DOT_ASM, "=r,r,r,r,r,r,r", [q, p0, p1, p2, p3, zz],
                                          dtype=tl.float32, is_pure=True, pack=1)
 
@@ -145,7 +184,7 @@ if triton is not None:
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
         int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q).
-        H2 (4-bit only): packed fp16x2 dequant and products (_h2_dot), fp32 across words. x is
+        H2: packed fp16x2 dequant and products (_h2_dot), fp32 across words. x is
         scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
         |x| below ~35 000; the output is scaled back in fp32."""
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
@@ -176,9 +215,9 @@ if triton is not None:
                 if H2:
                     zz = _fp16_bits((z + 1024.0).to(tl.float16)) * 65537
                     x_blk = x_row + b * 128
-                    part = _h2_dot(q, _x_pair(x_blk, 0, offs_i)[:, None], _x_pair(x_blk, 1, offs_i)[:, None],
+                    part = _h2_dot(q, qh, _x_pair(x_blk, 0, offs_i)[:, None], _x_pair(x_blk, 1, offs_i)[:, None],
                                    _x_pair(x_blk, 2, offs_i)[:, None], _x_pair(x_blk, 3, offs_i)[:, None],
-                                   zz[None, :], EMULATE)
+                                   zz[None, :], BITS, EMULATE)
                     acc += part * s[None, :]
                 else:
                     part = tl.zeros((16, BN), dtype=tl.float32)
@@ -327,7 +366,7 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 @dataclass(frozen=True)
 class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
-    "gemv_h2" (gemv_row with packed fp16x2 dequant and products, 4-bit only), "mma8" (8 K=16
+    "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16
     dots), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound
     prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
     trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
@@ -357,7 +396,7 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     gemv_row with 32-column tiles and split-K 4-16 won on every shape (1.3-1.9x cuBLAS fp16); at
     M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (an earlier CUDA-core
     kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
-    gemv_h2 (4-bit only) is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4; the
+    gemv_h2 is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4; the
     mma8 configs at M <= 16 come in pairs with and without zsub (the zero subtracted in fp16 before
     the dot: 26-37 % fewer SASS instructions in the K loop, benchmarks/results/kernel_sass.md, not yet
     timed on a GPU, so the tuner times both). Split-K 16 joins them: the static count puts the
@@ -370,9 +409,8 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
         if m <= 4:
             cands += [GemmConfig("gemv_row", 1, 32, sk, w, 1, u) for sk in (4, 8, 16) for w in (2, 4) for u in (1, 2)]
             cands += [GemmConfig("gemv_row", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
-            if bits == 4:
-                cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
-                cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
+            cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
+            cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
         cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=zs) for zs in (False, True)
                   for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]
         return cands
@@ -427,8 +465,6 @@ def w4a16_matmul(
     args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if cfg.kind in ("gemv_row", "gemv_h2"):
-        if cfg.kind == "gemv_h2" and kw.bits != 4:
-            raise ValueError("gemv_h2 takes 4-bit weights only")
         _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,

@@ -24,4 +24,4 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
             seen.add(key)
             cubin = compile_config(cfg, bits)
             assert cubin and len(cubin) > 1000, cfg
-    assert any(k[0] == "gemv_h2" for k in seen) == (bits == 4)
+    assert any(k[0] == "gemv_h2" for k in seen)

@@ -41,11 +41,11 @@ def check_interpreted(bits: int, act_order: bool) -> None:
             out = w4a16_matmul(x, kw, cfg, bias)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (cfg, err)
-        assert any(kind == "gemv_h2" for kind, _, _ in seen) == (bits == 4)
+        assert any(kind == "gemv_h2" for kind, _, _ in seen)
         assert any(zsub for _, _, zsub in seen)
 
 
-@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (3, True)])
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (3, False), (3, True)])
 def test_kernels_interpreted_match_the_reference(bits: int, act_order: bool) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
