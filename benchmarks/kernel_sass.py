@@ -146,7 +146,21 @@ def main() -> None:
                      f"{r['instructions_per_weight']:.2f} | {r['issue_floor_us_4096x11008']:.1f} | "
                      + " | ".join(str(c.get(k, 0)) for k in ("fp16x2", "fp32", "cvt", "int/move", "memory", "mma", "other"))
                      + " |")
-    (out / "kernel_sass.md").write_text("\n".join(lines) + "\n")
+    ipw = {r["variant"]: r["instructions_per_weight"] for r in rows}
+    reading = ["", "## Reading", ""]
+    for bits in (4, 3):
+        a, b = ipw.get(f"gemv_row W{bits} BN=32 warps=2"), ipw.get(f"gemv_h2 W{bits} BN=32 warps=2")
+        if a and b:
+            reading.append(f"- W{bits}, M = 1 (BN 32, 2 warps): gemv_h2 issues {b:.2f} instructions per weight against "
+                           f"gemv_row's {a:.2f} ({1 - b / a:.0%} fewer).")
+    a = ipw.get("mma8 W4 BM=16 BN=128 stages=2 fast_deq")
+    b = ipw.get("mma8 W4 BM=16 BN=128 stages=2 fast_deq zsub")
+    if a and b:
+        reading.append(f"- M ≤ 16 tensor-core path (BM 16, BN 128): zsub {b:.2f} against {a:.2f} per weight "
+                       f"({1 - b / a:.0%} fewer): the per-block Σx reductions (FADD, SHFL, shared memory) go.")
+    reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
+                   "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
+    (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")
     print((out / "kernel_sass.md").read_text())
 
 
