@@ -6,11 +6,12 @@
 #   bash benchmarks/gpu_session.sh kernels COMMIT   # ~330 s: GPU kernel tests (gemv_h2, zsub, W3),
 #                                                   #   the gemv/zsub sweep, gemm+decode table
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
+#   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serve | e2e}
+stage=${1:?stage: kernels | serve | w3 | e2e}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -28,6 +29,13 @@ case "$stage" in
   serve)
     timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  w3)
+    timeout 150 python3 benchmarks/bench_gemm_sweep.py --out "$out" --commit "$commit" --quick --bits 3 \
+      --kinds gemv_row,gemv_h2,mma8 --ms 1,4,16 --stem gemm_sweep_w3_h2 --budget-s 120 --no-decode 2>&1 \
+      | grep -v -i warn | grep -v '^|'
+    timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --bits 3 \
+      --sections gemm,decode 2>&1 | grep -v -i warn | tee "$out/gpu_kernels_w3.log"
     ;;
   e2e)
     timeout 560 python3 benchmarks/bench_e2e_gpu.py --out "$out" --commit "$commit" --skip-hf \
