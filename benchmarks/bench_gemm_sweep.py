@@ -50,9 +50,9 @@ def sweep_configs(m: int, bits: int = 4) -> list[GemmConfig]:
         cands += [GemmConfig("gemv_h2", 1, bn, sk, w, st, u)
                   for bn in (32, 64) for u in (1, 2) for sk in (4, 8, 16, 32) for st in (1, 3)
                   for w in ((2, 4) if bn == 32 else (4,))]
-    cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=fd)
-              for fd in (True, False) for bn in (64, 128) for sk in (2, 4, 8) for st in (2, 3)
-              if fd or st == 3]
+    cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=fd, zsub=zs)
+              for fd, zs in ((True, False), (True, True), (False, False)) for bn in (64, 128)
+              for sk in (2, 4, 8, 16) for st in (2, 3) if fd or st == 3]
     cands += [GemmConfig("mma", 16, bn, sk, 4, 3, fast_deq=True) for bn in (64, 128) for sk in (2, 4, 8)]
     return cands
 
@@ -138,8 +138,10 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
             "tuner_set_best_rot_ms": old_best[1] if old_best else None,
             "top8": [(str(c), round(ms * 1e3, 2)) for c, ms, _ in results[:8]],
             "best_by_kind": {kind: min((round(ms * 1e3, 2) for c, ms, _ in results if c.kind == kind and
-                                        (kind != "mma8" or c.fast_deq)), default=None)
+                                        (kind != "mma8" or (c.fast_deq and not c.zsub))), default=None)
                              for kind in ("gemv_row", "gemv_h2", "mma8", "mma")},
+            "mma8_zsub_best_us": min((round(ms * 1e3, 2) for c, ms, _ in results if c.kind == "mma8" and c.zsub),
+                                     default=None),
             "mma8_slow_deq_best_us": min((round(ms * 1e3, 2) for c, ms, _ in results
                                           if c.kind == "mma8" and not c.fast_deq), default=None),
             "num_configs": len(results),
@@ -205,12 +207,13 @@ def write_markdown(res: dict, path: Path) -> None:
             f"{r['fp16_rot_ms']/r['best_rot_ms']:.2f} | {i4r/r['best_rot_ms'] if i4r else float('nan'):.2f} | "
             f"{r['best_rot_frac_copy_bw']*100:.0f} | {r['best_flush_ms']*1e3:.1f} | {r['fp16_flush_ms']*1e3:.1f} | "
             f"{i4f*1e3 if i4f else float('nan'):.1f} | {r['fp16_flush_ms']/r['best_flush_ms']:.2f} | {r['best_rel_err']:.1e} |")
-    lines += ["\nBest per kernel kind (µs, rotate; mma8 = fast dequant; 'mma8 slow deq' = int→float converts):\n",
-              "| K×N | M | gemv_row | gemv_h2 | mma8 | mma | mma8 slow deq |", "|---|---|---|---|---|---|---|"]
+    lines += ["\nBest per kernel kind (µs, rotate; mma8 = fast dequant with the Σx zero path; zsub = the zero "
+              "subtracted in fp16 before the dot; 'mma8 slow deq' = int→float converts):\n",
+              "| K×N | M | gemv_row | gemv_h2 | mma8 | mma8 zsub | mma | mma8 slow deq |", "|---|---|---|---|---|---|---|---|"]
     for r in res["gemm"]:
         b = r["best_by_kind"]
-        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {b['gemv_row']} | {b.get('gemv_h2')} | {b['mma8']} | {b['mma']} | "
-                     f"{r['mma8_slow_deq_best_us']} |")
+        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {b['gemv_row']} | {b.get('gemv_h2')} | {b['mma8']} | "
+                     f"{r.get('mma8_zsub_best_us')} | {b['mma']} | {r['mma8_slow_deq_best_us']} |")
     if res.get("decode"):
         lines += ["\n## Decode step (random Llama-2-7B, 4-bit g128, ctx 256, CUDA graph, flush method)\n",
                   "| batch | floor ms | engine tuner ms | × floor | sweep winners ms | × floor |", "|---|---|---|---|---|---|"]

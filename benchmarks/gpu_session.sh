@@ -21,7 +21,7 @@ case "$stage" in
     timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate or tuner" 2>&1 \
       | tail -15 | tee "$out/pytest_kernels.log"
     timeout 110 python3 benchmarks/bench_gemm_sweep.py --out "$out" --commit "$commit" --quick \
-      --kinds gemv_row,gemv_h2,mma8 --ms 1,4,16 --stem gemm_sweep_h2 --budget-s 80 --no-decode 2>&1 \
+      --kinds gemv_h2 --ms 1,4 --stem gemm_sweep_h2 --budget-s 80 --no-decode 2>&1 \
       | grep -v -i warn | grep -v '^|'
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
@@ -32,7 +32,7 @@ case "$stage" in
     ;;
   w3)
     timeout 150 python3 benchmarks/bench_gemm_sweep.py --out "$out" --commit "$commit" --quick --bits 3 \
-      --kinds gemv_row,gemv_h2,mma8 --ms 1,4,16 --stem gemm_sweep_w3_h2 --budget-s 120 --no-decode 2>&1 \
+      --kinds gemv_row,gemv_h2 --ms 1,4 --stem gemm_sweep_w3_h2 --budget-s 120 --no-decode 2>&1 \
       | grep -v -i warn | grep -v '^|'
     timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --bits 3 \
       --sections gemm,decode 2>&1 | grep -v -i warn | tee "$out/gpu_kernels_w3.log"
