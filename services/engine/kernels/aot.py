@@ -47,9 +47,9 @@ def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: 
            "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
            "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BM": "constexpr", "BN": "constexpr",
            "GROUP_M": "constexpr", "SINGLE_DOT": "constexpr", "FAST_DEQ": "constexpr", "BITS": "constexpr",
-           "ZSUB": "constexpr"}
+           "ZSUB": "constexpr", "H2DEQ": "constexpr"}
     consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BM": bm, "BN": bn, "GROUP_M": 8, "SINGLE_DOT": single_dot,
-              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub}
+              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub, "H2DEQ": zsub and bits == 4 and not single_dot}
     return _compile(W._w4a16_kernel, sig, consts, warps, stages, arch)
 
 

@@ -73,6 +73,30 @@ lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;""" + _H2_TAIL.format(zz="$6", x0="$2", x
 # t = [lo.b0, 0, lo.b1, 0]: fields j and j + 4 at bits 2j and 16 + 2j. hb: high bit j at bit
 # 2 + j and high bit j + 4 at bit 18 + j (u = [hb, 0, hb, 0]; (u << 2) & 0x3C | (u >> 2) & 0x3C0000).
 # Pair j: ((t >> 2j) & 0x00030003) | ((hb >> j) & 0x00040004) | 0x64006400.
+# mma8 + zsub, 4-bit: one word → its 8 codes minus the zero as fp16 (outputs $0..$7 = codes 0..7;
+# input $8 the word, $9 the zero pair): the same lop3 pairs and sub.f16x2 as H2_DOT_ASM, unpacked.
+H2_DEQ_ASM = """
+{
+.reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2msk, h2mag;
+mov.b32 h2msk, 983055;
+mov.b32 h2mag, 1677747200;
+shr.u32 h2t1, $8, 4;
+shr.u32 h2t2, $8, 8;
+shr.u32 h2t3, $8, 12;
+lop3.b32 h2w0, $8, h2msk, h2mag, 234;
+lop3.b32 h2w1, h2t1, h2msk, h2mag, 234;
+lop3.b32 h2w2, h2t2, h2msk, h2mag, 234;
+lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;
+sub.f16x2 h2w0, h2w0, $9;
+sub.f16x2 h2w1, h2w1, $9;
+sub.f16x2 h2w2, h2w2, $9;
+sub.f16x2 h2w3, h2w3, $9;
+mov.b32 {$0, $4}, h2w0;
+mov.b32 {$1, $5}, h2w1;
+mov.b32 {$2, $6}, h2w2;
+mov.b32 {$3, $7}, h2w3;
+}
+"""
 H2_DOT3_ASM = ("""
 {
 .reg .b32 h2t, h2u, h2a, h2b, h2hb, h2s, h2r, h2w0, h2w1, h2w2, h2w3, h2acc, h2m2, h2m1, h2mag, h2zero;
@@ -136,6 +160,7 @@ if triton is not None:
 
     _H2_DOT_ASM = tl.constexpr(H2_DOT_ASM)
     _H2_DOT3_ASM = tl.constexpr(H2_DOT3_ASM)
+    _H2_DEQ_ASM = tl.constexpr(H2_DEQ_ASM)
 
     @triton.jit
     def _fp16_bits(v):
@@ -251,11 +276,13 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
-        FAST_DEQ: tl.constexpr, BITS: tl.constexpr, ZSUB: tl.constexpr = False,
+        FAST_DEQ: tl.constexpr, BITS: tl.constexpr, ZSUB: tl.constexpr = False, H2DEQ: tl.constexpr = False,
     ):
         """Tensor-core path: per 128-row block, 8 K=16 dots (or one K=128 dot, SINGLE_DOT) on fp16
         codes, then (part - z·Σx)·s. ZSUB (with FAST_DEQ): subtract the zero in fp16 before the dot
-        instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block."""
+        instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block. H2DEQ
+        (ZSUB, 4-bit, 8-dot path): the codes and the subtraction come from packed PTX
+        (H2_DEQ_ASM: one lop3 and one sub.f16x2 per code pair)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BM)
@@ -308,12 +335,21 @@ if triton is not None:
                                      (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
                 part = tl.zeros((BM, BN), dtype=tl.float32)
                 xsum = tl.zeros((BM,), dtype=tl.float32)
+                if H2DEQ:
+                    zz = (_fp16_bits(z16) * 65537)
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _H2_DEQ_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
+                        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+                    ws = (w0, w1, w2, w3, w4, w5, w6, w7)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
-                    wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
-                    if ZSUB:
+                    if H2DEQ:
+                        part = tl.dot(xj, ws[j], part)
+                    elif ZSUB:
+                        wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
                         part = tl.dot(xj, wj - z16, part)
                     else:
+                        wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
                         part = tl.dot(xj, wj, part)
                         xsum += tl.sum(xj.to(tl.float32), axis=1)
             if ZSUB:
@@ -401,8 +437,8 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
     gemv_h2 is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4; the
     mma8 configs at M <= 16 come in pairs with and without zsub (the zero subtracted in fp16 before
-    the dot: 26-37 % fewer SASS instructions in the K loop, benchmarks/results/kernel_sass.md, not yet
-    timed on a GPU, so the tuner times both). Split-K 16 joins them: the static count puts the
+    the dot, at 4 bits with packed-PTX dequant: ~40 % fewer SASS instructions in the K loop,
+    benchmarks/results/kernel_sass.md; not yet timed on a GPU, so the tuner times both). Split-K 16 joins them: the static count puts the
     measured M = 16 time (36 µs on 4096×11008) at 4× its issue floor, so the K loop waits on
     latency with ~3 programs per SM at split-K 4; split-K is a runtime argument (no extra compile).
     Every variant here costs a Triton compile during engine warm-up.
@@ -479,6 +515,8 @@ def w4a16_matmul(
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
             FAST_DEQ=cfg.fast_deq, BITS=kw.bits, ZSUB=cfg.zsub,
+            # 4-bit zsub dequantizes through packed PTX (no inline PTX under the interpreter)
+            H2DEQ=cfg.zsub and kw.bits == 4 and not INTERPRET and cfg.kind == "mma8",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -49,9 +49,9 @@ def _prmt(a: int, b: int, sel: int) -> int:
     return out
 
 
-def run_ptx(asm: str, inputs: list[int]) -> float:
-    """Execute the asm block; $1.. are the inputs (32-bit), returns $0 as an fp32 value."""
-    regs: dict[str, object] = {f"${i + 1}": v & MASK for i, v in enumerate(inputs)}
+def run_ptx(asm: str, inputs: list[int], num_outputs: int = 1) -> dict[str, object]:
+    """Execute the asm block; $<num_outputs>.. are the inputs (32-bit); returns the registers."""
+    regs: dict[str, object] = {f"${i + num_outputs}": v & MASK for i, v in enumerate(inputs)}
 
     def val(tok: str) -> int:
         tok = tok.strip()
@@ -99,7 +99,11 @@ def run_ptx(asm: str, inputs: list[int]) -> float:
             regs[d] = np.float32(np.float32(regs[srcs[0]]) + np.float32(regs[srcs[1]]))
         else:
             raise AssertionError(f"instruction not covered by this interpreter: {line}")
-    return float(regs["$0"])
+    return regs
+
+
+def run_dot(asm: str, inputs: list[int]) -> float:
+    return float(run_ptx(asm, inputs)["$0"])
 
 
 def codes_of(bits: int, q: int, qh: int) -> list[int]:
@@ -137,7 +141,7 @@ def test_one_hot_x_reads_every_code_exactly(bits: int) -> None:
         for j in range(8):
             xs = [0.0] * 8
             xs[j] = 1.0
-            assert run_ptx(asm_of(bits), h2_inputs(bits, q, qh, xs, z)) == codes[j] - z, (q, qh, j)
+            assert run_dot(asm_of(bits), h2_inputs(bits, q, qh, xs, z)) == codes[j] - z, (q, qh, j)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -148,5 +152,16 @@ def test_random_words_match_the_float64_dot(bits: int) -> None:
         z = int(rng.integers(0, 2**bits))
         xs = [float(np.float16(v)) for v in rng.normal(0, 1, 8) / 32]   # the kernel's 1/32-scaled x
         ref = sum(x * (c - z) for x, c in zip(xs, codes_of(bits, q, qh)))
-        got = run_ptx(asm_of(bits), h2_inputs(bits, q, qh, xs, z))
+        got = run_dot(asm_of(bits), h2_inputs(bits, q, qh, xs, z))
         assert abs(got - ref) <= 2e-3 * sum(abs(x) * 15 for x in xs) + 1e-6, (got, ref)
+
+
+def test_deq_asm_gives_every_code_minus_the_zero():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        q = int(rng.integers(0, 2**32))
+        z = int(rng.integers(0, 16))
+        zz = _pack(np.float16(1024 + z), np.float16(1024 + z))
+        regs = run_ptx(W.H2_DEQ_ASM, [q, zz], num_outputs=8)
+        got = [float(regs[f"${j}"]) for j in range(8)]
+        assert got == [c - z for c in codes_of(4, q, 0)], (q, z)
