@@ -462,7 +462,7 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
             for bn in (64, 128)
             for sk in (2, 4)
             if bm >= m // 2 or bm == 64
-        ]
+        ] + [GemmConfig("mma8", 64, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (2, 4)]
     return [
         GemmConfig(kind, bm, bn, sk, 4, 3, fast_deq=True)
         for kind in ("mma8", "mma")
