@@ -11,7 +11,7 @@ Sections (each skippable, each printed with a time estimate, results written aft
            (saturated throughput C), a half-load replay; the simulator's cost model is fitted
            to those engine steps (error on held-out steps), solo latencies measured
   main     3 rates (fractions of C) × inlaid/fifo/mlfq/wfq, same trace per rate
-  ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths
+  ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths, strict β cap
   wfq      one task at 10× the others' rate: others' p99 with vs without the hog
   scale    2/10/100/1000 tasks at a fixed rate: real engine (inlaid with the current and the old
            prefill rule and with the per-sequence decode rank, same trace) + simulator (fitted model)
@@ -419,11 +419,13 @@ class Bench:
         rate = self.rates()[-1]
         trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
                            zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{a.rates[-1]}-")
-        for label, mode, beta in (("inlaid, no prediction (task mean)", "task-mean", a.beta),
-                                  ("inlaid, beta=inf", "predictor", 0),
-                                  ("inlaid, oracle lengths", "oracle", a.beta)):
+        for label, mode, beta, overrides in (("inlaid, no prediction (task mean)", "task-mean", a.beta, {}),
+                                             ("inlaid, beta=inf", "predictor", 0, {}),
+                                             ("inlaid, oracle lengths", "oracle", a.beta, {}),
+                                             ("inlaid, strict beta cap (no fill)", "predictor", a.beta,
+                                              {"inlaid_beta_fill": 0.0})):
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
-                                        rate_req_s=rate, load_frac=a.rates[-1]))
+                                        overrides, rate_req_s=rate, load_frac=a.rates[-1]))
             self.save()
 
     def sec_scale(self) -> None:
