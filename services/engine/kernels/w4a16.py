@@ -439,7 +439,7 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     mma8 configs at M <= 16 come in pairs with and without zsub (the zero subtracted in fp16 before
     the dot, at 4 bits with packed-PTX dequant: ~40 % fewer SASS instructions in the K loop,
     benchmarks/results/kernel_sass.md; not yet timed on a GPU, so the tuner times both). Split-K 16 joins them: the static count puts the
-    measured M = 16 time (36 µs on 4096×11008) at 4× its issue floor, so the K loop waits on
+    measured M = 16 time (36.8 µs on 4096×11008, flush timing) at 4× its issue floor, so the K loop waits on
     latency with ~3 programs per SM at split-K 4; split-K is a runtime argument (no extra compile).
     Every variant here costs a Triton compile during engine warm-up.
     """
