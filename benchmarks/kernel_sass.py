@@ -29,6 +29,7 @@ from services.engine.kernels.aot import compile_gemv, compile_mma  # noqa: E402
 
 SHAPE = (4096, 11008)           # K, N for the issue floor
 SMS, ISSUE_PER_CLK, CLOCK_HZ = 132, 4, 1.755e9   # H100 SXM
+CLASSES = ("fp16x2", "fp32", "cvt", "int/move", "memory", "mma", "other")
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
@@ -111,7 +112,8 @@ def main() -> None:
             row = analyse(f"{kind} W{bits} BN={bn} warps={warps}", cubin, wpt)
             rows.append(row)
             print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
-                  f"= {row['instructions_per_weight']:.2f}/weight, issue floor {row['issue_floor_us_4096x11008']:.1f} us"
+                  f"= {row['instructions_per_weight']:.2f}/weight, "
+                  f"issue floor {row['issue_floor_us_4096x11008']:.1f} us"
                   f" on 4096x11008 | {row['classes']}", flush=True)
     for bm, bn, st, fd, zs in ((16, 128, 2, False, False), (16, 128, 2, True, False), (16, 128, 2, True, True),
                                (16, 64, 3, True, False), (16, 64, 3, True, True)):
@@ -139,12 +141,12 @@ def main() -> None:
              "to issue the loop for a 4096×11008 layer at M = 1; DRAM needs ≥ 7.5 µs for the same layer "
              "(22.5 MB at ~3 TB/s). Static counts only: speed has to be measured on the GPU.\n",
              "| variant | loop instructions | weights / thread / iteration | instructions / weight | issue floor µs | "
-             "fp16x2 | fp32 | cvt | int/move | memory | mma | other |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fp16x2 | fp32 | cvt | int/move | memory | mma | other |", "|" + "---|" * 12]
     for r in rows:
         c = r["classes"]
         lines.append(f"| {r['variant']} | {r['loop_instructions']} | {r['weights_per_thread_per_iteration']} | "
                      f"{r['instructions_per_weight']:.2f} | {r['issue_floor_us_4096x11008']:.1f} | "
-                     + " | ".join(str(c.get(k, 0)) for k in ("fp16x2", "fp32", "cvt", "int/move", "memory", "mma", "other"))
+                     + " | ".join(str(c.get(k, 0)) for k in CLASSES)
                      + " |")
     ipw = {r["variant"]: r["instructions_per_weight"] for r in rows}
     reading = ["", "## Reading", ""]

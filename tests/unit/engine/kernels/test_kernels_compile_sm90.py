@@ -18,7 +18,8 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
     seen = set()
     for m in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         for cfg in candidate_configs(m, bits):
-            key = (cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.unroll, cfg.fast_deq, cfg.zsub)
+            key = (cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.unroll,
+                   cfg.fast_deq, cfg.zsub)
             if cfg.kind == "dense" or key in seen:
                 continue
             seen.add(key)

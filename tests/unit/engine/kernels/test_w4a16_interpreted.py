@@ -1,9 +1,11 @@
 """The W4A16/W3A16 GEMM kernels run under TRITON_INTERPRET on the CPU against the float32 reference.
 
 Covers the index math of every kernel kind at small M (row masks, N not a multiple of 128,
-act-order, the fp16 zero subtraction of zsub), and for gemv_h2 the packing of x pairs and zero pairs (its inline PTX has no CPU
-form: the interpreter runs an fp32 emulation of the same packed operands; the PTX itself is
-checked by tests/gpu/test_kernels.py and by the tuner's error guard). Skipped without triton.
+act-order, the fp16 zero subtraction of zsub) and, for gemv_h2, the packing of x pairs and zero
+pairs. Its inline PTX has no CPU form here: the interpreter runs an fp32 emulation of the same
+packed operands; the PTX itself is run by test_h2_ptx.py's small interpreter, compiled for sm_90
+by test_kernels_compile_sm90.py, and checked on the GPU by tests/gpu/test_kernels.py and the
+tuner's error guard. Skipped without triton.
 """
 from __future__ import annotations
 
