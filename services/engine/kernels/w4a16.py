@@ -55,38 +55,28 @@ cvt.f32.f16 h2fhi, h2hi;
 add.f32 $0, h2flo, h2fhi;
 }}
 """
+# 4-bit code pairs of the word {q}: h2w<j> = (1024 + q_j, 1024 + q_{j+4}) for j = 0..3.
+_H2_PAIRS4 = """
+mov.b32 h2msk, 983055;
+mov.b32 h2mag, 1677747200;
+shr.u32 h2t1, {q}, 4;
+shr.u32 h2t2, {q}, 8;
+shr.u32 h2t3, {q}, 12;
+lop3.b32 h2w0, {q}, h2msk, h2mag, 234;
+lop3.b32 h2w1, h2t1, h2msk, h2mag, 234;
+lop3.b32 h2w2, h2t2, h2msk, h2mag, 234;
+lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;"""
 H2_DOT_ASM = ("""
 {
 .reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2acc, h2msk, h2mag;
 .reg .b16 h2lo, h2hi;
-.reg .f32 h2flo, h2fhi;
-mov.b32 h2msk, 983055;
-mov.b32 h2mag, 1677747200;
-shr.u32 h2t1, $1, 4;
-shr.u32 h2t2, $1, 8;
-shr.u32 h2t3, $1, 12;
-lop3.b32 h2w0, $1, h2msk, h2mag, 234;
-lop3.b32 h2w1, h2t1, h2msk, h2mag, 234;
-lop3.b32 h2w2, h2t2, h2msk, h2mag, 234;
-lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;""" + _H2_TAIL.format(zz="$6", x0="$2", x1="$3", x2="$4", x3="$5"))
-# 3-bit: $1 low plane (int16 in an int32), $2 high plane (int8 in an int32).
-# t = [lo.b0, 0, lo.b1, 0]: fields j and j + 4 at bits 2j and 16 + 2j. hb: high bit j at bit
-# 2 + j and high bit j + 4 at bit 18 + j (u = [hb, 0, hb, 0]; (u << 2) & 0x3C | (u >> 2) & 0x3C0000).
-# Pair j: ((t >> 2j) & 0x00030003) | ((hb >> j) & 0x00040004) | 0x64006400.
+.reg .f32 h2flo, h2fhi;""" + _H2_PAIRS4.format(q="$1")
+              + _H2_TAIL.format(zz="$6", x0="$2", x1="$3", x2="$4", x3="$5"))
 # mma8 + zsub, 4-bit: one word → its 8 codes minus the zero as fp16 (outputs $0..$7 = codes 0..7;
 # input $8 the word, $9 the zero pair): the same lop3 pairs and sub.f16x2 as H2_DOT_ASM, unpacked.
 H2_DEQ_ASM = """
 {
-.reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2msk, h2mag;
-mov.b32 h2msk, 983055;
-mov.b32 h2mag, 1677747200;
-shr.u32 h2t1, $8, 4;
-shr.u32 h2t2, $8, 8;
-shr.u32 h2t3, $8, 12;
-lop3.b32 h2w0, $8, h2msk, h2mag, 234;
-lop3.b32 h2w1, h2t1, h2msk, h2mag, 234;
-lop3.b32 h2w2, h2t2, h2msk, h2mag, 234;
-lop3.b32 h2w3, h2t3, h2msk, h2mag, 234;
+.reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2msk, h2mag;""" + _H2_PAIRS4.format(q="$8") + """
 sub.f16x2 h2w0, h2w0, $9;
 sub.f16x2 h2w1, h2w1, $9;
 sub.f16x2 h2w2, h2w2, $9;
@@ -97,6 +87,10 @@ mov.b32 {$2, $6}, h2w2;
 mov.b32 {$3, $7}, h2w3;
 }
 """
+# 3-bit: $1 low plane (int16 in an int32), $2 high plane (int8 in an int32).
+# t = [lo.b0, 0, lo.b1, 0]: fields j and j + 4 at bits 2j and 16 + 2j. hb: high bit j at bit
+# 2 + j and high bit j + 4 at bit 18 + j (u = [hb, 0, hb, 0]; (u << 2) & 0x3C | (u >> 2) & 0x3C0000).
+# Pair j: ((t >> 2j) & 0x00030003) | ((hb >> j) & 0x00040004) | 0x64006400.
 H2_DOT3_ASM = ("""
 {
 .reg .b32 h2t, h2u, h2a, h2b, h2hb, h2s, h2r, h2w0, h2w1, h2w2, h2w3, h2acc, h2m2, h2m1, h2mag, h2zero;
