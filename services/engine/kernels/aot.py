@@ -25,7 +25,8 @@ def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) ->
     return kernel.asm["cubin"]
 
 
-def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90) -> bytes:
+def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90,
+                 has_bias: bool = False, use_atomic: bool = True) -> bytes:
     """cubin of the gemv_row / gemv_h2 kernel for one launch config."""
     sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32" if bits == 4 else "*i8", "z_ptr": "*fp16",
            "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
@@ -34,13 +35,13 @@ def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: 
            "BITS": "constexpr", "H2": "constexpr", "EMULATE": "constexpr"}
     if bits == 3:
         sig["qw_ptr"] = "*i16"
-    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BN": bn, "UNROLL": unroll, "BITS": bits, "H2": h2,
+    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": bn, "UNROLL": unroll, "BITS": bits, "H2": h2,
               "EMULATE": False}
     return _compile(W._w4a16_gemv_row_kernel, sig, consts, warps, stages, arch)
 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
-                zsub: bool = False, arch: int = 90) -> bytes:
+                zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True) -> bytes:
     """cubin of the tensor-core kernel (mma8, or mma with single_dot) for one launch config."""
     sig = {"x_ptr": "*fp16", "qw_ptr": "*i32" if bits == 4 else "*i16", "qh_ptr": "*i32" if bits == 4 else "*i8",
            "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32",
@@ -48,16 +49,20 @@ def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: 
            "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BM": "constexpr", "BN": "constexpr",
            "GROUP_M": "constexpr", "SINGLE_DOT": "constexpr", "FAST_DEQ": "constexpr", "BITS": "constexpr",
            "ZSUB": "constexpr", "H2DEQ": "constexpr"}
-    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BM": bm, "BN": bn, "GROUP_M": 8, "SINGLE_DOT": single_dot,
+    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8,
+              "SINGLE_DOT": single_dot,
               "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub, "H2DEQ": zsub and bits == 4 and not single_dot}
     return _compile(W._w4a16_kernel, sig, consts, warps, stages, arch)
 
 
-def compile_config(cfg: GemmConfig, bits: int, arch: int = 90) -> bytes | None:
-    """cubin of one tuner candidate (None for "dense", which is cuBLAS)."""
+def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,
+                   use_atomic: bool = True) -> bytes | None:
+    """cubin of one tuner candidate (None for "dense", which is cuBLAS). use_atomic False is the
+    split-K 1 form (plain stores), which the launcher uses when K holds a single split."""
     if cfg.kind in ("gemv_row", "gemv_h2"):
-        return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages, arch)
+        return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages,
+                            arch, has_bias, use_atomic)
     if cfg.kind in ("mma8", "mma"):
         return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
-                           cfg.kind == "mma", cfg.zsub, arch)
+                           cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic)
     return None
