@@ -27,7 +27,7 @@ class EngineConfig:
     max_adapters_per_batch: int = 10       # β: distinct tasks in one step (scheduler cap)
     max_lora_rank: int = 64                # larger adapters are rejected
     max_tokens_limit: int = 4096           # largest max_tokens a request may ask for
-    policy: str = "fifo"                   # scheduling policy name (services.engine.policies)
+    policy: str = "inlaid"                 # scheduling policy name (services.engine.policies)
     max_decode_streak: int = 8             # decode steps before prefills are considered
     starvation_limit_s: float = 30.0       # waiting longer than this jumps the queue
     num_threads: int = 0                   # torch CPU threads; 0 = torch's default

@@ -20,7 +20,8 @@ NUM_BLOCKS = 6      # 6 × 16 tokens: small enough that finished requests' block
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     torch.set_num_threads(1)
-    eng = LLMEngine(EngineConfig(num_kv_blocks=NUM_BLOCKS, block_size=16, device="cpu",
+    # fifo: these tests walk continuous batching and preemption step by step in arrival order
+    eng = LLMEngine(EngineConfig(num_kv_blocks=NUM_BLOCKS, block_size=16, device="cpu", policy="fifo",
                                  max_model_len=512, max_tokens_limit=200))
     path = make_peft_adapter(resolve_model().path, tmp_path_factory.mktemp("ad") / "qv",
                              4, ["q_proj", "v_proj"])
