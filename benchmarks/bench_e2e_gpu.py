@@ -113,6 +113,7 @@ class RunTimer:
 
 def build_engine(args) -> tuple[LLMEngine, float]:
     config = EngineConfig(model=f"random:{MODEL}", device="cuda", quant_bits=4, cuda_graphs=True,
+                          gemm_tune_cache=False,  # every run tunes afresh
                           max_num_seqs=args.max_num_seqs, max_adapters=64,
                           max_adapters_per_batch=args.num_adapters,
                           max_num_batched_tokens=args.max_batched_tokens,

@@ -266,7 +266,8 @@ class Bench:
         from services.engine.config import EngineConfig
         self.base_cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, quant_bits=args.quant_bits,
-            cuda_graphs=True, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+            cuda_graphs=True, gemm_tune_cache=False,  # every run tunes afresh: no choices from earlier runs
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
             max_adapters=args.slots, max_adapters_per_batch=args.beta, max_model_len=args.max_model_len,
             max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
             num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo")

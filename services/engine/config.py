@@ -35,6 +35,7 @@ class EngineConfig:
     quant_bits: int = 0                    # 0 | 3 | 4: GPTQ 3/4-bit linears (random models: RTN-packed)
     quant_group_size: int = 128            # GPTQ group size when quant_bits is set
     cuda_graphs: bool = True               # capture pure-decode steps at bucketed batch sizes
+    gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
     mlfq_num_levels: int = 6
     mlfq_base_quantum: int = 8

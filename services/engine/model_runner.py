@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from services.common.adapters import LoraAdapter
-from services.common.model_source import RANDOM_SHAPES, ModelSource, resolve_model
+from services.common.model_source import RANDOM_SHAPES, ModelSource, cache_dir, resolve_model
 from services.engine.attention import AttentionMetadata
 from services.engine.kernels.attention import VarlenBatch
 from services.engine.config import EngineConfig
@@ -43,7 +43,9 @@ class ModelRunner:
         # GPU fast path: 4-bit Triton linears, fused ops, Triton attention/LoRA, CUDA graphs.
         self.is_fast = (config.quant_bits in (3, 4) and self.device.type == "cuda"
                         and dtype == torch.float16 and HAS_TRITON)
-        self.tuner = GemmTuner() if config.quant_bits else None  # one per model: same shapes
+        # one per model (same shapes); its choices persist across restarts unless turned off
+        tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
+        self.tuner = GemmTuner(cache_path=tune_cache) if config.quant_bits else None
         if config.quant_bits:
             weights = dict(weights)
             for key in [k for k, v in weights.items() if _is_linear_key(k) and torch.is_tensor(v)]:

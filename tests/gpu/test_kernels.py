@@ -75,6 +75,19 @@ def test_quant_linear_forward_and_tuner(group_size: int) -> None:
     assert list(tuner.best) == [(8, n, k, 4)]  # 6 rows tune under the bucket of 8
 
 
+def test_tuner_cache_skips_timing_after_a_restart(tmp_path) -> None:
+    k, n = 1024, 512
+    t = quantize_gptq_v1(torch.randn(k, n, device=DEV), 128)
+    x = torch.randn(1, k, device=DEV).half()
+    first = GemmTuner(num_reps=3, cache_path=tmp_path / "gemm_tuner.json")
+    out1 = TritonQuantLinear.from_gptq(t, tuner=first)(x)
+    assert first.timings_ms                                  # timed once
+    second = GemmTuner(num_reps=3, cache_path=tmp_path / "gemm_tuner.json")
+    out2 = TritonQuantLinear.from_gptq(t, tuner=second)(x)
+    assert not second.timings_ms and second.best == first.best   # the restart reused the choice
+    assert rel_err(out2, out1.float()) < 1e-3
+
+
 @pytest.mark.parametrize("num_tokens,num_slots", [(1, 1), (7, 3), (64, 32), (300, 5)])
 @pytest.mark.parametrize("num_slices", [1, 3])
 def test_lora_matches_reference(num_tokens: int, num_slots: int, num_slices: int) -> None:

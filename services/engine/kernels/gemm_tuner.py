@@ -1,7 +1,13 @@
 """GemmTuner: picks the fastest W4A16/W3A16 launch config per (M bucket, N, K, bits) by timing CUDA-graph replays."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -15,6 +21,60 @@ MAX_COPIES = 512  # bounds graph capture for tiny layers (a model that small sit
 # A candidate whose output differs from the dequantize-then-matmul reference by more than this
 # (relative Frobenius error) is never picked: a miscompile or a bad fast path cannot be chosen for speed.
 MAX_REL_ERR = 1e-2
+log = logging.getLogger(__name__)
+
+
+class TunerCache:
+    """GemmTuner choices on disk, so a restarted engine skips the timing (a JSON file).
+
+    Entries are valid only for the identity they were timed under: the GPU model, the Triton
+    version and a digest of the candidate lists (a change to either re-tunes). A missing,
+    unreadable or foreign file is ignored; writes go through a temporary file and a rename, so a
+    crash cannot leave a torn file.
+    """
+
+    def __init__(self, path: Path, identity: str) -> None:
+        self.path, self.identity = Path(path), identity
+        self.entries: dict[str, dict] = {}
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("identity") == identity:
+                self.entries = dict(data.get("best", {}))
+        except (OSError, ValueError, AttributeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("GEMM tuner cache %s ignored: %s", self.path, exc)
+
+    @staticmethod
+    def _key(key: tuple) -> str:
+        return ",".join(map(str, key))
+
+    def get(self, key: tuple) -> GemmConfig | None:
+        entry = self.entries.get(self._key(key))
+        try:
+            return GemmConfig(**entry) if entry else None
+        except TypeError:      # fields of another GemmConfig version
+            return None
+
+    def put(self, key: tuple, cfg: GemmConfig) -> None:
+        self.entries[self._key(key)] = dataclasses.asdict(cfg)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"identity": self.identity, "best": self.entries}, indent=1))
+            tmp.replace(self.path)
+        except OSError as exc:  # a read-only cache directory costs a re-tune, nothing else
+            log.warning("GEMM tuner cache %s not written: %s", self.path, exc)
+
+
+def candidates_digest() -> str:
+    """Digest of every candidate list the tuner can time (M buckets up to 8192, 3 and 4 bits)."""
+    lists = [repr(candidate_configs(1 << e, bits)) for bits in (3, 4) for e in range(14)]
+    return hashlib.sha1("\n".join(lists).encode()).hexdigest()[:16]
+
+
+def tuner_identity(device: torch.device) -> str:
+    import triton
+    return f"{torch.cuda.get_device_name(device)} | triton {triton.__version__} | candidates {candidates_digest()}"
 
 
 class GemmTuner:
@@ -27,13 +87,16 @@ class GemmTuner:
     copies exist only while a shape is tuned. One tuner is shared by all layers of a model (same
     shapes → one tuning). A candidate whose output is off the dequantized reference by more than
     MAX_REL_ERR is rejected. Tuning runs real launches, so do a warm-up forward before CUDA-graph
-    capture. On CPU (TRITON_INTERPRET) it returns the first candidate without timing.
+    capture. On CPU (TRITON_INTERPRET) it returns the first candidate without timing. With a
+    cache_path, choices persist across restarts (TunerCache).
     """
 
-    def __init__(self, num_reps: int = 10) -> None:
+    def __init__(self, num_reps: int = 10, cache_path: Path | None = None) -> None:
         self.num_reps = num_reps
         self.best: dict[tuple[int, int, int, int], GemmConfig] = {}
         self.timings_ms: dict[tuple[int, int, int, int], list[tuple[GemmConfig, float]]] = {}
+        self.cache_path = cache_path
+        self.cache: TunerCache | None = None     # opened on the first CUDA shape (needs the device)
 
     def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         m, k = x.shape
@@ -41,7 +104,13 @@ class GemmTuner:
         key = (m_bucket(m), n, k, kw.bits)
         cfg = self.best.get(key)
         if cfg is None:
-            cfg = self._tune(key, x, kw)
+            if x.is_cuda and self.cache_path is not None and self.cache is None:
+                self.cache = TunerCache(self.cache_path, tuner_identity(x.device))
+            cfg = self.cache.get(key) if self.cache is not None else None
+            if cfg is None:
+                cfg = self._tune(key, x, kw)
+                if self.cache is not None:
+                    self.cache.put(key, cfg)
             self.best[key] = cfg
         return cfg
 
