@@ -77,7 +77,7 @@ def classify(op: str) -> str:
         return "fp32"
     if base in ("LOP3", "SHF", "SGXT", "IADD3", "IMAD", "LEA", "PRMT", "IABS", "ISETP", "VIMNMX", "SEL", "MOV"):
         return "int/move"
-    if base in ("HMMA", "IMMA"):
+    if base in ("HMMA", "IMMA", "HGMMA", "WARPGROUP"):
         return "mma"
     if base in ("LDG", "LDS", "STS", "LDSM", "STSM", "STG", "ATOMG", "RED", "LDGSTS", "LDGDEPBAR", "DEPBAR"):
         return "memory"
@@ -116,7 +116,8 @@ def main() -> None:
                   f"issue floor {row['issue_floor_us_4096x11008']:.1f} us"
                   f" on 4096x11008 | {row['classes']}", flush=True)
     for bm, bn, st, fd, zs in ((16, 128, 2, False, False), (16, 128, 2, True, False), (16, 128, 2, True, True),
-                               (16, 64, 3, True, False), (16, 64, 3, True, True)):
+                               (16, 64, 3, True, False), (16, 64, 3, True, True),
+                               (128, 128, 3, True, False), (128, 128, 3, True, True)):
         cubin = compile_mma(bm, bn, 4, st, 4, fd, False, zs)
         wpt = 128 * bn // 128                    # one 128-row block of BN columns over 128 threads
         row = analyse(f"mma8 W4 BM={bm} BN={bn} stages={st}{' fast_deq' if fd else ''}{' zsub+h2deq' if zs else ''}",
@@ -161,6 +162,11 @@ def main() -> None:
         reading.append(f"- M ≤ 16 tensor-core path (BM 16, BN 128): zsub {b:.2f} against {a:.2f} per weight "
                        f"({1 - b / a:.0%} fewer): the per-block Σx reductions (FADD, SHFL, shared memory) go, and the "
                        "codes come from one lop3 and one sub.f16x2 per pair (H2_DEQ_ASM).")
+    a = ipw.get("mma8 W4 BM=128 BN=128 stages=3 fast_deq")
+    b = ipw.get("mma8 W4 BM=128 BN=128 stages=3 fast_deq zsub+h2deq")
+    if a and b:
+        reading.append(f"- M ≥ 128 (BM 128, BN 128, wgmma): zsub {b:.2f} against {a:.2f} per weight ({1 - b / a:.0%} "
+                       "fewer): at large BM the Σx correction on the [BM, BN] accumulator dominates the old loop.")
     reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
                    "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
     (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")

@@ -435,7 +435,9 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     benchmarks/results/kernel_sass.md; not yet timed on a GPU, so the tuner times both).
     Split-K 16 joins them: the static count puts the measured M = 16 time (36.8 µs on 4096×11008,
     flush timing) at 4× its issue floor, so the K loop waits on latency with ~3 programs per SM
-    at split-K 4; split-K is a runtime argument (no extra compile).
+    at split-K 4; split-K is a runtime argument (no extra compile). Above M = 16, zsub twins of
+    the mma8 configs join as well (at BM 128 the old loop spends half its instructions on the Σx
+    correction).
     Every variant here costs a Triton compile during engine warm-up.
     """
     cands: list[GemmConfig] = []
@@ -458,9 +460,10 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
             for sk in (2, 4)
             if bm >= m // 2 or bm == 64
         ] + [GemmConfig("mma8", 64, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (2, 4)]
+    # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
     return [
-        GemmConfig(kind, bm, bn, sk, 4, 3, fast_deq=True)
-        for kind in ("mma8", "mma")
+        GemmConfig(kind, bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=zs)
+        for kind, zs in (("mma8", False), ("mma", False), ("mma8", True))
         for bm in (64, 128)
         for bn in (64, 128)
         for sk in (1, 2)
