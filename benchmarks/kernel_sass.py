@@ -29,7 +29,7 @@ from services.engine.kernels.aot import compile_gemv, compile_mma  # noqa: E402
 
 SHAPE = (4096, 11008)           # K, N for the issue floor
 SMS, ISSUE_PER_CLK, CLOCK_HZ = 132, 4, 1.755e9   # H100 SXM
-CLASSES = ("fp16x2", "fp32", "cvt", "int/move", "memory", "mma", "other")
+CLASSES = ("fp16x2", "fp32", "cvt", "int/move", "memory", "spill", "mma", "other")
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
@@ -77,6 +77,8 @@ def classify(op: str) -> str:
         return "fp32"
     if base in ("LOP3", "SHF", "SGXT", "IADD3", "IMAD", "LEA", "PRMT", "IABS", "ISETP", "VIMNMX", "SEL", "MOV"):
         return "int/move"
+    if base in ("LDL", "STL"):
+        return "spill"
     if base in ("HMMA", "IMMA", "HGMMA", "WARPGROUP"):
         return "mma"
     if base in ("LDG", "LDS", "STS", "LDSM", "STSM", "STG", "ATOMG", "RED", "LDGSTS", "LDGDEPBAR", "DEPBAR"):
@@ -115,13 +117,14 @@ def main() -> None:
                   f"= {row['instructions_per_weight']:.2f}/weight, "
                   f"issue floor {row['issue_floor_us_4096x11008']:.1f} us"
                   f" on 4096x11008 | {row['classes']}", flush=True)
-    for bm, bn, st, fd, zs in ((16, 128, 2, False, False), (16, 128, 2, True, False), (16, 128, 2, True, True),
-                               (16, 64, 3, True, False), (16, 64, 3, True, True),
-                               (128, 128, 3, True, False), (128, 128, 3, True, True)):
-        cubin = compile_mma(bm, bn, 4, st, 4, fd, False, zs)
-        wpt = 128 * bn // 128                    # one 128-row block of BN columns over 128 threads
-        row = analyse(f"mma8 W4 BM={bm} BN={bn} stages={st}{' fast_deq' if fd else ''}{' zsub+h2deq' if zs else ''}",
-                      cubin, wpt)
+    for bm, bn, st, fd, zs, w in ((16, 128, 2, False, False, 4), (16, 128, 2, True, False, 4),
+                                  (16, 128, 2, True, True, 4), (16, 64, 3, True, False, 4), (16, 64, 3, True, True, 4),
+                                  (128, 128, 3, True, False, 4), (128, 128, 3, True, True, 4),
+                                  (128, 128, 3, True, False, 8), (128, 128, 3, True, True, 8)):
+        cubin = compile_mma(bm, bn, w, st, 4, fd, False, zs)
+        wpt = 128 * bn // (32 * w)               # one 128-row block of BN columns over the CTA's threads
+        row = analyse(f"mma8 W4 BM={bm} BN={bn} stages={st} warps={w}{' fast_deq' if fd else ''}"
+                      f"{' zsub+h2deq' if zs else ''}", cubin, wpt)
         rows.append(row)
         print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
               f"= {row['instructions_per_weight']:.2f}/weight | {row['classes']} | {row['top_ops'][:6]}", flush=True)
@@ -142,7 +145,7 @@ def main() -> None:
              "to issue the loop for a 4096×11008 layer at M = 1; DRAM needs ≥ 7.5 µs for the same layer "
              "(22.5 MB at ~3 TB/s). Static counts only: speed has to be measured on the GPU.\n",
              "| variant | loop instructions | weights / thread / iteration | instructions / weight | issue floor µs | "
-             "fp16x2 | fp32 | cvt | int/move | memory | mma | other |", "|" + "---|" * 12]
+             "fp16x2 | fp32 | cvt | int/move | memory | spill (LDL/STL) | mma | other |", "|" + "---|" * 13]
     for r in rows:
         c = r["classes"]
         lines.append(f"| {r['variant']} | {r['loop_instructions']} | {r['weights_per_thread_per_iteration']} | "
@@ -156,17 +159,19 @@ def main() -> None:
         if a and b:
             reading.append(f"- W{bits}, M = 1 (BN 32, 2 warps): gemv_h2 issues {b:.2f} instructions per weight against "
                            f"gemv_row's {a:.2f} ({1 - b / a:.0%} fewer).")
-    a = ipw.get("mma8 W4 BM=16 BN=128 stages=2 fast_deq")
-    b = ipw.get("mma8 W4 BM=16 BN=128 stages=2 fast_deq zsub+h2deq")
+    a = ipw.get("mma8 W4 BM=16 BN=128 stages=2 warps=4 fast_deq")
+    b = ipw.get("mma8 W4 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq")
     if a and b:
         reading.append(f"- M ≤ 16 tensor-core path (BM 16, BN 128): zsub {b:.2f} against {a:.2f} per weight "
                        f"({1 - b / a:.0%} fewer): the per-block Σx reductions (FADD, SHFL, shared memory) go, and the "
                        "codes come from one lop3 and one sub.f16x2 per pair (H2_DEQ_ASM).")
-    a = ipw.get("mma8 W4 BM=128 BN=128 stages=3 fast_deq")
-    b = ipw.get("mma8 W4 BM=128 BN=128 stages=3 fast_deq zsub+h2deq")
+    a = ipw.get("mma8 W4 BM=128 BN=128 stages=3 warps=4 fast_deq")
+    b = ipw.get("mma8 W4 BM=128 BN=128 stages=3 warps=4 fast_deq zsub+h2deq")
     if a and b:
-        reading.append(f"- M ≥ 128 (BM 128, BN 128, wgmma): zsub {b:.2f} against {a:.2f} per weight ({1 - b / a:.0%} "
-                       "fewer): at large BM the Σx correction on the [BM, BN] accumulator dominates the old loop.")
+        reading.append(f"- M ≥ 128 (BM 128, BN 128, wgmma, 4 warps): zsub {b:.2f} against {a:.2f} per weight "
+                       f"({1 - b / a:.0%} fewer): at large BM the Σx correction on the [BM, BN] accumulator "
+                       "dominates the old loop. With 4 warps that accumulator spills (LDL/STL in the loop); "
+                       "with 8 it does not, so the BM = 128 candidates take 8 warps.")
     reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
                    "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
     (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")
