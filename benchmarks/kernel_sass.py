@@ -128,6 +128,12 @@ def main() -> None:
         rows.append(row)
         print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
               f"= {row['instructions_per_weight']:.2f}/weight | {row['classes']} | {row['top_ops'][:6]}", flush=True)
+    for zs in (False, True):
+        cubin = compile_mma(16, 128, 4, 2, 3, True, False, zs)
+        row = analyse(f"mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq{' zsub+h2deq' if zs else ''}", cubin, 128)
+        rows.append(row)
+        print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
+              f"= {row['instructions_per_weight']:.2f}/weight | {row['classes']} | {row['top_ops'][:6]}", flush=True)
     res = {"what": "static SASS of the GEMM kernels' K loop, compiled AOT for sm_90 (no GPU run)",
            "triton": triton.__version__, "commit": args.commit,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -172,6 +178,10 @@ def main() -> None:
                        f"({1 - b / a:.0%} fewer): at large BM the Σx correction on the [BM, BN] accumulator "
                        "dominates the old loop. With 4 warps that accumulator spills (LDL/STL in the loop); "
                        "with 8 it does not, so the BM = 128 candidates take 8 warps.")
+    a = ipw.get("mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq")
+    b = ipw.get("mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq")
+    if a and b:
+        reading.append(f"- W3, M ≤ 16 (BM 16, BN 128): zsub {b:.2f} against {a:.2f} per weight ({1 - b / a:.0%} fewer).")
     reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
                    "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
     (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")

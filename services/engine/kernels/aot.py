@@ -51,7 +51,7 @@ def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: 
            "ZSUB": "constexpr", "H2DEQ": "constexpr"}
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8,
               "SINGLE_DOT": single_dot,
-              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub, "H2DEQ": zsub and bits == 4 and not single_dot}
+              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub, "H2DEQ": zsub and not single_dot}
     return _compile(W._w4a16_kernel, sig, consts, warps, stages, arch)
 
 

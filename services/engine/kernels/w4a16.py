@@ -74,34 +74,19 @@ H2_DOT_ASM = ("""
               + _H2_TAIL.format(zz="$6", x0="$2", x1="$3", x2="$4", x3="$5"))
 # mma8 + zsub, 4-bit: one word → its 8 codes minus the zero as fp16 (outputs $0..$7 = codes 0..7;
 # input $8 the word, $9 the zero pair): the same lop3 pairs and sub.f16x2 as H2_DOT_ASM, unpacked.
-H2_DEQ_ASM = """
-{
-.reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2msk, h2mag;""" + _H2_PAIRS4.format(q="$8") + """
-sub.f16x2 h2w0, h2w0, $9;
-sub.f16x2 h2w1, h2w1, $9;
-sub.f16x2 h2w2, h2w2, $9;
-sub.f16x2 h2w3, h2w3, $9;
-mov.b32 {$0, $4}, h2w0;
-mov.b32 {$1, $5}, h2w1;
-mov.b32 {$2, $6}, h2w2;
-mov.b32 {$3, $7}, h2w3;
-}
-"""
+
 # 3-bit: $1 low plane (int16 in an int32), $2 high plane (int8 in an int32).
 # t = [lo.b0, 0, lo.b1, 0]: fields j and j + 4 at bits 2j and 16 + 2j. hb: high bit j at bit
 # 2 + j and high bit j + 4 at bit 18 + j (u = [hb, 0, hb, 0]; (u << 2) & 0x3C | (u >> 2) & 0x3C0000).
 # Pair j: ((t >> 2j) & 0x00030003) | ((hb >> j) & 0x00040004) | 0x64006400.
-H2_DOT3_ASM = ("""
-{
-.reg .b32 h2t, h2u, h2a, h2b, h2hb, h2s, h2r, h2w0, h2w1, h2w2, h2w3, h2acc, h2m2, h2m1, h2mag, h2zero;
-.reg .b16 h2lo, h2hi;
-.reg .f32 h2flo, h2fhi;
+# 3-bit code pairs of the planes {q} (low) and {qh} (high): h2w<j> = (1024 + q_j, 1024 + q_{j+4}).
+_H2_PAIRS3 = """
 mov.b32 h2zero, 0;
 mov.b32 h2m2, 196611;
 mov.b32 h2m1, 262148;
 mov.b32 h2mag, 1677747200;
-prmt.b32 h2t, $1, h2zero, 16704;
-prmt.b32 h2u, $2, h2zero, 16448;
+prmt.b32 h2t, {q}, h2zero, 16704;
+prmt.b32 h2u, {qh}, h2zero, 16448;
 shl.b32 h2a, h2u, 2;
 and.b32 h2a, h2a, 60;
 shr.u32 h2b, h2u, 2;
@@ -119,7 +104,30 @@ lop3.b32 h2w2, h2r, h2m1, h2w2, 234;
 shr.u32 h2s, h2t, 6;
 shr.u32 h2r, h2hb, 3;
 lop3.b32 h2w3, h2s, h2m2, h2mag, 234;
-lop3.b32 h2w3, h2r, h2m1, h2w3, 234;""" + _H2_TAIL.format(zz="$7", x0="$3", x1="$4", x2="$5", x3="$6"))
+lop3.b32 h2w3, h2r, h2m1, h2w3, 234;"""
+_H2_REGS3 = ".reg .b32 h2t, h2u, h2a, h2b, h2hb, h2s, h2r, h2w0, h2w1, h2w2, h2w3, h2acc, h2m2, h2m1, h2mag, h2zero;"
+H2_DOT3_ASM = ("""
+{
+""" + _H2_REGS3 + """
+.reg .b16 h2lo, h2hi;
+.reg .f32 h2flo, h2fhi;""" + _H2_PAIRS3.format(q="$1", qh="$2")
+               + _H2_TAIL.format(zz="$7", x0="$3", x1="$4", x2="$5", x3="$6"))
+# the unpacking tail of the DEQ forms: pairs minus the zero pair {zz}, codes j and j + 4 to $j, $j+4
+_H2_DEQ_TAIL = """
+sub.f16x2 h2w0, h2w0, {zz};
+sub.f16x2 h2w1, h2w1, {zz};
+sub.f16x2 h2w2, h2w2, {zz};
+sub.f16x2 h2w3, h2w3, {zz};
+mov.b32 {{$0, $4}}, h2w0;
+mov.b32 {{$1, $5}}, h2w1;
+mov.b32 {{$2, $6}}, h2w2;
+mov.b32 {{$3, $7}}, h2w3;
+}}
+"""
+H2_DEQ_ASM = ("\n{\n.reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2msk, h2mag;"
+              + _H2_PAIRS4.format(q="$8") + _H2_DEQ_TAIL.format(zz="$9"))
+# mma8 + zsub, 3-bit: inputs $8 low plane, $9 high plane, $10 the zero pair; outputs as H2_DEQ_ASM.
+H2_DEQ3_ASM = "\n{\n" + _H2_REGS3 + _H2_PAIRS3.format(q="$8", qh="$9") + _H2_DEQ_TAIL.format(zz="$10")
 
 
 if triton is not None:
@@ -155,6 +163,7 @@ if triton is not None:
     _H2_DOT_ASM = tl.constexpr(H2_DOT_ASM)
     _H2_DOT3_ASM = tl.constexpr(H2_DOT3_ASM)
     _H2_DEQ_ASM = tl.constexpr(H2_DEQ_ASM)
+    _H2_DEQ3_ASM = tl.constexpr(H2_DEQ3_ASM)
 
     @triton.jit
     def _fp16_bits(v):
@@ -275,8 +284,8 @@ if triton is not None:
         """Tensor-core path: per 128-row block, 8 K=16 dots (or one K=128 dot, SINGLE_DOT) on fp16
         codes, then (part - z·Σx)·s. ZSUB (with FAST_DEQ): subtract the zero in fp16 before the dot
         instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block. H2DEQ
-        (ZSUB, 4-bit, 8-dot path): the codes and the subtraction come from packed PTX
-        (H2_DEQ_ASM: one lop3 and one sub.f16x2 per code pair)."""
+        (ZSUB, 8-dot path): the codes and the subtraction come from packed PTX (H2_DEQ_ASM /
+        H2_DEQ3_ASM: one or two lop3 and one sub.f16x2 per code pair)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BM)
@@ -331,9 +340,14 @@ if triton is not None:
                 xsum = tl.zeros((BM,), dtype=tl.float32)
                 if H2DEQ:
                     zz = (_fp16_bits(z16) * 65537)
-                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                        _H2_DEQ_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
-                        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+                    if BITS == 3:
+                        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                            _H2_DEQ3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [q, qh, zz],
+                            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+                    else:
+                        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                            _H2_DEQ_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
+                            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
                     ws = (w0, w1, w2, w3, w4, w5, w6, w7)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
@@ -513,8 +527,8 @@ def w4a16_matmul(
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
             FAST_DEQ=cfg.fast_deq, BITS=kw.bits, ZSUB=cfg.zsub,
-            # 4-bit zsub dequantizes through packed PTX (no inline PTX under the interpreter)
-            H2DEQ=cfg.zsub and kw.bits == 4 and not INTERPRET and cfg.kind == "mma8",
+            # zsub dequantizes through packed PTX (no inline PTX under the interpreter)
+            H2DEQ=cfg.zsub and not INTERPRET and cfg.kind == "mma8",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -156,12 +156,14 @@ def test_random_words_match_the_float64_dot(bits: int) -> None:
         assert abs(got - ref) <= 2e-3 * sum(abs(x) * 15 for x in xs) + 1e-6, (got, ref)
 
 
-def test_deq_asm_gives_every_code_minus_the_zero():
-    rng = np.random.default_rng(7)
+@pytest.mark.parametrize("bits", [4, 3])
+def test_deq_asm_gives_every_code_minus_the_zero(bits: int):
+    rng = np.random.default_rng(7 + bits)
+    asm = W.H2_DEQ_ASM if bits == 4 else W.H2_DEQ3_ASM
     for _ in range(200):
-        q = int(rng.integers(0, 2**32))
-        z = int(rng.integers(0, 16))
+        q, qh = planes(bits, rng)
+        z = int(rng.integers(0, 2**bits))
         zz = _pack(np.float16(1024 + z), np.float16(1024 + z))
-        regs = run_ptx(W.H2_DEQ_ASM, [q, zz], num_outputs=8)
+        regs = run_ptx(asm, ([q] if bits == 4 else [q, qh]) + [zz], num_outputs=8)
         got = [float(regs[f"${j}"]) for j in range(8)]
-        assert got == [c - z for c in codes_of(4, q, 0)], (q, z)
+        assert got == [c - z for c in codes_of(bits, q, qh)], (q, qh, z)
