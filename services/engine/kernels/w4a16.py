@@ -445,7 +445,7 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
     gemv_h2 is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4; the mma8
     configs at M <= 16 come in pairs with and without zsub (the zero subtracted in fp16 before the
-    dot, at 4 bits with packed-PTX dequant: ~40 % fewer SASS instructions in the K loop,
+    dot, with packed-PTX dequant: 31-52 % fewer SASS instructions in the K loop,
     benchmarks/results/kernel_sass.md; not yet timed on a GPU, so the tuner times both).
     Split-K 16 joins them: the static count puts the measured M = 16 time (36.8 µs on 4096×11008,
     flush timing) at 4× its issue floor, so the K loop waits on latency with ~3 programs per SM
