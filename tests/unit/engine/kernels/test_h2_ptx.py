@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from services.engine.kernels import w4a16 as W
+from services.engine.kernels import h2_ptx as W
 
 MASK = 0xFFFFFFFF
 
