@@ -13,8 +13,8 @@ Sections (each skippable, each printed with a time estimate, results written aft
   main     3 rates (fractions of C) × inlaid/fifo/mlfq/wfq, same trace per rate
   ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths, strict β cap
   wfq      one task at 10× the others' rate: others' p99 with vs without the hog
-  scale    2/10/100/1000 tasks at a fixed rate: real engine (inlaid with the current and the old
-           prefill rule and with the per-sequence decode rank, same trace) + simulator (fitted model)
+  scale    2/10/100/1000 tasks at a fixed rate: real engine (the --scale-policies variants, by default
+           inlaid and inlaid with the strict β cap, same trace) + simulator (fitted model)
   fp16     frees the 4-bit runner, loads an fp16 base (S-LoRA's configuration), fifo + inlaid
 
     python benchmarks/bench_serve_gpu.py --out $OUT --commit <sha>          # GPU, ≈ 450 s
@@ -424,7 +424,7 @@ class Bench:
                                              ("inlaid, beta=inf", "predictor", 0, {}),
                                              ("inlaid, oracle lengths", "oracle", a.beta, {}),
                                              ("inlaid, strict beta cap (no fill)", "predictor", a.beta,
-                                              {"inlaid_beta_fill": 0.0})):
+                                              scale_variant("inlaid-strict")[1])):
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
                                         overrides, rate_req_s=rate, load_frac=a.rates[-1]))
             self.save()

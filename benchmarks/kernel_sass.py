@@ -107,33 +107,28 @@ def main() -> None:
     import triton
     t0 = time.time()
     rows = []
+
+    def record(name: str, cubin: bytes, wpt: int) -> None:
+        row = analyse(name, cubin, wpt)
+        rows.append(row)
+        print(f"{name:48s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
+              f"= {row['instructions_per_weight']:.2f}/weight, issue floor {row['issue_floor_us_4096x11008']:.1f} us"
+              f" | {row['classes']}", flush=True)
+
     for kind, bits, h2 in (("gemv_row", 4, False), ("gemv_h2", 4, True), ("gemv_row", 3, False), ("gemv_h2", 3, True)):
         for bn, warps in ((32, 2), (32, 4), (64, 4)):
-            cubin = compile_gemv(bn, warps, 1, bits, h2)
-            wpt = 16 * bn * 8 // (32 * warps)      # one 128-row block of a [16, BN] tile per iteration
-            row = analyse(f"{kind} W{bits} BN={bn} warps={warps}", cubin, wpt)
-            rows.append(row)
-            print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
-                  f"= {row['instructions_per_weight']:.2f}/weight, "
-                  f"issue floor {row['issue_floor_us_4096x11008']:.1f} us"
-                  f" on 4096x11008 | {row['classes']}", flush=True)
-    for bm, bn, st, fd, zs, w in ((16, 128, 2, False, False, 4), (16, 128, 2, True, False, 4),
-                                  (16, 128, 2, True, True, 4), (16, 64, 3, True, False, 4), (16, 64, 3, True, True, 4),
-                                  (128, 128, 3, True, False, 4), (128, 128, 3, True, True, 4),
-                                  (128, 128, 3, True, False, 8), (128, 128, 3, True, True, 8)):
-        cubin = compile_mma(bm, bn, w, st, 4, fd, False, zs)
-        wpt = 128 * bn // (32 * w)               # one 128-row block of BN columns over the CTA's threads
-        row = analyse(f"mma8 W4 BM={bm} BN={bn} stages={st} warps={w}{' fast_deq' if fd else ''}"
-                      f"{' zsub+h2deq' if zs else ''}", cubin, wpt)
-        rows.append(row)
-        print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
-              f"= {row['instructions_per_weight']:.2f}/weight | {row['classes']} | {row['top_ops'][:6]}", flush=True)
-    for zs in (False, True):
-        cubin = compile_mma(16, 128, 4, 2, 3, True, False, zs)
-        row = analyse(f"mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq{' zsub+h2deq' if zs else ''}", cubin, 128)
-        rows.append(row)
-        print(f"{row['variant']:32s} loop {row['loop_instructions']:4d} instr for {wpt:3d} weights/thread "
-              f"= {row['instructions_per_weight']:.2f}/weight | {row['classes']} | {row['top_ops'][:6]}", flush=True)
+            # one 128-row block of a [16, BN] tile per iteration
+            record(f"{kind} W{bits} BN={bn} warps={warps}", compile_gemv(bn, warps, 1, bits, h2),
+                   16 * bn * 8 // (32 * warps))
+    for bits, bm, bn, st, fd, zs, w in ((4, 16, 128, 2, False, False, 4), (4, 16, 128, 2, True, False, 4),
+                                        (4, 16, 128, 2, True, True, 4), (4, 16, 64, 3, True, False, 4),
+                                        (4, 16, 64, 3, True, True, 4), (4, 128, 128, 3, True, False, 4),
+                                        (4, 128, 128, 3, True, True, 4), (4, 128, 128, 3, True, False, 8),
+                                        (4, 128, 128, 3, True, True, 8), (3, 16, 128, 2, True, False, 4),
+                                        (3, 16, 128, 2, True, True, 4)):
+        # one 128-row block of BN columns over the CTA's threads per iteration
+        record(f"mma8 W{bits} BM={bm} BN={bn} stages={st} warps={w}{' fast_deq' if fd else ''}"
+               f"{' zsub+h2deq' if zs else ''}", compile_mma(bm, bn, w, st, bits, fd, False, zs), 128 * bn // (32 * w))
     res = {"what": "static SASS of the GEMM kernels' K loop, compiled AOT for sm_90 (no GPU run)",
            "triton": triton.__version__, "commit": args.commit,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +138,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel_sass.json").write_text(json.dumps(res, indent=1))
-    lines = ["# Static SASS of the GEMV kernels (compiled for sm_90 on a CPU machine; nothing here ran on a GPU)\n",
+    lines = ["# Static SASS of the GEMM kernels (compiled for sm_90 on a CPU machine; nothing here ran on a GPU)\n",
              f"triton {res['triton']}, commit `{res['commit']}`, {res['date']}. Command: `{res['command']}`. "
              "Each kernel is compiled ahead of time with Triton's bundled ptxas for sm_90, with the launcher's "
              "16-byte alignment specialization; the K loop is the longest backward branch of the SASS. "
@@ -160,28 +155,27 @@ def main() -> None:
                      + " |")
     ipw = {r["variant"]: r["instructions_per_weight"] for r in rows}
     reading = ["", "## Reading", ""]
-    for bits in (4, 3):
-        a, b = ipw.get(f"gemv_row W{bits} BN=32 warps=2"), ipw.get(f"gemv_h2 W{bits} BN=32 warps=2")
+
+    def compare(label: str, before: str, after: str, what: str, why: str = "", old: str = "the old path's") -> None:
+        a, b = ipw.get(before), ipw.get(after)
         if a and b:
-            reading.append(f"- W{bits}, M = 1 (BN 32, 2 warps): gemv_h2 issues {b:.2f} instructions per weight against "
-                           f"gemv_row's {a:.2f} ({1 - b / a:.0%} fewer).")
-    a = ipw.get("mma8 W4 BM=16 BN=128 stages=2 warps=4 fast_deq")
-    b = ipw.get("mma8 W4 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq")
-    if a and b:
-        reading.append(f"- M ≤ 16 tensor-core path (BM 16, BN 128): zsub {b:.2f} against {a:.2f} per weight "
-                       f"({1 - b / a:.0%} fewer): the per-block Σx reductions (FADD, SHFL, shared memory) go, and the "
-                       "codes come from one lop3 and one sub.f16x2 per pair (H2_DEQ_ASM).")
-    a = ipw.get("mma8 W4 BM=128 BN=128 stages=3 warps=4 fast_deq")
-    b = ipw.get("mma8 W4 BM=128 BN=128 stages=3 warps=4 fast_deq zsub+h2deq")
-    if a and b:
-        reading.append(f"- M ≥ 128 (BM 128, BN 128, wgmma, 4 warps): zsub {b:.2f} against {a:.2f} per weight "
-                       f"({1 - b / a:.0%} fewer): at large BM the Σx correction on the [BM, BN] accumulator "
-                       "dominates the old loop. With 4 warps that accumulator spills (LDL/STL in the loop); "
-                       "with 8 it does not, so the BM = 128 candidates take 8 warps.")
-    a = ipw.get("mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq")
-    b = ipw.get("mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq")
-    if a and b:
-        reading.append(f"- W3, M ≤ 16 (BM 16, BN 128): zsub {b:.2f} against {a:.2f} per weight ({1 - b / a:.0%} fewer).")
+            reading.append(f"- {label}: {what} issues {b:.2f} instructions per weight against {old} {a:.2f} "
+                           f"({1 - b / a:.0%} fewer){why}.")
+
+    for bits in (4, 3):
+        compare(f"W{bits}, M = 1 (BN 32, 2 warps)", f"gemv_row W{bits} BN=32 warps=2",
+                f"gemv_h2 W{bits} BN=32 warps=2", "gemv_h2", old="gemv_row's")
+    compare("M ≤ 16 tensor-core path (BM 16, BN 128)", "mma8 W4 BM=16 BN=128 stages=2 warps=4 fast_deq",
+            "mma8 W4 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq", "zsub",
+            ": the per-block Σx reductions (FADD, SHFL, shared memory) go, and the codes come from one lop3 "
+            "and one sub.f16x2 per pair (H2_DEQ_ASM)")
+    compare("M ≥ 128 (BM 128, BN 128, wgmma, 4 warps)", "mma8 W4 BM=128 BN=128 stages=3 warps=4 fast_deq",
+            "mma8 W4 BM=128 BN=128 stages=3 warps=4 fast_deq zsub+h2deq", "zsub",
+            ": at large BM the Σx correction on the [BM, BN] accumulator dominates the old loop. With 4 warps "
+            "that accumulator spills (LDL/STL in the loop); with 8 it does not, so the BM = 128 candidates take "
+            "8 warps")
+    compare("W3, M ≤ 16 (BM 16, BN 128)", "mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq",
+            "mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq", "zsub")
     reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
                    "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
     (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")

@@ -25,34 +25,29 @@ def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) ->
     return kernel.asm["cubin"]
 
 
+def _signature(bits: int, *constexprs: str) -> dict:
+    """Argument types shared by both GEMM kernels (code planes: int32 at 4 bits; int16 + int8 at 3)."""
+    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32" if bits == 4 else "*i16", "qh_ptr": "*i32" if bits == 4 else "*i8",
+           "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32"}
+    return sig | {name: "constexpr" for name in ("HAS_BIAS", "USE_ATOMIC", *constexprs)}
+
+
 def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90,
                  has_bias: bool = False, use_atomic: bool = True) -> bytes:
     """cubin of the gemv_row / gemv_h2 kernel for one launch config."""
-    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32" if bits == 4 else "*i8", "z_ptr": "*fp16",
-           "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
-           "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BN": "constexpr", "UNROLL": "constexpr",
-           "BITS": "constexpr", "H2": "constexpr", "EMULATE": "constexpr"}
-    if bits == 3:
-        sig["qw_ptr"] = "*i16"
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": bn, "UNROLL": unroll, "BITS": bits, "H2": h2,
               "EMULATE": False}
-    return _compile(W._w4a16_gemv_row_kernel, sig, consts, warps, stages, arch)
+    return _compile(W._w4a16_gemv_row_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
                 zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True) -> bytes:
     """cubin of the tensor-core kernel (mma8, or mma with single_dot) for one launch config."""
-    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32" if bits == 4 else "*i16", "qh_ptr": "*i32" if bits == 4 else "*i8",
-           "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32",
-           "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32",
-           "HAS_BIAS": "constexpr", "USE_ATOMIC": "constexpr", "BM": "constexpr", "BN": "constexpr",
-           "GROUP_M": "constexpr", "SINGLE_DOT": "constexpr", "FAST_DEQ": "constexpr", "BITS": "constexpr",
-           "ZSUB": "constexpr", "H2DEQ": "constexpr"}
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8,
-              "SINGLE_DOT": single_dot,
-              "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub, "H2DEQ": zsub and not single_dot}
-    return _compile(W._w4a16_kernel, sig, consts, warps, stages, arch)
+              "SINGLE_DOT": single_dot, "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub,
+              "H2DEQ": zsub and not single_dot}
+    return _compile(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,

@@ -103,6 +103,16 @@ if triton is not None:
                                          dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
+    def _h2_deq(q, qh, zz, BITS: tl.constexpr):
+        """_H2_DEQ_ASM / _H2_DEQ3_ASM on a [16, BN] tile (zero pair [1, BN]) → the 8 fp16 tiles
+        q_j - z, j = 0..7 (a tuple)."""
+        if BITS == 3:
+            return tl.inline_asm_elementwise(_H2_DEQ3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [q, qh, zz],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_H2_DEQ_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+    @triton.jit
     def _x_pair(x_blk, j: tl.constexpr, offs_i):
         """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]."""
         lo = (tl.load(x_blk + 16 * j + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
@@ -243,16 +253,7 @@ if triton is not None:
                 part = tl.zeros((BM, BN), dtype=tl.float32)
                 xsum = tl.zeros((BM,), dtype=tl.float32)
                 if H2DEQ:
-                    zz = (_fp16_bits(z16) * 65537)
-                    if BITS == 3:
-                        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                            _H2_DEQ3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [q, qh, zz],
-                            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-                    else:
-                        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                            _H2_DEQ_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
-                            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-                    ws = (w0, w1, w2, w3, w4, w5, w6, w7)
+                    ws = _h2_deq(q, qh, _fp16_bits(z16) * 65537, BITS)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
                     if H2DEQ:

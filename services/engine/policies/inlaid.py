@@ -1,5 +1,7 @@
-"""Inlaid policy: SRTF on predicted remaining tokens, at most β tasks per batch, starvation guard."""
+"""Inlaid policy: SRTF on predicted remaining tokens, β tasks per batch (more only while the batch is underfilled), starvation guard."""
 from __future__ import annotations
+
+import collections
 
 from services.engine.policies.batching import (
     admit_prefills,
@@ -105,12 +107,10 @@ class InlaidScheduler(StreakScheduler):
                 best[seq.task] = ((not_hungry, remaining) if old is None
                                   else (old[0] and not_hungry, min(old[1], remaining)))
             switch = self.config.inlaid_task_switch_tokens
-            counts: dict[str, int] = {}
-            for seq in (*self.running, *self.waiting):
-                counts[seq.task] = counts.get(seq.task, 0) + 1
+            counts = collections.Counter(seq.task for seq in (*self.running, *self.waiting))
             allowed = choose_tasks(best, self.config.max_adapters_per_batch, lambda t: (
                 best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)),
-                fill=self._fill_seqs(), size=lambda t: counts.get(t, 0), max_slots=self.config.max_adapter_slots)
+                fill=self._fill_seqs(), size=counts.__getitem__, max_slots=self.config.max_adapter_slots)
         hungry = {id(seq) for (not_hungry, _, _), seq in keyed if not not_hungry}
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
                                   is_urgent=lambda seq: id(seq) in hungry)
