@@ -124,7 +124,8 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
         "cost_model": cost.to_dict(), "fit_70_30": {"cost_model": split.to_dict(), "heldout": fit_error(split, test)},
         "on_calib_steps": fit_error(cost, cal_rows), "on_main_steps": fit_error(cost, main_rows),
         "on_all_4bit_replay_steps": fit_error(cost, replay_4bit)}
-    sched, sim_cfg = run_settings(data["meta"])
+    meta = data["meta"]
+    sched, sim_cfg = run_settings(meta)
     lengths = family_lengths(ROOT / "data" / "lengths.jsonl")
     families = list(lengths)
     capacity = data["calibration"]["fifo_capacity_req_s"]
