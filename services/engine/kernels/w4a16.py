@@ -344,41 +344,36 @@ def m_bucket(m: int) -> int:
 def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles).
 
-    Pruned by the H100 sweep (benchmarks/results/gemm_sweep.md, cold rotating weights): at M = 1
-    gemv_row with 32-column tiles and split-K 4-16 won on every shape (1.3-1.9x cuBLAS fp16); at
-    M = 4-16 mma8 with the fast fp16 dequant, split-K 4-8 and 2-3 stages won (an earlier CUDA-core
-    kernel with [BM, 16, BN] accumulators was 30-60x slower at M = 4 and was removed).
-    gemv_h2 is the packed fp16x2 variant of gemv_row, offered beside it at M <= 4; the mma8
-    configs at M <= 16 come in pairs with and without zsub (the zero subtracted in fp16 before the
-    dot, with packed-PTX dequant: 31-52 % fewer SASS instructions in the K loop,
-    benchmarks/results/kernel_sass.md; not yet timed on a GPU, so the tuner times both).
-    Split-K 16 joins them: the static count puts the measured M = 16 time (36.8 µs on 4096×11008,
-    flush timing) at 4× its issue floor, so the K loop waits on latency with ~3 programs per SM
-    at split-K 4; split-K is a runtime argument (no extra compile). Above M = 16, zsub twins of
-    the mma8 configs join as well (at BM 128 the old loop spends half its instructions on the Σx
-    correction).
-    Every variant here costs a Triton compile during engine warm-up.
+    Pruned by the H100 runs of commit ce90b7a (benchmarks/results/gpu_kernels.md v6 and
+    gpu_kernels_w3.md, the tuner's top six per shape; gemm_sweep_h2.md, gemm_sweep_m16_64.md):
+    - M <= 16: the mma8 kernel with zsub (the zero subtracted in fp16 before the dot, packed-PTX
+      dequant) held the first four places at every shape, 3- and 4-bit, M = 4 and 16, and at M = 1
+      on the 4096-row shapes; BN 64 won everywhere, BN 128 placed 2nd-4th a few times.
+    - M = 1: gemv_h2 (packed fp16x2 GEMV) won on the wide shapes; gemv_row never placed in the top
+      four, at either width.
+    - M = 64: zsub mma8 with BM 64 won every shape; the Σx-path mma8 and single-dot mma came 2nd-3rd.
+    Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
+    so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
+    candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
+    compile); every other field difference is a Triton compile during engine warm-up.
     """
     cands: list[GemmConfig] = []
     if m <= 16:
         if m <= 4:
-            cands += [GemmConfig("gemv_row", 1, 32, sk, w, 1, u) for sk in (4, 8, 16) for w in (2, 4) for u in (1, 2)]
-            cands += [GemmConfig("gemv_row", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
             cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
             cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
-        cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=zs) for zs in (False, True)
+            cands.append(GemmConfig("gemv_row", 1, 32, 8, 4, 1, 2))
+        cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
                   for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]
+        cands.append(GemmConfig("mma8", 16, 64, 8, 4, 3, fast_deq=True))
         return cands
     if m <= 64:
-        # split-K 1 never made the recorded top six at M = 64 (gpu_kernels.json "tuning_top6_us")
         return [
-            GemmConfig(kind, bm, bn, sk, 4, 3, fast_deq=True)
-            for kind in ("mma8", "mma")
-            for bm in (16, 32, 64)
+            GemmConfig("mma8", bm, bn, sk, 4, 3, fast_deq=True, zsub=True)
+            for bm in (16, 32, 64) if bm >= m // 2 or bm == 64
             for bn in (64, 128)
             for sk in (2, 4)
-            if bm >= m // 2 or bm == 64
-        ] + [GemmConfig("mma8", 64, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (2, 4)]
+        ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
     # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
     return [
         GemmConfig(kind, bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=zs)
