@@ -8,10 +8,12 @@
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
+#   bash benchmarks/gpu_session.sh overload COMMIT  # ~380 s: policies at 0.8 / 1.1 / 1.3 C on 12 s replays
+#                                                   #   (the 6 s replays of `serve` never saturate)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serve | w3 | e2e}
+stage=${1:?stage: kernels | serve | w3 | e2e | overload}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -40,6 +42,10 @@ case "$stage" in
   e2e)
     timeout 560 python3 benchmarks/bench_e2e_gpu.py --out "$out" --commit "$commit" --skip-hf \
       --sections decode,lora,e2e 2>&1 | grep -v -i warn | tee "$out/e2e_gpu.log"
+    ;;
+  overload)
+    timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate \
+      --rates 0.8,1.1,1.3 --replay-s 12 --drain-s 6 --budget-s 520 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
