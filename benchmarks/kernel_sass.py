@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.engine.kernels.aot import compile_gemv, compile_mma  # noqa: E402
+from services.engine.kernels.aot import compile_gemv, compile_mma, compile_mma_t  # noqa: E402
 
 SHAPE = (4096, 11008)           # K, N for the issue floor
 SMS, ISSUE_PER_CLK, CLOCK_HZ = 132, 4, 1.755e9   # H100 SXM
@@ -129,6 +129,12 @@ def main() -> None:
         # one 128-row block of BN columns over the CTA's threads per iteration
         record(f"mma8 W{bits} BM={bm} BN={bn} stages={st} warps={w}{' fast_deq' if fd else ''}"
                f"{' zsub+h2deq' if zs else ''}", compile_mma(bm, bn, w, st, bits, fd, False, zs), 128 * bn // (32 * w))
+    for bits, bm, bn, w in ((4, 16, 64, 4), (4, 64, 64, 4), (4, 128, 128, 8), (3, 16, 64, 4)):
+        if bm == 64:  # the mma8 zsub twin at this tile, for the comparison below
+            record(f"mma8 W{bits} BM={bm} BN={bn} stages=3 warps={w} fast_deq zsub+h2deq",
+                   compile_mma(bm, bn, w, 3, bits, True, False, True), 128 * bn // (32 * w))
+        record(f"mma8t W{bits} BM={bm} BN={bn} stages=3 warps={w}", compile_mma_t(bm, bn, w, 3, bits),
+               128 * bn // (32 * w))
     res = {"what": "static SASS of the GEMM kernels' K loop, compiled AOT for sm_90 (no GPU run)",
            "triton": triton.__version__, "commit": args.commit,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -159,8 +165,9 @@ def main() -> None:
     def compare(label: str, before: str, after: str, what: str, why: str = "", old: str = "the old path's") -> None:
         a, b = ipw.get(before), ipw.get(after)
         if a and b:
+            change = f"{1 - b / a:.0%} fewer" if b <= a else f"{b / a - 1:.0%} more"
             reading.append(f"- {label}: {what} issues {b:.2f} instructions per weight against {old} {a:.2f} "
-                           f"({1 - b / a:.0%} fewer){why}.")
+                           f"({change}){why}.")
 
     for bits in (4, 3):
         compare(f"W{bits}, M = 1 (BN 32, 2 warps)", f"gemv_row W{bits} BN=32 warps=2",
@@ -176,6 +183,12 @@ def main() -> None:
             "8 warps")
     compare("W3, M ≤ 16 (BM 16, BN 128)", "mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq",
             "mma8 W3 BM=16 BN=128 stages=2 warps=4 fast_deq zsub+h2deq", "zsub")
+    for bm, bn, w in ((16, 64, 4), (64, 64, 4), (128, 128, 8)):
+        compare(f"swapped operands (BM {bm}, BN {bn}, {w} warps)",
+                f"mma8 W4 BM={bm} BN={bn} stages=3 warps={w} fast_deq zsub+h2deq",
+                f"mma8t W4 BM={bm} BN={bn} stages=3 warps={w}", "mma8t", old="mma8 zsub's")
+    reading.append("- mma8t feeds the dequantized weights to wgmma from registers: no shared-memory stores of "
+                   "them, and wgmma rather than mma.sync at BM 16. Whether that pays is for the GPU to time.")
     reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
                    "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
     (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")

@@ -188,6 +188,28 @@ if triton is not None:
             tl.store(out, out_v.to(tl.float16), mask=mask_n)
 
     @triton.jit
+    def _tile_of(pid, pid_k, M, N, K, blocks_per_split, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(offs_m, offs_n, tile, offs_c, b_start, b_end) of one tensor-core program: its rows, its
+        columns, the start of its [K/8, 128] weight column tile with the columns inside it, and its
+        range of 128-row K blocks. Grouped ordering: programs sharing weight columns run close
+        together (L2 reuse at large M)."""
+        num_pid_m = tl.cdiv(M, BM)
+        width = GROUP_M * tl.cdiv(N, BN)
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
+        tile = tl.multiple_of(((pid_n * BN) // 128) * (K // 8 * 128), 128)  # hint: keeps 16-byte loads
+        # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
+        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, K // 128)
+        return offs_m, offs_n, tile, offs_c, b_start, b_end
+
+    @triton.jit
     def _w4a16_kernel(
         x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
@@ -200,30 +222,12 @@ if triton is not None:
         instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block. H2DEQ
         (ZSUB, 8-dot path): the codes and the subtraction come from packed PTX (H2_DEQ_ASM /
         H2_DEQ3_ASM: one or two lop3 and one sub.f16x2 per code pair)."""
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BM)
-        num_pid_n = tl.cdiv(N, BN)
-        # Grouped ordering: programs sharing weight columns run close together (L2 reuse at large M).
-        width = GROUP_M * num_pid_n
-        group_id = pid // width
-        first_m = group_id * GROUP_M
-        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
-
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_m, offs_n, tile, offs_c, b_start, b_end = _tile_of(tl.program_id(0), pid_k, M, N, K, blocks_per_split,
+                                                                BM, BN, GROUP_M)
         offs_i = tl.arange(0, 16)
-        # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
-        tile = tl.multiple_of(((pid_n * BN) // 128) * (K // 8 * 128), 128)  # hint: keeps 16-byte loads
-        # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
-        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        num_blocks = K // 128
-        b_start = pid_k * blocks_per_split
-        b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         x_row = x_ptr + offs_m[:, None] * stride_xm
@@ -284,6 +288,53 @@ if triton is not None:
 
 
     @triton.jit
+    def _w4a16_t_kernel(
+        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BITS: tl.constexpr, H2DEQ: tl.constexpr,
+    ):
+        """Swapped operands ("mma8t"): out^T [BN, BM] += (W - z)^T [BN, 16] · x^T [16, BM], 8 dots per
+        128-row block, zero subtracted in fp16 as in zsub. The dequantized weights are the left
+        operand, which Hopper's wgmma reads from registers; in _w4a16_kernel they are the right
+        one, which wgmma reads from shared memory only (a store and a fence per dot). The few
+        rows of x become wgmma's N side (8 to 256 wide), so BM 16 still gets wgmma."""
+        pid_k = tl.program_id(1)
+        offs_m, offs_n, tile, offs_c, b_start, b_end = _tile_of(tl.program_id(0), pid_k, M, N, K, blocks_per_split,
+                                                                BM, BN, GROUP_M)
+        offs_i = tl.arange(0, 16)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        x_col = x_ptr + offs_m[None, :] * stride_xm
+        for b in range(b_start, b_end):
+            k0 = b * 128
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z16 = (tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0).to(tl.float16)
+            q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile, (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
+            part = tl.zeros((BN, BM), dtype=tl.float32)
+            if H2DEQ:
+                ws = _h2_deq(q, qh, _fp16_bits(z16[None, :]) * 65537, BITS)
+            for j in tl.static_range(8):
+                xt = tl.load(x_col + (k0 + 16 * j + offs_i)[:, None], mask=mask_m[None, :], other=0.0)
+                if H2DEQ:
+                    wj = ws[j]
+                else:
+                    wj = _nibble_fp16(_field(q, qh, j, BITS), True) - z16[None, :]
+                part = tl.dot(tl.trans(wj), xt, part)
+            acc += part * s[:, None]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += bias[:, None] * (pid_k == 0).to(tl.float32)
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        omask = mask_n[:, None] & mask_m[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
+        else:
+            tl.store(out, acc.to(tl.float16), mask=omask)
+
+    @triton.jit
     def _dequant_kernel(qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BITS: tl.constexpr):
         """W [K, N] fp16 from the repacked layout: one program per (128-row K block, 128-col tile)."""
         b = tl.program_id(0)
@@ -319,7 +370,7 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
     "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16
-    dots), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound
+    dots), "mma8t" (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound
     prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
     trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
     before the dot, which drops the per-block Σx reductions."""
@@ -352,6 +403,9 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
     - M = 1: gemv_h2 (packed fp16x2 GEMV) won on the wide shapes; gemv_row never placed in the top
       four, at either width.
     - M = 64: zsub mma8 with BM 64 won every shape; the Σx-path mma8 and single-dot mma came 2nd-3rd.
+    - mma8t (swapped operands: the dequantized weights are wgmma's register operand, x the
+      shared-memory one; 4-bit SASS at BM 64: 362 vs 420 loop instructions, no shared-memory
+      stores of the weights) is offered at every M > 1 bucket; not yet timed on a GPU.
     Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
     so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
@@ -365,6 +419,7 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
             cands.append(GemmConfig("gemv_row", 1, 32, 8, 4, 1, 2))
         cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
                   for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]
+        cands += [GemmConfig("mma8t", 16, 64, sk, 4, 3, fast_deq=True, zsub=True) for sk in (4, 8, 16)]
         cands.append(GemmConfig("mma8", 16, 64, 8, 4, 3, fast_deq=True))
         return cands
     if m <= 64:
@@ -373,6 +428,8 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
             for bm in (16, 32, 64) if bm >= m // 2 or bm == 64
             for bn in (64, 128)
             for sk in (2, 4)
+        ] + [GemmConfig("mma8t", bm, 64, sk, 4, 3, fast_deq=True, zsub=True)
+             for bm in (32, 64) if bm >= m // 2 or bm == 64 for sk in (2, 4)
         ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
     # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
     return [
@@ -381,6 +438,8 @@ def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
         for bm in (64, 128)
         for bn in (64, 128)
         for sk in (1, 2)
+    ] + [GemmConfig("mma8t", bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=True)
+         for bm, bn in ((64, 64), (128, 128)) for sk in (1, 2)
     ] + [GemmConfig("dense", 0, 128, 1)]
 
 
@@ -419,6 +478,13 @@ def w4a16_matmul(
         _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    elif cfg.kind == "mma8t":
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+        _w4a16_t_kernel[grid](
+            *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
+            BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
