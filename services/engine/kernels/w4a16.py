@@ -189,10 +189,10 @@ if triton is not None:
 
     @triton.jit
     def _tile_of(pid, pid_k, M, N, K, blocks_per_split, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        """(offs_m, offs_n, tile, offs_c, b_start, b_end) of one tensor-core program: its rows, its
-        columns, the start of its [K/8, 128] weight column tile with the columns inside it, and its
-        range of 128-row K blocks. Grouped ordering: programs sharing weight columns run close
-        together (L2 reuse at large M)."""
+        """(offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end) of one tensor-core program:
+        its rows and columns with their bounds masks, the start of its [K/8, 128] weight column
+        tile with the columns inside it, and its range of 128-row K blocks. Grouped ordering:
+        programs sharing weight columns run close together (L2 reuse at large M)."""
         num_pid_m = tl.cdiv(M, BM)
         width = GROUP_M * tl.cdiv(N, BN)
         first_m = (pid // width) * GROUP_M
@@ -207,7 +207,7 @@ if triton is not None:
         offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, K // 128)
-        return offs_m, offs_n, tile, offs_c, b_start, b_end
+        return offs_m, offs_n, offs_m < M, offs_n < N, tile, offs_c, b_start, b_end
 
     @triton.jit
     def _w4a16_kernel(
@@ -223,11 +223,9 @@ if triton is not None:
         (ZSUB, 8-dot path): the codes and the subtraction come from packed PTX (H2_DEQ_ASM /
         H2_DEQ3_ASM: one or two lop3 and one sub.f16x2 per code pair)."""
         pid_k = tl.program_id(1)
-        offs_m, offs_n, tile, offs_c, b_start, b_end = _tile_of(tl.program_id(0), pid_k, M, N, K, blocks_per_split,
-                                                                BM, BN, GROUP_M)
+        offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = _tile_of(
+            tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
         offs_i = tl.arange(0, 16)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         x_row = x_ptr + offs_m[:, None] * stride_xm
@@ -300,11 +298,9 @@ if triton is not None:
         one, which wgmma reads from shared memory only (a store and a fence per dot). The few
         rows of x become wgmma's N side (8 to 256 wide), so BM 16 still gets wgmma."""
         pid_k = tl.program_id(1)
-        offs_m, offs_n, tile, offs_c, b_start, b_end = _tile_of(tl.program_id(0), pid_k, M, N, K, blocks_per_split,
-                                                                BM, BN, GROUP_M)
+        offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = _tile_of(
+            tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
         offs_i = tl.arange(0, 16)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         x_col = x_ptr + offs_m[None, :] * stride_xm
         for b in range(b_start, b_end):
