@@ -1,0 +1,34 @@
+"""The serving benchmark's --refit path on a recorded GPU run (benchmarks/results/serve_gpu.*).
+
+It runs on a CPU after a device call: refit the cost model to the measured steps and rerun the
+simulated sections. It once raised NameError before writing anything, which only showed when
+someone needed it, so it runs here on short simulated traces.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_gpu_fit import refit  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_refit_rewrites_the_report_with_simulated_rates(tmp_path: Path) -> None:
+    for name in ("serve_gpu.json", "serve_gpu.steps.csv"):
+        shutil.copy(RESULTS / name, tmp_path / name)
+    before = json.loads((tmp_path / "serve_gpu.json").read_text())
+    refit(tmp_path, sim_s=1.0, sim_rates=[0.5, 1.3], seed=0)
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    assert data["refit"]["cost_model"]["a_s"] > 0
+    assert data["refit"]["fit_70_30"]["heldout"]["median_abs_rel_err"] < 0.5
+    assert {r["load_frac"] for r in data["sim_rates"]} == {0.5, 1.3}
+    assert {r["policy"] for r in data["sim_rates"]} >= {"inlaid", "fifo"}
+    # the simulated scaling rows cover the real run's task counts
+    counts = {r["num_tasks"] for r in before["scale"]["real"]}
+    assert {r["num_tasks"] for r in data["scale"]["sim"]} == counts
+    assert "Simulated" in (tmp_path / "serve_gpu.md").read_text()
