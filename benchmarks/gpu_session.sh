@@ -23,7 +23,7 @@ case "$stage" in
     timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate or tuner" 2>&1 \
       | tail -15 | tee "$out/pytest_kernels.log"
     timeout 110 python3 benchmarks/bench_gemm_sweep.py --out "$out" --commit "$commit" --quick \
-      --kinds mma8,mma8t --ms 4,16,64 --stem gemm_sweep_t --budget-s 80 --no-decode 2>&1 \
+      --kinds mma8,mma8t --ms 4,16,32,64 --stem gemm_sweep_t --budget-s 80 --no-decode 2>&1 \
       | grep -v -i warn | grep -v '^|'
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
