@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import statistics
 import sys
 import time
@@ -241,6 +242,19 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
     return rows, lora_rows
 
 
+def short_config(text: str | None) -> str:
+    """'mma8 zsub BM16 BN64 sk8 w4 st3' from a GemmConfig repr (the table's last column)."""
+    if not text:
+        return ""
+    f = dict(re.findall(r"(\w+)=('?[\w.]+'?)", text))
+    kind = f.get("kind", "?").strip("'")
+    if kind == "dense":
+        return "dense"
+    zsub = " zsub" if f.get("zsub") == "True" and kind == "mma8" else ""
+    return (f"{kind}{zsub} BM{f.get('block_m')} BN{f.get('block_n')} sk{f.get('split_k')} w{f.get('num_warps')} "
+            f"st{f.get('num_stages')}")
+
+
 def write_markdown(res: dict, path: Path) -> None:
     b = res.get("bits", 4)
     lines = [f"# GPU kernels: W{b}A16 GEMM, multi-LoRA, W{b} decode\n",
@@ -250,14 +264,15 @@ def write_markdown(res: dict, path: Path) -> None:
              f"{res['copy_bw_gbs']:.0f} GB/s (read+write).\n"]
     if res.get("gemm"):
         lines += [f"## GEMM (y = x W, W {b}-bit g128; torch int4 is 4-bit)\n",
-                  "| K×N | M | ours µs | fp16 cuBLAS µs | torch int4 µs | ×fp16 | ×int4 | ours % copy BW | fp16 % copy BW | ours rel err |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| K×N | M | ours µs | fp16 cuBLAS µs | torch int4 µs | ×fp16 | ×int4 | ours % copy BW | fp16 % copy BW | "
+                  "ours rel err | tuner's pick |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["gemm"]:
             i4 = f"{r['int4_ms']*1e3:.1f}" if r["int4_ms"] else "n/a"
             si4 = f"{r['speedup_vs_int4']:.2f}" if r["speedup_vs_int4"] else "n/a"
             lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['ours_ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {i4} | "
                          f"{r['speedup_vs_fp16']:.2f} | {si4} | {r['ours_frac_copy_bw']*100:.0f} | "
-                         f"{r['fp16_frac_copy_bw']*100:.0f} | {r['ours_rel_err']:.1e} |")
+                         f"{r['fp16_frac_copy_bw']*100:.0f} | {r['ours_rel_err']:.1e} | {short_config(r.get('config'))} |")
     if res.get("lora_layer"):
         lines += ["\n## Multi-LoRA overhead, one Llama-2-7B layer (qkv, o, gate_up, down), batch 64, rank 16\n",
                   "| adapters | layer µs | × no-LoRA |", "|---|---|---|"]
