@@ -65,9 +65,11 @@ if triton is not None:
     @triton.jit
     def _shrink_kernel(
         x_ptr, a_ptr, v_ptr, order_ptr, slots_ptr, seg_start_ptr, seg_end_ptr,
-        K, R_TOTAL, stride_xt, stride_as, k_per_split,
-        USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr,
+        K, R_TOTAL, stride_xt, stride_as, k_per_split, stride_vsplit,
+        BM: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr,
     ):
+        """v[split] [T, R_TOTAL] fp32 = the split's share of x · A^T, one slab per K split: every
+        element the expand kernel reads is written exactly once, so no zeroing and no atomics."""
         i = tl.program_id(0)
         pid_k = tl.program_id(1)
         r0 = tl.program_id(2) * RB
@@ -88,17 +90,14 @@ if triton is not None:
                 xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 at = tl.load(a_base + kk[:, None], mask=kmask[:, None], other=0.0)
                 acc = tl.dot(xt, at, acc)
-            vp = v_ptr + rows[:, None] * R_TOTAL + offs_r[None, :]
-            if USE_ATOMIC:
-                tl.atomic_add(vp, acc, mask=rmask[:, None], sem="relaxed")
-            else:
-                tl.store(vp, acc, mask=rmask[:, None])
+            vp = v_ptr + pid_k * stride_vsplit + rows[:, None] * R_TOTAL + offs_r[None, :]
+            tl.store(vp, acc, mask=rmask[:, None])
 
     @triton.jit
     def _expand_kernel(
         y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr, seg_start_ptr, seg_end_ptr,
-        N, R_TOTAL, n_slice, stride_yt, stride_bs,
-        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        N, R_TOTAL, n_slice, stride_yt, stride_bs, stride_vsplit,
+        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
     ):
         i = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -115,7 +114,10 @@ if triton is not None:
             rows = m0 + tl.arange(0, BM)
             rmask = rows < end
             tok = tl.load(order_ptr + rows, mask=rmask, other=0)
-            vt = tl.load(v_ptr + rows[:, None] * R_TOTAL + r_off + offs_r[None, :], mask=rmask[:, None], other=0.0)
+            vp = v_ptr + rows[:, None] * R_TOTAL + r_off + offs_r[None, :]
+            vt = tl.load(vp, mask=rmask[:, None], other=0.0)
+            for sp in tl.static_range(1, SPLIT):   # the shrink's K splits, one slab each
+                vt += tl.load(vp + sp * stride_vsplit, mask=rmask[:, None], other=0.0)
             acc = tl.dot(vt.to(tl.float16), bt)
             yp = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
             ymask = rmask[:, None] & nmask[None, :]
@@ -171,18 +173,19 @@ def triton_lora_apply(
     split_k = max(1, min(split_k, -(-k // bk)))
     k_per_split = -(-(-(-k // split_k)) // bk) * bk
     split_k = -(-k // k_per_split)
-    v = (torch.zeros if split_k > 1 else torch.empty)((t, r_total), dtype=torch.float32, device=x.device)
+    # one fp32 slab per K split, summed by the expand kernel (no memset launch, no atomics)
+    v = torch.empty((split_k, t, r_total), dtype=torch.float32, device=x.device)
     _shrink_kernel[(t, split_k, r_total // 16)](
         x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
-        k, r_total, x.stride(0), a_stack.stride(0), k_per_split,
-        USE_ATOMIC=split_k > 1, BM=16, BK=bk, RB=16, num_warps=4,
+        k, r_total, x.stride(0), a_stack.stride(0), k_per_split, v.stride(0),
+        BM=16, BK=bk, RB=16, num_warps=4,
     )
     bn = _expand_block_n(n_slice)
     n = b_stack.shape[1]
     _expand_kernel[(t, triton.cdiv(n, bn))](
         y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
-        n, r_total, n_slice, y.stride(0), b_stack.stride(0),
-        RANK=rank, BM=16, BN=bn, num_warps=4,
+        n, r_total, n_slice, y.stride(0), b_stack.stride(0), v.stride(0),
+        RANK=rank, BM=16, BN=bn, SPLIT=split_k, num_warps=4,
     )
     return y
 
