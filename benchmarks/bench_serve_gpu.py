@@ -11,7 +11,8 @@ Sections (each skippable, each printed with a time estimate, results written aft
            warm-up burst, a FIFO burst (saturated throughput C), a half-load replay; the simulator's cost model is fitted
            to those engine steps (error on held-out steps), solo latencies measured
   main     3 rates (fractions of C) × inlaid/fifo/mlfq/wfq, same trace per rate
-  ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths, strict β cap
+  ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths, strict β cap,
+           no overload prefill rule
   wfq      one task at 10× the others' rate: others' p99 with vs without the hog
   scale    2/10/100/1000 tasks at a fixed rate: real engine (the --scale-policies variants, by default
            inlaid and inlaid with the strict β cap, same trace) + simulator (fitted model)
@@ -296,6 +297,8 @@ class Bench:
             "max_batched_tokens": a.max_batched_tokens, "max_decode_streak": a.max_decode_streak,
             "starvation_limit_s": a.starvation_s, "inlaid_beta_fill": self.base_cfg.inlaid_beta_fill,
             "inlaid_full_batch_streak_factor": self.base_cfg.inlaid_full_batch_streak_factor,
+            "inlaid_overload_min_free": self.base_cfg.inlaid_overload_min_free,
+            "inlaid_overload_streak_factor": self.base_cfg.inlaid_overload_streak_factor,
             "slo_scale": a.slo_scale, "num_tasks": a.num_tasks,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
             "scale_variants": {v: scale_variant(v)[2] for v in a.scale_policies}, "pred_sigma": a.pred_sigma,
@@ -436,7 +439,9 @@ class Bench:
                                              ("inlaid, beta=inf", "predictor", 0, {}),
                                              ("inlaid, oracle lengths", "oracle", a.beta, {}),
                                              ("inlaid, strict beta cap (no fill)", "predictor", a.beta,
-                                              scale_variant("inlaid-strict")[1])):
+                                              scale_variant("inlaid-strict")[1]),
+                                             ("inlaid, no overload prefill rule", "predictor", a.beta,
+                                              {"inlaid_overload_min_free": 0.0})):
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
                                         overrides, rate_req_s=rate, load_frac=a.rates[-1]))
             self.save()
@@ -682,7 +687,7 @@ def main(argv=None) -> None:
         print("no calibration: the other sections need its capacity and cost model", flush=True)
         return
     bench.section("main", bench.replay_est(n_main, args.replay_s), bench.sec_main)
-    bench.section("ablate", bench.replay_est(3, args.replay_s), bench.sec_ablate)
+    bench.section("ablate", bench.replay_est(5, args.replay_s), bench.sec_ablate)
     bench.section("wfq", bench.replay_est(2 * len(args.hog_policies), args.hog_s), bench.sec_wfq)
     bench.section("scale", bench.replay_est(n_scale, args.scale_s) + 10, bench.sec_scale)
     # Last: it frees the 4-bit runner.

@@ -49,6 +49,8 @@ SIM_VARIANTS = [("inlaid", "inlaid", "predictor", None), ("fifo", "fifo", "predi
 # even when the running pool already holds β tasks), kept to compare both on one machine and trace.
 # "inlaid-per-seq" ranks tasks for the β decode slots by shortest remaining per running sequence
 # (inlaid_decode_task_rank, off by default; simulated neutral, results/sim_scale.md).
+# "inlaid-overload" / "inlaid-no-overload" pin both of today's defaults on or the overload rule off, so
+# runs recorded before either rule compare like for like (results/sim_overload.md).
 SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-old": ("inlaid", {"inlaid_full_batch_streak_factor": 1}, "inlaid (old prefill rule)"),
                   "inlaid-per-seq": ("inlaid", {"inlaid_decode_task_rank": "srtf_per_seq"},
@@ -58,7 +60,11 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-strict": ("inlaid", {"inlaid_beta_fill": 0.0},
                                     "inlaid (strict beta cap, no fill)"),
                   "inlaid-fill": ("inlaid", {"inlaid_beta_fill": 0.75},
-                                  "inlaid (work-conserving beta, fill 0.75: the default since 58605d6)")}
+                                  "inlaid (work-conserving beta, fill 0.75: the default since 58605d6)"),
+                  "inlaid-overload": ("inlaid", {"inlaid_beta_fill": 0.75, "inlaid_overload_min_free": 0.25},
+                                      "inlaid (fill 0.75 + overload prefill rule 0.25: the defaults)"),
+                  "inlaid-no-overload": ("inlaid", {"inlaid_beta_fill": 0.75, "inlaid_overload_min_free": 0.0},
+                                         "inlaid (fill 0.75, no overload prefill rule)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
@@ -94,6 +100,9 @@ def run_settings(meta: dict) -> tuple:
                          # runs before the fill rule (no key in their meta) had the strict β cap
                          inlaid_beta_fill=meta.get("inlaid_beta_fill", 0.0),
                          inlaid_full_batch_streak_factor=meta.get("inlaid_full_batch_streak_factor", 2),
+                         # runs before the overload prefill rule (no key) had none
+                         inlaid_overload_min_free=meta.get("inlaid_overload_min_free", 0.0),
+                         inlaid_overload_streak_factor=meta.get("inlaid_overload_streak_factor", 4),
                          ).scheduler_config()
     sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
                         slo_scale=meta["slo_scale"])

@@ -45,6 +45,8 @@ class EngineConfig:
     inlaid_full_batch_streak_factor: int = 2
     inlaid_decode_task_rank: str = "srtf"
     inlaid_beta_fill: float = 0.75
+    inlaid_overload_min_free: float = 0.25
+    inlaid_overload_streak_factor: int = 4
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -94,6 +96,8 @@ class EngineConfig:
                                inlaid_full_batch_streak_factor=self.inlaid_full_batch_streak_factor,
                                inlaid_decode_task_rank=self.inlaid_decode_task_rank,
                                inlaid_beta_fill=self.inlaid_beta_fill,
+                               inlaid_overload_min_free=self.inlaid_overload_min_free,
+                               inlaid_overload_streak_factor=self.inlaid_overload_streak_factor,
                                max_adapter_slots=self.max_adapters)
 
     @classmethod

@@ -41,6 +41,13 @@ class SchedulerConfig:
     # would fill fewer than f × max_num_seqs batch slots, the next tasks in rank order join too
     # (the cap then only binds when the batch is full enough to be worth protecting).
     inlaid_beta_fill: float = 0.75
+    # inlaid, under overload (at least as many waiting requests as free batch slots): prefill waits
+    # until this fraction of max_num_seqs slots is free, for at most inlaid_overload_streak_factor x
+    # max_decode_streak decode steps. A prefill step costs a fixed overhead (on a GPU it runs
+    # eagerly, not as a CUDA graph), so under overload fewer and larger ones leave more time for
+    # decoding; below saturation the rule never triggers. 0 = off.
+    inlaid_overload_min_free: float = 0.25
+    inlaid_overload_streak_factor: int = 4
     # Adapters the device holds at once (EngineConfig.max_adapters); bounds what the fill rule may
     # add beyond β. 0 = no bound (simulations without a slot pool).
     max_adapter_slots: int = 0
@@ -61,6 +68,10 @@ class SchedulerConfig:
                              f"got {self.inlaid_decode_task_rank!r}")
         if not 0.0 <= self.inlaid_beta_fill <= 1.0:
             raise ValueError(f"inlaid_beta_fill must be in [0, 1], got {self.inlaid_beta_fill}")
+        if not 0.0 <= self.inlaid_overload_min_free <= 1.0:
+            raise ValueError(f"inlaid_overload_min_free must be in [0, 1], got {self.inlaid_overload_min_free}")
+        if self.inlaid_overload_streak_factor < 1:
+            raise ValueError("inlaid_overload_streak_factor must be >= 1")
         if self.wfq_prefill_token_weight < 0:
             raise ValueError("wfq_prefill_token_weight must be >= 0")
 

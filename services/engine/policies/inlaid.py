@@ -39,6 +39,9 @@ class InlaidScheduler(StreakScheduler):
       makes the cap work-conserving: while the chosen tasks' sequences fill
       fewer than f × max_num_seqs slots, the next tasks in rank order join
       (never more than the device's adapter slots, `max_adapter_slots`);
+    * under overload (at least as many waiting requests as free slots) a prefill
+      waits until `inlaid_overload_min_free` of the slots are free, for at most
+      `inlaid_overload_streak_factor` × `max_decode_streak` decode steps;
     * a request is hungry — it goes ahead of SRTF and of the task preference —
       when it has not been served for `starvation_limit_s` or has outrun its
       predicted length;
@@ -72,11 +75,21 @@ class InlaidScheduler(StreakScheduler):
         # CUDA graph) mostly admits requests that wait in the pool for a slot. Under
         # overload with many tasks, fewer and larger prefills then leave more steps
         # for decoding (benchmarks/results/sim_scale.md).
-        beta = self.config.max_adapters_per_batch
+        cfg = self.config
+        beta = cfg.max_adapters_per_batch
         if beta and self.running and self.num_decode_streak < (
-                self.config.inlaid_full_batch_streak_factor * self.config.max_decode_streak):
+                cfg.inlaid_full_batch_streak_factor * cfg.max_decode_streak):
             if len({s.task for s in self.running if s.task}) >= beta:
                 return False
+        # Overload (more waiting requests than free slots): a prefill that fills only a few freed
+        # slots pays a whole prefill step's fixed cost for them; wait until enough are free, for a
+        # bounded number of decode steps (simulated on the H100 runs' cost models: at 1.5x
+        # capacity +3 % throughput and 1.7x lower JCT, no change at or below 1.3x; sim_overload.md).
+        free = cfg.max_num_seqs - len(self.running)
+        if (cfg.inlaid_overload_min_free and self.running and len(self.waiting) >= free
+                and free < cfg.inlaid_overload_min_free * cfg.max_num_seqs
+                and self.num_decode_streak < cfg.inlaid_overload_streak_factor * cfg.max_decode_streak):
+            return False
         return super()._should_prefill()
 
     def _fill_seqs(self) -> int:

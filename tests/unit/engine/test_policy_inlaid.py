@@ -336,3 +336,57 @@ def test_fill_must_be_a_fraction():
     with pytest.raises(ValueError, match="inlaid_beta_fill"):
         SchedulerConfig(inlaid_beta_fill=1.5)
     assert EngineConfig.from_env({"ENGINE_INLAID_BETA_FILL": "0"}).scheduler_config().inlaid_beta_fill == 0.0
+
+
+# ---- overload prefill rule (inlaid_overload_min_free) --------------------------------------
+def overloaded(num_running: int, num_waiting: int, **cfg) -> InlaidScheduler:
+    """8 batch slots, num_running of them busy (one task, so β never binds), num_waiting queued."""
+    cfg.setdefault("max_decode_streak", 1)
+    sched, _ = make_sched(max_num_seqs=8, max_adapters_per_batch=0, **cfg)
+    for i in range(num_running):
+        make_running(sched, make_seq(f"run{i}", predicted=50), num_outputs=1)
+    for i in range(num_waiting):
+        sched.add(make_seq(f"wait{i}", predicted=5))
+    return sched
+
+
+def test_overload_waits_for_enough_free_slots():
+    # 1 free slot of 8 and 5 waiting: min_free 0.25 wants 2 free slots, so the streak rule's
+    # prefill is held back; with the rule off it happens after one decode step.
+    for min_free, prefills in ((0.0, True), (0.25, False)):
+        sched = overloaded(7, 5, inlaid_overload_min_free=min_free)
+        sched.num_decode_streak = 1
+        assert bool(sched.schedule().prefill) is prefills
+
+
+def test_overload_prefill_once_enough_slots_are_free():
+    sched = overloaded(6, 5, inlaid_overload_min_free=0.25)   # 2 of 8 free = 0.25
+    sched.num_decode_streak = 1
+    assert ids(sched.schedule().prefill) == ["wait0", "wait1"]
+
+
+def test_overload_wait_is_bounded_by_its_streak_factor():
+    sched = overloaded(7, 5, inlaid_overload_min_free=0.25, inlaid_overload_streak_factor=3)
+    kinds = []
+    for _ in range(5):
+        out = sched.schedule()
+        kinds.append("prefill" if out.prefill else "decode")
+        sched.update(out, [7] * len(out.seqs))
+    assert kinds == ["decode", "decode", "decode", "prefill", "decode"]   # 3 x max_decode_streak 1
+
+
+def test_no_overload_no_wait():
+    # fewer waiting requests (1) than free slots (2): not overloaded, though 2 of 8 free is below
+    # min_free 0.5; the plain streak rule admits the request
+    sched = overloaded(6, 1, inlaid_overload_min_free=0.5)
+    sched.num_decode_streak = 1
+    assert ids(sched.schedule().prefill) == ["wait0"]
+
+
+def test_overload_knobs_are_checked():
+    with pytest.raises(ValueError, match="inlaid_overload_min_free"):
+        SchedulerConfig(inlaid_overload_min_free=2.0)
+    with pytest.raises(ValueError, match="inlaid_overload_streak_factor"):
+        SchedulerConfig(inlaid_overload_streak_factor=0)
+    cfg = EngineConfig.from_env({"ENGINE_INLAID_OVERLOAD_MIN_FREE": "0"}).scheduler_config()
+    assert cfg.inlaid_overload_min_free == 0.0 and cfg.inlaid_overload_streak_factor == 4
