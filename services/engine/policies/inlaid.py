@@ -83,8 +83,9 @@ class InlaidScheduler(StreakScheduler):
                 return False
         # Overload (more waiting requests than free slots): a prefill that fills only a few freed
         # slots pays a whole prefill step's fixed cost for them; wait until enough are free, for a
-        # bounded number of decode steps (simulated on the H100 runs' cost models: at 1.5x
-        # capacity +3 % throughput and 1.7x lower JCT, no change at or below 1.3x; sim_overload.md).
+        # bounded number of decode steps. Simulated with three H100 runs' cost models (60 s traces,
+        # 3 seeds; benchmarks/results/sim_overload.md): at 1.5x capacity up to +1.2 % throughput and
+        # 30 % lower JCT, never worse; no change at or below 1.1x.
         free = cfg.max_num_seqs - len(self.running)
         if (cfg.inlaid_overload_min_free and self.running and len(self.waiting) >= free
                 and free < cfg.inlaid_overload_min_free * cfg.max_num_seqs
