@@ -38,7 +38,7 @@ MS = [1, 4, 8, 16]
 L2_BYTES = 50 * 2**20
 
 
-def sweep_configs(m: int, bits: int = 4) -> list[GemmConfig]:
+def sweep_configs(m: int) -> list[GemmConfig]:
     """A wider grid than the engine's tuner tries, kept to about 30 Triton compiles (the first
     run's ~100 took 274 s of a 380 s budget): split-K only changes a runtime argument, so the
     grid spends its variety there; gemv_row also tries software pipelining (num_stages 3)."""
@@ -114,7 +114,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
         row["int4_rot_ms"] = (rot.per_call_ms([lambda p=p: torch.ops.aten._weight_int4pack_mm(xb, p[0], GROUP, p[1])
                                                for p in i4s]) if i4s else None)
         results = []
-        for cfg in [c for c in sweep_configs(m, bits) if kinds is None or c.kind in kinds]:
+        for cfg in [c for c in sweep_configs(m) if kinds is None or c.kind in kinds]:
             if time.time() > deadline:
                 row["truncated"] = True
                 break
@@ -134,7 +134,7 @@ def sweep_shape(k: int, n: int, rot: RotTimer, flush: Timer, bw: float, deadline
             break
         results.sort(key=lambda r: r[1])
         best_cfg, best_ms, best_err = results[0]
-        old_best = min((r for r in results if r[0] in set(candidate_configs(m, bits))), key=lambda r: r[1],
+        old_best = min((r for r in results if r[0] in set(candidate_configs(m))), key=lambda r: r[1],
                        default=None)
         row.update({
             "best_config": str(best_cfg), "best_rot_ms": best_ms, "best_rel_err": best_err,

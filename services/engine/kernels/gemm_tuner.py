@@ -67,8 +67,8 @@ class TunerCache:
 
 
 def candidates_digest() -> str:
-    """Digest of every candidate list the tuner can time (M buckets up to 8192, 3 and 4 bits)."""
-    lists = [repr(candidate_configs(1 << e, bits)) for bits in (3, 4) for e in range(14)]
+    """Digest of every candidate list the tuner can time (M buckets up to 8192)."""
+    lists = [repr(candidate_configs(1 << e)) for e in range(14)]
     return hashlib.sha1("\n".join(lists).encode()).hexdigest()[:16]
 
 
@@ -115,7 +115,7 @@ class GemmTuner:
         return cfg
 
     def _tune(self, key: tuple[int, int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
-        cands = candidate_configs(key[0], key[3])
+        cands = candidate_configs(key[0])
         if not x.is_cuda:
             return cands[0]
         if torch.cuda.is_current_stream_capturing():

@@ -365,9 +365,9 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 @dataclass(frozen=True)
 class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
-    "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16
-    dots), "mma8t" (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma" (one K=128 dot) or "dense" (dequantize to fp16, then cuBLAS: compute-bound
-    prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
+    "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16 dots), "mma8t"
+    (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma" (one K=128 dot) or "dense"
+    (dequantize to fp16, then cuBLAS: compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
     trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
     before the dot, which drops the per-block Σx reductions."""
 
@@ -388,8 +388,9 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(m, 1))))
 
 
-def candidate_configs(m: int, bits: int = 4) -> list[GemmConfig]:
+def candidate_configs(m: int) -> list[GemmConfig]:
     """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles).
+    The same list serves 3- and 4-bit weights (every kernel takes the width as a constant).
 
     Pruned by the H100 runs of commit ce90b7a (benchmarks/results/gpu_kernels.md v6 and
     gpu_kernels_w3.md, the tuner's top six per shape; gemm_sweep_h2.md, gemm_sweep_m16_64.md):
@@ -476,15 +477,15 @@ def w4a16_matmul(
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    elif cfg.kind == "mma8t":
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+        return out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    if cfg.kind == "mma8t":
         _w4a16_t_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
         _w4a16_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",

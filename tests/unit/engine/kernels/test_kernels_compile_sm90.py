@@ -17,7 +17,7 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
     from services.engine.kernels.aot import compile_config
     seen = set()
     for m in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        for cfg in candidate_configs(m, bits):
+        for cfg in candidate_configs(m):
             key = (cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.unroll,
                    cfg.fast_deq, cfg.zsub)
             if cfg.kind == "dense" or key in seen:
@@ -25,7 +25,7 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
             seen.add(key)
             cubin = compile_config(cfg, bits)
             assert cubin and len(cubin) > 1000, cfg
-            if cfg.kind in ("gemv_h2", "mma8", "mma8t") and cfg.split_k == min(c.split_k for c in candidate_configs(m, bits)
+            if cfg.kind in ("gemv_h2", "mma8", "mma8t") and cfg.split_k == min(c.split_k for c in candidate_configs(m)
                                                                         if c.kind == cfg.kind):
                 # the bias + plain-store form (one split over K), once per kind and shape of tile
                 assert compile_config(cfg, bits, has_bias=True, use_atomic=False), cfg

@@ -1,19 +1,14 @@
 """The multi-LoRA shrink/expand kernels run under TRITON_INTERPRET on the CPU against the float32
 reference: mixed segments (several adapters, the bare base, a segment longer than one 16-token
-chunk), q|k|v-style slices, split-K 1 and 4. The GPU runs the same cases in tests/gpu/test_kernels.py.
+chunk), q|k|v-style slices, split-K 1, 2 and 4. The GPU runs the same cases in tests/gpu/test_kernels.py.
 Skipped without triton.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[4]
+from tests.unit.engine.kernels.interpreted import run_interpreted
 
 
 def check_interpreted(num_tokens: int, num_slots: int, num_slices: int) -> None:
@@ -39,11 +34,4 @@ def check_interpreted(num_tokens: int, num_slots: int, num_slices: int) -> None:
 
 @pytest.mark.parametrize("num_tokens,num_slots,num_slices", [(1, 1, 1), (40, 3, 3), (24, 5, 1)])
 def test_lora_kernels_interpreted_match_the_reference(num_tokens: int, num_slots: int, num_slices: int) -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    code = ("import torch; torch.set_num_threads(1); "
-            "from tests.unit.engine.kernels.test_lora_interpreted import check_interpreted; "
-            f"check_interpreted({num_tokens}, {num_slots}, {num_slices})")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_interpreted("tests.unit.engine.kernels.test_lora_interpreted", num_tokens, num_slots, num_slices)

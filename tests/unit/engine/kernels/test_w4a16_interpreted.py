@@ -9,15 +9,10 @@ tuner's error guard. Skipped without triton.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[4]
+from tests.unit.engine.kernels.interpreted import run_interpreted
 
 
 def check_interpreted(bits: int, act_order: bool) -> None:
@@ -36,7 +31,7 @@ def check_interpreted(bits: int, act_order: bool) -> None:
         bias = torch.randn(n).half()
         ref = x.float() @ ref_w + bias.float()
         seen = set()
-        for cfg in candidate_configs(m, bits):
+        for cfg in candidate_configs(m):
             key = (cfg.kind, cfg.block_m, cfg.split_k, cfg.zsub)
             # one config per kind, tile height, split and zero path (interpreting is slow); at M = 20
             # only the swapped kernel, for its BM 32 / 64 tiles with rows masked off
@@ -54,11 +49,4 @@ def check_interpreted(bits: int, act_order: bool) -> None:
 
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (3, False), (3, True)])
 def test_kernels_interpreted_match_the_reference(bits: int, act_order: bool) -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    code = ("import torch; torch.set_num_threads(1); "
-            "from tests.unit.engine.kernels.test_w4a16_interpreted import check_interpreted; "
-            f"check_interpreted({bits}, {act_order})")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", bits, act_order)
