@@ -8,8 +8,9 @@ The runner is loaded once; each replay builds a fresh LLMEngine (policy, β) aro
 
 Sections (each skippable, each printed with a time estimate, results written after each):
   calib    warm-up grid on the runner (GEMM tuning, CUDA-graph capture), an unmeasured FIFO
-           warm-up burst, a FIFO burst (saturated throughput C), a half-load replay; the simulator's cost model is fitted
-           to those engine steps (error on held-out steps), solo latencies measured
+           warm-up burst, a FIFO burst (saturated throughput C), a half-load replay; the
+           simulator's cost model is fitted to those engine steps (error on held-out steps),
+           solo latencies measured
   main     3 rates (fractions of C) × inlaid/fifo/mlfq/wfq, same trace per rate
   ablate   inlaid at the highest rate: per-task mean prediction, β = ∞, oracle lengths, strict β cap,
            no overload prefill rule
@@ -322,20 +323,10 @@ class Bench:
         # GEMM shapes that the grid's pure steps do not (run ce90b7a: 0.52 s and 0.84 s steps inside
         # the measured burst, which biased C low).
         if a.warm_burst_s > 0:
-            warm = make_trace(self.tasks, self.lengths, 1.0, 0.0, a.seed + 3, burst=a.burst_requests,
-                              zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix="w")
-            engine = make_engine(self.runner, self.base_cfg, "fifo", a.beta)
-            t_warm = time.perf_counter()
-            replay(engine, warm, a.max_tokens, a.warm_burst_s, a.seed)
-            del engine
-            cal["warm_burst_wall_s"] = time.perf_counter() - t_warm
+            cal["warm_burst_wall_s"] = self.fifo_burst(a.seed + 3, "w", a.warm_burst_s)[1][3]
             print(f"  warm-up burst (not measured): {cal['warm_burst_wall_s']:.1f} s", flush=True)
         # Saturated FIFO throughput: a burst of requests all at t=0, cut at burst_s.
-        burst = make_trace(self.tasks, self.lengths, 1.0, 0.0, a.seed + 1, burst=a.burst_requests,
-                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix="b")
-        engine = make_engine(self.runner, self.base_cfg, "fifo", a.beta)
-        records, steps, unfinished, wall = replay(engine, burst, a.max_tokens, a.burst_s, a.seed)
-        del engine
+        burst, (records, steps, unfinished, wall) = self.fifo_burst(a.seed + 1, "b", a.burst_s)
         # Steady state: completions after the first quarter (the start is all prefills).
         t_lo = 0.25 * wall
         late = [r for r in records if r.finished_s >= t_lo]
@@ -428,6 +419,23 @@ class Bench:
         main_steps = [s for s in self.all_steps if not s["run"].startswith("calib")]
         self.data["calibration"]["cost_model_on_main_steps"] = fit_error(self.cost, main_steps)
 
+    def fifo_burst(self, seed: int, prefix: str, deadline_s: float) -> tuple:
+        """(trace, replay result) of a FIFO engine given burst_requests requests at t = 0, cut at deadline_s."""
+        a = self.args
+        trace = make_trace(self.tasks, self.lengths, 1.0, 0.0, seed, burst=a.burst_requests,
+                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=prefix)
+        engine = make_engine(self.runner, self.base_cfg, "fifo", a.beta)
+        return trace, replay(engine, trace, a.max_tokens, deadline_s, a.seed)
+
+    def ablations(self) -> list[tuple]:
+        """(label, prediction mode, β, config overrides) of each inlaid ablation."""
+        beta = self.args.beta
+        return [("inlaid, no prediction (task mean)", "task-mean", beta, {}),
+                ("inlaid, beta=inf", "predictor", 0, {}),
+                ("inlaid, oracle lengths", "oracle", beta, {}),
+                ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
+                ("inlaid, no overload prefill rule", "predictor", beta, {"inlaid_overload_min_free": 0.0})]
+
     def sec_ablate(self) -> None:
         a = self.args
         rows = []
@@ -435,13 +443,7 @@ class Bench:
         rate = self.rates()[-1]
         trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
                            zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{a.rates[-1]}-")
-        for label, mode, beta, overrides in (("inlaid, no prediction (task mean)", "task-mean", a.beta, {}),
-                                             ("inlaid, beta=inf", "predictor", 0, {}),
-                                             ("inlaid, oracle lengths", "oracle", a.beta, {}),
-                                             ("inlaid, strict beta cap (no fill)", "predictor", a.beta,
-                                              scale_variant("inlaid-strict")[1]),
-                                             ("inlaid, no overload prefill rule", "predictor", a.beta,
-                                              {"inlaid_overload_min_free": 0.0})):
+        for label, mode, beta, overrides in self.ablations():
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
                                         overrides, rate_req_s=rate, load_frac=a.rates[-1]))
             self.save()
@@ -687,7 +689,7 @@ def main(argv=None) -> None:
         print("no calibration: the other sections need its capacity and cost model", flush=True)
         return
     bench.section("main", bench.replay_est(n_main, args.replay_s), bench.sec_main)
-    bench.section("ablate", bench.replay_est(5, args.replay_s), bench.sec_ablate)
+    bench.section("ablate", bench.replay_est(len(bench.ablations()), args.replay_s), bench.sec_ablate)
     bench.section("wfq", bench.replay_est(2 * len(args.hog_policies), args.hog_s), bench.sec_wfq)
     bench.section("scale", bench.replay_est(n_scale, args.scale_s) + 10, bench.sec_scale)
     # Last: it frees the 4-bit runner.

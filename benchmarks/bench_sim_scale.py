@@ -40,6 +40,7 @@ from serve_gpu_fit import run_settings, scale_variant  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.policies.batching import group_by_task  # noqa: E402
+from services.engine.scheduler import SchedulerConfig  # noqa: E402
 from services.engine.policies.inlaid import InlaidScheduler  # noqa: E402
 from services.engine.simulator.cost_model import FEATURES, CostModel, StepFeatures  # noqa: E402
 from services.engine.simulator.metrics import summarize  # noqa: E402
@@ -283,7 +284,6 @@ def model_report(m: dict, meta: dict) -> list[str]:
 def report(res: dict) -> str:
     meta = res["meta"]
     names = list(dict.fromkeys([*meta["scale_variants"], *meta.get("main_variants", [])]))
-    from services.engine.scheduler import SchedulerConfig
     labels = ", ".join(f"**{v}**: {variant(v, SchedulerConfig())[2]}" for v in names)
     md = [f"# Simulated task-count scaling of the inlaid policy (commit {meta['git_commit']})", "",
           f"Device: {meta['device']}; nothing here ran on a GPU. Command: `{meta['command']}` "

@@ -112,16 +112,19 @@ class InlaidScheduler(StreakScheduler):
         ordered = [s for _, s in keyed]
         allowed = None
         if self.config.max_adapters_per_batch:
-            # Best (is_not_hungry, remaining) per task over running and waiting requests.
+            # Best (is_not_hungry, remaining) per task over running and waiting requests, and
+            # each task's number of such requests (the fill rule's sizes), in the same pass.
             best: dict[str, tuple[bool, int]] = {}
+            counts: collections.Counter[str] = collections.Counter()
             for task, seqs in group_by_task(self.running).items():
                 best[task] = self.task_key(task, seqs, now_s, with_switch=False)
+                counts[task] = len(seqs)
             for (not_hungry, remaining, _), seq in keyed:
                 old = best.get(seq.task)
                 best[seq.task] = ((not_hungry, remaining) if old is None
                                   else (old[0] and not_hungry, min(old[1], remaining)))
+                counts[seq.task] += 1
             switch = self.config.inlaid_task_switch_tokens
-            counts = collections.Counter(seq.task for seq in (*self.running, *self.waiting))
             allowed = choose_tasks(best, self.config.max_adapters_per_batch, lambda t: (
                 best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)),
                 fill=self._fill_seqs(), size=counts.__getitem__, max_slots=self.config.max_adapter_slots)
