@@ -92,6 +92,34 @@ class BaseLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class FusedDenseLinear(nn.Module):
+    """Dense linears sharing one input (q|k|v, gate|up) as one GEMM over concatenated rows: the
+    fp16 base's counterpart of FusedQuantLinear, with the same `bounds` / `part` contract."""
+
+    def __init__(self, parts: dict[str, BaseLinear]) -> None:
+        super().__init__()
+        self.names = tuple(parts)
+        sizes = [p.out_features for p in parts.values()]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.weight = nn.Parameter(torch.cat([p.weight for p in parts.values()]), requires_grad=False)
+        self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        i = self.names.index(name)
+        return self.offsets[i], self.offsets[i + 1]
+
+    def part(self, name: str) -> BaseLinear:
+        """A standalone copy of one part."""
+        start, end = self.bounds(name)
+        return BaseLinear(self.weight[start:end].clone())
+
+    def load_part_(self, name: str, kw) -> None:
+        raise ValueError(f"{name}: a dense fused layer takes no 3/4-bit weights in place")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
@@ -145,7 +173,7 @@ class LlamaLayer(nn.Module):
         self.eps = shape.rms_norm_eps
         for name in LINEAR_NAMES:
             setattr(self, name, w[name] if isinstance(w[name], nn.Module) else BaseLinear(w[name]))
-        self.fused: dict[str, nn.Module] = {}   # GPU fast path: group name → FusedQuantLinear
+        self.fused: dict[str, nn.Module] = {}   # GPU fast path: group name → Fused{Quant,Dense}Linear
 
     def _linear(self, name: str, x: torch.Tensor, lora) -> torch.Tensor:
         y = getattr(self, name)(x)
@@ -188,11 +216,20 @@ class LlamaLayer(nn.Module):
         return False
 
     def fuse(self, tuner) -> None:
-        """Fuse q|k|v and gate|up where all parts are 3/4-bit Triton linears of one layout and width."""
+        """Fuse q|k|v and gate|up where all parts are 3/4-bit Triton linears of one layout and width,
+        or all are dense linears of one dtype (the fp16 base)."""
         from services.engine.kernels.quant_linear import FusedQuantLinear
         for group, names in FUSED_GROUPS.items():
             parts = {n: getattr(self, n) for n in names}
-            if group in self.fused or not all(_is_quant(p) and p.kw.perm is None for p in parts.values()):
+            if group in self.fused:
+                continue
+            if all(type(p) is BaseLinear for p in parts.values()):
+                if len({(p.in_features, p.weight.dtype) for p in parts.values()}) == 1:
+                    self.fused[group] = FusedDenseLinear(parts)
+                    for n in names:
+                        setattr(self, n, None)
+                continue
+            if not all(_is_quant(p) and p.kw.perm is None for p in parts.values()):
                 continue
             if len({(p.in_features, p.kw.group_size, p.kw.bits) for p in parts.values()}) != 1:
                 continue
@@ -274,7 +311,7 @@ class LlamaModel(nn.Module):
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # set = fast path on
 
     def enable_fast_path(self, max_positions: int, tuner) -> None:
-        """Switch to the fused Triton forward (CUDA, fp16, 4-bit linears fused where possible)."""
+        """Switch to the fused Triton forward (CUDA, fp16; 3/4-bit or dense linears fused where possible)."""
         for layer in self.layers:
             layer.fuse(tuner)
         ang = torch.arange(max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]

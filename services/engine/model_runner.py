@@ -30,9 +30,9 @@ class ModelRunner:
     Sequences of a step may mix prefill, recompute and decode; the runner groups
     them by adapter slot (contiguous token runs for the LoRA matmuls) and returns
     results in the caller's order. Device-agnostic torch; every tensor lives here.
-    With quant_bits=3 or 4 on CUDA (fp16) the GPU fast path is on: 3/4-bit Triton linears with
-    q|k|v and gate|up fused, Triton attention/LoRA, and pure-decode steps replayed from
-    CUDA graphs (see docs/architecture.md, "GPU fast path").
+    On CUDA in fp16 the GPU fast path is on: q|k|v and gate|up fused (3/4-bit Triton linears, or
+    cuBLAS on an fp16 base), Triton attention/LoRA, and pure-decode steps replayed from CUDA
+    graphs (see docs/architecture.md, "GPU fast path").
     """
 
     def __init__(self, config: EngineConfig, shape: LlamaShape,
@@ -40,8 +40,9 @@ class ModelRunner:
                  dtype: torch.dtype) -> None:
         self.config, self.shape = config, shape
         self.device, self.dtype = torch.device(device), dtype
-        # GPU fast path: 4-bit Triton linears, fused ops, Triton attention/LoRA, CUDA graphs.
-        self.is_fast = (config.quant_bits in (3, 4) and self.device.type == "cuda"
+        # GPU fast path: fused linears (3/4-bit Triton or fp16 cuBLAS), fused ops, Triton attention/LoRA,
+        # CUDA graphs.
+        self.is_fast = (config.quant_bits in (0, 3, 4) and self.device.type == "cuda"
                         and dtype == torch.float16 and HAS_TRITON)
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None

@@ -66,8 +66,12 @@ def reference_runner(gpu: ModelRunner, weights) -> ModelRunner:
     for layer in range(SHAPE.num_layers):
         for name in LINEAR_NAMES:
             sub = "self_attn." if name in ATTN_MODULES else "mlp."
-            dense = gpu.base_linear(layer, name).dense_weight(torch.float32)     # [in, out]
-            ref[f"model.layers.{layer}.{sub}{name}.weight"] = dense.t().contiguous().cpu()
+            linear = gpu.base_linear(layer, name)
+            if gpu.config.quant_bits:
+                dense = linear.dense_weight(torch.float32).t()                  # [out, in]
+            else:
+                dense = linear.weight.float()                                   # fp16 base
+            ref[f"model.layers.{layer}.{sub}{name}.weight"] = dense.contiguous().cpu()
     config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, block_size=16)
     return ModelRunner(config, SHAPE, ref, "cpu", torch.float32)
 
@@ -95,11 +99,12 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
-@pytest.mark.parametrize("bits", [4, 3], ids=["w4", "w3"])
+@pytest.mark.parametrize("bits", [4, 3, 0], ids=["w4", "w3", "fp16"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits):
     gpu = gpu_runner(weights, graphs, bits)
-    assert gpu.base_linear(0, "down_proj").kw.bits == bits
+    if bits:
+        assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)
     for i, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
         gpu.add_adapter(make_adapter(name, rank, targets, i))

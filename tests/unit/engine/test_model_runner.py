@@ -358,6 +358,36 @@ def test_fused_quant_linear_parts_round_trip():
         fused.load_part_("v", rtn_kernel_weights(torch.randn(32, 256), 128))  # wrong width
 
 
+def test_dense_layer_fuses_and_swaps_split_the_group():
+    """The fp16 base's fast path: q|k|v and gate|up become one dense GEMM each; parts read back
+    exactly, and swapping one part splits its group back (nothing written into a dense fusion)."""
+    torch.set_num_threads(1)
+    from services.engine.llama import FusedDenseLinear
+    shape = LlamaShape(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
+                       num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=64, tie_word_embeddings=False)
+    config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=8, block_size=16)
+    runner = ModelRunner(config, shape, random_weights(shape, "cpu", torch.float32, seed=1), "cpu",
+                         torch.float32)
+    layer = runner.model.layers[0]
+    before = {n: runner.base_linear(0, n).weight.clone() for n in ("q_proj", "k_proj", "v_proj", "gate_proj")}
+    layer.fuse(None)
+    assert {g: type(m) for g, m in layer.fused.items()} == {"qkv_proj": FusedDenseLinear,
+                                                            "gate_up_proj": FusedDenseLinear}
+    x = torch.randn(3, 64)
+    qkv = layer._group("qkv_proj", x, None)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        start, end = layer.fused["qkv_proj"].bounds(name)
+        assert torch.equal(runner.base_linear(0, name).weight, before[name])
+        torch.testing.assert_close(qkv[:, start:end], x @ before[name].t())
+    new_k = nn.Linear(64, 32, bias=False)
+    runner.set_base_linear(0, "k_proj", new_k)
+    assert "qkv_proj" not in layer.fused and "gate_up_proj" in layer.fused
+    assert runner.base_linear(0, "k_proj") is new_k
+    torch.testing.assert_close(layer._group("qkv_proj", x, None)[:, 64:96], new_k(x))
+    assert torch.equal(runner.base_linear(0, "gate_proj").weight, before["gate_proj"])
+
+
 @pytest.mark.parametrize("max_num_seqs, sizes", [
     (1, [1]), (8, [1, 2, 4, 8]), (40, [1, 2, 4, 8, 16, 32, 40]),
     (64, [1, 2, 4, 8, 16, 32, 48, 64]), (100, [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 100]),
