@@ -114,7 +114,8 @@ class MLFQScheduler(Scheduler):
                 continue
             if not can_take(seq):
                 continue
-            if prefill and num_prefill_tokens + seq.num_tokens > cfg.max_num_batched_tokens:
+            # The step's rows are its prefill tokens plus one per decode (at most every running job).
+            if prefill and num_prefill_tokens + seq.num_tokens + len(running) > cfg.max_num_batched_tokens:
                 is_admitting = False
             elif not self._make_room(seq, running, decode, len(prefill), preempted):
                 is_admitting = False

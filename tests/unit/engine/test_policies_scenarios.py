@@ -139,3 +139,35 @@ def test_mlfq_preempts_the_lowest_priority_job_when_blocks_run_out():
     for _ in range(12):
         preempted += [s.request_id for s in step(sched, clock, lengths).preempted]
     assert preempted and preempted[0] == "old"
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_step_tokens_stay_within_the_batched_token_budget(policy):
+    # A step's rows are its prefill tokens plus one per decode; the GPU GEMMs are tuned per
+    # power-of-two row bucket up to the budget, so a step over it (4076 prefill + 21 decodes
+    # against 4096 in an H100 run) hits an untuned bucket and stalls the engine while it tunes.
+    sched, clock = make_sched(policy, max_num_seqs=32, max_num_batched_tokens=100,
+                              max_adapters_per_batch=0)
+    seqs = [make_seq(f"r{i}", task=f"t{i % 4}", prompt=9, predicted=30, arrival_s=0.001 * i)
+            for i in range(80)]
+    sizes = []
+    for i, seq in enumerate(seqs):
+        sched.add(seq)
+        if i < 20 or i % 4:
+            continue
+        out = sched.schedule()          # prompts keep arriving while earlier requests decode
+        sizes.append(sum(s.num_new_tokens for s in out.seqs))
+        clock.now_s += STEP_S
+        sched.update(out, [7] * len(out.seqs))
+    for _ in range(2000):
+        if not sched.has_unfinished:
+            break
+        out = sched.schedule()
+        sizes.append(sum(s.num_new_tokens for s in out.seqs))
+        clock.now_s += STEP_S
+        sched.update(out, [7] * len(out.seqs))
+        for seq in out.seqs:
+            if seq.num_output_tokens >= 30:
+                sched.finish(seq)
+    assert max(sizes) <= 100, f"{policy}: step of {max(sizes)} tokens"
+    assert all(s.is_finished for s in seqs)
