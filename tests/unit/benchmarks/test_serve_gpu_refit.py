@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_gpu_fit import refit  # noqa: E402
@@ -18,9 +20,10 @@ from serve_gpu_fit import refit  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def test_refit_rewrites_the_report_with_simulated_rates(tmp_path: Path) -> None:
-    for name in ("serve_gpu.json", "serve_gpu.steps.csv"):
-        shutil.copy(RESULTS / name, tmp_path / name)
+@pytest.mark.parametrize("stem", ["serve_gpu", "serve_gpu_ce90b7a"])   # without / with a scale section
+def test_refit_rewrites_the_report_with_simulated_rates(tmp_path: Path, stem: str) -> None:
+    for ext in ("json", "steps.csv"):
+        shutil.copy(RESULTS / f"{stem}.{ext}", tmp_path / f"serve_gpu.{ext}")
     before = json.loads((tmp_path / "serve_gpu.json").read_text())
     refit(tmp_path, sim_s=1.0, sim_rates=[0.5, 1.3], seed=0)
     data = json.loads((tmp_path / "serve_gpu.json").read_text())
@@ -28,7 +31,7 @@ def test_refit_rewrites_the_report_with_simulated_rates(tmp_path: Path) -> None:
     assert data["refit"]["fit_70_30"]["heldout"]["median_abs_rel_err"] < 0.5
     assert {r["load_frac"] for r in data["sim_rates"]} == {0.5, 1.3}
     assert {r["policy"] for r in data["sim_rates"]} >= {"inlaid", "fifo"}
-    # the simulated scaling rows cover the real run's task counts
-    counts = {r["num_tasks"] for r in before["scale"]["real"]}
-    assert {r["num_tasks"] for r in data["scale"]["sim"]} == counts
+    if "scale" in before:   # the simulated scaling rows cover the real run's task counts
+        counts = {r["num_tasks"] for r in before["scale"]["real"]}
+        assert {r["num_tasks"] for r in data["scale"]["sim"]} == counts
     assert "Simulated" in (tmp_path / "serve_gpu.md").read_text()
