@@ -12,6 +12,7 @@ from torch import nn
 
 from services.common.adapters import ATTN_MODULES, MLP_MODULES, BaseDims
 from services.engine.attention import AttentionMetadata, paged_attention, paged_attention_cuda
+from services.engine.kernels.quant_linear import FusedParts
 
 LINEAR_NAMES = ATTN_MODULES + MLP_MODULES
 # Linears that share an input and run as one GEMM on the GPU fast path.
@@ -92,24 +93,17 @@ class BaseLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class FusedDenseLinear(nn.Module):
+class FusedDenseLinear(FusedParts):
     """Dense linears sharing one input (q|k|v, gate|up) as one GEMM over concatenated rows: the
     fp16 base's counterpart of FusedQuantLinear, with the same `bounds` / `part` contract."""
 
     def __init__(self, parts: dict[str, BaseLinear]) -> None:
-        super().__init__()
-        self.names = tuple(parts)
-        sizes = [p.out_features for p in parts.values()]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        super().__init__(parts)
         self.weight = nn.Parameter(torch.cat([p.weight for p in parts.values()]), requires_grad=False)
         self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
-
-    def bounds(self, name: str) -> tuple[int, int]:
-        i = self.names.index(name)
-        return self.offsets[i], self.offsets[i + 1]
 
     def part(self, name: str) -> BaseLinear:
         """A standalone copy of one part."""

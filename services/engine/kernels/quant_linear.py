@@ -106,7 +106,22 @@ def kernel_weights_of(module: nn.Module) -> KernelWeights | None:
         return None
 
 
-class FusedQuantLinear(nn.Module):
+class FusedParts(nn.Module):
+    """Linears sharing one input computed as one over concatenated output columns: part i is
+    columns offsets[i]:offsets[i+1] (`bounds`). Subclasses hold the weights and `part` / `load_part_`."""
+
+    def __init__(self, parts: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.names = tuple(parts)
+        sizes = [p.out_features for p in parts.values()]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        i = self.names.index(name)
+        return self.offsets[i], self.offsets[i + 1]
+
+
+class FusedQuantLinear(FusedParts):
     """Linears sharing one input (q|k|v, gate|up) run as one W4A16 GEMM over concatenated columns.
 
     forward(x) → [..., ΣN]; part i is output columns offsets[i]:offsets[i+1]. Parts can be read
@@ -115,19 +130,12 @@ class FusedQuantLinear(nn.Module):
     """
 
     def __init__(self, parts: dict[str, TritonQuantLinear], tuner: GemmTuner | None) -> None:
-        super().__init__()
-        self.names = tuple(parts)
-        sizes = [p.out_features for p in parts.values()]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        super().__init__(parts)
         self.inner = TritonQuantLinear(concat_kernel_weights([p.kw for p in parts.values()]), None, tuner)
         self.in_features, self.out_features = self.inner.in_features, self.inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)
-
-    def bounds(self, name: str) -> tuple[int, int]:
-        i = self.names.index(name)
-        return self.offsets[i], self.offsets[i + 1]
 
     def part(self, name: str) -> TritonQuantLinear:
         """A standalone copy of one part."""
