@@ -71,6 +71,18 @@ def load_runner(base_cfg):
     return runner, time.perf_counter() - t0
 
 
+def set_memory_cap(gib: float, device: str) -> None:
+    """Emulate a card with `gib` of memory: the caching allocator refuses anything past it (an
+    out-of-memory error, not a silent overrun), for both bases alike."""
+    import torch
+    if not device.startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if gib * 2**30 > total:
+        raise SystemExit(f"--gpu-gib {gib} exceeds the device's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, torch.device(device))
+
+
 def make_engine(runner, base_cfg, policy: str, beta: int, **overrides):
     """A fresh LLMEngine around the loaded runner; overrides: other EngineConfig fields (policy knobs)."""
     from services.engine.llm_engine import LLMEngine
@@ -197,6 +209,7 @@ class Bench:
         self.all_steps: list[dict] = []
         self.data: dict = {"meta": {}, "sections": {}}
         self.runner = None
+        self.runner_label = ""
         self.cost: CostModel | None = None
         self.capacity: float | None = None
         self.solo_s = lambda req: solo_latency_s(self.cost, req)   # replaced by the measured fit
@@ -208,6 +221,8 @@ class Bench:
     def save(self) -> None:
         meta = self.data["meta"]
         meta["wall_s"] = self.elapsed()
+        if self.runner is not None:
+            self.note_peak(self.runner_label)
         path = self.out / "serve_gpu.json"
         path.write_text(json.dumps(_public(self.data), indent=1, default=str))
         with (self.out / "serve_gpu.steps.csv").open("w", newline="") as f:
@@ -218,6 +233,53 @@ class Bench:
             write_report(_public(self.data), self.out / "serve_gpu.md", self.out / "serve_gpu.png")
         except Exception as exc:  # noqa: BLE001 — the JSON is already written; the report can be redone
             print(f"report failed: {type(exc).__name__}: {exc}", flush=True)
+
+    def load(self, cfg, names: list[str], label: str) -> tuple[float, float]:
+        """self.runner from cfg, with the adapters of `names` registered: (load s, adapters s).
+        With --gpu-gib the KV cache gets what the budget leaves: a probe load with a tiny cache
+        measures the weights plus the adapter slots, --act-reserve-gib stays free for activations,
+        CUDA graphs and workspaces, and the rest becomes KV blocks (the same rule for both bases,
+        so the smaller base gets the larger cache, as on a real card of that size)."""
+        import torch
+        a = self.args
+        mem = self.data["meta"].setdefault("memory", {})
+        if a.gpu_gib and a.device.startswith("cuda"):
+            probe, _ = load_runner(dataclasses.replace(cfg, num_kv_blocks=16))
+            for adapter in make_adapters(probe.shape.dims(), names, a.adapter_sets, a.seed):
+                probe.add_adapter(adapter)
+            torch.cuda.synchronize()
+            fixed = torch.cuda.memory_allocated() - 16 * probe.kv_bytes_per_block
+            del probe
+            gc.collect()
+            torch.cuda.empty_cache()
+            kv = int((a.gpu_gib - a.act_reserve_gib) * 2**30) - fixed
+            if kv <= 0:
+                raise RuntimeError(f"{label}: weights and adapter slots take {fixed / 2**30:.2f} GiB; "
+                                   f"with {a.act_reserve_gib} GiB reserved, --gpu-gib {a.gpu_gib} leaves no KV cache")
+            cfg = dataclasses.replace(cfg, num_kv_blocks=0, kv_cache_bytes=kv)
+            mem[label] = {"weights_and_adapters_gib": fixed / 2**30, "kv_gib": kv / 2**30}
+        self.runner, load_s = load_runner(cfg)
+        t0 = time.perf_counter()
+        for adapter in make_adapters(self.runner.shape.dims(), names, a.adapter_sets, a.seed):
+            self.runner.add_adapter(adapter)
+        adapters_s = time.perf_counter() - t0
+        if self.runner.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.runner_label = label
+        mem.setdefault(label, {})["num_kv_blocks"] = self.runner.num_kv_blocks
+        mem[label]["kv_tokens"] = self.runner.num_kv_blocks * self.runner.block_size
+        print(f"  {label} runner: {self.runner.num_kv_blocks} KV blocks "
+              f"({self.runner.num_kv_blocks * self.runner.block_size} tokens)"
+              + (f", {mem[label]['weights_and_adapters_gib']:.2f} GiB weights + adapter slots, "
+                 f"{a.gpu_gib} GiB budget" if "kv_gib" in mem[label] else ""), flush=True)
+        return load_s, adapters_s
+
+    def note_peak(self, label: str) -> None:
+        """Peak allocated memory since this runner was loaded (the budget held if it is below)."""
+        import torch
+        if torch.cuda.is_available():
+            self.data["meta"].setdefault("memory", {}).setdefault(label, {})["peak_gib"] = (
+                torch.cuda.max_memory_allocated() / 2**30)
 
     def run_replay(self, engine_args: tuple, trace, label: str, window_s: float, cfg_overrides=None,
                    **extra) -> dict:
@@ -273,13 +335,11 @@ class Bench:
             max_adapters=args.slots, max_adapters_per_batch=args.beta, max_model_len=args.max_model_len,
             max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
             num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo")
-        self.runner, load_s = load_runner(self.base_cfg)
+        if args.gpu_gib:
+            set_memory_cap(args.gpu_gib, args.device)
         n_names = max([args.num_tasks, 10, *args.scale_tasks])
-        t0 = time.perf_counter()
         self.names = task_names(n_names, self.families)
-        for adapter in make_adapters(self.runner.shape.dims(), self.names, args.adapter_sets, args.seed):
-            self.runner.add_adapter(adapter)
-        adapters_s = time.perf_counter() - t0
+        load_s, adapters_s = self.load(self.base_cfg, self.names, "4-bit" if args.quant_bits else "base")
         self.data["meta"].update(self.meta(load_s, adapters_s, n_names))
         print(f"loaded {args.model} ({self.data['meta']['device']}) in {load_s:.1f} s, "
               f"{self.runner.num_kv_blocks} KV blocks; {n_names} adapters in {adapters_s:.1f} s", flush=True)
@@ -301,6 +361,7 @@ class Bench:
             "inlaid_overload_min_free": self.base_cfg.inlaid_overload_min_free,
             "inlaid_overload_streak_factor": self.base_cfg.inlaid_overload_streak_factor,
             "slo_scale": a.slo_scale, "num_tasks": a.num_tasks,
+            "gpu_gib": a.gpu_gib or None, "act_reserve_gib": a.act_reserve_gib if a.gpu_gib else None,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
             "scale_variants": {v: scale_variant(v)[2] for v in a.scale_policies}, "pred_sigma": a.pred_sigma,
             "zipf_a": a.zipf_a, "rate_fractions": a.rates, "lengths": "data/lengths.jsonl (test split)",
@@ -555,6 +616,7 @@ class Bench:
         rows = []
         self.data["fp16"] = rows
         rate = self.rates()[-1]
+        self.note_peak(self.runner_label)
         self.runner = None
         gc.collect()
         if torch.cuda.is_available():
@@ -562,9 +624,10 @@ class Bench:
         fp16_cfg = dataclasses.replace(self.base_cfg, quant_bits=0,
                                        dtype="float16" if a.device.startswith("cuda") else a.dtype)
         self.base_cfg = fp16_cfg
-        self.runner, load_s = load_runner(fp16_cfg)
-        for adapter in make_adapters(self.runner.shape.dims(), self.names[:a.num_tasks], a.adapter_sets, a.seed):
-            self.runner.add_adapter(adapter)
+        left = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        if left > 2**30:   # under --gpu-gib the fp16 base would run short: say why instead of an OOM
+            print(f"  warning: {left / 2**30:.1f} GiB still allocated after freeing the 4-bit runner", flush=True)
+        load_s, _ = self.load(fp16_cfg, self.names[:a.num_tasks], "fp16")
         runner_grid(self.runner, self.names[:4], 1)          # warm-up (allocator, kernels)
         if a.warm_burst_s > 0:   # unmeasured, as for the 4-bit base: CUDA-graph captures, kernel compiles
             self.fifo_burst(a.seed + 7, "w16-", a.warm_burst_s)
@@ -640,6 +703,11 @@ def parse_args(argv=None):
     ap.add_argument("--num-kv-blocks", type=int, default=0, help="0: from --kv-gib")
     ap.add_argument("--kv-gib", type=float, default=16.0,
                     help="KV cache per runner (same for the 4-bit and fp16 bases; ample for this workload)")
+    ap.add_argument("--gpu-gib", type=float, default=0.0,
+                    help="emulate a card of this much memory (e.g. 24: A10, L4, RTX 4090): an allocator cap, "
+                         "and each runner's KV cache is what the cap leaves (overrides --kv-gib); 0: off")
+    ap.add_argument("--act-reserve-gib", type=float, default=3.0,
+                    help="with --gpu-gib: memory kept free of KV blocks for activations, graphs, workspaces")
     ap.add_argument("--max-tokens", type=int, default=512, help="loose cap; requests end at their trace length")
     ap.add_argument("--slo-scale", type=float, default=5.0)
     ap.add_argument("--pred-sigma", type=float, default=0.25)

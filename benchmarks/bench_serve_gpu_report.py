@@ -88,6 +88,7 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
           "first arrival); tasks/step = distinct adapters per executed step. Each replay's arrivals last "
           f"{meta.get('replay_window_s')} s; it is cut {max(meta.get('drain_s', 0), 0.5 * (meta.get('replay_window_s') or 0))} s "
           "later. One replay per cell: see the note on noise below.", ""]
+    md += _memory(meta)
     if meta.get("notes"):
         md += ["Notes on this run:", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     md += ["## Sections", "", "| section | status | estimate s | wall s |", "|---|---|---|---|"]
@@ -223,6 +224,21 @@ def _ablations(data: dict) -> list[str]:
     ref = [r for r in main if r.get("load_frac") == top and r["variant"] in ("inlaid", "fifo")]
     return ["## Ablations at the highest rate (inlaid; same trace as the main section's highest rate)", "",
             table(ref + rows), ""]
+
+
+def _memory(meta: dict) -> list[str]:
+    """The emulated card (--gpu-gib): what each base left for KV blocks and its measured peak."""
+    mem = meta.get("memory") or {}
+    if not meta.get("gpu_gib"):
+        return []
+    out = [f"**Memory budget: {meta['gpu_gib']} GiB** (an allocator cap, torch.cuda.set_per_process_memory_fraction; "
+           f"{meta.get('act_reserve_gib')} GiB kept for activations, graphs and workspaces; each base's KV cache is "
+           "what the rest leaves, measured by a probe load).", "",
+           "| base | weights + adapter slots GiB | KV GiB | KV tokens | peak allocated GiB |", "|---|---|---|---|---|"]
+    for label, m in mem.items():
+        out.append(f"| {label} | {_fmt(m.get('weights_and_adapters_gib'), '.2f')} | {_fmt(m.get('kv_gib'), '.2f')} | "
+                   f"{m.get('kv_tokens', '')} | {_fmt(m.get('peak_gib'), '.2f')} |")
+    return out + [""]
 
 
 def _fp16(data: dict) -> list[str]:

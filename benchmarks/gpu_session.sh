@@ -10,10 +10,12 @@
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
 #   bash benchmarks/gpu_session.sh overload COMMIT  # ~450 s: policies at 0.8 / 1.1 / 1.3 C on 12 s replays + fp16 fifo
 #                                                   #   (the 6 s replays of `serve` never saturate)
+#   bash benchmarks/gpu_session.sh budget COMMIT    # ~450 s: overload on an emulated 24 GiB card (A10/L4/RTX 4090
+#                                                   #   class), up to 256 running: KV memory now differs by base
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serve | w3 | e2e | overload}
+stage=${1:?stage: kernels | serve | w3 | e2e | overload | budget}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -46,6 +48,11 @@ case "$stage" in
   overload)
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate,fp16 \
       --rates 0.8,1.1,1.3 --replay-s 12 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  budget)
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate,fp16 \
+      --gpu-gib 24 --max-num-seqs 256 --policies inlaid,fifo,mlfq --rates 0.8,1.1,1.3 --replay-s 10 --drain-s 5 \
+      --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
