@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
-#   bash benchmarks/gpu_session.sh overload COMMIT  # ~450 s: policies at 0.8 / 1.1 / 1.3 C on 12 s replays + fp16 fifo
+#   bash benchmarks/gpu_session.sh overload COMMIT  # ~500 s: policies at 0.8 / 1.3 / 1.6 C on 12 s replays + fp16 fifo
 #                                                   #   (the 6 s replays of `serve` never saturate)
 #   bash benchmarks/gpu_session.sh budget COMMIT    # ~450 s: overload on an emulated 24 GiB card (A10/L4/RTX 4090
 #                                                   #   class), up to 256 running: KV memory now differs by base
@@ -47,7 +47,7 @@ case "$stage" in
     ;;
   overload)
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate,fp16 \
-      --rates 0.8,1.1,1.3 --replay-s 12 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
+      --rates 0.8,1.3,1.6 --replay-s 12 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   budget)
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate,fp16 \
