@@ -77,10 +77,12 @@ def set_memory_cap(gib: float, device: str) -> None:
     import torch
     if not device.startswith("cuda"):
         return
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise SystemExit(f"--gpu-gib {gib} exceeds the device's {total / 2**30:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
 
 
 def make_engine(runner, base_cfg, policy: str, beta: int, **overrides):
