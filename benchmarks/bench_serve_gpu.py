@@ -261,6 +261,8 @@ class Bench:
             cfg = dataclasses.replace(cfg, num_kv_blocks=0, kv_cache_bytes=kv)
             mem[label] = {"weights_and_adapters_gib": fixed / 2**30, "kv_gib": kv / 2**30}
         self.runner, load_s = load_runner(cfg)
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()   # load-time temporaries: the cap counts cached blocks too
         t0 = time.perf_counter()
         for adapter in make_adapters(self.runner.shape.dims(), names, a.adapter_sets, a.seed):
             self.runner.add_adapter(adapter)
