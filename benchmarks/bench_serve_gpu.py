@@ -173,6 +173,8 @@ def runner_grid(runner, tasks: list[str], reps: int) -> list[dict]:
     budget = runner.config.max_num_batched_tokens
     prefill_sizes = [1 << k for k in range(3, 13) if 1 << k <= budget]
     configs += [(max(1, n // 64), min(n, 64), a, False) for n in prefill_sizes for a in (1, 4)]
+    # a small cache (--gpu-gib) cannot hold the longest contexts at the largest batches: skip those
+    configs = [c for c in configs if c[0] * -(-c[1] // runner.block_size) <= runner.num_kv_blocks]
     t_grid = time.perf_counter()
     for n, tokens, n_adapters, decode in configs:
         seqs = batch(n, tokens, n_adapters, decode)
