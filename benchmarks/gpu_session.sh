@@ -52,7 +52,7 @@ case "$stage" in
   budget)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate,fp16 \
-      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --policies inlaid,fifo,mlfq --rates 0.8,1.1,1.3 --replay-s 10 --drain-s 5 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --policies inlaid,fifo,mlfq --rates 0.8,1.3,1.6 --replay-s 10 --drain-s 5 \
       --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   *)
