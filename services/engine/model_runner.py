@@ -37,7 +37,10 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, shape: LlamaShape,
                  weights: dict[str, torch.Tensor | nn.Module], device: str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, consume: bool = False) -> None:
+        """consume: empty `weights` once the model holds its tensors, so the caller's dict does not
+        keep the unfused originals alive while q|k|v and gate|up are concatenated (on a 24 GiB card
+        an fp16 7B base would otherwise need its fused linears twice during the load)."""
         self.config, self.shape = config, shape
         self.device, self.dtype = torch.device(device), dtype
         # GPU fast path: fused linears (3/4-bit Triton or fp16 cuBLAS), fused ops, Triton attention/LoRA,
@@ -47,6 +50,7 @@ class ModelRunner:
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
         self.tuner = GemmTuner(cache_path=tune_cache) if config.quant_bits else None
+        given = weights
         if config.quant_bits:
             weights = dict(weights)
             for key in [k for k, v in weights.items() if _is_linear_key(k) and torch.is_tensor(v)]:
@@ -56,7 +60,9 @@ class ModelRunner:
                 if isinstance(module, TritonQuantLinear):
                     module.tuner = self.tuner
         self.model = LlamaModel(shape, weights)
-        del weights
+        if consume:
+            given.clear()
+        del weights, given
         self.model_epoch = 0        # bumped when a weight swap replaces a module (graphs recapture)
         self.block_size = config.block_size
         self.lora = LoraManager(shape.dims(), config.max_adapters, config.max_lora_rank,
@@ -104,7 +110,7 @@ class ModelRunner:
         else:
             shape = LlamaShape.from_dir(source.path)
             weights = load_hf_weights(source.path, device, dtype)
-        return cls(config, shape, weights, device, dtype)
+        return cls(config, shape, weights, device, dtype, consume=True)
 
     # ---- sizing ----------------------------------------------------------------
     @property

@@ -441,3 +441,17 @@ def test_3bit_runner_and_swaps_between_widths():
     swapped = q4.base_linear(1, "down_proj")
     assert q4.model_epoch == 1 and isinstance(swapped, TritonQuantLinear) and swapped.kw.bits == 3
     assert torch.equal(swapped.dense_weight(torch.float32), module.dequantized().t())
+
+
+def test_consume_empties_the_given_weights_and_the_default_keeps_them():
+    """load() passes consume=True so the unfused originals do not outlive the model's copies."""
+    shape = QSHAPE
+    weights = random_weights(shape, "cpu", torch.float32, std=0.05)
+    n = len(weights)
+    cfg = EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32")
+    kept = ModelRunner(cfg, shape, weights, "cpu", torch.float32)
+    assert len(weights) == n
+    consumed = ModelRunner(cfg, shape, weights, "cpu", torch.float32, consume=True)
+    assert weights == {}
+    ids = list(range(3, 30))
+    assert rel_err(_logits(consumed, ids), _logits(kept, ids)) == 0.0
