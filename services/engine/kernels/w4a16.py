@@ -401,8 +401,11 @@ def candidate_configs(m: int) -> list[GemmConfig]:
       four, at either width.
     - M = 64: zsub mma8 with BM 64 won every shape; the Σx-path mma8 and single-dot mma came 2nd-3rd.
     - mma8t (swapped operands: the dequantized weights are wgmma's register operand, x the
-      shared-memory one; 4-bit SASS at BM 64: 362 vs 420 loop instructions, no shared-memory
-      stores of the weights) is offered at every M > 1 bucket; not yet timed on a GPU.
+      shared-memory one; no shared-memory stores of the weights) is offered at every M > 1
+      bucket. H100, e403c5f (gemm_sweep_t.md, gpu_kernels_v7.md): at M = 64 it is 1.38-1.42x
+      faster than zsub mma8 and the tuner picks it on three of five shapes, at M = 128 on four;
+      at M <= 16 mma8 stays ahead. The sweep's M = 64 best on 4096x4096 was BM 64 BN 128
+      split-K 8 with 2 stages (6 % under the tuner set then): now a candidate too.
     Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
     so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
@@ -427,6 +430,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
             for sk in (2, 4)
         ] + [GemmConfig("mma8t", bm, 64, sk, 4, 3, fast_deq=True, zsub=True)
              for bm in (32, 64) if bm >= m // 2 or bm == 64 for sk in (2, 4)
+        ] + [GemmConfig("mma8t", 64, 128, sk, 4, 2, fast_deq=True, zsub=True) for sk in (4, 8)
         ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
     # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
     return [

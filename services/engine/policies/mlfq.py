@@ -21,9 +21,12 @@ class MLFQScheduler(Scheduler):
     that uses up its quantum is demoted one level; a job not served for
     `starvation_limit_s` is promoted to level 0. Each step serves the
     highest-priority jobs (level, then arrival) that fit, prefill and decode in
-    one batch; a waiting job may take the running slot of a job of a strictly
-    lower level (see `_make_room` for why not its KV blocks). Output-length
-    predictions are not used.
+    one batch. A waiting job of a higher level takes the batch row of a running
+    one, which pauses: it keeps its KV blocks and resumes when it is again among
+    the best `max_num_seqs` (FastServe keeps preempted jobs' KV too, swapping it
+    to host memory only under pressure). So more jobs may hold KV than run in a
+    step; KV memory bounds them (see `_make_room`). Output-length predictions
+    are not used.
     """
 
     name = "mlfq"
@@ -89,22 +92,18 @@ class MLFQScheduler(Scheduler):
         tasks: set[str] = set()     # adapters in this batch (the base model "" takes none)
         decode: list[Sequence] = []
         prefill: list[Sequence] = []
-        preempted: list[Sequence] = []
         num_prefill_tokens = 0
         is_admitting = True
         walked: set[int] = set()
-        preempted_ids: set[int] = set()
 
         def can_take(seq: Sequence) -> bool:
             return (len(decode) + len(prefill) < cfg.max_num_seqs
                     and (not beta or not seq.task or seq.task in tasks or len(tasks) < beta))
 
-        # Copy of waiting: _make_room's preemptions append to it while we walk.
+        # Running jobs past the first max_num_seqs rows pause (no row this step, KV kept).
         for seq in heapq.merge(running, self.waiting[:], key=self.priority):
             if len(decode) + len(prefill) >= cfg.max_num_seqs:
                 break
-            if id(seq) in preempted_ids:
-                continue
             if seq.status is SequenceStatus.RUNNING:
                 walked.add(id(seq))
                 if can_take(seq):
@@ -114,14 +113,15 @@ class MLFQScheduler(Scheduler):
                 continue
             if not can_take(seq):
                 continue
-            # The step's rows are its prefill tokens plus one per decode (at most every running job).
-            if prefill and num_prefill_tokens + seq.num_tokens + len(running) > cfg.max_num_batched_tokens:
+            # The step's rows are its prefill tokens plus one per decode (at most every running job,
+            # at most a full batch: paused jobs take no row).
+            decode_rows = min(len(running), cfg.max_num_seqs)
+            if prefill and num_prefill_tokens + seq.num_tokens + decode_rows > cfg.max_num_batched_tokens:
                 is_admitting = False
-            elif not self._make_room(seq, running, decode, len(prefill), preempted):
+            elif not self._has_blocks_for(seq, decode, len(prefill)):
                 is_admitting = False
             if not is_admitting:
                 break            # strict priority: no lower job jumps a blocked one
-            preempted_ids.update(id(s) for s in preempted)
             bm.allocate(seq)
             prefill.append(seq)
             if seq.task:
@@ -135,36 +135,27 @@ class MLFQScheduler(Scheduler):
                     if seq.task:
                         tasks.add(seq.task)
         start_running(self, prefill, now)
-        decode, more_preempted = secure_decode_slots(
-            self, decode, victim_key=self.priority, protected=prefill)
-        preempted.extend(more_preempted)
+        decode, preempted = secure_decode_slots(self, decode, victim_key=self.priority, protected=prefill)
         return SchedulerOutput(prefill=prefill, decode=decode, preempted=preempted)
 
-    def _make_room(self, seq: Sequence, running: list[Sequence], selected: list[Sequence],
-                   num_prefilled: int, preempted: list[Sequence]) -> bool:
-        """Whether seq can start now; frees a running slot by preempting a strictly lower-level job.
+    def _has_blocks_for(self, seq: Sequence, selected: list[Sequence], num_prefilled: int) -> bool:
+        """Whether seq's prompt fits in the free KV blocks, keeping one new block per decoding job
+        of this step (a lone job on an idle engine may take the whole cache).
 
-        FastServe swaps a preempted job's KV to host memory; this engine can
-        only drop and recompute it, which under memory pressure thrashes (long
-        jobs are recomputed again and again and never finish). So a job may
-        take a lower job's *slot* but never its KV blocks: when blocks are
-        short, admission waits for running jobs to finish.
+        Paused jobs keep their blocks: FastServe would swap them to host memory, but this
+        engine can only drop and recompute, which thrashes (long jobs recomputed again and
+        again, never finishing: when a new job preempted the job whose row it took, mlfq
+        computed 2.3× the prefill tokens of the other policies on the same traces, H100 run
+        e403c5f, benchmarks/results/serve_gpu.md). So when
+        blocks are short, admission waits; the running and paused jobs then finish and free
+        them (a decode that finds no block preempts the lowest-priority job,
+        secure_decode_slots).
         """
         bm = self.block_manager
-        # len(selected): at most one new block per decoding job this step.
-        if bm.blocks_needed(seq.num_tokens) + len(selected) > bm.num_free_blocks:
-            return not self.running and num_prefilled == 0 and \
-                bm.blocks_needed(seq.num_tokens) <= bm.num_free_blocks
-        level = seq.sched_state["level"]
-        while len(self.running) + num_prefilled >= self.config.max_num_seqs:
-            victims = [s for s in running if s.status is SequenceStatus.RUNNING
-                       and s not in selected and s.sched_state["level"] > level]
-            if not victims:
-                return False
-            victim = max(victims, key=self.priority)
-            self.preempt(victim)
-            preempted.append(victim)
-        return True
+        need = bm.blocks_needed(seq.num_tokens)
+        if need + len(selected) <= bm.num_free_blocks:
+            return True
+        return not self.running and num_prefilled == 0 and need <= bm.num_free_blocks
 
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
         super().update(out, token_ids)

@@ -57,19 +57,45 @@ def test_demotion_after_quantum_doubles_per_level():
     assert levels == [0, 1, 1, 1, 1, 2, 2, 2]
 
 
-def test_higher_level_job_takes_the_slot_of_a_demoted_one():
+def test_higher_level_job_takes_the_row_of_a_demoted_one_which_pauses_with_its_kv():
     sched, clock = make_sched(max_num_seqs=1)
     old = make_seq("old")
     sched.add(old)
     for _ in range(3):
         step(sched, clock)
     assert old.sched_state["level"] == 1
+    blocks = list(old.block_table)
     new = make_seq("new", arrival_s=clock.now_s)
     sched.add(new)
     out = step(sched, clock)
-    assert [s.request_id for s in out.prefill] == ["new"]
-    assert [s.request_id for s in out.preempted] == ["old"]
-    assert old.status is SequenceStatus.WAITING and not old.block_table
+    assert [s.request_id for s in out.prefill] == ["new"] and not out.decode
+    assert not out.preempted                      # paused, not dropped: no recompute later
+    assert old.status is SequenceStatus.RUNNING and old.block_table == blocks
+    # new uses up its level-0 quantum (2 tokens) and drops to level 1, behind old (earlier arrival)
+    out = step(sched, clock)
+    assert [s.request_id for s in out.decode] == ["new"]
+    out = step(sched, clock)
+    assert [s.request_id for s in out.decode] == ["old"] and old.num_cached_tokens > 0
+
+
+def test_paused_jobs_resume_when_blocks_are_short_and_the_lowest_is_dropped_first():
+    """Admission waits while paused jobs hold the blocks; every step still serves a job; a decode
+    that finds no free block drops the lowest-priority job, not the one being served."""
+    sched, clock = make_sched(num_blocks=6, max_num_seqs=1)   # 4-token blocks
+    low = make_seq("low", prompt=7)                # 2 blocks
+    sched.add(low)
+    for _ in range(3):
+        step(sched, clock)                         # level 1 after its 2-token quantum
+    sched.add(make_seq("high", prompt=11, arrival_s=clock.now_s))   # level 0, 3 blocks: fills the cache
+    outs = [step(sched, clock)]
+    assert [s.request_id for s in outs[0].prefill] == ["high"] and low.status is SequenceStatus.RUNNING
+    sched.add(make_seq("third", prompt=15, arrival_s=clock.now_s))  # level 0, 4 blocks: must wait
+    outs += [step(sched, clock) for _ in range(20)]
+    # no step idles while admission waits (until "high" alone outgrows the 6-block cache, step 17)
+    assert all(len(o.seqs) == 1 for o in outs[:16])
+    drops = [([s.request_id for s in o.decode], [s.request_id for s in o.preempted]) for o in outs if o.preempted]
+    assert drops[0] == (["high"], ["low"])
+    assert any([s.request_id for s in o.prefill] == ["third"] for o in outs)
 
 
 def test_same_level_does_not_preempt():
