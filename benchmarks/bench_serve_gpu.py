@@ -118,6 +118,9 @@ def measure(engine, trace, solo_s, args, label: str, deadline_s: float, **extra)
         m = {"num_requests": 0, "slo_attainment_all": 0.0}
     m.update(variant=label, num_trace_requests=len(trace), num_unfinished=unfinished, replay_wall_s=wall,
              offered_rate_req_s=len(trace) / max(1e-9, trace[-1].arrival_s) if trace else 0.0, **extra)
+    if steps:   # the policy's CPU time per step: part of every step on the real engine, absent from the cost model
+        m["schedule_ms_avg"] = 1e3 * statistics.fmean(st.schedule_s for st in steps)
+        m["schedule_share"] = sum(st.schedule_s for st in steps) / max(1e-9, sum(st.step_s for st in steps))
     m["_jct"] = sorted(r.jct_s for r in records)
     m["_records"] = records
     print(f"  {label:40s} thr {m.get('throughput_req_s', 0):7.2f} req/s {m.get('throughput_tok_s', 0):8.0f} tok/s"
@@ -125,7 +128,7 @@ def measure(engine, trace, solo_s, args, label: str, deadline_s: float, **extra)
           f" | JCT {m.get('jct_avg_s', float('nan')):6.2f} p99 {m.get('jct_p99_s', float('nan')):6.2f} s"
           f" | TTFT {m.get('ttft_avg_s', float('nan')):5.2f} s | SLO {m['slo_attainment_all']:.3f}"
           f" | tasks/step {m.get('adapters_per_step_avg', float('nan')):.2f} | unfinished {unfinished}"
-          f" | {wall:.1f}s", flush=True)
+          f" | sched {m.get('schedule_ms_avg', float('nan')):.2f} ms/step | {wall:.1f}s", flush=True)
     step_rows = [dict(dataclasses.asdict(s), run=label) for s in steps]
     return m, step_rows
 
@@ -230,7 +233,7 @@ class Bench:
         path = self.out / "serve_gpu.json"
         path.write_text(json.dumps(_public(self.data), indent=1, default=str))
         with (self.out / "serve_gpu.steps.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[*FEATURES, "step_s", "run"])
+            w = csv.DictWriter(f, fieldnames=[*FEATURES, "step_s", "schedule_s", "run"], restval=0.0)
             w.writeheader()
             w.writerows(self.all_steps)
         try:

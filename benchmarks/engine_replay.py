@@ -19,11 +19,14 @@ class StepRecorder:
     def __init__(self, scheduler) -> None:
         self.last = None
         self.features = None
+        self.schedule_s = 0.0    # wall time of the last schedule() call: the policy's CPU cost
         self._schedule = scheduler.schedule
         scheduler.schedule = self
 
     def __call__(self):
+        t0 = time.perf_counter()
         self.last = self._schedule()
+        self.schedule_s = time.perf_counter() - t0
         self.features = step_features(self.last)
         return self.last
 
@@ -75,7 +78,7 @@ def replay(engine, trace: list[TraceRequest], prompts: dict[str, list[int]], max
         if out is not None and not out.is_empty:
             f = recorder.features
             result.steps.append(StepRecord(f.num_prefill_tokens, f.num_decode_seqs, f.num_adapters,
-                                           f.num_kv_tokens_read, done_s - t_step))
+                                           f.num_kv_tokens_read, done_s - t_step, recorder.schedule_s))
             for seq in out.preempted:
                 preemptions[seq.request_id] = preemptions.get(seq.request_id, 0) + 1
         for o in outputs:

@@ -38,6 +38,7 @@ class StepRecord:
     num_adapters: int
     num_kv_tokens_read: int
     step_s: float
+    schedule_s: float = 0.0      # the policy's share of step_s (real-engine replays; 0 in the simulator)
 
 
 def _pct(values: np.ndarray, q: float) -> float:
