@@ -341,8 +341,10 @@ def load_measured(path: Path) -> dict:
         with steps_csv.open() as f:
             steps = list(csv.DictReader(f))
         few = {r["variant"] for r in sc.get("real", []) if r["num_tasks"] <= 100}
-        fit = CostModel.fit([r for r in steps if r["run"] in few], "this run's scaling replays of <= 100 tasks")
-        ratios, fit_ratios = cost_on_real_steps(cost, steps), cost_on_real_steps(fit, steps)
+        ratios = cost_on_real_steps(cost, steps)
+        if few:   # a run without a scale section has no scaling replays to fit
+            fit = CostModel.fit([r for r in steps if r["run"] in few], "this run's scaling replays of <= 100 tasks")
+            fit_ratios = cost_on_real_steps(fit, steps)
     try:
         shown = str(path.resolve().relative_to(ROOT))
     except ValueError:

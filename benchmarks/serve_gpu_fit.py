@@ -60,11 +60,13 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-strict": ("inlaid", {"inlaid_beta_fill": 0.0},
                                     "inlaid (strict beta cap, no fill)"),
                   "inlaid-fill": ("inlaid", {"inlaid_beta_fill": 0.75},
-                                  "inlaid (work-conserving beta, fill 0.75: the default since 58605d6)"),
+                                  "inlaid (work-conserving beta, fill 0.75: the default from 58605d6 to c7661fc)"),
                   "inlaid-overload": ("inlaid", {"inlaid_beta_fill": 0.75, "inlaid_overload_min_free": 0.25},
-                                      "inlaid (fill 0.75 + overload prefill rule 0.25: the defaults)"),
+                                      "inlaid (fill 0.75 + overload prefill rule 0.25: the defaults until c7661fc)"),
                   "inlaid-no-overload": ("inlaid", {"inlaid_beta_fill": 0.75, "inlaid_overload_min_free": 0.0},
-                                         "inlaid (fill 0.75, no overload prefill rule)")}
+                                         "inlaid (fill 0.75, no overload prefill rule)"),
+                  "inlaid-fill1": ("inlaid", {"inlaid_beta_fill": 1.0},
+                                   "inlaid (β binds only once its tasks fill the whole batch)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:

@@ -44,7 +44,7 @@ class EngineConfig:
     inlaid_task_switch_tokens: int = 32
     inlaid_full_batch_streak_factor: int = 2
     inlaid_decode_task_rank: str = "srtf"
-    inlaid_beta_fill: float = 0.75
+    inlaid_beta_fill: float = 1.0
     inlaid_overload_min_free: float = 0.25
     inlaid_overload_streak_factor: int = 4
 

@@ -39,8 +39,11 @@ class SchedulerConfig:
     inlaid_decode_task_rank: str = "srtf"
     # inlaid: work-conserving β. 0 = strict cap. f > 0: while the sequences of the β chosen tasks
     # would fill fewer than f × max_num_seqs batch slots, the next tasks in rank order join too
-    # (the cap then only binds when the batch is full enough to be worth protecting).
-    inlaid_beta_fill: float = 0.75
+    # (the cap then only binds when the batch is full enough to be worth protecting). 1.0 (the
+    # default): the cap never leaves a batch slot empty. An H100 run (e403c5f, serve_gpu.md) had
+    # β = ∞ ahead of fill 0.75 on every metric at 1.6 C; simulated on its cost model
+    # (sim_beta_fill.md, 3 seeds) fill 1.0 matches or beats 0.75 at every rate and at 2 to 1000 tasks.
+    inlaid_beta_fill: float = 1.0
     # inlaid, under overload (at least as many waiting requests as free batch slots): prefill waits
     # until this fraction of max_num_seqs slots is free, for at most inlaid_overload_streak_factor x
     # max_decode_streak decode steps. A prefill step costs a fixed overhead (on a GPU it runs
