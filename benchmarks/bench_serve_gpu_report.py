@@ -18,7 +18,8 @@ COLS = [("variant", "policy", ""), ("offered_rate_req_s", "offered req/s", ".1f"
         ("jct_avg_s", "JCT avg s", ".2f"), ("jct_p99_s", "JCT p99 s", ".2f"), ("ttft_avg_s", "TTFT avg s", ".3f"),
         ("ttft_p99_s", "TTFT p99 s", ".2f"), ("slo_attainment_all", "SLO", ".3f"),
         ("adapters_per_step_avg", "tasks/step", ".2f"), ("num_preemptions", "preempt", "d"),
-        ("num_unfinished", "unfinished", "d"), ("num_steps", "steps", "d")]
+        ("num_unfinished", "unfinished", "d"), ("num_steps", "steps", "d"),
+        ("schedule_ms_avg", "policy ms/step", ".2f")]
 
 
 def _fmt(value, spec: str) -> str:
