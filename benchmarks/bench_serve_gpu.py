@@ -112,10 +112,14 @@ class Bench:
         import torch
         a = self.args
         mem = self.data["meta"].setdefault("memory", {})
+
+        def add_adapters(runner) -> None:
+            for adapter in make_adapters(runner.shape.dims(), names, a.adapter_sets, a.seed):
+                runner.add_adapter(adapter)
+
         if a.gpu_gib and a.device.startswith("cuda"):
             probe, _ = load_runner(dataclasses.replace(cfg, num_kv_blocks=16))
-            for adapter in make_adapters(probe.shape.dims(), names, a.adapter_sets, a.seed):
-                probe.add_adapter(adapter)
+            add_adapters(probe)
             torch.cuda.synchronize()
             fixed = torch.cuda.memory_allocated() - 16 * probe.kv_bytes_per_block
             del probe
@@ -128,11 +132,8 @@ class Bench:
             cfg = dataclasses.replace(cfg, num_kv_blocks=0, kv_cache_bytes=kv)
             mem[label] = {"weights_and_adapters_gib": fixed / 2**30, "kv_gib": kv / 2**30}
         self.runner, load_s = load_runner(cfg)
-        if self.runner.device.type == "cuda":
-            torch.cuda.empty_cache()   # load-time temporaries: the cap counts cached blocks too
         t0 = time.perf_counter()
-        for adapter in make_adapters(self.runner.shape.dims(), names, a.adapter_sets, a.seed):
-            self.runner.add_adapter(adapter)
+        add_adapters(self.runner)
         adapters_s = time.perf_counter() - t0
         if self.runner.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -82,6 +82,10 @@ class ModelRunner:
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)
+        if self.device.type == "cuda":
+            # Load temporaries (quantization, the unfused originals) stay cached in the allocator
+            # otherwise; a per-process memory cap counts them, and another process could use them.
+            torch.cuda.empty_cache()
 
     @classmethod
     def load(cls, config: EngineConfig, source: ModelSource | None = None) -> ModelRunner:

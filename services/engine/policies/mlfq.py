@@ -25,7 +25,7 @@ class MLFQScheduler(Scheduler):
     one, which pauses: it keeps its KV blocks and resumes when it is again among
     the best `max_num_seqs` (FastServe keeps preempted jobs' KV too, swapping it
     to host memory only under pressure). So more jobs may hold KV than run in a
-    step; KV memory bounds them (see `_make_room`). Output-length predictions
+    step; KV memory bounds them (see `_has_blocks_for`). Output-length predictions
     are not used.
     """
 
@@ -95,6 +95,9 @@ class MLFQScheduler(Scheduler):
         num_prefill_tokens = 0
         is_admitting = True
         walked: set[int] = set()
+        # The step's rows are its prefill tokens plus one per decode (at most every running job,
+        # at most a full batch: paused jobs take no row).
+        decode_rows = min(len(running), cfg.max_num_seqs)
 
         def can_take(seq: Sequence) -> bool:
             return (len(decode) + len(prefill) < cfg.max_num_seqs
@@ -113,9 +116,6 @@ class MLFQScheduler(Scheduler):
                 continue
             if not can_take(seq):
                 continue
-            # The step's rows are its prefill tokens plus one per decode (at most every running job,
-            # at most a full batch: paused jobs take no row).
-            decode_rows = min(len(running), cfg.max_num_seqs)
             if prefill and num_prefill_tokens + seq.num_tokens + decode_rows > cfg.max_num_batched_tokens:
                 is_admitting = False
             elif not self._has_blocks_for(seq, decode, len(prefill)):
@@ -146,10 +146,9 @@ class MLFQScheduler(Scheduler):
         engine can only drop and recompute, which thrashes (long jobs recomputed again and
         again, never finishing: when a new job preempted the job whose row it took, mlfq
         computed 2.3× the prefill tokens of the other policies on the same traces, H100 run
-        e403c5f, benchmarks/results/serve_gpu.md). So when
-        blocks are short, admission waits; the running and paused jobs then finish and free
-        them (a decode that finds no block preempts the lowest-priority job,
-        secure_decode_slots).
+        e403c5f, benchmarks/results/serve_gpu.md). So when blocks are short, admission waits;
+        the running and paused jobs then finish and free them (a decode that finds no block
+        preempts the lowest-priority job, secure_decode_slots).
         """
         bm = self.block_manager
         need = bm.blocks_needed(seq.num_tokens)
