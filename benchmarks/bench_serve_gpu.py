@@ -232,6 +232,7 @@ class Bench:
             "inlaid_full_batch_streak_factor": self.base_cfg.inlaid_full_batch_streak_factor,
             "inlaid_overload_min_free": self.base_cfg.inlaid_overload_min_free,
             "inlaid_overload_streak_factor": self.base_cfg.inlaid_overload_streak_factor,
+            "piggyback_decode": self.base_cfg.piggyback_decode,
             "slo_scale": a.slo_scale, "num_tasks": a.num_tasks,
             "gpu_gib": a.gpu_gib or None, "act_reserve_gib": a.act_reserve_gib if a.gpu_gib else None,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
@@ -367,7 +368,8 @@ class Bench:
                 ("inlaid, beta=inf", "predictor", 0, {}),
                 ("inlaid, oracle lengths", "oracle", beta, {}),
                 ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
-                ("inlaid, no overload prefill rule", "predictor", beta, {"inlaid_overload_min_free": 0.0})]
+                ("inlaid, no overload prefill rule", "predictor", beta, {"inlaid_overload_min_free": 0.0}),
+                ("inlaid, prefill-only steps (no piggyback)", "predictor", beta, scale_variant("inlaid-separate")[1])]
 
     def sec_ablate(self) -> None:
         a = self.args

@@ -55,7 +55,7 @@ class AdmitWithinBeta(InlaidScheduler):
     is admitted only into a free slot (hungry requests excepted), so decode can run the whole pool.
     Measured here earlier and not adopted (it changed nothing but latency); kept to reproduce that."""
 
-    def _prefill(self, now_s: float):
+    def _prefill(self, now_s: float, decode_rows: int):
         running = {s.task for s in self.running}
         free = self.config.max_adapters_per_batch - len(running - {""})
         best: dict[str, int] = {}
@@ -69,7 +69,7 @@ class AdmitWithinBeta(InlaidScheduler):
         hidden_ids = {id(s) for s in hidden}
         self.waiting = [s for s in self.waiting if id(s) not in hidden_ids]
         try:
-            return super()._prefill(now_s)
+            return super()._prefill(now_s, decode_rows)
         finally:
             self.waiting += hidden
 
@@ -95,10 +95,11 @@ def recording(cls, pools: list[tuple[int, int, int]], starts: list[float]):
                 starts.append(self.clock())
             return out
 
-        def _decode(self, now_s: float):
+        def _decode(self, now_s: float, among=None, allowed=None, protected=()):
             running, tasks = len(self.running), len({s.task for s in self.running})
-            decode, preempted = super()._decode(now_s)
-            pools.append((running, tasks, sum(len(g) == 1 for t, g in group_by_task(decode).items() if t)))
+            decode, preempted = super()._decode(now_s, among, allowed, protected)
+            if among is None:   # a decode-only step (a decode joining prefills is not one)
+                pools.append((running, tasks, sum(len(g) == 1 for t, g in group_by_task(decode).items() if t)))
             return decode, preempted
     return Recording
 

@@ -66,7 +66,11 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-no-overload": ("inlaid", {"inlaid_beta_fill": 0.75, "inlaid_overload_min_free": 0.0},
                                          "inlaid (fill 0.75, no overload prefill rule)"),
                   "inlaid-fill1": ("inlaid", {"inlaid_beta_fill": 1.0},
-                                   "inlaid (β binds only once its tasks fill the whole batch)")}
+                                   "inlaid (β binds only once its tasks fill the whole batch)"),
+                  "inlaid-separate": ("inlaid", {"piggyback_decode": False},
+                                      "inlaid (prefill-only steps: the running pool stalls during a prefill)"),
+                  "inlaid-piggyback": ("inlaid", {"piggyback_decode": True},
+                                       "inlaid (a prefill step also decodes the running pool)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
@@ -105,6 +109,8 @@ def run_settings(meta: dict) -> tuple:
                          # runs before the overload prefill rule (no key) had none
                          inlaid_overload_min_free=meta.get("inlaid_overload_min_free", 0.0),
                          inlaid_overload_streak_factor=meta.get("inlaid_overload_streak_factor", 4),
+                         # runs before piggybacking (no key) had prefill-only steps
+                         piggyback_decode=meta.get("piggyback_decode", False),
                          ).scheduler_config()
     sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
                         slo_scale=meta["slo_scale"])

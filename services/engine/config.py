@@ -47,6 +47,7 @@ class EngineConfig:
     inlaid_beta_fill: float = 1.0
     inlaid_overload_min_free: float = 0.25
     inlaid_overload_streak_factor: int = 4
+    piggyback_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -98,6 +99,7 @@ class EngineConfig:
                                inlaid_beta_fill=self.inlaid_beta_fill,
                                inlaid_overload_min_free=self.inlaid_overload_min_free,
                                inlaid_overload_streak_factor=self.inlaid_overload_streak_factor,
+                               piggyback_decode=self.piggyback_decode,
                                max_adapter_slots=self.max_adapters)
 
     @classmethod

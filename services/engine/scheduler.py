@@ -51,6 +51,9 @@ class SchedulerConfig:
     # decoding; below saturation the rule never triggers. 0 = off.
     inlaid_overload_min_free: float = 0.25
     inlaid_overload_streak_factor: int = 4
+    # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
+    # prefill-only steps that stall the running requests.
+    piggyback_decode: bool = True
     # Adapters the device holds at once (EngineConfig.max_adapters); bounds what the fill rule may
     # add beyond β. 0 = no bound (simulations without a slot pool).
     max_adapter_slots: int = 0

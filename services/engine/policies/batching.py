@@ -94,11 +94,13 @@ def secure_decode_slots(sched: Scheduler, ordered: list[Sequence],
 
 
 def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks: set[str] | None,
-                   reserve_predicted: bool, is_urgent: Callable[[Sequence], bool]) -> list[Sequence]:
+                   reserve_predicted: bool, is_urgent: Callable[[Sequence], bool],
+                   decode_rows: int = 0) -> list[Sequence]:
     """Admit waiting sequences (best first) into a prefill batch and allocate their KV blocks.
 
     Limits: max_num_seqs running, max_num_batched_tokens computed (a lone
-    over-long prompt is still admitted so it cannot block forever),
+    over-long prompt is still admitted so it cannot block forever; the budget
+    keeps `decode_rows` tokens for the decode batch the prefills join),
     allowed_tasks (None = any), and KV memory. With reserve_predicted, a
     sequence is admitted only if the blocks for its prompt *plus predicted
     output* fit after the running sequences' own predicted needs, so admitted
@@ -110,7 +112,7 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
     free = bm.num_free_blocks
     if reserve_predicted:
         free -= reserved_blocks(bm, sched.running)
-    num_tokens = 0
+    num_tokens = decode_rows
     admitted: list[Sequence] = []
     for seq in ordered:
         if len(sched.running) + len(admitted) >= cfg.max_num_seqs:

@@ -98,7 +98,7 @@ class InlaidScheduler(StreakScheduler):
         return int(self.config.inlaid_beta_fill * self.config.max_num_seqs)
 
     # ---- choices -----------------------------------------------------------
-    def _prefill(self, now_s: float) -> list[Sequence]:
+    def _prefill(self, now_s: float, decode_rows: int) -> tuple[list[Sequence], set[str] | None]:
         # Keys computed once per sequence: this runs over the whole waiting pool,
         # thousands of requests when the engine is saturated.
         keyed = []
@@ -130,9 +130,9 @@ class InlaidScheduler(StreakScheduler):
                 fill=self._fill_seqs(), size=counts.__getitem__, max_slots=self.config.max_adapter_slots)
         hungry = {id(seq) for (not_hungry, _, _), seq in keyed if not not_hungry}
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
-                                  is_urgent=lambda seq: id(seq) in hungry)
+                                  is_urgent=lambda seq: id(seq) in hungry, decode_rows=decode_rows)
         start_running(self, admitted, now_s)
-        return admitted
+        return admitted, allowed
 
     def task_key(self, task: str, seqs: list[Sequence], now_s: float, with_switch: bool = True) -> tuple:
         """Rank of a task for one of the β slots: hungry first, then shortest remaining.
@@ -148,9 +148,12 @@ class InlaidScheduler(StreakScheduler):
         return (not any(self.is_hungry(s, now_s) for s in seqs),
                 min(s.predicted_remaining_tokens for s in seqs) + switch)
 
-    def _decode(self, now_s: float) -> tuple[list[Sequence], list[Sequence]]:
-        candidates = self.running
-        groups = group_by_task(self.running)
+    def _decode(self, now_s: float, among: list[Sequence] | None = None, allowed: set[str] | None = None,
+                protected: list[Sequence] = ()) -> tuple[list[Sequence], list[Sequence]]:
+        candidates = self.running if among is None else among
+        if allowed is not None:
+            candidates = [s for s in candidates if s.task in allowed]
+        groups = group_by_task(candidates)
 
         per_seq = self.config.inlaid_decode_task_rank == "srtf_per_seq"
 
@@ -163,9 +166,10 @@ class InlaidScheduler(StreakScheduler):
                               fill=self._fill_seqs(), size=lambda t: len(groups.get(t, ())),
                               max_slots=self.config.max_adapter_slots)
         if len(chosen) < len(groups):
-            candidates = [s for s in self.running if s.task in chosen]
+            candidates = [s for s in candidates if s.task in chosen]
         if self.block_manager.num_free_blocks < len(candidates):
             # Memory is tight: shortest remaining get slots first; the longest are victims.
             candidates = sorted(candidates, key=lambda s: s.predicted_remaining_tokens)
         return secure_decode_slots(self, list(candidates),
-                                   victim_key=lambda s: (s.predicted_remaining_tokens, s.seq_no))
+                                   victim_key=lambda s: (s.predicted_remaining_tokens, s.seq_no),
+                                   protected=protected)

@@ -11,10 +11,15 @@ from services.engine.sequence import Sequence
 
 
 class StreakScheduler(Scheduler):
-    """Each step is a prefill batch or a decode batch, chosen by the standard rule.
+    """Each step is a decode batch, or a prefill batch joined by a decode batch.
 
     Prefill is tried when nothing runs, or after `max_decode_streak` decode steps
-    while slots and KV blocks are left; otherwise the running pool decodes.
+    while slots and KV blocks are left; otherwise the running pool decodes. With
+    `piggyback_decode` (the default) a prefill step also decodes the running
+    pool, as a decode step would: a prefill step runs eagerly (no CUDA graph)
+    and is compute-bound, so its decode rows cost little, and the running
+    requests no longer stall for it. Without it the prefill step holds only
+    prefills (the paper's separate prefill and decode choices).
     Subclasses decide the order inside `_prefill` and `_decode`. Every scheduled
     sequence's `last_service_s` is stamped, which the starvation guards read.
     """
@@ -25,27 +30,51 @@ class StreakScheduler(Scheduler):
         self.num_decode_streak = 0
 
     @abc.abstractmethod
-    def _prefill(self, now_s: float) -> list[Sequence]:
-        """Admit waiting sequences (allocating their blocks); [] when none fits."""
+    def _prefill(self, now_s: float, decode_rows: int) -> tuple[list[Sequence], set[str] | None]:
+        """Admit waiting sequences (allocating their blocks): (admitted, the step's tasks).
+
+        The tasks are those the step may hold (None: any); a decode batch that
+        joins the prefills keeps to them. `decode_rows` tokens of the step budget
+        are kept for that decode batch (0: a prefill-only step)."""
 
     @abc.abstractmethod
-    def _decode(self, now_s: float) -> tuple[list[Sequence], list[Sequence]]:
-        """(sequences to decode this step, sequences preempted to make room)."""
+    def _decode(self, now_s: float, among: list[Sequence] | None = None,
+                allowed: set[str] | None = None,
+                protected: list[Sequence] = ()) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences to decode this step, sequences preempted to make room).
+
+        Chosen from `among` (default: the running pool) whose task is in
+        `allowed` (None: any); `protected` (this step's prefills) are never
+        preempted."""
 
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
         if self.waiting and self._should_prefill():
-            admitted = self._prefill(now)
+            joining = list(self.running) if self._can_piggyback() else []
+            admitted, allowed = self._prefill(now, len(joining))
             # Reset even when nothing fitted: the next attempt (a full sort of the
             # waiting pool) comes after another streak, not on every step.
             self.num_decode_streak = 0
             if admitted:
-                return SchedulerOutput(prefill=admitted)
+                decode, preempted = (self._decode(now, joining, allowed, admitted) if joining else ([], []))
+                return SchedulerOutput(prefill=admitted, decode=decode, preempted=preempted)
         if not self.running:
             return SchedulerOutput()
         decode, preempted = self._decode(now)
         self.num_decode_streak += 1
         return SchedulerOutput(decode=decode, preempted=preempted)
+
+    def _can_piggyback(self) -> bool:
+        """Whether this step's prefills join a decode of the running pool (`piggyback_decode`).
+
+        Only when every waiting prompt fits beside a full decode batch in the
+        token budget, so an over-long prompt still gets a prefill-only step and
+        cannot be left out forever."""
+        cfg = self.config
+        if not (cfg.piggyback_decode and self.running):
+            return False
+        longest = max(s.num_tokens for s in self.waiting)
+        return longest + len(self.running) <= cfg.max_num_batched_tokens
 
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
         super().update(out, token_ids)

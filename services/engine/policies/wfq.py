@@ -113,7 +113,7 @@ class WFQScheduler(StreakScheduler):
                 heapq.heappush(heap, (tag + service / self.task_weights[task], task))
         return ordered
 
-    def _prefill(self, now_s: float) -> list[Sequence]:
+    def _prefill(self, now_s: float, decode_rows: int) -> tuple[list[Sequence], set[str] | None]:
         ordered = self.fair_order(now_s)
         allowed = None
         beta = self.config.max_adapters_per_batch
@@ -124,26 +124,30 @@ class WFQScheduler(StreakScheduler):
                     break
                 allowed.add(seq.task)
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
-                                  is_urgent=lambda s: True)
+                                  is_urgent=lambda s: True, decode_rows=decode_rows)
         weight = self.config.wfq_prefill_token_weight
         for seq in admitted:
             self._charge(seq.task, weight * seq.num_tokens)
         start_running(self, admitted, now_s)
-        return admitted
+        return admitted, allowed
 
-    def _decode(self, now_s: float) -> tuple[list[Sequence], list[Sequence]]:
-        candidates = self.running
-        groups = group_by_task(self.running)
+    def _decode(self, now_s: float, among: list[Sequence] | None = None, allowed: set[str] | None = None,
+                protected: list[Sequence] = ()) -> tuple[list[Sequence], list[Sequence]]:
+        candidates = self.running if among is None else among
+        if allowed is not None:
+            candidates = [s for s in candidates if s.task in allowed]
+        groups = group_by_task(candidates)
 
         def task_key(task: str) -> tuple:
             return (self.task_tags[task],)
 
         chosen = choose_tasks(groups, self.config.max_adapters_per_batch, task_key)
         if len(chosen) < len(groups):
-            candidates = [s for s in self.running if s.task in chosen]
+            candidates = [s for s in candidates if s.task in chosen]
         if self.block_manager.num_free_blocks < len(candidates):
             candidates = sorted(candidates, key=lambda s: (self.task_tags[s.task],
                                                           s.predicted_remaining_tokens))
         return secure_decode_slots(
             self, list(candidates),
-            victim_key=lambda s: (self.task_tags[s.task], s.predicted_remaining_tokens, s.seq_no))
+            victim_key=lambda s: (self.task_tags[s.task], s.predicted_remaining_tokens, s.seq_no),
+            protected=protected)
