@@ -32,7 +32,7 @@ from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
 
 GEMM_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (13824, 5120)]  # (K, N)
-GEMM_MS = [1, 4, 16, 32, 64, 128]  # 32: the decode-batch bucket between the 16 and 64
+GEMM_MS = [1, 4, 16, 32, 64, 128, 256]  # 32: the decode-batch bucket between the 16 and 64; 256: large decode batches
 GROUP = 128
 DECODE_BLOCK = 16  # KV block size of the decode benchmarks
 

@@ -3,8 +3,8 @@
 # a slow stage cannot eat the next ones. Results land in $OUT (at most 8 files come back from the
 # device: each stage writes <= 2).
 #
-#   bash benchmarks/gpu_session.sh kernels COMMIT   # ~500 s: GPU kernel tests (every tuner candidate, mma8t
-#                                                   #   included), the mma8 vs mma8t sweep, gemm+decode table
+#   bash benchmarks/gpu_session.sh kernels COMMIT   # ~300 s: GPU kernel tests (every tuner candidate), the
+#                                                   #   gemm table at M = 1..256 (tuner's top six per shape) + decode
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
@@ -24,10 +24,7 @@ case "$stage" in
   kernels)
     timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate or tuner" 2>&1 \
       | tail -15 | tee "$out/pytest_kernels.log"
-    timeout 110 python3 benchmarks/bench_gemm_sweep.py --out "$out" --commit "$commit" --quick \
-      --kinds mma8,mma8t --ms 4,16,32,64 --stem gemm_sweep_t --budget-s 80 --no-decode 2>&1 \
-      | grep -v -i warn | grep -v '^|'
-    timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
+    timeout 240 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   serve)

@@ -36,7 +36,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 40, 128])
+@pytest.mark.parametrize("m", [1, 3, 16, 40, 128, 200])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_w4a16_every_candidate_matches_reference(m: int, act_order: bool, bits: int) -> None:

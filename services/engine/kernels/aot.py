@@ -51,10 +51,10 @@ def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: 
 
 
 def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,
-                  use_atomic: bool = True) -> bytes:
-    """cubin of the swapped-operand tensor-core kernel (mma8t) for one launch config."""
+                  use_atomic: bool = True, fp16_scale: bool = False) -> bytes:
+    """cubin of the swapped-operand tensor-core kernel (mma8t; mma8ts with fp16_scale) for one launch config."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8, "BITS": bits,
-              "H2DEQ": True}
+              "H2DEQ": True, "FP16_SCALE": fp16_scale}
     return _compile(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
@@ -68,6 +68,7 @@ def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = 
     if cfg.kind in ("mma8", "mma"):
         return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
                            cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic)
-    if cfg.kind == "mma8t":
-        return compile_mma_t(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, use_atomic)
+    if cfg.kind in ("mma8t", "mma8ts"):
+        return compile_mma_t(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, use_atomic,
+                             fp16_scale=cfg.kind == "mma8ts")
     return None

@@ -291,12 +291,17 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BITS: tl.constexpr, H2DEQ: tl.constexpr,
+        FP16_SCALE: tl.constexpr,
     ):
         """Swapped operands ("mma8t"): out^T [BN, BM] += (W - z)^T [BN, 16] · x^T [16, BM], 8 dots per
         128-row block, zero subtracted in fp16 as in zsub. The dequantized weights are the left
         operand, which Hopper's wgmma reads from registers; in _w4a16_kernel they are the right
         one, which wgmma reads from shared memory only (a store and a fence per dot). The few
-        rows of x become wgmma's N side (8 to 256 wide), so BM 16 still gets wgmma."""
+        rows of x become wgmma's N side (8 to 256 wide), so BM 16 still gets wgmma.
+        FP16_SCALE ("mma8ts"): the group scale multiplies the dequantized weights in fp16 before
+        the dots, which then accumulate straight into acc: one [BN, BM] fp32 accumulator instead
+        of two (acc and the block's partial sum), so BM 256 tiles fit the registers and a tile
+        of x rows reads each weight once."""
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = _tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
@@ -307,9 +312,11 @@ if triton is not None:
             k0 = b * 128
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            s16 = s.to(tl.float16)
             z16 = (tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0).to(tl.float16)
             q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile, (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
-            part = tl.zeros((BN, BM), dtype=tl.float32)
+            if not FP16_SCALE:
+                part = tl.zeros((BN, BM), dtype=tl.float32)
             if H2DEQ:
                 ws = _h2_deq(q, qh, _fp16_bits(z16[None, :]) * 65537, BITS)
             for j in tl.static_range(8):
@@ -318,8 +325,12 @@ if triton is not None:
                     wj = ws[j]
                 else:
                     wj = _nibble_fp16(_field(q, qh, j, BITS), True) - z16[None, :]
-                part = tl.dot(tl.trans(wj), xt, part)
-            acc += part * s[:, None]
+                if FP16_SCALE:
+                    acc = tl.dot(tl.trans(wj * s16[None, :]), xt, acc)
+                else:
+                    part = tl.dot(tl.trans(wj), xt, part)
+            if not FP16_SCALE:
+                acc += part * s[:, None]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += bias[:, None] * (pid_k == 0).to(tl.float32)
@@ -366,7 +377,8 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
     "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16 dots), "mma8t"
-    (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma" (one K=128 dot) or "dense"
+    (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma8ts" (mma8t scaling the weights
+    in fp16: one accumulator), "mma" (one K=128 dot) or "dense"
     (dequantize to fp16, then cuBLAS: compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
     trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
     before the dot, which drops the per-block Σx reductions."""
@@ -406,6 +418,11 @@ def candidate_configs(m: int) -> list[GemmConfig]:
       faster than zsub mma8 and the tuner picks it on three of five shapes, at M = 128 on four;
       at M <= 16 mma8 stays ahead. The sweep's M = 64 best on 4096x4096 was BM 64 BN 128
       split-K 8 with 2 stages (6 % under the tuner set then): now a candidate too.
+    - mma8ts (mma8t with the group scale applied to the dequantized weights in fp16, so the dots
+      accumulate into one fp32 tile instead of two): compiled for sm_90 here, it has no spills
+      at BM 256 BN 128 (8 warps) or BM 128 BN 128 (4 warps), where mma8t spills 115 and 196
+      registers per loop; BM 256 dequantizes each weight once per 256 rows of x. Offered at
+      M > 16; not yet timed on a GPU.
     Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
     so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
@@ -431,6 +448,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         ] + [GemmConfig("mma8t", bm, 64, sk, 4, 3, fast_deq=True, zsub=True)
              for bm in (32, 64) if bm >= m // 2 or bm == 64 for sk in (2, 4)
         ] + [GemmConfig("mma8t", 64, 128, sk, 4, 2, fast_deq=True, zsub=True) for sk in (4, 8)
+        ] + [GemmConfig("mma8ts", 64, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (2, 4, 8)
         ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
     # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
     return [
@@ -441,6 +459,8 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         for sk in (1, 2)
     ] + [GemmConfig("mma8t", bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=True)
          for bm, bn in ((64, 64), (128, 128)) for sk in (1, 2)
+    ] + [GemmConfig("mma8ts", bm, 128, sk, w, 3, fast_deq=True, zsub=True)
+         for bm, w in ((128, 4), (128, 8), (256, 8)) for sk in (1, 2)
     ] + [GemmConfig("dense", 0, 128, 1)]
 
 
@@ -483,10 +503,11 @@ def w4a16_matmul(
         )
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    if cfg.kind == "mma8t":
+    if cfg.kind in ("mma8t", "mma8ts"):
         _w4a16_t_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
+            FP16_SCALE=cfg.kind == "mma8ts",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

@@ -35,7 +35,7 @@ def check_interpreted(bits: int, act_order: bool) -> None:
             key = (cfg.kind, cfg.block_m, cfg.split_k, cfg.zsub)
             # one config per kind, tile height, split and zero path (interpreting is slow); at M = 20
             # only the swapped kernel, for its BM 32 / 64 tiles with rows masked off
-            if key in seen or (m > 4 and cfg.kind != "mma8t"):
+            if key in seen or (m > 4 and cfg.kind not in ("mma8t", "mma8ts")):
                 continue
             seen.add(key)
             out = w4a16_matmul(x, kw, cfg, bias)
