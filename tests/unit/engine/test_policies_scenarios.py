@@ -167,3 +167,46 @@ def test_step_tokens_stay_within_the_batched_token_budget(policy):
     drain(sched, clock, lengths)
     assert max(sizes) <= 100, f"{policy}: step of {max(sizes)} tokens"
     assert all(s.is_finished for s in seqs)
+
+
+@pytest.mark.parametrize("policy", ["inlaid", "wfq"])
+@pytest.mark.parametrize("piggyback", [True, False])
+def test_prefill_step_decodes_the_running_pool_only_with_piggyback(policy, piggyback):
+    sched, clock = make_sched(policy, max_adapters_per_batch=0, max_num_seqs=8, piggyback_decode=piggyback)
+    first = [make_seq(f"r{i}", task="a", predicted=50) for i in range(2)]
+    lengths = {s.request_id: 50 for s in first}
+    for seq in first:
+        sched.add(seq)
+    assert step(sched, clock, lengths).prefill == first
+    late = make_seq("late", task="b", predicted=50)
+    lengths["late"] = 50
+    sched.add(late)
+    outs = [step(sched, clock, lengths) for _ in range(sched.config.max_decode_streak + 1)]
+    mixed = [o for o in outs if o.prefill]
+    assert len(mixed) == 1 and mixed[0].prefill == [late]
+    # with piggybacking the running requests decode in the prefill step too, so none of them waits
+    assert sorted(s.request_id for s in mixed[0].decode) == (["r0", "r1"] if piggyback else [])
+    assert all(len(o.decode) == 2 for o in outs if not o.prefill)
+
+
+def test_piggybacked_step_keeps_the_token_budget_and_lets_an_over_long_prompt_run_alone():
+    sched, clock = make_sched("inlaid", max_adapters_per_batch=0, max_num_seqs=8, max_num_batched_tokens=64)
+    running = [make_seq(f"r{i}", prompt=4, predicted=50) for i in range(3)]
+    lengths = {s.request_id: 50 for s in running}
+    for seq in running:
+        sched.add(seq)
+    step(sched, clock, lengths)
+    # 62 prompt tokens + 3 decode rows exceed the 64-token budget: a prefill-only step takes it
+    big = make_seq("big", prompt=62, predicted=50)
+    lengths["big"] = 50
+    sched.add(big)
+    outs = [step(sched, clock, lengths) for _ in range(sched.config.max_decode_streak + 1)]
+    mixed = [o for o in outs if o.prefill]
+    assert len(mixed) == 1 and mixed[0].prefill == [big] and mixed[0].decode == []
+    # a prompt that fits beside the decode rows joins them, and the step stays within the budget
+    small = make_seq("small", prompt=20, predicted=50)
+    lengths["small"] = 50
+    sched.add(small)
+    outs = [step(sched, clock, lengths) for _ in range(sched.config.max_decode_streak + 1)]
+    mixed = [o for o in outs if o.prefill]
+    assert len(mixed) == 1 and mixed[0].prefill == [small] and len(mixed[0].decode) == 4
