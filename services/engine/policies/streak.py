@@ -64,6 +64,12 @@ class StreakScheduler(Scheduler):
         self.num_decode_streak += 1
         return SchedulerOutput(decode=decode, preempted=preempted)
 
+    def decode_candidates(self, among: list[Sequence] | None, allowed: set[str] | None) -> list[Sequence]:
+        """The sequences a decode chooses from: `among` (default: the running pool) whose task is
+        in `allowed` (None: any)."""
+        seqs = self.running if among is None else among
+        return seqs if allowed is None else [s for s in seqs if s.task in allowed]
+
     def _can_piggyback(self) -> bool:
         """Whether this step's prefills join a decode of the running pool (`piggyback_decode`).
 

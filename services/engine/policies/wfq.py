@@ -133,9 +133,7 @@ class WFQScheduler(StreakScheduler):
 
     def _decode(self, now_s: float, among: list[Sequence] | None = None, allowed: set[str] | None = None,
                 protected: list[Sequence] = ()) -> tuple[list[Sequence], list[Sequence]]:
-        candidates = self.running if among is None else among
-        if allowed is not None:
-            candidates = [s for s in candidates if s.task in allowed]
+        candidates = self.decode_candidates(among, allowed)
         groups = group_by_task(candidates)
 
         def task_key(task: str) -> tuple:
