@@ -233,6 +233,7 @@ class Bench:
             "inlaid_overload_min_free": self.base_cfg.inlaid_overload_min_free,
             "inlaid_overload_streak_factor": self.base_cfg.inlaid_overload_streak_factor,
             "piggyback_decode": self.base_cfg.piggyback_decode,
+            "admission_reserve_fraction": self.base_cfg.admission_reserve_fraction,
             "slo_scale": a.slo_scale, "num_tasks": a.num_tasks,
             "gpu_gib": a.gpu_gib or None, "act_reserve_gib": a.act_reserve_gib if a.gpu_gib else None,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
@@ -369,7 +370,8 @@ class Bench:
                 ("inlaid, oracle lengths", "oracle", beta, {}),
                 ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
                 ("inlaid, no overload prefill rule", "predictor", beta, {"inlaid_overload_min_free": 0.0}),
-                ("inlaid, prefill-only steps (no piggyback)", "predictor", beta, scale_variant("inlaid-separate")[1])]
+                ("inlaid, prefill-only steps (no piggyback)", "predictor", beta, scale_variant("inlaid-separate")[1]),
+                ("inlaid, reserve 1/4 of predicted output", "predictor", beta, scale_variant("inlaid-r025")[1])]
 
     def sec_ablate(self) -> None:
         a = self.args

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sim import git_commit  # noqa: E402
-from serve_gpu_fit import run_settings  # noqa: E402
+from serve_gpu_fit import run_settings, scale_variant  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.cost_model import CostModel  # noqa: E402
@@ -59,7 +59,10 @@ def base_models(path: Path) -> dict:
     }
 
 
-def simulate(policy: str, base: str, models: dict, sched_cfg, sim_cfg, trace) -> dict:
+def simulate(variant: str, base: str, models: dict, sched_cfg, sim_cfg, trace) -> dict:
+    """One replay of `variant` (a policy, or a bench_sim_scale variant name) on `base`."""
+    policy, overrides, _ = scale_variant(variant)
+    sched_cfg = dataclasses.replace(sched_cfg, **overrides)
     cost, blocks = models[base]
     cfg = dataclasses.replace(sim_cfg, num_kv_blocks=blocks,
                               max_tokens=max(sim_cfg.max_tokens, max(r.output_tokens for r in trace)))
@@ -73,6 +76,8 @@ def main() -> None:
     ap.add_argument("--rates", default="0.8,1.3", help="fractions of the 4-bit fifo capacity per scenario")
     ap.add_argument("--seeds", default="20,21")
     ap.add_argument("--window-s", type=float, default=20.0)
+    ap.add_argument("--variants", default="inlaid,fifo", help="policies or bench_sim_scale variant names, "
+                    "each run on both bases")
     ap.add_argument("--out", default=str(RESULTS / "sim_memory"))
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -82,7 +87,8 @@ def main() -> None:
     lengths = family_lengths(ROOT / "data" / "lengths.jsonl")
     tasks = task_names(meta["num_tasks"], list(lengths))
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = [("inlaid", "4-bit"), ("fifo", "4-bit"), ("fifo", "fp16"), ("inlaid", "fp16")]
+    names = args.variants.split(",")
+    variants = [(v, base) for base in ("4-bit", "fp16") for v in names]
     rows = []
     for scen in args.scenarios.split(","):
         px, ox = (float(v) for v in scen.split("x"))
@@ -99,7 +105,7 @@ def main() -> None:
                        "capacity_4bit_fifo_req_s": capacity, "policy": policy, "base": base,
                        **{k: statistics.fmean(r[k] for r in runs) for k in KEYS}}
                 rows.append(row)
-                print(f"{scen:5s} {frac:.1f} C={capacity:6.1f} {policy:6s} {base:5s} thr {row['throughput_req_s']:7.2f} "
+                print(f"{scen:5s} {frac:.1f} C={capacity:6.1f} {policy:12s} {base:5s} thr {row['throughput_req_s']:7.2f} "
                       f"req/s | JCT {row['jct_avg_s']:6.2f} s | SLO {row['slo_attainment']:.3f}", flush=True)
     result = {"meta": {"benchmark": "bench_sim_memory (simulated; measured step costs of both bases)",
                        "device": "this CPU, simulated; step costs from the GPU run below",
@@ -140,14 +146,14 @@ def report(res: dict) -> str:
                      f"{r['latency_avg_s_per_token']:.4f} | {r['jct_avg_s']:.2f} | {r['ttft_p99_s']:.2f} | "
                      f"{r['slo_attainment']:.3f} |")
     lines += ["", "## inlaid on 4-bit against fifo on fp16 (S-LoRA's configuration)", "",
-              "| scenario | load | throughput | JCT lower | latency lower | SLO |", "|---|---|---|---|---|---|"]
+              "| scenario | load | variant | throughput | JCT lower | latency lower | SLO |", "|---|---|---|---|---|---|---|"]
     by = {(r["scenario"], r["load_frac"], r["policy"], r["base"]): r for r in res["rows"]}
     for (scen, frac, policy, base), r in by.items():
-        if (policy, base) != ("inlaid", "4-bit"):
+        if not policy.startswith("inlaid") or base != "4-bit" or (scen, frac, "fifo", "fp16") not in by:
             continue
         f = by[(scen, frac, "fifo", "fp16")]
         slo = f"{r['slo_attainment'] / f['slo_attainment']:.2f}×" if f["slo_attainment"] else "∞"
-        lines.append(f"| {scen} | {frac:.1f} | {r['throughput_req_s'] / f['throughput_req_s']:.2f}× | "
+        lines.append(f"| {scen} | {frac:.1f} | {policy} | {r['throughput_req_s'] / f['throughput_req_s']:.2f}× | "
                      f"{f['jct_avg_s'] / r['jct_avg_s']:.2f}× | "
                      f"{f['latency_avg_s_per_token'] / r['latency_avg_s_per_token']:.2f}× | {slo} |")
     return "\n".join(lines) + "\n"

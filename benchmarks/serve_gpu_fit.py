@@ -70,7 +70,15 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                   "inlaid-separate": ("inlaid", {"piggyback_decode": False},
                                       "inlaid (prefill-only steps: the running pool stalls during a prefill)"),
                   "inlaid-piggyback": ("inlaid", {"piggyback_decode": True},
-                                       "inlaid (a prefill step also decodes the running pool)")}
+                                       "inlaid (a prefill step also decodes the running pool)"),
+                  "inlaid-r1": ("inlaid", {"admission_reserve_fraction": 1.0},
+                                "inlaid (admission reserves the whole predicted output)"),
+                  "inlaid-r05": ("inlaid", {"admission_reserve_fraction": 0.5},
+                                 "inlaid (admission reserves half the predicted output)"),
+                  "inlaid-r025": ("inlaid", {"admission_reserve_fraction": 0.25},
+                                  "inlaid (admission reserves a quarter of the predicted output)"),
+                  "inlaid-r0": ("inlaid", {"admission_reserve_fraction": 0.0},
+                                "inlaid (admission reserves the prompt and one token)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
@@ -111,6 +119,8 @@ def run_settings(meta: dict) -> tuple:
                          inlaid_overload_streak_factor=meta.get("inlaid_overload_streak_factor", 4),
                          # runs before piggybacking (no key) had prefill-only steps
                          piggyback_decode=meta.get("piggyback_decode", False),
+                         # runs before the reservation fraction (no key) reserved the whole prediction
+                         admission_reserve_fraction=meta.get("admission_reserve_fraction", 1.0),
                          ).scheduler_config()
     sim_cfg = SimConfig(num_kv_blocks=meta["num_kv_blocks"], block_size=meta["block_size"], max_tokens=512,
                         slo_scale=meta["slo_scale"])

@@ -48,6 +48,7 @@ class EngineConfig:
     inlaid_overload_min_free: float = 0.25
     inlaid_overload_streak_factor: int = 4
     piggyback_decode: bool = True
+    admission_reserve_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -100,6 +101,7 @@ class EngineConfig:
                                inlaid_overload_min_free=self.inlaid_overload_min_free,
                                inlaid_overload_streak_factor=self.inlaid_overload_streak_factor,
                                piggyback_decode=self.piggyback_decode,
+                               admission_reserve_fraction=self.admission_reserve_fraction,
                                max_adapter_slots=self.max_adapters)
 
     @classmethod

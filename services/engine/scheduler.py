@@ -51,6 +51,11 @@ class SchedulerConfig:
     # decoding; below saturation the rule never triggers. 0 = off.
     inlaid_overload_min_free: float = 0.25
     inlaid_overload_streak_factor: int = 4
+    # inlaid and wfq: admission reserves KV blocks for the prompt plus this fraction of the predicted
+    # output, after the running requests' own reserved shares (1.0: the whole prediction; 0: the prompt
+    # and one token, as fifo). A running request that outgrows its share takes free blocks as it
+    # goes, and on a shortage the one with the most predicted work left is preempted.
+    admission_reserve_fraction: float = 1.0
     # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
     # prefill-only steps that stall the running requests.
     piggyback_decode: bool = True
@@ -74,6 +79,8 @@ class SchedulerConfig:
                              f"got {self.inlaid_decode_task_rank!r}")
         if not 0.0 <= self.inlaid_beta_fill <= 1.0:
             raise ValueError(f"inlaid_beta_fill must be in [0, 1], got {self.inlaid_beta_fill}")
+        if not 0.0 <= self.admission_reserve_fraction <= 1.0:
+            raise ValueError(f"admission_reserve_fraction must be in [0, 1], got {self.admission_reserve_fraction}")
         if not 0.0 <= self.inlaid_overload_min_free <= 1.0:
             raise ValueError(f"inlaid_overload_min_free must be in [0, 1], got {self.inlaid_overload_min_free}")
         if self.inlaid_overload_streak_factor < 1:

@@ -8,19 +8,20 @@ from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
 
 
-def blocks_to_finish(bm: BlockManager, seq: Sequence) -> int:
-    """KV blocks seq still needs to reach its predicted length (0 if it already holds them).
+def blocks_to_finish(bm: BlockManager, seq: Sequence, fraction: float = 1.0) -> int:
+    """KV blocks seq still needs to reach `fraction` of its predicted remaining output (0 if it
+    already holds them).
 
-    Uses predicted_remaining_tokens, which is never below 1, so a sequence that
-    outran its prediction reserves one more token at a time instead of nothing.
+    Reserves at least one token, so a sequence that outran its prediction (or a fraction 0)
+    reserves one more token at a time instead of nothing.
     """
-    predicted_total = seq.num_tokens + seq.predicted_remaining_tokens
+    predicted_total = seq.num_tokens + max(1, round(seq.predicted_remaining_tokens * fraction))
     return max(0, bm.blocks_needed(predicted_total) - len(seq.block_table))
 
 
-def reserved_blocks(bm: BlockManager, running: Iterable[Sequence]) -> int:
-    """Blocks the running sequences will still claim if they stop at their predicted lengths."""
-    return sum(blocks_to_finish(bm, s) for s in running)
+def reserved_blocks(bm: BlockManager, running: Iterable[Sequence], fraction: float = 1.0) -> int:
+    """Blocks the running sequences will still claim to reach `fraction` of their predicted output."""
+    return sum(blocks_to_finish(bm, s, fraction) for s in running)
 
 
 def group_by_task(seqs: Iterable[Sequence]) -> dict[str, list[Sequence]]:
@@ -102,16 +103,17 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
     over-long prompt is still admitted so it cannot block forever; the budget
     keeps `decode_rows` tokens for the decode batch the prefills join),
     allowed_tasks (None = any), and KV memory. With reserve_predicted, a
-    sequence is admitted only if the blocks for its prompt *plus predicted
-    output* fit after the running sequences' own predicted needs, so admitted
-    requests rarely get preempted later. When an urgent sequence does not fit,
+    sequence is admitted only if the blocks for its prompt *plus a fraction of its
+    predicted output* (`admission_reserve_fraction`) fit after the running
+    sequences' own reserved needs, so admitted requests rarely get preempted later. When an urgent sequence does not fit,
     admission stops so that freed memory goes to it rather than to later ones.
     """
     cfg = sched.config
     bm = sched.block_manager
     free = bm.num_free_blocks
+    fraction = cfg.admission_reserve_fraction
     if reserve_predicted:
-        free -= reserved_blocks(bm, sched.running)
+        free -= reserved_blocks(bm, sched.running, fraction)
     num_tokens = decode_rows
     admitted: list[Sequence] = []
     for seq in ordered:
@@ -125,7 +127,7 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
         if admitted and num_tokens + new_tokens > cfg.max_num_batched_tokens:
             continue
         need_now = bm.blocks_needed(new_tokens)
-        need = blocks_to_finish(bm, seq) if reserve_predicted else need_now
+        need = blocks_to_finish(bm, seq, fraction) if reserve_predicted else need_now
         fits = need <= free
         # Nothing else would ever free memory for it: take it if its prompt fits at all.
         if not fits and not sched.running and not admitted and need_now <= bm.num_free_blocks:

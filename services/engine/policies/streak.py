@@ -97,4 +97,5 @@ class StreakScheduler(Scheduler):
             return False
         # Nothing can be admitted while the running requests' predicted needs take
         # every free block; skipping the attempt saves sorting the waiting pool.
-        return self.block_manager.num_free_blocks > reserved_blocks(self.block_manager, self.running)
+        return self.block_manager.num_free_blocks > reserved_blocks(
+            self.block_manager, self.running, self.config.admission_reserve_fraction)

@@ -210,3 +210,20 @@ def test_piggybacked_step_keeps_the_token_budget_and_lets_an_over_long_prompt_ru
     outs = [step(sched, clock, lengths) for _ in range(sched.config.max_decode_streak + 1)]
     mixed = [o for o in outs if o.prefill]
     assert len(mixed) == 1 and mixed[0].prefill == [small] and len(mixed[0].decode) == 4
+
+
+@pytest.mark.parametrize("fraction,admitted", [(1.0, 2), (0.5, 4), (0.0, 8)])
+def test_admission_reserves_the_configured_share_of_the_predicted_output(fraction, admitted):
+    # 40 blocks of 4 tokens; 4-token prompts predicted to emit 60 more: 16, 9 or 2 blocks reserved each
+    sched, clock = make_sched("inlaid", num_blocks=40, max_adapters_per_batch=0, max_num_seqs=8,
+                              admission_reserve_fraction=fraction)
+    seqs = [make_seq(f"r{i}", prompt=4, predicted=60) for i in range(8)]
+    for seq in seqs:
+        sched.add(seq)
+    out = sched.schedule()
+    assert len(out.prefill) == admitted
+
+
+def test_admission_reserve_fraction_is_validated():
+    with pytest.raises(ValueError, match="admission_reserve_fraction"):
+        SchedulerConfig(admission_reserve_fraction=1.5)
