@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_gpu_engine import (device_name, load_runner, make_engine, measure, replay, runner_grid,  # noqa: E402
                               set_memory_cap)
 from serve_gpu_fit import SCALE_VARIANTS, fit_cost, fit_error, refit, scale_variant, step_stats  # noqa: E402
-from serve_gpu_workload import family_lengths, family_of, make_adapters, make_trace, task_names  # noqa: E402
+from serve_gpu_workload import (  # noqa: E402
+    family_lengths, family_of, make_adapters, make_trace, parse_length_scale, scaled, task_names)
 from bench_serve_gpu_report import write_report  # noqa: E402
 from bench_sim import with_predictions  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -72,7 +73,13 @@ class Bench:
         self.t_start = time.perf_counter()
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.lengths = family_lengths(ROOT / "data" / "lengths.jsonl")
+        self.lengths = scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *args.length_scale)
+        longest = max(p + o for rows in self.lengths.values() for p, o in rows)
+        if longest > args.max_model_len:
+            raise SystemExit(f"--length-scale {args.length_scale}: a request of {longest} tokens exceeds "
+                             f"--max-model-len {args.max_model_len}")
+        # requests end at their trace length: the cap only has to let the longest one through
+        args.max_tokens = max(args.max_tokens, max(o for rows in self.lengths.values() for _, o in rows))
         self.families = list(self.lengths)
         self.tasks = task_names(args.num_tasks, self.families)
         self.all_steps: list[dict] = []
@@ -238,7 +245,10 @@ class Bench:
             "gpu_gib": a.gpu_gib or None, "act_reserve_gib": a.act_reserve_gib if a.gpu_gib else None,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
             "scale_variants": {v: scale_variant(v)[2] for v in a.scale_policies}, "pred_sigma": a.pred_sigma,
-            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "lengths": "data/lengths.jsonl (test split)",
+            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "lengths": "data/lengths.jsonl (test split)"
+            + ("" if a.length_scale == (1.0, 1.0) else
+               f", prompts ×{a.length_scale[0]:g} and outputs ×{a.length_scale[1]:g}"),
+            "length_scale": list(a.length_scale),
             "families": {f: {"n": len(v), "mean_output": statistics.fmean(o for _, o in v),
                              "mean_prompt": statistics.fmean(p for p, _ in v)} for f, v in self.lengths.items()},
         }
@@ -527,6 +537,13 @@ def _public(obj):
     return obj
 
 
+def length_scale_arg(text: str) -> tuple[float, float]:
+    try:
+        return parse_length_scale(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -578,6 +595,9 @@ def parse_args(argv=None):
     ap.add_argument("--act-reserve-gib", type=float, default=3.0,
                     help="with --gpu-gib: memory kept free of KV blocks for activations, graphs, workspaces")
     ap.add_argument("--max-tokens", type=int, default=512, help="loose cap; requests end at their trace length")
+    ap.add_argument("--length-scale", type=length_scale_arg, default=(1.0, 1.0),
+                    help="PxO: multiply the trace's prompt lengths by P and output lengths by O (longer "
+                         "requests, where the KV cache binds; see bench_sim_memory.py)")
     ap.add_argument("--slo-scale", type=float, default=5.0)
     ap.add_argument("--pred-sigma", type=float, default=0.25)
     ap.add_argument("--zipf-a", type=float, default=1.0)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sim import git_commit  # noqa: E402
 from serve_gpu_fit import run_settings, scale_variant  # noqa: E402
-from serve_gpu_workload import family_lengths, make_trace, task_names  # noqa: E402
+from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.cost_model import CostModel  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
@@ -36,11 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 KEYS = ("throughput_req_s", "throughput_tok_s", "latency_avg_s_per_token", "jct_avg_s", "ttft_p99_s",
         "slo_attainment")
-
-
-def scaled(lengths: dict, prompt_x: float, output_x: float) -> dict:
-    return {f: [(max(1, round(p * prompt_x)), max(1, round(o * output_x))) for p, o in rows]
-            for f, rows in lengths.items()}
 
 
 def base_models(path: Path) -> dict:

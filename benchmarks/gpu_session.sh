@@ -12,10 +12,12 @@
 #                                                   #   (the 6 s replays of `serve` never saturate)
 #   bash benchmarks/gpu_session.sh budget COMMIT    # ~450 s: overload on an emulated 24 GiB card (A10/L4/RTX 4090
 #                                                   #   class), up to 256 running: KV memory now differs by base
+#   bash benchmarks/gpu_session.sh budget-long COMMIT  # ~350 s: the same card with 4x longer prompts and outputs,
+#                                                   #   where the fp16 cache binds (bench_sim_memory.py: sim_memory.md)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serve | w3 | e2e | overload | budget}
+stage=${1:?stage: kernels | serve | w3 | e2e | overload | budget | budget-long}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -51,6 +53,12 @@ case "$stage" in
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,ablate,fp16 \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --policies inlaid,fifo,mlfq --rates 0.8,1.3,1.6 --replay-s 10 --drain-s 5 \
       --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  budget-long)
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
+      --rates 0.8,1.3,1.6 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;

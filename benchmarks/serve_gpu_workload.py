@@ -22,6 +22,23 @@ def family_lengths(path: Path) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+def scaled(lengths: dict[str, list[tuple[int, int]]], prompt_x: float, output_x: float) -> dict:
+    """Every (prompt, output) length multiplied (at least 1 token): longer-request scenarios."""
+    return {f: [(max(1, round(p * prompt_x)), max(1, round(o * output_x))) for p, o in rows]
+            for f, rows in lengths.items()}
+
+
+def parse_length_scale(text: str) -> tuple[float, float]:
+    """'PxO' (e.g. '4x4') -> (prompt multiplier, output multiplier), both > 0."""
+    try:
+        px, ox = (float(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"length scale must look like PxO (e.g. 4x4), got {text!r}") from None
+    if px <= 0 or ox <= 0:
+        raise ValueError(f"length scale multipliers must be > 0, got {text!r}")
+    return px, ox
+
+
 def task_names(num: int, families: list[str]) -> list[str]:
     """The workload kit's naming: the families, then variants `family#k` cycling through them."""
     f = len(families)
