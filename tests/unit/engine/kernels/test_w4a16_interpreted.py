@@ -26,7 +26,7 @@ def check_interpreted(bits: int, act_order: bool) -> None:
     codes, zeros, scales, g_idx = rtn_codes(w, 128, bits, perm)
     ref_w = dequantize_codes(codes, zeros, scales, g_idx)
     kw = repack_values(codes, zeros, scales, g_idx, 128, bits=bits)
-    for m in (1, 3, 20):
+    for m in (1, 3, 20, 130):
         x = (torch.randn(m, k) * 4).half()
         bias = torch.randn(n).half()
         ref = x.float() @ ref_w + bias.float()
@@ -34,7 +34,7 @@ def check_interpreted(bits: int, act_order: bool) -> None:
         for cfg in candidate_configs(m):
             key = (cfg.kind, cfg.block_m, cfg.split_k, cfg.zsub)
             # one config per kind, tile height, split and zero path (interpreting is slow); at M = 20
-            # only the swapped kernel, for its BM 32 / 64 tiles with rows masked off
+            # and 130 only the swapped kernels, for their BM 32 to 256 tiles with rows masked off
             if key in seen or (m > 4 and cfg.kind not in ("mma8t", "mma8ts")):
                 continue
             seen.add(key)
@@ -42,6 +42,8 @@ def check_interpreted(bits: int, act_order: bool) -> None:
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (cfg, err)
         assert any(kind == "mma8t" for kind, *_ in seen)
+        if m > 64:   # the fp16-scaled swapped kernel's largest tile, 126 of its 256 rows masked
+            assert any(kind == "mma8ts" and bm == 256 for kind, bm, *_ in seen)
         if m <= 4:
             assert any(kind == "gemv_h2" for kind, *_ in seen)
             assert any(zsub for *_, zsub in seen)
