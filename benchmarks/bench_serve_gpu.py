@@ -381,7 +381,8 @@ class Bench:
                 ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
                 ("inlaid, no overload prefill rule", "predictor", beta, {"inlaid_overload_min_free": 0.0}),
                 ("inlaid, prefill-only steps (no piggyback)", "predictor", beta, scale_variant("inlaid-separate")[1]),
-                ("inlaid, reserve 1/4 of predicted output", "predictor", beta, scale_variant("inlaid-r025")[1])]
+                ("inlaid, reserve 1/4 of predicted output", "predictor", beta, scale_variant("inlaid-r025")[1]),
+                ("inlaid, decode streak 2", "predictor", beta, scale_variant("inlaid-streak2")[1])]
 
     def sec_ablate(self) -> None:
         a = self.args
