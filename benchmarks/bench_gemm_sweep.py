@@ -30,7 +30,8 @@ from benchmarks.bench_gpu_kernels import (  # noqa: E402
     torch_int4_pack,
 )
 from services.engine.kernels.gemm_tuner import num_copies, with_clones  # noqa: E402
-from services.engine.kernels.w4a16 import GemmConfig, candidate_configs, m_bucket, w4a16_matmul  # noqa: E402
+from services.engine.kernels.gemm_configs import GemmConfig, candidate_configs, m_bucket  # noqa: E402
+from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 
 # (K, N): the Llama-2-7B shapes and the decode step's fused q|k|v and gate|up.
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016)]

@@ -200,7 +200,8 @@ def test_llm_engine_generates_with_graphs_and_in_place_weight_swap(weights):
 def test_dense_gemm_config_matches_reference(act_order):
     """The prefill path at large M: one Triton dequantization to fp16, then cuBLAS."""
     from services.engine.kernels.gptq_format import dequantize_reference, quantize_gptq_v1, repack_for_kernel
-    from services.engine.kernels.w4a16 import GemmConfig, w4a16_matmul
+    from services.engine.kernels.gemm_configs import GemmConfig
+    from services.engine.kernels.w4a16 import w4a16_matmul
     k, n = 768, 320
     w = torch.randn(k, n, device="cuda")
     t = quantize_gptq_v1(w, 128, torch.randperm(k, device="cuda") if act_order else None)

@@ -25,7 +25,8 @@ from services.engine.kernels.gptq_format import (  # noqa: E402
 from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batch, triton_lora_apply  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
-from services.engine.kernels.w4a16 import candidate_configs, w4a16_matmul  # noqa: E402
+from services.engine.kernels.gemm_configs import candidate_configs  # noqa: E402
+from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, GraphedDecode, W4Decoder  # noqa: E402
 
 DEV = torch.device("cuda")

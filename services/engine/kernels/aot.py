@@ -8,7 +8,7 @@ sizes and strides.
 from __future__ import annotations
 
 from services.engine.kernels import w4a16 as W
-from services.engine.kernels.w4a16 import GemmConfig
+from services.engine.kernels.gemm_configs import GemmConfig
 
 # argument positions of the pointers and the 16-divisible sizes (N, K, strides, group size)
 _ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12)

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from services.engine.kernels.gptq_format import KernelWeights
-from services.engine.kernels.w4a16 import GemmConfig, candidate_configs, dequantize_fp16, m_bucket, w4a16_matmul
+from services.engine.kernels.gemm_configs import GemmConfig, candidate_configs, m_bucket
+from services.engine.kernels.w4a16 import dequantize_fp16, w4a16_matmul
 
 # Weight copies a timing rotates through must together exceed the L2 this many times over, so
 # every call reads its weights from DRAM, as each layer's GEMM does in a decode pass.

@@ -10,7 +10,7 @@ from services.engine.kernels.gptq_format import (
 )
 from services.engine.kernels.lora import lora_apply_reference
 from services.engine.kernels.quant_linear import TritonQuantLinear
-from services.engine.kernels.w4a16 import candidate_configs, m_bucket
+from services.engine.kernels.gemm_configs import candidate_configs, m_bucket
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.kernels.w4a16 import candidate_configs
+from services.engine.kernels.gemm_configs import candidate_configs
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import json
 
 from services.engine.kernels import gemm_tuner
 from services.engine.kernels.gemm_tuner import TunerCache, candidates_digest
-from services.engine.kernels.w4a16 import GemmConfig
+from services.engine.kernels.gemm_configs import GemmConfig
 
 KEY = (1, 11008, 4096, 4)
 CFG = GemmConfig("gemv_h2", 1, 32, 8, 2, 1, 1)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from services.engine.kernels.gemm_tuner import MAX_COPIES, num_copies
-from services.engine.kernels.w4a16 import candidate_configs, m_bucket
+from services.engine.kernels.gemm_configs import candidate_configs, m_bucket
 
 KINDS = {"gemv_row", "gemv_h2", "mma8", "mma8t", "mma8ts", "mma", "dense"}
 

@@ -17,7 +17,8 @@ from tests.unit.engine.kernels.interpreted import run_interpreted
 
 def check_interpreted(bits: int, act_order: bool) -> None:
     from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
-    from services.engine.kernels.w4a16 import candidate_configs, w4a16_matmul
+    from services.engine.kernels.gemm_configs import candidate_configs
+    from services.engine.kernels.w4a16 import w4a16_matmul
 
     torch.manual_seed(0)
     k, n = 256, 320

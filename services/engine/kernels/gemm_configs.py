@@ -1,0 +1,96 @@
+"""GEMM launch configs of the W4A16 / W3A16 kernels and the tuner's candidate list per row count."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
+    "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16 dots), "mma8t"
+    (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma8ts" (mma8t scaling the weights
+    in fp16: one accumulator), "mma" (one K=128 dot) or "dense"
+    (dequantize to fp16, then cuBLAS: compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
+    trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
+    before the dot, which drops the per-block Σx reductions."""
+
+    kind: str
+    block_m: int
+    block_n: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    unroll: int = 1
+    group_m: int = 8
+    fast_deq: bool = False
+    zsub: bool = False      # mma kinds with fast_deq: zero subtracted in fp16 before the dot (no Σx)
+
+
+def m_bucket(m: int) -> int:
+    """Tuning bucket of a row count: the next power of two (1, 2, 4, ... 128), then 256 and up."""
+    return 1 << max(0, math.ceil(math.log2(max(m, 1))))
+
+
+def candidate_configs(m: int) -> list[GemmConfig]:
+    """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles).
+    The same list serves 3- and 4-bit weights (every kernel takes the width as a constant).
+
+    Pruned by the H100 runs of commit ce90b7a (benchmarks/results/gpu_kernels.md v6 and
+    gpu_kernels_w3.md, the tuner's top six per shape; gemm_sweep_h2.md, gemm_sweep_m16_64.md):
+    - M <= 16: the mma8 kernel with zsub (the zero subtracted in fp16 before the dot, packed-PTX
+      dequant) held the first four places at every shape, 3- and 4-bit, M = 4 and 16, and at M = 1
+      on the 4096-row shapes; BN 64 won everywhere, BN 128 placed 2nd-4th a few times.
+    - M = 1: gemv_h2 (packed fp16x2 GEMV) won on the wide shapes; gemv_row never placed in the top
+      four, at either width.
+    - M = 64: zsub mma8 with BM 64 won every shape; the Σx-path mma8 and single-dot mma came 2nd-3rd.
+    - mma8t (swapped operands: the dequantized weights are wgmma's register operand, x the
+      shared-memory one; no shared-memory stores of the weights) is offered at every M > 1
+      bucket. H100, e403c5f (gemm_sweep_t.md, gpu_kernels_v7.md): at M = 64 it is 1.38-1.42x
+      faster than zsub mma8 and the tuner picks it on three of five shapes, at M = 128 on four;
+      at M <= 16 mma8 stays ahead. The sweep's M = 64 best on 4096x4096 was BM 64 BN 128
+      split-K 8 with 2 stages (6 % under the tuner set then): now a candidate too.
+    - mma8ts (mma8t with the group scale applied to the dequantized weights in fp16, so the dots
+      accumulate into one fp32 tile instead of two): compiled for sm_90 here, it has no spills
+      at BM 256 BN 128 (8 warps) or BM 128 BN 128 (4 warps), where mma8t spills 115 and 196
+      registers per loop; BM 256 dequantizes each weight once per 256 rows of x. Offered at
+      M > 16; not yet timed on a GPU.
+    Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
+    so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
+    candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
+    compile); every other field difference is a Triton compile during engine warm-up.
+    """
+    cands: list[GemmConfig] = []
+    if m <= 16:
+        if m <= 4:
+            cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
+            cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
+            cands.append(GemmConfig("gemv_row", 1, 32, 8, 4, 1, 2))
+        cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
+                  for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]
+        cands += [GemmConfig("mma8t", 16, 64, sk, 4, 3, fast_deq=True, zsub=True) for sk in (4, 8, 16)]
+        cands.append(GemmConfig("mma8", 16, 64, 8, 4, 3, fast_deq=True))
+        return cands
+    if m <= 64:
+        return [
+            GemmConfig("mma8", bm, bn, sk, 4, 3, fast_deq=True, zsub=True)
+            for bm in (16, 32, 64) if bm >= m // 2 or bm == 64
+            for bn in (64, 128)
+            for sk in (2, 4)
+        ] + [GemmConfig("mma8t", bm, 64, sk, 4, 3, fast_deq=True, zsub=True)
+             for bm in (32, 64) if bm >= m // 2 or bm == 64 for sk in (2, 4)
+        ] + [GemmConfig("mma8t", 64, 128, sk, 4, 2, fast_deq=True, zsub=True) for sk in (4, 8)
+        ] + [GemmConfig("mma8ts", 64, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (2, 4, 8)
+        ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
+    # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
+    return [
+        GemmConfig(kind, bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=zs)
+        for kind, zs in (("mma8", False), ("mma", False), ("mma8", True))
+        for bm in (64, 128)
+        for bn in (64, 128)
+        for sk in (1, 2)
+    ] + [GemmConfig("mma8t", bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=True)
+         for bm, bn in ((64, 64), (128, 128)) for sk in (1, 2)
+    ] + [GemmConfig("mma8ts", bm, 128, sk, w, 3, fast_deq=True, zsub=True)
+         for bm, w in ((128, 4), (128, 8), (256, 8)) for sk in (1, 2)
+    ] + [GemmConfig("dense", 0, 128, 1)]
