@@ -268,6 +268,14 @@ def plot(path: Path, rate_rows: list[dict], task_rows: list[dict]) -> bool:
     return True
 
 
+def repo_path(path: Path) -> str:
+    """path relative to the repository root where it lies inside it (as result files cite it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,

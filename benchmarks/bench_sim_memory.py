@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sim import git_commit  # noqa: E402
+from bench_sim import git_commit, repo_path  # noqa: E402
 from serve_gpu_fit import run_settings, scale_variant  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -104,8 +104,7 @@ def main() -> None:
                       f"req/s | JCT {row['jct_avg_s']:6.2f} s | SLO {row['slo_attainment']:.3f}", flush=True)
     result = {"meta": {"benchmark": "bench_sim_memory (simulated; measured step costs of both bases)",
                        "device": "this CPU, simulated; step costs from the GPU run below",
-                       "git_commit": git_commit(), "measured": str(path.relative_to(ROOT) if path.is_absolute()
-                                                                     and ROOT in path.parents else path),
+                       "git_commit": git_commit(), "measured": repo_path(path),
                        "gpu_run": meta["git_commit"], "gpu_device": meta["device"],
                        "command": " ".join(["python", "benchmarks/bench_sim_memory.py"] + sys.argv[1:]),
                        "cost_models": {b: m.to_dict() for b, (m, _) in models.items()},

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sim import git_commit, table  # noqa: E402
+from bench_sim import git_commit, repo_path, table  # noqa: E402
 from serve_gpu_fit import run_settings, scale_variant  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -44,7 +44,7 @@ from services.engine.scheduler import SchedulerConfig  # noqa: E402
 from services.engine.policies.inlaid import InlaidScheduler  # noqa: E402
 from services.engine.simulator.cost_model import FEATURES, CostModel, StepFeatures  # noqa: E402
 from services.engine.simulator.metrics import summarize  # noqa: E402
-from services.engine.simulator.simulator import SimConfig, Simulator  # noqa: E402
+from services.engine.simulator.simulator import Simulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -346,11 +346,7 @@ def load_measured(path: Path) -> dict:
         if few:   # a run without a scale section has no scaling replays to fit
             fit = CostModel.fit([r for r in steps if r["run"] in few], "this run's scaling replays of <= 100 tasks")
             fit_ratios = cost_on_real_steps(fit, steps)
-    try:
-        shown = str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        shown = str(path)
-    return {"label": commit, "gpu_commit": commit, "source_file": shown, "meta": meta,
+    return {"label": commit, "gpu_commit": commit, "source_file": repo_path(path), "meta": meta,
             "cost": cost, "capacity": src["fifo_capacity_req_s"], "cost_on_real_steps": ratios,
             "replay_fit": fit, "fit_on_real_steps": fit_ratios,
             "base": base, "sim_cfg": sim_cfg, "repro_window_s": window,

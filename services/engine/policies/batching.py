@@ -105,8 +105,9 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
     allowed_tasks (None = any), and KV memory. With reserve_predicted, a
     sequence is admitted only if the blocks for its prompt *plus a fraction of its
     predicted output* (`admission_reserve_fraction`) fit after the running
-    sequences' own reserved needs, so admitted requests rarely get preempted later. When an urgent sequence does not fit,
-    admission stops so that freed memory goes to it rather than to later ones.
+    sequences' own reserved needs, so admitted requests rarely get preempted later.
+    When an urgent sequence does not fit, admission stops so that freed memory
+    goes to it rather than to later ones.
     """
     cfg = sched.config
     bm = sched.block_manager
