@@ -55,6 +55,7 @@ from services.engine.simulator.trace import TraceRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("calib", "main", "ablate", "wfq", "scale", "fp16")
+MIN_BURST_COMPLETIONS = 100   # fewer completions in the burst's steady-state window: C is a transient
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1024, max_position_embeddings=4096,
                   rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -276,6 +277,11 @@ class Bench(ExtraSections):
         t_lo = 0.25 * wall
         late = [r for r in records if r.finished_s >= t_lo]
         self.capacity = len(late) / max(1e-9, wall - t_lo) if unfinished else len(records) / wall
+        if unfinished and len(late) < MIN_BURST_COMPLETIONS:
+            # a transient, not a steady state: every rate below would be a fraction of a wrong C
+            print(f"  WARNING: only {len(late)} requests finished in the burst's last 3/4; C = {self.capacity:.1f} "
+                  f"req/s is not a steady state (raise --burst-s)", flush=True)
+            cal["capacity_warning"] = f"{len(late)} completions in the steady-state window"
         cal.update(burst_requests=len(burst), burst_finished=len(records), burst_wall_s=wall,
                    fifo_capacity_req_s=self.capacity,
                    fifo_capacity_tok_s=sum(r.num_output_tokens for r in late) / max(1e-9, wall - t_lo))
@@ -430,7 +436,9 @@ def parse_args(argv=None):
     ap.add_argument("--replay-s", type=float, default=6.0, help="arrival window of one replay")
     ap.add_argument("--drain-s", type=float, default=3.0, help="a replay is cut at window + max(this, window/2)")
     ap.add_argument("--burst-requests", type=int, default=3000)
-    ap.add_argument("--burst-s", type=float, default=5.0)
+    ap.add_argument("--burst-s", type=float, default=None,
+                    help="measured FIFO burst (C); default 5 s times the --length-scale output factor (at least 1), "
+                         "so the burst outlives its first generation of requests")
     ap.add_argument("--warm-burst-s", type=float, default=2.0,
                     help="unmeasured FIFO burst before the measured one (kernel compiles, GEMM tuning); 0: none")
     ap.add_argument("--calib-half-s", type=float, default=4.0)
@@ -476,6 +484,8 @@ def parse_args(argv=None):
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    if args.burst_s is None:
+        args.burst_s = 5.0 * max(1.0, args.length_scale[1])
     args.policies = args.policies.split(",")
     args.rates = [float(x) for x in args.rates.split(",")]
     args.scale_tasks = [int(x) for x in args.scale_tasks.split(",") if x]

@@ -8,7 +8,7 @@ sizes and strides.
 from __future__ import annotations
 
 from services.engine.kernels import w4a16 as W
-from services.engine.kernels.gemm_configs import GemmConfig
+from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
 
 # argument positions of the pointers and the 16-divisible sizes (N, K, strides, group size)
 _ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12)
@@ -51,10 +51,11 @@ def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: 
 
 
 def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,
-                  use_atomic: bool = True, fp16_scale: bool = False) -> bytes:
-    """cubin of the swapped-operand tensor-core kernel (mma8t; mma8ts with fp16_scale) for one launch config."""
+                  use_atomic: bool = True, fp16_scale: bool = False, one_dot: bool = False) -> bytes:
+    """cubin of the swapped-operand tensor-core kernel (mma8t; mma8ts with fp16_scale; mma1t with one_dot)
+    for one launch config."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8, "BITS": bits,
-              "H2DEQ": True, "FP16_SCALE": fp16_scale}
+              "H2DEQ": True, "FP16_SCALE": fp16_scale, "ONE_DOT": one_dot}
     return _compile(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
@@ -68,7 +69,7 @@ def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = 
     if cfg.kind in ("mma8", "mma"):
         return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
                            cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic)
-    if cfg.kind in ("mma8t", "mma8ts"):
+    if cfg.kind in SWAPPED_KINDS:
         return compile_mma_t(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, use_atomic,
-                             fp16_scale=cfg.kind == "mma8ts")
+                             fp16_scale=cfg.kind == "mma8ts", one_dot=cfg.kind == "mma1t")
     return None

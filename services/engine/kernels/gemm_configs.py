@@ -10,7 +10,7 @@ class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
     "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16 dots), "mma8t"
     (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma8ts" (mma8t scaling the weights
-    in fp16: one accumulator), "mma" (one K=128 dot) or "dense"
+    in fp16: one accumulator), "mma1t" (mma8t with one K=128 dot per block), "mma" (one K=128 dot) or "dense"
     (dequantize to fp16, then cuBLAS: compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the 1024-exponent
     trick instead of int→float converts; zsub (with fast_deq): they also subtract the zero in fp16
     before the dot, which drops the per-block Σx reductions."""
@@ -25,6 +25,10 @@ class GemmConfig:
     group_m: int = 8
     fast_deq: bool = False
     zsub: bool = False      # mma kinds with fast_deq: zero subtracted in fp16 before the dot (no Σx)
+
+
+# kinds of the swapped-operand kernel (w4a16._w4a16_t_kernel)
+SWAPPED_KINDS = ("mma8t", "mma8ts", "mma1t")
 
 
 def m_bucket(m: int) -> int:
@@ -56,6 +60,11 @@ def candidate_configs(m: int) -> list[GemmConfig]:
       registers per loop; BM 256 dequantizes each weight once per 256 rows of x. Offered at
       M > 16. H100, 7b3744f (gpu_kernels_v8.md): within ±5 % of mma8t, the tuner's pick on 3 of
       15 shapes at M = 64-256.
+    - mma1t (mma8t with the 8 dequantized tiles of a block joined into one [BN, 128] operand and
+      one K=128 dot): sm_90 SASS compiled here shows the block's wgmmas issued back to back with
+      one wait, where mma8t and mma8ts wait after each of the 8 (ptxas gives every K=16 slice of
+      the register operand the same registers); no spills at BM 128 / BN 128 with 8 warps, where
+      mma8t spills. Offered in every bucket; not yet timed on a GPU.
     Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
     so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
@@ -70,6 +79,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
                   for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]
         cands += [GemmConfig("mma8t", 16, 64, sk, 4, 3, fast_deq=True, zsub=True) for sk in (4, 8, 16)]
+        cands += [GemmConfig("mma1t", 16, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (4, 8, 16)]
         cands.append(GemmConfig("mma8", 16, 64, 8, 4, 3, fast_deq=True))
         return cands
     if m <= 64:
@@ -82,6 +92,8 @@ def candidate_configs(m: int) -> list[GemmConfig]:
              for bm in (32, 64) if bm >= m // 2 or bm == 64 for sk in (2, 4)
         ] + [GemmConfig("mma8t", 64, 128, sk, 4, 2, fast_deq=True, zsub=True) for sk in (4, 8)
         ] + [GemmConfig("mma8ts", 64, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (2, 4, 8)
+        ] + [GemmConfig("mma1t", bm, bn, sk, 4, 3, fast_deq=True, zsub=True)
+             for bm in (32, 64) if bm >= m // 2 or bm == 64 for bn in (64, 128) for sk in (2, 4, 8)
         ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
     # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
     return [
@@ -94,4 +106,6 @@ def candidate_configs(m: int) -> list[GemmConfig]:
          for bm, bn in ((64, 64), (128, 128)) for sk in (1, 2)
     ] + [GemmConfig("mma8ts", bm, 128, sk, w, 3, fast_deq=True, zsub=True)
          for bm, w in ((128, 4), (128, 8), (256, 8)) for sk in (1, 2)
+    ] + [GemmConfig("mma1t", bm, bn, sk, w, 3, fast_deq=True, zsub=True)
+         for bm, bn, w in ((64, 128, 4), (128, 64, 4), (128, 128, 8)) for sk in (1, 2)
     ] + [GemmConfig("dense", 0, 128, 1)]

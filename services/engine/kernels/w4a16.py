@@ -21,7 +21,7 @@ from services.engine.kernels.gptq_format import (
     KERNEL_K_BLOCK,
     KernelWeights,
 )
-from services.engine.kernels.gemm_configs import GemmConfig
+from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
 from services.engine.kernels.h2_ptx import H2_DEQ3_ASM, H2_DEQ_ASM, H2_DOT3_ASM, H2_DOT_ASM
 
 try:
@@ -286,12 +286,29 @@ if triton is not None:
 
 
     @triton.jit
+    def _deq_tiles(q, qh, z16, BITS: tl.constexpr):
+        """The 8 tiles q_j - z of a [16, BN] code tile in fp16 without inline PTX (as _h2_deq gives them)."""
+        return (_nibble_fp16(_field(q, qh, 0, BITS), True) - z16, _nibble_fp16(_field(q, qh, 1, BITS), True) - z16,
+                _nibble_fp16(_field(q, qh, 2, BITS), True) - z16, _nibble_fp16(_field(q, qh, 3, BITS), True) - z16,
+                _nibble_fp16(_field(q, qh, 4, BITS), True) - z16, _nibble_fp16(_field(q, qh, 5, BITS), True) - z16,
+                _nibble_fp16(_field(q, qh, 6, BITS), True) - z16, _nibble_fp16(_field(q, qh, 7, BITS), True) - z16)
+
+    @triton.jit
+    def _block_t(ws, BN: tl.constexpr):
+        """The 8 dequantized [16, BN] tiles of one 128-row block (tile j holds rows 16 j .. 16 j + 15)
+        as W^T [BN, 128] in row order, for one K=128 dot: a join tree puts j on three trailing
+        axes (j = 4 c + 2 b + a), a permute brings them ahead of the 16 rows of each tile."""
+        r = tl.join(tl.join(tl.join(ws[0], ws[1]), tl.join(ws[2], ws[3])),
+                    tl.join(tl.join(ws[4], ws[5]), tl.join(ws[6], ws[7])))   # [16, BN, a, b, c]
+        return tl.reshape(tl.permute(r, (1, 4, 3, 2, 0)), (BN, 128))
+
+    @triton.jit
     def _w4a16_t_kernel(
         x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BITS: tl.constexpr, H2DEQ: tl.constexpr,
-        FP16_SCALE: tl.constexpr,
+        FP16_SCALE: tl.constexpr, ONE_DOT: tl.constexpr = False,
     ):
         """Swapped operands ("mma8t"): out^T [BN, BM] += (W - z)^T [BN, 16] · x^T [16, BM], 8 dots per
         128-row block, zero subtracted in fp16 as in zsub. The dequantized weights are the left
@@ -319,16 +336,22 @@ if triton is not None:
                 part = tl.zeros((BN, BM), dtype=tl.float32)
             if H2DEQ:
                 ws = _h2_deq(q, qh, _fp16_bits(z16[None, :]) * 65537, BITS)
-            for j in tl.static_range(8):
-                xt = tl.load(x_col + (k0 + 16 * j + offs_i)[:, None], mask=mask_m[None, :], other=0.0)
-                if H2DEQ:
-                    wj = ws[j]
-                else:
-                    wj = _nibble_fp16(_field(q, qh, j, BITS), True) - z16[None, :]
+            else:
+                ws = _deq_tiles(q, qh, z16[None, :], BITS)
+            if ONE_DOT:
+                wt = _block_t(ws, BN)
+                xt = tl.load(x_col + (k0 + tl.arange(0, 128))[:, None], mask=mask_m[None, :], other=0.0)
                 if FP16_SCALE:
-                    acc = tl.dot(tl.trans(wj * s16[None, :]), xt, acc)
+                    acc = tl.dot(wt * s16[:, None], xt, acc)
                 else:
-                    part = tl.dot(tl.trans(wj), xt, part)
+                    part = tl.dot(wt, xt)
+            else:
+                for j in tl.static_range(8):
+                    xt = tl.load(x_col + (k0 + 16 * j + offs_i)[:, None], mask=mask_m[None, :], other=0.0)
+                    if FP16_SCALE:
+                        acc = tl.dot(tl.trans(ws[j] * s16[None, :]), xt, acc)
+                    else:
+                        part = tl.dot(tl.trans(ws[j]), xt, part)
             if not FP16_SCALE:
                 acc += part * s[:, None]
         if HAS_BIAS:
@@ -412,11 +435,11 @@ def w4a16_matmul(
         )
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    if cfg.kind in ("mma8t", "mma8ts"):
+    if cfg.kind in SWAPPED_KINDS:
         _w4a16_t_kernel[grid](
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
-            FP16_SCALE=cfg.kind == "mma8ts",
+            FP16_SCALE=cfg.kind == "mma8ts", ONE_DOT=cfg.kind == "mma1t",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

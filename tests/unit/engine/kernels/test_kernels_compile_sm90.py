@@ -25,7 +25,7 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
             seen.add(key)
             cubin = compile_config(cfg, bits)
             assert cubin and len(cubin) > 1000, cfg
-            if cfg.kind in ("gemv_h2", "mma8", "mma8t", "mma8ts") and cfg.split_k == min(c.split_k for c in candidate_configs(m)
+            if cfg.kind in ("gemv_h2", "mma8", "mma8t", "mma8ts", "mma1t") and cfg.split_k == min(c.split_k for c in candidate_configs(m)
                                                                         if c.kind == cfg.kind):
                 # the bias + plain-store form (one split over K), once per kind and shape of tile
                 assert compile_config(cfg, bits, has_bias=True, use_atomic=False), cfg

@@ -17,7 +17,7 @@ from tests.unit.engine.kernels.interpreted import run_interpreted
 
 def check_interpreted(bits: int, act_order: bool) -> None:
     from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
-    from services.engine.kernels.gemm_configs import candidate_configs
+    from services.engine.kernels.gemm_configs import SWAPPED_KINDS, candidate_configs
     from services.engine.kernels.w4a16 import w4a16_matmul
 
     torch.manual_seed(0)
@@ -36,13 +36,14 @@ def check_interpreted(bits: int, act_order: bool) -> None:
             key = (cfg.kind, cfg.block_m, cfg.split_k, cfg.zsub)
             # one config per kind, tile height, split and zero path (interpreting is slow); at M = 20
             # and 130 only the swapped kernels, for their BM 32 to 256 tiles with rows masked off
-            if key in seen or (m > 4 and cfg.kind not in ("mma8t", "mma8ts")):
+            if key in seen or (m > 4 and cfg.kind not in SWAPPED_KINDS):
                 continue
             seen.add(key)
             out = w4a16_matmul(x, kw, cfg, bias)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (cfg, err)
         assert any(kind == "mma8t" for kind, *_ in seen)
+        assert any(kind == "mma1t" for kind, *_ in seen)   # one K=128 dot on the joined [BN, 128] operand
         if m > 64:   # the fp16-scaled swapped kernel's largest tile, 126 of its 256 rows masked
             assert any(kind == "mma8ts" and bm == 256 for kind, bm, *_ in seen)
         if m <= 4:
