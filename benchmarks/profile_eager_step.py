@@ -36,6 +36,23 @@ def launch_loop_us(torch, n: int = 2000) -> float:
     return (t1 - t0) / n * 1e6
 
 
+def python_profile(step, reps: int, torch, top: int = 15) -> list:
+    """(function, self ms per step, calls per step) of the Python functions with the most self
+    time over reps steps (cProfile: its own overhead inflates every entry, so read the ranking)."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((f"{Path(file).name}:{line}:{name}", tt, nc) for (file, line, name), (_, nc, tt, _, _)
+                   in stats.items()), key=lambda r: -r[1])[:top]
+    return [(name, round(tt / reps * 1e3, 3), nc // reps) for name, tt, nc in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -93,7 +110,8 @@ def main() -> None:
         row = {"step": label, "wall_ms": 1e3 * statistics.median(walls), "kernels_per_step": n_kernels,
                "gpu_kernel_ms_per_step": gpu_ms,
                "top_host_ops": [(e.key, round(e.self_cpu_time_total / args.reps / 1e3, 3), e.count // args.reps)
-                                for e in top]}
+                                for e in top],
+               "top_python": python_profile(lambda: runner.run(seqs), args.reps, torch)}
         rows.append(row)
         print(f"{label:18s} wall {row['wall_ms']:7.2f} ms | {n_kernels:6.0f} kernels | GPU {gpu_ms:6.2f} ms", flush=True)
         for s in seqs:
@@ -114,6 +132,8 @@ def main() -> None:
     for r in rows:
         lines += ["", f"Top host ops of '{r['step']}' (self CPU ms per step, calls per step):", ""]
         lines += [f"- {k}: {ms} ms, {c} calls" for k, ms, c in r["top_host_ops"]]
+        lines += ["", f"Top Python functions of '{r['step']}' (cProfile self ms per step, calls per step):", ""]
+        lines += [f"- {k}: {ms} ms, {c} calls" for k, ms, c in r["top_python"]]
     (out / "profile_eager_step.md").write_text("\n".join(lines) + "\n")
     print(f"done in {res['wall_s']:.0f} s")
 
