@@ -14,7 +14,7 @@
 #                                                   #   class), up to 256 running: KV memory now differs by base
 #   bash benchmarks/gpu_session.sh budget-long COMMIT  # ~350 s: the same card with 4x longer prompts and outputs,
 #                                                   #   where the fp16 cache binds (bench_sim_memory.py: sim_memory.md); its FIFO burst runs 20 s
-#                                                  #   (at 5 s the 71d9c18 run saw 14 completions: no steady state)
+#                                                   #   (at 5 s the 71d9c18 run saw 14 completions: no steady state)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
