@@ -55,6 +55,7 @@ from services.engine.simulator.trace import TraceRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("calib", "main", "ablate", "wfq", "scale", "fp16")
+ABLATIONS = ("task-mean", "beta-inf", "oracle", "strict", "no-overload", "no-piggyback", "r025", "streak2")
 MIN_BURST_COMPLETIONS = 100   # fewer completions in the burst's steady-state window: C is a transient
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1024, max_position_embeddings=4096,
@@ -379,16 +380,20 @@ class Bench(ExtraSections):
         return trace, replay(engine, trace, a.max_tokens, deadline_s, a.seed)
 
     def ablations(self) -> list[tuple]:
-        """(label, prediction mode, β, config overrides) of each inlaid ablation."""
+        """(label, prediction mode, β, config overrides) of each inlaid ablation --ablations selects."""
         beta = self.args.beta
-        return [("inlaid, no prediction (task mean)", "task-mean", beta, {}),
-                ("inlaid, beta=inf", "predictor", 0, {}),
-                ("inlaid, oracle lengths", "oracle", beta, {}),
-                ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
-                ("inlaid, no overload prefill rule", "predictor", beta, {"inlaid_overload_min_free": 0.0}),
-                ("inlaid, prefill-only steps (no piggyback)", "predictor", beta, scale_variant("inlaid-separate")[1]),
-                ("inlaid, reserve 1/4 of predicted output", "predictor", beta, scale_variant("inlaid-r025")[1]),
-                ("inlaid, decode streak 2", "predictor", beta, scale_variant("inlaid-streak2")[1])]
+        every = {"task-mean": ("inlaid, no prediction (task mean)", "task-mean", beta, {}),
+                 "beta-inf": ("inlaid, beta=inf", "predictor", 0, {}),
+                 "oracle": ("inlaid, oracle lengths", "oracle", beta, {}),
+                 "strict": ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
+                 "no-overload": ("inlaid, no overload prefill rule", "predictor", beta,
+                                 {"inlaid_overload_min_free": 0.0}),
+                 "no-piggyback": ("inlaid, prefill-only steps (no piggyback)", "predictor", beta,
+                                  scale_variant("inlaid-separate")[1]),
+                 "r025": ("inlaid, reserve 1/4 of predicted output", "predictor", beta,
+                          scale_variant("inlaid-r025")[1]),
+                 "streak2": ("inlaid, decode streak 2", "predictor", beta, scale_variant("inlaid-streak2")[1])}
+        return [every[k] for k in (self.args.ablations or every)]
 
     def sec_ablate(self) -> None:
         a = self.args
@@ -443,6 +448,7 @@ def parse_args(argv=None):
                     help="unmeasured FIFO burst before the measured one (kernel compiles, GEMM tuning); 0: none")
     ap.add_argument("--calib-half-s", type=float, default=4.0)
     ap.add_argument("--grid-reps", type=int, default=3)
+    ap.add_argument("--ablations", default="", help=f"comma list of {ABLATIONS}; empty: all")
     ap.add_argument("--scale-tasks", default="2,10,100,1000")
     ap.add_argument("--scale-policies", default="inlaid,inlaid-strict",
                     help=f"variants replayed on each scaling trace: a policy name or one of {sorted(SCALE_VARIANTS)}")
@@ -486,6 +492,10 @@ def parse_args(argv=None):
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     if args.burst_s is None:
         args.burst_s = 5.0 * max(1.0, args.length_scale[1])
+    args.ablations = [k for k in args.ablations.split(",") if k]
+    unknown = set(args.ablations) - set(ABLATIONS)
+    if unknown:
+        ap.error(f"unknown ablations {sorted(unknown)}; choose from {ABLATIONS}")
     args.policies = args.policies.split(",")
     args.rates = [float(x) for x in args.rates.split(",")]
     args.scale_tasks = [int(x) for x in args.scale_tasks.split(",") if x]

@@ -12,7 +12,7 @@
 #                                                   #   (the 6 s replays of `serve` never saturate)
 #   bash benchmarks/gpu_session.sh budget COMMIT    # ~450 s: overload on an emulated 24 GiB card (A10/L4/RTX 4090
 #                                                   #   class), up to 256 running: KV memory now differs by base
-#   bash benchmarks/gpu_session.sh budget-long COMMIT  # ~350 s: the same card with 4x longer prompts and outputs,
+#   bash benchmarks/gpu_session.sh budget-long COMMIT  # ~400 s: the same card with 4x longer prompts and outputs,
 #                                                   #   where the fp16 cache binds (bench_sim_memory.py: sim_memory.md); its FIFO burst runs 20 s
 #                                                   #   (at 5 s the 71d9c18 run saw 14 completions: no steady state)
 #
@@ -57,7 +57,8 @@ case "$stage" in
     ;;
   budget-long)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16 \
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16,ablate \
+      --ablations r025,beta-inf \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
       --rates 1.3,1.6 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
