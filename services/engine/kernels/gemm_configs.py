@@ -64,7 +64,14 @@ def candidate_configs(m: int) -> list[GemmConfig]:
       one K=128 dot): sm_90 SASS compiled here shows the block's wgmmas issued back to back with
       one wait, where mma8t and mma8ts wait after each of the 8 (ptxas gives every K=16 slice of
       the register operand the same registers); no spills at BM 128 / BN 128 with 8 warps, where
-      mma8t spills. Offered in every bucket; not yet timed on a GPU.
+      mma8t spills. Offered in every bucket. H100, d932bda (gpu_kernels_v9.md): the tuner's pick at
+      every M >= 32 shape but one (M = 256, 13824x5120: dense), BM 128 / BN 64 / 4 warps at
+      M = 128-256 and BN 64 mostly below; at M <= 16 mma8 stays ahead (mma1t 4th-6th). Against
+      v8: x fp16 at M = 32 / 64 / 128 went from 1.26-1.51 / 0.94-1.20 / 0.63-0.82 to
+      1.40-1.84 / 1.13-1.30 / 0.90-1.11.
+    - M > 64 after v9: no mma8 / mma config placed in any top six, so the bucket keeps one Σx-path
+      mma8 (the no-PTX fallback) of the 24 it had; BM 128 and 256 with BN 64 and 8 warps join
+      (no spills in sm_90 SASS; BN 32 has no wgmma).
     Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
     so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
@@ -95,17 +102,12 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         ] + [GemmConfig("mma1t", bm, bn, sk, 4, 3, fast_deq=True, zsub=True)
              for bm in (32, 64) if bm >= m // 2 or bm == 64 for bn in (64, 128) for sk in (2, 4, 8)
         ] + [GemmConfig(kind, 64, 64, 4, 4, 3, fast_deq=True) for kind in ("mma8", "mma")]
-    # BM 128 takes 8 warps: with 4 its [128, 128] fp32 accumulator spills to local memory (SASS)
+    # BM 128 / BN 128 takes 8 warps: with 4 its [128, 128] fp32 accumulators spill to local memory (SASS)
     return [
-        GemmConfig(kind, bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=zs)
-        for kind, zs in (("mma8", False), ("mma", False), ("mma8", True))
-        for bm in (64, 128)
-        for bn in (64, 128)
+        GemmConfig("mma1t", bm, bn, sk, w, 3, fast_deq=True, zsub=True)
+        for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8))
         for sk in (1, 2)
-    ] + [GemmConfig("mma8t", bm, bn, sk, 8 if bm == 128 else 4, 3, fast_deq=True, zsub=True)
-         for bm, bn in ((64, 64), (128, 128)) for sk in (1, 2)
-    ] + [GemmConfig("mma8ts", bm, 128, sk, w, 3, fast_deq=True, zsub=True)
-         for bm, w in ((128, 4), (128, 8), (256, 8)) for sk in (1, 2)
-    ] + [GemmConfig("mma1t", bm, bn, sk, w, 3, fast_deq=True, zsub=True)
-         for bm, bn, w in ((64, 128, 4), (128, 64, 4), (128, 128, 8)) for sk in (1, 2)
+    ] + [GemmConfig("mma8t", 64, 64, 2, 4, 3, fast_deq=True, zsub=True)
+    ] + [GemmConfig("mma8ts", 256, 128, sk, 8, 3, fast_deq=True, zsub=True) for sk in (1, 2)
+    ] + [GemmConfig("mma8", 64, 64, 1, 4, 3, fast_deq=True)
     ] + [GemmConfig("dense", 0, 128, 1)]
