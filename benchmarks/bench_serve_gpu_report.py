@@ -412,7 +412,8 @@ def plot(data: dict, path: Path) -> bool:
                          label=r["variant"], linestyle="--")
     axes[0].set(xscale="log", xlabel="JCT (s)", ylabel="fraction of requests finished",
                 title=f"JCT CDF at {top:.0%} of C")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:   # none yet while the top rate runs: no empty-legend warning
+        axes[0].legend(fontsize=7)
     for policy in dict.fromkeys(r["variant"] for r in main):
         rs = [r for r in main if r["variant"] == policy]
         axes[1].plot([r["rate_req_s"] for r in rs], [r["slo_attainment_all"] for r in rs], marker="o", label=policy)
