@@ -62,6 +62,28 @@ def test_w4a16_every_candidate_matches_reference(m: int, act_order: bool, bits: 
         assert rel_err(out, ref if b is not None else ref - bias.float()) < 1e-2, cfg
 
 
+@pytest.mark.parametrize("m", [1, 40, 200])
+def test_direct_launch_matches_tritons_path(m: int) -> None:
+    """kernels.launch: the second call of a specialization skips Triton's binding; outputs stay
+    equal to the reference on aligned and misaligned inputs (a new specialization each), and with
+    the direct path off."""
+    from services.engine.kernels import launch as L
+    k, n = 768, 320
+    w = torch.randn(k, n, device=DEV)
+    t = quantize_gptq_v1(w, 128, None)
+    ref_w, kw = dequantize_reference(t), repack_for_kernel(t)
+    flat = torch.randn(m * k + 1, device=DEV).half()
+    for x in (flat[:-1].view(m, k), flat[1:].view(m, k)):   # the second: 2 bytes past 16-byte alignment
+        ref = x.float() @ ref_w
+        for cfg in candidate_configs(m)[:6]:
+            kept = len(L._kernels)
+            first = w4a16_matmul(x, kw, cfg).clone()
+            second = w4a16_matmul(x, kw, cfg)
+            assert rel_err(first, ref) < 1e-2 and rel_err(second, ref) < 1e-2, cfg
+            assert not L.ENABLED or len(L._kernels) >= kept, cfg
+    assert not L.ENABLED or L._kernels, "no specialization was kept: the direct path never ran"
+
+
 @pytest.mark.parametrize("group_size", [128, 256])
 def test_quant_linear_forward_and_tuner(group_size: int) -> None:
     k, n = 1024, 512

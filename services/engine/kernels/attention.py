@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.engine.kernels.launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -83,7 +85,8 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     scale = scale if scale is not None else d ** -0.5
-    _paged_decode_kernel[(bsz, num_heads)](
+    launch(
+        _paged_decode_kernel, (bsz, num_heads),
         q, k_cache, v_cache, block_tables, context_lens, out,
         scale, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -275,7 +278,8 @@ def paged_varlen_attention(
     num_tiles = batch.tile_seq.shape[0]
     if num_tiles == 0:
         return out
-    _paged_varlen_kernel[(num_tiles, num_heads)](
+    launch(
+        _paged_varlen_kernel, (num_tiles, num_heads),
         q, k_cache, v_cache, out, batch.block_tables, batch.q_starts, batch.q_lens,
         batch.ctx_lens, batch.tile_seq, batch.tile_m,
         scale * 1.4426950408889634, block_size, num_heads // num_kv_heads,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from services.engine.kernels.launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -81,8 +83,8 @@ def add_rmsnorm(
     t, h = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
-    _add_rmsnorm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, h, eps,
-                              HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8)
+    launch(_add_rmsnorm_kernel, (t,), x, residual if residual is not None else x, weight, out, res_out, h, eps,
+           HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8)
     return out, res_out
 
 
@@ -92,7 +94,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+    launch(_silu_mul_kernel, (t, triton.cdiv(inter, block)), gate_up, out, inter, BLOCK=block, num_warps=4)
     return out
 
 
@@ -109,7 +111,8 @@ def rope_and_cache(
     t = qkv.shape[0]
     d = k_cache.shape[-1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(t, num_heads + num_kv_heads)](
+    launch(
+        _rope_cache_kernel, (t, num_heads + num_kv_heads),
         qkv, positions, cos, sin, q, k_cache, v_cache, slot_mapping,
         num_heads, num_kv_heads, qkv.stride(0), k_cache.stride(1), k_cache.stride(2),
         HALF=d // 2, num_warps=1,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.kernels.launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -175,14 +177,16 @@ def triton_lora_apply(
     split_k = -(-k // k_per_split)
     # one fp32 slab per K split, summed by the expand kernel (no memset launch, no atomics)
     v = torch.empty((split_k, t, r_total), dtype=torch.float32, device=x.device)
-    _shrink_kernel[(t, split_k, r_total // 16)](
+    launch(
+        _shrink_kernel, (t, split_k, r_total // 16),
         x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         k, r_total, x.stride(0), a_stack.stride(0), k_per_split, v.stride(0),
         BM=16, BK=bk, RB=16, num_warps=4,
     )
     bn = _expand_block_n(n_slice)
     n = b_stack.shape[1]
-    _expand_kernel[(t, triton.cdiv(n, bn))](
+    launch(
+        _expand_kernel, (t, triton.cdiv(n, bn)),
         y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         n, r_total, n_slice, y.stride(0), b_stack.stride(0), v.stride(0),
         RANK=rank, BM=16, BN=bn, SPLIT=split_k, num_warps=4,

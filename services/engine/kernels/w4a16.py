@@ -22,6 +22,7 @@ from services.engine.kernels.gptq_format import (
     KernelWeights,
 )
 from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
+from services.engine.kernels.launch import launch
 from services.engine.kernels.h2_ptx import H2_DEQ3_ASM, H2_DEQ_ASM, H2_DOT3_ASM, H2_DOT_ASM
 
 try:
@@ -428,7 +429,8 @@ def w4a16_matmul(
     args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if cfg.kind in ("gemv_row", "gemv_h2"):
-        _w4a16_gemv_row_kernel[(m, triton.cdiv(n, cfg.block_n), split_k)](
+        launch(
+            _w4a16_gemv_row_kernel, (m, triton.cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -436,14 +438,16 @@ def w4a16_matmul(
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
     if cfg.kind in SWAPPED_KINDS:
-        _w4a16_t_kernel[grid](
+        launch(
+            _w4a16_t_kernel, grid,
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
             FP16_SCALE=cfg.kind == "mma8ts", ONE_DOT=cfg.kind == "mma1t",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        _w4a16_kernel[grid](
+        launch(
+            _w4a16_kernel, grid,
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
             FAST_DEQ=cfg.fast_deq, BITS=kw.bits, ZSUB=cfg.zsub,

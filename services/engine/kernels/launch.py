@@ -1,0 +1,109 @@
+"""launch(): start a @triton.jit kernel without Triton's per-call argument binding once the
+kernel has been compiled for the arguments' specialization.
+
+An eager engine step launches ~290 Triton kernels. Triton's own launch path binds the arguments,
+specializes each one (alignment, value 1, divisibility by 16), hashes the result into its kernel
+cache and only then calls the compiled launcher: on the H100 hosts that path was the largest
+Python cost of an eager step (`profile_eager_step_e1630af.md`: `JITFunction.run` and its helpers
+first among Python functions). Here the first call for a specialization goes through Triton and
+keeps the compiled kernel; later calls with the same specialization call its launcher directly.
+
+The cache key holds every property Triton specializes on, so the kept kernel is the one Triton
+would pick: each tensor's dtype and whether its address is 16-byte aligned; each int's range
+(i32 / i64), whether it equals 1 and whether 16 divides it; bools, floats and None by kind; the
+constexpr and launch options by value; the device. Kernels must take their runtime arguments
+positionally (a runtime argument passed by keyword would be frozen into the cache: such calls,
+and calls while Triton's launch hooks hold a hook, e.g. under a Triton profiler, always take
+Triton's path). The direct call skips the empty hook chain and its launch metadata, which
+Triton 3.6 builds on every launch. INLAID_TRITON_FAST_LAUNCH=0 turns it off.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+try:
+    import triton
+    from triton.runtime.driver import driver
+except ImportError:  # CPU-only installs never launch Triton kernels
+    triton = None
+    driver = None
+
+ENABLED = os.environ.get("INLAID_TRITON_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
+_UNCACHEABLE = ("uncacheable",)
+_plans: dict[int, tuple | None] = {}        # id(fn) -> (parameter names, defaults, constexpr flags) or None
+_kernels: dict[tuple, tuple] = {}           # (id(fn), key) -> (compiled kernel, trailing constexpr values)
+
+
+def _arg_key(a):
+    """What Triton's specialization sees of one runtime argument."""
+    if a is None:
+        return None
+    if isinstance(a, bool):
+        return ("u1",)
+    if isinstance(a, int):
+        return ("i", _I32_MIN <= a <= _I32_MAX, a == 1, a % 16 == 0)
+    if isinstance(a, float):
+        return ("f",)
+    try:
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    except AttributeError:      # not a tensor: Triton's path
+        return _UNCACHEABLE
+
+
+def _plan(fn) -> tuple | None:
+    """(names, defaults, constexpr flags) of fn's parameters, or None where it cannot be read."""
+    key = id(fn)
+    if key not in _plans:
+        try:
+            params = list(inspect.signature(fn.fn).parameters.values())
+            flags = [p.is_constexpr for p in fn.params]
+            _plans[key] = ([p.name for p in params], [p.default for p in params], flags)
+        except (AttributeError, TypeError, ValueError):
+            _plans[key] = None
+    return _plans[key]
+
+
+def _hook_active(hook) -> bool:
+    """A launch hook that would run: Triton 3.6-3.9 keep an always-present chain of hooks
+    (HookChain, active when it holds a call); older ones None or a callable."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooks_set() -> bool:
+    rt = triton.knobs.runtime
+    return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
+
+
+def launch(fn, grid: tuple, *args, **meta) -> None:
+    """fn[grid](*args, **meta), through the kept compiled kernel when this specialization has one."""
+    if not ENABLED:
+        fn[grid](*args, **meta)
+        return
+    device = driver.active.get_current_device()
+    key = (id(fn), device, tuple(meta.items()), tuple(map(_arg_key, args)))
+    entry = _kernels.get(key)
+    if entry is not None and not _hooks_set():
+        kernel, tail = entry
+        stream = driver.active.get_current_stream(device)
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+        return
+    kernel = fn[grid](*args, **meta)
+    plan = _plan(fn)
+    if plan is None or kernel is None or hasattr(kernel, "result") or _UNCACHEABLE in key[3]:
+        return
+    names, defaults, constexpr = plan
+    if len(args) > len(names) or not all(constexpr[len(args):]):
+        return      # a runtime argument given by keyword: Triton's path every time
+    tail = []
+    for name, default in zip(names[len(args):], defaults[len(args):]):
+        if name in meta:
+            tail.append(meta[name])
+        elif default is not inspect.Parameter.empty:
+            tail.append(default)
+        else:
+            return
+    _kernels[key] = (kernel, tuple(tail))
