@@ -64,6 +64,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from services.engine.block_manager import BlockManager
+    from services.engine.kernels import launch as fast_launch
     from services.engine.config import EngineConfig
     from services.engine.model_runner import ModelRunner
     from services.engine.sequence import SamplingParams, Sequence
@@ -91,12 +92,20 @@ def main() -> None:
         for _ in range(2):      # tuning and compiling happen here
             runner.run(seqs)
         torch.cuda.synchronize()
-        walls = []
+
+        # the same step through Triton's own launch path and through kernels.launch's direct one,
+        # alternating, so a drift of the host's speed hits both
+        direct = fast_launch.ENABLED
+        walls: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.reps):
-            t0 = time.perf_counter()
-            runner.run(seqs)
-            torch.cuda.synchronize()
-            walls.append(time.perf_counter() - t0)
+            for on in (False, direct):
+                fast_launch.ENABLED = on
+                t0 = time.perf_counter()
+                runner.run(seqs)
+                torch.cuda.synchronize()
+                walls[on].append(time.perf_counter() - t0)
+        fast_launch.ENABLED = direct
+        triton_path_ms, wall_ms = (1e3 * statistics.median(walls[on]) for on in (False, direct))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.reps):
                 runner.run(seqs)
@@ -107,13 +116,15 @@ def main() -> None:
         gpu_ms = sum(e.self_device_time_total for e in kernels) / args.reps / 1e3
         top = sorted((e for e in events if e.device_type != torch.autograd.DeviceType.CUDA),
                      key=lambda e: -e.self_cpu_time_total)[:12]
-        row = {"step": label, "wall_ms": 1e3 * statistics.median(walls), "kernels_per_step": n_kernels,
+        row = {"step": label, "wall_ms": wall_ms, "wall_ms_triton_launch": triton_path_ms,
+               "direct_launch": direct, "kernels_per_step": n_kernels,
                "gpu_kernel_ms_per_step": gpu_ms,
                "top_host_ops": [(e.key, round(e.self_cpu_time_total / args.reps / 1e3, 3), e.count // args.reps)
                                 for e in top],
                "top_python": python_profile(lambda: runner.run(seqs), args.reps, torch)}
         rows.append(row)
-        print(f"{label:18s} wall {row['wall_ms']:7.2f} ms | {n_kernels:6.0f} kernels | GPU {gpu_ms:6.2f} ms", flush=True)
+        print(f"{label:18s} wall {row['wall_ms']:7.2f} ms (Triton's launch path {triton_path_ms:7.2f}) | "
+              f"{n_kernels:6.0f} kernels | GPU {gpu_ms:6.2f} ms", flush=True)
         for s in seqs:
             bm.free(s)
             runner.sampler.release(s.request_id)
@@ -126,9 +137,14 @@ def main() -> None:
     lines = [f"# Eager engine steps profiled ({res['device']}, commit {args.commit})\n",
              f"Command: `{res['command']}`; torch {res['torch']}; random {args.model} shapes, 4-bit base, no adapter, "
              f"CUDA graphs off. Host time per tiny kernel launch (torch add_, no sync): {host_us:.1f} µs.\n",
-             "| step | wall ms (median) | kernels / step | GPU kernel ms / step | wall − GPU ms |", "|---|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} | {r['gpu_kernel_ms_per_step']:.2f} | "
-              f"{r['wall_ms'] - r['gpu_kernel_ms_per_step']:.2f} |" for r in rows]
+             f"Wall times measured back to back on this host: Triton's own launch path, then kernels.launch's "
+             f"direct one ({'on' if rows and rows[0]['direct_launch'] else 'off: INLAID_TRITON_FAST_LAUNCH=0'}); "
+             "the profiles below are of the latter.\n",
+             "| step | wall ms, Triton's launch | wall ms, direct launch | ratio | kernels / step | GPU kernel ms / step "
+             "| wall − GPU ms |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['wall_ms_triton_launch']:.2f} | {r['wall_ms']:.2f} | "
+              f"{r['wall_ms_triton_launch'] / r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} | "
+              f"{r['gpu_kernel_ms_per_step']:.2f} | {r['wall_ms'] - r['gpu_kernel_ms_per_step']:.2f} |" for r in rows]
     for r in rows:
         lines += ["", f"Top host ops of '{r['step']}' (self CPU ms per step, calls per step):", ""]
         lines += [f"- {k}: {ms} ms, {c} calls" for k, ms, c in r["top_host_ops"]]
