@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.kernels.launch import launch
+from services.engine.kernels.launch import cdiv, launch, next_pow2
 
 try:
     import triton
@@ -84,7 +84,7 @@ def add_rmsnorm(
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     launch(_add_rmsnorm_kernel, (t,), x, residual if residual is not None else x, weight, out, res_out, h, eps,
-           HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h), num_warps=8)
+           HAS_RES=residual is not None, BLOCK=next_pow2(h), num_warps=8)
     return out, res_out
 
 
@@ -94,7 +94,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    launch(_silu_mul_kernel, (t, triton.cdiv(inter, block)), gate_up, out, inter, BLOCK=block, num_warps=4)
+    launch(_silu_mul_kernel, (t, cdiv(inter, block)), gate_up, out, inter, BLOCK=block, num_warps=4)
     return out
 
 

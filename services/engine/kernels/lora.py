@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.kernels.launch import launch
+from services.engine.kernels.launch import cdiv, launch
 
 try:
     import triton
@@ -186,7 +186,7 @@ def triton_lora_apply(
     bn = _expand_block_n(n_slice)
     n = b_stack.shape[1]
     launch(
-        _expand_kernel, (t, triton.cdiv(n, bn)),
+        _expand_kernel, (t, cdiv(n, bn)),
         y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         n, r_total, n_slice, y.stride(0), b_stack.stride(0), v.stride(0),
         RANK=rank, BM=16, BN=bn, SPLIT=split_k, num_warps=4,

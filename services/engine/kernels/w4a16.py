@@ -22,7 +22,7 @@ from services.engine.kernels.gptq_format import (
     KernelWeights,
 )
 from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
-from services.engine.kernels.launch import launch
+from services.engine.kernels.launch import cdiv, launch
 from services.engine.kernels.h2_ptx import H2_DEQ3_ASM, H2_DEQ_ASM, H2_DOT3_ASM, H2_DOT_ASM
 
 try:
@@ -392,7 +392,7 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
         raise RuntimeError("triton is not installed")
     k, n = kw.in_features, kw.out_features
     out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
-    _dequant_kernel[(k // KERNEL_K_BLOCK, triton.cdiv(n, 128))](
+    _dequant_kernel[(k // KERNEL_K_BLOCK, cdiv(n, 128))](
         kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, n, k, kw.group_size, BITS=kw.bits, num_warps=4)
     return out
 
@@ -430,13 +430,13 @@ def w4a16_matmul(
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if cfg.kind in ("gemv_row", "gemv_h2"):
         launch(
-            _w4a16_gemv_row_kernel, (m, triton.cdiv(n, cfg.block_n), split_k),
+            _w4a16_gemv_row_kernel, (m, cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split_k)
     if cfg.kind in SWAPPED_KINDS:
         launch(
             _w4a16_t_kernel, grid,
