@@ -84,6 +84,33 @@ def test_direct_launch_matches_tritons_path(m: int) -> None:
     assert not L.ENABLED or L._kernels, "no specialization was kept: the direct path never ran"
 
 
+@pytest.mark.parametrize("m", [1, 16, 40, 200])
+def test_serial_split_k_matches_reference(m: int, monkeypatch) -> None:
+    """w4a16.SERIAL_SPLIT_K (experimental): every candidate with more than one split, 20 calls each
+    (a lost or early count would show as a wrong tile), then replayed from a CUDA graph; the locks
+    are back at zero after each call."""
+    from services.engine.kernels import w4a16 as W
+    monkeypatch.setattr(W, "SERIAL_SPLIT_K", True)
+    k, n = 1536, 320
+    t = quantize_gptq_v1(torch.randn(k, n, device=DEV), 128, None)
+    ref_w, kw = dequantize_reference(t), repack_for_kernel(t)
+    x = torch.randn(m, k, device=DEV).half()
+    ref = x.float() @ ref_w
+    for cfg in [c for c in candidate_configs(m) if c.split_k > 1 and c.kind != "dense"]:
+        for _ in range(20):
+            assert rel_err(w4a16_matmul(x, kw, cfg), ref) < 1e-2, cfg
+        assert all(int(b.abs().sum()) == 0 for b in W._locks.values()), cfg
+    cfg = next(c for c in candidate_configs(m) if c.split_k > 1 and c.kind != "dense")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_matmul(x, kw, cfg)
+    for _ in range(5):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, ref) < 1e-2, cfg
+
+
 @pytest.mark.parametrize("group_size", [128, 256])
 def test_quant_linear_forward_and_tuner(group_size: int) -> None:
     k, n = 1024, 512

@@ -11,7 +11,7 @@ from services.engine.kernels import w4a16 as W
 from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
 
 # argument positions of the pointers and the 16-divisible sizes (N, K, strides, group size)
-_ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12)
+_ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14)
 
 
 def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) -> bytes:
@@ -28,48 +28,52 @@ def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) ->
 def _signature(bits: int, *constexprs: str) -> dict:
     """Argument types shared by both GEMM kernels (code planes: int32 at 4 bits; int16 + int8 at 3)."""
     sig = {"x_ptr": "*fp16", "qw_ptr": "*i32" if bits == 4 else "*i16", "qh_ptr": "*i32" if bits == 4 else "*i8",
-           "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32",
+           "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "ws_ptr": "*fp32",
+           "lock_ptr": "*i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32"}
     return sig | {name: "constexpr" for name in ("HAS_BIAS", "USE_ATOMIC", *constexprs)}
 
 
 def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90,
-                 has_bias: bool = False, use_atomic: bool = True) -> bytes:
+                 has_bias: bool = False, use_atomic: bool = True, serial: bool = False) -> bytes:
     """cubin of the gemv_row / gemv_h2 kernel for one launch config."""
-    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": bn, "UNROLL": unroll, "BITS": bits, "H2": h2,
-              "EMULATE": False}
+    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BN": bn, "UNROLL": unroll, "BITS": bits,
+              "H2": h2, "EMULATE": False, "SERIAL": serial}
     return _compile(W._w4a16_gemv_row_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
-                zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True) -> bytes:
+                zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
+                serial: bool = False) -> bytes:
     """cubin of the tensor-core kernel (mma8, or mma with single_dot) for one launch config."""
-    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8,
+    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
               "SINGLE_DOT": single_dot, "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub,
-              "H2DEQ": zsub and not single_dot}
+              "H2DEQ": zsub and not single_dot, "SERIAL": serial}
     return _compile(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,
-                  use_atomic: bool = True, fp16_scale: bool = False, one_dot: bool = False) -> bytes:
+                  use_atomic: bool = True, fp16_scale: bool = False, one_dot: bool = False,
+                  serial: bool = False) -> bytes:
     """cubin of the swapped-operand tensor-core kernel (mma8t; mma8ts with fp16_scale; mma1t with one_dot)
     for one launch config."""
-    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": bm, "BN": bn, "GROUP_M": 8, "BITS": bits,
-              "H2DEQ": True, "FP16_SCALE": fp16_scale, "ONE_DOT": one_dot}
+    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
+              "BITS": bits, "H2DEQ": True, "FP16_SCALE": fp16_scale, "ONE_DOT": one_dot, "SERIAL": serial}
     return _compile(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,
-                   use_atomic: bool = True) -> bytes | None:
+                   use_atomic: bool = True, serial: bool = False) -> bytes | None:
     """cubin of one tuner candidate (None for "dense", which is cuBLAS). use_atomic False is the
-    split-K 1 form (plain stores), which the launcher uses when K holds a single split."""
+    split-K 1 form (plain stores), which the launcher uses when K holds a single split; serial the
+    serial split-K form (w4a16.SERIAL_SPLIT_K)."""
     if cfg.kind in ("gemv_row", "gemv_h2"):
         return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages,
-                            arch, has_bias, use_atomic)
+                            arch, has_bias, use_atomic, serial)
     if cfg.kind in ("mma8", "mma"):
         return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
-                           cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic)
+                           cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic, serial)
     if cfg.kind in SWAPPED_KINDS:
         return compile_mma_t(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, use_atomic,
-                             fp16_scale=cfg.kind == "mma8ts", one_dot=cfg.kind == "mma1t")
+                             fp16_scale=cfg.kind == "mma8ts", one_dot=cfg.kind == "mma1t", serial=serial)
     return None

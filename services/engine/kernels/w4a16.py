@@ -33,6 +33,12 @@ except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
     tl = None
 
 HAS_TRITON = triton is not None
+# Serial split-K (_serial_split_store): split partials meet in an fp32 workspace instead of fp16
+# atomics into a zeroed output, which drops the zero launch of every split GEMM. Experimental:
+# checked under TRITON_INTERPRET and compiled for sm_90, not yet run on a GPU.
+SERIAL_SPLIT_K = os.environ.get("INLAID_SERIAL_SPLIT_K", "0") == "1"
+_locks: dict[tuple, torch.Tensor] = {}
+_retired_locks: list = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
 
 if triton is not None:
@@ -121,11 +127,33 @@ if triton is not None:
         return _fp16_bits(lo) | (_fp16_bits(hi) << 16)
 
     @triton.jit
+    def _serial_split_store(acc, out, omask, ws_ptr, lock_ptr, local, tile_id, num_tiles, pid_k, split_k,
+                            TILE: tl.constexpr):
+        """Split-K without a zeroed output ("serial" split-K): each split stores its fp32 partial
+        in its own workspace slot and counts itself in on the tile's lock; the split that arrives
+        last sums all slots in split order (deterministic, own partial from registers), stores the
+        fp16 result and resets the lock for the next call. The barrier orders every thread's slot
+        store before the acquire-release count; the last split reads the slots past L1 (.cg)."""
+        slot = ws_ptr + tile_id.to(tl.int64) * TILE + local
+        tl.store(slot + pid_k.to(tl.int64) * num_tiles * TILE, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            total = tl.zeros_like(acc)
+            for s in range(0, split_k):
+                if s == pid_k:
+                    total += acc
+                else:
+                    total += tl.load(slot + s * num_tiles.to(tl.int64) * TILE, cache_modifier=".cg")
+            tl.store(out, total.to(tl.float16), mask=omask)
+            tl.atomic_xchg(lock_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
     def _w4a16_gemv_row_kernel(
-        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr, ws_ptr, lock_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
-        BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False,
+        BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False, SERIAL: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
@@ -183,7 +211,11 @@ if triton is not None:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             out_v += bias * (pid_k == 0).to(tl.float32)
         out = out_ptr + row * stride_om + offs_n
-        if USE_ATOMIC:
+        if SERIAL:
+            _serial_split_store(out_v, out, mask_n, ws_ptr, lock_ptr, tl.arange(0, BN),
+                                row * tl.num_programs(1) + pid_n, tl.num_programs(0) * tl.num_programs(1),
+                                pid_k, tl.num_programs(2), BN)
+        elif USE_ATOMIC:
             tl.atomic_add(out, out_v.to(tl.float16), mask=mask_n, sem="relaxed")
         else:
             tl.store(out, out_v.to(tl.float16), mask=mask_n)
@@ -212,11 +244,12 @@ if triton is not None:
 
     @triton.jit
     def _w4a16_kernel(
-        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr, ws_ptr, lock_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
         FAST_DEQ: tl.constexpr, BITS: tl.constexpr, ZSUB: tl.constexpr = False, H2DEQ: tl.constexpr = False,
+        SERIAL: tl.constexpr = False,
     ):
         """Tensor-core path: per 128-row block, 8 K=16 dots (or one K=128 dot, SINGLE_DOT) on fp16
         codes, then (part - z·Σx)·s. ZSUB (with FAST_DEQ): subtract the zero in fp16 before the dot
@@ -280,7 +313,11 @@ if triton is not None:
             acc += bias[None, :] * (pid_k == 0).to(tl.float32)
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         omask = mask_m[:, None] & mask_n[None, :]
-        if USE_ATOMIC:
+        if SERIAL:
+            _serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
+                                tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :],
+                                tl.program_id(0), tl.num_programs(0), pid_k, tl.num_programs(1), BM * BN)
+        elif USE_ATOMIC:
             tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
         else:
             tl.store(out, acc.to(tl.float16), mask=omask)
@@ -305,11 +342,11 @@ if triton is not None:
 
     @triton.jit
     def _w4a16_t_kernel(
-        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr, ws_ptr, lock_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BITS: tl.constexpr, H2DEQ: tl.constexpr,
-        FP16_SCALE: tl.constexpr, ONE_DOT: tl.constexpr = False,
+        FP16_SCALE: tl.constexpr, ONE_DOT: tl.constexpr = False, SERIAL: tl.constexpr = False,
     ):
         """Swapped operands ("mma8t"): out^T [BN, BM] += (W - z)^T [BN, 16] · x^T [16, BM], 8 dots per
         128-row block, zero subtracted in fp16 as in zsub. The dequantized weights are the left
@@ -360,7 +397,11 @@ if triton is not None:
             acc += bias[:, None] * (pid_k == 0).to(tl.float32)
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         omask = mask_n[:, None] & mask_m[None, :]
-        if USE_ATOMIC:
+        if SERIAL:
+            _serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
+                                tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :],
+                                tl.program_id(0), tl.num_programs(0), pid_k, tl.num_programs(1), BM * BN)
+        elif USE_ATOMIC:
             tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
         else:
             tl.store(out, acc.to(tl.float16), mask=omask)
@@ -384,6 +425,19 @@ if triton is not None:
             k = b * 128 + 16 * j + offs_i
             tl.store(out_ptr + k[:, None].to(tl.int64) * N + n[None, :], w.to(tl.float16),
                      mask=nmask[None, :])
+
+
+def split_locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 [>= tiles] zeros for serial split-K, one buffer per device and stream (each GEMM
+    leaves its locks at zero). A larger buffer replaces a smaller one; replaced buffers stay alive,
+    since captured CUDA graphs keep their addresses."""
+    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _locks.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 4096, 0 if buf is None else 2 * buf.numel()), dtype=torch.int32, device=device)
+        _retired_locks.append(_locks.get(key))
+        _locks[key] = buf
+    return buf
 
 
 def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
@@ -423,26 +477,35 @@ def w4a16_matmul(
     split_k = max(1, min(cfg.split_k, num_blocks))
     blocks_per_split = -(-num_blocks // split_k)
     split_k = -(-num_blocks // blocks_per_split)
-    use_atomic = split_k > 1
+    gemv = cfg.kind in ("gemv_row", "gemv_h2")
+    tiles, tile = (m * cdiv(n, cfg.block_n), cfg.block_n) if gemv else \
+        (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.block_m * cfg.block_n)
+    serial = split_k > 1 and SERIAL_SPLIT_K
+    use_atomic = split_k > 1 and not serial
     out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
+    if serial:   # one fp32 slot per split and output tile, and the tiles' locks (zero between calls)
+        ws = torch.empty(split_k * tiles * tile, dtype=torch.float32, device=x.device)
+        locks = split_locks(x.device, tiles)
+    else:
+        ws = locks = out     # not read
     # planes[-1] is the 3-bit high plane (at 4 bits: qweight again, unused)
-    args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out,
+    args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out, ws, locks,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
-    if cfg.kind in ("gemv_row", "gemv_h2"):
+    if gemv:
         launch(
             _w4a16_gemv_row_kernel, (m, cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
-            BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET,
+            BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET, SERIAL=serial,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
-    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split_k)
+    grid = (tiles, split_k)
     if cfg.kind in SWAPPED_KINDS:
         launch(
             _w4a16_t_kernel, grid,
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
-            FP16_SCALE=cfg.kind == "mma8ts", ONE_DOT=cfg.kind == "mma1t",
+            FP16_SCALE=cfg.kind == "mma8ts", ONE_DOT=cfg.kind == "mma1t", SERIAL=serial,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
@@ -452,7 +515,7 @@ def w4a16_matmul(
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
             FAST_DEQ=cfg.fast_deq, BITS=kw.bits, ZSUB=cfg.zsub,
             # zsub dequantizes through packed PTX (no inline PTX under the interpreter)
-            H2DEQ=cfg.zsub and not INTERPRET and cfg.kind == "mma8",
+            H2DEQ=cfg.zsub and not INTERPRET and cfg.kind == "mma8", SERIAL=serial,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

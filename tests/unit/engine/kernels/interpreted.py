@@ -15,11 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[4]
 
 
-def run_interpreted(module: str, *args: object, timeout_s: float = 300) -> None:
+def run_interpreted(module: str, *args: object, timeout_s: float = 300, func: str = "check_interpreted") -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    code = (f"import torch; torch.set_num_threads(1); from {module} import check_interpreted; "
-            f"check_interpreted({', '.join(map(repr, args))})")
+    code = (f"import torch; torch.set_num_threads(1); from {module} import {func}; "
+            f"{func}({', '.join(map(repr, args))})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,6 @@
 """W4A16 launch configs and the tuner's rotation size (no GPU, no triton needed)."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 

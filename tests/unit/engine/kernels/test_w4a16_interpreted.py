@@ -54,3 +54,37 @@ def check_interpreted(bits: int, act_order: bool) -> None:
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (3, False), (3, True)])
 def test_kernels_interpreted_match_the_reference(bits: int, act_order: bool) -> None:
     run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", bits, act_order)
+
+
+def check_serial_split(bits: int) -> None:
+    """Serial split-K (w4a16.SERIAL_SPLIT_K): every kernel kind with more than one split, twice
+    over (the locks must be back at zero after each call), on masked tiles."""
+    from services.engine.kernels import w4a16 as W
+    from services.engine.kernels.gemm_configs import GemmConfig
+    from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
+
+    W.SERIAL_SPLIT_K = True
+    torch.manual_seed(1)
+    k, n = 512, 320      # 4 K blocks: split 2 and 4
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n), 128, bits, None)
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=bits)
+    cfgs = [GemmConfig("gemv_h2", 1, 32, 4, 4, 1, 1), GemmConfig("gemv_row", 1, 32, 2, 4, 1, 2),
+            GemmConfig("mma8", 16, 64, 4, 4, 3, fast_deq=True, zsub=True), GemmConfig("mma8", 16, 64, 2, 4, 3),
+            GemmConfig("mma1t", 32, 64, 2, 4, 3, fast_deq=True, zsub=True),
+            GemmConfig("mma8ts", 64, 64, 4, 4, 3, fast_deq=True, zsub=True)]
+    for m, cfg in [(3, cfgs[0]), (2, cfgs[1]), (5, cfgs[2]), (20, cfgs[3]), (20, cfgs[4]), (70, cfgs[5])]:
+        x = (torch.randn(m, k) * 4).half()
+        bias = torch.randn(n).half()
+        ref = x.float() @ ref_w + bias.float()
+        for _ in range(2):
+            out = W.w4a16_matmul(x, kw, cfg, bias)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (cfg, m, err)
+        assert all(int(buf.abs().sum()) == 0 for buf in W._locks.values()), cfg   # every lock reset
+    assert W._locks, "the serial path never ran"
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_serial_split_k_interpreted_matches_the_reference(bits: int) -> None:
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", bits, func="check_serial_split")
