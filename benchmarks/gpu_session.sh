@@ -14,7 +14,9 @@
 #                                                   #   class), up to 256 running: KV memory now differs by base
 #   bash benchmarks/gpu_session.sh budget-long COMMIT  # ~400 s: the same card with 4x longer prompts and outputs,
 #                                                   #   where the fp16 cache binds (bench_sim_memory.py: sim_memory.md); its FIFO burst runs 20 s
-#                                                   #   (at 5 s the 71d9c18 run saw 14 completions: no steady state)
+#                                                   #   (at 5 s the 71d9c18 run saw 14 completions: no steady state);
+#                                                   #   at 1.6 C the 4-bit engines of 626f90e still finished every
+#                                                   #   request, hence 1.6 and 2.4 C
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
@@ -60,7 +62,7 @@ case "$stage" in
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16,ablate \
       --ablations r025,beta-inf \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
-      --rates 1.3,1.6 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
+      --rates 1.6,2.4 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;

@@ -446,8 +446,8 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
         raise RuntimeError("triton is not installed")
     k, n = kw.in_features, kw.out_features
     out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
-    _dequant_kernel[(k // KERNEL_K_BLOCK, cdiv(n, 128))](
-        kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, n, k, kw.group_size, BITS=kw.bits, num_warps=4)
+    launch(_dequant_kernel, (k // KERNEL_K_BLOCK, cdiv(n, 128)),
+           kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, n, k, kw.group_size, BITS=kw.bits, num_warps=4)
     return out
 
 
