@@ -30,6 +30,8 @@ from services.engine.kernels.lora import prepare_lora_batch, triton_lora_apply  
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
+from services.engine.kernels import w4a16 as W  # noqa: E402
+from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 
 GEMM_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (13824, 5120)]  # (K, N)
 GEMM_MS = [1, 4, 16, 32, 64, 128, 256]  # 32: the decode-batch bucket between the issue's 16 and 64; 256: large decode batches
@@ -100,7 +102,18 @@ def quantized_layer(w: torch.Tensor, bits: int) -> tuple:
     return t, dequantize_codes(codes, zeros, scales, g_idx), repack_values(codes, zeros, scales, g_idx, GROUP, bits)
 
 
-def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits: int = 4) -> list[dict]:
+class serial_split:
+    """Within the block, GEMMs take serial split-K (w4a16.SERIAL_SPLIT_K) instead of fp16 atomics."""
+
+    def __enter__(self):
+        W.SERIAL_SPLIT_K = True
+
+    def __exit__(self, *exc):
+        W.SERIAL_SPLIT_K = False
+
+
+def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits: int = 4,
+               serial: bool = False) -> list[dict]:
     tuner = GemmTuner()
     rows = []
     shapes = GEMM_SHAPES[:2] if quick else GEMM_SHAPES
@@ -136,7 +149,13 @@ def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits:
             row["fp16_frac_copy_bw"] = (2 * k * n + 2 * m * (k + n)) / (row["fp16_ms"] * 1e-3) / 1e9 / bw_gbs
             row["speedup_vs_fp16"] = row["fp16_ms"] / row["ours_ms"]
             row["speedup_vs_int4"] = row["int4_ms"] / row["ours_ms"] if row["int4_ms"] else None
-            row["config"] = str(tuner.config_for(x, lin.kw))
+            cfg = tuner.config_for(x, lin.kw)
+            row["config"] = str(cfg)
+            if serial and cfg.kind != "dense" and cfg.split_k > 1:   # the same config, serial split-K
+                with serial_split():
+                    row["serial_ms"] = timer.median_ms(lambda: w4a16_matmul(x, lin.kw, cfg))
+                    row["serial_rel_err"] = rel_err(w4a16_matmul(x, lin.kw, cfg), ref)
+                print(f"  serial split-K: {row['serial_ms']*1e3:7.1f} us (err {row['serial_rel_err']:.1e})", flush=True)
             rows.append(row)
             print(f"GEMM K={k:5d} N={n:5d} M={m:3d}: ours {row['ours_ms']*1e3:7.1f} us "
                   f"({row['ours_frac_copy_bw']*100:4.0f}% bw, err {row['ours_rel_err']:.1e})  fp16 {row['fp16_ms']*1e3:7.1f} us  "
@@ -209,7 +228,8 @@ def decode_floor(model: W4Decoder, bsz: int, ctx: int, bw_gbs: float) -> tuple[f
     return (weight_bytes + kv_bytes) / (bw_gbs * 1e9) * 1e3, weight_bytes, kv_bytes
 
 
-def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4) -> tuple[list[dict], list[dict]]:
+def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4,
+                 serial: bool = False) -> tuple[list[dict], list[dict]]:
     batches = [1, 8, 16, 32, 64]
     model = decode_model(quick, ctx, max(batches), bits)
     shape, block_size = model.shape, DECODE_BLOCK
@@ -222,6 +242,12 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
+        if serial:
+            with serial_split():
+                rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
+                rows[-1]["eager_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs), use_graph=False)
+            print(f"  serial split-K: graph {rows[-1]['graph_ms_serial']:.3f} ms  eager {rows[-1]['eager_ms_serial']:.3f} ms",
+                  flush=True)
         print(f"decode B={bsz:2d} ctx={ctx}: graph {graph_ms:.3f} ms  eager {eager_ms:.3f} ms  floor {floor_ms:.3f} ms  "
               f"x{graph_ms/floor_ms:.2f} of floor", flush=True)
         torch.cuda.empty_cache()
@@ -273,6 +299,13 @@ def write_markdown(res: dict, path: Path) -> None:
             lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['ours_ms']*1e3:.1f} | {r['fp16_ms']*1e3:.1f} | {i4} | "
                          f"{r['speedup_vs_fp16']:.2f} | {si4} | {r['ours_frac_copy_bw']*100:.0f} | "
                          f"{r['fp16_frac_copy_bw']*100:.0f} | {r['ours_rel_err']:.1e} | {short_config(r.get('config'))} |")
+    serial_rows = [r for r in res.get("gemm") or [] if "serial_ms" in r]
+    if serial_rows:
+        lines += ["\n## Serial split-K against fp16 atomics into a zeroed output (the tuner's pick, same config)\n",
+                  "| K×N | M | atomics µs (incl. zeroing) | serial µs | atomics / serial | serial rel err |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['K']}×{r['N']} | {r['M']} | {r['ours_ms']*1e3:.1f} | {r['serial_ms']*1e3:.1f} | "
+                  f"{r['ours_ms'] / r['serial_ms']:.2f} | {r['serial_rel_err']:.1e} |" for r in serial_rows]
     if res.get("lora_layer"):
         lines += ["\n## Multi-LoRA overhead, one Llama-2-7B layer (qkv, o, gate_up, down), batch 64, rank 16\n",
                   "| adapters | layer µs | × no-LoRA |", "|---|---|---|"]
@@ -282,6 +315,11 @@ def write_markdown(res: dict, path: Path) -> None:
                   "| batch | context | CUDA graph ms | eager ms | floor ms | graph / floor | tok/s |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} | {r['floor_ms']:.3f} | "
                   f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} |" for r in res["decode"]]
+        if any("graph_ms_serial" in r for r in res["decode"]):
+            lines += ["\nWith serial split-K (same steps):\n", "| batch | CUDA graph ms | eager ms | graph / floor |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['batch']} | {r['graph_ms_serial']:.3f} | {r['eager_ms_serial']:.3f} | "
+                      f"{r['graph_ms_serial'] / r['floor_ms']:.2f} |" for r in res["decode"] if "graph_ms_serial" in r]
     if res.get("decode_lora"):
         lines += ["\n## Decode step with multi-LoRA on all projections (batch 64, rank 16)\n",
                   "| adapters | step ms | × no-LoRA |", "|---|---|---|"]
@@ -299,6 +337,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bits", type=int, default=4, choices=(3, 4),
                     help="weight width of our GEMMs and decoder (torch int4 stays 4-bit); 3 writes gpu_kernels_w3.*")
+    ap.add_argument("--serial", action="store_true",
+                    help="also time serial split-K (w4a16.SERIAL_SPLIT_K) for the gemm picks and the decode steps")
     args = ap.parse_args()
     import triton
 
@@ -325,7 +365,7 @@ def main() -> None:
 
     if "gemm" in sections:
         res["tuning_top6_us"] = {}
-        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick, res["tuning_top6_us"], args.bits)
+        res["gemm"] = bench_gemm(timer, res["copy_bw_gbs"], args.quick, res["tuning_top6_us"], args.bits, args.serial)
         save()
         print(f"[gemm done at {time.time()-t0:.0f}s]", flush=True)
     if "lora" in sections:
@@ -334,7 +374,7 @@ def main() -> None:
         print(f"[lora done at {time.time()-t0:.0f}s]", flush=True)
     if "decode" in sections:
         res["decode"], res["decode_lora"] = bench_decode(timer, res["copy_bw_gbs"], args.quick, args.context,
-                                                         args.bits)
+                                                         args.bits, args.serial)
         save()
         print(f"[decode done at {time.time()-t0:.0f}s]", flush=True)
     print((out / f"{stem}.md").read_text())

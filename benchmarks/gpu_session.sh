@@ -5,6 +5,9 @@
 #
 #   bash benchmarks/gpu_session.sh kernels COMMIT   # ~300 s: GPU kernel tests (every tuner candidate), the
 #                                                   #   gemm table at M = 1..256 (tuner's top six per shape) + decode
+#   bash benchmarks/gpu_session.sh serial COMMIT    # ~480 s: serial split-K's GPU tests (with the direct launch's),
+#                                                   #   the gemm/decode table with serial split-K beside the atomics,
+#                                                   #   and the eager-step profile with serial split-K on
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
@@ -20,7 +23,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serve | w3 | e2e | overload | budget | budget-long}
+stage=${1:?stage: kernels | serial | serve | w3 | e2e | overload | budget | budget-long}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -31,6 +34,14 @@ case "$stage" in
       | tail -15 | tee "$out/pytest_kernels.log"
     timeout 240 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
+    ;;
+  serial)
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "serial or direct_launch" 2>&1 \
+      | tail -15 | tee "$out/pytest_serial.log"
+    timeout 280 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode --serial 2>&1 \
+      | grep -v -i warn | tee "$out/gpu_kernels.log"
+    INLAID_SERIAL_SPLIT_K=1 timeout 120 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" 2>&1 \
+      | grep -v -i warn | tail -8
     ;;
   serve)
     timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \
@@ -60,7 +71,7 @@ case "$stage" in
   budget-long)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16,ablate \
-      --ablations r025,beta-inf \
+      --ablations streak2,beta-inf \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
       --rates 1.6,2.4 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
