@@ -40,7 +40,7 @@ case "$stage" in
       | tail -15 | tee "$out/pytest_serial.log"
     timeout 280 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode --serial 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
-    INLAID_SERIAL_SPLIT_K=1 timeout 120 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" 2>&1 \
+    timeout 120 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" --serial-split 2>&1 \
       | grep -v -i warn | tail -8
     ;;
   serve)

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--model", default="random:llama-2-7b")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--serial-split", action="store_true", help="serial split-K GEMMs (EngineConfig.serial_split_k)")
     args = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -70,7 +71,7 @@ def main() -> None:
     from services.engine.sequence import SamplingParams, Sequence
     t_start = time.perf_counter()
     cfg = EngineConfig(model=args.model, device="cuda", dtype="float16", quant_bits=4, cuda_graphs=False,
-                       gemm_tune_cache=False, max_num_seqs=64, num_kv_blocks=1024)
+                       gemm_tune_cache=False, max_num_seqs=64, num_kv_blocks=1024, serial_split_k=args.serial_split)
     runner = ModelRunner.load(cfg)
     bm = BlockManager(runner.num_kv_blocks, runner.block_size)
     host_us = launch_loop_us(torch)
@@ -138,7 +139,8 @@ def main() -> None:
              f"Command: `{res['command']}`; torch {res['torch']}; random {args.model} shapes, 4-bit base, no adapter, "
              f"CUDA graphs off. Host time per tiny kernel launch (torch add_, no sync): {host_us:.1f} µs.\n",
              f"Wall times measured back to back on this host: Triton's own launch path, then kernels.launch's "
-             f"direct one ({'on' if rows and rows[0]['direct_launch'] else 'off: INLAID_TRITON_FAST_LAUNCH=0'}); "
+             f"direct one ({'on' if rows and rows[0]['direct_launch'] else 'off'}); serial split-K "
+             f"{'on' if args.serial_split else 'off'}; "
              "the profiles below are of the latter.\n",
              "| step | wall ms, Triton's launch | wall ms, direct launch | ratio | kernels / step | GPU kernel ms / step "
              "| wall − GPU ms |", "|---|---|---|---|---|---|---|"]

@@ -36,6 +36,8 @@ class EngineConfig:
     quant_group_size: int = 128            # GPTQ group size when quant_bits is set
     cuda_graphs: bool = True               # capture pure-decode steps at bucketed batch sizes
     gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
+    triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
+    serial_split_k: bool = False           # experimental: split-K GEMMs without a zeroed output (kernels/w4a16.py)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
     mlfq_num_levels: int = 6
     mlfq_base_quantum: int = 8

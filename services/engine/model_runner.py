@@ -15,7 +15,8 @@ from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.quant_linear import TritonQuantLinear
-from services.engine.kernels.w4a16 import HAS_TRITON
+from services.engine.kernels import launch as kernel_launch
+from services.engine.kernels.w4a16 import HAS_TRITON, set_serial_split_k
 from services.engine.lora import LoraManager
 from services.engine.sampler import Sampler
 from services.engine.sequence import Sequence
@@ -47,6 +48,9 @@ class ModelRunner:
         # CUDA graphs.
         self.is_fast = (config.quant_bits in (0, 3, 4) and self.device.type == "cuda"
                         and dtype == torch.float16 and HAS_TRITON)
+        if HAS_TRITON:   # process-wide kernel switches, as torch's thread count in load()
+            kernel_launch.set_enabled(config.triton_fast_launch)
+            set_serial_split_k(config.serial_split_k)
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
         self.tuner = GemmTuner(cache_path=tune_cache) if config.quant_bits else None

@@ -15,7 +15,8 @@ constexpr and launch options by value; the device. Kernels must take their runti
 positionally (a runtime argument passed by keyword would be frozen into the cache: such calls,
 and calls while Triton's launch hooks hold a hook, e.g. under a Triton profiler, always take
 Triton's path). The direct call skips the empty hook chain and its launch metadata, which
-Triton 3.6 builds on every launch. INLAID_TRITON_FAST_LAUNCH=0 turns it off.
+Triton 3.6 builds on every launch. EngineConfig.triton_fast_launch (ENGINE_TRITON_FAST_LAUNCH) turns it
+off through set_enabled; under TRITON_INTERPRET it is always off.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ except ImportError:  # CPU-only installs never launch Triton kernels
     triton = None
     driver = None
 
-ENABLED = os.environ.get("INLAID_TRITON_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+# Triton reads TRITON_INTERPRET once, at import; the interpreter has no compiled launcher to call.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = not _INTERPRET
 _I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 _UNCACHEABLE, _FLOAT, _BOOL = ("uncacheable",), ("f",), ("u1",)
 _plans: dict[int, tuple | None] = {}        # id(fn) -> (parameter names, defaults, constexpr flags) or None
@@ -86,6 +89,12 @@ def _hook_active(hook) -> bool:
 def _hooks_set() -> bool:
     rt = triton.knobs.runtime
     return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the direct path on or off for the process (the engine applies its config here)."""
+    global ENABLED
+    ENABLED = on and not _INTERPRET
 
 
 def launch(fn, grid: tuple, *args, **meta) -> None:

@@ -35,8 +35,9 @@ except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
 HAS_TRITON = triton is not None
 # Serial split-K (_serial_split_store): split partials meet in an fp32 workspace instead of fp16
 # atomics into a zeroed output, which drops the zero launch of every split GEMM. Experimental:
-# checked under TRITON_INTERPRET and compiled for sm_90, not yet run on a GPU.
-SERIAL_SPLIT_K = os.environ.get("INLAID_SERIAL_SPLIT_K", "0") == "1"
+# checked under TRITON_INTERPRET and compiled for sm_90, not yet run on a GPU. Set for the process
+# by set_serial_split_k (the engine applies EngineConfig.serial_split_k).
+SERIAL_SPLIT_K = False
 _locks: dict[tuple, torch.Tensor] = {}
 _retired_locks: list = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
@@ -425,6 +426,11 @@ if triton is not None:
             k = b * 128 + 16 * j + offs_i
             tl.store(out_ptr + k[:, None].to(tl.int64) * N + n[None, :], w.to(tl.float16),
                      mask=nmask[None, :])
+
+
+def set_serial_split_k(on: bool) -> None:
+    global SERIAL_SPLIT_K
+    SERIAL_SPLIT_K = on
 
 
 def split_locks(device: torch.device, tiles: int) -> torch.Tensor:

@@ -182,6 +182,9 @@ def test_config_from_env():
     assert cfg.max_adapters == 12 and cfg.kv_cache_bytes == 1 << 20 and cfg.model == "smollm2-135m"
     assert cfg.scheduler_config().max_adapters_per_batch == 10
     assert cfg.scheduler_config().inlaid_full_batch_streak_factor == 3
+    assert cfg.triton_fast_launch and not cfg.serial_split_k           # the kernel switches' defaults
+    cfg = EngineConfig.from_env({"ENGINE_TRITON_FAST_LAUNCH": "0", "ENGINE_SERIAL_SPLIT_K": "1"})
+    assert not cfg.triton_fast_launch and cfg.serial_split_k
     for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"},
                 {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}):
         with pytest.raises(ValueError):

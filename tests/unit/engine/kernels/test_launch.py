@@ -101,6 +101,14 @@ def test_runtime_argument_by_keyword_is_never_kept(jit) -> None:
     assert len(jit.slow) == 2 and not jit.compiled.calls
 
 
+def test_set_enabled_switches_the_direct_path(monkeypatch) -> None:
+    monkeypatch.setattr(L, "ENABLED", True)
+    L.set_enabled(False)
+    assert not L.ENABLED
+    L.set_enabled(True)
+    assert L.ENABLED is (not L._INTERPRET)
+
+
 def test_active_launch_hooks_and_the_switch_take_tritons_path(jit, monkeypatch) -> None:
     x = torch.zeros(64, dtype=torch.float16)
     L.launch(jit, (1,), x, 16, 0.5, BLOCK=128)
