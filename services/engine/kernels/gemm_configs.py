@@ -64,7 +64,9 @@ def candidate_configs(m: int) -> list[GemmConfig]:
       one K=128 dot): sm_90 SASS compiled here shows the block's wgmmas issued back to back with
       one wait, where mma8t and mma8ts wait after each of the 8 (ptxas gives every K=16 slice of
       the register operand the same registers); no spills at BM 128 / BN 128 with 8 warps, where
-      mma8t spills. Offered in every bucket. H100, d932bda (gpu_kernels_v9.md): the tuner's pick at
+      mma8t spills. It keeps mma8t's two accumulators: a K=128 dot accumulating straight into the
+      loop-carried tile (the scale folded into the weights, even inside the packed dequant PTX)
+      compiles back to 8 waits per block (sm_90 SASS, tried at e1630af+). Offered in every bucket. H100, d932bda (gpu_kernels_v9.md): the tuner's pick at
       every M >= 32 shape but one (M = 256, 13824x5120: dense), BM 128 / BN 64 / 4 warps at
       M = 128-256 and BN 64 mostly below; at M <= 16 mma8 stays ahead (mma1t 4th-6th). Against
       v8: x fp16 at M = 32 / 64 / 128 went from 1.26-1.51 / 0.94-1.20 / 0.63-0.82 to
