@@ -7,7 +7,8 @@ a shift and a mask per element and no reshape. Scales and zeros are applied once
 the [BM, BN] partial instead of per weight: for a block inside one group,
   Σ_k x_k (q_k - z) s = s · (Σ_k x_k q_k - z · Σ_k x_k),
 with Σ x q computed on the tensor cores from exact small-integer fp16 operands.
-Small M uses split-K (fp16 atomics into a zeroed output) to put enough loads in flight.
+Small M uses split-K (fp16 atomics into a zeroed output, or with SERIAL_SPLIT_K an fp32 workspace
+that the last split sums) to put enough loads in flight.
 3-bit weights use the same tiles in two planes (int16 low 2-bit fields, int8 high bits; see
 gptq_format.KernelWeights): every kernel takes them through BITS.
 """
@@ -357,7 +358,8 @@ if triton is not None:
         FP16_SCALE ("mma8ts"): the group scale multiplies the dequantized weights in fp16 before
         the dots, which then accumulate straight into acc: one [BN, BM] fp32 accumulator instead
         of two (acc and the block's partial sum), so BM 256 tiles fit the registers and a tile
-        of x rows reads each weight once."""
+        of x rows reads each weight once. ONE_DOT ("mma1t"): the 8 tiles joined into one [BN, 128]
+        operand (_block_t) and one K=128 dot per block, whose wgmmas then issue with one wait."""
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = _tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
