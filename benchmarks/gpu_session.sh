@@ -36,7 +36,7 @@ case "$stage" in
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   serial)
-    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "serial or direct_launch" 2>&1 \
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py -k "serial or direct_launch" 2>&1 \
       | tail -15 | tee "$out/pytest_serial.log"
     timeout 280 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode --serial 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"

@@ -51,10 +51,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def gpu_runner(weights, graphs: bool, bits: int = 4) -> ModelRunner:
+def gpu_runner(weights, graphs: bool, bits: int = 4, serial_split_k: bool = False) -> ModelRunner:
     config = EngineConfig(device="cuda", quant_bits=bits, cuda_graphs=graphs, num_kv_blocks=64,
                           block_size=16, max_num_seqs=8, max_adapters=4,
-                          max_adapters_per_batch=4)
+                          max_adapters_per_batch=4, serial_split_k=serial_split_k)
     runner = ModelRunner(config, SHAPE, weights, "cuda", torch.float16)
     assert runner.is_fast and runner.model.layers[0].fused.keys() == {"qkv_proj", "gate_up_proj"}
     return runner
@@ -99,10 +99,12 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
-@pytest.mark.parametrize("bits", [4, 3, 0], ids=["w4", "w3", "fp16"])
+@pytest.mark.parametrize("bits,serial", [(4, False), (3, False), (0, False), (4, True)],
+                         ids=["w4", "w3", "fp16", "w4-serial-split"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_engine_logits_match_cpu_reference(weights, graphs, bits):
-    gpu = gpu_runner(weights, graphs, bits)
+def test_engine_logits_match_cpu_reference(weights, graphs, bits, serial):
+    """serial: EngineConfig.serial_split_k (experimental), eager and graph-replayed."""
+    gpu = gpu_runner(weights, graphs, bits, serial)
     if bits:
         assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)
@@ -142,6 +144,10 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits):
     base_r = Sequence("y", list(range(1, 30)), SamplingParams(), task="")
     bm_r.allocate(base_r)
     assert rel_err(out_g[-1][:1], ref.compute_logits([base_r])[0][:1]) > 5 * TOL
+    if serial:
+        from services.engine.kernels import w4a16
+        assert w4a16.SERIAL_SPLIT_K and w4a16._locks    # the serial path ran
+        w4a16.set_serial_split_k(False)
 
 
 def test_graph_replay_gives_the_eager_tokens(weights):
