@@ -62,7 +62,7 @@ def _by(rows: list[dict], **match) -> dict | None:
 def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> None:
     meta = data.get("meta", {})
     has_plot = png_path is not None and plot(data, png_path)
-    md = [f"# GPU serving benchmark: inlaid vs fifo (S-LoRA) vs mlfq (FastServe) vs wfq", "",
+    md = ["# GPU serving benchmark: inlaid vs fifo (S-LoRA) vs mlfq (FastServe) vs wfq", "",
           f"Device: **{meta.get('device')}**; commit {meta.get('git_commit')}; {meta.get('date_utc')}; "
           f"{meta.get('wall_s', 0):.0f} s wall in one process.", "",
           f"Command: `{meta.get('command')}`", "",
@@ -119,7 +119,10 @@ def _calibration(data: dict) -> list[str]:
            f"FIFO burst ({cal.get('burst_requests')} requests at t = 0, cut at {_fmt(cal.get('burst_wall_s'), '.1f')} s): "
            f"saturated throughput **C = {_fmt(cal.get('fifo_capacity_req_s'), '.1f')} req/s** "
            f"({_fmt(cal.get('fifo_capacity_tok_s'), '.0f')} output tok/s), completions after the first quarter. "
-           "The rates below are fractions of C.", ""]
+           "The rates below are fractions of C." + (
+               f" The same burst drained on the fitted cost model (simulator, to the last request): "
+               f"{_fmt(cal.get('sim_fifo_drain_req_s'), '.1f')} req/s." if cal.get("sim_fifo_drain_req_s") else "")
+           + (f" **Warning: {cal['capacity_warning']}.**" if cal.get("capacity_warning") else ""), ""]
     if c:
         out += [f"Cost model (`services/engine/simulator/cost_model.py`) fitted to "
                 f"the engine's measured step times (engine.step wall: schedule + run + update): "
