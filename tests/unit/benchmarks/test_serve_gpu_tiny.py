@@ -1,0 +1,31 @@
+"""bench_serve_gpu end to end on the CPU (--tiny: a tiny random model, fp32): calibration, the
+policies at two rates and two ablations, so a section that would crash on the GPU machine crashes
+here first (device time is scarce). Slow (~40 s): run with `make test-slow`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_serve_gpu as bench  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_run_writes_calibration_policies_and_ablations(tmp_path: Path) -> None:
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main,ablate", "--policies", "inlaid,fifo",
+                "--rates", "0.5,1.1", "--replay-s", "2", "--drain-s", "1", "--ablations", "streak2,r025",
+                "--warm-burst-s", "0.5", "--burst-s", "3"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    cal = data["calibration"]
+    assert cal["fifo_capacity_req_s"] > 0 and cal["sim_fifo_drain_req_s"] > 0
+    assert {(r["variant"], r["load_frac"]) for r in data["main"]} == {
+        (p, f) for p in ("inlaid", "fifo") for f in (0.5, 1.1)}
+    assert [r["variant"] for r in data["ablations"]] == ["inlaid, decode streak 2",
+                                                         "inlaid, reserve 1/4 of predicted output"]
+    md = (tmp_path / "serve_gpu.md").read_text()
+    assert "drained on the fitted cost model" in md and "## Ablations" in md
