@@ -48,7 +48,8 @@ class ModelRunner:
         # CUDA graphs.
         self.is_fast = (config.quant_bits in (0, 3, 4) and self.device.type == "cuda"
                         and dtype == torch.float16 and HAS_TRITON)
-        if HAS_TRITON:   # process-wide kernel switches, as torch's thread count in load()
+        if self.is_fast:   # process-wide kernel switches (as torch's thread count in load()), set only by
+            # a runner that launches the kernels: a CPU runner beside it (a reference) leaves them alone
             kernel_launch.set_enabled(config.triton_fast_launch)
             set_serial_split_k(config.serial_split_k)
         # one per model (same shapes); its choices persist across restarts unless turned off

@@ -455,3 +455,18 @@ def test_consume_empties_the_given_weights_and_the_default_keeps_them():
     assert weights == {}
     ids = list(range(3, 30))
     assert rel_err(_logits(consumed, ids), _logits(kept, ids)) == 0.0
+
+
+def test_a_cpu_runner_leaves_the_kernel_switches_alone(monkeypatch):
+    """The Triton switches are process-wide and set by the runner that launches the kernels; a CPU
+    runner built beside it (the GPU tests' float32 reference) must not reset them."""
+    from services.engine.kernels import launch, w4a16
+    monkeypatch.setattr(launch, "ENABLED", False)
+    monkeypatch.setattr(w4a16, "SERIAL_SPLIT_K", True)
+    shape = LlamaShape(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+    config = EngineConfig(num_kv_blocks=8, block_size=4, device="cpu", dtype="float32")   # switch defaults
+    runner = ModelRunner(config, shape, random_weights(shape, "cpu", torch.float32), "cpu", torch.float32)
+    assert not runner.is_fast
+    assert launch.ENABLED is False and w4a16.SERIAL_SPLIT_K is True
