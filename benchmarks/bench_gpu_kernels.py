@@ -106,10 +106,10 @@ class serial_split:
     """Within the block, GEMMs take serial split-K (w4a16.SERIAL_SPLIT_K) instead of fp16 atomics."""
 
     def __enter__(self):
-        W.SERIAL_SPLIT_K = True
+        W.set_serial_split_k(True)
 
     def __exit__(self, *exc):
-        W.SERIAL_SPLIT_K = False
+        W.set_serial_split_k(False)
 
 
 def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits: int = 4,

@@ -56,7 +56,18 @@ from services.engine.simulator.trace import TraceRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("calib", "main", "ablate", "wfq", "scale", "fp16")
-ABLATIONS = ("task-mean", "beta-inf", "oracle", "strict", "no-overload", "no-piggyback", "r025", "streak2")
+# --ablations NAME: (label, prediction mode, β (None: the run's --beta; 0: ∞), EngineConfig overrides)
+ABLATIONS = {
+    "task-mean": ("inlaid, no prediction (task mean)", "task-mean", None, {}),
+    "beta-inf": ("inlaid, beta=inf", "predictor", 0, {}),
+    "oracle": ("inlaid, oracle lengths", "oracle", None, {}),
+    "strict": ("inlaid, strict beta cap (no fill)", "predictor", None, scale_variant("inlaid-strict")[1]),
+    "no-overload": ("inlaid, no overload prefill rule", "predictor", None, {"inlaid_overload_min_free": 0.0}),
+    "no-piggyback": ("inlaid, prefill-only steps (no piggyback)", "predictor", None,
+                     scale_variant("inlaid-separate")[1]),
+    "r025": ("inlaid, reserve 1/4 of predicted output", "predictor", None, scale_variant("inlaid-r025")[1]),
+    "streak2": ("inlaid, decode streak 2", "predictor", None, scale_variant("inlaid-streak2")[1]),
+}
 SIM_CAPACITY_GAP = 1.5        # simulated burst drain over C beyond which the report warns
 MIN_BURST_COMPLETIONS = 100   # fewer completions in the burst's steady-state window: C is a transient
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
@@ -317,14 +328,17 @@ class Bench(ExtraSections):
               flush=True)
         self.simulated_capacity(burst, cal)
 
+    def sim_config(self) -> SimConfig:
+        """The simulated engine of this run: the runner's KV cache, the run's length cap (setup
+        raised it to the longest trace output) and SLO scale."""
+        return SimConfig(num_kv_blocks=self.runner.num_kv_blocks, block_size=self.runner.block_size,
+                         max_tokens=self.args.max_tokens, slo_scale=self.args.slo_scale)
+
     def simulated_capacity(self, burst: list, cal: dict) -> None:
         """The same burst drained on the fitted cost model, beside C: with long requests the cut
         burst is a transient (626f90e, 4x4 lengths: C = 16.3 req/s, yet every 4-bit replay at
         26 req/s finished in full), and a large gap says the rates may sit below saturation."""
-        sim_cfg = SimConfig(num_kv_blocks=self.runner.num_kv_blocks, block_size=self.runner.block_size,
-                            max_tokens=max(self.args.max_tokens, max(r.output_tokens for r in burst)),
-                            slo_scale=self.args.slo_scale)
-        res = Simulator(POLICIES["fifo"], self.base_cfg.scheduler_config(), self.cost, sim_cfg).run(burst)
+        res = Simulator(POLICIES["fifo"], self.base_cfg.scheduler_config(), self.cost, self.sim_config()).run(burst)
         cal["sim_fifo_drain_req_s"] = sim_c = res.metrics["throughput_req_s"]
         print(f"  the burst drained on the cost model: {sim_c:.1f} req/s (C {self.capacity:.1f})", flush=True)
         if sim_c > SIM_CAPACITY_GAP * self.capacity:
@@ -400,19 +414,8 @@ class Bench(ExtraSections):
 
     def ablations(self) -> list[tuple]:
         """(label, prediction mode, β, config overrides) of each inlaid ablation --ablations selects."""
-        beta = self.args.beta
-        every = {"task-mean": ("inlaid, no prediction (task mean)", "task-mean", beta, {}),
-                 "beta-inf": ("inlaid, beta=inf", "predictor", 0, {}),
-                 "oracle": ("inlaid, oracle lengths", "oracle", beta, {}),
-                 "strict": ("inlaid, strict beta cap (no fill)", "predictor", beta, scale_variant("inlaid-strict")[1]),
-                 "no-overload": ("inlaid, no overload prefill rule", "predictor", beta,
-                                 {"inlaid_overload_min_free": 0.0}),
-                 "no-piggyback": ("inlaid, prefill-only steps (no piggyback)", "predictor", beta,
-                                  scale_variant("inlaid-separate")[1]),
-                 "r025": ("inlaid, reserve 1/4 of predicted output", "predictor", beta,
-                          scale_variant("inlaid-r025")[1]),
-                 "streak2": ("inlaid, decode streak 2", "predictor", beta, scale_variant("inlaid-streak2")[1])}
-        return [every[k] for k in (self.args.ablations or every)]
+        return [(label, mode, self.args.beta if beta is None else beta, overrides)
+                for label, mode, beta, overrides in (ABLATIONS[k] for k in self.args.ablations or ABLATIONS)]
 
     def sec_ablate(self) -> None:
         a = self.args
@@ -467,7 +470,7 @@ def parse_args(argv=None):
                     help="unmeasured FIFO burst before the measured one (kernel compiles, GEMM tuning); 0: none")
     ap.add_argument("--calib-half-s", type=float, default=4.0)
     ap.add_argument("--grid-reps", type=int, default=3)
-    ap.add_argument("--ablations", default="", help=f"comma list of {ABLATIONS}; empty: all")
+    ap.add_argument("--ablations", default="", help=f"comma list of {tuple(ABLATIONS)}; empty: all")
     ap.add_argument("--scale-tasks", default="2,10,100,1000")
     ap.add_argument("--scale-policies", default="inlaid,inlaid-strict",
                     help=f"variants replayed on each scaling trace: a policy name or one of {sorted(SCALE_VARIANTS)}")
@@ -514,7 +517,7 @@ def parse_args(argv=None):
     args.ablations = [k for k in args.ablations.split(",") if k]
     unknown = set(args.ablations) - set(ABLATIONS)
     if unknown:
-        ap.error(f"unknown ablations {sorted(unknown)}; choose from {ABLATIONS}")
+        ap.error(f"unknown ablations {sorted(unknown)}; choose from {tuple(ABLATIONS)}")
     args.policies = args.policies.split(",")
     args.rates = [float(x) for x in args.rates.split(",")]
     args.scale_tasks = [int(x) for x in args.scale_tasks.split(",") if x]

@@ -15,7 +15,7 @@ from serve_gpu_fit import scale_variant, step_stats
 from serve_gpu_workload import family_of, make_trace
 from services.engine.policies import POLICIES
 from services.engine.simulator.metrics import summarize
-from services.engine.simulator.simulator import SimConfig, Simulator
+from services.engine.simulator.simulator import Simulator
 
 
 class ExtraSections:
@@ -44,8 +44,7 @@ class ExtraSections:
                 self.save()
         # The simulator with the fitted cost model: longer traces, same rate and task counts.
         sched = self.base_cfg.scheduler_config()
-        sim_cfg = SimConfig(num_kv_blocks=self.runner.num_kv_blocks, block_size=self.runner.block_size,
-                            max_tokens=a.max_tokens, slo_scale=a.slo_scale)
+        sim_cfg = self.sim_config()
         for count in a.scale_tasks:
             trace = make_trace(self.names[:count], self.lengths, rate, a.sim_s, a.seed + 20,
                                zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"sim{count}-", pooled=True)

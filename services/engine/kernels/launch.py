@@ -105,7 +105,10 @@ def launch(fn, grid: tuple, *args, **meta) -> None:
     device = driver.active.get_current_device()
     key = (id(fn), device, tuple(meta.items()), tuple(map(_arg_key, args)))
     entry = _kernels.get(key)
-    if entry is not None and not _hooks_set():
+    if entry is not None:
+        if _hooks_set():    # kept already; the hooks need Triton's path
+            fn[grid](*args, **meta)
+            return
         kernel, tail = entry
         stream = driver.active.get_current_stream(device)
         g1 = grid[1] if len(grid) > 1 else 1

@@ -40,7 +40,7 @@ HAS_TRITON = triton is not None
 # by set_serial_split_k (the engine applies EngineConfig.serial_split_k).
 SERIAL_SPLIT_K = False
 _locks: dict[tuple, torch.Tensor] = {}
-_retired_locks: list = []
+_retired_locks: list[torch.Tensor] = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
 
 if triton is not None:
@@ -442,8 +442,9 @@ def split_locks(device: torch.device, tiles: int) -> torch.Tensor:
     key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     buf = _locks.get(key)
     if buf is None or buf.numel() < tiles:
+        if buf is not None:
+            _retired_locks.append(buf)
         buf = torch.zeros(max(tiles, 4096, 0 if buf is None else 2 * buf.numel()), dtype=torch.int32, device=device)
-        _retired_locks.append(_locks.get(key))
         _locks[key] = buf
     return buf
 
