@@ -120,6 +120,9 @@ def main() -> None:
         row = {"step": label, "wall_ms": wall_ms, "wall_ms_triton_launch": triton_path_ms,
                "direct_launch": direct, "kernels_per_step": n_kernels,
                "gpu_kernel_ms_per_step": gpu_ms,
+               "top_gpu_kernels": [(e.key[:70], round(e.self_device_time_total / args.reps / 1e3, 3),
+                                    e.count // args.reps)
+                                   for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]],
                "top_host_ops": [(e.key, round(e.self_cpu_time_total / args.reps / 1e3, 3), e.count // args.reps)
                                 for e in top],
                "top_python": python_profile(lambda: runner.run(seqs), args.reps, torch)}
@@ -148,6 +151,8 @@ def main() -> None:
               f"{r['wall_ms_triton_launch'] / r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} | "
               f"{r['gpu_kernel_ms_per_step']:.2f} | {r['wall_ms'] - r['gpu_kernel_ms_per_step']:.2f} |" for r in rows]
     for r in rows:
+        lines += ["", f"Top GPU kernels of '{r['step']}' (device ms per step, launches per step):", ""]
+        lines += [f"- `{k}`: {ms} ms, {c} launches" for k, ms, c in r["top_gpu_kernels"]]
         lines += ["", f"Top host ops of '{r['step']}' (self CPU ms per step, calls per step):", ""]
         lines += [f"- {k}: {ms} ms, {c} calls" for k, ms, c in r["top_host_ops"]]
         lines += ["", f"Top Python functions of '{r['step']}' (cProfile self ms per step, calls per step):", ""]
