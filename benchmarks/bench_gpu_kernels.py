@@ -42,9 +42,12 @@ DECODE_BLOCK = 16  # KV block size of the decode benchmarks
 class Timer:
     """Median CUDA-event time of a graph-captured callable with the L2 flushed before each rep."""
 
-    def __init__(self, reps: int) -> None:
+    def __init__(self, reps: int, clean_flush: bool = False) -> None:
         self.reps = reps
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        # a write leaves L2 full of dirty lines that the timed work then writes back (as in
+        # triton.testing.do_bench); a read (clean_flush) leaves it full of clean ones
+        self.clean_flush = clean_flush
 
     def graph_of(self, fn):
         fn()  # warm-up / compile / tune outside capture
@@ -61,7 +64,10 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         for s, e in zip(starts, ends):
-            self.flush.zero_()
+            if self.clean_flush:
+                torch.amax(self.flush)
+            else:
+                self.flush.zero_()
             s.record()
             run()
             e.record()

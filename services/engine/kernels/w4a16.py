@@ -461,9 +461,15 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 
 
 def w4a16_matmul(
-    x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, bias: torch.Tensor | None = None
+    x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, bias: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y [M, N] fp16 = x [M, K] fp16 @ W with one given config (CUDA or TRITON_INTERPRET only)."""
+    """y [M, N] fp16 = x [M, K] fp16 @ W with one given config (CUDA or TRITON_INTERPRET only).
+
+    accumulate: an [M, N] fp16 tensor (unit column stride) that the product is added onto in place
+    and returned, e.g. the residual stream: every split adds its partial there with fp16 atomics,
+    so no zeroed output is launched and no separate add follows.
+    """
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
@@ -479,9 +485,14 @@ def w4a16_matmul(
         raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
     if cfg.zsub and not cfg.fast_deq:
         raise ValueError("zsub subtracts 1024 + z from the fast dequant's 1024 + q: it needs fast_deq")
+    if accumulate is not None and (accumulate.shape != (m, n) or accumulate.dtype != torch.float16
+                                   or accumulate.stride(1) != 1):
+        raise ValueError(f"accumulate must be [{m}, {n}] fp16 with unit column stride, got "
+                         f"{accumulate.dtype} {tuple(accumulate.shape)} strides {accumulate.stride()}")
     if cfg.kind == "dense":
         out = x @ dequantize_fp16(kw)
-        return out if bias is None else out + bias.to(out.dtype)
+        out = out if bias is None else out + bias.to(out.dtype)
+        return out if accumulate is None else accumulate.add_(out)
     num_blocks = k // KERNEL_K_BLOCK
     split_k = max(1, min(cfg.split_k, num_blocks))
     blocks_per_split = -(-num_blocks // split_k)
@@ -489,9 +500,12 @@ def w4a16_matmul(
     gemv = cfg.kind in ("gemv_row", "gemv_h2")
     tiles, tile = (m * cdiv(n, cfg.block_n), cfg.block_n) if gemv else \
         (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.block_m * cfg.block_n)
-    serial = split_k > 1 and SERIAL_SPLIT_K
-    use_atomic = split_k > 1 and not serial
-    out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
+    serial = split_k > 1 and SERIAL_SPLIT_K and accumulate is None
+    use_atomic = (split_k > 1 and not serial) or accumulate is not None
+    if accumulate is not None:
+        out = accumulate
+    else:
+        out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
     if serial:   # one fp32 slot per split and output tile, and the tiles' locks (zero between calls)
         ws = torch.empty(split_k * tiles * tile, dtype=torch.float32, device=x.device)
         locks = split_locks(x.device, tiles)

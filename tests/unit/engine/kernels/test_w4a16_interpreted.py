@@ -9,6 +9,8 @@ tuner's error guard. Skipped without triton.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,3 +90,44 @@ def check_serial_split(bits: int) -> None:
 @pytest.mark.parametrize("bits", [4, 3])
 def test_serial_split_k_interpreted_matches_the_reference(bits: int) -> None:
     run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", bits, func="check_serial_split")
+
+
+def check_accumulate() -> None:
+    """accumulate=residual: residual + x W in place, for every kernel kind with one split and with
+    several (the fp16 atomics path either way), and the dense fallback."""
+    from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
+    from services.engine.kernels.gemm_configs import GemmConfig, candidate_configs
+    from services.engine.kernels.w4a16 import w4a16_matmul
+
+    torch.manual_seed(1)
+    k, n = 256, 192
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n), 128, 4)
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
+    for m in (1, 3):
+        x = (torch.randn(m, k) * 4).half()
+        seen = set()
+        picks = candidate_configs(m)
+        picks += [dataclasses.replace(c, split_k=1) for c in picks] + [GemmConfig("dense", 0, 128, 1)]
+        for cfg in picks:
+            key = (cfg.kind, cfg.split_k > 1)
+            if key in seen:
+                continue
+            seen.add(key)
+            residual = torch.randn(m, n).half() * 8
+            ref = residual.float() + x.float() @ ref_w
+            out = w4a16_matmul(x, kw, cfg, accumulate=residual)
+            assert out.data_ptr() == residual.data_ptr()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (cfg, err)
+        assert {split for _, split in seen} == {False, True} and ("dense", False) in seen
+    try:
+        w4a16_matmul(x, kw, candidate_configs(3)[0], accumulate=torch.zeros(3, n + 1).half())
+    except ValueError as exc:
+        assert "accumulate must be" in str(exc)
+    else:
+        raise AssertionError("a mis-shaped accumulate was accepted")
+
+
+def test_accumulate_into_residual_interpreted() -> None:
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", func="check_accumulate")
