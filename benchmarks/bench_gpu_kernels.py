@@ -245,9 +245,12 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         floor_ms, weight_bytes, kv_bytes = decode_floor(model, bsz, ctx, bw_gbs)
         graph_ms = timer.median_ms(lambda: model.decode(**inputs))
         eager_ms = timer.median_ms(lambda: model.decode(**inputs), use_graph=False)
+        model.residual_onto = False   # the layout before: zeroed o/down outputs, add + RMSNorm after
+        zeroed_ms = timer.median_ms(lambda: model.decode(**inputs))
+        model.residual_onto = True
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
-                     "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
+                     "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -255,7 +258,7 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
             print(f"  serial split-K: graph {rows[-1]['graph_ms_serial']:.3f} ms  eager {rows[-1]['eager_ms_serial']:.3f} ms",
                   flush=True)
         print(f"decode B={bsz:2d} ctx={ctx}: graph {graph_ms:.3f} ms  eager {eager_ms:.3f} ms  floor {floor_ms:.3f} ms  "
-              f"x{graph_ms/floor_ms:.2f} of floor", flush=True)
+              f"x{graph_ms/floor_ms:.2f} of floor (zeroed outputs: graph {zeroed_ms:.3f} ms)", flush=True)
         torch.cuda.empty_cache()
     lora_rows = []
     bsz = 64
@@ -318,9 +321,14 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += [f"| {r['num_adapters']} | {r['layer_ms']*1e3:.1f} | {r['vs_no_lora']:.2f} |" for r in res["lora_layer"]]
     if res.get("decode"):
         lines += [f"\n## Decode step, random Llama-2-7B, {b}-bit g128, fp16 lm_head\n",
-                  "| batch | context | CUDA graph ms | eager ms | floor ms | graph / floor | tok/s |", "|---|---|---|---|---|---|---|"]
+                  "o and down add onto the residual stream in place; the last columns time the same graphed "
+                  "step with zeroed o/down outputs and a fused add + RMSNorm after them (the layout before).\n",
+                  "| batch | context | CUDA graph ms | eager ms | floor ms | graph / floor | tok/s "
+                  "| graph ms, zeroed outputs | zeroed / in place |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} | {r['floor_ms']:.3f} | "
-                  f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} |" for r in res["decode"]]
+                  f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} | "
+                  + (f"{r['graph_ms_zeroed_outputs']:.3f} | {r['graph_ms_zeroed_outputs'] / r['graph_ms']:.2f} |"
+                     if "graph_ms_zeroed_outputs" in r else "n/a | n/a |") for r in res["decode"]]
         if any("graph_ms_serial" in r for r in res["decode"]):
             lines += ["\nWith serial split-K (same steps):\n", "| batch | CUDA graph ms | eager ms | graph / floor |",
                       "|---|---|---|---|"]

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh serial COMMIT    # ~480 s: serial split-K's GPU tests (with the direct launch's),
 #                                                   #   the gemm/decode table with serial split-K beside the atomics,
 #                                                   #   and the eager-step profile with serial split-K on
+#   bash benchmarks/gpu_session.sh probe COMMIT     # ~330 s: engine + fused-op GPU tests, where small-M GEMM time goes
+#                                                   #   (probe_gemm_overhead.py), the decode table (in place vs zeroed outputs)
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
@@ -23,7 +25,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | serve | w3 | e2e | overload | budget | budget-long}
+stage=${1:?stage: kernels | serial | probe | serve | w3 | e2e | overload | budget | budget-long}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -42,6 +44,14 @@ case "$stage" in
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     timeout 120 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" --serial-split 2>&1 \
       | grep -v -i warn | tail -8
+    ;;
+  probe)
+    timeout 170 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
+      -k "logits_match or graph_replay or llm_engine or long_prefill or fused_ops or graphed_decode" 2>&1 \
+      | tail -15 | tee "$out/pytest_probe.log"
+    timeout 150 python3 benchmarks/probe_gemm_overhead.py --out "$out" --commit "$commit" 2>&1 | grep -v -i warn
+    timeout 120 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
+      | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   serve)
     timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \

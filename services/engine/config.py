@@ -37,7 +37,7 @@ class EngineConfig:
     cuda_graphs: bool = True               # capture pure-decode steps at bucketed batch sizes
     gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
     triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
-    serial_split_k: bool = False           # experimental: split-K GEMMs without a zeroed output (kernels/w4a16.py)
+    serial_split_k: bool = False           # split-K GEMMs without a zeroed output; slower on H100 (kernels/w4a16.py)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
     mlfq_num_levels: int = 6
     mlfq_base_quantum: int = 8

@@ -154,6 +154,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
+def _norm_onto(stream: torch.Tensor, pending: torch.Tensor | None, weight: torch.Tensor,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(stream + pending) * weight, stream + pending) with Triton; pending None: already added."""
+    from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm
+    if pending is None:
+        return rmsnorm(stream, weight, eps), stream
+    return add_rmsnorm(pending, weight, eps, stream)
+
+
 class LlamaLayer(nn.Module):
     """One decoder layer; q/k/v/o/gate/up/down are separate swappable BaseLinear-like modules."""
 
@@ -172,6 +181,18 @@ class LlamaLayer(nn.Module):
     def _linear(self, name: str, x: torch.Tensor, lora) -> torch.Tensor:
         y = getattr(self, name)(x)
         return y if lora is None else lora.apply(self.idx, name, x, y)
+
+    def _linear_onto(self, stream: torch.Tensor, name: str, x: torch.Tensor, lora) -> torch.Tensor | None:
+        """Adds linear(x) (+ its LoRA delta) onto the residual stream in place and returns None when
+        the linear is a Triton quantized one (its GEMM's partials land on the stream: no zeroed
+        output, no add kernel); otherwise returns the output for the next norm to add."""
+        from services.engine.kernels.quant_linear import TritonQuantLinear
+        if not isinstance(getattr(self, name), TritonQuantLinear):
+            return self._linear(name, x, lora)
+        getattr(self, name)(x, accumulate=stream)
+        if lora is not None:
+            lora.apply(self.idx, name, x, stream)
+        return None
 
     # ---- swappable linears (fused groups included) -------------------------------------
     def _group_of(self, name: str) -> str | None:
@@ -243,22 +264,26 @@ class LlamaLayer(nn.Module):
                 lora.apply(self.idx, n, x, y[:, start:end])
         return y
 
-    def forward_fast(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    def forward_fast(self, stream: torch.Tensor, pending: torch.Tensor | None, positions: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor],
-                     meta: AttentionMetadata, lora) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPU fast path (fp16, Triton): fused add+RMSNorm, one GEMM for q|k|v and for gate|up,
-        RoPE fused with the KV-cache write, paged decode attention. Returns (h, residual)."""
-        from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, silu_mul
-        t = h.shape[0]
-        x, residual = add_rmsnorm(h, self.input_layernorm.weight, self.eps, residual)
+                     meta: AttentionMetadata, lora) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GPU fast path (fp16, Triton): RMSNorm, one GEMM for q|k|v and for gate|up, RoPE fused
+        with the KV-cache write, paged decode attention. The residual stream [T, hidden] is updated
+        in place by quantized o_proj / down_proj (_linear_onto); a dense one's output stays
+        `pending` and the next norm adds it (fused add + RMSNorm). The stream must be a tensor
+        this forward may overwrite (the embedding gather's output, then its own).
+        Returns (stream, pending)."""
+        from services.engine.kernels.fused_ops import rope_and_cache, silu_mul
+        t = stream.shape[0]
+        x, stream = _norm_onto(stream, pending, self.input_layernorm.weight, self.eps)
         qkv = self._group("qkv_proj", x, lora)                        # [T, (H + 2 Hkv) D]
         q = rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
                            meta.slot_mapping, self.num_heads, self.num_kv_heads)  # [T, H, D]
         attn = paged_attention_cuda(q, kv_cache[0], kv_cache[1], meta)
-        o = self._linear("o_proj", attn.reshape(t, -1), lora)
-        x, residual = add_rmsnorm(o, self.post_attention_layernorm.weight, self.eps, residual)
+        pending = self._linear_onto(stream, "o_proj", attn.reshape(t, -1), lora)
+        x, stream = _norm_onto(stream, pending, self.post_attention_layernorm.weight, self.eps)
         act = silu_mul(self._group("gate_up_proj", x, lora))         # [T, I]
-        return self._linear("down_proj", act, lora), residual
+        return stream, self._linear_onto(stream, "down_proj", act, lora)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -316,11 +341,10 @@ class LlamaModel(nn.Module):
                 lora=None) -> torch.Tensor:
         """input_ids, positions [T] → hidden states [T, hidden] (before the final norm)."""
         if self.rope_tables is not None:
-            h, residual = F.embedding(input_ids, self.embed_tokens), None
+            stream, pending = F.embedding(input_ids, self.embed_tokens), None
             for layer, cache in zip(self.layers, kv_caches, strict=True):
-                h, residual = layer.forward_fast(h, residual, positions, self.rope_tables, cache,
-                                                 meta, lora)
-            return h + residual
+                stream, pending = layer.forward_fast(stream, pending, positions, self.rope_tables, cache, meta, lora)
+            return stream if pending is None else stream + pending
         x = F.embedding(input_ids, self.embed_tokens)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]     # [T, D/2] fp32
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -17,7 +17,7 @@ from services.engine.kernels.attention import (  # noqa: E402
     paged_varlen_reference,
 )
 from services.engine.kernels.fused_ops import (  # noqa: E402
-    add_rmsnorm, add_rmsnorm_reference, rope_and_cache, rope_reference, rope_tables, silu_mul,
+    add_rmsnorm, add_rmsnorm_reference, rmsnorm, rope_and_cache, rope_reference, rope_tables, silu_mul,
 )
 from services.engine.kernels.gptq_format import (  # noqa: E402
     dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
@@ -212,6 +212,7 @@ def test_fused_ops() -> None:
     out, res = add_rmsnorm(x, w, 1e-5, r)
     ref_out, ref_res = add_rmsnorm_reference(x, w, 1e-5, r)
     assert rel_err(out, ref_out) < 1e-2 and rel_err(res, ref_res) < 1e-2
+    assert rel_err(rmsnorm(x, w, 1e-5), add_rmsnorm_reference(x, w, 1e-5)[0]) < 1e-2
     gu = torch.randn(t, 2 * 1000, device=DEV).half()
     ref = torch.nn.functional.silu(gu[:, :1000].float()) * gu[:, 1000:].float()
     assert rel_err(silu_mul(gu), ref) < 1e-2
@@ -247,6 +248,9 @@ def test_graphed_decode_equals_eager() -> None:
     eager = model.decode(**inputs).clone()
     no_lora = model.decode(**{**inputs, "slot_ids": None})
     assert rel_err(no_lora, eager.float()) > 1e-3  # the adapters change the logits
+    model.residual_onto = False   # zeroed o/down outputs + add_rmsnorm: the same step
+    assert rel_err(model.decode(**inputs), eager.float()) < 1e-2
+    model.residual_onto = True
     graphed = GraphedDecode(model, inputs)
     # split-K atomics make summation order vary: equal up to rounding, not bitwise
     assert rel_err(graphed.replay(), eager.float()) < 1e-2

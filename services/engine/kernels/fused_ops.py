@@ -22,14 +22,15 @@ if triton is not None:
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps,
-                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr, WRITE_RES: tl.constexpr = True):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
         x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             x += tl.load(res_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(res_out_ptr + row * H + offs, x.to(res_out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_RES:
+            tl.store(res_out_ptr + row * H + offs, x.to(res_out_ptr.dtype.element_ty), mask=mask)
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * H + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
@@ -86,6 +87,15 @@ def add_rmsnorm(
     launch(_add_rmsnorm_kernel, (t,), x, residual if residual is not None else x, weight, out, res_out, h, eps,
            HAS_RES=residual is not None, BLOCK=next_pow2(h), num_warps=8)
     return out, res_out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight for a contiguous x [T, H] (add_rmsnorm without the residual)."""
+    t, h = x.shape
+    out = torch.empty_like(x)
+    launch(_add_rmsnorm_kernel, (t,), x, x, weight, out, out, h, eps,
+           HAS_RES=False, BLOCK=next_pow2(h), WRITE_RES=False, num_warps=8)
+    return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -58,17 +58,23 @@ class TritonQuantLinear(nn.Module):
             self._dense = dequantize_kernel_weights(self.kw).to(dtype)
         return self._dense
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+        """x W (+ bias); with accumulate (x's leading shape × out_features, e.g. the residual
+        stream) the product is added onto it in place and it is returned: on the Triton path the
+        GEMM's split partials land there directly, with no zeroed output and no separate add."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        acc2 = None if accumulate is None else accumulate.view(-1, self.out_features)
         if HAS_TRITON and x.is_cuda and x.dtype == torch.float16 and x2.shape[0] > 0:
-            y = w4a16_matmul(x2, self.kw, self.tuner.config_for(x2, self.kw), self.bias)
+            y = w4a16_matmul(x2, self.kw, self.tuner.config_for(x2, self.kw), self.bias, accumulate=acc2)
         else:
             y = x2 @ self.dense_weight(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
+            if acc2 is not None:
+                y = acc2.add_(y)
         return y.reshape(*lead, self.out_features)
 
     def load_weights_(self, kw: KernelWeights) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.kernels.attention import paged_decode_attention
-from services.engine.kernels.fused_ops import add_rmsnorm, rope_and_cache, rope_tables, silu_mul
+from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm, rope_and_cache, rope_tables, silu_mul
 from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
 from services.engine.kernels.gemm_tuner import GemmTuner
@@ -85,6 +85,9 @@ class W4Decoder:
         self.v_caches = [torch.randn(cache_shape, device=device, generator=gen).half() for _ in range(s.num_layers)]
         self.cos, self.sin = rope_tables(max_positions, s.head_dim, s.rope_theta, device)
         self.lora: list[LayerLora] | None = None
+        # o and down add onto the residual stream in place (the serving runner's layout); False:
+        # zeroed outputs and a fused add + RMSNorm after them (the layout before, for comparison)
+        self.residual_onto = True
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
@@ -109,8 +112,9 @@ class W4Decoder:
             "down": stacks(s.intermediate, s.hidden, s.hidden),
         }) for _ in range(s.num_layers)]
 
-    def _proj(self, li: int, name: str, x: torch.Tensor, lora_batch: LoraBatch | None) -> torch.Tensor:
-        y = self.layers[li][name](x)
+    def _proj(self, li: int, name: str, x: torch.Tensor, lora_batch: LoraBatch | None,
+              onto: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.layers[li][name](x, accumulate=onto)
         if lora_batch is not None and self.lora is not None:
             a, b, n_slice = self.lora[li].stacks[name]
             triton_lora_apply(y, x, a, b, lora_batch, n_slice)
@@ -127,20 +131,29 @@ class W4Decoder:
         """
         s = self.shape
         lora_batch = prepare_lora_batch(slot_ids) if slot_ids is not None and self.lora is not None else None
-        h = self.embed[token_ids]
+        h = self.embed[token_ids]   # a gathered copy: with residual_onto, the stream updated in place
         residual = None
+        onto = h if self.residual_onto else None
         for li, layer in enumerate(self.layers):
-            x, residual = add_rmsnorm(h, layer["in_norm"], s.eps, residual)
+            x, residual = self._norm(h, residual, layer["in_norm"])
             qkv = self._proj(li, "qkv", x, lora_batch)
             q = rope_and_cache(qkv, positions, self.cos, self.sin, self.k_caches[li], self.v_caches[li],
                                slot_mapping, s.num_heads, s.num_kv_heads)
             attn = paged_decode_attention(q, self.k_caches[li], self.v_caches[li], block_tables, context_lens)
-            o = self._proj(li, "o", attn.reshape(-1, s.num_heads * s.head_dim), lora_batch)
-            x, residual = add_rmsnorm(o, layer["post_norm"], s.eps, residual)
+            o = self._proj(li, "o", attn.reshape(-1, s.num_heads * s.head_dim), lora_batch, onto)
+            x, residual = self._norm(o, residual, layer["post_norm"])
             act = silu_mul(self._proj(li, "gate_up", x, lora_batch))
-            h = self._proj(li, "down", act, lora_batch)
-        x, _ = add_rmsnorm(h, self.final_norm, s.eps, residual)
+            h = self._proj(li, "down", act, lora_batch, onto)
+        x, _ = self._norm(h, residual, self.final_norm)
         return x @ self.lm_head.t()
+
+    def _norm(self, y: torch.Tensor, residual: torch.Tensor | None,
+              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the next block's normed input, residual). With residual_onto y is the stream itself;
+        otherwise y is the last block's output and the residual is added first."""
+        if self.residual_onto:
+            return rmsnorm(y, weight, self.shape.eps), None
+        return add_rmsnorm(y, weight, self.shape.eps, residual)
 
 
 class GraphedDecode:

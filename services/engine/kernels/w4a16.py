@@ -35,9 +35,9 @@ except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
 
 HAS_TRITON = triton is not None
 # Serial split-K (_serial_split_store): split partials meet in an fp32 workspace instead of fp16
-# atomics into a zeroed output, which drops the zero launch of every split GEMM. Experimental:
-# checked under TRITON_INTERPRET and compiled for sm_90, not yet run on a GPU. Set for the process
-# by set_serial_split_k (the engine applies EngineConfig.serial_split_k).
+# atomics into a zeroed output, which drops the zero launch of every split GEMM. Off: on the H100 it
+# passes its GPU tests but runs 0.75-1.06x as fast as the atomics (gpu_kernels_v11_serial.md). Set
+# for the process by set_serial_split_k (the engine applies EngineConfig.serial_split_k).
 SERIAL_SPLIT_K = False
 _locks: dict[tuple, torch.Tensor] = {}
 _retired_locks: list[torch.Tensor] = []
