@@ -22,10 +22,12 @@
 #                                                   #   (at 5 s the 71d9c18 run saw 14 completions: no steady state);
 #                                                   #   at 1.6 C the 4-bit engines of 626f90e still finished every
 #                                                   #   request, hence 1.6 and 2.4 C
+#   bash benchmarks/gpu_session.sh budget-long-high COMMIT  # ~330 s: the same at 2.4 and 3.6 x C, no ablations
+#                                                   #   (at 2.4 C of e03242d fifo's SLO was still 0.29, so no policy could show 5x)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | serve | w3 | e2e | overload | budget | budget-long}
+stage=${1:?stage: kernels | serial | probe | serve | w3 | e2e | overload | budget | budget-long | budget-long-high}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -84,6 +86,12 @@ case "$stage" in
       --ablations streak2,beta-inf \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
       --rates 1.6,2.4 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  budget-long-high)
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
+      --rates 2.4,3.6 --replay-s 10 --drain-s 6 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
