@@ -245,9 +245,9 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         floor_ms, weight_bytes, kv_bytes = decode_floor(model, bsz, ctx, bw_gbs)
         graph_ms = timer.median_ms(lambda: model.decode(**inputs))
         eager_ms = timer.median_ms(lambda: model.decode(**inputs), use_graph=False)
-        model.residual_onto = False   # the layout before: zeroed o/down outputs, add + RMSNorm after
+        model.inplace_outputs = False   # the layout before: zeroing launches, add + RMSNorm after o/down
         zeroed_ms = timer.median_ms(lambda: model.decode(**inputs))
-        model.residual_onto = True
+        model.inplace_outputs = True
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
@@ -321,8 +321,9 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += [f"| {r['num_adapters']} | {r['layer_ms']*1e3:.1f} | {r['vs_no_lora']:.2f} |" for r in res["lora_layer"]]
     if res.get("decode"):
         lines += [f"\n## Decode step, random Llama-2-7B, {b}-bit g128, fp16 lm_head\n",
-                  "o and down add onto the residual stream in place; the last columns time the same graphed "
-                  "step with zeroed o/down outputs and a fused add + RMSNorm after them (the layout before).\n",
+                  "o and down add onto the residual stream in place and each norm zeroes the next split-K "
+                  "GEMM's output; the last columns time the same graphed step in the layout before (a zeroing "
+                  "launch per split-K GEMM, a fused add + RMSNorm after o and down).\n",
                   "| batch | context | CUDA graph ms | eager ms | floor ms | graph / floor | tok/s "
                   "| graph ms, zeroed outputs | zeroed / in place |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['graph_ms']:.3f} | {r['eager_ms']:.3f} | {r['floor_ms']:.3f} | "

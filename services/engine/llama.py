@@ -155,12 +155,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _norm_onto(stream: torch.Tensor, pending: torch.Tensor | None, weight: torch.Tensor,
-               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(stream + pending) * weight, stream + pending) with Triton; pending None: already added."""
+               eps: float, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(stream + pending) * weight, stream + pending) with Triton; pending None: already
+    added. The same launch zeroes `zero` (the next GEMM's split-K output) when given."""
     from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm
     if pending is None:
-        return rmsnorm(stream, weight, eps), stream
-    return add_rmsnorm(pending, weight, eps, stream)
+        return rmsnorm(stream, weight, eps, zero), stream
+    return add_rmsnorm(pending, weight, eps, stream, zero)
 
 
 class LlamaLayer(nn.Module):
@@ -252,17 +253,24 @@ class LlamaLayer(nn.Module):
             for n in names:   # the fused copy is the only one kept
                 setattr(self, n, None)
 
-    def _group(self, group: str, x: torch.Tensor, lora) -> torch.Tensor:
-        """Outputs of a fused group's linears side by side [T, ΣN], LoRA added per part."""
+    def _group(self, group: str, x: torch.Tensor, lora, zeroed: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs of a fused group's linears side by side [T, ΣN], LoRA added per part; zeroed:
+        the output from _output_to_zero, already zeroed, that the GEMM accumulates into."""
         fused = self.fused.get(group)
         if fused is None:
             return torch.cat([self._linear(n, x, lora) for n in FUSED_GROUPS[group]], dim=-1)
-        y = fused(x)
+        y = fused(x) if zeroed is None else fused(x, accumulate=zeroed)
         if lora is not None:
             for n in FUSED_GROUPS[group]:
                 start, end = fused.bounds(n)
                 lora.apply(self.idx, n, x, y[:, start:end])
         return y
+
+    def _output_to_zero(self, group: str, like: torch.Tensor) -> torch.Tensor | None:
+        """The fused quantized group's split-K output for the norm before it to zero (or None)."""
+        from services.engine.kernels.quant_linear import FusedQuantLinear
+        fused = self.fused.get(group)
+        return fused.inner.output_to_zero(like) if isinstance(fused, FusedQuantLinear) else None
 
     def forward_fast(self, stream: torch.Tensor, pending: torch.Tensor | None, positions: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -270,19 +278,22 @@ class LlamaLayer(nn.Module):
         """GPU fast path (fp16, Triton): RMSNorm, one GEMM for q|k|v and for gate|up, RoPE fused
         with the KV-cache write, paged decode attention. The residual stream [T, hidden] is updated
         in place by quantized o_proj / down_proj (_linear_onto); a dense one's output stays
-        `pending` and the next norm adds it (fused add + RMSNorm). The stream must be a tensor
-        this forward may overwrite (the embedding gather's output, then its own).
-        Returns (stream, pending)."""
+        `pending` and the next norm adds it (fused add + RMSNorm). Each norm also zeroes the
+        split-K output of the quantized GEMM after it, so no GEMM launches a zeroing of its own.
+        The stream must be a tensor this forward may overwrite (the embedding gather's output,
+        then its own). Returns (stream, pending)."""
         from services.engine.kernels.fused_ops import rope_and_cache, silu_mul
         t = stream.shape[0]
-        x, stream = _norm_onto(stream, pending, self.input_layernorm.weight, self.eps)
-        qkv = self._group("qkv_proj", x, lora)                        # [T, (H + 2 Hkv) D]
+        zeroed = self._output_to_zero("qkv_proj", stream)
+        x, stream = _norm_onto(stream, pending, self.input_layernorm.weight, self.eps, zeroed)
+        qkv = self._group("qkv_proj", x, lora, zeroed)                # [T, (H + 2 Hkv) D]
         q = rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
                            meta.slot_mapping, self.num_heads, self.num_kv_heads)  # [T, H, D]
         attn = paged_attention_cuda(q, kv_cache[0], kv_cache[1], meta)
         pending = self._linear_onto(stream, "o_proj", attn.reshape(t, -1), lora)
-        x, stream = _norm_onto(stream, pending, self.post_attention_layernorm.weight, self.eps)
-        act = silu_mul(self._group("gate_up_proj", x, lora))         # [T, I]
+        zeroed = self._output_to_zero("gate_up_proj", stream)
+        x, stream = _norm_onto(stream, pending, self.post_attention_layernorm.weight, self.eps, zeroed)
+        act = silu_mul(self._group("gate_up_proj", x, lora, zeroed))  # [T, I]
         return stream, self._linear_onto(stream, "down_proj", act, lora)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

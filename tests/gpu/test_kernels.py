@@ -248,9 +248,9 @@ def test_graphed_decode_equals_eager() -> None:
     eager = model.decode(**inputs).clone()
     no_lora = model.decode(**{**inputs, "slot_ids": None})
     assert rel_err(no_lora, eager.float()) > 1e-3  # the adapters change the logits
-    model.residual_onto = False   # zeroed o/down outputs + add_rmsnorm: the same step
+    model.inplace_outputs = False   # zeroed o/down outputs + add_rmsnorm: the same step
     assert rel_err(model.decode(**inputs), eager.float()) < 1e-2
-    model.residual_onto = True
+    model.inplace_outputs = True
     graphed = GraphedDecode(model, inputs)
     # split-K atomics make summation order vary: equal up to rounding, not bitwise
     assert rel_err(graphed.replay(), eager.float()) < 1e-2

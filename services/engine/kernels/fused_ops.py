@@ -21,9 +21,17 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps,
-                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr, WRITE_RES: tl.constexpr = True):
+    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps, zero_ptr, ZN,
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr, WRITE_RES: tl.constexpr = True,
+                            ZERO: tl.constexpr = False, ZBLOCK: tl.constexpr = 1024):
+        """One row: out = rmsnorm(x + res) * w (res_out = x + res when WRITE_RES); with ZERO it also
+        zeroes row `row` of zero_ptr [T, ZN] (the next GEMM's split-K output: no launch of its own)."""
         row = tl.program_id(0)
+        if ZERO:
+            zoffs = tl.arange(0, ZBLOCK)
+            for z0 in range(0, ZN, ZBLOCK):
+                tl.store(zero_ptr + row * ZN + z0 + zoffs, tl.zeros((ZBLOCK,), dtype=zero_ptr.dtype.element_ty),
+                         mask=z0 + zoffs < ZN)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
         x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
@@ -78,24 +86,36 @@ if triton is not None:
 
 
 def add_rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(x + residual) * weight, x + residual) for x [T, H]; residual None means 0."""
+    """(rmsnorm(x + residual) * weight, x + residual) for x [T, H]; residual None means 0.
+    zero: a contiguous [T, N] tensor the same launch fills with zeros (see _zero_args)."""
     t, h = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     launch(_add_rmsnorm_kernel, (t,), x, residual if residual is not None else x, weight, out, res_out, h, eps,
-           HAS_RES=residual is not None, BLOCK=next_pow2(h), num_warps=8)
+           *_zero_args(zero, t, out), HAS_RES=residual is not None, BLOCK=next_pow2(h), ZERO=zero is not None,
+           num_warps=8)
     return out, res_out
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * weight for a contiguous x [T, H] (add_rmsnorm without the residual)."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """rmsnorm(x) * weight for a contiguous x [T, H] (add_rmsnorm without the residual); zero as there."""
     t, h = x.shape
     out = torch.empty_like(x)
-    launch(_add_rmsnorm_kernel, (t,), x, x, weight, out, out, h, eps,
-           HAS_RES=False, BLOCK=next_pow2(h), WRITE_RES=False, num_warps=8)
+    launch(_add_rmsnorm_kernel, (t,), x, x, weight, out, out, h, eps, *_zero_args(zero, t, out),
+           HAS_RES=False, BLOCK=next_pow2(h), WRITE_RES=False, ZERO=zero is not None, num_warps=8)
     return out
+
+
+def _zero_args(zero: torch.Tensor | None, t: int, placeholder: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer, row width) of the tensor a norm launch also zeroes (a placeholder when None)."""
+    if zero is None:
+        return placeholder, 0
+    if zero.dim() != 2 or zero.shape[0] != t or not zero.is_contiguous():
+        raise ValueError(f"zero must be a contiguous [{t}, N] tensor, got {tuple(zero.shape)}")
+    return zero, zero.shape[1]
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

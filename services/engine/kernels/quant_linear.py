@@ -16,7 +16,7 @@ from services.engine.kernels.gptq_format import (
     unpack_along_rows,
     write_kernel_weights,
 )
-from services.engine.kernels.w4a16 import HAS_TRITON, w4a16_matmul
+from services.engine.kernels.w4a16 import HAS_TRITON, needs_zeroed_output, w4a16_matmul
 
 
 class TritonQuantLinear(nn.Module):
@@ -76,6 +76,19 @@ class TritonQuantLinear(nn.Module):
             if acc2 is not None:
                 y = acc2.add_(y)
         return y.reshape(*lead, self.out_features)
+
+    def output_to_zero(self, like: torch.Tensor) -> torch.Tensor | None:
+        """For an input with like's rows, device and dtype: an uninitialised [rows, out_features]
+        output when this layer's GEMM sums split partials into a zeroed output (else None). A
+        kernel that runs before the GEMM zeroes it (fused_ops.rmsnorm(zero=...)) and the GEMM
+        accumulates into it, so the zeroing costs no launch of its own."""
+        like2 = like.reshape(-1, like.shape[-1])
+        if not (HAS_TRITON and like.is_cuda and like.dtype == torch.float16 and like2.shape[0] > 0
+                and like.shape[-1] == self.in_features):
+            return None
+        if not needs_zeroed_output(self.tuner.config_for(like2, self.kw), self.in_features):
+            return None
+        return torch.empty(like2.shape[0], self.out_features, dtype=like.dtype, device=like.device)
 
     def load_weights_(self, kw: KernelWeights) -> None:
         """Overwrite the weights in place with a layer of the same shape (keeps CUDA graphs valid)."""
@@ -140,8 +153,8 @@ class FusedQuantLinear(FusedParts):
         self.inner = TritonQuantLinear(concat_kernel_weights([p.kw for p in parts.values()]), None, tuner)
         self.in_features, self.out_features = self.inner.in_features, self.inner.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
+    def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(x, accumulate)
 
     def part(self, name: str) -> TritonQuantLinear:
         """A standalone copy of one part."""

@@ -85,9 +85,10 @@ class W4Decoder:
         self.v_caches = [torch.randn(cache_shape, device=device, generator=gen).half() for _ in range(s.num_layers)]
         self.cos, self.sin = rope_tables(max_positions, s.head_dim, s.rope_theta, device)
         self.lora: list[LayerLora] | None = None
-        # o and down add onto the residual stream in place (the serving runner's layout); False:
-        # zeroed outputs and a fused add + RMSNorm after them (the layout before, for comparison)
-        self.residual_onto = True
+        # The serving runner's layout: o and down add onto the residual stream in place and each
+        # norm zeroes the next split-K GEMM's output (no zeroing launches). False: the layout
+        # before, zeroed GEMM outputs and a fused add + RMSNorm after o and down (for comparison).
+        self.inplace_outputs = True
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
@@ -131,28 +132,34 @@ class W4Decoder:
         """
         s = self.shape
         lora_batch = prepare_lora_batch(slot_ids) if slot_ids is not None and self.lora is not None else None
-        h = self.embed[token_ids]   # a gathered copy: with residual_onto, the stream updated in place
+        h = self.embed[token_ids]   # a gathered copy: with inplace_outputs, the stream updated in place
         residual = None
-        onto = h if self.residual_onto else None
+        onto = h if self.inplace_outputs else None
         for li, layer in enumerate(self.layers):
-            x, residual = self._norm(h, residual, layer["in_norm"])
-            qkv = self._proj(li, "qkv", x, lora_batch)
+            zeroed = self._to_zero(layer["qkv"], h)
+            x, residual = self._norm(h, residual, layer["in_norm"], zeroed)
+            qkv = self._proj(li, "qkv", x, lora_batch, zeroed)
             q = rope_and_cache(qkv, positions, self.cos, self.sin, self.k_caches[li], self.v_caches[li],
                                slot_mapping, s.num_heads, s.num_kv_heads)
             attn = paged_decode_attention(q, self.k_caches[li], self.v_caches[li], block_tables, context_lens)
             o = self._proj(li, "o", attn.reshape(-1, s.num_heads * s.head_dim), lora_batch, onto)
-            x, residual = self._norm(o, residual, layer["post_norm"])
-            act = silu_mul(self._proj(li, "gate_up", x, lora_batch))
+            zeroed = self._to_zero(layer["gate_up"], o)
+            x, residual = self._norm(o, residual, layer["post_norm"], zeroed)
+            act = silu_mul(self._proj(li, "gate_up", x, lora_batch, zeroed))
             h = self._proj(li, "down", act, lora_batch, onto)
         x, _ = self._norm(h, residual, self.final_norm)
         return x @ self.lm_head.t()
 
-    def _norm(self, y: torch.Tensor, residual: torch.Tensor | None,
-              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the next block's normed input, residual). With residual_onto y is the stream itself;
-        otherwise y is the last block's output and the residual is added first."""
-        if self.residual_onto:
-            return rmsnorm(y, weight, self.shape.eps), None
+    def _to_zero(self, linear: TritonQuantLinear, like: torch.Tensor) -> torch.Tensor | None:
+        return linear.output_to_zero(like) if self.inplace_outputs else None
+
+    def _norm(self, y: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the next block's normed input, residual). With inplace_outputs y is the stream itself
+        and the launch also zeroes `zero`; otherwise y is the last block's output and the residual
+        is added first."""
+        if self.inplace_outputs:
+            return rmsnorm(y, weight, self.shape.eps, zero), None
         return add_rmsnorm(y, weight, self.shape.eps, residual)
 
 

@@ -460,6 +460,20 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
     return out
 
 
+def split_of(cfg: GemmConfig, k: int) -> tuple[int, int]:
+    """(splits, 128-row blocks per split) that a config runs with at reduction length k."""
+    num_blocks = k // KERNEL_K_BLOCK
+    split_k = max(1, min(cfg.split_k, num_blocks))
+    blocks_per_split = -(-num_blocks // split_k)
+    return -(-num_blocks // blocks_per_split), blocks_per_split
+
+
+def needs_zeroed_output(cfg: GemmConfig, k: int) -> bool:
+    """Whether w4a16_matmul with this config sums split partials with atomics into a zeroed output
+    (a caller that zeroes an output inside an earlier kernel passes it as `accumulate`)."""
+    return cfg.kind != "dense" and split_of(cfg, k)[0] > 1 and not SERIAL_SPLIT_K
+
+
 def w4a16_matmul(
     x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, bias: torch.Tensor | None = None,
     accumulate: torch.Tensor | None = None,
@@ -493,10 +507,7 @@ def w4a16_matmul(
         out = x @ dequantize_fp16(kw)
         out = out if bias is None else out + bias.to(out.dtype)
         return out if accumulate is None else accumulate.add_(out)
-    num_blocks = k // KERNEL_K_BLOCK
-    split_k = max(1, min(cfg.split_k, num_blocks))
-    blocks_per_split = -(-num_blocks // split_k)
-    split_k = -(-num_blocks // blocks_per_split)
+    split_k, blocks_per_split = split_of(cfg, k)
     gemv = cfg.kind in ("gemv_row", "gemv_h2")
     tiles, tile = (m * cdiv(n, cfg.block_n), cfg.block_n) if gemv else \
         (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.block_m * cfg.block_n)
