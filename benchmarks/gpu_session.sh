@@ -10,6 +10,8 @@
 #                                                   #   and the eager-step profile with serial split-K on
 #   bash benchmarks/gpu_session.sh probe COMMIT     # ~330 s: engine + fused-op GPU tests, where small-M GEMM time goes
 #                                                   #   (probe_gemm_overhead.py), the decode table (in place vs zeroed outputs)
+#   bash benchmarks/gpu_session.sh inplace COMMIT   # ~300 s: fast-path GPU tests (logits vs the CPU reference, graphed
+#                                                   #   decode, fused norms), the decode table, the eager-step profile
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
@@ -27,7 +29,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | serve | w3 | e2e | overload | budget | budget-long | budget-long-high}
+stage=${1:?stage: kernels | serial | probe | inplace | serve | w3 | e2e | overload | budget | budget-long | budget-long-high}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -54,6 +56,15 @@ case "$stage" in
     timeout 150 python3 benchmarks/probe_gemm_overhead.py --out "$out" --commit "$commit" 2>&1 | grep -v -i warn
     timeout 120 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
+    ;;
+  inplace)
+    timeout 170 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "graphed_decode or fused_ops or (logits_match and not serial) or graph_replay" 2>&1 \
+      | tail -15 | tee "$out/pytest_inplace.log"
+    timeout 90 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
+      | grep -v -i warn | tee "$out/gpu_kernels.log"
+    timeout 100 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" 2>&1 \
+      | grep -v -i warn | tail -8
     ;;
   serve)
     timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \
