@@ -15,7 +15,8 @@ TARGETS = {"throughput": 1.5, "avg_latency": 1.7, "jct": 2.0, "slo": 5.0, "scale
 COLS = [("variant", "policy", ""), ("offered_rate_req_s", "offered req/s", ".1f"),
         ("throughput_req_s", "req/s", ".2f"), ("throughput_tok_s", "tok/s", ".0f"),
         ("latency_avg_s_per_token", "latency avg s/tok", ".4f"), ("latency_p99_s_per_token", "latency p99 s/tok", ".4f"),
-        ("jct_avg_s", "JCT avg s", ".2f"), ("jct_p99_s", "JCT p99 s", ".2f"), ("ttft_avg_s", "TTFT avg s", ".3f"),
+        ("jct_avg_s", "JCT avg s", ".2f"), ("jct_p99_s", "JCT p99 s", ".2f"),
+        ("jct_avg_all_s", "JCT avg s, all (≥)", ".2f"), ("ttft_avg_s", "TTFT avg s", ".3f"),
         ("ttft_p99_s", "TTFT p99 s", ".2f"), ("slo_attainment_all", "SLO", ".3f"),
         ("adapters_per_step_avg", "tasks/step", ".2f"), ("num_preemptions", "preempt", "d"),
         ("num_unfinished", "unfinished", "d"), ("num_steps", "steps", "d"),
@@ -51,6 +52,7 @@ def ratios(ours: dict, base: dict) -> dict:
     return {"throughput": div(ours.get("throughput_req_s"), base.get("throughput_req_s")),
             "avg_latency": div(base.get("latency_avg_s_per_token"), ours.get("latency_avg_s_per_token")),
             "jct": div(base.get("jct_avg_s"), ours.get("jct_avg_s")),
+            "jct_all": div(base.get("jct_avg_all_s"), ours.get("jct_avg_all_s")),
             "ttft": div(base.get("ttft_avg_s"), ours.get("ttft_avg_s")),
             "slo": div(ours.get("slo_attainment_all"), base.get("slo_attainment_all"))}
 
@@ -82,7 +84,9 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
           "shuffled order, Poisson arrivals. Predicted lengths emulate the predictor: true length × "
           f"log-normal noise (sd {meta.get('pred_sigma')}); the trained ONNX predictor (held-out MAE ≈ 1 token, "
           "predictor.md) is more accurate than this.", "",
-          f"Definitions: latency = JCT / output tokens; JCT = finish − arrival; TTFT = first token − arrival; "
+          f"Definitions: latency = JCT / output tokens; JCT = finish − arrival (finished requests); JCT, all (≥) = "
+          "the mean over every request of the trace, an unfinished one counted up to the cut-off (a lower bound, "
+          "which does not reward leaving requests unfinished); TTFT = first token − arrival; "
           f"SLO attained when JCT ≤ {meta.get('slo_scale')} × the request's latency served alone (a fit to "
           "requests measured alone on this engine, below); SLO counts requests "
           "unfinished at the replay's cut-off as missed; throughput = finished requests / (last finish − "
@@ -187,7 +191,7 @@ def _main(data: dict) -> list[str]:
         out += [f"### {rs[0]['rate_req_s']:.1f} req/s ({frac:.0%} of C), {rs[0]['num_trace_requests']} requests", "",
                 table(rs), ""]
     out += ["### Ratios (> 1 = inlaid better)", "",
-            "| rate | vs | throughput | avg latency | JCT | TTFT | SLO |", "|---|---|---|---|---|---|---|"]
+            "| rate | vs | throughput | avg latency | JCT | JCT, all (≥) | TTFT | SLO |", "|---|---|---|---|---|---|---|---|"]
     for frac in fracs:
         ours = _by(rows, load_frac=frac, variant="inlaid")
         for base in ("fifo", "mlfq", "wfq"):
@@ -195,7 +199,7 @@ def _main(data: dict) -> list[str]:
             if ours and b:
                 q = ratios(ours, b)
                 out.append(f"| {frac:.0%} of C | {base} | {q['throughput']:.2f}× | {q['avg_latency']:.2f}× | "
-                           f"{q['jct']:.2f}× | {q['ttft']:.2f}× | {q['slo']:.2f}× |")
+                           f"{q['jct']:.2f}× | {q['jct_all']:.2f}× | {q['ttft']:.2f}× | {q['slo']:.2f}× |")
     out.append("")
     return out
 
@@ -358,6 +362,8 @@ def _targets(data: dict) -> list[str]:
         line(f"throughput ≥ {TARGETS['throughput']}× fifo at the highest rate", q.get("throughput"), TARGETS["throughput"], ".2f")
         line(f"avg latency ≥ {TARGETS['avg_latency']}× lower", q.get("avg_latency"), TARGETS["avg_latency"], ".2f")
         line(f"JCT ≥ {TARGETS['jct']}× lower", q.get("jct"), TARGETS["jct"], ".2f")
+        line(f"JCT over every request, unfinished ones to the cut-off (a lower bound) ≥ {TARGETS['jct']}× lower",
+             q.get("jct_all"), TARGETS["jct"], ".2f")
         line(f"SLO attainment ≥ {TARGETS['slo']}×", q.get("slo"), TARGETS["slo"], ".2f")
         fifo16 = _by(data.get("fp16") or [], variant="fifo, fp16 base")
         if ours and fifo16:

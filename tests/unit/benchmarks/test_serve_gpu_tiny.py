@@ -27,5 +27,10 @@ def test_tiny_run_writes_calibration_policies_and_ablations(tmp_path: Path) -> N
         (p, f) for p in ("inlaid", "fifo") for f in (0.5, 1.1)}
     assert [r["variant"] for r in data["ablations"]] == ["inlaid, decode streak 2",
                                                          "inlaid, reserve 1/4 of predicted output"]
+    for r in data["main"]:   # every request's JCT, unfinished ones to the cut-off, bounds the finished mean
+        assert r["jct_avg_all_s"] > 0
+        if r["num_unfinished"] == 0:
+            assert abs(r["jct_avg_all_s"] - r["jct_avg_s"]) < 1e-9
     md = (tmp_path / "serve_gpu.md").read_text()
     assert "drained on the fitted cost model" in md and "## Ablations" in md
+    assert "JCT, all (≥)" in md and "JCT over every request" in md
