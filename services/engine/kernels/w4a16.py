@@ -504,9 +504,12 @@ def w4a16_matmul(
         raise ValueError(f"accumulate must be [{m}, {n}] fp16 with unit column stride, got "
                          f"{accumulate.dtype} {tuple(accumulate.shape)} strides {accumulate.stride()}")
     if cfg.kind == "dense":
-        out = x @ dequantize_fp16(kw)
-        out = out if bias is None else out + bias.to(out.dtype)
-        return out if accumulate is None else accumulate.add_(out)
+        w = dequantize_fp16(kw)
+        if accumulate is None:
+            out = x @ w
+            return out if bias is None else out + bias.to(out.dtype)
+        accumulate.addmm_(x, w)      # one GEMM reading the stream as C (beta 1): no separate add
+        return accumulate if bias is None else accumulate.add_(bias.to(accumulate.dtype))
     split_k, blocks_per_split = split_of(cfg, k)
     gemv = cfg.kind in ("gemv_row", "gemv_h2")
     tiles, tile = (m * cdiv(n, cfg.block_n), cfg.block_n) if gemv else \
