@@ -10,7 +10,8 @@ with Σ x q computed on the tensor cores from exact small-integer fp16 operands.
 Small M uses split-K (fp16 atomics into a zeroed output, or with SERIAL_SPLIT_K an fp32 workspace
 that the last split sums) to put enough loads in flight.
 3-bit weights use the same tiles in two planes (int16 low 2-bit fields, int8 high bits; see
-gptq_format.KernelWeights): every kernel takes them through BITS.
+gptq_format.KernelWeights): every kernel takes them through BITS. The device helpers the kernels
+share (unpacking, packed fp16x2 dequant, tile indexing, the serial store) are in w4a16_tiles.py.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from services.engine.kernels.gptq_format import (
 )
 from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
 from services.engine.kernels.launch import cdiv, launch
-from services.engine.kernels.h2_ptx import H2_DEQ3_ASM, H2_DEQ_ASM, H2_DOT3_ASM, H2_DOT_ASM
 
 try:
     import triton
@@ -34,7 +34,7 @@ except ImportError:  # CPU-only installs: TritonQuantLinear falls back to torch
     tl = None
 
 HAS_TRITON = triton is not None
-# Serial split-K (_serial_split_store): split partials meet in an fp32 workspace instead of fp16
+# Serial split-K (serial_split_store): split partials meet in an fp32 workspace instead of fp16
 # atomics into a zeroed output, which drops the zero launch of every split GEMM. Off: on the H100 it
 # passes its GPU tests but runs 0.75-1.06x as fast as the atomics (gpu_kernels_v11_serial.md). Set
 # for the process by set_serial_split_k (the engine applies EngineConfig.serial_split_k).
@@ -44,111 +44,10 @@ _retired_locks: list[torch.Tensor] = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
 
 if triton is not None:
-
-    @triton.jit
-    def _nibble_fp16(q, FAST_DEQ: tl.constexpr):
-        """int32 values 0..15 → fp16. FAST_DEQ: OR in the exponent of 1024 and reinterpret, giving
-        1024 + q exactly with two integer ops instead of a quarter-rate int→float convert (the
-        caller subtracts 1024 through the zero point); otherwise a plain convert."""
-        if FAST_DEQ:
-            return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return q.to(tl.float16)
-
-    @triton.jit
-    def _load_planes(qw_ptr, qh_ptr, offs, BITS: tl.constexpr):
-        """The code planes of one tile as int32: (nibbles, same) at 4 bits, (low 2-bit fields,
-        high bits) at 3 (int16/int8 loads sign-extend; every field is masked after its shift)."""
-        q = tl.load(qw_ptr + offs).to(tl.int32)
-        if BITS == 3:
-            qh = tl.load(qh_ptr + offs).to(tl.int32)
-        else:
-            qh = q
-        return q, qh
-
-    @triton.jit
-    def _field(q, qh, j, BITS: tl.constexpr):
-        """Code j (0..7) of each element: nibble j at 4 bits; 2-bit field j plus high bit j at 3."""
-        if BITS == 4:
-            return (q >> (4 * j)) & 0xF
-        else:
-            return ((q >> (2 * j)) & 3) | (((qh >> j) & 1) << 2)
-
-    _H2_DOT_ASM = tl.constexpr(H2_DOT_ASM)
-    _H2_DOT3_ASM = tl.constexpr(H2_DOT3_ASM)
-    _H2_DEQ_ASM = tl.constexpr(H2_DEQ_ASM)
-    _H2_DEQ3_ASM = tl.constexpr(H2_DEQ3_ASM)
-
-    @triton.jit
-    def _fp16_bits(v):
-        """fp16 tensor → its 16 bits in the low half of an int32 (high half zero)."""
-        return v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-    @triton.jit
-    def _h2_dot(q, qh, p0, p1, p2, p3, zz, BITS: tl.constexpr, EMULATE: tl.constexpr):
-        """_H2_DOT_ASM / _H2_DOT3_ASM on a [16, BN] tile (x pairs [16, 1], zero pair [1, BN]) →
-        fp32 [16, BN]. EMULATE (TRITON_INTERPRET, which has no inline PTX): the same sum from the
-        same packed operands in plain fp32 ops, so the CPU check covers the packing."""
-        if EMULATE:
-            z = (zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - 1024.0
-            out = tl.zeros(q.shape, dtype=tl.float32)
-            for j in tl.static_range(4):
-                if j == 0:
-                    p = p0
-                elif j == 1:
-                    p = p1
-                elif j == 2:
-                    p = p2
-                else:
-                    p = p3
-                x_lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                out += x_lo * (_field(q, qh, j, BITS).to(tl.float32) - z)
-                out += x_hi * (_field(q, qh, j + 4, BITS).to(tl.float32) - z)
-            return out
-        if BITS == 3:
-            return tl.inline_asm_elementwise(_H2_DOT3_ASM, "=r,r,r,r,r,r,r,r", [q, qh, p0, p1, p2, p3, zz],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(_H2_DOT_ASM, "=r,r,r,r,r,r,r", [q, p0, p1, p2, p3, zz],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
-    def _h2_deq(q, qh, zz, BITS: tl.constexpr):
-        """_H2_DEQ_ASM / _H2_DEQ3_ASM on a [16, BN] tile (zero pair [1, BN]) → the 8 fp16 tiles
-        q_j - z, j = 0..7 (a tuple)."""
-        if BITS == 3:
-            return tl.inline_asm_elementwise(_H2_DEQ3_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [q, qh, zz],
-                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(_H2_DEQ_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
-                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-
-    @triton.jit
-    def _x_pair(x_blk, j: tl.constexpr, offs_i):
-        """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]."""
-        lo = (tl.load(x_blk + 16 * j + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
-        hi = (tl.load(x_blk + 16 * (j + 4) + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
-        return _fp16_bits(lo) | (_fp16_bits(hi) << 16)
-
-    @triton.jit
-    def _serial_split_store(acc, out, omask, ws_ptr, lock_ptr, local, tile_id, num_tiles, pid_k, split_k,
-                            TILE: tl.constexpr):
-        """Split-K without a zeroed output ("serial" split-K): each split stores its fp32 partial
-        in its own workspace slot and counts itself in on the tile's lock; the split that arrives
-        last sums all slots in split order (deterministic, own partial from registers), stores the
-        fp16 result and resets the lock for the next call. The barrier orders every thread's slot
-        store before the acquire-release count; the last split reads the slots past L1 (.cg)."""
-        slot = ws_ptr + tile_id.to(tl.int64) * TILE + local
-        tl.store(slot + pid_k.to(tl.int64) * num_tiles * TILE, acc)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            total = tl.zeros_like(acc)
-            for s in range(0, split_k):
-                if s == pid_k:
-                    total += acc
-                else:
-                    total += tl.load(slot + s * num_tiles.to(tl.int64) * TILE, cache_modifier=".cg")
-            tl.store(out, total.to(tl.float16), mask=omask)
-            tl.atomic_xchg(lock_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+    from services.engine.kernels.w4a16_tiles import (
+        block_t, deq_tiles, field, fp16_bits, h2_deq, h2_dot, load_planes, nibble_fp16, serial_split_store, tile_of,
+        x_pair,
+    )
 
     @triton.jit
     def _w4a16_gemv_row_kernel(
@@ -160,7 +59,7 @@ if triton is not None:
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
         int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q).
-        H2: packed fp16x2 dequant and products (_h2_dot), fp32 across words. x is
+        H2: packed fp16x2 dequant and products (h2_dot), fp32 across words. x is
         scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
         |x| below ~35 000; the output is scaled back in fp32."""
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
@@ -183,16 +82,16 @@ if triton is not None:
             for u in tl.static_range(UNROLL):
                 b = tl.minimum(b0 + u, b_end - 1)
                 live = (b0 + u < b_end).to(tl.float32)  # a block past the split's end counts 0
-                q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile,
+                q, qh = load_planes(qw_ptr + tile, qh_ptr + tile,
                                      (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
                 g = (b * 128) // group_size
                 s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 if H2:
-                    zz = _fp16_bits((z + 1024.0).to(tl.float16)) * 65537
+                    zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
                     x_blk = x_row + b * 128
-                    part = _h2_dot(q, qh, _x_pair(x_blk, 0, offs_i)[:, None], _x_pair(x_blk, 1, offs_i)[:, None],
-                                   _x_pair(x_blk, 2, offs_i)[:, None], _x_pair(x_blk, 3, offs_i)[:, None],
+                    part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i)[:, None], x_pair(x_blk, 1, offs_i)[:, None],
+                                   x_pair(x_blk, 2, offs_i)[:, None], x_pair(x_blk, 3, offs_i)[:, None],
                                    zz[None, :], BITS, EMULATE)
                     acc += part * s[None, :]
                 else:
@@ -200,7 +99,7 @@ if triton is not None:
                     xs = tl.zeros((16,), dtype=tl.float32)
                     for j in tl.static_range(8):
                         xj = tl.load(x_row + b * 128 + 16 * j + offs_i).to(tl.float32)
-                        wj = (_field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                        wj = (field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                         part += xj[:, None] * wj
                         xs += xj
                     acc += part * s[None, :]
@@ -214,35 +113,13 @@ if triton is not None:
             out_v += bias * (pid_k == 0).to(tl.float32)
         out = out_ptr + row * stride_om + offs_n
         if SERIAL:
-            _serial_split_store(out_v, out, mask_n, ws_ptr, lock_ptr, tl.arange(0, BN),
+            serial_split_store(out_v, out, mask_n, ws_ptr, lock_ptr, tl.arange(0, BN),
                                 row * tl.num_programs(1) + pid_n, tl.num_programs(0) * tl.num_programs(1),
                                 pid_k, tl.num_programs(2), BN)
         elif USE_ATOMIC:
             tl.atomic_add(out, out_v.to(tl.float16), mask=mask_n, sem="relaxed")
         else:
             tl.store(out, out_v.to(tl.float16), mask=mask_n)
-
-    @triton.jit
-    def _tile_of(pid, pid_k, M, N, K, blocks_per_split, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        """(offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end) of one tensor-core program:
-        its rows and columns with their bounds masks, the start of its [K/8, 128] weight column
-        tile with the columns inside it, and its range of 128-row K blocks. Grouped ordering:
-        programs sharing weight columns run close together (L2 reuse at large M)."""
-        num_pid_m = tl.cdiv(M, BM)
-        width = GROUP_M * tl.cdiv(N, BN)
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        # weights are stored in contiguous [K/8, 128] column tiles (gptq_format.KernelWeights)
-        tile = tl.multiple_of(((pid_n * BN) // 128) * (K // 8 * 128), 128)  # hint: keeps 16-byte loads
-        # the hints restore 16-byte loads: divisibility of (pid_n * BN) % 128 is not inferred
-        offs_c = tl.max_contiguous(tl.multiple_of((pid_n * BN) % 128 + tl.arange(0, BN), BN), BN)
-        b_start = pid_k * blocks_per_split
-        b_end = tl.minimum(b_start + blocks_per_split, K // 128)
-        return offs_m, offs_n, offs_m < M, offs_n < N, tile, offs_c, b_start, b_end
 
     @triton.jit
     def _w4a16_kernel(
@@ -259,7 +136,7 @@ if triton is not None:
         (ZSUB, 8-dot path): the codes and the subtraction come from packed PTX (H2_DEQ_ASM /
         H2_DEQ3_ASM: one or two lop3 and one sub.f16x2 per code pair)."""
         pid_k = tl.program_id(1)
-        offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = _tile_of(
+        offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
         offs_i = tl.arange(0, 16)
 
@@ -276,9 +153,9 @@ if triton is not None:
                 # One K=128 dot: row k of the tile is nibble k // 16 of packed row k % 16
                 # (duplicate addresses, served by the cache), x read contiguously.
                 offs_k = tl.arange(0, 128)
-                qk, qkh = _load_planes(qw_ptr + tile, qh_ptr + tile,
+                qk, qkh = load_planes(qw_ptr + tile, qh_ptr + tile,
                                        (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], BITS)
-                w = _nibble_fp16(_field(qk, qkh, (offs_k // 16)[:, None], BITS), FAST_DEQ)
+                w = nibble_fp16(field(qk, qkh, (offs_k // 16)[:, None], BITS), FAST_DEQ)
                 xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
                 if ZSUB:
                     part = tl.dot(xt, w - z16)
@@ -286,21 +163,21 @@ if triton is not None:
                     part = tl.dot(xt, w)
                     xsum = tl.sum(xt.to(tl.float32), axis=1)
             else:
-                q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile,
+                q, qh = load_planes(qw_ptr + tile, qh_ptr + tile,
                                      (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
                 part = tl.zeros((BM, BN), dtype=tl.float32)
                 xsum = tl.zeros((BM,), dtype=tl.float32)
                 if H2DEQ:
-                    ws = _h2_deq(q, qh, _fp16_bits(z16) * 65537, BITS)
+                    ws = h2_deq(q, qh, fp16_bits(z16) * 65537, BITS)
                 for j in tl.static_range(8):
                     xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
                     if H2DEQ:
                         part = tl.dot(xj, ws[j], part)
                     elif ZSUB:
-                        wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
+                        wj = nibble_fp16(field(q, qh, j, BITS), FAST_DEQ)
                         part = tl.dot(xj, wj - z16, part)
                     else:
-                        wj = _nibble_fp16(_field(q, qh, j, BITS), FAST_DEQ)
+                        wj = nibble_fp16(field(q, qh, j, BITS), FAST_DEQ)
                         part = tl.dot(xj, wj, part)
                         xsum += tl.sum(xj.to(tl.float32), axis=1)
             if ZSUB:
@@ -316,7 +193,7 @@ if triton is not None:
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         omask = mask_m[:, None] & mask_n[None, :]
         if SERIAL:
-            _serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
+            serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
                                 tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :],
                                 tl.program_id(0), tl.num_programs(0), pid_k, tl.num_programs(1), BM * BN)
         elif USE_ATOMIC:
@@ -324,23 +201,6 @@ if triton is not None:
         else:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
-
-    @triton.jit
-    def _deq_tiles(q, qh, z16, BITS: tl.constexpr):
-        """The 8 tiles q_j - z of a [16, BN] code tile in fp16 without inline PTX (as _h2_deq gives them)."""
-        return (_nibble_fp16(_field(q, qh, 0, BITS), True) - z16, _nibble_fp16(_field(q, qh, 1, BITS), True) - z16,
-                _nibble_fp16(_field(q, qh, 2, BITS), True) - z16, _nibble_fp16(_field(q, qh, 3, BITS), True) - z16,
-                _nibble_fp16(_field(q, qh, 4, BITS), True) - z16, _nibble_fp16(_field(q, qh, 5, BITS), True) - z16,
-                _nibble_fp16(_field(q, qh, 6, BITS), True) - z16, _nibble_fp16(_field(q, qh, 7, BITS), True) - z16)
-
-    @triton.jit
-    def _block_t(ws, BN: tl.constexpr):
-        """The 8 dequantized [16, BN] tiles of one 128-row block (tile j holds rows 16 j .. 16 j + 15)
-        as W^T [BN, 128] in row order, for one K=128 dot: a join tree puts j on three trailing
-        axes (j = 4 c + 2 b + a), a permute brings them ahead of the 16 rows of each tile."""
-        r = tl.join(tl.join(tl.join(ws[0], ws[1]), tl.join(ws[2], ws[3])),
-                    tl.join(tl.join(ws[4], ws[5]), tl.join(ws[6], ws[7])))   # [16, BN, a, b, c]
-        return tl.reshape(tl.permute(r, (1, 4, 3, 2, 0)), (BN, 128))
 
     @triton.jit
     def _w4a16_t_kernel(
@@ -359,9 +219,9 @@ if triton is not None:
         the dots, which then accumulate straight into acc: one [BN, BM] fp32 accumulator instead
         of two (acc and the block's partial sum), so BM 256 tiles fit the registers and a tile
         of x rows reads each weight once. ONE_DOT ("mma1t"): the 8 tiles joined into one [BN, 128]
-        operand (_block_t) and one K=128 dot per block, whose wgmmas then issue with one wait."""
+        operand (block_t) and one K=128 dot per block, whose wgmmas then issue with one wait."""
         pid_k = tl.program_id(1)
-        offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = _tile_of(
+        offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
         offs_i = tl.arange(0, 16)
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -372,15 +232,15 @@ if triton is not None:
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             s16 = s.to(tl.float16)
             z16 = (tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0).to(tl.float16)
-            q, qh = _load_planes(qw_ptr + tile, qh_ptr + tile, (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
+            q, qh = load_planes(qw_ptr + tile, qh_ptr + tile, (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
             if not FP16_SCALE:
                 part = tl.zeros((BN, BM), dtype=tl.float32)
             if H2DEQ:
-                ws = _h2_deq(q, qh, _fp16_bits(z16[None, :]) * 65537, BITS)
+                ws = h2_deq(q, qh, fp16_bits(z16[None, :]) * 65537, BITS)
             else:
-                ws = _deq_tiles(q, qh, z16[None, :], BITS)
+                ws = deq_tiles(q, qh, z16[None, :], BITS)
             if ONE_DOT:
-                wt = _block_t(ws, BN)
+                wt = block_t(ws, BN)
                 xt = tl.load(x_col + (k0 + tl.arange(0, 128))[:, None], mask=mask_m[None, :], other=0.0)
                 if FP16_SCALE:
                     acc = tl.dot(wt * s16[:, None], xt, acc)
@@ -401,7 +261,7 @@ if triton is not None:
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         omask = mask_n[:, None] & mask_m[None, :]
         if SERIAL:
-            _serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
+            serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
                                 tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :],
                                 tl.program_id(0), tl.num_programs(0), pid_k, tl.num_programs(1), BM * BN)
         elif USE_ATOMIC:
@@ -416,7 +276,7 @@ if triton is not None:
         t = tl.program_id(1)
         offs_i = tl.arange(0, 16)
         offs_c = tl.arange(0, 128)
-        q, qh = _load_planes(qw_ptr + t * (K // 8 * 128), qh_ptr + t * (K // 8 * 128),
+        q, qh = load_planes(qw_ptr + t * (K // 8 * 128), qh_ptr + t * (K // 8 * 128),
                              (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
         n = t * 128 + offs_c
         nmask = n < N
@@ -424,7 +284,7 @@ if triton is not None:
         s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
         for j in tl.static_range(8):
-            w = (_field(q, qh, j, BITS).to(tl.float32) - z[None, :]) * s[None, :]
+            w = (field(q, qh, j, BITS).to(tl.float32) - z[None, :]) * s[None, :]
             k = b * 128 + 16 * j + offs_i
             tl.store(out_ptr + k[:, None].to(tl.int64) * N + n[None, :], w.to(tl.float16),
                      mask=nmask[None, :])
