@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench_serve_gpu_report import write_report
 from bench_sim import with_predictions
-from serve_gpu_workload import family_lengths, make_trace, task_names
+from serve_gpu_workload import family_lengths, make_trace, scaled, task_names
 from services.engine.policies import POLICIES
 from services.engine.simulator.cost_model import FEATURES, CostModel, StepFeatures
 from services.engine.simulator.simulator import SimConfig, Simulator
@@ -155,7 +155,8 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
         "on_all_4bit_replay_steps": fit_error(cost, replay_4bit)}
     meta = data["meta"]
     sched, sim_cfg = run_settings(meta)
-    lengths = family_lengths(ROOT / "data" / "lengths.jsonl")
+    # the run's --length-scale (runs before the option: none)
+    lengths = scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *meta.get("length_scale", (1.0, 1.0)))
     families = list(lengths)
     capacity = data["calibration"]["fifo_capacity_req_s"]
     sc = data.setdefault("scale", {})

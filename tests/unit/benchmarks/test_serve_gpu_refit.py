@@ -35,3 +35,15 @@ def test_refit_rewrites_the_report_with_simulated_rates(tmp_path: Path, stem: st
         counts = {r["num_tasks"] for r in before["scale"]["real"]}
         assert {r["num_tasks"] for r in data["scale"]["sim"]} == counts
     assert "Simulated" in (tmp_path / "serve_gpu.md").read_text()
+
+
+def test_refit_keeps_the_runs_length_scale(tmp_path: Path) -> None:
+    """A --length-scale 4x4 run is re-simulated on 4x requests (the refit once used unscaled ones)."""
+    for ext in ("json", "steps.csv"):
+        shutil.copy(RESULTS / f"serve_gpu_24gib_long_e03242d.{ext}", tmp_path / f"serve_gpu.{ext}")
+    refit(tmp_path, sim_s=3.0, sim_rates=[1.3], seed=0)
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    assert data["meta"]["length_scale"] == [4.0, 4.0]
+    row = next(r for r in data["sim_rates"] if r["variant"] == "inlaid")
+    out_per_request = row["throughput_tok_s"] / row["throughput_req_s"]
+    assert out_per_request > 60, out_per_request   # unscaled traces average ~28 output tokens
