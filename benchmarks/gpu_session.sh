@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh serial COMMIT    # ~480 s: serial split-K's GPU tests (with the direct launch's),
 #                                                   #   the gemm/decode table with serial split-K beside the atomics,
 #                                                   #   and the eager-step profile with serial split-K on
-#   bash benchmarks/gpu_session.sh probe COMMIT     # ~330 s: engine + fused-op GPU tests, where small-M GEMM time goes
+#   bash benchmarks/gpu_session.sh probe COMMIT     # ~390 s: engine + fused-op GPU tests, where small-M GEMM time goes
 #                                                   #   (probe_gemm_overhead.py), the decode table (in place vs zeroed outputs)
 #   bash benchmarks/gpu_session.sh inplace COMMIT   # ~390 s: fast-path GPU tests (logits vs the CPU reference, graphed
 #                                                   #   decode, fused norms), the decode table, the eager-step profile
@@ -55,7 +55,7 @@ case "$stage" in
       | grep -v -i warn | tail -8
     ;;
   probe)
-    timeout 170 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
+    timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
       -k "logits_match or graph_replay or llm_engine or long_prefill or fused_ops or graphed_decode" 2>&1 \
       | tail -15 | tee "$out/pytest_probe.log"
     timeout 150 python3 benchmarks/probe_gemm_overhead.py --out "$out" --commit "$commit" 2>&1 | grep -v -i warn
