@@ -67,7 +67,7 @@ case "$stage" in
     timeout 260 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
       -k "graphed_decode or fused_ops or (logits_match and not serial) or graph_replay" 2>&1 \
       | tail -15 | tee "$out/pytest_inplace.log"
-    timeout 90 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
+    timeout 120 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     timeout 100 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" 2>&1 \
       | grep -v -i warn | tail -8

@@ -89,6 +89,9 @@ class W4Decoder:
         # norm zeroes the next split-K GEMM's output (no zeroing launches). False: the layout
         # before, zeroed GEMM outputs and a fused add + RMSNorm after o and down (for comparison).
         self.inplace_outputs = True
+        # LoRA shrink: K columns per split (None: triton_lora_apply's default of 4 splits). A
+        # split's K loop runs serially in one program, so long K (down: 11008) makes a long chain.
+        self.lora_k_per_split: int | None = None
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
@@ -118,7 +121,9 @@ class W4Decoder:
         y = self.layers[li][name](x, accumulate=onto)
         if lora_batch is not None and self.lora is not None:
             a, b, n_slice = self.lora[li].stacks[name]
-            triton_lora_apply(y, x, a, b, lora_batch, n_slice)
+            per = self.lora_k_per_split
+            triton_lora_apply(y, x, a, b, lora_batch, n_slice,
+                              **({} if per is None else {"split_k": -(-x.shape[1] // per)}))
         return y
 
     @torch.inference_mode()
