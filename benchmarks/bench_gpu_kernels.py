@@ -157,11 +157,12 @@ def bench_gemm(timer: Timer, bw_gbs: float, quick: bool, tuning_log: dict, bits:
             row["speedup_vs_int4"] = row["int4_ms"] / row["ours_ms"] if row["int4_ms"] else None
             cfg = tuner.config_for(x, lin.kw)
             row["config"] = str(cfg)
-            if W.needs_zeroed_output(cfg, k):
+            split = W.needs_zeroed_output(cfg, k)   # several splits meeting by atomics in a zeroed output
+            if split:
                 # as in the engine, where the RMSNorm before the GEMM zeroes its split-K output
                 kept = torch.zeros(m, n, dtype=torch.float16, device="cuda")
                 row["ours_prezeroed_ms"] = timer.median_ms(lambda: w4a16_matmul(x, lin.kw, cfg, accumulate=kept))
-            if serial and cfg.kind != "dense" and cfg.split_k > 1:   # the same config, serial split-K
+            if serial and split:   # the same config, serial split-K
                 with serial_split():
                     row["serial_ms"] = timer.median_ms(lambda: w4a16_matmul(x, lin.kw, cfg))
                     row["serial_rel_err"] = rel_err(w4a16_matmul(x, lin.kw, cfg), ref)

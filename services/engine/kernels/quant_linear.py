@@ -19,6 +19,11 @@ from services.engine.kernels.gptq_format import (
 from services.engine.kernels.w4a16 import HAS_TRITON, needs_zeroed_output, w4a16_matmul
 
 
+def _runs_triton(x2: torch.Tensor) -> bool:
+    """Whether rows x2 [M, K] take the Triton GEMM (CUDA, fp16, at least one row), not the torch fallback."""
+    return HAS_TRITON and x2.is_cuda and x2.dtype == torch.float16 and x2.shape[0] > 0
+
+
 class TritonQuantLinear(nn.Module):
     """Drop-in replacement for nn.Linear(K, N) over GPTQ v1 4-bit weights.
 
@@ -67,7 +72,7 @@ class TritonQuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         acc2 = None if accumulate is None else accumulate.view(-1, self.out_features)
-        if HAS_TRITON and x.is_cuda and x.dtype == torch.float16 and x2.shape[0] > 0:
+        if _runs_triton(x2):
             y = w4a16_matmul(x2, self.kw, self.tuner.config_for(x2, self.kw), self.bias, accumulate=acc2)
         else:
             y = x2 @ self.dense_weight(x.dtype)
@@ -83,8 +88,7 @@ class TritonQuantLinear(nn.Module):
         kernel that runs before the GEMM zeroes it (fused_ops.rmsnorm(zero=...)) and the GEMM
         accumulates into it, so the zeroing costs no launch of its own."""
         like2 = like.reshape(-1, like.shape[-1])
-        if not (HAS_TRITON and like.is_cuda and like.dtype == torch.float16 and like2.shape[0] > 0
-                and like.shape[-1] == self.in_features):
+        if like.shape[-1] != self.in_features or not _runs_triton(like2):
             return None
         if not needs_zeroed_output(self.tuner.config_for(like2, self.kw), self.in_features):
             return None

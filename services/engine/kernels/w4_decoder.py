@@ -14,6 +14,7 @@ import torch
 from services.engine.kernels.attention import paged_decode_attention
 from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm, rope_and_cache, rope_tables, silu_mul
 from services.engine.kernels.gptq_format import rtn_kernel_weights
+from services.engine.kernels.launch import cdiv
 from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
 from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.quant_linear import TritonQuantLinear
@@ -123,7 +124,7 @@ class W4Decoder:
             a, b, n_slice = self.lora[li].stacks[name]
             per = self.lora_k_per_split
             triton_lora_apply(y, x, a, b, lora_batch, n_slice,
-                              **({} if per is None else {"split_k": -(-x.shape[1] // per)}))
+                              **({} if per is None else {"split_k": cdiv(x.shape[1], per)}))
         return y
 
     @torch.inference_mode()

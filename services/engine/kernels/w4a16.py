@@ -324,14 +324,19 @@ def split_of(cfg: GemmConfig, k: int) -> tuple[int, int]:
     """(splits, 128-row blocks per split) that a config runs with at reduction length k."""
     num_blocks = k // KERNEL_K_BLOCK
     split_k = max(1, min(cfg.split_k, num_blocks))
-    blocks_per_split = -(-num_blocks // split_k)
-    return -(-num_blocks // blocks_per_split), blocks_per_split
+    blocks_per_split = cdiv(num_blocks, split_k)
+    return cdiv(num_blocks, blocks_per_split), blocks_per_split
 
 
 def needs_zeroed_output(cfg: GemmConfig, k: int) -> bool:
     """Whether w4a16_matmul with this config sums split partials with atomics into a zeroed output
     (a caller that zeroes an output inside an earlier kernel passes it as `accumulate`)."""
-    return cfg.kind != "dense" and split_of(cfg, k)[0] > 1 and not SERIAL_SPLIT_K
+    return cfg.kind != "dense" and _sums_with_atomics(split_of(cfg, k)[0])
+
+
+def _sums_with_atomics(split_k: int) -> bool:
+    """Whether split_k partials meet by fp16 atomics into a zeroed output (not serial split-K)."""
+    return split_k > 1 and not SERIAL_SPLIT_K
 
 
 def w4a16_matmul(
@@ -375,7 +380,7 @@ def w4a16_matmul(
     tiles, tile = (m * cdiv(n, cfg.block_n), cfg.block_n) if gemv else \
         (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.block_m * cfg.block_n)
     serial = split_k > 1 and SERIAL_SPLIT_K and accumulate is None
-    use_atomic = (split_k > 1 and not serial) or accumulate is not None
+    use_atomic = accumulate is not None or _sums_with_atomics(split_k)
     if accumulate is not None:
         out = accumulate
     else:
