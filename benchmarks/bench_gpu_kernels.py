@@ -239,6 +239,9 @@ def decode_floor(model: W4Decoder, bsz: int, ctx: int, bw_gbs: float) -> tuple[f
     return (weight_bytes + kv_bytes) / (bw_gbs * 1e9) * 1e3, weight_bytes, kv_bytes
 
 
+LORA_VARIANTS = ("rows", "skip")   # W4Decoder.lora_expand values timed beside the default
+
+
 def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4,
                  serial: bool = False) -> tuple[list[dict], list[dict]]:
     batches = [1, 8, 16, 32, 64]
@@ -276,14 +279,14 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         base = base or ms
         lora_rows.append({"num_adapters": num_adapters, "batch": bsz, "rank": 16, "context": ctx, "step_ms": ms,
                           "vs_no_lora": ms / base})
-        if num_adapters:   # the shrink's K split: the default 4 splits against fixed K per split
-            for per in (1024, 512):
-                model.lora_k_per_split = per
-                lora_rows[-1][f"step_ms_k{per}"] = timer.median_ms(lambda: model.decode(**inputs))
-            model.lora_k_per_split = None
+        if num_adapters:   # the per-token expand, and the shrink alone (where the LoRA time goes)
+            for variant in LORA_VARIANTS:
+                model.lora_expand = variant
+                lora_rows[-1][f"step_ms_{variant}"] = timer.median_ms(lambda: model.decode(**inputs))
+            model.lora_expand = "segments"
         print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}"
-              + "".join(f"  (shrink K/split {p}: {lora_rows[-1][f'step_ms_k{p}']:.3f} ms)"
-                        for p in (1024, 512) if f"step_ms_k{p}" in lora_rows[-1]), flush=True)
+              + "".join(f"  ({v} expand: {lora_rows[-1][f'step_ms_{v}']:.3f} ms)"
+                        for v in LORA_VARIANTS if f"step_ms_{v}" in lora_rows[-1]), flush=True)
         model.set_random_adapters(0, 16)
         torch.cuda.empty_cache()
     return rows, lora_rows
@@ -354,14 +357,15 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += ["\n## Decode step with multi-LoRA on all projections (batch 64, rank 16)\n",
                   "| adapters | step ms | × no-LoRA |", "|---|---|---|"]
         lines += [f"| {r['num_adapters']} | {r['step_ms']:.3f} | {r['vs_no_lora']:.2f} |" for r in res["decode_lora"]]
-        rows_k = [r for r in res["decode_lora"] if "step_ms_k1024" in r]
-        if rows_k:
+        rows_v = [r for r in res["decode_lora"] if "step_ms_rows" in r]
+        if rows_v:
             base = res["decode_lora"][0]["step_ms"]
-            lines += ["\nThe same steps with the LoRA shrink split by K columns per split (default above: 4 splits; "
-                      "down's K = 11008 then runs 22 serial K blocks per program):\n",
-                      "| adapters | 1024 per split ms | × no-LoRA | 512 per split ms | × no-LoRA |", "|---|---|---|---|---|"]
-            lines += [f"| {r['num_adapters']} | {r['step_ms_k1024']:.3f} | {r['step_ms_k1024'] / base:.2f} | "
-                      f"{r['step_ms_k512']:.3f} | {r['step_ms_k512'] / base:.2f} |" for r in rows_k]
+            lines += ["\nThe same steps with the per-token expand (16 tokens per program, B gathered per token, no "
+                      "idle programs), and with the shrink alone (expand skipped: wrong logits, it only splits "
+                      "the LoRA time between the two launches):\n",
+                      "| adapters | rows expand ms | × no-LoRA | shrink only ms | × no-LoRA |", "|---|---|---|---|---|"]
+            lines += [f"| {r['num_adapters']} | {r['step_ms_rows']:.3f} | {r['step_ms_rows'] / base:.2f} | "
+                      f"{r['step_ms_skip']:.3f} | {r['step_ms_skip'] / base:.2f} |" for r in rows_v]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -12,6 +12,9 @@
 #                                                   #   (probe_gemm_overhead.py), the decode table (in place vs zeroed outputs)
 #   bash benchmarks/gpu_session.sh inplace COMMIT   # ~390 s: fast-path GPU tests (logits vs the CPU reference, graphed
 #                                                   #   decode, fused norms), the decode table, the eager-step profile
+#   bash benchmarks/gpu_session.sh lora COMMIT     # ~300 s: LoRA GPU tests (kernels both expand variants, engine logits
+#                                                   #   with the per-token expand), the decode table with LoRA rows
+#                                                   #   (per-token expand, shrink alone)
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
@@ -34,7 +37,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -71,6 +74,12 @@ case "$stage" in
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     timeout 100 python3 benchmarks/profile_eager_step.py --out "$out" --commit "$commit" 2>&1 \
       | grep -v -i warn | tail -8
+    ;;
+  lora)
+    timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "lora_matches or lora-rows or graphed_decode" 2>&1 | tail -15 | tee "$out/pytest_lora.log"
+    timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
+      | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   serve)
     timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \

@@ -151,10 +151,11 @@ class LoraManager:
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
                  device: str | torch.device, dtype: torch.dtype,
                  gather_max_tokens: int | None = None, use_triton: bool = False,
-                 host_cache_bytes: int | None = None) -> None:
+                 host_cache_bytes: int | None = None, expand_rows: bool = False) -> None:
         self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
         self.use_triton = use_triton
+        self.expand_rows = expand_rows                         # Triton path: lora_expand's variant
         self.layout_version = 0
         self._batch = None                                     # Triton path: LoraBatch this step
         self._registered: dict[str, LoraAdapter] = {}
@@ -354,7 +355,7 @@ class LoraManager:
         a_stack, bt_stack = self._a[key], self._bt[key]
         if self._batch is not None:
             from services.engine.kernels.lora import triton_lora_apply
-            return triton_lora_apply(y, x, a_stack, bt_stack, self._batch)
+            return triton_lora_apply(y, x, a_stack, bt_stack, self._batch, rows=self.expand_rows)
         if self._token_slots is not None:
             # Ranks are zero-padded in the stacks, so the full rank_cap is exact.
             xa = torch.bmm(x[:, None, :], a_stack[self._token_slots].transpose(1, 2))  # [T,1,R]

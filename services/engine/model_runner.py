@@ -71,7 +71,8 @@ class ModelRunner:
         self.model_epoch = 0        # bumped when a weight swap replaces a module (graphs recapture)
         self.block_size = config.block_size
         self.lora = LoraManager(shape.dims(), config.max_adapters, config.max_lora_rank,
-                                self.device, dtype, use_triton=self.is_fast)
+                                self.device, dtype, use_triton=self.is_fast,
+                                expand_rows=config.lora_expand_rows)
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._num_kv_blocks()
         # The fast path keeps one extra scratch block that CUDA-graph padding rows write into.

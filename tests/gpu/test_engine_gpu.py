@@ -51,10 +51,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def gpu_runner(weights, graphs: bool, bits: int = 4, serial_split_k: bool = False) -> ModelRunner:
+def gpu_runner(weights, graphs: bool, bits: int = 4, **config_overrides) -> ModelRunner:
     config = EngineConfig(device="cuda", quant_bits=bits, cuda_graphs=graphs, num_kv_blocks=64,
                           block_size=16, max_num_seqs=8, max_adapters=4,
-                          max_adapters_per_batch=4, serial_split_k=serial_split_k)
+                          max_adapters_per_batch=4, **config_overrides)
     runner = ModelRunner(config, SHAPE, weights, "cuda", torch.float16)
     assert runner.is_fast and runner.model.layers[0].fused.keys() == {"qkv_proj", "gate_up_proj"}
     return runner
@@ -99,12 +99,13 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
-@pytest.mark.parametrize("bits,serial", [(4, False), (3, False), (0, False), (4, True)],
-                         ids=["w4", "w3", "fp16", "w4-serial-split"])
+@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows")],
+                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_engine_logits_match_cpu_reference(weights, graphs, bits, serial):
-    """serial: EngineConfig.serial_split_k (experimental), eager and graph-replayed."""
-    gpu = gpu_runner(weights, graphs, bits, serial)
+def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
+    """variant: EngineConfig.serial_split_k (experimental) or lora_expand_rows, eager and graph-replayed."""
+    serial = variant == "serial"
+    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows")
     if bits:
         assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)

@@ -152,8 +152,8 @@ def test_lora_matches_reference(num_tokens: int, num_slots: int, num_slices: int
     slots = torch.randint(-1, num_slots, (num_tokens,), device=DEV)
     y = torch.randn(num_tokens, num_slices * n_slice, device=DEV).half()
     ref = lora_apply_reference(y, x, a, b, slots, n_slice)
-    for split_k in (1, 4):
-        out = triton_lora_apply(y.clone(), x, a, b, prepare_lora_batch(slots), n_slice, split_k=split_k)
+    for split_k, rows in ((1, False), (4, False), (4, True)):
+        out = triton_lora_apply(y.clone(), x, a, b, prepare_lora_batch(slots), n_slice, split_k=split_k, rows=rows)
         delta_ref = ref - y.float()
         if delta_ref.norm() > 0:
             assert ((out.float() - ref).norm() / delta_ref.norm()).item() < 1e-2

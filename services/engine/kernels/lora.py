@@ -126,6 +126,36 @@ if triton is not None:
             y = tl.load(yp, mask=ymask, other=0.0)
             tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
 
+    @triton.jit
+    def _expand_rows_kernel(
+        y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr,
+        T, N, R_TOTAL, n_slice, stride_yt, stride_bs, stride_vsplit,
+        RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+    ):
+        """BM consecutive sorted tokens × BN columns: each token's B tile [BN, RANK] (contiguous
+        in the rank-last stack) gathered by its slot, times its v row, summed over the rank."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        pid_n = tl.program_id(1)
+        s = tl.load(slots_ptr + rows, mask=rows < T, other=-1)
+        live = s >= 0
+        tok = tl.load(order_ptr + rows, mask=live, other=0)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        offs_r = tl.arange(0, RANK)
+        r_off = ((pid_n * BN) // n_slice) * RANK
+        vp = v_ptr + rows[:, None] * R_TOTAL + r_off + offs_r[None, :]
+        vt = tl.load(vp, mask=live[:, None], other=0.0)
+        for sp in tl.static_range(1, SPLIT):
+            vt += tl.load(vp + sp * stride_vsplit, mask=live[:, None], other=0.0)
+        bp = (b_ptr + tl.maximum(s, 0).to(tl.int64)[:, None, None] * stride_bs
+              + offs_n[None, :, None] * RANK + offs_r[None, None, :])
+        bt = tl.load(bp, mask=live[:, None, None] & nmask[None, :, None], other=0.0)
+        acc = tl.sum(bt.to(tl.float32) * vt[:, None, :], axis=2)
+        yp = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
+        ymask = live[:, None] & nmask[None, :]
+        y = tl.load(yp, mask=ymask, other=0.0)
+        tl.store(yp, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+
 
 def _check_stacks(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, n_slice: int) -> tuple[int, int]:
     if a_stack.dim() != 3 or b_stack.dim() != 3 or a_stack.shape[0] != b_stack.shape[0]:
@@ -142,12 +172,75 @@ def _check_stacks(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
     return rank, r_total
 
 
-def _expand_block_n(n_slice: int) -> int:
-    """Largest tile width that never straddles two slices."""
+def _expand_block_n(n_slice: int, cap: int = 128) -> int:
+    """Largest tile width up to cap that never straddles two slices."""
     for bn in (128, 64, 32, 16):
-        if n_slice % bn == 0:
+        if bn <= cap and n_slice % bn == 0:
             return bn
     raise ValueError(f"n_slice {n_slice} must be a multiple of 16")
+
+
+def _shrink_split(k: int, split_k: int, bk: int) -> tuple[int, int]:
+    """(splits, K columns per split) for a shrink over K, each split a whole number of bk blocks."""
+    split_k = max(1, min(split_k, cdiv(k, bk)))
+    k_per_split = cdiv(cdiv(k, split_k), bk) * bk
+    return cdiv(k, k_per_split), k_per_split
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, batch: LoraBatch, split_k: int = 4) -> torch.Tensor:
+    """v [splits, T, R_total] fp32: each split's share of x · A[slot]ᵀ, rows in sorted-token order.
+
+    Rows of slot -1 stay unwritten (garbage): the expand kernels never read them.
+    """
+    t, k = x.shape
+    r_total = a_stack.shape[1]
+    bk = 128
+    split_k, k_per_split = _shrink_split(k, split_k, bk)
+    # one fp32 slab per K split, summed by the expand kernel (no memset launch, no atomics)
+    v = torch.empty((split_k, t, r_total), dtype=torch.float32, device=x.device)
+    if t:
+        launch(
+            _shrink_kernel, (t, split_k, r_total // 16),
+            x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
+            k, r_total, x.stride(0), a_stack.stride(0), k_per_split, v.stride(0),
+            BM=16, BK=bk, RB=16, num_warps=4,
+        )
+    return v
+
+
+def lora_expand(y: torch.Tensor, v: torch.Tensor, b_stack: torch.Tensor, batch: LoraBatch,
+                n_slice: int, rows: bool = False) -> torch.Tensor:
+    """y [T, N] += v · B[slot]ᵀ per token (v from lora_shrink), in place. Returns y.
+
+    rows=False: one program per (segment chunk, N tile) on tensor cores; the grid has a row per
+    token, most of them idle (only chunk leads work). rows=True: one program per (16 sorted
+    tokens, N tile) whatever their slots, B gathered per token and reduced on CUDA cores: no idle
+    programs, T/16 times fewer of them.
+    """
+    t = y.shape[0]
+    if t == 0:
+        return y
+    rank = b_stack.shape[2]
+    n = b_stack.shape[1]
+    split_k, _, r_total = v.shape
+    if rows:
+        # [16, BN, rank] products in registers: keep them near 8K per program
+        bn = _expand_block_n(n_slice, cap=max(16, 512 // rank))
+        launch(
+            _expand_rows_kernel, (cdiv(t, 16), cdiv(n, bn)),
+            y, v, b_stack, batch.order, batch.sorted_slots,
+            t, n, r_total, n_slice, y.stride(0), b_stack.stride(0), v.stride(0),
+            RANK=rank, BM=16, BN=bn, SPLIT=split_k, num_warps=4,
+        )
+        return y
+    bn = _expand_block_n(n_slice)
+    launch(
+        _expand_kernel, (t, cdiv(n, bn)),
+        y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
+        n, r_total, n_slice, y.stride(0), b_stack.stride(0), v.stride(0),
+        RANK=rank, BM=16, BN=bn, SPLIT=split_k, num_warps=4,
+    )
+    return y
 
 
 def triton_lora_apply(
@@ -158,40 +251,21 @@ def triton_lora_apply(
     batch: LoraBatch,
     n_slice: int | None = None,
     split_k: int = 4,
+    rows: bool = False,
 ) -> torch.Tensor:
     """y [T, N] += per-token LoRA(x [T, K]) in place, for each token's slot (see module docstring).
 
     Drop-in for the runner's LoRA step: call right after the base projection. Returns y.
+    rows: the expand's per-token variant (lora_expand).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     n_slice = n_slice or b_stack.shape[1]
-    rank, r_total = _check_stacks(x, a_stack, b_stack, n_slice)
-    t, k = x.shape
-    if t == 0:
+    _check_stacks(x, a_stack, b_stack, n_slice)
+    if x.shape[0] == 0:
         return y
-    x = x.contiguous()
-    bk = 128
-    split_k = max(1, min(split_k, -(-k // bk)))
-    k_per_split = -(-(-(-k // split_k)) // bk) * bk
-    split_k = -(-k // k_per_split)
-    # one fp32 slab per K split, summed by the expand kernel (no memset launch, no atomics)
-    v = torch.empty((split_k, t, r_total), dtype=torch.float32, device=x.device)
-    launch(
-        _shrink_kernel, (t, split_k, r_total // 16),
-        x, a_stack, v, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
-        k, r_total, x.stride(0), a_stack.stride(0), k_per_split, v.stride(0),
-        BM=16, BK=bk, RB=16, num_warps=4,
-    )
-    bn = _expand_block_n(n_slice)
-    n = b_stack.shape[1]
-    launch(
-        _expand_kernel, (t, cdiv(n, bn)),
-        y, v, b_stack, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
-        n, r_total, n_slice, y.stride(0), b_stack.stride(0), v.stride(0),
-        RANK=rank, BM=16, BN=bn, SPLIT=split_k, num_warps=4,
-    )
-    return y
+    v = lora_shrink(x.contiguous(), a_stack, batch, split_k)
+    return lora_expand(y, v, b_stack, batch, n_slice, rows=rows)
 
 
 def lora_apply_reference(

@@ -14,8 +14,7 @@ import torch
 from services.engine.kernels.attention import paged_decode_attention
 from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm, rope_and_cache, rope_tables, silu_mul
 from services.engine.kernels.gptq_format import rtn_kernel_weights
-from services.engine.kernels.launch import cdiv
-from services.engine.kernels.lora import LoraBatch, prepare_lora_batch, triton_lora_apply
+from services.engine.kernels.lora import LoraBatch, lora_shrink, prepare_lora_batch, triton_lora_apply
 from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.quant_linear import TritonQuantLinear
 
@@ -90,9 +89,10 @@ class W4Decoder:
         # norm zeroes the next split-K GEMM's output (no zeroing launches). False: the layout
         # before, zeroed GEMM outputs and a fused add + RMSNorm after o and down (for comparison).
         self.inplace_outputs = True
-        # LoRA shrink: K columns per split (None: triton_lora_apply's default of 4 splits). A
-        # split's K loop runs serially in one program, so long K (down: 11008) makes a long chain.
-        self.lora_k_per_split: int | None = None
+        # LoRA expand: "segments" (tensor-core chunks of one adapter, the default), "rows" (16
+        # tokens per program, B gathered per token), or "skip" (shrink only: wrong logits, for
+        # benchmarks that split the LoRA cost between its two launches)
+        self.lora_expand = "segments"
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
@@ -122,9 +122,10 @@ class W4Decoder:
         y = self.layers[li][name](x, accumulate=onto)
         if lora_batch is not None and self.lora is not None:
             a, b, n_slice = self.lora[li].stacks[name]
-            per = self.lora_k_per_split
-            triton_lora_apply(y, x, a, b, lora_batch, n_slice,
-                              **({} if per is None else {"split_k": cdiv(x.shape[1], per)}))
+            if self.lora_expand == "skip":
+                lora_shrink(x, a, lora_batch)
+            else:
+                triton_lora_apply(y, x, a, b, lora_batch, n_slice, rows=self.lora_expand == "rows")
         return y
 
     @torch.inference_mode()

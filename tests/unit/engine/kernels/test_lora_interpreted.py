@@ -1,6 +1,7 @@
 """The multi-LoRA shrink/expand kernels run under TRITON_INTERPRET on the CPU against the float32
 reference: mixed segments (several adapters, the bare base, a segment longer than one 16-token
-chunk), q|k|v-style slices, split-K 1, 2 and 4. The GPU runs the same cases in tests/gpu/test_kernels.py.
+chunk), q|k|v-style slices, split-K 1, 2 and 4, both expand variants (segment chunks and
+per-token rows). The GPU runs the same cases in tests/gpu/test_kernels.py.
 Skipped without triton.
 """
 from __future__ import annotations
@@ -24,12 +25,12 @@ def check_interpreted(num_tokens: int, num_slots: int, num_slices: int) -> None:
     y = torch.randn(num_tokens, num_slices * n_slice).half()
     ref = lora_apply_reference(y, x, a, b, slots, n_slice)
     delta_ref = ref - y.float()
-    for split_k in (1, 2, 4):
-        out = triton_lora_apply(y.clone(), x, a, b, prepare_lora_batch(slots), n_slice, split_k=split_k)
+    for split_k, rows in ((1, False), (2, False), (4, False), (1, True), (4, True)):
+        out = triton_lora_apply(y.clone(), x, a, b, prepare_lora_batch(slots), n_slice, split_k=split_k, rows=rows)
         err = ((out.float() - ref).norm() / delta_ref.norm()).item()
-        assert err < 1e-2, (split_k, err)
+        assert err < 1e-2, (split_k, rows, err)
         untouched = slots < 0
-        assert torch.equal(out[untouched], y[untouched]), split_k
+        assert torch.equal(out[untouched], y[untouched]), (split_k, rows)
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,num_slices", [(1, 1, 1), (40, 3, 3), (24, 5, 1)])
