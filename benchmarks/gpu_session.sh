@@ -32,12 +32,16 @@
 #   bash benchmarks/gpu_session.sh budget-long-drain COMMIT  # ~420 s: 2.4 and 3.2 x C drained for 16 s after the
 #                                                   #   arrivals, so (nearly) every request finishes and JCT covers all of them
 #                                                   #   (7e88663 cut at 6 s left 177 of fifo's 518 requests unfinished)
+#   bash benchmarks/gpu_session.sh drain30 COMMIT  # ~340 s: budget-long-drain with the engine's default starvation limit,
+#                                                   #   30 s (the benchmark's 5 s made the 10 s replays' late requests
+#                                                   #   jump ahead of SRTF; simulated on d2add64's cost model:
+#                                                   #   sim_starvation.md)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -124,6 +128,13 @@ case "$stage" in
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16 \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
       --rates 2.4,3.2 --replay-s 10 --drain-s 16 --budget-s 540 2>&1 | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  drain30)
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
+      --rates 2.4,3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 540 2>&1 | grep -v -i warn \
+      | tee "$out/serve_gpu.log"
     ;;
   scale256)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
