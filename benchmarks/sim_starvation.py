@@ -1,0 +1,118 @@
+"""The inlaid policy's starvation limit under overload, simulated on a GPU run's fitted cost model.
+
+A request that has waited longer than `starvation_limit_s` goes ahead of SRTF. In a 10 s overload
+replay with a 16 s drain most late requests wait longer than the benchmark's 5 s, so the guard,
+not SRTF, orders a large share of the queue. This replays the GPU run's own workload (same
+generator, lengths, rates; several seeds) on its cost model with the limit at 5 / 15 / 30 s and
+off, beside fifo, and writes <out>.json and <out>.md. CPU only.
+
+  python benchmarks/sim_starvation.py --run-json benchmarks/results/serve_gpu_24gib_long_drain_d2add64.json \
+      --steps-csv benchmarks/results/serve_gpu_24gib_long_drain_d2add64.steps.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_sim import with_predictions  # noqa: E402
+from serve_gpu_fit import fit_cost, run_settings  # noqa: E402
+from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
+from services.engine.policies import POLICIES  # noqa: E402
+from services.engine.simulator.simulator import Simulator  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("throughput_req_s", "jct_avg_s", "jct_p99_s", "ttft_p99_s", "slo_attainment")
+
+
+def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int], limits: list[float],
+             window_s: float) -> list[dict]:
+    meta = run["meta"]
+    cost = fit_cost([r for r in steps if r["run"].startswith("calib")], "the run's calibration steps")
+    sched, sim_cfg = run_settings(meta)
+    lengths = scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *meta.get("length_scale", (1.0, 1.0)))
+    tasks = task_names(meta["num_tasks"], list(lengths))
+    capacity = run["calibration"]["fifo_capacity_req_s"]
+    variants = [("fifo", "fifo", sched)] + [
+        (f"inlaid, starvation {'off' if lim == 0 else f'{lim:g} s'}", "inlaid",
+         dataclasses.replace(sched, starvation_limit_s=lim or 1e9)) for lim in limits]
+    rows = []
+    for frac in rates:
+        for seed in seeds:
+            trace = make_trace(tasks, lengths, frac * capacity, window_s, seed, zipf_a=meta["zipf_a"],
+                               pred_sigma=meta["pred_sigma"], prefix=f"st{seed}-")
+            for label, policy, cfg in variants:
+                m = Simulator(POLICIES[policy], cfg, cost, sim_cfg).run(with_predictions(trace, "predictor")).metrics
+                rows.append({"load_frac": frac, "seed": seed, "variant": label, **{k: m[k] for k in KEYS}})
+                print(f"{frac:.1f} C seed {seed} {label:26s} JCT {m['jct_avg_s']:5.2f} s p99 {m['jct_p99_s']:5.1f} "
+                      f"SLO {m['slo_attainment']:.3f}", flush=True)
+    return rows
+
+
+def report(res: dict) -> str:
+    meta = res["meta"]
+    lines = [f"# Starvation limit under overload, simulated (commit {meta['commit']})", "",
+             f"Device: this CPU, simulated; step times from the cost model fitted to the calibration steps of "
+             f"`{meta['run_json']}` (H100, commit {meta['run_commit']}); nothing here ran on a GPU. "
+             f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s).", "",
+             f"Workload: that run's generator and settings ({meta['num_tasks']} tasks, lengths ×{meta['length_scale']}, "
+             f"β = {meta['beta']}, max {meta['max_num_seqs']} running), {meta['window_s']:g} s of Poisson arrivals at "
+             f"each rate, simulated to the last request (drained); seeds {meta['seeds']}. "
+             "Rows are means over the seeds; ratios are fifo / inlaid (> 1: inlaid better; SLO: inlaid / fifo).", ""]
+    for frac in meta["rates"]:
+        rows = [r for r in res["rows"] if r["load_frac"] == frac]
+        lines += [f"## {frac:g} × C", "", "| variant | req/s | JCT avg s | JCT p99 s | TTFT p99 s | SLO | JCT vs fifo | SLO vs fifo |",
+                  "|---|---|---|---|---|---|---|---|"]
+        means = {}
+        for label in dict.fromkeys(r["variant"] for r in rows):
+            means[label] = {k: statistics.fmean(r[k] for r in rows if r["variant"] == label) for k in KEYS}
+        fifo = means["fifo"]
+        for label, m in means.items():
+            lines.append(f"| {label} | {m['throughput_req_s']:.2f} | {m['jct_avg_s']:.2f} | {m['jct_p99_s']:.1f} | "
+                         f"{m['ttft_p99_s']:.1f} | {m['slo_attainment']:.3f} | {fifo['jct_avg_s'] / m['jct_avg_s']:.2f}× | "
+                         f"{m['slo_attainment'] / max(fifo['slo_attainment'], 1e-9):.2f}× |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-json", required=True, help="a bench_serve_gpu result (serve_gpu*.json)")
+    ap.add_argument("--steps-csv", required=True, help="its measured steps (serve_gpu*.steps.csv)")
+    ap.add_argument("--rates", default="2.4,3.2", help="fractions of the run's FIFO capacity C")
+    ap.add_argument("--seeds", default="10,11,12")
+    ap.add_argument("--limits", default="5,15,30,0", help="starvation limits in s (0: off)")
+    ap.add_argument("--window-s", type=float, default=10.0)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_starvation"))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    run = json.loads(Path(args.run_json).read_text())
+    with open(args.steps_csv) as f:
+        steps = [{**{k: float(v) for k, v in r.items() if k != "run"}, "run": r["run"]} for r in csv.DictReader(f)]
+    rates = [float(x) for x in args.rates.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    rows = simulate(run, steps, rates, seeds, [float(x) for x in args.limits.split(",")], args.window_s)
+    m = run["meta"]
+    meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"], "rates": rates,
+            "seeds": seeds, "window_s": args.window_s, "num_tasks": m["num_tasks"], "beta": m["beta"],
+            "max_num_seqs": m["max_num_seqs"], "length_scale": "×".join(f"{x:g}" for x in m.get("length_scale", (1, 1))),
+            "command": " ".join(["python", "benchmarks/sim_starvation.py"] + sys.argv[1:]),
+            "wall_s": time.perf_counter() - t0}
+    res = {"meta": meta, "rows": rows}
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(report(res))
+    print(f"wrote {out}.md")
+
+
+if __name__ == "__main__":
+    main()
