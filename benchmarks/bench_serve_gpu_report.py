@@ -266,7 +266,8 @@ def _fp16(data: dict) -> list[str]:
     if inlaid4 and fifo16:
         q = ratios(inlaid4, fifo16)
         out += [f"inlaid on 4-bit vs fifo on fp16: throughput {q['throughput']:.2f}×, avg latency "
-                f"{q['avg_latency']:.2f}× lower, JCT {q['jct']:.2f}× lower, SLO {q['slo']:.2f}×.", ""]
+                f"{q['avg_latency']:.2f}× lower, JCT {q['jct']:.2f}× lower (over every request, unfinished ones "
+                f"to the cut-off: {q['jct_all']:.2f}×), SLO {q['slo']:.2f}×.", ""]
     return out
 
 
@@ -369,9 +370,10 @@ def _targets(data: dict) -> list[str]:
         if ours and fifo16:
             q16 = ratios(ours, fifo16)
             for key, name in (("throughput", "throughput"), ("avg_latency", "avg latency lower"),
-                              ("jct", "JCT lower"), ("slo", "SLO attainment")):
-                line(f"inlaid 4-bit vs fifo fp16 (S-LoRA's configuration): {name} ≥ {TARGETS[key]}×", q16[key],
-                     TARGETS[key], ".2f")
+                              ("jct", "JCT lower"), ("jct_all", "JCT over every request (lower bound) lower"),
+                              ("slo", "SLO attainment")):
+                goal = TARGETS["jct" if key == "jct_all" else key]
+                line(f"inlaid 4-bit vs fifo fp16 (S-LoRA's configuration): {name} ≥ {goal}×", q16[key], goal, ".2f")
     sim = data.get("sim_rates") or []
     if sim:
         top = max(r["load_frac"] for r in sim)
