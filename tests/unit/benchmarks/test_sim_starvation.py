@@ -1,0 +1,34 @@
+"""benchmarks/sim_starvation.py on the recorded d2add64 drain run, with a short window.
+
+The starvation limit must matter where requests wait past it (a 5 s limit under 3.2 x C overload
+reorders the queue) and not at all once it is longer than every wait (30 s vs off on 3 s traces).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sim_starvation import report, simulate  # noqa: E402
+
+RUN = ROOT / "benchmarks" / "results" / "serve_gpu_24gib_long_drain_d2add64"
+
+
+def test_starvation_limits_on_the_drain_run() -> None:
+    run = json.loads(RUN.with_suffix(".json").read_text())
+    with open(f"{RUN}.steps.csv") as f:
+        steps = [{**{k: float(v) for k, v in r.items() if k != "run"}, "run": r["run"]} for r in csv.DictReader(f)]
+    rows = simulate(run, steps, rates=[3.2], seeds=[10], limits=[1, 30, 0], window_s=3.0)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"fifo", "inlaid, starvation 1 s", "inlaid, starvation 30 s", "inlaid, starvation off"}
+    assert by["inlaid, starvation 30 s"]["jct_avg_s"] == by["inlaid, starvation off"]["jct_avg_s"]
+    assert by["inlaid, starvation 1 s"]["jct_avg_s"] != by["inlaid, starvation off"]["jct_avg_s"]
+    assert by["inlaid, starvation off"]["jct_avg_s"] < by["fifo"]["jct_avg_s"]
+    meta = {"commit": "test", "run_json": str(RUN), "run_commit": "d2add64", "rates": [3.2], "seeds": [10],
+            "window_s": 3.0, "num_tasks": 21, "beta": 10, "max_num_seqs": 256, "length_scale": "4×4",
+            "command": "test", "wall_s": 0.0}
+    text = report({"meta": meta, "rows": rows})
+    assert "## 3.2 × C" in text and "| fifo |" in text
