@@ -18,6 +18,7 @@ Writes <out>/e2e_gpu.{json,md}. --skip-hf: the e2e section runs ours only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -297,11 +298,56 @@ def bench_lora(runner, counts: list[int], batch: int, context: int, reps: int) -
         seqs, _ = decode_seqs(runner, batch, context, [f"L{i}" for i in range(k)])
         t = time_step(runner, seqs, reps)
         base = base or t
-        row = {"adapters": k, **t, "run_x": t["run_ms"] / base["run_ms"]}
+        row = {"adapters": k, "expand_rows": runner.lora.expand_rows, **t, "run_x": t["run_ms"] / base["run_ms"]}
         if "replay_ms" in t:
             row["replay_x"] = t["replay_ms"] / base["replay_ms"]
+        if k:   # the other LoRA expand variant on the same step (graphs recaptured)
+            with other_expand(runner):
+                other = time_step(runner, seqs, reps)
+            row["other_run_ms"] = other["run_ms"]
+            row["other_replay_ms"] = other.get("replay_ms", float("nan"))
         rows.append(row)
         print(f"lora k={k}: {row}", flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def other_expand(runner):
+    """Run with the LoRA expand variant that is not configured (EngineConfig.lora_expand_rows)."""
+    runner.lora.expand_rows = not runner.lora.expand_rows
+    runner.model_epoch += 1          # graphs captured with the other variant recapture
+    try:
+        yield
+    finally:
+        runner.lora.expand_rows = not runner.lora.expand_rows
+        runner.model_epoch += 1
+
+
+def bench_lora_prefill(runner, counts: list[int], num_seqs: int, prompt: int, reps: int = 5) -> list[dict]:
+    """Eager prefill step with k distinct adapters (bench_lora's), each expand variant."""
+    rows = []
+    for k in counts:
+        row = {"adapters": k, "num_seqs": num_seqs, "prompt_len": prompt}
+        for rows_variant in (False, True):
+            runner.lora.expand_rows = rows_variant
+            walls = []
+            for rep in range(reps + 2):
+                bm = BlockManager(runner.num_kv_blocks, runner.block_size)
+                seqs = []
+                for i in range(num_seqs):
+                    seq = Sequence(f"q{i}", [(13 * i + j) % 30000 + 3 for j in range(prompt)], SamplingParams(),
+                                   task=f"L{i % k}" if k else "")
+                    bm.allocate(seq)
+                    seqs.append(seq)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                runner.run(seqs)
+                if rep >= 2:
+                    walls.append((time.perf_counter() - t0) * 1e3)
+            row["rows_ms" if rows_variant else "segments_ms"] = statistics.median(walls)
+        runner.lora.expand_rows = runner.config.lora_expand_rows
+        rows.append(row)
+        print(f"lora prefill k={k}: {row}", flush=True)
     return rows
 
 
@@ -414,11 +460,29 @@ def markdown(res: dict) -> str:
                          f"{r['tok_per_s']:.0f} |")
         lines.append("")
     if res.get("lora"):
+        lora = res["lora"]
+        variant = "per-token (rows)" if lora[0].get("expand_rows") else "segment"
+        other = "segment" if lora[0].get("expand_rows") else "per-token (rows)"
+        base = lora[0]
         lines += ["## LoRA overhead, batch-64 decode step (rank 16, all seven projections)", "",
-                  "| distinct adapters | run ms | × none | replay ms | × none |", "|---|---|---|---|---|"]
-        for r in res["lora"]:
+                  f"Configured expand: {variant}; the last columns time the same steps with the {other} expand "
+                  "(graphs recaptured).", "",
+                  "| distinct adapters | run ms | × none | replay ms | × none | other expand: run ms | × none | "
+                  "replay ms | × none |", "|---|---|---|---|---|---|---|---|---|"]
+        nan = float("nan")
+        for r in lora:
+            o_run, o_rep = r.get("other_run_ms", nan), r.get("other_replay_ms", nan)
             lines.append(f"| {r['adapters']} | {r['run_ms']:.3f} | {r['run_x']:.2f} | "
-                         f"{r.get('replay_ms', float('nan')):.3f} | {r.get('replay_x', float('nan')):.2f} |")
+                         f"{r.get('replay_ms', nan):.3f} | {r.get('replay_x', nan):.2f} | {o_run:.3f} | "
+                         f"{o_run / base['run_ms']:.2f} | {o_rep:.3f} | {o_rep / base.get('replay_ms', nan):.2f} |")
+        lines.append("")
+    if res.get("lora_prefill"):
+        lines += ["## Eager prefill step with adapters, each LoRA expand variant", "",
+                  "| distinct adapters | seqs × prompt | segment expand ms | per-token expand ms | segment / per-token |",
+                  "|---|---|---|---|---|"]
+        for r in res["lora_prefill"]:
+            lines.append(f"| {r['adapters']} | {r['num_seqs']} × {r['prompt_len']} | {r['segments_ms']:.2f} | "
+                         f"{r['rows_ms']:.2f} | {r['segments_ms'] / r['rows_ms']:.2f} |")
         lines.append("")
     if res.get("prefill"):
         lines += ["## Eager prefill step through ModelRunner.run (no adapters)", "",
@@ -494,6 +558,8 @@ def main() -> None:
             save()
         if "lora" in sections:
             res["lora"] = bench_lora(engine.runner, [0, 1, 8, 32, 64], 64, 256, args.reps)
+            save()
+            res["lora_prefill"] = bench_lora_prefill(engine.runner, [1, 16], 64, 64)
             save()
         if "prefill" in sections:
             res["prefill"] = bench_prefill(engine.runner, [(64, 64), (16, 256), (4, 1000), (1, 1000)])

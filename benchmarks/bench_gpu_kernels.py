@@ -239,7 +239,7 @@ def decode_floor(model: W4Decoder, bsz: int, ctx: int, bw_gbs: float) -> tuple[f
     return (weight_bytes + kv_bytes) / (bw_gbs * 1e9) * 1e3, weight_bytes, kv_bytes
 
 
-LORA_VARIANTS = ("rows", "skip")   # W4Decoder.lora_expand values timed beside the default
+LORA_VARIANTS = ("segments", "skip")   # W4Decoder.lora_expand values timed beside the default (rows)
 
 
 def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4,
@@ -278,12 +278,12 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         ms = timer.median_ms(lambda: model.decode(**inputs))
         base = base or ms
         lora_rows.append({"num_adapters": num_adapters, "batch": bsz, "rank": 16, "context": ctx, "step_ms": ms,
-                          "vs_no_lora": ms / base})
+                          "vs_no_lora": ms / base, "lora_expand": model.lora_expand})
         if num_adapters:   # the per-token expand, and the shrink alone (where the LoRA time goes)
             for variant in LORA_VARIANTS:
                 model.lora_expand = variant
                 lora_rows[-1][f"step_ms_{variant}"] = timer.median_ms(lambda: model.decode(**inputs))
-            model.lora_expand = "segments"
+            model.lora_expand = "rows"
         print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}"
               + "".join(f"  ({v} expand: {lora_rows[-1][f'step_ms_{v}']:.3f} ms)"
                         for v in LORA_VARIANTS if f"step_ms_{v}" in lora_rows[-1]), flush=True)
@@ -354,18 +354,23 @@ def write_markdown(res: dict, path: Path) -> None:
             lines += [f"| {r['batch']} | {r['graph_ms_serial']:.3f} | {r['eager_ms_serial']:.3f} | "
                       f"{r['graph_ms_serial'] / r['floor_ms']:.2f} |" for r in res["decode"] if "graph_ms_serial" in r]
     if res.get("decode_lora"):
-        lines += ["\n## Decode step with multi-LoRA on all projections (batch 64, rank 16)\n",
+        expand = res["decode_lora"][-1].get("lora_expand", "segments")   # (runs before the key: segments)
+        lines += [f"\n## Decode step with multi-LoRA on all projections (batch 64, rank 16, {expand} expand)\n",
                   "| adapters | step ms | × no-LoRA |", "|---|---|---|"]
         lines += [f"| {r['num_adapters']} | {r['step_ms']:.3f} | {r['vs_no_lora']:.2f} |" for r in res["decode_lora"]]
-        rows_v = [r for r in res["decode_lora"] if "step_ms_rows" in r]
-        if rows_v:
+        variants = [v for v in ("rows", "segments", "skip") if any(f"step_ms_{v}" in r for r in res["decode_lora"])]
+        if variants:
             base = res["decode_lora"][0]["step_ms"]
-            lines += ["\nThe same steps with the per-token expand (16 tokens per program, B gathered per token, no "
-                      "idle programs), and with the shrink alone (expand skipped: wrong logits, it only splits "
-                      "the LoRA time between the two launches):\n",
-                      "| adapters | rows expand ms | × no-LoRA | shrink only ms | × no-LoRA |", "|---|---|---|---|---|"]
-            lines += [f"| {r['num_adapters']} | {r['step_ms_rows']:.3f} | {r['step_ms_rows'] / base:.2f} | "
-                      f"{r['step_ms_skip']:.3f} | {r['step_ms_skip'] / base:.2f} |" for r in rows_v]
+            label = {"rows": "per-token expand ms", "segments": "segment expand ms", "skip": "shrink only ms"}
+            lines += ["\nThe same steps with other LoRA expands: per token (16 tokens per program, B gathered per "
+                      "token, no idle programs), per segment chunk (tensor cores, a program per token and N tile, "
+                      "most of them idle; the default until 03533be), and the shrink alone "
+                      "(expand skipped: wrong logits, it only splits the LoRA time between the two launches):\n",
+                      "| adapters | " + " | ".join(f"{label[v]} | × no-LoRA" for v in variants) + " |",
+                      "|---|" + "---|---|" * len(variants)]
+            lines += [f"| {r['num_adapters']} | " + " | ".join(
+                f"{r[f'step_ms_{v}']:.3f} | {r[f'step_ms_{v}'] / base:.2f}" for v in variants) + " |"
+                for r in res["decode_lora"] if f"step_ms_{variants[0]}" in r]
     path.write_text("\n".join(lines) + "\n")
 
 

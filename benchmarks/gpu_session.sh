@@ -15,6 +15,8 @@
 #   bash benchmarks/gpu_session.sh lora COMMIT     # ~300 s: LoRA GPU tests (kernels both expand variants, engine logits
 #                                                   #   with the per-token expand), the decode table with LoRA rows
 #                                                   #   (per-token expand, shrink alone)
+#   bash benchmarks/gpu_session.sh lora-engine COMMIT  # ~200 s: the engine runner's batch-64 LoRA decode (graphs) and a
+#                                                   #   64 x 64 LoRA prefill, each LoRA expand variant (bench_e2e_gpu lora)
 #   bash benchmarks/gpu_session.sh serve COMMIT     # ~450 s: bench_serve_gpu, every section
 #   bash benchmarks/gpu_session.sh w3 COMMIT        # ~350 s: W3A16 sweep (gemv_row vs gemv_h2) + gemm/decode
 #   bash benchmarks/gpu_session.sh e2e COMMIT       # ~300 s: whole runner decode + LoRA + e2e trace
@@ -41,7 +43,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -84,6 +86,10 @@ case "$stage" in
       -k "lora_matches or lora-rows or graphed_decode" 2>&1 | tail -15 | tee "$out/pytest_lora.log"
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
+    ;;
+  lora-engine)
+    timeout 300 python3 benchmarks/bench_e2e_gpu.py --out "$out" --commit "$commit" --skip-hf --sections lora 2>&1 \
+      | grep -v -i warn | tee "$out/e2e_gpu.log"
     ;;
   serve)
     timeout 560 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --budget-s 520 --scale-s 20 2>&1 \

@@ -38,7 +38,8 @@ class EngineConfig:
     gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
     triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
     serial_split_k: bool = False           # split-K GEMMs without a zeroed output; slower on H100 (kernels/w4a16.py)
-    lora_expand_rows: bool = False         # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py)
+    lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
+                                           # False: per segment chunk on tensor cores (slower decode on H100)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
     mlfq_num_levels: int = 6
     mlfq_base_quantum: int = 8

@@ -151,7 +151,7 @@ class LoraManager:
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
                  device: str | torch.device, dtype: torch.dtype,
                  gather_max_tokens: int | None = None, use_triton: bool = False,
-                 host_cache_bytes: int | None = None, expand_rows: bool = False) -> None:
+                 host_cache_bytes: int | None = None, expand_rows: bool = True) -> None:
         self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
         self.use_triton = use_triton

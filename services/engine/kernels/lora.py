@@ -209,7 +209,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, batch: LoraBatch, split_
 
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, b_stack: torch.Tensor, batch: LoraBatch,
-                n_slice: int, rows: bool = False) -> torch.Tensor:
+                n_slice: int, rows: bool = True) -> torch.Tensor:
     """y [T, N] += v · B[slot]ᵀ per token (v from lora_shrink), in place. Returns y.
 
     rows=False: one program per (segment chunk, N tile) on tensor cores; the grid has a row per
@@ -251,7 +251,7 @@ def triton_lora_apply(
     batch: LoraBatch,
     n_slice: int | None = None,
     split_k: int = 4,
-    rows: bool = False,
+    rows: bool = True,
 ) -> torch.Tensor:
     """y [T, N] += per-token LoRA(x [T, K]) in place, for each token's slot (see module docstring).
 

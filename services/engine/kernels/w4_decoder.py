@@ -89,10 +89,10 @@ class W4Decoder:
         # norm zeroes the next split-K GEMM's output (no zeroing launches). False: the layout
         # before, zeroed GEMM outputs and a fused add + RMSNorm after o and down (for comparison).
         self.inplace_outputs = True
-        # LoRA expand: "segments" (tensor-core chunks of one adapter, the default), "rows" (16
-        # tokens per program, B gathered per token), or "skip" (shrink only: wrong logits, for
+        # LoRA expand: "rows" (16 tokens per program, B gathered per token: the default),
+        # "segments" (tensor-core chunks of one adapter), or "skip" (shrink only: wrong logits, for
         # benchmarks that split the LoRA cost between its two launches)
-        self.lora_expand = "segments"
+        self.lora_expand = "rows"
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
