@@ -260,7 +260,7 @@ class LlamaLayer(nn.Module):
         if fused is None:
             return torch.cat([self._linear(n, x, lora) for n in FUSED_GROUPS[group]], dim=-1)
         y = fused(x) if zeroed is None else fused(x, accumulate=zeroed)
-        if lora is not None:
+        if lora is not None and not lora.apply_group(self.idx, group, x, y):
             for n in FUSED_GROUPS[group]:
                 start, end = fused.bounds(n)
                 lora.apply(self.idx, n, x, y[:, start:end])

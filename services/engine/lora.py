@@ -21,22 +21,51 @@ class SlotLayout:
     Per key, in sorted key order: A [rank_cap, in], then B as the stacks want it — [out, rank_cap]
     for the Triton kernels, Bᵀ [rank_cap, out] for the PyTorch path. A host pack of an adapter is
     one such row, zero-padded, so a slot load is one contiguous copy.
+
+    `groups` (name → member modules, e.g. q|k|v): where a layer has every member of a group and
+    the members' outputs are equally wide, their A's are laid out back to back and then their B's
+    (rank last), so the group also reads as one stacked A [members · rank_cap, in] and one B
+    [members · out, rank_cap]: one shrink and one expand launch over the fused projection's output
+    instead of one pair per member.
     """
 
-    def __init__(self, dims: BaseDims, keys, rank_cap: int, b_rank_last: bool) -> None:
+    def __init__(self, dims: BaseDims, keys, rank_cap: int, b_rank_last: bool,
+                 groups: dict[str, tuple[str, ...]] | None = None) -> None:
         self.keys, self.rank_cap, self.b_rank_last = tuple(sorted(keys)), rank_cap, b_rank_last
         self.offsets: dict[tuple[int, str], tuple[int, int, int, int]] = {}  # a_off, b_off, in, out
+        # (layer, group) -> (a_off, b_off, in, members, out per member)
+        self.group_offsets: dict[tuple[int, str], tuple[int, int, int, int, int]] = {}
+        units, grouped = [], set()
+        for layer in sorted({layer for layer, _ in self.keys}):
+            for group, members in (groups or {}).items() if b_rank_last else ():
+                feats = {dims.features(m) for m in members}
+                if len(feats) == 1 and all((layer, m) in self.keys for m in members):
+                    units.append((group, tuple((layer, m) for m in members)))
+                    grouped.update((layer, m) for m in members)
+        units += [(None, (key,)) for key in self.keys if key not in grouped]
         offset = 0
-        for key in self.keys:
-            in_f, out_f = dims.features(key[1])
-            self.offsets[key] = (offset, offset + rank_cap * in_f, in_f, out_f)
-            offset += rank_cap * (in_f + out_f)
+        for group, unit in units:
+            in_f, out_f = dims.features(unit[0][1])
+            a_start, b_start = offset, offset + rank_cap * in_f * len(unit)
+            for i, key in enumerate(unit):
+                self.offsets[key] = (a_start + i * rank_cap * in_f, b_start + i * rank_cap * out_f, in_f, out_f)
+            if group is not None:
+                self.group_offsets[(unit[0][0], group)] = (a_start, b_start, in_f, len(unit), out_f)
+            offset += rank_cap * (in_f + out_f) * len(unit)
         self.numel = offset
+
+    def group_views(self, rows: torch.Tensor, key) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(A [..., members · rank_cap, in], B [..., members · out, rank_cap], out per member) of a
+        (layer, group) in group_offsets."""
+        a_off, b_off, in_f, members, out_f = self.group_offsets[key]
+        a = rows[..., a_off:b_off].unflatten(-1, (members * self.rank_cap, in_f))
+        b = rows[..., b_off:b_off + members * out_f * self.rank_cap].unflatten(-1, (members * out_f, self.rank_cap))
+        return a, b, out_f
 
     def a_view(self, rows: torch.Tensor, key) -> torch.Tensor:
         """A of `key` in rows [..., numel] → [..., rank_cap, in]."""
-        a_off, b_off, in_f, _ = self.offsets[key]
-        return rows[..., a_off:b_off].unflatten(-1, (self.rank_cap, in_f))
+        a_off, _, in_f, _ = self.offsets[key]
+        return rows[..., a_off:a_off + self.rank_cap * in_f].unflatten(-1, (self.rank_cap, in_f))
 
     def b_view(self, rows: torch.Tensor, key) -> torch.Tensor:
         """B of `key` in rows [..., numel] → [..., out, rank_cap] or Bᵀ [..., rank_cap, out]."""
@@ -151,8 +180,10 @@ class LoraManager:
     def __init__(self, dims: BaseDims, num_slots: int, max_rank: int,
                  device: str | torch.device, dtype: torch.dtype,
                  gather_max_tokens: int | None = None, use_triton: bool = False,
-                 host_cache_bytes: int | None = None, expand_rows: bool = True) -> None:
+                 host_cache_bytes: int | None = None, expand_rows: bool = True,
+                 groups: dict[str, tuple[str, ...]] | None = None) -> None:
         self.dims, self.num_slots, self.max_rank = dims, num_slots, max_rank
+        self.groups = groups or {}                             # Triton path: see SlotLayout
         self.device, self.dtype = torch.device(device), dtype
         self.use_triton = use_triton
         self.expand_rows = expand_rows                         # Triton path: lora_expand's variant
@@ -165,6 +196,7 @@ class LoraManager:
         self._store: torch.Tensor | None = None                 # [slot_cap, layout.numel]
         self._a: dict[tuple[int, str], torch.Tensor] = {}       # views of the store
         self._bt: dict[tuple[int, str], torch.Tensor] = {}
+        self._group: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int]] = {}
         # rank of each (layer, module) per slot; absent = untargeted (skipped at apply time)
         self._ranks: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self._slot_cap = 0
@@ -268,7 +300,7 @@ class LoraManager:
         rank_cap = max(old.rank_cap if old else 0, self._rank_cap_for(adapter.rank))
         if old is not None and keys == set(old.keys) and rank_cap == old.rank_cap:
             return False
-        layout = SlotLayout(self.dims, keys, rank_cap, b_rank_last=self.use_triton)
+        layout = SlotLayout(self.dims, keys, rank_cap, b_rank_last=self.use_triton, groups=self.groups)
         frame_bytes = layout.numel * torch.empty((), dtype=self.dtype).element_size()
         # The old packs' pinned chunks stay alive until their in-flight copies finish (allocator).
         self._packs = _HostPacks(layout.numel, self.dtype, self.device.type == "cuda",
@@ -292,6 +324,7 @@ class LoraManager:
         self._store, self._slot_cap = store, slot_cap
         self._a = {key: self._layout.a_view(store, key) for key in self._layout.keys}
         self._bt = {key: self._layout.b_view(store, key) for key in self._layout.keys}
+        self._group = {key: self._layout.group_views(store, key) for key in self._layout.group_offsets}
         self.layout_version += 1
 
     def _write_slot(self, slot: int, adapter: LoraAdapter) -> None:
@@ -346,6 +379,21 @@ class LoraManager:
     @property
     def is_active(self) -> bool:
         return bool(self._segments)
+
+    def apply_group(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Triton path: y [T, members · out] (a fused projection's output, members in the group's
+        order) += each member's LoRA, one shrink and one expand for the whole group. False when
+        the group is not laid out stacked (members untargeted, unequal widths, CPU): the caller
+        then applies per member."""
+        views = self._group.get((layer, group))
+        if views is None or self._batch is None:
+            return False
+        from services.engine.kernels.lora import triton_lora_apply
+        a_stack, b_stack, n_slice = views
+        if y.shape[-1] != b_stack.shape[1]:
+            raise ValueError(f"group {group!r}: output has {y.shape[-1]} columns, its LoRA stacks {b_stack.shape[1]}")
+        triton_lora_apply(y, x, a_stack, b_stack, self._batch, n_slice, rows=self.expand_rows)
+        return True
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] += per segment x Aᵀ Bᵀ of that segment's adapter (in place)."""

@@ -9,7 +9,7 @@ from services.common.model_source import RANDOM_SHAPES, ModelSource, cache_dir, 
 from services.engine.attention import AttentionMetadata
 from services.engine.kernels.attention import VarlenBatch
 from services.engine.config import EngineConfig
-from services.engine.llama import (LINEAR_NAMES, LlamaModel, LlamaShape, load_hf_weights,
+from services.engine.llama import (FUSED_GROUPS, LINEAR_NAMES, LlamaModel, LlamaShape, load_hf_weights,
                                    random_weight_items)
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.kernels.gemm_tuner import GemmTuner
@@ -72,7 +72,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.lora = LoraManager(shape.dims(), config.max_adapters, config.max_lora_rank,
                                 self.device, dtype, use_triton=self.is_fast,
-                                expand_rows=config.lora_expand_rows)
+                                expand_rows=config.lora_expand_rows,
+                                groups=FUSED_GROUPS if self.is_fast else None)
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._num_kv_blocks()
         # The fast path keeps one extra scratch block that CUDA-graph padding rows write into.
