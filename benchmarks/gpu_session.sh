@@ -35,9 +35,10 @@
 #                                                   #   arrivals, so (nearly) every request finishes and JCT covers all of them
 #                                                   #   (7e88663 cut at 6 s left 177 of fifo's 518 requests unfinished)
 #   bash benchmarks/gpu_session.sh drain30 COMMIT  # ~340 s: budget-long-drain with the engine's default starvation limit,
-#                                                   #   30 s (the benchmark's 5 s made the 10 s replays' late requests
-#                                                   #   jump ahead of SRTF; simulated on d2add64's cost model:
-#                                                   #   sim_starvation.md)
+#                                                   #   30 s (the benchmark's default was 5 s until 69f44b3, which made
+#                                                   #   the 10 s replays' late requests jump ahead of SRTF; simulated on
+#                                                   #   d2add64's cost model: sim_starvation.md); since then every stage
+#                                                   #   uses 30 s, and this one names it
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from serve_gpu_fit import SCALE_VARIANTS, scale_variant
 from serve_gpu_workload import parse_length_scale
+from services.engine.config import EngineConfig
 from services.engine.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-decode-streak", type=int, default=4)
-    ap.add_argument("--starvation-s", type=float, default=5.0)
+    ap.add_argument("--starvation-s", type=float, default=EngineConfig.starvation_limit_s,
+                    help="inlaid's starvation limit (default: the engine's; runs before 69f44b3 used 5 s, which "
+                         "under overload let most late requests jump ahead of SRTF: results/sim_starvation.md)")
     ap.add_argument("--num-kv-blocks", type=int, default=0, help="0: from --kv-gib")
     ap.add_argument("--kv-gib", type=float, default=16.0,
                     help="KV cache per runner (same for the 4-bit and fp16 bases; ample for this workload)")
