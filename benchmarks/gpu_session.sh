@@ -35,7 +35,7 @@
 #                                                   #   arrivals, so (nearly) every request finishes and JCT covers all of them
 #                                                   #   (7e88663 cut at 6 s left 177 of fifo's 518 requests unfinished)
 #   bash benchmarks/gpu_session.sh drain30 COMMIT  # ~340 s: budget-long-drain with the engine's default starvation limit,
-#                                                   #   30 s (the benchmark's default was 5 s until 69f44b3, which made
+#                                                   #   30 s (the benchmark's default was 5 s up to 9662f2e, which made
 #                                                   #   the 10 s replays' late requests jump ahead of SRTF; simulated on
 #                                                   #   d2add64's cost model: sim_starvation.md); since then every stage
 #                                                   #   uses 30 s, and this one names it

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-decode-streak", type=int, default=4)
     ap.add_argument("--starvation-s", type=float, default=EngineConfig.starvation_limit_s,
-                    help="inlaid's starvation limit (default: the engine's; runs before 69f44b3 used 5 s, which "
+                    help="inlaid's starvation limit (default: the engine's; runs up to commit 9662f2e used 5 s unless set, which "
                          "under overload let most late requests jump ahead of SRTF: results/sim_starvation.md)")
     ap.add_argument("--num-kv-blocks", type=int, default=0, help="0: from --kv-gib")
     ap.add_argument("--kv-gib", type=float, default=16.0,
