@@ -1,0 +1,38 @@
+"""The GPU benchmarks' markdown writers on recorded results: a writer that raises on the device
+loses the run's report (bench_e2e_gpu writes it after every section), so each renders here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.mark.parametrize("stem,expect", [
+    ("gpu_kernels_v15_lora_rows", ["segments expand)", "| adapters | per-token expand ms | × no-LoRA | shrink only ms"]),
+    ("gpu_kernels_v14_lora_split", ["## Decode step with multi-LoRA"]),      # before the expand variants
+    ("gpu_kernels_v10", ["## Decode step"]),
+])
+def test_bench_gpu_kernels_markdown(tmp_path: Path, stem: str, expect: list[str]) -> None:
+    from bench_gpu_kernels import write_markdown
+    write_markdown(json.loads((RESULTS / f"{stem}.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    for line in expect:
+        assert line in text
+
+
+@pytest.mark.parametrize("stem,expect", [
+    ("e2e_gpu_lora_9662f2e", ["Configured expand: per-token (rows)", "| 32 | 12.708 | 1.34 | 10.910 | 1.26 | 13.270",
+                              "| 1 | 64 × 64 | 151.90 | 131.50 | 1.16 |"]),
+    ("e2e_gpu_lora_b4f8672", ["## LoRA overhead", "| 32 | 12.561 | 1.38 | 11.541 | 1.34 | 13.136"]),
+])
+def test_bench_e2e_gpu_markdown(stem: str, expect: list[str]) -> None:
+    from bench_e2e_gpu import markdown
+    text = markdown(json.loads((RESULTS / f"{stem}.json").read_text()))
+    for line in expect:
+        assert line in text
