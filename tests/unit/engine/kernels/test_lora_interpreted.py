@@ -12,11 +12,11 @@ import torch
 from tests.unit.engine.kernels.interpreted import run_interpreted
 
 
-def check_interpreted(num_tokens: int, num_slots: int, num_slices: int) -> None:
+def check_interpreted(num_tokens: int, num_slots: int, num_slices: int, rank: int = 16) -> None:
     from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batch, triton_lora_apply
 
     torch.manual_seed(num_tokens)
-    k, n_slice, rank = 256, 64, 16
+    k, n_slice = 256, 64
     x = torch.randn(num_tokens, k).half()
     a = (torch.randn(num_slots, num_slices * rank, k) * 0.05).half()
     b = (torch.randn(num_slots, num_slices * n_slice, rank) * 0.05).half()
@@ -33,6 +33,8 @@ def check_interpreted(num_tokens: int, num_slots: int, num_slices: int) -> None:
         assert torch.equal(out[untouched], y[untouched]), (split_k, rows)
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,num_slices", [(1, 1, 1), (40, 3, 3), (24, 5, 1)])
-def test_lora_kernels_interpreted_match_the_reference(num_tokens: int, num_slots: int, num_slices: int) -> None:
-    run_interpreted("tests.unit.engine.kernels.test_lora_interpreted", num_tokens, num_slots, num_slices)
+@pytest.mark.parametrize("num_tokens,num_slots,num_slices,rank", [(1, 1, 1, 16), (40, 3, 3, 16), (24, 5, 1, 16),
+                                                                  (20, 2, 2, 64)])   # rank 64: the narrowest tiles
+def test_lora_kernels_interpreted_match_the_reference(num_tokens: int, num_slots: int, num_slices: int,
+                                                      rank: int) -> None:
+    run_interpreted("tests.unit.engine.kernels.test_lora_interpreted", num_tokens, num_slots, num_slices, rank)
