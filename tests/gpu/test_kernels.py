@@ -144,8 +144,9 @@ def test_tuner_cache_skips_timing_after_a_restart(tmp_path) -> None:
 
 @pytest.mark.parametrize("num_tokens,num_slots", [(1, 1), (7, 3), (64, 32), (300, 5)])
 @pytest.mark.parametrize("num_slices", [1, 3])
-def test_lora_matches_reference(num_tokens: int, num_slots: int, num_slices: int) -> None:
-    k, n_slice, rank = 512, 192, 16
+@pytest.mark.parametrize("rank", [16, 64])
+def test_lora_matches_reference(num_tokens: int, num_slots: int, num_slices: int, rank: int) -> None:
+    k, n_slice = 512, 192
     x = torch.randn(num_tokens, k, device=DEV).half()
     a = (torch.randn(num_slots, num_slices * rank, k, device=DEV) * 0.05).half()
     b = (torch.randn(num_slots, num_slices * n_slice, rank, device=DEV) * 0.05).half()
