@@ -19,8 +19,9 @@ class SlotLayout:
     """Where each (layer, module)'s A and B sit inside one slot's flat row of the device store.
 
     Per key, in sorted key order: A [rank_cap, in], then B as the stacks want it — [out, rank_cap]
-    for the Triton kernels, Bᵀ [rank_cap, out] for the PyTorch path. A host pack of an adapter is
-    one such row, zero-padded, so a slot load is one contiguous copy.
+    for the Triton kernels, Bᵀ [rank_cap, out] for the PyTorch path (stacked groups, below, come
+    first and keep their members together). A host pack of an adapter is one such row,
+    zero-padded, so a slot load is one contiguous copy.
 
     `groups` (name → member modules, e.g. q|k|v): where a layer has every member of a group and
     the members' outputs are equally wide, their A's are laid out back to back and then their B's
