@@ -84,7 +84,7 @@ case "$stage" in
     ;;
   lora)
     timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
-      -k "lora_matches or lora-rows or graphed_decode" 2>&1 | tail -15 | tee "$out/pytest_lora.log"
+      -k "lora_matches or lora-rows or graphed_decode or stacked_qkv" 2>&1 | tail -15 | tee "$out/pytest_lora.log"
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;

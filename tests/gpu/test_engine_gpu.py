@@ -2,6 +2,7 @@
 CPU reference path (float32, the same dequantized weights), with mixed adapters."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,11 @@ PROMPT_LENS = [5, 17, 33, 3, 20, 40]
 ADAPTERS = {"a": (8, ("q_proj", "v_proj")), "b": (16, TARGET_MODULES), "c": (4, ("gate_proj", "down_proj"))}
 
 
-def make_adapter(name: str, rank: int, targets: tuple[str, ...], seed: int) -> LoraAdapter:
+def make_adapter(name: str, rank: int, targets: tuple[str, ...], seed: int, shape: LlamaShape = SHAPE) -> LoraAdapter:
     gen = torch.Generator().manual_seed(seed)
-    dims = SHAPE.dims()
+    dims = shape.dims()
     weights, scaling = {}, {}
-    for layer in range(SHAPE.num_layers):
+    for layer in range(shape.num_layers):
         for m in targets:
             in_f, out_f = dims.features(m)
             weights[(layer, m)] = (torch.randn(rank, in_f, generator=gen) * in_f ** -0.5,
@@ -51,19 +52,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def gpu_runner(weights, graphs: bool, bits: int = 4, **config_overrides) -> ModelRunner:
+def gpu_runner(weights, graphs: bool, bits: int = 4, shape: LlamaShape = SHAPE, **config_overrides) -> ModelRunner:
     config = EngineConfig(device="cuda", quant_bits=bits, cuda_graphs=graphs, num_kv_blocks=64,
                           block_size=16, max_num_seqs=8, max_adapters=4,
                           max_adapters_per_batch=4, **config_overrides)
-    runner = ModelRunner(config, SHAPE, weights, "cuda", torch.float16)
+    runner = ModelRunner(config, shape, weights, "cuda", torch.float16)
     assert runner.is_fast and runner.model.layers[0].fused.keys() == {"qkv_proj", "gate_up_proj"}
     return runner
 
 
-def reference_runner(gpu: ModelRunner, weights) -> ModelRunner:
+def reference_runner(gpu: ModelRunner, weights, shape: LlamaShape = SHAPE) -> ModelRunner:
     """CPU float32 runner over exactly the 4-bit weights the GPU runner serves (dequantized)."""
     ref = {k: v.float().cpu() for k, v in weights.items()}
-    for layer in range(SHAPE.num_layers):
+    for layer in range(shape.num_layers):
         for name in LINEAR_NAMES:
             sub = "self_attn." if name in ATTN_MODULES else "mlp."
             linear = gpu.base_linear(layer, name)
@@ -73,7 +74,7 @@ def reference_runner(gpu: ModelRunner, weights) -> ModelRunner:
                 dense = linear.weight.float()                                   # fp16 base
             ref[f"model.layers.{layer}.{sub}{name}.weight"] = dense.contiguous().cpu()
     config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, block_size=16)
-    return ModelRunner(config, SHAPE, ref, "cpu", torch.float32)
+    return ModelRunner(config, shape, ref, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +82,11 @@ def weights():
     return random_weights(SHAPE, "cuda", torch.float16, seed=3, std=0.05)
 
 
-def new_batch(bm: BlockManager, seed: int = 0) -> list[Sequence]:
+def new_batch(bm: BlockManager, seed: int = 0, shape: LlamaShape = SHAPE) -> list[Sequence]:
     gen = torch.Generator().manual_seed(seed)
     seqs = []
     for i, (task, n) in enumerate(zip(TASKS, PROMPT_LENS, strict=True)):
-        seq = Sequence(f"r{i}", torch.randint(0, SHAPE.vocab_size, (n,), generator=gen).tolist(),
+        seq = Sequence(f"r{i}", torch.randint(0, shape.vocab_size, (n,), generator=gen).tolist(),
                        SamplingParams(), task=task)
         bm.allocate(seq)
         seqs.append(seq)
@@ -149,6 +150,32 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
         from services.engine.kernels import w4a16
         assert w4a16.SERIAL_SPLIT_K and w4a16._locks    # the serial path ran
         w4a16.set_serial_split_k(False)
+
+
+MHA = dataclasses.replace(SHAPE, num_kv_heads=SHAPE.num_heads)   # q|k|v equally wide: their LoRA stacks
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_stacked_qkv_lora_matches_cpu_reference(graphs):
+    """With MHA, q|k|v's adapters are stacked (one shrink and one expand for the fused projection),
+    as gate|up's are in every shape: logits still match the per-module CPU reference."""
+    weights = random_weights(MHA, "cuda", torch.float16, seed=5, std=0.05)
+    gpu = gpu_runner(weights, graphs, shape=MHA)
+    ref = reference_runner(gpu, weights, shape=MHA)
+    for i, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
+        gpu.add_adapter(make_adapter(name, rank, targets, i, MHA))
+        ref.add_adapter(make_adapter(name, rank, targets, i, MHA))
+    bm_g, bm_r = BlockManager(64, 16), BlockManager(64, 16)
+    seqs_g, seqs_r = new_batch(bm_g, shape=MHA), new_batch(bm_r, shape=MHA)
+    errs = [rel_err(a, b) for a, b in zip(gpu.compute_logits(seqs_g), ref.compute_logits(seqs_r))]
+    assert max(errs) <= TOL, f"prefill {errs}"
+    assert {group for _, group in gpu.lora._group} == {"qkv_proj", "gate_up_proj"}
+    for step in range(3):
+        tokens = [int(t) for t in torch.randint(0, MHA.vocab_size, (len(seqs_g),))]
+        advance(seqs_g, bm_g, tokens)
+        advance(seqs_r, bm_r, tokens)
+        errs = [rel_err(a, b) for a, b in zip(gpu.compute_logits(seqs_g), ref.compute_logits(seqs_r))]
+        assert max(errs) <= TOL, f"decode step {step}: {errs}"
 
 
 def test_graph_replay_gives_the_eager_tokens(weights):
