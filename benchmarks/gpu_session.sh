@@ -39,12 +39,15 @@
 #                                                   #   the 10 s replays' late requests jump ahead of SRTF; simulated on
 #                                                   #   d2add64's cost model: sim_starvation.md); since then every stage
 #                                                   #   uses 30 s, and this one names it
+#   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
+#                                                   #   inlaid with and without background adapter packing
+#                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -142,6 +145,13 @@ case "$stage" in
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
       --rates 2.4,3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 540 2>&1 | grep -v -i warn \
       | tee "$out/serve_gpu.log"
+    ;;
+  scale-prefetch)
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,scale \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --scale-tasks 100,1000 --scale-frac 1.3 \
+      --scale-policies inlaid,inlaid-prefetch --scale-s 12 --drain-s 6 --budget-s 540 2>&1 \
+      | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   scale256)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \

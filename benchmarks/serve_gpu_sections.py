@@ -51,7 +51,9 @@ class ExtraSections:
             for name in dict.fromkeys((*a.scale_policies, "fifo")):
                 policy, overrides, desc = scale_variant(name)
                 t0 = time.perf_counter()
-                res = Simulator(POLICIES[policy], dataclasses.replace(sched, **overrides), self.cost,
+                # engine-only overrides (e.g. lora_prefetch) have no scheduler counterpart
+                sched_overrides = {k: v for k, v in overrides.items() if hasattr(sched, k)}
+                res = Simulator(POLICIES[policy], dataclasses.replace(sched, **sched_overrides), self.cost,
                                 sim_cfg).run(trace)
                 sim.append(dict(res.metrics, variant=f"{desc}, {count} tasks (sim)", policy=name,
                                 num_tasks=count, rate_req_s=rate, sim_wall_s=time.perf_counter() - t0))

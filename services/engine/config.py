@@ -38,6 +38,9 @@ class EngineConfig:
     gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
     triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
     serial_split_k: bool = False           # split-K GEMMs without a zeroed output; slower on H100 (kernels/w4a16.py)
+    # Adapters whose host packs are made ahead on a background thread, taken from the scheduler's
+    # next waiting tasks (0: off; matters when tasks outnumber host packs; not yet measured on a GPU)
+    lora_prefetch: int = 0
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
                                            # False: per segment chunk on tensor cores (slower decode on H100)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
@@ -65,7 +68,7 @@ class EngineConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "max_adapters_per_batch",
-                     "num_threads"):
+                     "num_threads", "lora_prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_adapters_per_batch > self.max_adapters:

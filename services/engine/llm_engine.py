@@ -180,6 +180,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        if self.config.lora_prefetch and self.runner.lora.can_prefetch:   # packs made while this step runs
+            self.runner.lora.prefetch(self.scheduler.upcoming_tasks(self.config.lora_prefetch),
+                                      self.config.lora_prefetch)
         tokens = self.runner.run(out.seqs)
         self.scheduler.update(out, tokens)
         return [self._postprocess(seq, tok) for seq, tok in zip(out.seqs, tokens, strict=True)]

@@ -7,8 +7,9 @@ import torch
 
 from services.common.adapters import BaseDims, LoraAdapter
 from services.engine.errors import AdapterCapacityError, UnknownTaskError
+from services.engine.lora_packs import BackgroundPacker, HostPacks
 
-_CHUNK_BYTES = 256 << 20   # pinned frames are carved from chunks this big (see _HostPacks)
+_CHUNK_BYTES = 256 << 20   # pinned frames are carved from chunks this big (see HostPacks)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -88,70 +89,6 @@ class SlotLayout:
                 self.b_view(row, key)[:r].copy_(b_scaled.t())
 
 
-class _HostPacks:
-    """Host copies of adapters, each one slot row (SlotLayout.pack), LRU by name, ≤ max_frames.
-
-    On CUDA the frames are pinned and carved from chunks of ~_CHUNK_BYTES: the pinned caching
-    allocator rounds every block up to a power of two, which would double the memory of a frame
-    of 33 MB. A frame is rewritten only after its last slot copy has finished (an event per frame),
-    since the copies are non_blocking.
-    """
-
-    def __init__(self, numel: int, dtype: torch.dtype, pin: bool, max_frames: int) -> None:
-        self.numel, self.dtype, self.pin, self.max_frames = numel, dtype, pin, max_frames
-        self._frames: list[torch.Tensor] = []
-        self._events: list[torch.cuda.Event | None] = []
-        self._free: list[int] = []
-        self._frame_of: OrderedDict[str, int] = OrderedDict()   # LRU order: oldest first
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._frame_of)
-
-    def get(self, name: str) -> torch.Tensor | None:
-        i = self._frame_of.get(name)
-        if i is None:
-            return None
-        self._frame_of.move_to_end(name)
-        return self._frames[i]
-
-    def take(self, name: str, evict: bool) -> torch.Tensor | None:
-        """A writable frame now owned by `name` (its old one freed); None when none can be had."""
-        self.drop(name)
-        if not self._free and len(self._frames) < self.max_frames:
-            self._grow()
-        if not self._free and evict and self._frame_of:
-            self._free.append(self._frame_of.pop(next(iter(self._frame_of))))
-        if not self._free:
-            return None
-        i = self._free.pop()
-        if self._events[i] is not None:
-            self._events[i].synchronize()   # its last copy to a slot has finished
-            self._events[i] = None
-        self._frame_of[name] = i
-        return self._frames[i]
-
-    def after_copy(self, name: str) -> None:
-        if self.pin and name in self._frame_of:
-            event = torch.cuda.Event()
-            event.record()
-            self._events[self._frame_of[name]] = event
-
-    def drop(self, name: str) -> None:
-        i = self._frame_of.pop(name, None)
-        if i is not None:
-            self._free.append(i)
-
-    def _grow(self) -> None:
-        frame_bytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
-        n = max(1, min(self.max_frames - len(self._frames), _CHUNK_BYTES // max(frame_bytes, 1)))
-        chunk = torch.empty(n, self.numel, dtype=self.dtype, pin_memory=self.pin)
-        for j in range(n):
-            self._free.insert(0, len(self._frames))
-            self._frames.append(chunk[j])
-            self._events.append(None)
-
-
 class LoraManager:
     """Keeps registered adapters on the host and up to `num_slots` of them on the device.
 
@@ -214,7 +151,8 @@ class LoraManager:
         if host_cache_bytes is None:
             host_cache_bytes = 4 << 30 if self.device.type == "cuda" else 0
         self.host_cache_bytes = host_cache_bytes
-        self._packs: _HostPacks | None = None                  # per layout
+        self._packs: HostPacks | None = None                  # per layout
+        self._packer = BackgroundPacker()                      # prefetch(): packs ahead of use
 
     # ---- registry ------------------------------------------------------------
     @torch.inference_mode()    # the store and packs are inference tensors, written only here
@@ -222,13 +160,15 @@ class LoraManager:
         """Register (or replace) an adapter and pack it for the device; it reaches a slot when used."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.name!r} rank {adapter.rank} > max {self.max_rank}")
-        self._registered[adapter.name] = adapter
-        if self._packs is not None:
-            self._packs.drop(adapter.name)            # a replaced adapter's pack is stale
+        with self._packer.lock:
+            self._registered[adapter.name] = adapter
+            if self._packs is not None:
+                self._packs.drop(adapter.name)        # a replaced adapter's pack is stale
         if not self._fit_layout(adapter):             # a new layout repacks and reloads all
-            frame = self._packs.take(adapter.name, evict=False)
-            if frame is not None:
-                self._layout.pack(adapter, frame)
+            with self._packer.lock:
+                frame = self._packs.take(adapter.name, evict=False)
+                if frame is not None:
+                    self._layout.pack(adapter, frame)
             if adapter.name in self._slot_of:
                 self._write_slot(self._slot_of[adapter.name], adapter)
 
@@ -236,8 +176,9 @@ class LoraManager:
     def remove_adapter(self, name: str) -> None:
         if name not in self._registered:
             raise UnknownTaskError(name)
-        del self._registered[name]
-        self._packs.drop(name)
+        with self._packer.lock:
+            del self._registered[name]
+            self._packs.drop(name)
         slot = self._slot_of.pop(name, None)
         if slot is not None:
             self._store[slot].zero_()   # gathered/Triton paths read every slot's rows
@@ -259,7 +200,43 @@ class LoraManager:
     @property
     def packed_names(self) -> list[str]:
         """Adapters with a host pack ready, least recently used first."""
-        return self._packs.names if self._packs is not None else []
+        with self._packer.lock:
+            return self._packs.names if self._packs is not None else []
+
+    def prefetch(self, names, limit: int) -> int:
+        """Pack, on a background thread, up to `limit` of `names` (in order) that are neither in a
+        device slot nor packed, so their slot loads find the pack ready. Returns how many it
+        started. A no-op without host packs (CPU: host_cache_bytes 0)."""
+        if self._packs is None or self._packs.max_frames == 0 or limit <= 0:
+            return 0
+        started = 0
+        packs, layout = self._packs, self._layout
+        for name in names:
+            adapter = self._registered.get(name)
+            if (adapter is None or name in self._slot_of or self._packer.is_pending(name)
+                    or name in packs):
+                continue
+            self._packer.submit(
+                name, packs, lambda frame, a=adapter: layout.pack(a, frame),
+                lambda n=name, a=adapter: self._packs is packs and self._registered.get(n) is a)
+            started += 1
+            if started >= limit:
+                break
+        return started
+
+    @property
+    def can_prefetch(self) -> bool:
+        """Host packs exist but cannot hold every registered adapter (else all are packed already)."""
+        return self._packs is not None and 0 < self._packs.max_frames < len(self._registered)
+
+    @property
+    def num_prefetched(self) -> int:
+        """Packs the background thread made (prefetch)."""
+        return self._packer.num_packed
+
+    def close(self) -> None:
+        """Stop the background packer (waits for a pack in flight)."""
+        self._packer.close()
 
     @property
     def slot_bytes(self) -> int:
@@ -304,7 +281,7 @@ class LoraManager:
         layout = SlotLayout(self.dims, keys, rank_cap, b_rank_last=self.use_triton, groups=self.groups)
         frame_bytes = layout.numel * torch.empty((), dtype=self.dtype).element_size()
         # The old packs' pinned chunks stay alive until their in-flight copies finish (allocator).
-        self._packs = _HostPacks(layout.numel, self.dtype, self.device.type == "cuda",
+        self._packs = HostPacks(layout.numel, self.dtype, self.device.type == "cuda",
                                  self.host_cache_bytes // frame_bytes if frame_bytes else 0)
         self._layout = layout
         slot_cap = self.num_slots if self.use_triton else max(self._slot_cap, 1)
@@ -332,16 +309,18 @@ class LoraManager:
         if slot >= self._slot_cap:   # CPU: grow by doubling (the Triton path has every slot)
             self._alloc_store(min(self.num_slots, max(self._slot_cap, 1 << slot.bit_length())),
                               keep_rows=True)
-        frame = self._packs.get(adapter.name)
-        if frame is None:            # over the host budget at add time, or evicted since
-            frame = self._packs.take(adapter.name, evict=True)
-            if frame is None:        # budget below one pack: a one-off buffer
-                frame = torch.empty(self._layout.numel, dtype=self.dtype,
-                                    pin_memory=self.device.type == "cuda")
-            self._layout.pack(adapter, frame)
-        # The pack is the whole row (zero padding, untargeted modules): no clearing needed.
-        self._store[slot].copy_(frame, non_blocking=True)
-        self._packs.after_copy(adapter.name)
+        self._packer.wait(adapter.name)  # a prefetch in flight: its pack, not a second one
+        with self._packer.lock:          # the worker cannot evict this frame before its copy
+            frame = self._packs.get(adapter.name)
+            if frame is None:            # over the host budget at add time, or evicted since
+                frame = self._packs.take(adapter.name, evict=True)
+                if frame is None:        # budget below one pack: a one-off buffer
+                    frame = torch.empty(self._layout.numel, dtype=self.dtype,
+                                        pin_memory=self.device.type == "cuda")
+                self._layout.pack(adapter, frame)
+            # The pack is the whole row (zero padding, untargeted modules): no clearing needed.
+            self._store[slot].copy_(frame, non_blocking=True)
+            self._packs.after_copy(adapter.name)
         self._ranks[slot] = {key: a.shape[0] for key, (a, _) in adapter.weights.items()}
         self.num_loads += 1
 

@@ -163,6 +163,12 @@ class Scheduler(abc.ABC):
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def upcoming_tasks(self, limit: int) -> list[str]:
+        """Up to `limit` distinct tasks of waiting requests, those likely admitted first first
+        (here: queue order; policies with another order override). The engine prefetches their
+        adapters' host packs."""
+        return distinct_tasks(self.waiting, limit)
+
     # ---- the step --------------------------------------------------------
     @abc.abstractmethod
     def schedule(self) -> SchedulerOutput:
@@ -177,3 +183,13 @@ class Scheduler(abc.ABC):
             if seq.first_token_s is None:
                 seq.first_token_s = now
         self.last_step_tasks = {s.task for s in out.seqs}
+
+
+def distinct_tasks(seqs, limit: int) -> list[str]:
+    tasks: list[str] = []
+    for seq in seqs:
+        if len(tasks) >= limit:
+            break
+        if seq.task and seq.task not in tasks:
+            tasks.append(seq.task)
+    return tasks

@@ -11,7 +11,8 @@ from services.engine.policies.batching import (
     start_running,
 )
 from services.engine.policies.streak import StreakScheduler
-from services.engine.sequence import Sequence
+from services.engine.scheduler import distinct_tasks
+from services.engine.sequence import Sequence, SequenceStatus
 
 
 class InlaidScheduler(StreakScheduler):
@@ -51,6 +52,7 @@ class InlaidScheduler(StreakScheduler):
     """
 
     name = "inlaid"
+    _last_ranking: tuple[Sequence, ...] | list[Sequence] = ()   # the last prefill step's order of the pool
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -110,6 +112,7 @@ class InlaidScheduler(StreakScheduler):
             keyed.append(((not self.is_hungry(seq, now_s), remaining, seq.seq_no), seq))
         keyed.sort(key=lambda item: item[0])
         ordered = [s for _, s in keyed]
+        self._last_ranking = ordered     # upcoming_tasks reads it until the next prefill step
         allowed = None
         if self.config.max_adapters_per_batch:
             # Best (is_not_hungry, remaining) per task over running and waiting requests, and
@@ -133,6 +136,13 @@ class InlaidScheduler(StreakScheduler):
                                   is_urgent=lambda seq: id(seq) in hungry, decode_rows=decode_rows)
         start_running(self, admitted, now_s)
         return admitted, allowed
+
+    def upcoming_tasks(self, limit: int) -> list[str]:
+        """Tasks of the waiting requests SRTF admits first (hungry ones ahead): the order the last
+        prefill step ranked the pool in (requests that arrived since are not in it), so a step
+        pays O(limit), not a pass over thousands of waiting requests."""
+        ranked = distinct_tasks((s for s in self._last_ranking if s.status is SequenceStatus.WAITING), limit)
+        return ranked or distinct_tasks(self.waiting, limit)
 
     def task_key(self, task: str, seqs: list[Sequence], now_s: float, with_switch: bool = True) -> tuple:
         """Rank of a task for one of the β slots: hungry first, then shortest remaining.

@@ -105,6 +105,26 @@ def test_abort_frees_blocks(engine):
     assert engine.abort("x") is None
 
 
+def test_step_prefetches_the_next_waiting_tasks_adapters(engine, monkeypatch):
+    """lora_prefetch: before running a step, the engine hands the scheduler's next waiting tasks to
+    the adapter store's background packer (when it can help: this CPU engine keeps no host packs,
+    so the test stands in for it)."""
+    import dataclasses
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, lora_prefetch=2))
+    calls = []
+    monkeypatch.setattr(engine.runner.lora, "prefetch", lambda names, limit: calls.append((names, limit)) or 0)
+    monkeypatch.setattr(type(engine.runner.lora), "can_prefetch", property(lambda self: True))
+    for i in range(4):   # 4 × 50 tokens: the 6-block cache admits 1 at a time, the rest wait
+        engine.add_request(f"pf{i}", prompt(engine, "Hello world, how are you? ", 50), SamplingParams(max_tokens=2),
+                           task="qv")
+    outputs: dict = {}
+    drain(engine, outputs)
+    assert calls and calls[0] == (["qv"], 2)
+    while engine.has_unfinished:
+        drain(engine, outputs)
+    assert all(outputs[f"pf{i}"][-1].is_finished for i in range(4))
+
+
 def test_bad_requests(engine):
     ok = prompt(engine, "Hi there ")
     cases = [
@@ -185,8 +205,11 @@ def test_config_from_env():
     assert cfg.triton_fast_launch and not cfg.serial_split_k           # the kernel switches' defaults
     cfg = EngineConfig.from_env({"ENGINE_TRITON_FAST_LAUNCH": "0", "ENGINE_SERIAL_SPLIT_K": "1"})
     assert not cfg.triton_fast_launch and cfg.serial_split_k
+    assert cfg.lora_expand_rows and cfg.lora_prefetch == 0                # LoRA: per-token expand, no prefetch
+    cfg = EngineConfig.from_env({"ENGINE_LORA_EXPAND_ROWS": "0", "ENGINE_LORA_PREFETCH": "8"})
+    assert not cfg.lora_expand_rows and cfg.lora_prefetch == 8
     for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"},
-                {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}):
+                {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}, {"ENGINE_LORA_PREFETCH": "-1"}):
         with pytest.raises(ValueError):
             EngineConfig.from_env(env)
 
