@@ -204,14 +204,17 @@ class LoraManager:
             return self._packs.names if self._packs is not None else []
 
     def prefetch(self, names, limit: int) -> int:
-        """Pack, on a background thread, up to `limit` of `names` (in order) that are neither in a
-        device slot nor packed, so their slot loads find the pack ready. Returns how many it
-        started. A no-op without host packs (CPU: host_cache_bytes 0)."""
+        """Pack, on a background thread, the first of `names` (in order) that are neither in a
+        device slot nor packed, so their slot loads find the pack ready, keeping at most `limit`
+        packs queued or in flight. Returns how many it queued. A no-op without host packs (CPU:
+        host_cache_bytes 0)."""
         if self._packs is None or self._packs.max_frames == 0 or limit <= 0:
             return 0
         started = 0
         packs, layout = self._packs, self._layout
         for name in names:
+            if self._packer.num_pending >= limit:
+                break
             adapter = self._registered.get(name)
             if (adapter is None or name in self._slot_of or self._packer.is_pending(name)
                     or name in packs):
@@ -220,8 +223,6 @@ class LoraManager:
                 name, packs, lambda frame, a=adapter: layout.pack(a, frame),
                 lambda n=name, a=adapter: self._packs is packs and self._registered.get(n) is a)
             started += 1
-            if started >= limit:
-                break
         return started
 
     @property

@@ -125,14 +125,26 @@ class BackgroundPacker:
         committed to `name` only if is_current() still holds then (checked under the lock: the
         adapter was not replaced or removed and the layout did not change), else released."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-pack")
+            # One intra-op thread for the worker (an OpenMP setting of that thread only): sharing
+            # the step's threads oversubscribes the cores and slowed this 2-core CPU's loads 2.7x
+            # (benchmarks/results/lora_prefetch_cpu.md).
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-pack",
+                                            initializer=torch.set_num_threads, initargs=(1,))
         self._pending[name] = self._pool.submit(self._run, name, packs, pack, is_current)
 
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
     def wait(self, name: str) -> None:
-        """Block until a pending pack of `name` (if any) is done; its errors are raised here."""
+        """Before a load of `name`: a pack of it that the worker has started is waited for (its
+        errors are raised here); one still queued is cancelled, the caller packs it itself rather
+        than wait behind the packs queued before it."""
         future = self._pending.get(name)
-        if future is not None:
+        if future is not None and not future.cancel():
             future.result()
+        if future is not None and future.cancelled():
+            self._pending.pop(name, None)
 
     def _run(self, name: str, packs: HostPacks, pack: Callable[[torch.Tensor], None],
              is_current: Callable[[], bool]) -> None:

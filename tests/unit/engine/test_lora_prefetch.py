@@ -3,6 +3,7 @@ policies name for it (Scheduler.upcoming_tasks)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -93,3 +94,24 @@ def test_upcoming_tasks_follow_each_policys_admission_order() -> None:
     inlaid.schedule()                                               # admits "min", ranks the rest
     assert inlaid.upcoming_tasks(2) == ["short", "mid"]             # shortest predicted first
     assert inlaid.upcoming_tasks(5) == ["short", "mid", "long"]
+
+
+def test_a_load_does_not_wait_behind_queued_prefetches() -> None:
+    mgr = manager(frames=4)
+    for i, name in enumerate("abcdef"):
+        mgr.add_adapter(make_adapter(name, 4, ("q_proj",), seed=i))
+    gate = threading.Event()
+    pack = mgr._layout.pack
+    mgr._layout.pack = lambda adapter, row: (gate.wait(5), pack(adapter, row))
+    assert mgr.prefetch(["e", "f"], limit=2) == 2     # e blocks the worker, f queues behind it
+    assert mgr.prefetch(["a", "b", "c", "d", "e"], limit=2) == 0   # two pending: at the limit
+    mgr._layout.pack = pack
+    t0 = time.perf_counter()
+    slot = mgr.acquire({"f"})["f"]                     # cancels the queued pack, packs inline
+    assert time.perf_counter() - t0 < 2.0 and not mgr._packer.is_pending("f")
+    fresh = torch.zeros(mgr._layout.numel)
+    pack(mgr._registered["f"], fresh)
+    assert torch.equal(mgr._store[slot], fresh)
+    gate.set()
+    mgr.close()
+    assert "e" in mgr.packed_names
