@@ -90,6 +90,11 @@ def scale_variant(name: str) -> tuple[str, dict, str]:
     return SCALE_VARIANTS.get(name, (name, {}, name))
 
 
+def scheduler_overrides(sched, overrides: dict) -> dict:
+    """A variant's overrides that the scheduler has (engine-only ones, e.g. lora_prefetch, dropped)."""
+    return {k: v for k, v in overrides.items() if hasattr(sched, k)}
+
+
 def step_stats(rows: list[dict], run: str) -> dict:
     """Decode vs prefill steps of one replay (from the measured step rows)."""
     rs = [r for r in rows if r["run"] == run]
@@ -173,7 +178,8 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
                            pred_sigma=meta["pred_sigma"], prefix=f"sim{count}-", pooled=True)
         for name in (*SCALE_VARIANTS, "fifo"):
             policy, overrides, desc = scale_variant(name)
-            res = Simulator(POLICIES[policy], dataclasses.replace(sched, **overrides), cost, sim_cfg).run(trace)
+            res = Simulator(POLICIES[policy], dataclasses.replace(sched, **scheduler_overrides(sched, overrides)),
+                            cost, sim_cfg).run(trace)
             sim_rows.append(dict(res.metrics, variant=f"{desc}, {count} tasks (sim)", policy=name,
                                  num_tasks=count, rate_req_s=rate))
             print(f"sim {name:10s} {count:5d} tasks: {res.metrics['throughput_req_s']:.2f} req/s", flush=True)

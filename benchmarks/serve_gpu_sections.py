@@ -11,7 +11,7 @@ import statistics
 import time
 
 from serve_gpu_engine import runner_grid
-from serve_gpu_fit import scale_variant, step_stats
+from serve_gpu_fit import scale_variant, scheduler_overrides, step_stats
 from serve_gpu_workload import family_of, make_trace
 from services.engine.policies import POLICIES
 from services.engine.simulator.metrics import summarize
@@ -51,10 +51,8 @@ class ExtraSections:
             for name in dict.fromkeys((*a.scale_policies, "fifo")):
                 policy, overrides, desc = scale_variant(name)
                 t0 = time.perf_counter()
-                # engine-only overrides (e.g. lora_prefetch) have no scheduler counterpart
-                sched_overrides = {k: v for k, v in overrides.items() if hasattr(sched, k)}
-                res = Simulator(POLICIES[policy], dataclasses.replace(sched, **sched_overrides), self.cost,
-                                sim_cfg).run(trace)
+                res = Simulator(POLICIES[policy], dataclasses.replace(sched, **scheduler_overrides(sched, overrides)),
+                                self.cost, sim_cfg).run(trace)
                 sim.append(dict(res.metrics, variant=f"{desc}, {count} tasks (sim)", policy=name,
                                 num_tasks=count, rate_req_s=rate, sim_wall_s=time.perf_counter() - t0))
                 print(f"  sim {name:10s} {count:5d} tasks thr {res.metrics['throughput_req_s']:.2f} req/s "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.engine.block_manager import BlockManager
 from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from services.engine.sequence import SamplingParams, Sequence
+from services.engine.simulator.adapter_store import AdapterStoreConfig, AdapterStoreSim
 from services.engine.simulator.cost_model import CostModel, StepFeatures
 from services.engine.simulator.metrics import RequestRecord, StepRecord, summarize
 from services.engine.simulator.trace import TraceRequest
@@ -23,6 +24,9 @@ class SimConfig:
     block_size: int = 16
     max_tokens: int = 2048           # every request's max_tokens; its true length ends it earlier (EOS)
     slo_scale: float = 5.0           # SLO: JCT <= slo_scale x latency served alone
+    # Adapter slot loads and host packs on the clock (None: their cost is only what the fitted
+    # cost model's per-adapter term absorbed, which misses them once tasks outnumber the slots)
+    adapter_store: AdapterStoreConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks <= 0 or self.block_size <= 0 or self.max_tokens <= 0:
@@ -99,6 +103,8 @@ class Simulator:
         records: list[RequestRecord] = []
         steps: list[StepRecord] = []
         num_added = 0
+        store = AdapterStoreSim(cfg.adapter_store) if cfg.adapter_store else None
+        self.adapter_store = store
         while num_added < len(requests) or sched.has_unfinished:
             while num_added < len(requests) and requests[num_added].arrival_s <= self._now_s:
                 req = requests[num_added]
@@ -118,6 +124,11 @@ class Simulator:
                 continue
             feats = step_features(out)
             dt = self.cost.step_time_s(feats)
+            if store is not None:
+                loads_s = store.step(self._now_s, {s.task for s in out.seqs if s.task})
+                if cfg.adapter_store.prefetch:
+                    store.prefetch(self._now_s + loads_s, sched.upcoming_tasks(cfg.adapter_store.prefetch))
+                dt += loads_s
             self._now_s += dt
             steps.append(StepRecord(feats.num_prefill_tokens, feats.num_decode_seqs,
                                     feats.num_adapters, feats.num_kv_tokens_read, dt))
