@@ -75,9 +75,9 @@ class AdapterStoreSim:
                 self.num_packs_in_step += 1
             extra += self.config.slot_load_s
             self.num_loads += 1
+            if len(self._slots) >= self.config.slots:   # the least recent slot this step does not use
+                del self._slots[next(n for n in self._slots if n not in tasks)]
             self._slots[name] = None
-            while len(self._slots) > self.config.slots:
-                self._slots.popitem(last=False)
         return extra
 
     def prefetch(self, now_s: float, upcoming: list[str]) -> None:

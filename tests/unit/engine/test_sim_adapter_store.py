@@ -39,3 +39,13 @@ def test_background_packs_are_ready_waited_for_or_made_in_the_step() -> None:
 def test_bad_config_is_refused() -> None:
     with pytest.raises(ValueError):
         AdapterStoreConfig(slots=0, host_packs=1, slot_load_s=0.0, pack_s=0.0)
+
+
+def test_a_step_never_evicts_its_own_tasks() -> None:
+    """As LoraManager.acquire: the victim is the least recent slot the step does not use (evicting
+    the oldest outright reloaded tasks of the same step and tripled the loads at 1000 tasks)."""
+    s = store(slots=3, packs=8)
+    s.step(0.0, {"a", "b", "c"})
+    s.step(1.0, {"d"})                                          # evicts a
+    assert s.step(2.0, {"b", "c", "e"}) == pytest.approx(0.011)  # only e loads; d goes, not b or c
+    assert s.num_loads == 5
