@@ -5,7 +5,7 @@ A step that uses a task whose adapter is not in a device slot loads it (slot_loa
 if the adapter has no host pack either, the pack is made first, in the step (pack_s), unless the
 background packer made it already; a pack it is still making is waited for, one it has only
 queued is cancelled and made in the step (as LoraManager does). The packer makes one pack at a
-time, in the order the engine asked for them, while the steps run.
+time per worker thread, in the order the engine asked for them, while the steps run.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ class AdapterStoreConfig:
     slot_load_s: float         # one slot load (host → device copy)
     pack_s: float              # making one host pack
     prefetch: int = 0          # packs the background packer keeps queued or in flight (0: off)
+    workers: int = 1           # the packer's threads, each making one pack at a time
 
     def __post_init__(self) -> None:
-        if self.slots <= 0 or self.host_packs < 0 or self.slot_load_s < 0 or self.pack_s < 0 or self.prefetch < 0:
+        if (self.slots <= 0 or self.host_packs < 0 or self.slot_load_s < 0 or self.pack_s < 0 or self.prefetch < 0
+                or self.workers <= 0):
             raise ValueError(f"bad adapter store config: {self}")
 
 
@@ -32,13 +34,13 @@ class AdapterStoreSim:
         self._slots: OrderedDict[str, None] = OrderedDict()
         self._packs: OrderedDict[str, None] = OrderedDict()
         self._jobs: OrderedDict[str, tuple[float, float]] = OrderedDict()   # name -> (start, end), FIFO
-        self._worker_free_s = 0.0
+        self._worker_free_s = [0.0] * config.workers
         self.num_loads = self.num_packs_in_step = self.num_packs_in_background = 0
 
     def _finish_jobs(self, now_s: float) -> None:
         for name, (_, end) in list(self._jobs.items()):
             if end > now_s:
-                break
+                continue
             del self._jobs[name]
             self._add_pack(name)
             self.num_packs_in_background += 1
@@ -87,6 +89,7 @@ class AdapterStoreSim:
                 break
             if name in self._slots or name in self._packs or name in self._jobs:
                 continue
-            start = max(now_s, self._worker_free_s)
-            self._worker_free_s = start + self.config.pack_s
-            self._jobs[name] = (start, self._worker_free_s)
+            worker = min(range(len(self._worker_free_s)), key=self._worker_free_s.__getitem__)
+            start = max(now_s, self._worker_free_s[worker])
+            self._worker_free_s[worker] = start + self.config.pack_s
+            self._jobs[name] = (start, start + self.config.pack_s)

@@ -49,3 +49,10 @@ def test_a_step_never_evicts_its_own_tasks() -> None:
     s.step(1.0, {"d"})                                          # evicts a
     assert s.step(2.0, {"b", "c", "e"}) == pytest.approx(0.011)  # only e loads; d goes, not b or c
     assert s.num_loads == 5
+
+
+def test_two_workers_pack_side_by_side() -> None:
+    s = AdapterStoreSim(AdapterStoreConfig(slots=4, host_packs=4, slot_load_s=0.001, pack_s=0.010, prefetch=2,
+                                           workers=2))
+    s.prefetch(0.0, ["a", "b"])                                # both 0-10 ms
+    assert s.step(0.011, {"a", "b"}) == pytest.approx(0.002)   # both ready: two loads
