@@ -81,8 +81,8 @@ SCALE_VARIANTS = {"inlaid": ("inlaid", {}, "inlaid"),
                                 "inlaid (admission reserves the prompt and one token)"),
                   "inlaid-streak2": ("inlaid", {"max_decode_streak": 2}, "inlaid (prefill considered every 2 decode steps)"),
                   "inlaid-streak8": ("inlaid", {"max_decode_streak": 8}, "inlaid (prefill considered every 8 decode steps)"),
-                  "inlaid-prefetch": ("inlaid", {"lora_prefetch": 8},
-                                      "inlaid (the next 8 waiting tasks' adapter packs made on a background thread)")}
+                  "inlaid-prefetch": ("inlaid", {"lora_prefetch": 32},
+                                      "inlaid (the next 32 waiting tasks' adapter packs made on a background thread)")}
 
 
 def scale_variant(name: str) -> tuple[str, dict, str]:
