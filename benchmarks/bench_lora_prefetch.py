@@ -14,7 +14,6 @@ row), 8 distinct weight sets shared by name. Writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -23,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_result  # noqa: E402
 from services.common.adapters import BaseDims, LoraAdapter  # noqa: E402
 from services.engine.lora import LoraManager  # noqa: E402
 
@@ -154,10 +155,7 @@ def main() -> None:
             "zipf_a": args.zipf_a, "slots": args.slots, "packs": args.packs, "tasks_per_step": args.tasks_per_step,
             "step_ms": args.step_ms, "frame_mb": frame_mb}
     res = {"meta": meta, "runs": runs}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(report(res))
-    print(f"wrote {out}.md")
+    write_result(args.out, res, report(res))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Cost-model fitting of the GPU serving benchmark, and the after-the-run refit on any machine."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import random
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bench_serve_gpu_report import write_report
+from results_io import read_steps
 from bench_sim import with_predictions
 from serve_gpu_workload import family_lengths, make_trace, scaled, task_names
 from services.engine.policies import POLICIES
@@ -143,8 +143,7 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
     its simulated rows stay in the JSON under *_ondevice keys."""
     path = out_dir / "serve_gpu.json"
     data = json.loads(path.read_text())
-    with (out_dir / "serve_gpu.steps.csv").open() as f:
-        rows = [{**{k: float(v) for k, v in r.items() if k != "run"}, "run": r["run"]} for r in csv.DictReader(f)]
+    rows = read_steps(out_dir / "serve_gpu.steps.csv")
     cal_rows = [r for r in rows if r["run"].startswith("calib")]
     main_rows = [r for r in rows if r["run"] in MAIN_POLICIES]
     replay_4bit = [r for r in rows if not r["run"].startswith("calib") and "fp16" not in r["run"]]

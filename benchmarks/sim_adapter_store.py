@@ -13,7 +13,6 @@ Writes <out>.json and <out>.md. CPU only.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import read_steps, write_result  # noqa: E402
 from serve_gpu_fit import fit_cost, run_settings  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -111,8 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     run = json.loads(Path(f"{args.run}.json").read_text())
-    with open(f"{args.run}.steps.csv") as f:
-        steps = [{**{k: float(v) for k, v in r.items() if k != "run"}, "run": r["run"]} for r in csv.DictReader(f)]
+    steps = read_steps(f"{args.run}.steps.csv")
     rows = simulate(run, steps, [int(x) for x in args.counts.split(",")], [float(x) for x in args.pack_ms.split(",")],
                     [int(x) for x in args.prefetch.split(",")], args.host_packs)
     m = run["meta"]
@@ -123,10 +122,7 @@ def main() -> None:
             "command": " ".join(["python", "benchmarks/sim_adapter_store.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}
     res = {"meta": meta, "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(report(res))
-    print(f"wrote {out}.md")
+    write_result(args.out, res, report(res))
 
 
 if __name__ == "__main__":

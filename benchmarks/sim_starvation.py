@@ -12,7 +12,6 @@ off, beside fifo, and writes <out>.json and <out>.md. CPU only.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import statistics
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sim import with_predictions  # noqa: E402
+from results_io import read_steps, write_result  # noqa: E402
 from serve_gpu_fit import fit_cost, run_settings  # noqa: E402
 from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -96,8 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     run = json.loads(Path(args.run_json).read_text())
-    with open(args.steps_csv) as f:
-        steps = [{**{k: float(v) for k, v in r.items() if k != "run"}, "run": r["run"]} for r in csv.DictReader(f)]
+    steps = read_steps(args.steps_csv)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     rows = simulate(run, steps, rates, seeds, [float(x) for x in args.limits.split(",")], args.window_s)
@@ -108,10 +107,7 @@ def main() -> None:
             "command": " ".join(["python", "benchmarks/sim_starvation.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}
     res = {"meta": meta, "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(report(res))
-    print(f"wrote {out}.md")
+    write_result(args.out, res, report(res))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ reorders the queue) and not at all once it is longer than every wait (30 s vs of
 """
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import read_steps  # noqa: E402
 from sim_starvation import report, simulate  # noqa: E402
 
 RUN = ROOT / "benchmarks" / "results" / "serve_gpu_24gib_long_drain_d2add64"
@@ -19,8 +19,7 @@ RUN = ROOT / "benchmarks" / "results" / "serve_gpu_24gib_long_drain_d2add64"
 
 def test_starvation_limits_on_the_drain_run() -> None:
     run = json.loads(RUN.with_suffix(".json").read_text())
-    with open(f"{RUN}.steps.csv") as f:
-        steps = [{**{k: float(v) for k, v in r.items() if k != "run"}, "run": r["run"]} for r in csv.DictReader(f)]
+    steps = read_steps(f"{RUN}.steps.csv")
     rows = simulate(run, steps, rates=[3.2], seeds=[10], limits=[1, 30, 0], window_s=3.0)
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"fifo", "inlaid, starvation 1 s", "inlaid, starvation 30 s", "inlaid, starvation off"}
