@@ -130,7 +130,11 @@ class BackgroundPacker:
             # (benchmarks/results/lora_prefetch_cpu.md).
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-pack",
                                             initializer=torch.set_num_threads, initargs=(1,))
-        self._pending[name] = self._pool.submit(self._run, name, packs, pack, is_current)
+        future = self._pool.submit(self._run, name, packs, pack, is_current)
+        self._pending[name] = future
+        # Forgotten when done or cancelled; registered after the assignment (a job that is already
+        # done runs the callback here), so a fast job cannot leave a stale entry behind.
+        future.add_done_callback(lambda f, n=name: self._pending.pop(n) if self._pending.get(n) is f else None)
 
     @property
     def num_pending(self) -> int:
@@ -143,31 +147,26 @@ class BackgroundPacker:
         future = self._pending.get(name)
         if future is not None and not future.cancel():
             future.result()
-        if future is not None and future.cancelled():
-            self._pending.pop(name, None)
 
     def _run(self, name: str, packs: HostPacks, pack: Callable[[torch.Tensor], None],
              is_current: Callable[[], bool]) -> None:
+        with self.lock:
+            i = packs.reserve()
+        if i is None:
+            return
         try:
+            with torch.inference_mode():
+                pack(packs.frame(i))
+        except BaseException:
             with self.lock:
-                i = packs.reserve()
-            if i is None:
-                return
-            try:
-                with torch.inference_mode():
-                    pack(packs.frame(i))
-            except BaseException:
-                with self.lock:
-                    packs.release(i)
-                raise
-            with self.lock:
-                if is_current():
-                    packs.commit(name, i)
-                    self.num_packed += 1
-                else:
-                    packs.release(i)
-        finally:
-            self._pending.pop(name, None)
+                packs.release(i)
+            raise
+        with self.lock:
+            if is_current():
+                packs.commit(name, i)
+                self.num_packed += 1
+            else:
+                packs.release(i)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -16,6 +16,14 @@ from tests.unit.engine.test_lora import DIMS, frame_bytes, make_adapter
 from tests.unit.engine.test_policy_inlaid import make_sched, make_seq
 
 
+def settle(mgr: LoraManager) -> None:
+    """Until the background packer has nothing queued or in flight (wait() would cancel a queued pack)."""
+    deadline = time.monotonic() + 10
+    while mgr._packer.num_pending and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not mgr._packer.num_pending
+
+
 def manager(frames: int) -> LoraManager:
     return LoraManager(DIMS, num_slots=1, max_rank=16, device="cpu", dtype=torch.float32,
                        host_cache_bytes=frames * frame_bytes(8, ("q_proj",)))
@@ -41,8 +49,8 @@ def test_prefetch_packs_in_the_background_and_loads_use_the_pack() -> None:
         mgr.add_adapter(make_adapter(name, 4, ("q_proj",), seed=i))
     assert mgr.packed_names == ["a", "b"]      # packed at add time within the budget
     assert mgr.can_prefetch                    # 4 adapters, 2 packs
-    assert mgr.prefetch(["a", "c", "d", "x"], limit=1) == 1   # a is packed, x unknown: c only
-    mgr._packer.wait("c")
+    assert mgr.prefetch(["a", "c", "x"], limit=1) == 1        # a is packed, x unknown: c only
+    settle(mgr)
     assert mgr.packed_names == ["b", "c"] and mgr.num_prefetched == 1
     calls = []
     pack = mgr._layout.pack
@@ -68,7 +76,7 @@ def test_a_pack_made_stale_while_in_flight_is_dropped() -> None:
     mgr._layout.pack = pack
     mgr.add_adapter(make_adapter("c", 4, ("q_proj",), seed=9))      # replaced while packing
     gate.set()
-    mgr._packer.wait("c")
+    settle(mgr)
     slot = mgr.acquire({"c"})["c"]                                  # the new weights, not the old
     fresh = torch.zeros(mgr._layout.numel)
     pack(mgr._registered["c"], fresh)
@@ -115,3 +123,22 @@ def test_a_load_does_not_wait_behind_queued_prefetches() -> None:
     gate.set()
     mgr.close()
     assert "e" in mgr.packed_names
+
+
+def test_a_prefetch_that_finds_no_frame_is_forgotten() -> None:
+    """A job that ends at once (no frame to pack into) must not stay 'pending' and block prefetching."""
+    mgr = manager(frames=1)
+    for i, name in enumerate("abc"):
+        mgr.add_adapter(make_adapter(name, 4, ("q_proj",), seed=i))
+    packs = mgr._packs
+    with mgr._packer.lock:
+        held = packs.reserve()                      # the only frame, taken: reserve() finds none
+    for _ in range(3):
+        assert mgr.prefetch(["b"], limit=1) == 1
+        settle(mgr)                                 # the job found no frame and is forgotten
+    with mgr._packer.lock:
+        packs.release(held)
+    assert mgr.prefetch(["b"], limit=1) == 1
+    settle(mgr)
+    assert "b" in mgr.packed_names
+    mgr.close()
