@@ -56,6 +56,7 @@ class InlaidScheduler(StreakScheduler):
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
+        self.__dict__.setdefault("_new_since_ranking", []).append(seq)   # for upcoming_tasks
         seq.sched_state.setdefault("last_service_s", seq.arrival_s)
         # A waiting request generates nothing, so its SRTF key is fixed until it runs.
         seq.sched_state["waiting_remaining"] = seq.predicted_remaining_tokens
@@ -113,6 +114,7 @@ class InlaidScheduler(StreakScheduler):
         keyed.sort(key=lambda item: item[0])
         ordered = [s for _, s in keyed]
         self._last_ranking = ordered     # upcoming_tasks reads it until the next prefill step
+        self._new_since_ranking = []
         allowed = None
         if self.config.max_adapters_per_batch:
             # Best (is_not_hungry, remaining) per task over running and waiting requests, and
@@ -138,11 +140,20 @@ class InlaidScheduler(StreakScheduler):
         return admitted, allowed
 
     def upcoming_tasks(self, limit: int) -> list[str]:
-        """Tasks of the waiting requests SRTF admits first (hungry ones ahead): the order the last
-        prefill step ranked the pool in (requests that arrived since are not in it), so a step
-        pays O(limit), not a pass over thousands of waiting requests."""
-        ranked = distinct_tasks((s for s in self._last_ranking if s.status is SequenceStatus.WAITING), limit)
-        return ranked or distinct_tasks(self.waiting, limit)
+        """Tasks of the waiting requests SRTF admits first (hungry ones ahead): the head of the
+        order the last prefill step ranked the pool in, merged with the requests that arrived
+        since, so a step pays for a few requests, not a pass over thousands waiting."""
+        now = self.clock()
+        head = []
+        for seq in self._last_ranking:
+            if seq.status is SequenceStatus.WAITING:
+                head.append(seq)
+                if len(head) >= 4 * limit:
+                    break
+        fresh = [s for s in self.__dict__.get("_new_since_ranking", ()) if s.status is SequenceStatus.WAITING]
+        ranked = sorted(head + fresh, key=lambda s: (
+            not self.is_hungry(s, now), s.sched_state.get("waiting_remaining", 0), s.seq_no))
+        return distinct_tasks(ranked, limit) or distinct_tasks(self.waiting, limit)
 
     def task_key(self, task: str, seqs: list[Sequence], now_s: float, with_switch: bool = True) -> tuple:
         """Rank of a task for one of the β slots: hungry first, then shortest remaining.

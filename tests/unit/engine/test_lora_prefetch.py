@@ -98,10 +98,12 @@ def test_upcoming_tasks_follow_each_policys_admission_order() -> None:
     inlaid, _ = make_sched(max_num_seqs=1)
     for rid, task, pred in (("r1", "long", 500), ("r2", "short", 5), ("r3", "mid", 50), ("r4", "min", 1)):
         inlaid.add(make_seq(rid, task=task, predicted=pred))
-    assert inlaid.upcoming_tasks(2) == ["long", "short"]            # no prefill step yet: queue order
+    assert inlaid.upcoming_tasks(2) == ["min", "short"]             # shortest predicted first
     inlaid.schedule()                                               # admits "min", ranks the rest
-    assert inlaid.upcoming_tasks(2) == ["short", "mid"]             # shortest predicted first
-    assert inlaid.upcoming_tasks(5) == ["short", "mid", "long"]
+    assert inlaid.upcoming_tasks(2) == ["short", "mid"]
+    inlaid.add(make_seq("r5", task="new", predicted=2))             # arrived after the ranking
+    assert inlaid.upcoming_tasks(2) == ["new", "short"]
+    assert inlaid.upcoming_tasks(5) == ["new", "short", "mid", "long"]
 
 
 def test_a_load_does_not_wait_behind_queued_prefetches() -> None:
