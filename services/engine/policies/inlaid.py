@@ -52,11 +52,15 @@ class InlaidScheduler(StreakScheduler):
     """
 
     name = "inlaid"
-    _last_ranking: tuple[Sequence, ...] | list[Sequence] = ()   # the last prefill step's order of the pool
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_ranking: list[Sequence] = []        # the last prefill step's order of the pool
+        self._new_since_ranking: list[Sequence] = []   # requests added since (upcoming_tasks)
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
-        self.__dict__.setdefault("_new_since_ranking", []).append(seq)   # for upcoming_tasks
+        self._new_since_ranking.append(seq)
         seq.sched_state.setdefault("last_service_s", seq.arrival_s)
         # A waiting request generates nothing, so its SRTF key is fixed until it runs.
         seq.sched_state["waiting_remaining"] = seq.predicted_remaining_tokens
@@ -150,7 +154,7 @@ class InlaidScheduler(StreakScheduler):
                 head.append(seq)
                 if len(head) >= 4 * limit:
                     break
-        fresh = [s for s in self.__dict__.get("_new_since_ranking", ()) if s.status is SequenceStatus.WAITING]
+        fresh = [s for s in self._new_since_ranking if s.status is SequenceStatus.WAITING]
         ranked = sorted(head + fresh, key=lambda s: (
             not self.is_hungry(s, now), s.sched_state.get("waiting_remaining", 0), s.seq_no))
         return distinct_tasks(ranked, limit) or distinct_tasks(self.waiting, limit)
