@@ -9,9 +9,6 @@ from services.common.adapters import BaseDims, LoraAdapter
 from services.engine.errors import AdapterCapacityError, UnknownTaskError
 from services.engine.lora_packs import BackgroundPacker, HostPacks
 
-_CHUNK_BYTES = 256 << 20   # pinned frames are carved from chunks this big (see HostPacks)
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

@@ -164,7 +164,7 @@ class Scheduler(abc.ABC):
         return bool(self.waiting or self.running)
 
     def upcoming_tasks(self, limit: int) -> list[str]:
-        """Up to `limit` distinct tasks of waiting requests, those likely admitted first first
+        """Up to `limit` distinct tasks of waiting requests, in the order they are likely admitted
         (here: queue order; policies with another order override). The engine prefetches their
         adapters' host packs."""
         return distinct_tasks(self.waiting, limit)

@@ -192,6 +192,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, batch: LoraBatch, split_
 
     Rows of slot -1 stay unwritten (garbage): the expand kernels never read them.
     """
+    x = x.contiguous()              # the kernel walks K with unit stride
     t, k = x.shape
     r_total = a_stack.shape[1]
     bk = 128
@@ -264,7 +265,7 @@ def triton_lora_apply(
     _check_stacks(x, a_stack, b_stack, n_slice)
     if x.shape[0] == 0:
         return y
-    v = lora_shrink(x.contiguous(), a_stack, batch, split_k)
+    v = lora_shrink(x, a_stack, batch, split_k)
     return lora_expand(y, v, b_stack, batch, n_slice, rows=rows)
 
 

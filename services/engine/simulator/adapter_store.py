@@ -39,11 +39,14 @@ class AdapterStoreSim:
 
     def _finish_jobs(self, now_s: float) -> None:
         for name, (_, end) in list(self._jobs.items()):
-            if end > now_s:
-                continue
-            del self._jobs[name]
-            self._add_pack(name)
-            self.num_packs_in_background += 1
+            if end <= now_s:
+                self._complete(name)
+
+    def _complete(self, name: str) -> None:
+        """A background pack is done: it joins the host packs."""
+        del self._jobs[name]
+        self._add_pack(name)
+        self.num_packs_in_background += 1
 
     def _add_pack(self, name: str) -> None:
         if self.config.host_packs == 0:
@@ -66,9 +69,7 @@ class AdapterStoreSim:
                 self._packs.move_to_end(name)
             elif job is not None and job[0] <= now_s + extra:   # being made: wait for it
                 extra = max(extra, job[1] - now_s)
-                del self._jobs[name]
-                self._add_pack(name)
-                self.num_packs_in_background += 1
+                self._complete(name)
             else:                                               # none, or only queued: made here
                 if job is not None:
                     del self._jobs[name]
