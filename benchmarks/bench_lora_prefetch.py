@@ -17,6 +17,7 @@ import argparse
 import random
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA_7B = BaseDims(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                     num_kv_heads=32, head_dim=128)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FRAME_BYTES = LLAMA_7B.num_layers * sum(16 * sum(LLAMA_7B.features(m)) for m in TARGETS) * 2   # fp16 slot row
 
 
 def adapters(num_tasks: int, num_sets: int, rank: int) -> list[LoraAdapter]:
@@ -59,16 +61,15 @@ def stream(num_tasks: int, length: int, zipf_a: float, seed: int) -> list[str]:
 
 
 def run(ads: list[LoraAdapter], tasks: list[str], args, prefetch: int) -> dict:
-    frame = LLAMA_7B.num_layers * sum(16 * sum(LLAMA_7B.features(m)) for m in TARGETS) * 2
     mgr = LoraManager(LLAMA_7B, num_slots=args.slots, max_rank=16, device="cpu", dtype=torch.float16,
-                      use_triton=True, host_cache_bytes=args.packs * frame)
+                      use_triton=True, host_cache_bytes=args.packs * FRAME_BYTES)
     for ad in ads:
         mgr.add_adapter(ad)
     packs_inline = []
     pack = mgr._layout.pack
 
     def counting_pack(adapter, row):   # packs made on the main thread (in the step)
-        if torch.is_inference_mode_enabled() and not _on_worker():
+        if not threading.current_thread().name.startswith("lora-pack"):
             packs_inline.append(adapter.name)
         pack(adapter, row)
     mgr._layout.pack = counting_pack
@@ -92,11 +93,6 @@ def run(ads: list[LoraAdapter], tasks: list[str], args, prefetch: int) -> dict:
             "packs_in_step": len(packs_inline), "packs_in_background": mgr.num_prefetched,
             "acquire_ms_mean": 1e3 * statistics.fmean(blocked), "acquire_ms_p90": 1e3 * sorted(blocked)[int(0.9 * steps)],
             "acquire_ms_total": 1e3 * sum(blocked)}
-
-
-def _on_worker() -> bool:
-    import threading
-    return threading.current_thread().name.startswith("lora-pack")
 
 
 def report(res: dict) -> str:
@@ -148,7 +144,7 @@ def main() -> None:
             print(f"threads {threads} prefetch {depth}: acquire {r['acquire_ms_mean']:.2f} ms/step (p90 {r['acquire_ms_p90']:.2f}), "
                   f"{r['loads']} loads, {r['packs_in_step']} packs in the step, "
                   f"{r['packs_in_background']} in the background", flush=True)
-    frame_mb = LLAMA_7B.num_layers * sum(16 * sum(LLAMA_7B.features(m)) for m in TARGETS) * 2 / 1e6
+    frame_mb = FRAME_BYTES / 1e6
     meta = {"commit": args.commit, "command": " ".join(["python", "benchmarks/bench_lora_prefetch.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0, "num_tasks": args.num_tasks,
             "worker_threads": "one intra-op thread (its own OpenMP setting, BackgroundPacker)",

@@ -113,6 +113,20 @@ def step_stats(rows: list[dict], run: str) -> dict:
             "prefill_busy_s": sum(r["step_s"] for r in pre)}
 
 
+def run_lengths(meta: dict) -> dict:
+    """The per-family lengths a bench_serve_gpu run drew from (its --length-scale; runs before the
+    option: none)."""
+    return scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *meta.get("length_scale", (1.0, 1.0)))
+
+
+def replay_setup(run: dict, steps: list[dict]) -> tuple:
+    """(cost model fitted to the run's calibration steps, SchedulerConfig, SimConfig, lengths):
+    what a CPU study needs to replay a recorded run's workload on its own engine settings."""
+    cost = fit_cost([r for r in steps if r["run"].startswith("calib")], "the run's calibration steps")
+    sched, sim_cfg = run_settings(run["meta"])
+    return cost, sched, sim_cfg, run_lengths(run["meta"])
+
+
 def run_settings(meta: dict) -> tuple:
     """(SchedulerConfig, SimConfig) of a bench_serve_gpu run, from its JSON's meta."""
     from services.engine.config import EngineConfig
@@ -161,8 +175,7 @@ def refit(out_dir: Path, sim_s: float, sim_rates: list[float], seed: int) -> Non
         "on_all_4bit_replay_steps": fit_error(cost, replay_4bit)}
     meta = data["meta"]
     sched, sim_cfg = run_settings(meta)
-    # the run's --length-scale (runs before the option: none)
-    lengths = scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *meta.get("length_scale", (1.0, 1.0)))
+    lengths = run_lengths(meta)
     families = list(lengths)
     capacity = data["calibration"]["fifo_capacity_req_s"]
     sc = data.setdefault("scale", {})

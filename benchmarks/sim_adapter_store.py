@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_fit import fit_cost, run_settings  # noqa: E402
-from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
+from serve_gpu_fit import replay_setup  # noqa: E402
+from serve_gpu_workload import make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.adapter_store import AdapterStoreConfig  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
@@ -35,9 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def simulate(run: dict, steps: list[dict], counts: list[int], pack_ms: list[float], prefetch: list[int],
              host_packs: int) -> list[dict]:
     meta = run["meta"]
-    cost = fit_cost([r for r in steps if r["run"].startswith("calib")], "the run's calibration steps")
-    sched, sim_cfg = run_settings(meta)
-    lengths = scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *meta.get("length_scale", (1.0, 1.0)))
+    cost, sched, sim_cfg, lengths = replay_setup(run, steps)
     families = list(lengths)
     real = {r["num_tasks"]: r for r in run["scale"]["real"] if r["policy"] == "inlaid"}
     load_s = run["scale"]["slot_load"]["done_ms_median"] / 1e3

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sim import with_predictions  # noqa: E402
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_fit import fit_cost, run_settings  # noqa: E402
-from serve_gpu_workload import family_lengths, make_trace, scaled, task_names  # noqa: E402
+from serve_gpu_fit import replay_setup  # noqa: E402
+from serve_gpu_workload import make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
 
@@ -36,9 +36,7 @@ KEYS = ("throughput_req_s", "jct_avg_s", "jct_p99_s", "ttft_p99_s", "slo_attainm
 def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int], limits: list[float],
              window_s: float) -> list[dict]:
     meta = run["meta"]
-    cost = fit_cost([r for r in steps if r["run"].startswith("calib")], "the run's calibration steps")
-    sched, sim_cfg = run_settings(meta)
-    lengths = scaled(family_lengths(ROOT / "data" / "lengths.jsonl"), *meta.get("length_scale", (1.0, 1.0)))
+    cost, sched, sim_cfg, lengths = replay_setup(run, steps)
     tasks = task_names(meta["num_tasks"], list(lengths))
     capacity = run["calibration"]["fifo_capacity_req_s"]
     variants = [("fifo", "fifo", sched)] + [
