@@ -95,6 +95,23 @@ def run(ads: list[LoraAdapter], tasks: list[str], args, prefetch: int) -> dict:
             "acquire_ms_total": 1e3 * sum(blocked)}
 
 
+def pack_ms(ads: list[LoraAdapter], threads: int, reps: int = 7) -> float:
+    """Median time of one pack (SlotLayout.pack of a whole slot row) with this many torch threads."""
+    torch.set_num_threads(threads)
+    mgr = LoraManager(LLAMA_7B, num_slots=1, max_rank=16, device="cpu", dtype=torch.float16, use_triton=True,
+                      host_cache_bytes=0)
+    mgr.add_adapter(ads[0])
+    frame = torch.empty(mgr._layout.numel, dtype=torch.float16)
+    times = []
+    with torch.inference_mode():
+        for rep in range(reps + 2):                # 2 warm-ups
+            t0 = time.perf_counter()
+            mgr._layout.pack(ads[0], frame)
+            if rep >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def report(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Background adapter packing (LoraManager.prefetch), CPU (commit {m['commit']})", "",
@@ -105,7 +122,8 @@ def report(res: dict) -> str:
              f"row), Zipf({m['zipf_a']}) popularity, {m['slots']} device slots, {m['packs']} host packs; "
              f"{m['tasks_per_step']} task(s) acquired per step, then {m['step_ms']} ms standing for the GPU's work. "
              "Acquire = the main thread's time inside LoraManager.acquire per step (packing a missing pack, the "
-             "slot copy). Each configuration ran alternately, repeats below.", "",
+             "slot copy). Each configuration ran alternately, repeats below. One pack alone (median of 7): "
+             + ", ".join(f"{ms:.1f} ms with {t} thread(s)" for t, ms in m.get("pack_ms", {}).items()) + ".", "",
              "| torch threads | prefetch | run | steps | loads | packs in the step | packs in the background | "
              "acquire ms/step mean | p90 | total s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
@@ -134,6 +152,8 @@ def main() -> None:
     t0 = time.perf_counter()
     ads = adapters(args.num_tasks, args.sets, 16)
     tasks = stream(args.num_tasks, args.steps * args.tasks_per_step, args.zipf_a, seed=1)
+    pack_times = {t: pack_ms(ads, int(t)) for t in args.threads.split(",")}
+    print("one pack: " + ", ".join(f"{ms:.1f} ms ({t} threads)" for t, ms in pack_times.items()), flush=True)
     runs = []
     for repeat in range(args.repeats):
         for threads, depth in ((t, d) for t in args.threads.split(",") for d in args.prefetch.split(",")):
@@ -149,7 +169,7 @@ def main() -> None:
             "wall_s": time.perf_counter() - t0, "num_tasks": args.num_tasks,
             "worker_threads": "one intra-op thread (its own OpenMP setting, BackgroundPacker)",
             "zipf_a": args.zipf_a, "slots": args.slots, "packs": args.packs, "tasks_per_step": args.tasks_per_step,
-            "step_ms": args.step_ms, "frame_mb": frame_mb}
+            "step_ms": args.step_ms, "frame_mb": frame_mb, "pack_ms": pack_times}
     res = {"meta": meta, "runs": runs}
     write_result(args.out, res, report(res))
 
