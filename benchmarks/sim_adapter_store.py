@@ -72,7 +72,7 @@ def report(res: dict) -> str:
              "", f"The run's scale traces (inlaid, {m['rate']:.1f} req/s, {m['window_s']:g} s of arrivals; the real replay "
              f"was cut {m['drain_s']:g} s later, the simulator runs to the last request). Store: {m['slots']} device "
              f"slots, {m['host_packs']} host packs, slot load {m['load_ms']:.2f} ms (the run's measured copy); "
-             "the pack time on the GPU host was not measured (this CPU: ~10 ms per 33.5 MB row, "
+             "the pack time on the GPU host was not measured (this 2-core CPU: 8.5–11.4 ms per 33.5 MB row, "
              "lora_prefetch_cpu.md), hence several.", "",
              "| tasks | variant | sim req/s | real req/s | sim loads | real loads | packs in the step | "
              "packs in the background | sim JCT s |", "|---|---|---|---|---|---|---|---|---|"]

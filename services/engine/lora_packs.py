@@ -1,9 +1,10 @@
 """Host-side adapter packs for LoraManager's slot loads, and the thread that makes them ahead of use.
 
 A pack is one slot's whole row (SlotLayout.pack: A and B of every key, scaling folded, zero
-padding), so a slot load is one contiguous copy. Making a pack is host work (~10 ms for a 33 MB
-Llama-2-7B row), which is in the step's path when the pack is missing at load time: with more
-tasks than host packs (1000 tasks against 128), nearly every load packs. BackgroundPacker makes
+padding), so a slot load is one contiguous copy. Making a pack is host work (8.5-11.4 ms for a
+33.5 MB Llama-2-7B row on a 2-core CPU, benchmarks/results/lora_prefetch_cpu.md), which is in the
+step's path when the pack is missing at load time, as it often is with more tasks than host packs
+(1000 tasks against 128). BackgroundPacker makes
 the packs of the tasks the scheduler will admit next on a worker thread while the step runs
 (torch's copies release the GIL).
 """
