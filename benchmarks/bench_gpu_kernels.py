@@ -30,6 +30,7 @@ from services.engine.kernels.lora import prepare_lora_batch, triton_lora_apply  
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, W4Decoder  # noqa: E402
+from services.engine.kernels import pdl  # noqa: E402
 from services.engine.kernels import w4a16 as W  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 
@@ -259,6 +260,11 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
+        if pdl.set_pdl(True):   # the same graphed step, every Triton kernel a programmatic dependent launch
+            rows[-1]["graph_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
+            pdl.set_pdl(False)
+            print(f"  PDL: graph {rows[-1]['graph_ms_pdl']:.3f} ms (x{rows[-1]['graph_ms_pdl'] / floor_ms:.2f} of floor)",
+                  flush=True)
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -284,6 +290,9 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                 model.lora_expand = variant
                 lora_rows[-1][f"step_ms_{variant}"] = timer.median_ms(lambda: model.decode(**inputs))
             model.lora_expand = "rows"
+            if pdl.set_pdl(True):
+                lora_rows[-1]["step_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
+                pdl.set_pdl(False)
         print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}"
               + "".join(f"  ({v} expand: {lora_rows[-1][f'step_ms_{v}']:.3f} ms)"
                         for v in LORA_VARIANTS if f"step_ms_{v}" in lora_rows[-1]), flush=True)
@@ -348,6 +357,13 @@ def write_markdown(res: dict, path: Path) -> None:
                   f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} | "
                   + (f"{r['graph_ms_zeroed_outputs']:.3f} | {r['graph_ms_zeroed_outputs'] / r['graph_ms']:.2f} |"
                      if "graph_ms_zeroed_outputs" in r else "n/a | n/a |") for r in res["decode"]]
+        if any("graph_ms_pdl" in r for r in res["decode"]):
+            lines += ["\nWith programmatic dependent launch (EngineConfig.pdl: each Triton kernel launched while "
+                      "the previous one runs, waiting on it at its first instruction; same steps, same graphs):\n",
+                      "| batch | plain graph ms | PDL graph ms | plain / PDL | PDL graph / floor |", "|---|---|---|---|---|"]
+            lines += [f"| {r['batch']} | {r['graph_ms']:.3f} | {r['graph_ms_pdl']:.3f} | "
+                      f"{r['graph_ms'] / r['graph_ms_pdl']:.2f} | {r['graph_ms_pdl'] / r['floor_ms']:.2f} |"
+                      for r in res["decode"] if "graph_ms_pdl" in r]
         if any("graph_ms_serial" in r for r in res["decode"]):
             lines += ["\nWith serial split-K (same steps):\n", "| batch | CUDA graph ms | eager ms | graph / floor |",
                       "|---|---|---|---|"]
@@ -358,6 +374,14 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += [f"\n## Decode step with multi-LoRA on all projections (batch 64, rank 16, {expand} expand)\n",
                   "| adapters | step ms | × no-LoRA |", "|---|---|---|"]
         lines += [f"| {r['num_adapters']} | {r['step_ms']:.3f} | {r['vs_no_lora']:.2f} |" for r in res["decode_lora"]]
+        pdl_rows = [r for r in res["decode_lora"] if "step_ms_pdl" in r]
+        if pdl_rows:
+            base_pdl = res["decode"][-1].get("graph_ms_pdl") if res.get("decode") else None
+            lines += ["\nThe same steps with PDL:\n", "| adapters | step ms | × the PDL no-LoRA step (decode, batch 64) |",
+                      "|---|---|---|"]
+            lines += [f"| {r['num_adapters']} | {r['step_ms_pdl']:.3f} | "
+                      + (f"{r['step_ms_pdl'] / base_pdl:.2f} |" if base_pdl and r["batch"] == res["decode"][-1]["batch"]
+                         else "– |") for r in pdl_rows]
         variants = [v for v in ("rows", "segments", "skip") if any(f"step_ms_{v}" in r for r in res["decode_lora"])]
         if variants:
             base = res["decode_lora"][0]["step_ms"]

@@ -38,6 +38,8 @@ class EngineConfig:
     gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
     triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
     serial_split_k: bool = False           # split-K GEMMs without a zeroed output; slower on H100 (kernels/w4a16.py)
+    pdl: bool = False                      # programmatic dependent launch of the Triton kernels (sm_90+;
+                                           # kernels/pdl.py); off until measured on the GPU
     # Adapters whose host packs are made ahead on a background thread, taken from the scheduler's
     # next waiting tasks (0: off; matters when tasks outnumber host packs; not yet measured on a GPU)
     lora_prefetch: int = 0

@@ -16,6 +16,7 @@ from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.quant_linear import TritonQuantLinear
 from services.engine.kernels import launch as kernel_launch
+from services.engine.kernels.pdl import set_pdl
 from services.engine.kernels.w4a16 import HAS_TRITON, set_serial_split_k
 from services.engine.lora import LoraManager
 from services.engine.sampler import Sampler
@@ -52,6 +53,7 @@ class ModelRunner:
             # a runner that launches the kernels: a CPU runner beside it (a reference) leaves them alone
             kernel_launch.set_enabled(config.triton_fast_launch)
             set_serial_split_k(config.serial_split_k)
+            set_pdl(config.pdl)
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
         self.tuner = GemmTuner(cache_path=tune_cache) if config.quant_bits else None

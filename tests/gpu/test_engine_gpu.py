@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from services.common.adapters import ATTN_MODULES, TARGET_MODULES, LoraAdapter  # noqa: E402
 from services.engine.block_manager import BlockManager  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
+from services.engine.kernels import pdl  # noqa: E402
 from services.engine.llama import LINEAR_NAMES, LlamaShape, random_weights  # noqa: E402
 from services.engine.llm_engine import LLMEngine  # noqa: E402
 from services.engine.model_runner import ModelRunner  # noqa: E402
@@ -50,6 +51,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float().cpu(), ref.float().cpu()
     assert torch.isfinite(out).all()
     return float((out - ref).norm() / ref.norm())
+
+
+@pytest.fixture(autouse=True)
+def _pdl_off_after():
+    """PDL is a process-wide switch (a runner built with EngineConfig.pdl sets it): off after each test."""
+    yield
+    pdl.set_pdl(False)
 
 
 def gpu_runner(weights, graphs: bool, bits: int = 4, shape: LlamaShape = SHAPE, **config_overrides) -> ModelRunner:
@@ -100,13 +108,17 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
-@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows")],
-                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows"])
+@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl")],
+                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
-    """variant: EngineConfig.serial_split_k (experimental) or lora_expand_rows, eager and graph-replayed."""
+    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows or pdl, eager and graph-replayed."""
     serial = variant == "serial"
-    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows")
+    if variant == "pdl" and not pdl.supported():
+        pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
+    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows",
+                     pdl=variant == "pdl")
+    assert pdl.ENABLED == (variant == "pdl")
     if bits:
         assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)

@@ -26,6 +26,7 @@ from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batc
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.gemm_configs import candidate_configs  # noqa: E402
+from services.engine.kernels import pdl  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, GraphedDecode, W4Decoder  # noqa: E402
 
@@ -233,8 +234,15 @@ def test_fused_ops() -> None:
     assert torch.equal(vc.view(-1, num_kv, d)[slots], parts[:, num_heads + num_kv:])
 
 
-def test_graphed_decode_equals_eager() -> None:
-    shape = DecoderShape(hidden=512, intermediate=1024, num_layers=2, num_heads=4, num_kv_heads=4,
+@pytest.mark.parametrize("with_pdl", [False, True], ids=["plain", "pdl"])
+def test_graphed_decode_equals_eager(with_pdl: bool) -> None:
+    """with_pdl: the reference is the plain eager step; eager and graphed steps with programmatic
+    dependent launch (every Triton kernel launched while its predecessor runs) must match it."""
+    if with_pdl and not pdl.supported():
+        pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
+    # with PDL, Llama-2-7B widths: grids of hundreds of programs, so an early read would show
+    hidden, inter, heads = (4096, 11008, 32) if with_pdl else (512, 1024, 4)
+    shape = DecoderShape(hidden=hidden, intermediate=inter, num_layers=2, num_heads=heads, num_kv_heads=heads,
                          head_dim=128, vocab=1000)
     model = W4Decoder(shape, num_blocks=64, block_size=16, device=DEV)
     model.set_random_adapters(num_slots=3, rank=16)
@@ -249,6 +257,16 @@ def test_graphed_decode_equals_eager() -> None:
     eager = model.decode(**inputs).clone()
     no_lora = model.decode(**{**inputs, "slot_ids": None})
     assert rel_err(no_lora, eager.float()) > 1e-3  # the adapters change the logits
+    try:
+        pdl.set_pdl(with_pdl)
+        _check_decode_variants(model, inputs, eager)
+    finally:
+        pdl.set_pdl(False)
+
+
+def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:
+    """The in-place and zeroed-output layouts, eager and graph-replayed, against `eager`."""
+    assert rel_err(model.decode(**inputs), eager.float()) < 1e-2
     model.inplace_outputs = False   # zeroed o/down outputs + add_rmsnorm: the same step
     assert rel_err(model.decode(**inputs), eager.float()) < 1e-2
     model.inplace_outputs = True

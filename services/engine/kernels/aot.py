@@ -14,7 +14,7 @@ from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
 _ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14)
 
 
-def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) -> bytes:
+def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int, asm: str = "cubin") -> bytes | str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -22,7 +22,7 @@ def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int) ->
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "num_stages": stages})
-    return kernel.asm["cubin"]
+    return kernel.asm[asm]
 
 
 def _signature(bits: int, *constexprs: str) -> dict:
@@ -44,12 +44,13 @@ def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
                 zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
-                serial: bool = False) -> bytes:
-    """cubin of the tensor-core kernel (mma8, or mma with single_dot) for one launch config."""
+                serial: bool = False, pdl: bool = False, asm: str = "cubin") -> bytes | str:
+    """cubin (or asm="ptx") of the tensor-core kernel (mma8, or mma with single_dot) for one launch
+    config; pdl: the programmatic-dependent-launch form (kernels/pdl.py)."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
               "SINGLE_DOT": single_dot, "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub,
-              "H2DEQ": zsub and not single_dot, "SERIAL": serial}
-    return _compile(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
+              "H2DEQ": zsub and not single_dot, "SERIAL": serial, "PDL": pdl}
+    return _compile(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch, asm)
 
 
 def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,

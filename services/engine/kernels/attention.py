@@ -23,6 +23,7 @@ except ImportError:  # CPU-only installs use paged_decode_reference
 
 
 if triton is not None:
+    from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
     def _paged_decode_kernel(
@@ -30,7 +31,9 @@ if triton is not None:
         scale, block_size, q_per_kv,
         stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         b = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // q_per_kv
@@ -150,7 +153,9 @@ if triton is not None:
         scale_log2, block_size, q_per_kv,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ot, stride_oh,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         tile = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // q_per_kv

@@ -19,13 +19,15 @@ except ImportError:
 
 
 if triton is not None:
+    from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, eps, zero_ptr, ZN,
                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr, WRITE_RES: tl.constexpr = True,
-                            ZERO: tl.constexpr = False, ZBLOCK: tl.constexpr = 1024):
+                            ZERO: tl.constexpr = False, ZBLOCK: tl.constexpr = 1024, PDL: tl.constexpr = False):
         """One row: out = rmsnorm(x + res) * w (res_out = x + res when WRITE_RES); with ZERO it also
         zeroes row `row` of zero_ptr [T, ZN] (the next GEMM's split-K output: no launch of its own)."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         row = tl.program_id(0)
         if ZERO:
             zoffs = tl.arange(0, ZBLOCK)
@@ -44,7 +46,8 @@ if triton is not None:
         tl.store(out_ptr + row * H + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < inter
@@ -55,7 +58,8 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                            num_heads, num_kv_heads, stride_qkv, stride_cslot, stride_ch,
-                           HALF: tl.constexpr):
+                           HALF: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         t = tl.program_id(0)
         h = tl.program_id(1)  # 0..H-1: query heads, H..H+KVH-1: key/value heads
         offs = tl.arange(0, HALF)

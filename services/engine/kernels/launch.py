@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 import os
 
+from services.engine.kernels import pdl
+
 try:
     import triton
     from triton.runtime.driver import driver
@@ -37,6 +39,7 @@ _I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 _UNCACHEABLE, _FLOAT, _BOOL = ("uncacheable",), ("f",), ("u1",)
 _plans: dict[int, tuple | None] = {}        # id(fn) -> (parameter names, defaults, constexpr flags) or None
 _kernels: dict[tuple, tuple] = {}           # (id(fn), key) -> (compiled kernel, trailing constexpr values)
+_takes_pdl: dict[int, bool] = {}            # id(fn) -> whether fn declares the PDL constexpr (pdl.py)
 
 
 def _arg_key(a):
@@ -97,8 +100,20 @@ def set_enabled(on: bool) -> None:
     ENABLED = on and not _INTERPRET
 
 
+def _pdl_aware(fn) -> bool:
+    key = id(fn)
+    if key not in _takes_pdl:
+        plan = _plan(fn)
+        _takes_pdl[key] = plan is not None and "PDL" in plan[0]
+    return _takes_pdl[key]
+
+
 def launch(fn, grid: tuple, *args, **meta) -> None:
-    """fn[grid](*args, **meta), through the kept compiled kernel when this specialization has one."""
+    """fn[grid](*args, **meta), through the kept compiled kernel when this specialization has one;
+    with pdl.ENABLED, a kernel that declares the PDL constexpr is launched as a programmatic
+    dependent of the previous one (pdl.py)."""
+    if pdl.ENABLED and _pdl_aware(fn):
+        meta = {**meta, "PDL": True, "launch_pdl": True}
     if not ENABLED:
         fn[grid](*args, **meta)
         return

@@ -52,6 +52,7 @@ def prepare_lora_batch(slot_ids: torch.Tensor) -> LoraBatch:
 
 
 if triton is not None:
+    from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
     def _segment(slots_ptr, seg_start_ptr, seg_end_ptr, i, BM: tl.constexpr):
@@ -69,9 +70,11 @@ if triton is not None:
         x_ptr, a_ptr, v_ptr, order_ptr, slots_ptr, seg_start_ptr, seg_end_ptr,
         K, R_TOTAL, stride_xt, stride_as, k_per_split, stride_vsplit,
         BM: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """v[split] [T, R_TOTAL] fp32 = the split's share of x · A^T, one slab per K split: every
         element the expand kernel reads is written exactly once, so no zeroing and no atomics."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         i = tl.program_id(0)
         pid_k = tl.program_id(1)
         r0 = tl.program_id(2) * RB
@@ -100,7 +103,9 @@ if triton is not None:
         y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr, seg_start_ptr, seg_end_ptr,
         N, R_TOTAL, n_slice, stride_yt, stride_bs, stride_vsplit,
         RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         i = tl.program_id(0)
         pid_n = tl.program_id(1)
         s, end = _segment(slots_ptr, seg_start_ptr, seg_end_ptr, i, BM)
@@ -131,9 +136,11 @@ if triton is not None:
         y_ptr, v_ptr, b_ptr, order_ptr, slots_ptr,
         T, N, R_TOTAL, n_slice, stride_yt, stride_bs, stride_vsplit,
         RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """BM consecutive sorted tokens × BN columns: each token's B tile [BN, RANK] (contiguous
         in the rank-last stack) gathered by its slot, times its v row, summed over the rank."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         pid_n = tl.program_id(1)
         s = tl.load(slots_ptr + rows, mask=rows < T, other=-1)

@@ -44,6 +44,7 @@ _retired_locks: list[torch.Tensor] = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
 
 if triton is not None:
+    from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
         block_t, deq_tiles, field, fp16_bits, h2_deq, h2_dot, load_planes, nibble_fp16, serial_split_store, tile_of,
         x_pair,
@@ -55,6 +56,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
         BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False, SERIAL: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
@@ -62,6 +64,7 @@ if triton is not None:
         H2: packed fp16x2 dequant and products (h2_dot), fp32 across words. x is
         scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
         |x| below ~35 000; the output is scaled back in fp32."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -129,12 +132,14 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
         FAST_DEQ: tl.constexpr, BITS: tl.constexpr, ZSUB: tl.constexpr = False, H2DEQ: tl.constexpr = False,
         SERIAL: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         """Tensor-core path: per 128-row block, 8 K=16 dots (or one K=128 dot, SINGLE_DOT) on fp16
         codes, then (part - z·Σx)·s. ZSUB (with FAST_DEQ): subtract the zero in fp16 before the dot
         instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block. H2DEQ
         (ZSUB, 8-dot path): the codes and the subtraction come from packed PTX (H2_DEQ_ASM /
         H2_DEQ3_ASM: one or two lop3 and one sub.f16x2 per code pair)."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
@@ -209,6 +214,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BITS: tl.constexpr, H2DEQ: tl.constexpr,
         FP16_SCALE: tl.constexpr, ONE_DOT: tl.constexpr = False, SERIAL: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
         """Swapped operands ("mma8t"): out^T [BN, BM] += (W - z)^T [BN, 16] · x^T [16, BM], 8 dots per
         128-row block, zero subtracted in fp16 as in zsub. The dequantized weights are the left
@@ -220,6 +226,7 @@ if triton is not None:
         of two (acc and the block's partial sum), so BM 256 tiles fit the registers and a tile
         of x rows reads each weight once. ONE_DOT ("mma1t"): the 8 tiles joined into one [BN, 128]
         operand (block_t) and one K=128 dot per block, whose wgmmas then issue with one wait."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
@@ -270,8 +277,10 @@ if triton is not None:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
     @triton.jit
-    def _dequant_kernel(qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BITS: tl.constexpr):
+    def _dequant_kernel(qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BITS: tl.constexpr,
+                        PDL: tl.constexpr = False):
         """W [K, N] fp16 from the repacked layout: one program per (128-row K block, 128-col tile)."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         b = tl.program_id(0)
         t = tl.program_id(1)
         offs_i = tl.arange(0, 16)

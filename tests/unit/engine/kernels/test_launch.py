@@ -11,10 +11,16 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from services.engine.kernels import launch as L  # noqa: E402
+from services.engine.kernels import pdl  # noqa: E402
 
 
 @triton.jit
 def _kernel(x_ptr, n, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
+    pass
+
+
+@triton.jit
+def _pdl_kernel(x_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pass
 
 
@@ -32,8 +38,8 @@ class Compiled:
 class Jit:
     """What launch() reads of a JITFunction: fn, params and fn[grid](...) (Triton's path, recorded)."""
 
-    def __init__(self) -> None:
-        self.fn, self.params = _kernel.fn, _kernel.params
+    def __init__(self, kernel=_kernel) -> None:
+        self.fn, self.params = kernel.fn, kernel.params
         self.compiled = Compiled()
         self.slow: list[tuple] = []
 
@@ -123,3 +129,29 @@ def test_active_launch_hooks_and_the_switch_take_tritons_path(jit, monkeypatch) 
     monkeypatch.setattr(L, "ENABLED", False)
     L.launch(jit, (1,), x, 16, 0.5, BLOCK=128)
     assert len(jit.slow) == 3 and not jit.compiled.calls
+
+
+def test_pdl_reaches_only_the_kernels_that_declare_it(jit, monkeypatch) -> None:
+    """With PDL on, a kernel with the PDL constexpr is launched as a programmatic dependent (PDL=True
+    and Triton's launch_pdl option, kept in its cache key); one without it launches as always."""
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(L, "_takes_pdl", {})
+    x = torch.zeros(64, dtype=torch.float16)
+    aware = Jit(_pdl_kernel)
+    L.launch(aware, (1,), x, 16, BLOCK=128)
+    L.launch(jit, (1,), x, 16, 0.5, BLOCK=128)
+    assert aware.slow[-1][2] == {"BLOCK": 128, "PDL": True, "launch_pdl": True}
+    assert jit.slow[-1][2] == {"BLOCK": 128}
+    L.launch(aware, (1,), x, 16, BLOCK=128)        # the kept kernel gets PDL=True as its constexpr
+    assert aware.compiled.calls[-1][-2:] == (128, True)
+    monkeypatch.setattr(pdl, "ENABLED", False)      # off: another specialization, PDL from its default
+    L.launch(aware, (1,), x, 16, BLOCK=128)
+    assert aware.slow[-1][2] == {"BLOCK": 128}
+
+
+def test_set_pdl_stays_off_where_unsupported(monkeypatch) -> None:
+    monkeypatch.setattr(pdl, "supported", lambda: False)
+    assert pdl.set_pdl(True) is False and pdl.ENABLED is False
+    monkeypatch.setattr(pdl, "supported", lambda: True)
+    assert pdl.set_pdl(True) is True
+    assert pdl.set_pdl(False) is False and pdl.ENABLED is False

@@ -1,0 +1,25 @@
+"""kernels/pdl.py: the programmatic-dependent-launch form of a kernel waits on the previous grid
+before anything else and lets the next one launch; the plain form has neither instruction.
+Compiled for Hopper (sm_90) on this machine with Triton's bundled ptxas, no GPU needed; the GPU
+tests (tests/gpu) run both forms against the reference. Skipped without triton."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("triton")
+pdl = pytest.importorskip("services.engine.kernels.pdl")
+
+
+def test_pdl_form_waits_first_and_plain_form_has_no_grid_control() -> None:
+    if pdl.gdc_wait is None:
+        pytest.skip("this Triton has no griddepcontrol")
+    from services.engine.kernels.aot import compile_mma
+    args = dict(bm=16, bn=64, warps=4, stages=3, bits=4, fast_deq=True, single_dot=False, zsub=True, asm="ptx")
+    with_pdl, plain = compile_mma(**args, pdl=True), compile_mma(**args)
+    assert "griddepcontrol" not in plain
+    body = with_pdl[with_pdl.index(".entry"):]
+    wait, go = body.index("griddepcontrol.wait"), body.index("griddepcontrol.launch_dependents")
+    first_load = min(m.start() for m in re.finditer(r"\bld\.global|\bcp\.async|\batom\.", body))
+    assert wait < go and wait < first_load     # nothing is read before the previous grid has finished
