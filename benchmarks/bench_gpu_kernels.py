@@ -260,11 +260,12 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
-        if pdl.set_pdl(True):   # the same graphed step, every Triton kernel a programmatic dependent launch
-            rows[-1]["graph_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
-            pdl.set_pdl(False)
-            print(f"  PDL: graph {rows[-1]['graph_ms_pdl']:.3f} ms (x{rows[-1]['graph_ms_pdl'] / floor_ms:.2f} of floor)",
-                  flush=True)
+        for mode, key in ((1, "graph_ms_pdl"), (2, "graph_ms_pdl_prefetch")):
+            if pdl.set_pdl(mode):   # the same graphed step, every Triton kernel a programmatic dependent launch
+                rows[-1][key] = timer.median_ms(lambda: model.decode(**inputs))
+                print(f"  PDL mode {mode}: graph {rows[-1][key]:.3f} ms (x{rows[-1][key] / floor_ms:.2f} of floor)",
+                      flush=True)
+        pdl.set_pdl(0)
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -290,9 +291,9 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                 model.lora_expand = variant
                 lora_rows[-1][f"step_ms_{variant}"] = timer.median_ms(lambda: model.decode(**inputs))
             model.lora_expand = "rows"
-            if pdl.set_pdl(True):
+            if pdl.set_pdl(2):
                 lora_rows[-1]["step_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
-                pdl.set_pdl(False)
+                pdl.set_pdl(0)
         print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}"
               + "".join(f"  ({v} expand: {lora_rows[-1][f'step_ms_{v}']:.3f} ms)"
                         for v in LORA_VARIANTS if f"step_ms_{v}" in lora_rows[-1]), flush=True)
@@ -358,12 +359,20 @@ def write_markdown(res: dict, path: Path) -> None:
                   + (f"{r['graph_ms_zeroed_outputs']:.3f} | {r['graph_ms_zeroed_outputs'] / r['graph_ms']:.2f} |"
                      if "graph_ms_zeroed_outputs" in r else "n/a | n/a |") for r in res["decode"]]
         if any("graph_ms_pdl" in r for r in res["decode"]):
-            lines += ["\nWith programmatic dependent launch (EngineConfig.pdl: each Triton kernel launched while "
-                      "the previous one runs, waiting on it at its first instruction; same steps, same graphs):\n",
-                      "| batch | plain graph ms | PDL graph ms | plain / PDL | PDL graph / floor |", "|---|---|---|---|---|"]
-            lines += [f"| {r['batch']} | {r['graph_ms']:.3f} | {r['graph_ms_pdl']:.3f} | "
-                      f"{r['graph_ms'] / r['graph_ms_pdl']:.2f} | {r['graph_ms_pdl'] / r['floor_ms']:.2f} |"
-                      for r in res["decode"] if "graph_ms_pdl" in r]
+            lines += ["\nWith programmatic dependent launch (EngineConfig.pdl, kernels/pdl.py; same steps, same "
+                      "graphs). Mode 1: each Triton kernel launched while the previous one runs, waiting on it "
+                      "before its first read; mode 2: the GEMMs also ask L2 for their weights before the wait.\n",
+                      "| batch | plain graph ms | PDL 1 ms | plain / PDL 1 | PDL 2 ms | plain / PDL 2 | best / floor |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in res["decode"]:
+                if "graph_ms_pdl" not in r:
+                    continue
+                p2 = r.get("graph_ms_pdl_prefetch")
+                best = min(r["graph_ms_pdl"], p2 or r["graph_ms_pdl"])
+                lines.append(f"| {r['batch']} | {r['graph_ms']:.3f} | {r['graph_ms_pdl']:.3f} | "
+                             f"{r['graph_ms'] / r['graph_ms_pdl']:.2f} | "
+                             + (f"{p2:.3f} | {r['graph_ms'] / p2:.2f} | " if p2 else "– | – | ")
+                             + f"{best / r['floor_ms']:.2f} |")
         if any("graph_ms_serial" in r for r in res["decode"]):
             lines += ["\nWith serial split-K (same steps):\n", "| batch | CUDA graph ms | eager ms | graph / floor |",
                       "|---|---|---|---|"]
@@ -376,8 +385,8 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += [f"| {r['num_adapters']} | {r['step_ms']:.3f} | {r['vs_no_lora']:.2f} |" for r in res["decode_lora"]]
         pdl_rows = [r for r in res["decode_lora"] if "step_ms_pdl" in r]
         if pdl_rows:
-            base_pdl = res["decode"][-1].get("graph_ms_pdl") if res.get("decode") else None
-            lines += ["\nThe same steps with PDL:\n", "| adapters | step ms | × the PDL no-LoRA step (decode, batch 64) |",
+            base_pdl = res["decode"][-1].get("graph_ms_pdl_prefetch") if res.get("decode") else None
+            lines += ["\nThe same steps with PDL mode 2:\n", "| adapters | step ms | × the PDL no-LoRA step (decode, batch 64) |",
                       "|---|---|---|"]
             lines += [f"| {r['num_adapters']} | {r['step_ms_pdl']:.3f} | "
                       + (f"{r['step_ms_pdl'] / base_pdl:.2f} |" if base_pdl and r["batch"] == res["decode"][-1]["batch"]

@@ -38,8 +38,9 @@ class EngineConfig:
     gemm_tune_cache: bool = True           # keep GEMM tuner choices in INLAID_CACHE_DIR (fast restarts)
     triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
     serial_split_k: bool = False           # split-K GEMMs without a zeroed output; slower on H100 (kernels/w4a16.py)
-    pdl: bool = False                      # programmatic dependent launch of the Triton kernels (sm_90+;
-                                           # kernels/pdl.py); off until measured on the GPU
+    # Programmatic dependent launch of the Triton kernels (sm_90+; kernels/pdl.py): 0 off, 1 each
+    # kernel launched while the previous one runs, 2 also the GEMMs' weights asked of L2 before the wait
+    pdl: int = 0
     # Adapters whose host packs are made ahead on a background thread, taken from the scheduler's
     # next waiting tasks (0: off; matters when tasks outnumber host packs; not yet measured on a GPU)
     lora_prefetch: int = 0
@@ -77,6 +78,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_adapters_per_batch ({self.max_adapters_per_batch}) cannot exceed the "
                 f"adapter slots max_adapters ({self.max_adapters})")
+        if self.pdl not in (0, 1, 2):
+            raise ValueError(f"ENGINE_PDL must be 0 (off), 1 or 2, got {self.pdl}")
         if self.quant_bits not in (0, 3, 4):
             raise ValueError(f"quant_bits must be 0 (unquantized), 3 or 4, got {self.quant_bits}")
         if self.quant_group_size <= 0 or self.quant_group_size % 32:

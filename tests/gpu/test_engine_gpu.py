@@ -57,7 +57,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _pdl_off_after():
     """PDL is a process-wide switch (a runner built with EngineConfig.pdl sets it): off after each test."""
     yield
-    pdl.set_pdl(False)
+    pdl.set_pdl(0)
 
 
 def gpu_runner(weights, graphs: bool, bits: int = 4, shape: LlamaShape = SHAPE, **config_overrides) -> ModelRunner:
@@ -117,8 +117,8 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     if variant == "pdl" and not pdl.supported():
         pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
     gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows",
-                     pdl=variant == "pdl")
-    assert pdl.ENABLED == (variant == "pdl")
+                     pdl=2 if variant == "pdl" else 0)
+    assert pdl.MODE == (2 if variant == "pdl" else 0)   # mode 2: PDL launches and the GEMMs' L2 prefetch
     if bits:
         assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)

@@ -234,10 +234,11 @@ def test_fused_ops() -> None:
     assert torch.equal(vc.view(-1, num_kv, d)[slots], parts[:, num_heads + num_kv:])
 
 
-@pytest.mark.parametrize("with_pdl", [False, True], ids=["plain", "pdl"])
-def test_graphed_decode_equals_eager(with_pdl: bool) -> None:
-    """with_pdl: the reference is the plain eager step; eager and graphed steps with programmatic
-    dependent launch (every Triton kernel launched while its predecessor runs) must match it."""
+@pytest.mark.parametrize("with_pdl", [0, 1, 2], ids=["plain", "pdl", "pdl-prefetch"])
+def test_graphed_decode_equals_eager(with_pdl: int) -> None:
+    """with_pdl (a PDL mode): the reference is the plain eager step; eager and graphed steps with
+    programmatic dependent launch (every Triton kernel launched while its predecessor runs; mode 2
+    with the GEMMs' L2 prefetch of their weights before the wait) must match it."""
     if with_pdl and not pdl.supported():
         pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
     # with PDL, Llama-2-7B widths: grids of hundreds of programs, so an early read would show
@@ -258,10 +259,10 @@ def test_graphed_decode_equals_eager(with_pdl: bool) -> None:
     no_lora = model.decode(**{**inputs, "slot_ids": None})
     assert rel_err(no_lora, eager.float()) > 1e-3  # the adapters change the logits
     try:
-        pdl.set_pdl(with_pdl)
+        assert pdl.set_pdl(with_pdl) == with_pdl
         _check_decode_variants(model, inputs, eager)
     finally:
-        pdl.set_pdl(False)
+        pdl.set_pdl(0)
 
 
 def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:

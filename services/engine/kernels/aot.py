@@ -44,7 +44,7 @@ def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
                 zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
-                serial: bool = False, pdl: bool = False, asm: str = "cubin") -> bytes | str:
+                serial: bool = False, pdl: int = 0, asm: str = "cubin") -> bytes | str:
     """cubin (or asm="ptx") of the tensor-core kernel (mma8, or mma with single_dot) for one launch
     config; pdl: the programmatic-dependent-launch form (kernels/pdl.py)."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,

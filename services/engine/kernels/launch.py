@@ -110,10 +110,10 @@ def _pdl_aware(fn) -> bool:
 
 def launch(fn, grid: tuple, *args, **meta) -> None:
     """fn[grid](*args, **meta), through the kept compiled kernel when this specialization has one;
-    with pdl.ENABLED, a kernel that declares the PDL constexpr is launched as a programmatic
-    dependent of the previous one (pdl.py)."""
-    if pdl.ENABLED and _pdl_aware(fn):
-        meta = {**meta, "PDL": True, "launch_pdl": True}
+    with a PDL mode set, a kernel that declares the PDL constexpr is launched as a programmatic
+    dependent of the previous one and gets the mode (pdl.py)."""
+    if pdl.MODE and _pdl_aware(fn):
+        meta = {**meta, "PDL": pdl.MODE, "launch_pdl": True}
     if not ENABLED:
         fn[grid](*args, **meta)
         return

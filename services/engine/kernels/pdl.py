@@ -14,8 +14,11 @@ kernels that declare the parameter and only while set_pdl(True) holds; other ker
 torch's own, launch as always and order as always. Completion is transitive: a kernel that waited
 finished after its predecessor, so the next one that waits on it sees both.
 
-EngineConfig.pdl (ENGINE_PDL) turns it on for the process; it needs sm_90 or later and a Triton
-with griddepcontrol (3.4+), and is off under TRITON_INTERPRET.
+Modes (EngineConfig.pdl, ENGINE_PDL; set for the process by set_pdl): 0 off; 1 as above; 2 also
+lets the GEMM kernels ask L2 for their program's weight codes before the wait (the codes are never
+written by a kernel, so no ordering is needed for them), so a GEMM's weight stream starts while
+the kernel before it (a norm, RoPE, attention at decode sizes: latency-bound) still runs. It needs
+sm_90 or later and a Triton with griddepcontrol (3.4+), and is off under TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ except ImportError:  # Triton without grid dependency control: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ENABLED = False
+MODES = (0, 1, 2)
+MODE = 0        # what launch() passes as PDL to the kernels that declare it (0: they launch as always)
 
 
 def supported() -> bool:
@@ -46,12 +50,15 @@ def supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def set_pdl(on: bool) -> bool:
-    """Turn PDL on or off for the process; returns whether it is now on (on a device or Triton
-    without it, asking for it leaves it off)."""
-    global ENABLED
-    ENABLED = bool(on) and supported()
-    return ENABLED
+def set_pdl(mode: int) -> int:
+    """Set the process's PDL mode (0, 1 or 2; a bool means 0 or 1) and return the mode now in force:
+    on a device or Triton without PDL, asking for it leaves it at 0."""
+    global MODE
+    mode = int(mode)
+    if mode not in MODES:
+        raise ValueError(f"PDL mode must be one of {MODES}, got {mode}")
+    MODE = mode if mode and supported() else 0
+    return MODE
 
 
 if triton is not None:

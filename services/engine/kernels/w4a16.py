@@ -46,8 +46,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: ge
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
-        block_t, deq_tiles, field, fp16_bits, h2_deq, h2_dot, load_planes, nibble_fp16, serial_split_store, tile_of,
-        x_pair,
+        block_t, deq_tiles, field, fp16_bits, h2_deq, h2_dot, load_planes, nibble_fp16, prefetch_codes_l2,
+        serial_split_store, tile_of, x_pair,
     )
 
     @triton.jit
@@ -64,7 +64,6 @@ if triton is not None:
         H2: packed fp16x2 dequant and products (h2_dot), fp32 across words. x is
         scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
         |x| below ~35 000; the output is scaled back in fp32."""
-        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -78,6 +77,10 @@ if triton is not None:
         b_end = b_start + blocks_per_split
         if b_end > num_blocks:  # (a scalar branch, not tl.minimum: the interpreter can loop on it)
             b_end = num_blocks
+        if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
+            if row == 0:
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS)
+        pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
         acc = tl.zeros((16, BN), dtype=tl.float32)
         zacc = tl.zeros((BN,), dtype=tl.float32)
         x_row = x_ptr + row * stride_xm
@@ -139,10 +142,13 @@ if triton is not None:
         instead, (1024 + q) - (1024 + z) = q - z exactly, so no Σx reductions per block. H2DEQ
         (ZSUB, 8-dot path): the codes and the subtraction come from packed PTX (H2_DEQ_ASM /
         H2_DEQ3_ASM: one or two lop3 and one sub.f16x2 per code pair)."""
-        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
+        if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
+            if tl.min(offs_m, axis=0) < BM:   # one program per column tile and split: the first row tile's
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS)
+        pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
         offs_i = tl.arange(0, 16)
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -226,10 +232,13 @@ if triton is not None:
         of two (acc and the block's partial sum), so BM 256 tiles fit the registers and a tile
         of x rows reads each weight once. ONE_DOT ("mma1t"): the 8 tiles joined into one [BN, 128]
         operand (block_t) and one K=128 dot per block, whose wgmmas then issue with one wait."""
-        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
+        if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
+            if tl.min(offs_m, axis=0) < BM:   # one program per column tile and split: the first row tile's
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS)
+        pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
         offs_i = tl.arange(0, 16)
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         x_col = x_ptr + offs_m[None, :] * stride_xm

@@ -36,6 +36,21 @@ if triton is not None:
         return q, qh
 
     @triton.jit
+    def prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS: tl.constexpr):
+        """Ask L2 for a program's code rows (blocks b_start..b_end of its column tile), with no
+        registers bound: the kernels call it before pdl_enter under PDL mode 2, so the weight reads
+        overlap the previous kernel. The codes never change while kernels run (a weight swap is an
+        ordered copy, and L2 is the device's point of coherence), so this is safe before the wait."""
+        offs_i = tl.arange(0, 16)
+        for b in range(b_start, b_end):
+            offs = (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [qw_ptr + tile + offs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+            if BITS == 3:
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [qh_ptr + tile + offs],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def field(q, qh, j, BITS: tl.constexpr):
         """Code j (0..7) of each element: nibble j at 4 bits; 2-bit field j plus high bit j at 3."""
         if BITS == 4:

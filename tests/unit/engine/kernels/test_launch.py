@@ -134,24 +134,26 @@ def test_active_launch_hooks_and_the_switch_take_tritons_path(jit, monkeypatch) 
 def test_pdl_reaches_only_the_kernels_that_declare_it(jit, monkeypatch) -> None:
     """With PDL on, a kernel with the PDL constexpr is launched as a programmatic dependent (PDL=True
     and Triton's launch_pdl option, kept in its cache key); one without it launches as always."""
-    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "MODE", 2)
     monkeypatch.setattr(L, "_takes_pdl", {})
     x = torch.zeros(64, dtype=torch.float16)
     aware = Jit(_pdl_kernel)
     L.launch(aware, (1,), x, 16, BLOCK=128)
     L.launch(jit, (1,), x, 16, 0.5, BLOCK=128)
-    assert aware.slow[-1][2] == {"BLOCK": 128, "PDL": True, "launch_pdl": True}
+    assert aware.slow[-1][2] == {"BLOCK": 128, "PDL": 2, "launch_pdl": True}
     assert jit.slow[-1][2] == {"BLOCK": 128}
-    L.launch(aware, (1,), x, 16, BLOCK=128)        # the kept kernel gets PDL=True as its constexpr
-    assert aware.compiled.calls[-1][-2:] == (128, True)
-    monkeypatch.setattr(pdl, "ENABLED", False)      # off: another specialization, PDL from its default
+    L.launch(aware, (1,), x, 16, BLOCK=128)        # the kept kernel gets the mode as its constexpr
+    assert aware.compiled.calls[-1][-2:] == (128, 2)
+    monkeypatch.setattr(pdl, "MODE", 0)             # off: another specialization, PDL from its default
     L.launch(aware, (1,), x, 16, BLOCK=128)
     assert aware.slow[-1][2] == {"BLOCK": 128}
 
 
 def test_set_pdl_stays_off_where_unsupported(monkeypatch) -> None:
     monkeypatch.setattr(pdl, "supported", lambda: False)
-    assert pdl.set_pdl(True) is False and pdl.ENABLED is False
+    assert pdl.set_pdl(2) == 0 and pdl.MODE == 0
     monkeypatch.setattr(pdl, "supported", lambda: True)
-    assert pdl.set_pdl(True) is True
-    assert pdl.set_pdl(False) is False and pdl.ENABLED is False
+    assert pdl.set_pdl(True) == 1 and pdl.set_pdl(2) == 2
+    assert pdl.set_pdl(False) == 0 and pdl.MODE == 0
+    with pytest.raises(ValueError, match="PDL mode"):
+        pdl.set_pdl(3)

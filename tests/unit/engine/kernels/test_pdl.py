@@ -23,3 +23,16 @@ def test_pdl_form_waits_first_and_plain_form_has_no_grid_control() -> None:
     wait, go = body.index("griddepcontrol.wait"), body.index("griddepcontrol.launch_dependents")
     first_load = min(m.start() for m in re.finditer(r"\bld\.global|\bcp\.async|\batom\.", body))
     assert wait < go and wait < first_load     # nothing is read before the previous grid has finished
+
+
+def test_prefetch_mode_asks_l2_for_the_weights_before_the_wait() -> None:
+    if pdl.gdc_wait is None:
+        pytest.skip("this Triton has no griddepcontrol")
+    from services.engine.kernels.aot import compile_mma
+    ptx = compile_mma(bm=16, bn=64, warps=4, stages=3, bits=4, fast_deq=True, single_dot=False, zsub=True,
+                      asm="ptx", pdl=2)
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    assert "prefetch.global.L2" in body[:wait]
+    first_load = min(m.start() for m in re.finditer(r"\bld\.global|\bcp\.async|\batom\.", body))
+    assert wait < first_load
