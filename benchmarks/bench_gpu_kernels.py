@@ -261,11 +261,17 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
         for mode, key in ((1, "graph_ms_pdl"), (2, "graph_ms_pdl_prefetch")):
-            if pdl.set_pdl(mode):   # the same graphed step, every Triton kernel a programmatic dependent launch
-                rows[-1][key] = timer.median_ms(lambda: model.decode(**inputs))
-                print(f"  PDL mode {mode}: graph {rows[-1][key]:.3f} ms (x{rows[-1][key] / floor_ms:.2f} of floor)",
-                      flush=True)
-        pdl.set_pdl(0)
+            try:
+                if pdl.set_pdl(mode):   # the same graphed step, every Triton kernel a programmatic dependent launch
+                    rows[-1][key] = timer.median_ms(lambda: model.decode(**inputs))
+                    print(f"  PDL mode {mode}: graph {rows[-1][key]:.3f} ms (x{rows[-1][key] / floor_ms:.2f} of floor)",
+                          flush=True)
+            except Exception as exc:  # noqa: BLE001 -- a failed capture is reported, the plain rows still land
+                rows[-1][key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"  PDL mode {mode} failed: {rows[-1][key + '_error']}", flush=True)
+                torch.cuda.synchronize()
+            finally:
+                pdl.set_pdl(0)
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -291,8 +297,12 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                 model.lora_expand = variant
                 lora_rows[-1][f"step_ms_{variant}"] = timer.median_ms(lambda: model.decode(**inputs))
             model.lora_expand = "rows"
-            if pdl.set_pdl(2):
-                lora_rows[-1]["step_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
+            try:
+                if pdl.set_pdl(2):
+                    lora_rows[-1]["step_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
+            except Exception as exc:  # noqa: BLE001 -- reported beside the plain rows
+                lora_rows[-1]["step_ms_pdl_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
                 pdl.set_pdl(0)
         print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}"
               + "".join(f"  ({v} expand: {lora_rows[-1][f'step_ms_{v}']:.3f} ms)"
@@ -358,6 +368,9 @@ def write_markdown(res: dict, path: Path) -> None:
                   f"{r['graph_vs_floor']:.2f} | {r['tokens_per_s']:.0f} | "
                   + (f"{r['graph_ms_zeroed_outputs']:.3f} | {r['graph_ms_zeroed_outputs'] / r['graph_ms']:.2f} |"
                      if "graph_ms_zeroed_outputs" in r else "n/a | n/a |") for r in res["decode"]]
+        errors = [(r["batch"], k, v) for r in res["decode"] for k, v in r.items() if k.endswith("_error")]
+        if errors:
+            lines += ["\nPDL runs that failed: " + "; ".join(f"batch {b} {k[:-6]}: {v}" for b, k, v in errors)]
         if any("graph_ms_pdl" in r for r in res["decode"]):
             lines += ["\nWith programmatic dependent launch (EngineConfig.pdl, kernels/pdl.py; same steps, same "
                       "graphs). Mode 1: each Triton kernel launched while the previous one runs, waiting on it "

@@ -50,6 +50,9 @@ class ExtraSections:
                                zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"sim{count}-", pooled=True)
             for name in dict.fromkeys((*a.scale_policies, "fifo")):
                 policy, overrides, desc = scale_variant(name)
+                if scheduler_overrides(sched, overrides) != overrides:   # e.g. lora_prefetch: the sim would
+                    print(f"  sim {name}: skipped (engine-only settings; see sim_adapter_store.py)", flush=True)
+                    continue                                                # replay plain inlaid again
                 t0 = time.perf_counter()
                 res = Simulator(POLICIES[policy], dataclasses.replace(sched, **scheduler_overrides(sched, overrides)),
                                 self.cost, sim_cfg).run(trace)

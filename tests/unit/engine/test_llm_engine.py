@@ -205,10 +205,11 @@ def test_config_from_env():
     assert cfg.triton_fast_launch and not cfg.serial_split_k           # the kernel switches' defaults
     cfg = EngineConfig.from_env({"ENGINE_TRITON_FAST_LAUNCH": "0", "ENGINE_SERIAL_SPLIT_K": "1"})
     assert not cfg.triton_fast_launch and cfg.serial_split_k
-    assert cfg.lora_expand_rows and cfg.lora_prefetch == 0                # LoRA: per-token expand, no prefetch
-    cfg = EngineConfig.from_env({"ENGINE_LORA_EXPAND_ROWS": "0", "ENGINE_LORA_PREFETCH": "8"})
-    assert not cfg.lora_expand_rows and cfg.lora_prefetch == 8
-    for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"},
+    assert cfg.lora_expand_rows and cfg.lora_prefetch == 32               # LoRA: per-token expand, 32 packed ahead
+    assert cfg.pdl == 0                                                   # PDL off until it pays on the GPU
+    cfg = EngineConfig.from_env({"ENGINE_LORA_EXPAND_ROWS": "0", "ENGINE_LORA_PREFETCH": "8", "ENGINE_PDL": "2"})
+    assert not cfg.lora_expand_rows and cfg.lora_prefetch == 8 and cfg.pdl == 2
+    for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"}, {"ENGINE_PDL": "3"},
                 {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}, {"ENGINE_LORA_PREFETCH": "-1"}):
         with pytest.raises(ValueError):
             EngineConfig.from_env(env)
