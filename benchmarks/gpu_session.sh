@@ -43,7 +43,8 @@
 #                                                   #   inlaid with and without background adapter packing
 #                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
 #   bash benchmarks/gpu_session.sh pdl COMMIT       # ~250 s: GPU tests of programmatic dependent launch (graphed
-#                                                   #   decode, engine logits), then the decode section (PDL column)
+#                                                   #   decode, engine logits), then the GEMM (with the engine's
+#                                                   #   pre-zeroed split-K column) and decode sections (PDL columns)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
@@ -96,7 +97,7 @@ case "$stage" in
   pdl)
     timeout 240 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
       -k "graphed_decode or w4-pdl or graphs-w4]" 2>&1 | tail -15 | tee "$out/pytest_pdl.log"
-    timeout 300 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
+    timeout 300 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm,decode 2>&1 \
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   lora-engine)
