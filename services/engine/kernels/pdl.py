@@ -7,9 +7,10 @@ launched while the first still runs: its blocks are scheduled as soon as every b
 has started, and they stop at `griddepcontrol.wait` until the first grid has finished and its
 writes are visible. What happens before the wait overlaps the previous kernel's tail.
 
-The contract, which every kernel that takes a `PDL` constexpr keeps: `pdl_enter(PDL)` is its first
-statement, so no program reads or writes anything another kernel produces or consumes before the
-previous grid has completed. launch() passes PDL=True (and Triton's launch_pdl option) only to
+The contract, which every kernel that takes a `PDL` constexpr keeps: `pdl_enter(PDL)` comes before
+any read of memory another kernel writes and before any write, so no program touches what another
+kernel produces or consumes before the previous grid has completed (index arithmetic and, in mode 2,
+L2 prefetches of the weight codes may precede it; most kernels simply call it first). launch() passes PDL=True (and Triton's launch_pdl option) only to
 kernels that declare the parameter and only while set_pdl(True) holds; other kernels, cuBLAS and
 torch's own, launch as always and order as always. Completion is transitive: a kernel that waited
 finished after its predecessor, so the next one that waits on it sees both.
@@ -23,6 +24,8 @@ sm_90 or later and a Triton with griddepcontrol (3.4+), and is off under TRITON_
 from __future__ import annotations
 
 import os
+
+import torch
 
 try:
     import triton
@@ -46,7 +49,6 @@ def supported() -> bool:
     that has griddepcontrol; never under the interpreter."""
     if _INTERPRET or gdc_wait is None:
         return False
-    import torch
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
