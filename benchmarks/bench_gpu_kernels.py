@@ -244,8 +244,9 @@ LORA_VARIANTS = ("segments", "skip")   # W4Decoder.lora_expand values timed besi
 
 
 def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4,
-                 serial: bool = False) -> tuple[list[dict], list[dict]]:
-    batches = [1, 8, 16, 32, 64]
+                 serial: bool = False, batches: tuple = (1, 8, 16, 32, 64),
+                 lora_adapters: tuple = (0, 1, 8, 32, 64)) -> tuple[list[dict], list[dict]]:
+    """Whole-model decode steps per batch size, then the LoRA steps at the largest batch."""
     model = decode_model(quick, ctx, max(batches), bits)
     shape, block_size = model.shape, DECODE_BLOCK
     rows = []
@@ -282,9 +283,9 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
               f"x{graph_ms/floor_ms:.2f} of floor (zeroed outputs: graph {zeroed_ms:.3f} ms)", flush=True)
         torch.cuda.empty_cache()
     lora_rows = []
-    bsz = 64
+    bsz = max(batches)
     base = None
-    for num_adapters in ([0, 32] if quick else [0, 1, 8, 32, 64]):
+    for num_adapters in ([0, 32] if quick else lora_adapters):
         model.set_random_adapters(num_adapters, rank=16)
         slot_ids = (torch.arange(bsz, device="cuda") % num_adapters).int() if num_adapters else None
         inputs = decode_inputs(bsz, ctx, block_size, shape.vocab, slot_ids)
@@ -428,6 +429,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode-batches", default="1,8,16,32,64", help="decode section: batch sizes")
+    ap.add_argument("--lora-adapters", default="0,1,8,32,64",
+                    help="decode section: distinct adapters in the LoRA steps at the largest batch ('' skips them)")
     ap.add_argument("--bits", type=int, default=4, choices=(3, 4),
                     help="weight width of our GEMMs and decoder (torch int4 stays 4-bit); 3 writes gpu_kernels_w3.*")
     ap.add_argument("--serial", action="store_true",
@@ -466,8 +470,10 @@ def main() -> None:
         save()
         print(f"[lora done at {time.time()-t0:.0f}s]", flush=True)
     if "decode" in sections:
+        ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())   # noqa: E731
         res["decode"], res["decode_lora"] = bench_decode(timer, res["copy_bw_gbs"], args.quick, args.context,
-                                                         args.bits, args.serial)
+                                                         args.bits, args.serial, ints(args.decode_batches),
+                                                         ints(args.lora_adapters))
         save()
         print(f"[decode done at {time.time()-t0:.0f}s]", flush=True)
     print((out / f"{stem}.md").read_text())

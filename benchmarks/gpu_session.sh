@@ -42,7 +42,7 @@
 #   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
 #                                                   #   inlaid with and without background adapter packing
 #                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
-#   bash benchmarks/gpu_session.sh pdl COMMIT       # ~180 s: GPU tests of programmatic dependent launch (graphed
+#   bash benchmarks/gpu_session.sh pdl COMMIT       # ~150 s: GPU tests of programmatic dependent launch (graphed
 #                                                   #   decode, engine logits), then the decode section (PDL columns)
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
@@ -96,10 +96,10 @@ case "$stage" in
       | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   pdl)
-    timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
       -k "graphed_decode or w4-pdl" 2>&1 | tail -15 | tee "$out/pytest_pdl.log"
-    timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
-      | grep -v -i warn | tee "$out/gpu_kernels.log"
+    timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
+      --decode-batches 1,8,16,64 --lora-adapters 0,32 2>&1 | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   pdl-gemm)
     timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm 2>&1 \
