@@ -79,7 +79,7 @@ if triton is not None:
             b_end = num_blocks
         if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
             if row == 0:
-                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS)
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
         pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
         acc = tl.zeros((16, BN), dtype=tl.float32)
         zacc = tl.zeros((BN,), dtype=tl.float32)
@@ -147,7 +147,7 @@ if triton is not None:
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
         if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
             if tl.min(offs_m, axis=0) < BM:   # one program per column tile and split: the first row tile's
-                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS)
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
         pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
         offs_i = tl.arange(0, 16)
 
@@ -237,7 +237,7 @@ if triton is not None:
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
         if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
             if tl.min(offs_m, axis=0) < BM:   # one program per column tile and split: the first row tile's
-                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS)
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
         pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
         offs_i = tl.arange(0, 16)
         acc = tl.zeros((BN, BM), dtype=tl.float32)

@@ -36,14 +36,17 @@ if triton is not None:
         return q, qh
 
     @triton.jit
-    def prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BITS: tl.constexpr):
+    def prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN: tl.constexpr, BITS: tl.constexpr):
         """Ask L2 for a program's code rows (blocks b_start..b_end of its column tile), with no
         registers bound: the kernels call it before pdl_enter under PDL mode 2, so the weight reads
         overlap the previous kernel. The codes never change while kernels run (a weight swap is an
         ordered copy, and L2 is the device's point of coherence), so this is safe before the wait."""
         offs_i = tl.arange(0, 16)
+        # one address per 32 codes: a 128-byte line of the 4-bit plane (half or a quarter of one for
+        # the 3-bit planes' int16 / int8 words), not one per code as the loads take them
+        lines = tl.min(offs_c, axis=0) + tl.arange(0, BN // 32) * 32
         for b in range(b_start, b_end):
-            offs = (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :]
+            offs = (b * 16 + offs_i)[:, None] * 128 + lines[None, :]
             tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [qw_ptr + tile + offs],
                                       dtype=tl.int32, is_pure=False, pack=1)
             if BITS == 3:
