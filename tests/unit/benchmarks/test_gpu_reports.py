@@ -26,6 +26,23 @@ def test_bench_gpu_kernels_markdown(tmp_path: Path, stem: str, expect: list[str]
         assert line in text
 
 
+def test_bench_gpu_kernels_markdown_pdl_rows(tmp_path: Path) -> None:
+    """The PDL table and a failed PDL capture render (no GPU run has them yet: the recorded v16 rows
+    with PDL timings added here by hand, only to exercise the writer)."""
+    from bench_gpu_kernels import write_markdown
+    res = json.loads((RESULTS / "gpu_kernels_v16_7737606.json").read_text())
+    first, last = res["decode"][0], res["decode"][-1]
+    first.update(graph_ms_pdl=first["graph_ms"] / 1.10, graph_ms_pdl_prefetch=first["graph_ms"] / 1.25)
+    last.update(graph_ms_pdl=last["graph_ms"] / 1.05, graph_ms_pdl_prefetch_error="RuntimeError: capture failed")
+    res["decode_lora"][-1]["step_ms_pdl"] = last["graph_ms_pdl"] * 1.2
+    write_markdown(res, tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "PDL runs that failed: batch 64 graph_ms_pdl_prefetch: RuntimeError: capture failed" in text
+    assert f"| 1 | {first['graph_ms']:.3f} | {first['graph_ms_pdl']:.3f} | 1.10 | {first['graph_ms_pdl_prefetch']:.3f} | 1.25 |" in text
+    assert f"| 64 | {last['graph_ms']:.3f} | {last['graph_ms_pdl']:.3f} | 1.05 | – | – |" in text
+    assert "The same steps with PDL mode 2:" in text
+
+
 @pytest.mark.parametrize("stem,expect", [
     ("e2e_gpu_lora_9662f2e", ["Configured expand: per-token (rows)", "| 32 | 12.708 | 1.34 | 10.910 | 1.26 | 13.270",
                               "| 1 | 64 × 64 | 151.90 | 131.50 | 1.16 |"]),
