@@ -36,3 +36,29 @@ def test_prefetch_mode_asks_l2_for_the_weights_before_the_wait() -> None:
     assert "prefetch.global.L2" in body[:wait]
     first_load = min(m.start() for m in re.finditer(r"\bld\.global|\bcp\.async|\batom\.", body))
     assert wait < first_load
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(mode: int) -> None:
+    """Past ptxas: in the sm_90 SASS the wait (ACQBULK) precedes every global load, store and
+    reduction; mode 2's prefetches (CCTL.E.PF2) precede the wait; the K loop is the plain kernel's
+    and nothing spills."""
+    if pdl.gdc_wait is None:
+        pytest.skip("this Triton has no griddepcontrol")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))
+    from kernel_sass import disassemble, instructions, k_loop
+    from services.engine.kernels.aot import compile_mma
+    args = dict(bm=16, bn=64, warps=4, stages=3, bits=4, fast_deq=True, single_dot=False, zsub=True)
+    plain = instructions(disassemble(compile_mma(**args)))
+    ins = instructions(disassemble(compile_mma(**args, pdl=mode)))
+    ops = [op for _, op, _ in ins]
+    wait = ops.index("ACQBULK")
+    global_ops = [i for i, op in enumerate(ops) if op.startswith(("LDG.", "LDGSTS", "STG", "REDG", "ATOMG"))]
+    assert global_ops and wait < min(global_ops)
+    assert "PREEXIT" in ops[wait:]                       # launch_dependents, after the wait
+    prefetches = [i for i, op in enumerate(ops) if op.startswith("CCTL") and "PF2" in op]
+    assert (bool(prefetches) and max(prefetches) < wait) if mode == 2 else not prefetches
+    assert len(k_loop(ins)) == len(k_loop(plain))
+    assert not any(op.startswith(("LDL", "STL")) for op in ops)
