@@ -38,21 +38,36 @@ def test_prefetch_mode_asks_l2_for_the_weights_before_the_wait() -> None:
     assert wait < first_load
 
 
-@pytest.mark.parametrize("mode", [1, 2])
-def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(mode: int) -> None:
+def _cubin(kind: str, bits: int, mode: int) -> bytes:
+    """sm_90 cubin of one GEMM kernel (zsub mma8 BM16 BN64, gemv_h2 BN32, mma1t BM16 BN64) in a PDL mode."""
+    from services.engine.kernels import aot
+    from services.engine.kernels import w4a16 as W
+    if kind == "mma8":
+        return aot.compile_mma(16, 64, 4, 3, bits, True, False, zsub=True, pdl=mode)
+    if kind == "gemv_h2":
+        fn, consts, stages = W._w4a16_gemv_row_kernel, {"BN": 32, "UNROLL": 1, "BITS": bits, "H2": True,
+                                                         "EMULATE": False, "SERIAL": False}, 1
+    else:
+        fn, consts, stages = W._w4a16_t_kernel, {"BM": 16, "BN": 64, "GROUP_M": 8, "BITS": bits, "H2DEQ": True,
+                                                  "FP16_SCALE": False, "ONE_DOT": True, "SERIAL": False}, 3
+    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, **consts, "PDL": mode}
+    return aot._compile(fn, aot._signature(bits, *list(consts)[2:]), consts, 4, stages, 90)
+
+
+@pytest.mark.parametrize("kind,bits,mode", [("mma8", 4, 1), ("mma8", 4, 2), ("mma8", 3, 2), ("gemv_h2", 4, 2),
+                                            ("gemv_h2", 3, 2), ("mma1t", 4, 2)])
+def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(kind: str, bits: int, mode: int) -> None:
     """Past ptxas: in the sm_90 SASS the wait (ACQBULK) precedes every global load, store and
-    reduction; mode 2's prefetches (CCTL.E.PF2) precede the wait; the K loop is the plain kernel's
-    and nothing spills."""
+    reduction; mode 2's prefetches (CCTL.E.PF2) precede the wait; the K loop does not grow (ptxas
+    schedules it a few instructions differently: 4-bit mma8 equal, gemv_h2 7 fewer) and nothing spills."""
     if pdl.gdc_wait is None:
         pytest.skip("this Triton has no griddepcontrol")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))
     from kernel_sass import disassemble, instructions, k_loop
-    from services.engine.kernels.aot import compile_mma
-    args = dict(bm=16, bn=64, warps=4, stages=3, bits=4, fast_deq=True, single_dot=False, zsub=True)
-    plain = instructions(disassemble(compile_mma(**args)))
-    ins = instructions(disassemble(compile_mma(**args, pdl=mode)))
+    plain = instructions(disassemble(_cubin(kind, bits, 0)))
+    ins = instructions(disassemble(_cubin(kind, bits, mode)))
     ops = [op for _, op, _ in ins]
     wait = ops.index("ACQBULK")
     global_ops = [i for i, op in enumerate(ops) if op.startswith(("LDG.", "LDGSTS", "STG", "REDG", "ATOMG"))]
@@ -60,5 +75,5 @@ def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(mode: in
     assert "PREEXIT" in ops[wait:]                       # launch_dependents, after the wait
     prefetches = [i for i, op in enumerate(ops) if op.startswith("CCTL") and "PF2" in op]
     assert (bool(prefetches) and max(prefetches) < wait) if mode == 2 else not prefetches
-    assert len(k_loop(ins)) == len(k_loop(plain))
+    assert len(k_loop(ins)) <= 1.05 * len(k_loop(plain))   # scheduling may shift a few (mma8 4-bit: equal)
     assert not any(op.startswith(("LDL", "STL")) for op in ops)
