@@ -77,3 +77,62 @@ def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(kind: st
     assert (bool(prefetches) and max(prefetches) < wait) if mode == 2 else not prefetches
     assert len(k_loop(ins)) <= 1.05 * len(k_loop(plain))   # scheduling may shift a few (mma8 4-bit: equal)
     assert not any(op.startswith(("LDL", "STL")) for op in ops)
+
+
+# The other PDL-aware kernels: (module, kernel, parameter types that are not fp16 pointers, constexprs).
+_OTHER_KERNELS = {
+    "paged_decode": ("attention", "_paged_decode_kernel",
+                     {"bt_ptr": "*i32", "lens_ptr": "*i32", "scale": "fp32"}, {"D": 128, "BN": 64}),
+    "paged_varlen": ("attention", "_paged_varlen_kernel",
+                     {"bt_ptr": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32", "ctx_ptr": "*i32",
+                      "tile_seq_ptr": "*i32", "tile_m_ptr": "*i32", "scale_log2": "fp32"},
+                     {"D": 128, "BM": 64, "BN": 64, "STEP_STOP": 0}),
+    "add_rmsnorm": ("fused_ops", "_add_rmsnorm_kernel", {"eps": "fp32"},
+                    {"HAS_RES": True, "BLOCK": 4096, "WRITE_RES": True, "ZERO": True, "ZBLOCK": 1024}),
+    "silu_mul": ("fused_ops", "_silu_mul_kernel", {}, {"BLOCK": 1024}),
+    "rope_cache": ("fused_ops", "_rope_cache_kernel",
+                   {"pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64"}, {"HALF": 64}),
+    "lora_shrink": ("lora", "_shrink_kernel",
+                    {"v_ptr": "*fp32", "order_ptr": "*i64", "slots_ptr": "*i32", "seg_start_ptr": "*i32",
+                     "seg_end_ptr": "*i32"}, {"BM": 16, "BK": 128, "RB": 16}),
+    "lora_expand": ("lora", "_expand_kernel",
+                    {"v_ptr": "*fp32", "order_ptr": "*i64", "slots_ptr": "*i32", "seg_start_ptr": "*i32",
+                     "seg_end_ptr": "*i32"}, {"RANK": 16, "BM": 16, "BN": 64, "SPLIT": 2}),
+    "lora_expand_rows": ("lora", "_expand_rows_kernel",
+                         {"v_ptr": "*fp32", "order_ptr": "*i64", "slots_ptr": "*i32"},
+                         {"RANK": 16, "BM": 16, "BN": 64, "SPLIT": 2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_KERNELS))
+def test_every_other_pdl_kernel_waits_before_its_first_global_access(name: str) -> None:
+    """Attention, the fused ops and the LoRA kernels in PDL mode 1, sm_90 SASS: the wait comes
+    before any global load, store or atomic, and the plain form has no grid dependency control."""
+    if pdl.gdc_wait is None:
+        pytest.skip("this Triton has no griddepcontrol")
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))
+    from kernel_sass import disassemble, instructions
+    module, kernel_name, types, consts = _OTHER_KERNELS[name]
+    fn = getattr(importlib.import_module(f"services.engine.kernels.{module}"), kernel_name)
+    names = [p.name for p in fn.params]
+
+    def sass_ops(mode: int) -> list[str]:
+        sig = {n: "constexpr" if n in consts or n == "PDL" else types.get(n, "*fp16" if n.endswith("_ptr") else "i32")
+               for n in names if n in consts or n == "PDL" or not fn.params[names.index(n)].is_constexpr}
+        src = ASTSource(fn=fn, signature=sig, constexprs={**consts, "PDL": mode})
+        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+        return [op for _, op, _ in instructions(disassemble(cubin))]
+
+    plain, ops = sass_ops(0), sass_ops(1)
+    assert "ACQBULK" not in plain and "PREEXIT" not in plain
+    wait = ops.index("ACQBULK")
+    global_ops = [i for i, op in enumerate(ops) if op.startswith(("LDG", "STG", "REDG", "ATOMG", "RED.", "ATOM."))]
+    assert global_ops and wait < min(global_ops)
+    assert "PREEXIT" in ops[wait:]
