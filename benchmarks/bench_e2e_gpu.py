@@ -118,7 +118,7 @@ def build_engine(args) -> tuple[LLMEngine, float]:
                           max_num_seqs=args.max_num_seqs, max_adapters=64,
                           max_adapters_per_batch=args.num_adapters,
                           max_num_batched_tokens=args.max_batched_tokens,
-                          kv_cache_bytes=args.kv_gib << 30, max_model_len=1024, policy="fifo")
+                          kv_cache_bytes=args.kv_gib << 30, max_model_len=1024, policy="fifo", pdl=args.pdl)
     t0 = time.perf_counter()
     engine = LLMEngine(config, load_tokenizer=False)
     torch.cuda.synchronize()
@@ -516,6 +516,8 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--pdl", type=int, default=0, choices=(0, 1, 2),
+                    help="EngineConfig.pdl: programmatic dependent launch mode (services/engine/kernels/pdl.py)")
     args = ap.parse_args()
     torch.set_num_threads(4)
     out = Path(args.out)

@@ -44,6 +44,8 @@
 #                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
 #   bash benchmarks/gpu_session.sh pdl COMMIT       # ~150 s: GPU tests of programmatic dependent launch (graphed
 #                                                   #   decode, engine logits), then the decode section (PDL columns)
+#   bash benchmarks/gpu_session.sh pdl-all COMMIT   # ~450 s: pdl, pdl-gemm, then the engine's LoRA section
+#                                                   #   (bench_e2e_gpu: graphed decode, prefill) with PDL off and in mode 2
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -51,7 +53,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl-gemm | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -100,6 +102,19 @@ case "$stage" in
       -k "graphed_decode or w4-pdl" 2>&1 | tail -15 | tee "$out/pytest_pdl.log"
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,8,16,64 --lora-adapters 0,32 2>&1 | grep -v -i warn | tee "$out/gpu_kernels.log"
+    ;;
+  pdl-all)   # one call, 8 files back: pdl, the GEMM table, and the engine's LoRA section (graphed batch-64 decode, prefill) plain vs PDL 2
+    timeout 130 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "graphed_decode or w4-pdl" 2>&1 | tail -15 | tee "$out/pytest_pdl.log"
+    timeout 130 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
+      --decode-batches 1,8,16,64 --lora-adapters 0,32 2>&1 | grep -v -i warn | grep -v "^|"
+    timeout 90 python3 benchmarks/bench_gpu_kernels.py --out "$out/gemm" --commit "$commit" --sections gemm 2>&1 \
+      | grep -v -i warn | grep -v "^|"
+    rm -f "$out/gemm/gpu_kernels.json"
+    for mode in 0 2; do
+      timeout 110 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$mode" --commit "$commit" --skip-hf \
+        --sections lora --pdl $mode 2>&1 | grep -v -i warn | grep -v "^|"
+    done
     ;;
   pdl-gemm)
     timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm 2>&1 \
