@@ -46,7 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: ge
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
-        block_t, deq_tiles, field, fp16_bits, h2_deq, h2_dot, load_planes, nibble_fp16, prefetch_codes_l2,
+        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_deq, h2_dot, load_planes, nibble_fp16,
         serial_split_store, tile_of, x_pair,
     )
 
@@ -77,10 +77,7 @@ if triton is not None:
         b_end = b_start + blocks_per_split
         if b_end > num_blocks:  # (a scalar branch, not tl.minimum: the interpreter can loop on it)
             b_end = num_blocks
-        if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
-            if row == 0:
-                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
-        pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
+        gemm_pdl_enter(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, row == 0, BN, BITS, PDL)
         acc = tl.zeros((16, BN), dtype=tl.float32)
         zacc = tl.zeros((BN,), dtype=tl.float32)
         x_row = x_ptr + row * stride_xm
@@ -145,10 +142,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
-        if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
-            if tl.min(offs_m, axis=0) < BM:   # one program per column tile and split: the first row tile's
-                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
-        pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
+        gemm_pdl_enter(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, tl.min(offs_m, axis=0) < BM, BN, BITS, PDL)
         offs_i = tl.arange(0, 16)
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -235,10 +229,7 @@ if triton is not None:
         pid_k = tl.program_id(1)
         offs_m, offs_n, mask_m, mask_n, tile, offs_c, b_start, b_end = tile_of(
             tl.program_id(0), pid_k, M, N, K, blocks_per_split, BM, BN, GROUP_M)
-        if PDL == 2:    # the weights (never written by a kernel) are asked for while the previous grid runs
-            if tl.min(offs_m, axis=0) < BM:   # one program per column tile and split: the first row tile's
-                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
-        pdl_enter(PDL)  # before any read of x or write of out: the previous grid has ended
+        gemm_pdl_enter(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, tl.min(offs_m, axis=0) < BM, BN, BITS, PDL)
         offs_i = tl.arange(0, 16)
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         x_col = x_ptr + offs_m[None, :] * stride_xm

@@ -14,6 +14,7 @@ except ImportError:  # CPU-only installs: the GEMM falls back to torch
     tl = None
 
 if triton is not None:
+    from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
     def nibble_fp16(q, FAST_DEQ: tl.constexpr):
@@ -52,6 +53,17 @@ if triton is not None:
             if BITS == 3:
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [qh_ptr + tile + offs],
                                           dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def gemm_pdl_enter(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, prefetcher, BN: tl.constexpr,
+                       BITS: tl.constexpr, PDL: tl.constexpr):
+        """A GEMM kernel's PDL entry, after its index math and before any read of x or write of out:
+        in mode 2 the `prefetcher` programs (one per column tile and split) first ask L2 for their
+        weight codes, so the weight stream starts while the previous grid runs; then pdl_enter."""
+        if PDL == 2:
+            if prefetcher:
+                prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b_start, b_end, BN, BITS)
+        pdl_enter(PDL)
 
     @triton.jit
     def field(q, qh, j, BITS: tl.constexpr):
