@@ -14,11 +14,15 @@ from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig
 _ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14)
 
 
-def _compile(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int, asm: str = "cubin") -> bytes | str:
+def compile_kernel(fn, sig: dict, consts: dict, warps: int, stages: int, arch: int = 90, asm: str = "cubin",
+                   aligned: tuple[int, ...] = _ALIGNED_ARGS) -> bytes | str:
+    """cubin (or asm="ptx") of any @triton.jit kernel: `sig` maps each parameter to its Triton type or
+    "constexpr", `consts` gives the constexprs, `aligned` the positions marked 16-divisible (the GEMM
+    kernels' pointers and sizes by default; () for other kernels)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    attrs = {(i,): [["tt.divisibility", 16]] for i in _ALIGNED_ARGS}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "num_stages": stages})
@@ -35,11 +39,11 @@ def _signature(bits: int, *constexprs: str) -> dict:
 
 
 def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90,
-                 has_bias: bool = False, use_atomic: bool = True, serial: bool = False) -> bytes:
-    """cubin of the gemv_row / gemv_h2 kernel for one launch config."""
+                 has_bias: bool = False, use_atomic: bool = True, serial: bool = False, pdl: int = 0) -> bytes:
+    """cubin of the gemv_row / gemv_h2 kernel for one launch config (pdl: its PDL mode, kernels/pdl.py)."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BN": bn, "UNROLL": unroll, "BITS": bits,
-              "H2": h2, "EMULATE": False, "SERIAL": serial}
-    return _compile(W._w4a16_gemv_row_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
+              "H2": h2, "EMULATE": False, "SERIAL": serial, "PDL": pdl}
+    return compile_kernel(W._w4a16_gemv_row_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
@@ -50,17 +54,18 @@ def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: 
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
               "SINGLE_DOT": single_dot, "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub,
               "H2DEQ": zsub and not single_dot, "SERIAL": serial, "PDL": pdl}
-    return _compile(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch, asm)
+    return compile_kernel(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch, asm)
 
 
 def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,
                   use_atomic: bool = True, fp16_scale: bool = False, one_dot: bool = False,
-                  serial: bool = False) -> bytes:
+                  serial: bool = False, pdl: int = 0) -> bytes:
     """cubin of the swapped-operand tensor-core kernel (mma8t; mma8ts with fp16_scale; mma1t with one_dot)
-    for one launch config."""
+    for one launch config (pdl: its PDL mode)."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
-              "BITS": bits, "H2DEQ": True, "FP16_SCALE": fp16_scale, "ONE_DOT": one_dot, "SERIAL": serial}
-    return _compile(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
+              "BITS": bits, "H2DEQ": True, "FP16_SCALE": fp16_scale, "ONE_DOT": one_dot, "SERIAL": serial,
+              "PDL": pdl}
+    return compile_kernel(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,

@@ -41,17 +41,11 @@ def test_prefetch_mode_asks_l2_for_the_weights_before_the_wait() -> None:
 def _cubin(kind: str, bits: int, mode: int) -> bytes:
     """sm_90 cubin of one GEMM kernel (zsub mma8 BM16 BN64, gemv_h2 BN32, mma1t BM16 BN64) in a PDL mode."""
     from services.engine.kernels import aot
-    from services.engine.kernels import w4a16 as W
     if kind == "mma8":
         return aot.compile_mma(16, 64, 4, 3, bits, True, False, zsub=True, pdl=mode)
     if kind == "gemv_h2":
-        fn, consts, stages = W._w4a16_gemv_row_kernel, {"BN": 32, "UNROLL": 1, "BITS": bits, "H2": True,
-                                                         "EMULATE": False, "SERIAL": False}, 1
-    else:
-        fn, consts, stages = W._w4a16_t_kernel, {"BM": 16, "BN": 64, "GROUP_M": 8, "BITS": bits, "H2DEQ": True,
-                                                  "FP16_SCALE": False, "ONE_DOT": True, "SERIAL": False}, 3
-    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, **consts, "PDL": mode}
-    return aot._compile(fn, aot._signature(bits, *list(consts)[2:]), consts, 4, stages, 90)
+        return aot.compile_gemv(32, 4, 1, bits, True, pdl=mode)
+    return aot.compile_mma_t(16, 64, 4, 3, bits, one_dot=True, pdl=mode)
 
 
 @pytest.mark.parametrize("kind,bits,mode", [("mma8", 4, 1), ("mma8", 4, 2), ("mma8", 3, 2), ("gemv_h2", 4, 2),
@@ -114,9 +108,7 @@ def test_every_other_pdl_kernel_waits_before_its_first_global_access(name: str) 
     import sys
     from pathlib import Path
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from services.engine.kernels.aot import compile_kernel
     sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "benchmarks"))
     from kernel_sass import disassemble, instructions
     module, kernel_name, types, consts = _OTHER_KERNELS[name]
@@ -126,8 +118,7 @@ def test_every_other_pdl_kernel_waits_before_its_first_global_access(name: str) 
     def sass_ops(mode: int) -> list[str]:
         sig = {n: "constexpr" if n in consts or n == "PDL" else types.get(n, "*fp16" if n.endswith("_ptr") else "i32")
                for n in names if n in consts or n == "PDL" or not fn.params[names.index(n)].is_constexpr}
-        src = ASTSource(fn=fn, signature=sig, constexprs={**consts, "PDL": mode})
-        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+        cubin = compile_kernel(fn, sig, {**consts, "PDL": mode}, warps=4, stages=3, aligned=())
         return [op for _, op, _ in instructions(disassemble(cubin))]
 
     plain, ops = sass_ops(0), sass_ops(1)
