@@ -243,6 +243,20 @@ def decode_floor(model: W4Decoder, bsz: int, ctx: int, bw_gbs: float) -> tuple[f
 LORA_VARIANTS = ("segments", "skip")   # W4Decoder.lora_expand values timed beside the default (rows)
 
 
+def time_with_pdl(timer: Timer, fn, mode: int, row: dict, key: str) -> None:
+    """row[key] = the graphed time of fn with PDL mode `mode` (kernels/pdl.py), where this GPU and Triton
+    have PDL; a failure (e.g. a capture the driver refuses) goes to row[key + "_error"] instead, so the
+    plain rows still land. PDL is off again afterwards."""
+    try:
+        if pdl.set_pdl(mode):
+            row[key] = timer.median_ms(fn)
+    except Exception as exc:  # noqa: BLE001 -- reported beside the plain rows
+        row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        torch.cuda.synchronize()
+    finally:
+        pdl.set_pdl(0)
+
+
 def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int = 4,
                  serial: bool = False, batches: tuple = (1, 8, 16, 32, 64),
                  lora_adapters: tuple = (0, 1, 8, 32, 64)) -> tuple[list[dict], list[dict]]:
@@ -262,17 +276,12 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
         for mode, key in ((1, "graph_ms_pdl"), (2, "graph_ms_pdl_prefetch")):
-            try:
-                if pdl.set_pdl(mode):   # the same graphed step, every Triton kernel a programmatic dependent launch
-                    rows[-1][key] = timer.median_ms(lambda: model.decode(**inputs))
-                    print(f"  PDL mode {mode}: graph {rows[-1][key]:.3f} ms (x{rows[-1][key] / floor_ms:.2f} of floor)",
-                          flush=True)
-            except Exception as exc:  # noqa: BLE001 -- a failed capture is reported, the plain rows still land
-                rows[-1][key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            time_with_pdl(timer, lambda: model.decode(**inputs), mode, rows[-1], key)
+            if key in rows[-1]:
+                print(f"  PDL mode {mode}: graph {rows[-1][key]:.3f} ms (x{rows[-1][key] / floor_ms:.2f} of floor)",
+                      flush=True)
+            elif key + "_error" in rows[-1]:
                 print(f"  PDL mode {mode} failed: {rows[-1][key + '_error']}", flush=True)
-                torch.cuda.synchronize()
-            finally:
-                pdl.set_pdl(0)
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -298,13 +307,7 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                 model.lora_expand = variant
                 lora_rows[-1][f"step_ms_{variant}"] = timer.median_ms(lambda: model.decode(**inputs))
             model.lora_expand = "rows"
-            try:
-                if pdl.set_pdl(2):
-                    lora_rows[-1]["step_ms_pdl"] = timer.median_ms(lambda: model.decode(**inputs))
-            except Exception as exc:  # noqa: BLE001 -- reported beside the plain rows
-                lora_rows[-1]["step_ms_pdl_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            finally:
-                pdl.set_pdl(0)
+            time_with_pdl(timer, lambda: model.decode(**inputs), 2, lora_rows[-1], "step_ms_pdl")
         print(f"decode LoRA B={bsz} {num_adapters:2d} adapters: {ms:.3f} ms  x{ms/base:.2f}"
               + "".join(f"  ({v} expand: {lora_rows[-1][f'step_ms_{v}']:.3f} ms)"
                         for v in LORA_VARIANTS if f"step_ms_{v}" in lora_rows[-1]), flush=True)
