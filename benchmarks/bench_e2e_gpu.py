@@ -516,8 +516,9 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=32)
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--pdl", type=int, default=0, choices=(0, 1, 2),
-                    help="EngineConfig.pdl: programmatic dependent launch mode (services/engine/kernels/pdl.py)")
+    ap.add_argument("--pdl", type=int, default=EngineConfig.pdl, choices=(0, 1, 2),
+                    help="EngineConfig.pdl: programmatic dependent launch mode (services/engine/kernels/pdl.py; "
+                         "default: the engine's)")
     args = ap.parse_args()
     torch.set_num_threads(4)
     out = Path(args.out)

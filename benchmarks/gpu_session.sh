@@ -46,6 +46,9 @@
 #                                                   #   decode, engine logits), then the decode section (PDL columns)
 #   bash benchmarks/gpu_session.sh pdl-all COMMIT   # ~450 s: pdl, pdl-gemm, then the engine's LoRA section
 #                                                   #   (bench_e2e_gpu: graphed decode, prefill) with PDL off and in mode 2
+#   bash benchmarks/gpu_session.sh pdl1 COMMIT      # ~260 s: PDL mode 1 (the engine's default): engine logits
+#                                                   #   with and without it, decode + LoRA rows, the engine's LoRA
+#                                                   #   section with PDL off / 1 / off
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -53,7 +56,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -115,6 +118,18 @@ case "$stage" in
       timeout 110 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$mode" --commit "$commit" --skip-hf \
         --sections lora --pdl $mode 2>&1 | grep -v -i warn | grep -v "^|"
     done
+    ;;
+  pdl1)   # PDL mode 1 (the engine's default since c73667d's run): engine logits with it and without, the decode
+           # section (LoRA rows in mode 1), the engine's LoRA section with PDL off, in mode 1, off again (drift check)
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
+      -k "logits_match and w4 and not serial and not lora and not prefetch" 2>&1 | tail -15 | tee "$out/pytest_pdl1.log"
+    timeout 100 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
+      --decode-batches 1,16,64 --lora-adapters 0,32 2>&1 | grep -v -i warn | grep -v "^|"
+    for run in 0a 1 0b; do
+      timeout 80 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$run" --commit "$commit" --skip-hf \
+        --sections lora --pdl "${run:0:1}" 2>&1 | grep -v -i warn | grep -v "^|"
+    done
+    rm -f "$out/e2e_pdl0b/e2e_gpu.json"   # 8 files back at most
     ;;
   pdl-gemm)
     timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm 2>&1 \

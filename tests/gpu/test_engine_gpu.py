@@ -108,17 +108,17 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
-@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl")],
-                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl"])
+@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl-off"),
+                                          (4, "pdl-prefetch")],
+                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl-off", "w4-pdl-prefetch"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
-    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows or pdl, eager and graph-replayed."""
+    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows or pdl (the default, 1:
+    PDL launches, where this GPU has them; off; 2: also the GEMMs' L2 prefetch), eager and graph-replayed."""
     serial = variant == "serial"
-    if variant == "pdl" and not pdl.supported():
-        pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
-    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows",
-                     pdl=2 if variant == "pdl" else 0)
-    assert pdl.MODE == (2 if variant == "pdl" else 0)   # mode 2: PDL launches and the GEMMs' L2 prefetch
+    mode = {"pdl-off": 0, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
+    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode)
+    assert pdl.MODE == (mode if pdl.supported() else 0)
     if bits:
         assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)

@@ -27,20 +27,25 @@ def test_bench_gpu_kernels_markdown(tmp_path: Path, stem: str, expect: list[str]
 
 
 def test_bench_gpu_kernels_markdown_pdl_rows(tmp_path: Path) -> None:
-    """The PDL table and a failed PDL capture render (no GPU run has them yet: the recorded v16 rows
-    with PDL timings added here by hand, only to exercise the writer)."""
+    """The PDL tables of the H100 run at c73667d render as recorded (its LoRA rows timed mode 2,
+    before the key that names the mode); then, edited by hand only to exercise the writer, LoRA rows
+    timed in mode 1 against the mode-1 no-LoRA step, and a failed PDL capture."""
     from bench_gpu_kernels import write_markdown
-    res = json.loads((RESULTS / "gpu_kernels_v16_7737606.json").read_text())
-    first, last = res["decode"][0], res["decode"][-1]
-    first.update(graph_ms_pdl=first["graph_ms"] / 1.10, graph_ms_pdl_prefetch=first["graph_ms"] / 1.25)
-    last.update(graph_ms_pdl=last["graph_ms"] / 1.05, graph_ms_pdl_prefetch_error="RuntimeError: capture failed")
-    res["decode_lora"][-1]["step_ms_pdl"] = last["graph_ms_pdl"] * 1.2
+    res = json.loads((RESULTS / "gpu_kernels_v17_pdl_c73667d.json").read_text())
+    write_markdown(res, tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| 1 | 3.336 | 3.161 | 1.06 | 3.973 | 0.84 | 2.47 |" in text
+    assert "| 64 | 8.661 | 8.647 | 1.00 | 9.116 | 0.95 | 2.11 |" in text
+    assert "The same steps with PDL mode 2:" in text and "| 32 | 12.242 | 1.34 |" in text
+    last = res["decode"][-1]
+    res["decode_lora"][-1].update(pdl_mode=1, step_ms_pdl=last["graph_ms_pdl"] * 1.25)
+    del last["graph_ms_pdl_prefetch"]
+    last["graph_ms_pdl_prefetch_error"] = "RuntimeError: capture failed"
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
     assert "PDL runs that failed: batch 64 graph_ms_pdl_prefetch: RuntimeError: capture failed" in text
-    assert f"| 1 | {first['graph_ms']:.3f} | {first['graph_ms_pdl']:.3f} | 1.10 | {first['graph_ms_pdl_prefetch']:.3f} | 1.25 |" in text
-    assert f"| 64 | {last['graph_ms']:.3f} | {last['graph_ms_pdl']:.3f} | 1.05 | – | – |" in text
-    assert "The same steps with PDL mode 2:" in text
+    assert f"| 64 | 8.661 | {last['graph_ms_pdl']:.3f} | 1.00 | – | – |" in text
+    assert "The same steps with PDL mode 1:" in text and "| 32 | 10.809 | 1.25 |" in text
 
 
 @pytest.mark.parametrize("stem,expect", [

@@ -206,7 +206,7 @@ def test_config_from_env():
     cfg = EngineConfig.from_env({"ENGINE_TRITON_FAST_LAUNCH": "0", "ENGINE_SERIAL_SPLIT_K": "1"})
     assert not cfg.triton_fast_launch and cfg.serial_split_k
     assert cfg.lora_expand_rows and cfg.lora_prefetch == 32               # LoRA: per-token expand, 32 packed ahead
-    assert cfg.pdl == 0                                                   # PDL off until it pays on the GPU
+    assert cfg.pdl == 1                                                   # PDL launches, no L2 prefetch
     cfg = EngineConfig.from_env({"ENGINE_LORA_EXPAND_ROWS": "0", "ENGINE_LORA_PREFETCH": "8", "ENGINE_PDL": "2"})
     assert not cfg.lora_expand_rows and cfg.lora_prefetch == 8 and cfg.pdl == 2
     for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"}, {"ENGINE_PDL": "3"},
