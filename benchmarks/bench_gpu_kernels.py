@@ -242,6 +242,7 @@ def decode_floor(model: W4Decoder, bsz: int, ctx: int, bw_gbs: float) -> tuple[f
 
 
 LORA_VARIANTS = ("segments", "skip")   # W4Decoder.lora_expand values timed beside the default (rows)
+PDL_KEYS = {1: "graph_ms_pdl", 2: "graph_ms_pdl_prefetch"}   # PDL mode -> a decode row's graphed time in it
 
 
 def time_with_pdl(timer: Timer, fn, mode: int, row: dict, key: str) -> None:
@@ -276,7 +277,7 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
         rows.append({"batch": bsz, "context": ctx, "graph_ms": graph_ms, "eager_ms": eager_ms, "floor_ms": floor_ms,
                      "graph_vs_floor": graph_ms / floor_ms, "tokens_per_s": bsz / graph_ms * 1e3,
                      "graph_ms_zeroed_outputs": zeroed_ms, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes})
-        for mode, key in ((1, "graph_ms_pdl"), (2, "graph_ms_pdl_prefetch")):
+        for mode, key in PDL_KEYS.items():
             time_with_pdl(timer, lambda: model.decode(**inputs), mode, rows[-1], key)
             if key in rows[-1]:
                 print(f"  PDL mode {mode}: graph {rows[-1][key]:.3f} ms (x{rows[-1][key] / floor_ms:.2f} of floor)",
@@ -405,8 +406,7 @@ def write_markdown(res: dict, path: Path) -> None:
         pdl_rows = [r for r in res["decode_lora"] if "step_ms_pdl" in r]
         if pdl_rows:
             mode = pdl_rows[0].get("pdl_mode", 2)   # (runs before the key timed mode 2)
-            base_key = "graph_ms_pdl" if mode == 1 else "graph_ms_pdl_prefetch"
-            base_pdl = res["decode"][-1].get(base_key) if res.get("decode") else None
+            base_pdl = res["decode"][-1].get(PDL_KEYS[mode]) if res.get("decode") else None
             lines += [f"\nThe same steps with PDL mode {mode}:\n",
                       f"| adapters | step ms | × the PDL {mode} no-LoRA step (decode, batch 64) |",
                       "|---|---|---|"]

@@ -37,9 +37,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ENABLED = not _INTERPRET
 _I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 _UNCACHEABLE, _FLOAT, _BOOL = ("uncacheable",), ("f",), ("u1",)
-_plans: dict[int, tuple | None] = {}        # id(fn) -> (parameter names, defaults, constexpr flags) or None
+_plans: dict[int, tuple | None] = {}        # id(fn) -> (parameter names, defaults, constexpr flags, takes PDL) or None
 _kernels: dict[tuple, tuple] = {}           # (id(fn), key) -> (compiled kernel, trailing constexpr values)
-_takes_pdl: dict[int, bool] = {}            # id(fn) -> whether fn declares the PDL constexpr (pdl.py)
 
 
 def _arg_key(a):
@@ -71,13 +70,15 @@ def next_pow2(n: int) -> int:
 
 
 def _plan(fn) -> tuple | None:
-    """(names, defaults, constexpr flags) of fn's parameters, or None where it cannot be read."""
+    """(names, defaults, constexpr flags, whether it declares the PDL constexpr of pdl.py) of fn's
+    parameters, or None where they cannot be read."""
     key = id(fn)
     if key not in _plans:
         try:
             params = list(inspect.signature(fn.fn).parameters.values())
             flags = [p.is_constexpr for p in fn.params]
-            _plans[key] = ([p.name for p in params], [p.default for p in params], flags)
+            names = [p.name for p in params]
+            _plans[key] = (names, [p.default for p in params], flags, "PDL" in names)
         except (AttributeError, TypeError, ValueError):
             _plans[key] = None
     return _plans[key]
@@ -101,11 +102,8 @@ def set_enabled(on: bool) -> None:
 
 
 def _pdl_aware(fn) -> bool:
-    key = id(fn)
-    if key not in _takes_pdl:
-        plan = _plan(fn)
-        _takes_pdl[key] = plan is not None and "PDL" in plan[0]
-    return _takes_pdl[key]
+    plan = _plan(fn)
+    return plan is not None and plan[3]
 
 
 def launch(fn, grid: tuple, *args, **meta) -> None:
@@ -134,7 +132,7 @@ def launch(fn, grid: tuple, *args, **meta) -> None:
     plan = _plan(fn)
     if plan is None or kernel is None or hasattr(kernel, "result") or _UNCACHEABLE in key[3]:
         return
-    names, defaults, constexpr = plan
+    names, defaults, constexpr, _ = plan
     if len(args) > len(names) or not all(constexpr[len(args):]):
         return      # a runtime argument given by keyword: Triton's path every time
     tail = []

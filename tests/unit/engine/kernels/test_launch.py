@@ -135,7 +135,7 @@ def test_pdl_reaches_only_the_kernels_that_declare_it(jit, monkeypatch) -> None:
     """With PDL on, a kernel with the PDL constexpr is launched as a programmatic dependent (PDL=True
     and Triton's launch_pdl option, kept in its cache key); one without it launches as always."""
     monkeypatch.setattr(pdl, "MODE", 2)
-    monkeypatch.setattr(L, "_takes_pdl", {})
+    monkeypatch.setattr(L, "_plans", {})
     x = torch.zeros(64, dtype=torch.float16)
     aware = Jit(_pdl_kernel)
     L.launch(aware, (1,), x, 16, BLOCK=128)
