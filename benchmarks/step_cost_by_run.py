@@ -9,15 +9,27 @@ two policies can be compared per prompt token and per decode row on the steps th
 Writes <steps stem>.step_fit.md next to the input (or --out). Ordinary least squares on
 t = a + b·prefill_tokens + c·decode_rows + d·adapters + g·[step has a prefill]; the fit's median
 relative error is shown per replay (replays with few prefill steps pin b and g loosely).
+
+When the run's results JSON lies beside the steps file (or --results names it), a second table shows
+how the cost model the simulator used (fitted to the calibration steps only) prices each replay's
+steps: predicted over measured time, summed over its prefill steps, its decode-only steps and all.
+A policy whose steps the model overprices looks slower in simulation than on the engine, so this
+bounds how far simulated policy ratios can be trusted.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from services.engine.simulator.cost_model import FEATURES, CostModel, StepFeatures  # noqa: E402
 
 TERMS = ("a ms", "b µs / prompt token", "c µs / decode row", "d µs / adapter", "g ms / prefill step")
 SCALE = (1e3, 1e6, 1e6, 1e6, 1e3)
@@ -32,7 +44,50 @@ def fit_rows(rows: list[dict]) -> tuple[np.ndarray, float]:
     return coef, float(np.median(np.abs(x @ coef - y) / y))
 
 
-def report(path: Path) -> str:
+def bias_rows(cost: CostModel, rows: list[dict]) -> tuple[float, float, float, float]:
+    """(predicted / measured summed over prefill steps, over decode-only steps, over all; median |rel err|)."""
+    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    rel = []
+    for r in rows:
+        pred = cost.step_time_s(StepFeatures(*(int(float(r[k])) for k in FEATURES)))
+        meas = float(r["step_s"])
+        s = sums[float(r["num_prefill_tokens"]) > 0]
+        s[0] += pred
+        s[1] += meas
+        rel.append(abs(pred - meas) / max(meas, 1e-9))
+
+    def ratio(p: float, m: float) -> float:
+        return p / m if m > 0 else float("nan")
+    return (ratio(*sums[True]), ratio(*sums[False]),
+            ratio(sums[True][0] + sums[False][0], sums[True][1] + sums[False][1]), statistics.median(rel))
+
+
+def bias_table(results: Path, runs: dict[str, list[dict]]) -> list[str]:
+    """The results file's cost model on each 4-bit replay's steps (the model is fitted to the 4-bit base),
+    beside a pooled refit that leaves the replay out (calibration steps + every other 4-bit replay)."""
+    cost = CostModel.from_dict(json.loads(results.read_text())["calibration"]["cost_model"])
+    replays = {run: rs for run, rs in runs.items() if "fp16" not in run}
+    lines = ["", f"## The simulator's cost model on each replay (`{results.name}`)", "",
+             f"Cost model of that run: {cost.source}. Ratios are predicted / measured step time, summed; "
+             "above 1 the simulator charges the replay's steps more than the engine took, so the policy looks "
+             "slower in simulation than it ran. Last column: the same form refitted (CostModel.fit) to the "
+             "calibration steps and every other 4-bit replay, then evaluated on the one left out. Replays on "
+             "the fp16 base are left out (the model prices the 4-bit base).", "",
+             "| replay | steps | prefill steps | pred/meas, prefill steps | pred/meas, decode-only steps | "
+             "pred/meas, all | median abs rel err | pred/meas, all, pooled refit without it |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, rs in replays.items():
+        pre, dec, tot, med = bias_rows(cost, rs)
+        pooled = "–"
+        if not run.startswith("calib"):
+            others = [r for other, o in replays.items() if other != run for r in o]
+            pooled = f"{bias_rows(CostModel.fit(others, source='pooled'), rs)[2]:.3f}"
+        n_pre = sum(float(r["num_prefill_tokens"]) > 0 for r in rs)
+        lines.append(f"| {run} | {len(rs)} | {n_pre} | {pre:.3f} | {dec:.3f} | {tot:.3f} | {med:.1%} | {pooled} |")
+    return lines
+
+
+def report(path: Path, results: Path | None = None) -> str:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     runs: dict[str, list[dict]] = {}
@@ -51,6 +106,8 @@ def report(path: Path) -> str:
         lines.append(f"| {run} | {len(rs)} | {n_pre} | {sum(float(r['step_s']) for r in rs):.2f} | "
                      f"{statistics.fmean(float(r['num_decode_seqs']) for r in rs):.1f} | "
                      + " | ".join(f"{c * s:.1f}" for c, s in zip(coef, SCALE)) + f" | {err:.1%} |")
+    if results is not None:
+        lines += bias_table(results, runs)
     return "\n".join(lines) + "\n"
 
 
@@ -58,10 +115,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("steps_csv")
     ap.add_argument("--out", default=None, help="output .md (default: <steps stem>.step_fit.md)")
+    ap.add_argument("--results", default=None,
+                    help="the run's results JSON, for its cost model (default: <steps stem>.json when it exists)")
     args = ap.parse_args()
     path = Path(args.steps_csv)
-    out = Path(args.out) if args.out else path.with_name(path.name.replace(".steps.csv", "") + ".step_fit.md")
-    out.write_text(report(path))
+    if not path.is_file():
+        ap.error(f"no such steps file: {path}")
+    stem = path.name.replace(".steps.csv", "")
+    results = Path(args.results) if args.results else path.with_name(stem + ".json")
+    if args.results and not results.is_file():
+        ap.error(f"no such results file: {results}")
+    out = Path(args.out) if args.out else path.with_name(stem + ".step_fit.md")
+    out.write_text(report(path, results if results.is_file() else None))
     print(out.read_text())
 
 
