@@ -284,6 +284,18 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
                       flush=True)
             elif key + "_error" in rows[-1]:
                 print(f"  PDL mode {mode} failed: {rows[-1][key + '_error']}", flush=True)
+        # RoPE + KV-cache write inside the decode attention kernel (EngineConfig.fused_decode_attention),
+        # PDL off and in the engine's default mode: one launch fewer per layer
+        model.fused_decode_attention = True
+        try:
+            rows[-1]["graph_ms_fused_attn"] = timer.median_ms(lambda: model.decode(**inputs))
+            rows[-1]["fused_attn_pdl_mode"] = EngineConfig.pdl
+            time_with_pdl(timer, lambda: model.decode(**inputs), EngineConfig.pdl, rows[-1], "graph_ms_fused_attn_pdl")
+            print(f"  fused RoPE + attention: graph {rows[-1]['graph_ms_fused_attn']:.3f} ms"
+                  + (f", PDL {EngineConfig.pdl} {rows[-1]['graph_ms_fused_attn_pdl']:.3f} ms"
+                     if "graph_ms_fused_attn_pdl" in rows[-1] else ""), flush=True)
+        finally:
+            model.fused_decode_attention = False
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -393,6 +405,22 @@ def write_markdown(res: dict, path: Path) -> None:
                              f"{r['graph_ms'] / r['graph_ms_pdl']:.2f} | "
                              + (f"{p2:.3f} | {r['graph_ms'] / p2:.2f} | " if p2 else "– | – | ")
                              + f"{best / r['floor_ms']:.2f} |")
+        fused = [r for r in res["decode"] if "graph_ms_fused_attn" in r]
+        if fused:
+            m = fused[0].get("fused_attn_pdl_mode", 1)
+            pk = PDL_KEYS.get(m)
+            lines += ["\nWith RoPE and the KV-cache write inside the decode attention kernel "
+                      "(EngineConfig.fused_decode_attention: one launch per layer fewer; same steps):\n",
+                      f"| batch | plain graph ms | fused ms | plain / fused | PDL {m} ms | fused + PDL {m} ms | "
+                      f"PDL {m} / fused + PDL {m} | fused + PDL {m} / floor |", "|---|---|---|---|---|---|---|---|"]
+            for r in fused:
+                fp = r.get("graph_ms_fused_attn_pdl")
+                p1 = r.get(pk) if pk else None
+                lines.append(f"| {r['batch']} | {r['graph_ms']:.3f} | {r['graph_ms_fused_attn']:.3f} | "
+                             f"{r['graph_ms'] / r['graph_ms_fused_attn']:.2f} | "
+                             + (f"{p1:.3f} | " if p1 else "– | ") + (f"{fp:.3f} | " if fp else "– | ")
+                             + (f"{p1 / fp:.2f} | " if p1 and fp else "– | ")
+                             + (f"{fp / r['floor_ms']:.2f} |" if fp else "– |"))
         if any("graph_ms_serial" in r for r in res["decode"]):
             lines += ["\nWith serial split-K (same steps):\n", "| batch | CUDA graph ms | eager ms | graph / floor |",
                       "|---|---|---|---|"]

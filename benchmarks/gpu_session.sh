@@ -49,6 +49,9 @@
 #   bash benchmarks/gpu_session.sh pdl1 COMMIT      # ~260 s: PDL mode 1 (the engine's default): engine logits
 #                                                   #   with and without it, decode + LoRA rows, the engine's LoRA
 #                                                   #   section with PDL off / 1 / off
+#   bash benchmarks/gpu_session.sh fused-attn COMMIT  # ~300 s: RoPE + KV-cache write inside the decode attention
+#                                                   #   kernel: its GPU tests (kernel vs the two-kernel path, graphed
+#                                                   #   decode, engine logits), the decode section (fused columns)
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -56,7 +59,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | fused-attn | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -130,6 +133,13 @@ case "$stage" in
         --sections lora --pdl "${run:0:1}" 2>&1 | grep -v -i warn | grep -v "^|"
     done
     rm -f "$out/e2e_pdl0b/e2e_gpu.json"   # 8 files back at most
+    ;;
+  fused-attn)   # EngineConfig.fused_decode_attention: one launch per layer fewer in a decode step
+    timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "decode_rope_attention or graphed_decode or fused-attn" 2>&1 \
+      | tail -15 | tee "$out/pytest_fused_attn.log"
+    timeout 170 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
+      --decode-batches 1,8,16,64 --lora-adapters 0 2>&1 | grep -v -i warn | grep -v "^|"
     ;;
   pdl-gemm)
     timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm 2>&1 \

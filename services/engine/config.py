@@ -47,6 +47,9 @@ class EngineConfig:
     # next waiting tasks (0: off; acts only when tasks outnumber host packs; 1000 tasks on an H100:
     # +4.1 % req/s, prefill steps -18 %; serve_gpu_24gib_scale_prefetch_7737606.md)
     lora_prefetch: int = 32
+    # Pure-decode steps rotate q/k and write the new K/V inside the paged decode attention kernel
+    # (kernels/attention.py: one launch per layer instead of two); off until measured on a GPU
+    fused_decode_attention: bool = False
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
                                            # False: per segment chunk on tensor cores (slower decode on H100)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).

@@ -178,6 +178,7 @@ class LlamaLayer(nn.Module):
         for name in LINEAR_NAMES:
             setattr(self, name, w[name] if isinstance(w[name], nn.Module) else BaseLinear(w[name]))
         self.fused: dict[str, nn.Module] = {}   # GPU fast path: group name → Fused{Quant,Dense}Linear
+        self.fused_decode_attention = False      # GPU fast path: RoPE + cache write inside decode attention
 
     def _linear(self, name: str, x: torch.Tensor, lora) -> torch.Tensor:
         y = getattr(self, name)(x)
@@ -282,14 +283,20 @@ class LlamaLayer(nn.Module):
         split-K output of the quantized GEMM after it, so no GEMM launches a zeroing of its own.
         The stream must be a tensor this forward may overwrite (the embedding gather's output,
         then its own). Returns (stream, pending)."""
+        from services.engine.kernels.attention import paged_decode_rope_attention
         from services.engine.kernels.fused_ops import rope_and_cache, silu_mul
         t = stream.shape[0]
         zeroed = self._output_to_zero("qkv_proj", stream)
         x, stream = _norm_onto(stream, pending, self.input_layernorm.weight, self.eps, zeroed)
         qkv = self._group("qkv_proj", x, lora, zeroed)                # [T, (H + 2 Hkv) D]
-        q = rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
-                           meta.slot_mapping, self.num_heads, self.num_kv_heads)  # [T, H, D]
-        attn = paged_attention_cuda(q, kv_cache[0], kv_cache[1], meta)
+        if self.fused_decode_attention and meta.is_all_decode:      # one launch instead of two
+            attn = paged_decode_rope_attention(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
+                                               meta.slot_mapping, meta.decode_blocks, meta.decode_lens,
+                                               self.num_heads)
+        else:
+            q = rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
+                               meta.slot_mapping, self.num_heads, self.num_kv_heads)  # [T, H, D]
+            attn = paged_attention_cuda(q, kv_cache[0], kv_cache[1], meta)
         pending = self._linear_onto(stream, "o_proj", attn.reshape(t, -1), lora)
         zeroed = self._output_to_zero("gate_up_proj", stream)
         x, stream = _norm_onto(stream, pending, self.post_attention_layernorm.weight, self.eps, zeroed)
@@ -340,10 +347,12 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # set = fast path on
 
-    def enable_fast_path(self, max_positions: int, tuner) -> None:
-        """Switch to the fused Triton forward (CUDA, fp16; 3/4-bit or dense linears fused where possible)."""
+    def enable_fast_path(self, max_positions: int, tuner, fused_decode_attention: bool = False) -> None:
+        """Switch to the fused Triton forward (CUDA, fp16; 3/4-bit or dense linears fused where possible).
+        fused_decode_attention: pure-decode steps rotate and cache K/V inside the attention kernel."""
         for layer in self.layers:
             layer.fuse(tuner)
+            layer.fused_decode_attention = fused_decode_attention
         ang = torch.arange(max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
         self.rope_tables = (ang.cos().contiguous(), ang.sin().contiguous())  # fp32 [P, D/2]
 

@@ -87,7 +87,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.is_fast:
             max_len = config.max_model_len or shape.max_position_embeddings
-            self.model.enable_fast_path(max_len, self.tuner)
+            self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention)
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)

@@ -109,16 +109,22 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl-off"),
-                                          (4, "pdl-prefetch")],
-                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl-off", "w4-pdl-prefetch"])
+                                          (4, "pdl-prefetch"), (4, "fused-attn")],
+                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl-off", "w4-pdl-prefetch",
+                              "w4-fused-attn"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
-    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows or pdl (the default, 1:
-    PDL launches, where this GPU has them; off; 2: also the GEMMs' L2 prefetch), eager and graph-replayed."""
+    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows, pdl (the default, 1:
+    PDL launches, where this GPU has them; off; 2: also the GEMMs' L2 prefetch) or
+    fused_decode_attention (decode steps rotate and cache K/V in the attention kernel), eager and
+    graph-replayed."""
     serial = variant == "serial"
     mode = {"pdl-off": 0, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
-    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode)
+    fused_attn = variant == "fused-attn"
+    gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode,
+                     fused_decode_attention=fused_attn)
     assert pdl.MODE == (mode if pdl.supported() else 0)
+    assert all(layer.fused_decode_attention == fused_attn for layer in gpu.model.layers)
     if bits:
         assert gpu.base_linear(0, "down_proj").kw.bits == bits
     ref = reference_runner(gpu, weights)

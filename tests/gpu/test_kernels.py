@@ -13,7 +13,7 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 
 from services.engine.kernels.attention import (  # noqa: E402
-    VarlenBatch, paged_decode_attention, paged_decode_reference, paged_varlen_attention,
+    VarlenBatch, paged_decode_attention, paged_decode_reference, paged_decode_rope_attention, paged_varlen_attention,
     paged_varlen_reference,
 )
 from services.engine.kernels.fused_ops import (  # noqa: E402
@@ -177,6 +177,29 @@ def test_paged_decode_attention(num_heads: int, num_kv_heads: int) -> None:
 
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 32), (32, 8)])
+def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
+    """The fused decode kernel against the two-kernel path it replaces (rope_and_cache, then
+    paged_decode_attention) on the same inputs: output and the cache slots it writes."""
+    bsz, d, block_size, num_blocks, max_blocks = 6, 128, 16, 80, 12
+    lens = torch.tensor([1, 2, 17, 64, 100, 190], dtype=torch.int32, device=DEV)
+    tables = torch.randperm(num_blocks, device=DEV)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
+    kc = torch.randn(num_blocks, block_size, num_kv_heads, d, device=DEV).half()
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, d, device=DEV).half()
+    qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d, device=DEV).half()
+    pos = (lens - 1).long()
+    slots = tables[torch.arange(bsz, device=DEV), pos // block_size].long() * block_size + pos % block_size
+    cos, sin = rope_tables(256, d, 10000.0, DEV)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q = rope_and_cache(qkv, pos, cos, sin, kc_ref, vc_ref, slots, num_heads, num_kv_heads)
+    ref = paged_decode_attention(q, kc_ref, vc_ref, tables, lens)
+    out = paged_decode_rope_attention(qkv, pos, cos, sin, kc, vc, slots, tables, lens, num_heads)
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(out, paged_decode_reference(q, kc_ref, vc_ref, tables, lens)) < 1e-2
+    assert torch.equal(vc, vc_ref)
+    assert (kc.float() - kc_ref.float()).abs().max().item() < 2e-3   # same rotation, maybe another rounding
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 32), (32, 8)])
 def test_paged_varlen_attention(dtype: torch.dtype, num_heads: int, num_kv_heads: int) -> None:
@@ -234,11 +257,13 @@ def test_fused_ops() -> None:
     assert torch.equal(vc.view(-1, num_kv, d)[slots], parts[:, num_heads + num_kv:])
 
 
-@pytest.mark.parametrize("with_pdl", [0, 1, 2], ids=["plain", "pdl", "pdl-prefetch"])
-def test_graphed_decode_equals_eager(with_pdl: int) -> None:
+@pytest.mark.parametrize("with_pdl,fused_attn", [(0, False), (1, False), (2, False), (0, True), (1, True)],
+                         ids=["plain", "pdl", "pdl-prefetch", "fused-attn", "pdl-fused-attn"])
+def test_graphed_decode_equals_eager(with_pdl: int, fused_attn: bool) -> None:
     """with_pdl (a PDL mode): the reference is the plain eager step; eager and graphed steps with
     programmatic dependent launch (every Triton kernel launched while its predecessor runs; mode 2
-    with the GEMMs' L2 prefetch of their weights before the wait) must match it."""
+    with the GEMMs' L2 prefetch of their weights before the wait) must match it. fused_attn: the
+    steps compared run RoPE and the KV-cache write inside the attention kernel."""
     if with_pdl and not pdl.supported():
         pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
     # with PDL, Llama-2-7B widths: grids of hundreds of programs, so an early read would show
@@ -260,9 +285,11 @@ def test_graphed_decode_equals_eager(with_pdl: int) -> None:
     assert rel_err(no_lora, eager.float()) > 1e-3  # the adapters change the logits
     try:
         assert pdl.set_pdl(with_pdl) == with_pdl
+        model.fused_decode_attention = fused_attn
         _check_decode_variants(model, inputs, eager)
     finally:
         pdl.set_pdl(0)
+        model.fused_decode_attention = False
 
 
 def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:

@@ -62,6 +62,73 @@ if triton is not None:
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _paged_decode_rope_kernel(
+        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr,
+        scale, block_size, num_heads, num_kv_heads, q_per_kv,
+        stride_qkv, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
+        D: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr = 0,
+        PDL: tl.constexpr = False,
+    ):
+        """_paged_decode_kernel with the RoPE + KV-cache write of _rope_cache_kernel folded in.
+
+        Program (b, h) rotates its query head and its KV head's new key (NeoX halves: element d pairs
+        with d ± D/2), attends over the first length - 1 cached tokens and adds the new token from
+        registers last, so no program reads a slot another program of this grid writes. The first
+        query head of each KV group stores the rotated key and the value into the cache slot.
+        q and k are rounded to the cache dtype before use, as the two-kernel path stores them."""
+        pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // q_per_kv
+        HALF: tl.constexpr = D // 2
+        offs_d = tl.arange(0, D)
+        partner = (offs_d + HALF) % D
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        pos = tl.load(pos_ptr + b)
+        cos = tl.load(cos_ptr + pos * HALF + offs_d % HALF)
+        sin = tl.load(sin_ptr + pos * HALF + offs_d % HALF) * sign
+        row = qkv_ptr + b * stride_qkv
+        q_src = row + h * D
+        q = tl.load(q_src + offs_d).to(tl.float32) * cos + tl.load(q_src + partner).to(tl.float32) * sin
+        q = q.to(k_ptr.dtype.element_ty).to(tl.float32) * scale
+        k_src = row + (num_heads + kvh) * D
+        k_new = (tl.load(k_src + offs_d).to(tl.float32) * cos
+                 + tl.load(k_src + partner).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(row + (num_heads + num_kv_heads + kvh) * D + offs_d).to(v_ptr.dtype.element_ty)
+        if h % q_per_kv == 0:
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            tl.store(k_ptr + slot * stride_ct + kvh * stride_ch + offs_d, k_new)
+            tl.store(v_ptr + slot * stride_ct + kvh * stride_ch + offs_d, v_new)
+        cached = tl.load(lens_ptr + b) - 1
+        m_i = tl.full((), float("-inf"), tl.float32)
+        l_i = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros((D,), dtype=tl.float32)
+        # Under the interpreter a loaded value cannot bound a loop: STEP_STOP (the batch's longest
+        # context, a constant) does, and blocks past `cached` are fully masked (p = 0, alpha = 1).
+        for t0 in range(0, STEP_STOP if STEP_STOP > 0 else cached, BN):
+            t = t0 + tl.arange(0, BN)
+            tmask = t < cached
+            blk = tl.load(bt_ptr + b * stride_btb + t // block_size, mask=tmask, other=0)
+            off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + kvh * stride_ch
+            kv_off = off[:, None] + offs_d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(tmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)   # all masked so far: p = alpha = 0, no NaN
+            p = tl.exp(scores - m_ref)
+            alpha = tl.exp(m_i - m_ref)
+            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
+        m_new = tl.maximum(m_i, s_new)
+        p_new = tl.exp(s_new - m_new)
+        alpha = tl.exp(m_i - m_new)
+        out = (acc * alpha + p_new * v_new.to(tl.float32)) / (l_i * alpha + p_new)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
 
 def paged_decode_attention(
     q: torch.Tensor,
@@ -95,6 +162,42 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         D=d, BN=64, num_warps=4,
+    )
+    return out
+
+
+def paged_decode_rope_attention(
+    qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
+    scale: float | None = None, max_context: int = 0,
+) -> torch.Tensor:
+    """rope_and_cache then paged_decode_attention in one launch, for a step where every sequence
+    computes one token: qkv [B, (H + 2 KVH) D] laid out [q | k | v], positions / slot_mapping [B]
+    of the new token, cos / sin fp32 [max_pos, D/2], context_lens [B] counting the new token
+    (each ≥ 1) → [B, H, D]; the new token's K/V land in their cache slots as rope_and_cache writes
+    them. max_context: the batch's longest context, needed only under TRITON_INTERPRET."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _, block_size, num_kv_heads, d = k_cache.shape
+    bsz = qkv.shape[0]
+    if (qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or d & (d - 1) or num_heads % num_kv_heads
+            or qkv.stride(1) != 1):
+        raise ValueError(f"bad shapes qkv {tuple(qkv.shape)} for {num_heads} heads, cache {tuple(k_cache.shape)}")
+    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(0) != block_size * k_cache.stride(1):
+        raise ValueError("k/v caches must share strides, with a contiguous head_dim and slot = block * block_size + offset")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret and max_context <= 0:
+        raise ValueError("under TRITON_INTERPRET pass max_context (the batch's longest context)")
+    out = torch.empty(bsz, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    scale = scale if scale is not None else d ** -0.5
+    launch(
+        _paged_decode_rope_kernel, (bsz, num_heads),
+        qkv, positions, cos, sin, slot_mapping, k_cache, v_cache, block_tables, context_lens, out,
+        scale, block_size, num_heads, num_kv_heads, num_heads // num_kv_heads,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        D=d, BN=64, STEP_STOP=max_context if interpret else 0, num_warps=4,
     )
     return out
 

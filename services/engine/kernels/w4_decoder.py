@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.kernels.attention import paged_decode_attention
+from services.engine.kernels.attention import paged_decode_attention, paged_decode_rope_attention
 from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm, rope_and_cache, rope_tables, silu_mul
 from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.lora import LoraBatch, lora_shrink, prepare_lora_batch, triton_lora_apply
@@ -93,6 +93,9 @@ class W4Decoder:
         # "segments" (tensor-core chunks of one adapter), or "skip" (shrink only: wrong logits, for
         # benchmarks that split the LoRA cost between its two launches)
         self.lora_expand = "rows"
+        # RoPE + KV-cache write inside the decode attention kernel (one launch per layer instead of
+        # two; the serving runner's EngineConfig.fused_decode_attention)
+        self.fused_decode_attention = False
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
@@ -146,9 +149,14 @@ class W4Decoder:
             zeroed = self._to_zero(layer["qkv"], h)
             x, residual = self._norm(h, residual, layer["in_norm"], zeroed)
             qkv = self._proj(li, "qkv", x, lora_batch, zeroed)
-            q = rope_and_cache(qkv, positions, self.cos, self.sin, self.k_caches[li], self.v_caches[li],
-                               slot_mapping, s.num_heads, s.num_kv_heads)
-            attn = paged_decode_attention(q, self.k_caches[li], self.v_caches[li], block_tables, context_lens)
+            if self.fused_decode_attention:
+                attn = paged_decode_rope_attention(qkv, positions, self.cos, self.sin, self.k_caches[li],
+                                                   self.v_caches[li], slot_mapping, block_tables, context_lens,
+                                                   s.num_heads)
+            else:
+                q = rope_and_cache(qkv, positions, self.cos, self.sin, self.k_caches[li], self.v_caches[li],
+                                   slot_mapping, s.num_heads, s.num_kv_heads)
+                attn = paged_decode_attention(q, self.k_caches[li], self.v_caches[li], block_tables, context_lens)
             o = self._proj(li, "o", attn.reshape(-1, s.num_heads * s.head_dim), lora_batch, onto)
             zeroed = self._to_zero(layer["gate_up"], o)
             x, residual = self._norm(o, residual, layer["post_norm"], zeroed)

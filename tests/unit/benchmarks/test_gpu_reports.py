@@ -48,6 +48,21 @@ def test_bench_gpu_kernels_markdown_pdl_rows(tmp_path: Path) -> None:
     assert "The same steps with PDL mode 1:" in text and "| 32 | 10.809 | 1.25 |" in text
 
 
+def test_bench_gpu_kernels_markdown_fused_attention_rows(tmp_path: Path) -> None:
+    """The fused RoPE + attention table, on the c73667d run's rows with fused timings added by hand
+    (only to exercise the writer): a row with both timings, one whose PDL timing is missing."""
+    from bench_gpu_kernels import write_markdown
+    res = json.loads((RESULTS / "gpu_kernels_v17_pdl_c73667d.json").read_text())
+    first, last = res["decode"][0], res["decode"][-1]
+    first.update(graph_ms_fused_attn=3.2, graph_ms_fused_attn_pdl=3.0, fused_attn_pdl_mode=1)
+    last.update(graph_ms_fused_attn=8.5, fused_attn_pdl_mode=1)
+    write_markdown(res, tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| batch | plain graph ms | fused ms | plain / fused | PDL 1 ms | fused + PDL 1 ms |" in text
+    assert (f"| 1 | 3.336 | 3.200 | 1.04 | 3.161 | 3.000 | 1.05 | {3.0 / first['floor_ms']:.2f} |") in text
+    assert "| 64 | 8.661 | 8.500 | 1.02 | 8.647 | – | – | – |" in text
+
+
 @pytest.mark.parametrize("stem,expect", [
     ("e2e_gpu_lora_9662f2e", ["Configured expand: per-token (rows)", "| 32 | 12.708 | 1.34 | 10.910 | 1.26 | 13.270",
                               "| 1 | 64 × 64 | 151.90 | 131.50 | 1.16 |"]),

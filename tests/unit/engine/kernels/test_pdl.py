@@ -77,6 +77,10 @@ def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(kind: st
 _OTHER_KERNELS = {
     "paged_decode": ("attention", "_paged_decode_kernel",
                      {"bt_ptr": "*i32", "lens_ptr": "*i32", "scale": "fp32"}, {"D": 128, "BN": 64}),
+    "paged_decode_rope": ("attention", "_paged_decode_rope_kernel",
+                          {"pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
+                           "bt_ptr": "*i64", "lens_ptr": "*i32", "scale": "fp32"},
+                          {"D": 128, "BN": 64, "STEP_STOP": 0}),
     "paged_varlen": ("attention", "_paged_varlen_kernel",
                      {"bt_ptr": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32", "ctx_ptr": "*i32",
                       "tile_seq_ptr": "*i32", "tile_m_ptr": "*i32", "scale_log2": "fp32"},

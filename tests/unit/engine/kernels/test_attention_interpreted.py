@@ -1,0 +1,54 @@
+"""The fused decode kernel (RoPE + KV-cache write + paged attention in one launch) under
+TRITON_INTERPRET on the CPU, against the float32 references of the two-kernel path it replaces:
+the output, the cache slots it writes, GQA groups, a first token (nothing cached) and padding
+blocks. Skipped without triton (the GPU suite runs it compiled, beside the two-kernel path)."""
+from __future__ import annotations
+
+import torch
+
+from tests.unit.engine.kernels.interpreted import run_interpreted
+
+
+def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
+    from services.engine.kernels.attention import paged_decode_reference, paged_decode_rope_attention
+    from services.engine.kernels.fused_ops import rope_reference, rope_tables
+
+    torch.manual_seed(0)
+    d, block_size, num_blocks = 64, 16, 24
+    lens = torch.tensor([1, 17, 40, 70], dtype=torch.int32)     # contexts with the new token
+    bsz = lens.shape[0]
+    max_blocks = 5
+    tables = torch.randperm(num_blocks)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
+    kc = torch.randn(num_blocks, block_size, num_kv_heads, d).half()
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, d).half()
+    qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d).half()
+    positions = (lens - 1).long()
+    slots = torch.stack([tables[b, int(p) // block_size].long() * block_size + int(p) % block_size
+                         for b, p in enumerate(positions)])
+    cos, sin = rope_tables(128, d, 10000.0, torch.device("cpu"))
+
+    # the two-kernel path in float32: rotate, write k / v into the slots, attend over the cache
+    q, k, v = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    q_ref = rope_reference(q, positions, cos, sin).half()
+    k_ref = rope_reference(k, positions, cos, sin).half()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref.view(-1, num_kv_heads, d)[slots] = k_ref
+    vc_ref.view(-1, num_kv_heads, d)[slots] = v
+    ref = paged_decode_reference(q_ref, kc_ref, vc_ref, tables, lens)
+
+    out = paged_decode_rope_attention(qkv, positions, cos, sin, kc, vc, slots, tables, lens, num_heads,
+                                      max_context=int(lens.max()))
+    assert out.shape == (bsz, num_heads, d) and out.dtype == torch.float16
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err < 1e-2, err
+    # every slot it wrote holds what rope_and_cache would; every other slot is untouched
+    assert float((kc.float() - kc_ref.float()).abs().max()) < 2e-3
+    assert torch.equal(vc, vc_ref)
+
+
+def test_decode_rope_attention_interpreted() -> None:
+    run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", 4, 4)
+
+
+def test_decode_rope_attention_gqa_interpreted() -> None:
+    run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", 8, 2)
