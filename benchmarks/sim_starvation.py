@@ -30,18 +30,27 @@ from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("throughput_req_s", "jct_avg_s", "jct_p99_s", "ttft_p99_s", "slo_attainment")
+KEYS = ("throughput_req_s", "jct_avg_s", "jct_p99_s", "ttft_p99_s", "slo_attainment", "num_preemptions")
 
 
-def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int], limits: list[float],
-             window_s: float) -> list[dict]:
-    meta = run["meta"]
-    cost, sched, sim_cfg, lengths = replay_setup(run, steps)
-    tasks = task_names(meta["num_tasks"], list(lengths))
-    capacity = run["calibration"]["fifo_capacity_req_s"]
-    variants = [("fifo", "fifo", sched)] + [
+def starvation_variants(limits: list[float]):
+    """variants(sched) for simulate: fifo, then inlaid at each starvation limit (0: off)."""
+    return lambda sched: [("fifo", "fifo", sched)] + [
         (f"inlaid, starvation {'off' if lim == 0 else f'{lim:g} s'}", "inlaid",
          dataclasses.replace(sched, starvation_limit_s=lim or 1e9)) for lim in limits]
+
+
+def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int], variants,
+             window_s: float, cost=None) -> list[dict]:
+    """Rows of (rate, seed, variant) metrics: the run's workload at each rate and seed, simulated
+    drained for every (label, policy, SchedulerConfig) of variants(the run's SchedulerConfig) on
+    `cost` (default: the cost model fitted to the run's calibration steps)."""
+    meta = run["meta"]
+    calib_cost, sched, sim_cfg, lengths = replay_setup(run, steps)
+    cost = cost or calib_cost
+    tasks = task_names(meta["num_tasks"], list(lengths))
+    capacity = run["calibration"]["fifo_capacity_req_s"]
+    variants = variants(sched)
     rows = []
     for frac in rates:
         for seed in seeds:
@@ -55,10 +64,11 @@ def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int],
     return rows
 
 
-def report(res: dict) -> str:
+def report(res: dict, title: str = "Starvation limit under overload, simulated") -> str:
     meta = res["meta"]
-    lines = [f"# Starvation limit under overload, simulated (commit {meta['commit']})", "",
-             f"Device: this CPU, simulated; step times from the cost model fitted to the calibration steps of "
+    lines = [f"# {title} (commit {meta['commit']})", "",
+             f"Device: this CPU, simulated; step times from the cost model fitted to "
+             f"{meta.get('cost_steps', 'the calibration steps')} of "
              f"`{meta['run_json']}` (H100, commit {meta['run_commit']}); nothing here ran on a GPU. "
              f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s).", "",
              f"Workload: that run's generator and settings ({meta['num_tasks']} tasks, lengths ×{meta['length_scale']}, "
@@ -67,15 +77,16 @@ def report(res: dict) -> str:
              "Rows are means over the seeds; ratios are fifo / inlaid (> 1: inlaid better; SLO: inlaid / fifo).", ""]
     for frac in meta["rates"]:
         rows = [r for r in res["rows"] if r["load_frac"] == frac]
-        lines += [f"## {frac:g} × C", "", "| variant | req/s | JCT avg s | JCT p99 s | TTFT p99 s | SLO | JCT vs fifo | SLO vs fifo |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {frac:g} × C", "", "| variant | req/s | JCT avg s | JCT p99 s | TTFT p99 s | SLO | preemptions "
+                  "| JCT vs fifo | SLO vs fifo |", "|---|---|---|---|---|---|---|---|---|"]
         means = {}
         for label in dict.fromkeys(r["variant"] for r in rows):
             means[label] = {k: statistics.fmean(r[k] for r in rows if r["variant"] == label) for k in KEYS}
         fifo = means["fifo"]
         for label, m in means.items():
             lines.append(f"| {label} | {m['throughput_req_s']:.2f} | {m['jct_avg_s']:.2f} | {m['jct_p99_s']:.1f} | "
-                         f"{m['ttft_p99_s']:.1f} | {m['slo_attainment']:.3f} | {fifo['jct_avg_s'] / m['jct_avg_s']:.2f}× | "
+                         f"{m['ttft_p99_s']:.1f} | {m['slo_attainment']:.3f} | {m['num_preemptions']:.1f} | "
+                         f"{fifo['jct_avg_s'] / m['jct_avg_s']:.2f}× | "
                          f"{m['slo_attainment'] / max(fifo['slo_attainment'], 1e-9):.2f}× |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -97,7 +108,8 @@ def main() -> None:
     steps = read_steps(args.steps_csv)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    rows = simulate(run, steps, rates, seeds, [float(x) for x in args.limits.split(",")], args.window_s)
+    rows = simulate(run, steps, rates, seeds, starvation_variants([float(x) for x in args.limits.split(",")]),
+                    args.window_s)
     m = run["meta"]
     meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"], "rates": rates,
             "seeds": seeds, "window_s": args.window_s, "num_tasks": m["num_tasks"], "beta": m["beta"],

@@ -65,6 +65,7 @@ class EngineConfig:
     inlaid_overload_streak_factor: int = 4
     piggyback_decode: bool = True
     admission_reserve_fraction: float = 1.0
+    inlaid_preempt_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -120,6 +121,7 @@ class EngineConfig:
                                inlaid_overload_streak_factor=self.inlaid_overload_streak_factor,
                                piggyback_decode=self.piggyback_decode,
                                admission_reserve_fraction=self.admission_reserve_fraction,
+                               inlaid_preempt_ratio=self.inlaid_preempt_ratio,
                                max_adapter_slots=self.max_adapters)
 
     @classmethod

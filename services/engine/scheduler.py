@@ -56,6 +56,11 @@ class SchedulerConfig:
     # and one token, as fifo). A running request that outgrows its share takes free blocks as it
     # goes, and on a shortage the one with the most predicted work left is preempted.
     admission_reserve_fraction: float = 1.0
+    # inlaid: shortest-remaining-first across the running pool too. When the KV reserve leaves no
+    # room for the next waiting request, the running request with the most predicted tokens left is
+    # preempted (recomputed later) if it has more than this many times the waiting one's predicted
+    # output left; a request is displaced this way at most once, a hungry one never. 0 = off.
+    inlaid_preempt_ratio: float = 0.0
     # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
     # prefill-only steps that stall the running requests.
     piggyback_decode: bool = True
@@ -83,6 +88,8 @@ class SchedulerConfig:
             raise ValueError(f"admission_reserve_fraction must be in [0, 1], got {self.admission_reserve_fraction}")
         if not 0.0 <= self.inlaid_overload_min_free <= 1.0:
             raise ValueError(f"inlaid_overload_min_free must be in [0, 1], got {self.inlaid_overload_min_free}")
+        if self.inlaid_preempt_ratio < 0 or 0 < self.inlaid_preempt_ratio < 1:
+            raise ValueError(f"inlaid_preempt_ratio must be 0 (off) or >= 1, got {self.inlaid_preempt_ratio}")
         if self.inlaid_overload_streak_factor < 1:
             raise ValueError("inlaid_overload_streak_factor must be >= 1")
         if self.wfq_prefill_token_weight < 0:

@@ -5,8 +5,10 @@ import collections
 
 from services.engine.policies.batching import (
     admit_prefills,
+    blocks_to_finish,
     choose_tasks,
     group_by_task,
+    reserved_blocks,
     secure_decode_slots,
     start_running,
 )
@@ -48,7 +50,12 @@ class InlaidScheduler(StreakScheduler):
       predicted length;
     * admission reserves KV blocks for prompt + predicted output, and on KV
       exhaustion the running request with the most predicted remaining work is
-      preempted (recomputed later).
+      preempted (recomputed later);
+    * with `inlaid_preempt_ratio` = r > 0, SRTF reaches into the running pool:
+      when the reserve leaves no room for a waiting request, the running one
+      with the most predicted tokens left is preempted for it if that is more
+      than r times the waiting one's predicted output (each request at most
+      once, a hungry one never; see `_displace_for`).
     """
 
     name = "inlaid"
@@ -98,7 +105,55 @@ class InlaidScheduler(StreakScheduler):
                 and free < cfg.inlaid_overload_min_free * cfg.max_num_seqs
                 and self.num_decode_streak < cfg.inlaid_overload_streak_factor * cfg.max_decode_streak):
             return False
-        return super()._should_prefill()
+        if super()._should_prefill():
+            return True
+        # Memory is reserved to the last block: a prefill step can still pay off by displacing
+        # a long running request for a much shorter waiting one (streak and slot rules as above).
+        return (cfg.inlaid_preempt_ratio > 0 and 0 < len(self.running) < cfg.max_num_seqs
+                and self.num_decode_streak >= cfg.max_decode_streak and self._displaceable_for(
+                    min(s.sched_state.get("waiting_remaining", s.predicted_remaining_tokens) for s in self.waiting))
+                is not None)
+
+    def _displaceable_for(self, remaining: int) -> Sequence | None:
+        """The running request to preempt for a waiting one with `remaining` predicted tokens:
+        the one with the most predicted tokens left, if above inlaid_preempt_ratio times as many,
+        never displaced before, and not hungry; else None."""
+        now = self.clock()
+        victim = max((s for s in self.running if not s.sched_state.get("displaced")),
+                     key=lambda s: (s.predicted_remaining_tokens, s.seq_no), default=None)
+        if (victim is None or victim.predicted_remaining_tokens <= self.config.inlaid_preempt_ratio * remaining
+                or self.is_hungry(victim, now)):
+            return None
+        return victim
+
+    def _displace_for(self, ordered: list[Sequence], allowed: set[str] | None, decode_rows: int) -> None:
+        """Preempt running requests so the head of `ordered` fits (inlaid_preempt_ratio), walking
+        it as admit_prefills will (slots, token budget, allowed tasks, KV reserve). The victims
+        go back to the waiting pool (recomputed later) and to self.displaced for this step's output."""
+        cfg, bm = self.config, self.block_manager
+        fraction = cfg.admission_reserve_fraction
+        free = bm.num_free_blocks - reserved_blocks(bm, self.running, fraction)
+        tokens, count = decode_rows, 0
+        for seq in ordered:
+            if len(self.running) + count >= cfg.max_num_seqs:
+                return
+            if allowed is not None and seq.task not in allowed:
+                continue
+            if count and tokens + seq.num_tokens > cfg.max_num_batched_tokens:
+                continue
+            need = blocks_to_finish(bm, seq, fraction)
+            while need > free:
+                victim = self._displaceable_for(seq.sched_state.get("waiting_remaining",
+                                                                    seq.predicted_remaining_tokens))
+                if victim is None:
+                    return
+                free += len(victim.block_table) + blocks_to_finish(bm, victim, fraction)
+                victim.sched_state["displaced"] = True
+                self.preempt(victim)
+                self.displaced.append(victim)
+            free -= need
+            tokens += seq.num_tokens
+            count += 1
 
     def _fill_seqs(self) -> int:
         """Batch slots the β tasks must fill before the cap binds (0: strict cap)."""
@@ -137,6 +192,8 @@ class InlaidScheduler(StreakScheduler):
             allowed = choose_tasks(best, self.config.max_adapters_per_batch, lambda t: (
                 best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)),
                 fill=self._fill_seqs(), size=counts.__getitem__, max_slots=self.config.max_adapter_slots)
+        if self.config.inlaid_preempt_ratio > 0 and self.running:
+            self._displace_for(ordered, allowed, decode_rows)
         hungry = {id(seq) for (not_hungry, _, _), seq in keyed if not not_hungry}
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
                                   is_urgent=lambda seq: id(seq) in hungry, decode_rows=decode_rows)

@@ -28,6 +28,7 @@ class StreakScheduler(Scheduler):
                  clock=time.monotonic) -> None:
         super().__init__(config, block_manager, clock)
         self.num_decode_streak = 0
+        self.displaced: list[Sequence] = []   # preempted by this step's _prefill (see schedule)
 
     @abc.abstractmethod
     def _prefill(self, now_s: float, decode_rows: int) -> tuple[list[Sequence], set[str] | None]:
@@ -49,20 +50,26 @@ class StreakScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
+        displaced: list[Sequence] = []
         if self.waiting and self._should_prefill():
             joining = list(self.running) if self._can_piggyback() else []
             admitted, allowed = self._prefill(now, len(joining))
+            # running requests _prefill preempted to make room (policies that do) leave the decode
+            displaced, self.displaced = self.displaced, []
+            if displaced:
+                gone = {id(s) for s in displaced}
+                joining = [s for s in joining if id(s) not in gone]
             # Reset even when nothing fitted: the next attempt (a full sort of the
             # waiting pool) comes after another streak, not on every step.
             self.num_decode_streak = 0
             if admitted:
                 decode, preempted = (self._decode(now, joining, allowed, admitted) if joining else ([], []))
-                return SchedulerOutput(prefill=admitted, decode=decode, preempted=preempted)
+                return SchedulerOutput(prefill=admitted, decode=decode, preempted=displaced + preempted)
         if not self.running:
-            return SchedulerOutput()
+            return SchedulerOutput(preempted=displaced)
         decode, preempted = self._decode(now)
         self.num_decode_streak += 1
-        return SchedulerOutput(decode=decode, preempted=preempted)
+        return SchedulerOutput(decode=decode, preempted=displaced + preempted)
 
     def decode_candidates(self, among: list[Sequence] | None, allowed: set[str] | None) -> list[Sequence]:
         """The sequences a decode chooses from: `among` (default: the running pool) whose task is

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import read_steps  # noqa: E402
-from sim_starvation import report, simulate  # noqa: E402
+from sim_starvation import report, simulate, starvation_variants  # noqa: E402
 
 RUN = ROOT / "benchmarks" / "results" / "serve_gpu_24gib_long_drain_d2add64"
 
@@ -20,7 +20,7 @@ RUN = ROOT / "benchmarks" / "results" / "serve_gpu_24gib_long_drain_d2add64"
 def test_starvation_limits_on_the_drain_run() -> None:
     run = json.loads(RUN.with_suffix(".json").read_text())
     steps = read_steps(f"{RUN}.steps.csv")
-    rows = simulate(run, steps, rates=[3.2], seeds=[10], limits=[1, 30, 0], window_s=3.0)
+    rows = simulate(run, steps, rates=[3.2], seeds=[10], variants=starvation_variants([1, 30, 0]), window_s=3.0)
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"fifo", "inlaid, starvation 1 s", "inlaid, starvation 30 s", "inlaid, starvation off"}
     assert by["inlaid, starvation 30 s"]["jct_avg_s"] == by["inlaid, starvation off"]["jct_avg_s"]
@@ -31,3 +31,14 @@ def test_starvation_limits_on_the_drain_run() -> None:
             "command": "test", "wall_s": 0.0}
     text = report({"meta": meta, "rows": rows})
     assert "## 3.2 × C" in text and "| fifo |" in text
+
+
+def test_displacement_variants_on_the_drain_run() -> None:
+    """sim_preempt's variants through the same simulate: displacement preempts only when on."""
+    from sim_preempt import preempt_variants
+    run = json.loads(RUN.with_suffix(".json").read_text())
+    steps = read_steps(f"{RUN}.steps.csv")
+    rows = simulate(run, steps, rates=[3.2], seeds=[10], variants=preempt_variants([1]), window_s=3.0)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"fifo", "inlaid", "inlaid, displace at 1x"}
+    assert by["inlaid, displace at 1x"]["jct_avg_s"] != by["inlaid"]["jct_avg_s"]

@@ -390,3 +390,76 @@ def test_overload_knobs_are_checked():
         SchedulerConfig(inlaid_overload_streak_factor=0)
     cfg = EngineConfig.from_env({"ENGINE_INLAID_OVERLOAD_MIN_FREE": "0"}).scheduler_config()
     assert cfg.inlaid_overload_min_free == 0.0 and cfg.inlaid_overload_streak_factor == 4
+
+
+def displacement_scene(ratio: float, long_predicted: int = 200, short_predicted: int = 4) -> InlaidScheduler:
+    """Blocks of 4 tokens, two fewer than the short request needs beside the long one's reserve: a
+    long request runs (8 prompt tokens + its predicted output reserved); a short one waits (8
+    prompt tokens + its output: 3 blocks)."""
+    blocks = min(20, -(-(8 + long_predicted) // 4) + 1)
+    sched, _ = make_sched(num_blocks=blocks, block_size=4, max_num_seqs=4, inlaid_preempt_ratio=ratio)
+    make_running(sched, make_seq("long", prompt=8, predicted=long_predicted), num_outputs=1)
+    sched.add(make_seq("short", prompt=8, predicted=short_predicted))
+    return sched
+
+
+def test_displacement_preempts_a_long_runner_for_a_much_shorter_waiting_request():
+    sched = displacement_scene(ratio=4.0)
+    out = sched.schedule()
+    assert ids(out.prefill) == ["short"] and ids(out.preempted) == ["long"]
+    long = out.preempted[0]
+    assert long.status is SequenceStatus.WAITING and long.num_preemptions == 1 and not long.block_table
+    assert long not in out.decode and long in sched.waiting
+
+
+@pytest.mark.parametrize("ratio, long_predicted", [(0.0, 200), (4.0, 16), (50.0, 200)])
+def test_no_displacement_when_off_or_not_much_longer(ratio, long_predicted):
+    # off; 15 tokens left is not above 4 x 4; 199 is not above 50 x 4
+    sched = displacement_scene(ratio, long_predicted)
+    out = sched.schedule()
+    assert not out.prefill and not out.preempted and ids(out.decode) == ["long"]
+
+
+def test_a_request_is_displaced_at_most_once_and_never_when_hungry():
+    sched = displacement_scene(ratio=4.0)
+    long = sched.running[0]
+    long.sched_state["displaced"] = True
+    assert not sched.schedule().preempted
+    sched = displacement_scene(ratio=4.0)
+    sched.running[0].sched_state["last_service_s"] = -sched.config.starvation_limit_s - 1
+    assert not sched.schedule().preempted
+
+
+def test_displacement_runs_a_random_workload_to_completion():
+    """Long and short requests arriving over time on a tight cache: every one finishes, KV is all
+    returned, and each request is displaced at most once."""
+    rng = random.Random(3)
+    sched, clock = make_sched(num_blocks=40, block_size=4, max_num_seqs=6, inlaid_preempt_ratio=2.0,
+                              max_decode_streak=2, starvation_limit_s=1e9)
+    pending, targets = [], {}
+    for i in range(40):
+        length = rng.choice([2, 5, 40])
+        pending.append(make_seq(f"r{i}", prompt=rng.randint(2, 10), predicted=length, task=f"t{i % 3}",
+                                arrival_s=i * 0.02))
+        targets[f"r{i}"] = length
+    seqs, finished = list(pending), 0
+    for _ in range(5000):
+        while pending and pending[0].arrival_s <= clock.now_s:
+            sched.add(pending.pop(0))
+        if not (pending or sched.has_unfinished):
+            break
+        for seq in step(sched, clock).seqs:
+            if seq.num_output_tokens >= targets[seq.request_id]:
+                sched.finish(seq)
+                finished += 1
+    assert finished == 40 and sched.block_manager.num_free_blocks == 40
+    assert sum(s.sched_state.get("displaced", False) for s in seqs) >= 1    # displacement happened
+    assert all(s.num_preemptions <= 1 for s in seqs if s.sched_state.get("displaced"))
+
+
+def test_preempt_ratio_is_checked():
+    for bad in (-1.0, 0.5):
+        with pytest.raises(ValueError, match="inlaid_preempt_ratio"):
+            SchedulerConfig(inlaid_preempt_ratio=bad)
+    cfg = EngineConfig.from_env({"ENGINE_INLAID_PREEMPT_RATIO": "4"}).scheduler_config()
+    assert cfg.inlaid_preempt_ratio == 4.0
