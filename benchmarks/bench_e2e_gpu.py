@@ -119,7 +119,7 @@ def build_engine(args) -> tuple[LLMEngine, float]:
                           max_adapters_per_batch=args.num_adapters,
                           max_num_batched_tokens=args.max_batched_tokens,
                           kv_cache_bytes=args.kv_gib << 30, max_model_len=1024, policy="fifo", pdl=args.pdl,
-                          fused_decode_attention=bool(args.fused_attn))
+                          fused_decode_attention=bool(args.fused_attn), fused_mlp_activation=bool(args.fused_act))
     t0 = time.perf_counter()
     engine = LLMEngine(config, load_tokenizer=False)
     torch.cuda.synchronize()
@@ -523,6 +523,9 @@ def main() -> None:
     ap.add_argument("--fused-attn", type=int, default=int(EngineConfig.fused_decode_attention), choices=(0, 1),
                     help="EngineConfig.fused_decode_attention: RoPE + KV-cache write inside the decode attention "
                          "kernel (default: the engine's)")
+    ap.add_argument("--fused-act", type=int, default=int(EngineConfig.fused_mlp_activation), choices=(0, 1),
+                    help="EngineConfig.fused_mlp_activation: SiLU·mul inside down_proj's GEMM where no adapter "
+                         "targets down_proj (default: the engine's)")
     args = ap.parse_args()
     torch.set_num_threads(4)
     out = Path(args.out)

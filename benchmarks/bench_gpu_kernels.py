@@ -285,17 +285,22 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
             elif key + "_error" in rows[-1]:
                 print(f"  PDL mode {mode} failed: {rows[-1][key + '_error']}", flush=True)
         # RoPE + KV-cache write inside the decode attention kernel (EngineConfig.fused_decode_attention),
-        # PDL off and in the engine's default mode: one launch fewer per layer
+        # PDL off and in the engine's default mode, then also SiLU·mul inside the down GEMM
+        # (fused_mlp_activation; no LoRA here): one and two launches fewer per layer
         model.fused_decode_attention = True
         try:
             rows[-1]["graph_ms_fused_attn"] = timer.median_ms(lambda: model.decode(**inputs))
             rows[-1]["fused_attn_pdl_mode"] = EngineConfig.pdl
             time_with_pdl(timer, lambda: model.decode(**inputs), EngineConfig.pdl, rows[-1], "graph_ms_fused_attn_pdl")
+            model.fused_mlp_activation = True
+            time_with_pdl(timer, lambda: model.decode(**inputs), EngineConfig.pdl, rows[-1], "graph_ms_fused_all_pdl")
             print(f"  fused RoPE + attention: graph {rows[-1]['graph_ms_fused_attn']:.3f} ms"
-                  + (f", PDL {EngineConfig.pdl} {rows[-1]['graph_ms_fused_attn_pdl']:.3f} ms"
-                     if "graph_ms_fused_attn_pdl" in rows[-1] else ""), flush=True)
+                  + "".join(f", {label} PDL {EngineConfig.pdl} {rows[-1][key]:.3f} ms"
+                            for label, key in (("", "graph_ms_fused_attn_pdl"),
+                                               ("+ SiLU·mul in down,", "graph_ms_fused_all_pdl"))
+                            if key in rows[-1]), flush=True)
         finally:
-            model.fused_decode_attention = False
+            model.fused_decode_attention = model.fused_mlp_activation = False
         if serial:
             with serial_split():
                 rows[-1]["graph_ms_serial"] = timer.median_ms(lambda: model.decode(**inputs))
@@ -410,17 +415,21 @@ def write_markdown(res: dict, path: Path) -> None:
             m = fused[0].get("fused_attn_pdl_mode", 1)
             pk = PDL_KEYS.get(m)
             lines += ["\nWith RoPE and the KV-cache write inside the decode attention kernel "
-                      "(EngineConfig.fused_decode_attention: one launch per layer fewer; same steps):\n",
-                      f"| batch | plain graph ms | fused ms | plain / fused | PDL {m} ms | fused + PDL {m} ms | "
-                      f"PDL {m} / fused + PDL {m} | fused + PDL {m} / floor |", "|---|---|---|---|---|---|---|---|"]
+                      "(EngineConfig.fused_decode_attention: one launch per layer fewer), then also SiLU·mul "
+                      "inside the down GEMM's input load (fused_mlp_activation: one more); same steps:\n",
+                      f"| batch | plain graph ms | fused attn ms | plain / fused attn | PDL {m} ms | fused attn + PDL {m} ms "
+                      f"| both fused + PDL {m} ms | PDL {m} / both fused + PDL {m} | both fused + PDL {m} / floor |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+
+            def cell(v: float | None, fmt: str = ".3f") -> str:
+                return f"{v:{fmt}} | " if v else "– | "
             for r in fused:
-                fp = r.get("graph_ms_fused_attn_pdl")
+                fp, fa = r.get("graph_ms_fused_attn_pdl"), r.get("graph_ms_fused_all_pdl")
                 p1 = r.get(pk) if pk else None
                 lines.append(f"| {r['batch']} | {r['graph_ms']:.3f} | {r['graph_ms_fused_attn']:.3f} | "
-                             f"{r['graph_ms'] / r['graph_ms_fused_attn']:.2f} | "
-                             + (f"{p1:.3f} | " if p1 else "– | ") + (f"{fp:.3f} | " if fp else "– | ")
-                             + (f"{p1 / fp:.2f} | " if p1 and fp else "– | ")
-                             + (f"{fp / r['floor_ms']:.2f} |" if fp else "– |"))
+                             f"{r['graph_ms'] / r['graph_ms_fused_attn']:.2f} | " + cell(p1) + cell(fp) + cell(fa)
+                             + cell(p1 / fa if p1 and fa else None, ".2f")
+                             + cell(fa / r["floor_ms"] if fa else None, ".2f").rstrip(" "))
         if any("graph_ms_serial" in r for r in res["decode"]):
             lines += ["\nWith serial split-K (same steps):\n", "| batch | CUDA graph ms | eager ms | graph / floor |",
                       "|---|---|---|---|"]

@@ -49,12 +49,13 @@
 #   bash benchmarks/gpu_session.sh pdl1 COMMIT      # ~260 s: PDL mode 1 (the engine's default): engine logits
 #                                                   #   with and without it, decode + LoRA rows, the engine's LoRA
 #                                                   #   section with PDL off / 1 / off
-#   bash benchmarks/gpu_session.sh fused-attn COMMIT  # ~300 s: RoPE + KV-cache write inside the decode attention
-#                                                   #   kernel: its GPU tests (kernel vs the two-kernel path, graphed
-#                                                   #   decode, engine logits), the decode section (fused columns)
+#   bash benchmarks/gpu_session.sh fused COMMIT     # ~300 s: RoPE + KV-cache write inside the decode attention
+#                                                   #   kernel, SiLU·mul inside the down GEMM: their GPU tests (kernels
+#                                                   #   vs the unfused path, graphed decode, engine logits), the decode
+#                                                   #   section (fused columns)
 #   bash benchmarks/gpu_session.sh pdl1-fused COMMIT  # ~400 s (at most 545): pdl1 and fused-attn in one call:
 #                                                   #   the GPU tests of both, the decode section at batch 1/16/64, and
-#                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + fused attention
+#                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + both fusions
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -62,7 +63,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | fused-attn | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | fused | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -137,25 +138,25 @@ case "$stage" in
     done
     rm -f "$out/e2e_pdl0b/e2e_gpu.json"   # 8 files back at most
     ;;
-  fused-attn)   # EngineConfig.fused_decode_attention: one launch per layer fewer in a decode step
-    timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
-      -k "decode_rope_attention or graphed_decode or fused-attn" 2>&1 \
-      | tail -15 | tee "$out/pytest_fused_attn.log"
+  fused)   # EngineConfig.fused_decode_attention and fused_mlp_activation: two launches per layer fewer in a decode step
+    timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "decode_rope_attention or glu_input or graphed_decode or fused" 2>&1 \
+      | tail -15 | tee "$out/pytest_fused.log"
     timeout 170 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,8,16,64 --lora-adapters 0 2>&1 | grep -v -i warn | grep -v "^|"
     ;;
   pdl1-fused)   # 8 files back: pytest log, gpu_kernels .json/.md, three e2e .md and two e2e .json
     timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
-      -k "decode_rope_attention or graphed_decode or fused-attn or (logits_match and w4 and not serial and not lora and not prefetch)" \
+      -k "decode_rope_attention or glu_input or graphed_decode or fused or (logits_match and w4 and not serial and not lora and not prefetch)" \
       2>&1 | tail -15 | tee "$out/pytest_pdl1_fused.log"
     timeout 120 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,16,64 --lora-adapters 0 2>&1 | grep -v -i warn | grep -v "^|"
-    for run in "0 0" "1 0" "1 1"; do
+    for run in "0 0" "1 0" "1 1"; do   # PDL mode, fused attention and SiLU·mul (no-LoRA steps; LoRA covers down)
       set -- $run
-      timeout 75 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$1_fa$2" --commit "$commit" --skip-hf \
-        --sections lora --pdl "$1" --fused-attn "$2" 2>&1 | grep -v -i warn | grep -v "^|"
+      timeout 75 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$1_fused$2" --commit "$commit" --skip-hf \
+        --sections lora --pdl "$1" --fused-attn "$2" --fused-act "$2" 2>&1 | grep -v -i warn | grep -v "^|"
     done
-    rm -f "$out/e2e_pdl0_fa0/e2e_gpu.json"
+    rm -f "$out/e2e_pdl0_fused0/e2e_gpu.json"
     ;;
   pdl-gemm)
     timeout 200 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections gemm 2>&1 \

@@ -50,6 +50,9 @@ class EngineConfig:
     # Pure-decode steps rotate q/k and write the new K/V inside the paged decode attention kernel
     # (kernels/attention.py: one launch per layer instead of two); off until measured on a GPU
     fused_decode_attention: bool = False
+    # A 3/4-bit down_proj computes SiLU·mul of gate|up in its GEMM's input load (kernels/w4a16.py, glu):
+    # one launch per layer fewer wherever no resident adapter targets down_proj; off until measured
+    fused_mlp_activation: bool = False
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
                                            # False: per segment chunk on tensor cores (slower decode on H100)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).

@@ -179,6 +179,7 @@ class LlamaLayer(nn.Module):
             setattr(self, name, w[name] if isinstance(w[name], nn.Module) else BaseLinear(w[name]))
         self.fused: dict[str, nn.Module] = {}   # GPU fast path: group name → Fused{Quant,Dense}Linear
         self.fused_decode_attention = False      # GPU fast path: RoPE + cache write inside decode attention
+        self.fused_mlp_activation = False        # GPU fast path: SiLU·mul inside down_proj's GEMM
 
     def _linear(self, name: str, x: torch.Tensor, lora) -> torch.Tensor:
         y = getattr(self, name)(x)
@@ -285,6 +286,7 @@ class LlamaLayer(nn.Module):
         then its own). Returns (stream, pending)."""
         from services.engine.kernels.attention import paged_decode_rope_attention
         from services.engine.kernels.fused_ops import rope_and_cache, silu_mul
+        from services.engine.kernels.quant_linear import TritonQuantLinear
         t = stream.shape[0]
         zeroed = self._output_to_zero("qkv_proj", stream)
         x, stream = _norm_onto(stream, pending, self.input_layernorm.weight, self.eps, zeroed)
@@ -300,8 +302,13 @@ class LlamaLayer(nn.Module):
         pending = self._linear_onto(stream, "o_proj", attn.reshape(t, -1), lora)
         zeroed = self._output_to_zero("gate_up_proj", stream)
         x, stream = _norm_onto(stream, pending, self.post_attention_layernorm.weight, self.eps, zeroed)
-        act = silu_mul(self._group("gate_up_proj", x, lora, zeroed))  # [T, I]
-        return stream, self._linear_onto(stream, "down_proj", act, lora)
+        gate_up = self._group("gate_up_proj", x, lora, zeroed)       # [T, 2I]
+        down = self.down_proj
+        if (self.fused_mlp_activation and isinstance(down, TritonQuantLinear) and down.kw.perm is None
+                and not (lora is not None and lora.covers(self.idx, "down_proj"))):
+            down(gate_up, accumulate=stream, glu=True)   # silu(gate) · up in the GEMM's input load
+            return stream, None
+        return stream, self._linear_onto(stream, "down_proj", silu_mul(gate_up), lora)   # act [T, I]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -347,12 +354,16 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # set = fast path on
 
-    def enable_fast_path(self, max_positions: int, tuner, fused_decode_attention: bool = False) -> None:
+    def enable_fast_path(self, max_positions: int, tuner, fused_decode_attention: bool = False,
+                         fused_mlp_activation: bool = False) -> None:
         """Switch to the fused Triton forward (CUDA, fp16; 3/4-bit or dense linears fused where possible).
-        fused_decode_attention: pure-decode steps rotate and cache K/V inside the attention kernel."""
+        fused_decode_attention: pure-decode steps rotate and cache K/V inside the attention kernel;
+        fused_mlp_activation: a 3/4-bit down_proj computes SiLU·mul in its GEMM's input load (not
+        where an adapter targets it: its LoRA needs the activation)."""
         for layer in self.layers:
             layer.fuse(tuner)
             layer.fused_decode_attention = fused_decode_attention
+            layer.fused_mlp_activation = fused_mlp_activation
         ang = torch.arange(max_positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
         self.rope_tables = (ang.cos().contiguous(), ang.sin().contiguous())  # fp32 [P, D/2]
 

@@ -358,6 +358,11 @@ class LoraManager:
     def is_active(self) -> bool:
         return bool(self._segments)
 
+    def covers(self, layer: int, module: str) -> bool:
+        """Whether the adapter layout holds this layer's module: a registered adapter targets it, so
+        apply may add a delta there (the layout only grows; a change bumps layout_version)."""
+        return (layer, module) in self._a
+
     def apply_group(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Triton path: y [T, members · out] (a fused projection's output, members in the group's
         order) += each member's LoRA, one shrink and one expand for the whole group. False when

@@ -87,7 +87,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.is_fast:
             max_len = config.max_model_len or shape.max_position_embeddings
-            self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention)
+            self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
+                                        config.fused_mlp_activation)
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)

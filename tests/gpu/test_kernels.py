@@ -21,6 +21,7 @@ from services.engine.kernels.fused_ops import (  # noqa: E402
 )
 from services.engine.kernels.gptq_format import (  # noqa: E402
     dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
+    rtn_kernel_weights,
 )
 from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batch, triton_lora_apply  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
@@ -200,6 +201,25 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
     assert (kc.float() - kc_ref.float()).abs().max().item() < 2e-3   # same rotation, maybe another rounding
 
 
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_glu_input_equals_silu_mul_then_gemm(m: int) -> None:
+    """One tuner candidate per kernel kind at M, down_proj's shape (11008 x 4096): the GEMM on [gate | up] with
+    glu=True against the same config on silu_mul's output (the same fp16 operand, so equal up to
+    the split-K atomics' order)."""
+    k, n = 11008, 4096
+    kw = rtn_kernel_weights(torch.randn(n, k, device=DEV) * k ** -0.5, 128, 4)
+    gate_up = torch.randn(m, 2 * k, device=DEV).half()
+    act = silu_mul(gate_up)
+    kinds = set()
+    for cfg in candidate_configs(m):
+        if cfg.kind in kinds:     # one config per kernel kind (each its own load sites)
+            continue
+        kinds.add(cfg.kind)
+        want = w4a16_matmul(act, kw, cfg)
+        got = w4a16_matmul(gate_up, kw, cfg, glu=True)
+        assert rel_err(got, want.float()) < 2e-3, cfg
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 32), (32, 8)])
 def test_paged_varlen_attention(dtype: torch.dtype, num_heads: int, num_kv_heads: int) -> None:
@@ -257,13 +277,16 @@ def test_fused_ops() -> None:
     assert torch.equal(vc.view(-1, num_kv, d)[slots], parts[:, num_heads + num_kv:])
 
 
-@pytest.mark.parametrize("with_pdl,fused_attn", [(0, False), (1, False), (2, False), (0, True), (1, True)],
-                         ids=["plain", "pdl", "pdl-prefetch", "fused-attn", "pdl-fused-attn"])
-def test_graphed_decode_equals_eager(with_pdl: int, fused_attn: bool) -> None:
+@pytest.mark.parametrize("with_pdl,fused", [(0, ""), (1, ""), (2, ""), (0, "attn"), (1, "attn"), (0, "all"),
+                                            (1, "all")],
+                         ids=["plain", "pdl", "pdl-prefetch", "fused-attn", "pdl-fused-attn", "fused-all",
+                              "pdl-fused-all"])
+def test_graphed_decode_equals_eager(with_pdl: int, fused: str) -> None:
     """with_pdl (a PDL mode): the reference is the plain eager step; eager and graphed steps with
     programmatic dependent launch (every Triton kernel launched while its predecessor runs; mode 2
-    with the GEMMs' L2 prefetch of their weights before the wait) must match it. fused_attn: the
-    steps compared run RoPE and the KV-cache write inside the attention kernel."""
+    with the GEMMs' L2 prefetch of their weights before the wait) must match it. fused: the steps
+    compared run RoPE and the KV-cache write inside the attention kernel ("attn"), and SiLU·mul
+    inside the down GEMM ("all", compared without LoRA: the decoder's adapters cover down)."""
     if with_pdl and not pdl.supported():
         pytest.skip("programmatic dependent launch needs sm_90+ and Triton's griddepcontrol")
     # with PDL, Llama-2-7B widths: grids of hundreds of programs, so an early read would show
@@ -283,13 +306,16 @@ def test_graphed_decode_equals_eager(with_pdl: int, fused_attn: bool) -> None:
     eager = model.decode(**inputs).clone()
     no_lora = model.decode(**{**inputs, "slot_ids": None})
     assert rel_err(no_lora, eager.float()) > 1e-3  # the adapters change the logits
+    if fused == "all":
+        inputs, eager = {**inputs, "slot_ids": None}, no_lora.clone()
     try:
         assert pdl.set_pdl(with_pdl) == with_pdl
-        model.fused_decode_attention = fused_attn
+        model.fused_decode_attention = fused in ("attn", "all")
+        model.fused_mlp_activation = fused == "all"
         _check_decode_variants(model, inputs, eager)
     finally:
         pdl.set_pdl(0)
-        model.fused_decode_attention = False
+        model.fused_decode_attention = model.fused_mlp_activation = False
 
 
 def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:

@@ -39,47 +39,49 @@ def _signature(bits: int, *constexprs: str) -> dict:
 
 
 def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: int = 1, arch: int = 90,
-                 has_bias: bool = False, use_atomic: bool = True, serial: bool = False, pdl: int = 0) -> bytes:
-    """cubin of the gemv_row / gemv_h2 kernel for one launch config (pdl: its PDL mode, kernels/pdl.py)."""
+                 has_bias: bool = False, use_atomic: bool = True, serial: bool = False, pdl: int = 0,
+                 glu: bool = False) -> bytes:
+    """cubin of the gemv_row / gemv_h2 kernel for one launch config (pdl: its PDL mode, kernels/pdl.py;
+    glu: the [gate | up] input form, w4a16_matmul(glu=True))."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BN": bn, "UNROLL": unroll, "BITS": bits,
-              "H2": h2, "EMULATE": False, "SERIAL": serial, "PDL": pdl}
+              "H2": h2, "EMULATE": False, "SERIAL": serial, "PDL": pdl, "GLU": glu}
     return compile_kernel(W._w4a16_gemv_row_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,
                 zsub: bool = False, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
-                serial: bool = False, pdl: int = 0, asm: str = "cubin") -> bytes | str:
+                serial: bool = False, pdl: int = 0, asm: str = "cubin", glu: bool = False) -> bytes | str:
     """cubin (or asm="ptx") of the tensor-core kernel (mma8, or mma with single_dot) for one launch
     config; pdl: the programmatic-dependent-launch form (kernels/pdl.py)."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
               "SINGLE_DOT": single_dot, "FAST_DEQ": fast_deq, "BITS": bits, "ZSUB": zsub,
-              "H2DEQ": zsub and not single_dot, "SERIAL": serial, "PDL": pdl}
+              "H2DEQ": zsub and not single_dot, "SERIAL": serial, "PDL": pdl, "GLU": glu}
     return compile_kernel(W._w4a16_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch, asm)
 
 
 def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,
                   use_atomic: bool = True, fp16_scale: bool = False, one_dot: bool = False,
-                  serial: bool = False, pdl: int = 0) -> bytes:
+                  serial: bool = False, pdl: int = 0, glu: bool = False) -> bytes:
     """cubin of the swapped-operand tensor-core kernel (mma8t; mma8ts with fp16_scale; mma1t with one_dot)
     for one launch config (pdl: its PDL mode)."""
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BM": bm, "BN": bn, "GROUP_M": 8,
               "BITS": bits, "H2DEQ": True, "FP16_SCALE": fp16_scale, "ONE_DOT": one_dot, "SERIAL": serial,
-              "PDL": pdl}
+              "PDL": pdl, "GLU": glu}
     return compile_kernel(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
 def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,
-                   use_atomic: bool = True, serial: bool = False) -> bytes | None:
+                   use_atomic: bool = True, serial: bool = False, glu: bool = False) -> bytes | None:
     """cubin of one tuner candidate (None for "dense", which is cuBLAS). use_atomic False is the
     split-K 1 form (plain stores), which the launcher uses when K holds a single split; serial the
-    serial split-K form (w4a16.SERIAL_SPLIT_K)."""
+    serial split-K form (w4a16.SERIAL_SPLIT_K); glu the [gate | up] input form."""
     if cfg.kind in ("gemv_row", "gemv_h2"):
         return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages,
-                            arch, has_bias, use_atomic, serial)
+                            arch, has_bias, use_atomic, serial, glu=glu)
     if cfg.kind in ("mma8", "mma"):
         return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
-                           cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic, serial)
+                           cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic, serial, glu=glu)
     if cfg.kind in SWAPPED_KINDS:
         return compile_mma_t(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, use_atomic,
-                             fp16_scale=cfg.kind == "mma8ts", one_dot=cfg.kind == "mma1t", serial=serial)
+                             fp16_scale=cfg.kind == "mma8ts", one_dot=cfg.kind == "mma1t", serial=serial, glu=glu)
     return None

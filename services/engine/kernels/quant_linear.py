@@ -63,18 +63,26 @@ class TritonQuantLinear(nn.Module):
             self._dense = dequantize_kernel_weights(self.kw).to(dtype)
         return self._dense
 
-    def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, accumulate: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
         """x W (+ bias); with accumulate (x's leading shape × out_features, e.g. the residual
         stream) the product is added onto it in place and it is returned: on the Triton path the
-        GEMM's split partials land there directly, with no zeroed output and no separate add."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
+        GEMM's split partials land there directly, with no zeroed output and no separate add.
+        glu: x is [..., 2 × in_features] laid out [gate | up] and the input is silu(gate) · up,
+        computed inside the GEMM on the Triton path (w4a16_matmul(glu=True))."""
+        width = 2 * self.in_features if glu else self.in_features
+        if x.shape[-1] != width:
+            raise ValueError(f"expected last dim {width}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, width)
         acc2 = None if accumulate is None else accumulate.view(-1, self.out_features)
         if _runs_triton(x2):
-            y = w4a16_matmul(x2, self.kw, self.tuner.config_for(x2, self.kw), self.bias, accumulate=acc2)
+            # the tuner keys on the GEMM's own [M, K] (the first half is a view of that shape)
+            cfg = self.tuner.config_for(x2[:, :self.in_features], self.kw)
+            y = w4a16_matmul(x2, self.kw, cfg, self.bias, accumulate=acc2, glu=glu)
         else:
+            if glu:
+                g, u = x2.float().chunk(2, dim=-1)
+                x2 = (torch.nn.functional.silu(g) * u).to(x.dtype)
             y = x2 @ self.dense_weight(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)

@@ -96,6 +96,8 @@ class W4Decoder:
         # RoPE + KV-cache write inside the decode attention kernel (one launch per layer instead of
         # two; the serving runner's EngineConfig.fused_decode_attention)
         self.fused_decode_attention = False
+        # SiLU·mul inside the down GEMM's input load (EngineConfig.fused_mlp_activation), without LoRA
+        self.fused_mlp_activation = False
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""
@@ -160,8 +162,11 @@ class W4Decoder:
             o = self._proj(li, "o", attn.reshape(-1, s.num_heads * s.head_dim), lora_batch, onto)
             zeroed = self._to_zero(layer["gate_up"], o)
             x, residual = self._norm(o, residual, layer["post_norm"], zeroed)
-            act = silu_mul(self._proj(li, "gate_up", x, lora_batch, zeroed))
-            h = self._proj(li, "down", act, lora_batch, onto)
+            gate_up = self._proj(li, "gate_up", x, lora_batch, zeroed)
+            if self.fused_mlp_activation and lora_batch is None:    # (its LoRA covers down: needs act)
+                h = layer["down"](gate_up, accumulate=onto, glu=True)
+            else:
+                h = self._proj(li, "down", silu_mul(gate_up), lora_batch, onto)
         x, _ = self._norm(h, residual, self.final_norm)
         return x @ self.lm_head.t()
 

@@ -46,7 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: ge
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
-        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_deq, h2_dot, load_planes, nibble_fp16,
+        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_deq, h2_dot, load_planes, load_x, nibble_fp16,
         serial_split_store, tile_of, x_pair,
     )
 
@@ -56,7 +56,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
         BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False, SERIAL: tl.constexpr = False,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
@@ -93,15 +93,15 @@ if triton is not None:
                 if H2:
                     zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
                     x_blk = x_row + b * 128
-                    part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i)[:, None], x_pair(x_blk, 1, offs_i)[:, None],
-                                   x_pair(x_blk, 2, offs_i)[:, None], x_pair(x_blk, 3, offs_i)[:, None],
-                                   zz[None, :], BITS, EMULATE)
+                    part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU)[:, None],
+                                   x_pair(x_blk, 1, offs_i, K, GLU)[:, None], x_pair(x_blk, 2, offs_i, K, GLU)[:, None],
+                                   x_pair(x_blk, 3, offs_i, K, GLU)[:, None], zz[None, :], BITS, EMULATE)
                     acc += part * s[None, :]
                 else:
                     part = tl.zeros((16, BN), dtype=tl.float32)
                     xs = tl.zeros((16,), dtype=tl.float32)
                     for j in tl.static_range(8):
-                        xj = tl.load(x_row + b * 128 + 16 * j + offs_i).to(tl.float32)
+                        xj = load_x(x_row + b * 128 + 16 * j + offs_i, offs_i < 16, K, GLU).to(tl.float32)
                         wj = (field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                         part += xj[:, None] * wj
                         xs += xj
@@ -132,7 +132,7 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, SINGLE_DOT: tl.constexpr,
         FAST_DEQ: tl.constexpr, BITS: tl.constexpr, ZSUB: tl.constexpr = False, H2DEQ: tl.constexpr = False,
         SERIAL: tl.constexpr = False,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """Tensor-core path: per 128-row block, 8 K=16 dots (or one K=128 dot, SINGLE_DOT) on fp16
         codes, then (part - z·Σx)·s. ZSUB (with FAST_DEQ): subtract the zero in fp16 before the dot
@@ -161,7 +161,7 @@ if triton is not None:
                 qk, qkh = load_planes(qw_ptr + tile, qh_ptr + tile,
                                        (b * 16 + offs_k % 16)[:, None] * 128 + offs_c[None, :], BITS)
                 w = nibble_fp16(field(qk, qkh, (offs_k // 16)[:, None], BITS), FAST_DEQ)
-                xt = tl.load(x_row + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+                xt = load_x(x_row + (k0 + offs_k)[None, :], mask_m[:, None], K, GLU)
                 if ZSUB:
                     part = tl.dot(xt, w - z16)
                 else:
@@ -175,7 +175,7 @@ if triton is not None:
                 if H2DEQ:
                     ws = h2_deq(q, qh, fp16_bits(z16) * 65537, BITS)
                 for j in tl.static_range(8):
-                    xj = tl.load(x_row + (k0 + 16 * j + offs_i)[None, :], mask=mask_m[:, None], other=0.0)
+                    xj = load_x(x_row + (k0 + 16 * j + offs_i)[None, :], mask_m[:, None], K, GLU)
                     if H2DEQ:
                         part = tl.dot(xj, ws[j], part)
                     elif ZSUB:
@@ -214,7 +214,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, BITS: tl.constexpr, H2DEQ: tl.constexpr,
         FP16_SCALE: tl.constexpr, ONE_DOT: tl.constexpr = False, SERIAL: tl.constexpr = False,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """Swapped operands ("mma8t"): out^T [BN, BM] += (W - z)^T [BN, 16] · x^T [16, BM], 8 dots per
         128-row block, zero subtracted in fp16 as in zsub. The dequantized weights are the left
@@ -248,14 +248,14 @@ if triton is not None:
                 ws = deq_tiles(q, qh, z16[None, :], BITS)
             if ONE_DOT:
                 wt = block_t(ws, BN)
-                xt = tl.load(x_col + (k0 + tl.arange(0, 128))[:, None], mask=mask_m[None, :], other=0.0)
+                xt = load_x(x_col + (k0 + tl.arange(0, 128))[:, None], mask_m[None, :], K, GLU)
                 if FP16_SCALE:
                     acc = tl.dot(wt * s16[:, None], xt, acc)
                 else:
                     part = tl.dot(wt, xt)
             else:
                 for j in tl.static_range(8):
-                    xt = tl.load(x_col + (k0 + 16 * j + offs_i)[:, None], mask=mask_m[None, :], other=0.0)
+                    xt = load_x(x_col + (k0 + 16 * j + offs_i)[:, None], mask_m[None, :], K, GLU)
                     if FP16_SCALE:
                         acc = tl.dot(tl.trans(ws[j] * s16[None, :]), xt, acc)
                     else:
@@ -350,22 +350,29 @@ def _sums_with_atomics(split_k: int) -> bool:
 
 def w4a16_matmul(
     x: torch.Tensor, kw: KernelWeights, cfg: GemmConfig, bias: torch.Tensor | None = None,
-    accumulate: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None, glu: bool = False,
 ) -> torch.Tensor:
     """y [M, N] fp16 = x [M, K] fp16 @ W with one given config (CUDA or TRITON_INTERPRET only).
 
     accumulate: an [M, N] fp16 tensor (unit column stride) that the product is added onto in place
     and returned, e.g. the residual stream: every split adds its partial there with fp16 atomics,
     so no zeroed output is launched and no separate add follows.
+    glu: x is [M, 2K] laid out [gate | up] and the product is silu(gate) · up @ W, the activation
+    computed in the GEMM's input load (as fused_ops.silu_mul rounds it): no launch of its own.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
+    if glu and (x.shape[1] != 2 * kw.in_features or kw.perm is not None or cfg.kind == "dense"):
+        if x.shape[1] != 2 * kw.in_features:
+            raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
+        from services.engine.kernels.fused_ops import silu_mul   # act-order or dense: no fused load
+        x, glu = silu_mul(x.contiguous()), False
     if kw.perm is not None:
         x = x[:, kw.perm]
     x = x.contiguous()
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     n = kw.out_features
     if k != kw.in_features:
         raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
@@ -406,7 +413,7 @@ def w4a16_matmul(
         launch(
             _w4a16_gemv_row_kernel, (m, cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
-            BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET, SERIAL=serial,
+            BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET, SERIAL=serial, GLU=glu,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -416,7 +423,7 @@ def w4a16_matmul(
             _w4a16_t_kernel, grid,
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic,
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, BITS=kw.bits, H2DEQ=not INTERPRET,
-            FP16_SCALE=cfg.kind == "mma8ts", ONE_DOT=cfg.kind == "mma1t", SERIAL=serial,
+            FP16_SCALE=cfg.kind == "mma8ts", ONE_DOT=cfg.kind == "mma1t", SERIAL=serial, GLU=glu,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
@@ -426,7 +433,7 @@ def w4a16_matmul(
             BM=cfg.block_m, BN=cfg.block_n, GROUP_M=cfg.group_m, SINGLE_DOT=cfg.kind == "mma",
             FAST_DEQ=cfg.fast_deq, BITS=kw.bits, ZSUB=cfg.zsub,
             # zsub dequantizes through packed PTX (no inline PTX under the interpreter)
-            H2DEQ=cfg.zsub and not INTERPRET and cfg.kind == "mma8", SERIAL=serial,
+            H2DEQ=cfg.zsub and not INTERPRET and cfg.kind == "mma8", SERIAL=serial, GLU=glu,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -122,10 +122,22 @@ if triton is not None:
                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
     @triton.jit
-    def x_pair(x_blk, j: tl.constexpr, offs_i):
+    def load_x(ptrs, mask, K, GLU: tl.constexpr):
+        """The GEMM's input at ptrs (masked lanes 0). GLU: each row of x holds [gate | up], 2K wide,
+        and the input is silu(gate) · up, computed in fp32 and rounded to fp16 exactly as
+        fused_ops._silu_mul_kernel stores it, so the GEMM sees the same operand without that launch."""
+        if GLU:
+            g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+            return (g / (1.0 + tl.exp(-g)) * u).to(tl.float16)
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @triton.jit
+    def x_pair(x_blk, j: tl.constexpr, offs_i, K, GLU: tl.constexpr):
         """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]."""
-        lo = (tl.load(x_blk + 16 * j + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
-        hi = (tl.load(x_blk + 16 * (j + 4) + offs_i).to(tl.float32) * 0.03125).to(tl.float16)
+        every = offs_i < 16
+        lo = (load_x(x_blk + 16 * j + offs_i, every, K, GLU).to(tl.float32) * 0.03125).to(tl.float16)
+        hi = (load_x(x_blk + 16 * (j + 4) + offs_i, every, K, GLU).to(tl.float32) * 0.03125).to(tl.float16)
         return fp16_bits(lo) | (fp16_bits(hi) << 16)
 
     @triton.jit

@@ -54,13 +54,14 @@ def test_bench_gpu_kernels_markdown_fused_attention_rows(tmp_path: Path) -> None
     from bench_gpu_kernels import write_markdown
     res = json.loads((RESULTS / "gpu_kernels_v17_pdl_c73667d.json").read_text())
     first, last = res["decode"][0], res["decode"][-1]
-    first.update(graph_ms_fused_attn=3.2, graph_ms_fused_attn_pdl=3.0, fused_attn_pdl_mode=1)
+    first.update(graph_ms_fused_attn=3.2, graph_ms_fused_attn_pdl=3.0, graph_ms_fused_all_pdl=2.9,
+                 fused_attn_pdl_mode=1)
     last.update(graph_ms_fused_attn=8.5, fused_attn_pdl_mode=1)
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
-    assert "| batch | plain graph ms | fused ms | plain / fused | PDL 1 ms | fused + PDL 1 ms |" in text
-    assert (f"| 1 | 3.336 | 3.200 | 1.04 | 3.161 | 3.000 | 1.05 | {3.0 / first['floor_ms']:.2f} |") in text
-    assert "| 64 | 8.661 | 8.500 | 1.02 | 8.647 | – | – | – |" in text
+    assert "| batch | plain graph ms | fused attn ms | plain / fused attn | PDL 1 ms | fused attn + PDL 1 ms |" in text
+    assert (f"| 1 | 3.336 | 3.200 | 1.04 | 3.161 | 3.000 | 2.900 | 1.09 | {2.9 / first['floor_ms']:.2f} |") in text
+    assert "| 64 | 8.661 | 8.500 | 1.02 | 8.647 | – | – | – | – |" in text
 
 
 @pytest.mark.parametrize("stem,expect", [

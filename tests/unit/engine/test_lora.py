@@ -239,3 +239,17 @@ def test_cuda_slots_loaded_from_pinned_packs_feed_the_triton_kernels():
                               reference(ads[pair[1]], *key, x[4:].float().cpu(), dims)])
             assert (y.float().cpu() - want).norm() <= 1e-2 * want.norm()   # fp16 rounding
     assert mgr.num_loads == 5
+
+
+def test_covers_says_which_modules_an_adapter_targets():
+    """The engine computes SiLU·mul inside down_proj's GEMM only where no registered adapter targets
+    down_proj (the layout is the union of every registered adapter's modules)."""
+    mgr = manager()
+    assert not mgr.covers(0, "q_proj")
+    mgr.add_adapter(make_adapter("a", 2, ("q_proj", "v_proj"), seed=1))
+    mgr.acquire({"a"})
+    assert mgr.covers(0, "q_proj") and mgr.covers(1, "v_proj")
+    assert not mgr.covers(0, "down_proj")
+    mgr.add_adapter(make_adapter("b", 4, ("down_proj",), seed=2))
+    mgr.acquire({"b"})
+    assert mgr.covers(1, "down_proj")

@@ -30,4 +30,5 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
                 # the bias + plain-store form (one split over K), once per kind and shape of tile
                 assert compile_config(cfg, bits, has_bias=True, use_atomic=False), cfg
                 assert compile_config(cfg, bits, serial=True), cfg   # serial split-K (w4a16.SERIAL_SPLIT_K)
+                assert compile_config(cfg, bits, glu=True), cfg      # [gate | up] input (down_proj, fused SiLU·mul)
     assert any(k[0] == "gemv_h2" for k in seen)

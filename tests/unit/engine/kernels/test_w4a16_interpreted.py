@@ -131,3 +131,37 @@ def check_accumulate() -> None:
 
 def test_accumulate_into_residual_interpreted() -> None:
     run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", func="check_accumulate")
+
+
+def check_glu_interpreted(act_order: bool) -> None:
+    """glu=True (silu(gate) · up computed in each kernel's input load) against the same kernel on
+    the activation computed beforehand: one config per kind, small M; act-order and a wrong width."""
+    from services.engine.kernels.gemm_configs import candidate_configs
+    from services.engine.kernels.gptq_format import repack_values, rtn_codes
+    from services.engine.kernels.w4a16 import w4a16_matmul
+
+    torch.manual_seed(1)
+    k, n = 256, 192
+    perm = torch.randperm(k) if act_order else None
+    kw = repack_values(*rtn_codes(torch.randn(k, n), 128, 4, perm), 128, bits=4)
+    for m in (1, 3, 20):
+        gate_up = (torch.randn(m, 2 * k) * 2).half()
+        g, u = gate_up.float().chunk(2, dim=-1)
+        act = (g / (1.0 + torch.exp(-g)) * u).half()          # fused_ops.silu_mul's rounding
+        seen = set()
+        for cfg in candidate_configs(m):
+            if cfg.kind in seen or (act_order and seen):
+                continue
+            seen.add(cfg.kind)
+            want = w4a16_matmul(act, kw, cfg)
+            got = w4a16_matmul(gate_up, kw, cfg, glu=True)
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert err < 1e-3, (cfg, err)
+        assert act_order or {"gemv_h2", "mma8t", "mma1t"} & seen
+    with pytest.raises(ValueError, match="gate | up"):
+        w4a16_matmul(torch.zeros(2, k).half(), kw, candidate_configs(2)[0], glu=True)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_glu_input_interpreted(act_order: bool) -> None:
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", act_order, func="check_glu_interpreted")
