@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sim import with_predictions  # noqa: E402
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_fit import replay_setup  # noqa: E402
+from serve_gpu_fit import fit_cost, replay_setup  # noqa: E402
 from serve_gpu_workload import make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
@@ -92,32 +92,48 @@ def report(res: dict, title: str = "Starvation limit under overload, simulated")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_study_args(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options every drained-replay study takes (this one, sim_preempt.py)."""
     ap.add_argument("--run-json", required=True, help="a bench_serve_gpu result (serve_gpu*.json)")
     ap.add_argument("--steps-csv", required=True, help="its measured steps (serve_gpu*.steps.csv)")
     ap.add_argument("--rates", default="2.4,3.2", help="fractions of the run's FIFO capacity C")
     ap.add_argument("--seeds", default="10,11,12")
-    ap.add_argument("--limits", default="5,15,30,0", help="starvation limits in s (0: off)")
     ap.add_argument("--window-s", type=float, default=10.0)
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_starvation"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
+
+
+def run_study(args, variants, script: str, title: str, pooled_cost: bool = False) -> None:
+    """Simulate the variants on the run's workload and write <out>.json / .md; pooled_cost: the cost
+    model refitted to the calibration steps and every 4-bit replay instead of the calibration fit."""
     t0 = time.perf_counter()
     run = json.loads(Path(args.run_json).read_text())
     steps = read_steps(args.steps_csv)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
-    rows = simulate(run, steps, rates, seeds, starvation_variants([float(x) for x in args.limits.split(",")]),
-                    args.window_s)
+    cost, cost_steps = None, "the calibration steps"
+    if pooled_cost:
+        pooled = [r for r in steps if "fp16" not in r["run"]]
+        cost = fit_cost(pooled, "calibration + 4-bit replay steps")
+        cost_steps = f"the calibration steps and every 4-bit replay ({len(pooled)} steps)"
+    rows = simulate(run, steps, rates, seeds, variants, args.window_s, cost)
     m = run["meta"]
     meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"], "rates": rates,
             "seeds": seeds, "window_s": args.window_s, "num_tasks": m["num_tasks"], "beta": m["beta"],
             "max_num_seqs": m["max_num_seqs"], "length_scale": "×".join(f"{x:g}" for x in m.get("length_scale", (1, 1))),
-            "command": " ".join(["python", "benchmarks/sim_starvation.py"] + sys.argv[1:]),
+            "cost_steps": cost_steps, "command": " ".join(["python", f"benchmarks/{script}"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}
     res = {"meta": meta, "rows": rows}
-    write_result(args.out, res, report(res))
+    write_result(args.out, res, report(res, title))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_study_args(ap, "sim_starvation")
+    ap.add_argument("--limits", default="5,15,30,0", help="starvation limits in s (0: off)")
+    args = ap.parse_args()
+    run_study(args, starvation_variants([float(x) for x in args.limits.split(",")]), "sim_starvation.py",
+              "Starvation limit under overload, simulated")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,29 @@ if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
+    def _kv_tile(bt_row_ptr, t0, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN: tl.constexpr):
+        """Tokens t0 .. t0 + BN of a sequence's paged cache: (t [BN], mask t < hi, element offsets
+        [BN, D] of their rows for one KV head), through the sequence's block table row."""
+        t = t0 + tl.arange(0, BN)
+        tmask = t < hi
+        blk = tl.load(bt_row_ptr + t // block_size, mask=tmask, other=0)
+        off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + head_off
+        return t, tmask, off[:, None] + offs_d[None, :]
+
+    @triton.jit
+    def _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc):
+        """One KV tile of a single query's attention, online softmax: (m_i, l_i, acc) updated with
+        the tile's keys and values (fp32; masked tokens count 0, a fully masked prefix gives no NaN)."""
+        k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(tmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.exp(scores - m_ref)
+        alpha = tl.exp(m_i - m_ref)
+        v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr,
         scale, block_size, q_per_kv,
@@ -44,21 +67,9 @@ if triton is not None:
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((D,), dtype=tl.float32)
         for t0 in range(0, length, BN):
-            t = t0 + tl.arange(0, BN)
-            tmask = t < length
-            blk = tl.load(bt_ptr + b * stride_btb + t // block_size, mask=tmask, other=0)
-            off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + kvh * stride_ch
-            kv_off = off[:, None] + offs_d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(k * q[None, :], axis=1)
-            scores = tl.where(tmask, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+            _, tmask, kv_off = _kv_tile(bt_ptr + b * stride_btb, t0, length, block_size, stride_cb, stride_ct,
+                                        kvh * stride_ch, offs_d, BN)
+            m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -107,21 +118,9 @@ if triton is not None:
         # Under the interpreter a loaded value cannot bound a loop: STEP_STOP (the batch's longest
         # context, a constant) does, and blocks past `cached` are fully masked (p = 0, alpha = 1).
         for t0 in range(0, STEP_STOP if STEP_STOP > 0 else cached, BN):
-            t = t0 + tl.arange(0, BN)
-            tmask = t < cached
-            blk = tl.load(bt_ptr + b * stride_btb + t // block_size, mask=tmask, other=0)
-            off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + kvh * stride_ch
-            kv_off = off[:, None] + offs_d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(tmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)   # all masked so far: p = alpha = 0, no NaN
-            p = tl.exp(scores - m_ref)
-            alpha = tl.exp(m_i - m_ref)
-            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+            _, tmask, kv_off = _kv_tile(bt_ptr + b * stride_btb, t0, cached, block_size, stride_cb, stride_ct,
+                                        kvh * stride_ch, offs_d, BN)
+            m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
         s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
         m_new = tl.maximum(m_i, s_new)
         p_new = tl.exp(s_new - m_new)
@@ -286,11 +285,8 @@ if triton is not None:
         # loop runs to the step's longest context (STEP_STOP, a constant; 0 when compiled), and
         # blocks past `hi` are fully masked (p = 0, alpha = 1).
         for t0 in range(0, STEP_STOP if STEP_STOP > 0 else hi, BN):
-            t = t0 + tl.arange(0, BN)
-            tmask = t < hi
-            blk = tl.load(bt_ptr + s * stride_btb + t // block_size, mask=tmask, other=0)
-            off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + kvh * stride_ch
-            kv_off = off[:, None] + offs_d[None, :]
+            t, tmask, kv_off = _kv_tile(bt_ptr + s * stride_btb, t0, hi, block_size, stride_cb, stride_ct,
+                                        kvh * stride_ch, offs_d, BN)
             k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)     # [BN, D]
             qk = tl.dot(q, tl.trans(k)) * scale_log2                        # [BM, BN] fp32
             qk = tl.where((t[None, :] <= pos[:, None]) & tmask[None, :], qk, float("-inf"))

@@ -1,7 +1,8 @@
-"""The fused decode kernel (RoPE + KV-cache write + paged attention in one launch) under
-TRITON_INTERPRET on the CPU, against the float32 references of the two-kernel path it replaces:
-the output, the cache slots it writes, GQA groups, a first token (nothing cached) and padding
-blocks. Skipped without triton (the GPU suite runs it compiled, beside the two-kernel path)."""
+"""The decode attention kernels under TRITON_INTERPRET on the CPU: the fused one (RoPE + KV-cache
+write + paged attention in one launch) against the float32 references of the two-kernel path it
+replaces (the output, the cache slots it writes, GQA groups, a first token with nothing cached,
+padding blocks), and the plain paged decode kernel. Skipped without triton (the GPU suite runs
+them compiled)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,9 @@ from tests.unit.engine.kernels.interpreted import run_interpreted
 
 
 def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
-    from services.engine.kernels.attention import paged_decode_reference, paged_decode_rope_attention
+    from services.engine.kernels.attention import (
+        paged_decode_attention, paged_decode_reference, paged_decode_rope_attention,
+    )
     from services.engine.kernels.fused_ops import rope_reference, rope_tables
 
     torch.manual_seed(0)
@@ -44,6 +47,9 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     # every slot it wrote holds what rope_and_cache would; every other slot is untouched
     assert float((kc.float() - kc_ref.float()).abs().max()) < 2e-3
     assert torch.equal(vc, vc_ref)
+    # the plain decode kernel (same tile helpers) on the caches the two-kernel path leaves
+    plain = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens)
+    assert float((plain.float() - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_decode_rope_attention_interpreted() -> None:
