@@ -207,8 +207,11 @@ def test_config_from_env():
     assert not cfg.triton_fast_launch and cfg.serial_split_k
     assert cfg.lora_expand_rows and cfg.lora_prefetch == 32               # LoRA: per-token expand, 32 packed ahead
     assert cfg.pdl == 1                                                   # PDL launches, no L2 prefetch
-    cfg = EngineConfig.from_env({"ENGINE_LORA_EXPAND_ROWS": "0", "ENGINE_LORA_PREFETCH": "8", "ENGINE_PDL": "2"})
+    assert cfg.fused_decode_attention and not cfg.fused_mlp_activation    # measured on the H100 / not yet
+    cfg = EngineConfig.from_env({"ENGINE_LORA_EXPAND_ROWS": "0", "ENGINE_LORA_PREFETCH": "8", "ENGINE_PDL": "2",
+                                 "ENGINE_FUSED_DECODE_ATTENTION": "0", "ENGINE_FUSED_MLP_ACTIVATION": "1"})
     assert not cfg.lora_expand_rows and cfg.lora_prefetch == 8 and cfg.pdl == 2
+    assert not cfg.fused_decode_attention and cfg.fused_mlp_activation
     for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"}, {"ENGINE_PDL": "3"},
                 {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}, {"ENGINE_LORA_PREFETCH": "-1"}):
         with pytest.raises(ValueError):
