@@ -39,10 +39,12 @@ class EngineConfig:
     triton_fast_launch: bool = True        # Triton kernels launched straight through their compiled launcher
     serial_split_k: bool = False           # split-K GEMMs without a zeroed output; slower on H100 (kernels/w4a16.py)
     # Programmatic dependent launch of the Triton kernels (kernels/pdl.py; a no-op below sm_90 or
-    # without Triton's griddepcontrol): 0 off, 1 each kernel launched while the previous one runs
-    # (H100 graphed decode 1.06x faster at batch 1, 1.02x at 8/16, 1.00x at 64), 2 also the GEMMs'
-    # weights asked of L2 before the wait (slower: 0.84-0.95x); gpu_kernels_v17_pdl_c73667d.md
-    pdl: int = 1
+    # without Triton's griddepcontrol): 0 off, 1 each kernel launched while the previous one runs,
+    # 2 also the GEMMs' weights asked of L2 before the wait. H100: mode 1 speeds the graphed 7B
+    # decode up 1.06x at batch 1 but not at 16-64, and in the engine's batch-64 replay it cost 1.3 %
+    # without adapters and 6 % with 32 (gpu_kernels_v18_pdl1_fused_ba97a3b.md, e2e_gpu_lora_pdl*_ba97a3b.md);
+    # mode 2 is slower everywhere (gpu_kernels_v17_pdl_c73667d.md). Off by default.
+    pdl: int = 0
     # Adapters whose host packs are made ahead on a background thread, taken from the scheduler's
     # next waiting tasks (0: off; acts only when tasks outnumber host packs; 1000 tasks on an H100:
     # +4.1 % req/s, prefill steps -18 %; serve_gpu_24gib_scale_prefetch_7737606.md)

@@ -108,21 +108,21 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
         bm.append_slot(seq)
 
 
-@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl-off"),
+@pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl1"),
                                           (4, "pdl-prefetch"), (4, "unfused-attn"), (4, "fused-all"),
                                           (4, "fused-all-no-down-lora")],
-                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl-off", "w4-pdl-prefetch",
+                         ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl1", "w4-pdl-prefetch",
                               "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
-    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows, pdl (the default, 1:
-    PDL launches, where this GPU has them; off; 2: also the GEMMs' L2 prefetch) or
+    """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows, pdl (the default, 0:
+    off; 1: PDL launches, where this GPU has them; 2: also the GEMMs' L2 prefetch) or
     fused_decode_attention (the default: decode steps rotate and cache K/V in the attention kernel;
     "unfused-attn": the separate RoPE kernel), with fused_mlp_activation too ("fused-all": adapters
     b and c target down_proj, so its GEMM keeps the separate SiLU·mul; "...-no-down-lora": none does,
     so every layer computes it in the GEMM), eager and graph-replayed."""
     serial = variant == "serial"
-    mode = {"pdl-off": 0, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
+    mode = {"pdl1": 1, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
     fused_attn = variant.startswith("fused-all") or (variant != "unfused-attn" and EngineConfig.fused_decode_attention)
     fused_act = variant.startswith("fused-all")
     gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode,
