@@ -49,7 +49,7 @@
 #   bash benchmarks/gpu_session.sh pdl1 COMMIT      # ~260 s: PDL mode 1 (the engine's default): engine logits
 #                                                   #   with and without it, decode + LoRA rows, the engine's LoRA
 #                                                   #   section with PDL off / 1 / off
-#   bash benchmarks/gpu_session.sh fused COMMIT     # ~200 s (at most 320): RoPE + KV-cache write inside the decode attention
+#   bash benchmarks/gpu_session.sh fused COMMIT     # ~260 s (at most 395): RoPE + KV-cache write inside the decode attention
 #                                                   #   kernel, SiLU·mul inside the down GEMM: their GPU tests (kernels
 #                                                   #   vs the unfused path, graphed decode, engine logits), the decode
 #                                                   #   section (fused columns)
@@ -143,6 +143,9 @@ case "$stage" in
       -k "decode_rope_attention or glu_input or fused" 2>&1 | tail -15 | tee "$out/pytest_fused.log"
     timeout 120 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,16,64 --lora-adapters 0 2>&1 | grep -v -i warn | grep -v "^|"
+    # the engine's LoRA section in its default configuration (fused attention, PDL off)
+    timeout 75 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e" --commit "$commit" --skip-hf --sections lora \
+      2>&1 | grep -v -i warn | grep -v "^|"
     ;;
   pdl1-fused)   # 8 files back: pytest log, gpu_kernels .json/.md, three e2e .md and two e2e .json
     timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
