@@ -53,6 +53,7 @@
 #                                                   #   kernel, SiLU·mul inside the down GEMM: their GPU tests (kernels
 #                                                   #   vs the unfused path, graphed decode, engine logits), the decode
 #                                                   #   section (fused columns)
+#   bash benchmarks/gpu_session.sh fused-short COMMIT  # ~200 s (at most 250): fused's SiLU·mul part only
 #   bash benchmarks/gpu_session.sh pdl1-fused COMMIT  # ~400 s (at most 545): pdl1 and fused-attn in one call:
 #                                                   #   the GPU tests of both, the decode section at batch 1/16/64, and
 #                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + both fusions
@@ -63,7 +64,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | fused | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | fused | fused-short | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -146,6 +147,12 @@ case "$stage" in
     # the engine's LoRA section in its default configuration (fused attention, PDL off)
     timeout 75 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e" --commit "$commit" --skip-hf --sections lora \
       2>&1 | grep -v -i warn | grep -v "^|"
+    ;;
+  fused-short)   # fused in under 300 s: the SiLU·mul GLU tests and fused graphed decode, decode at batch 1 and 64
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "glu_input or fused-all" 2>&1 | tail -15 | tee "$out/pytest_fused.log"
+    timeout 100 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
+      --decode-batches 1,64 --lora-adapters 0 2>&1 | grep -v -i warn | grep -v "^|"
     ;;
   pdl1-fused)   # 8 files back: pytest log, gpu_kernels .json/.md, three e2e .md and two e2e .json
     timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
