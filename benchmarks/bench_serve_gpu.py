@@ -279,12 +279,17 @@ class Bench(ExtraSections):
             print(f"  WARNING: only {len(late)} requests finished in the burst's last 3/4; C = {self.capacity:.1f} "
                   f"req/s is not a steady state (raise --burst-s)", flush=True)
             cal["capacity_warning"] = f"{len(late)} completions in the steady-state window"
+        cal["measured_capacity_req_s"] = self.capacity
+        if a.capacity_req_s > 0:   # a fixed C: the rates below no longer follow this burst's noise
+            self.capacity = a.capacity_req_s
+            cal["capacity_given"] = True
         cal.update(burst_requests=len(burst), burst_finished=len(records), burst_wall_s=wall,
                    fifo_capacity_req_s=self.capacity,
                    fifo_capacity_tok_s=sum(r.num_output_tokens for r in late) / max(1e-9, wall - t_lo))
         burst_steps = [dict(dataclasses.asdict(s), run="calib burst fifo") for s in steps]
         print(f"  FIFO burst: {len(records)}/{len(burst)} finished in {wall:.1f} s → capacity "
-              f"{self.capacity:.1f} req/s", flush=True)
+              f"{cal['measured_capacity_req_s']:.1f} req/s"
+              + (f" (C given: {self.capacity:.1f} req/s)" if cal.get("capacity_given") else ""), flush=True)
         half = make_trace(self.tasks, self.lengths, 0.5 * self.capacity, a.calib_half_s, a.seed + 2,
                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix="h")
         engine = make_engine(self.runner, self.base_cfg, "inlaid", a.beta)

@@ -121,9 +121,12 @@ def _calibration(data: dict) -> list[str]:
     c = cal.get("cost_model", {})
     out = ["## Calibration and the fitted cost model", "",
            f"FIFO burst ({cal.get('burst_requests')} requests at t = 0, cut at {_fmt(cal.get('burst_wall_s'), '.1f')} s): "
-           f"saturated throughput **C = {_fmt(cal.get('fifo_capacity_req_s'), '.1f')} req/s** "
-           f"({_fmt(cal.get('fifo_capacity_tok_s'), '.0f')} output tok/s), completions after the first quarter. "
-           "The rates below are fractions of C." + (
+           + (f"saturated throughput {_fmt(cal.get('measured_capacity_req_s'), '.1f')} req/s, completions after "
+              f"the first quarter; the rates below are fractions of **C = {_fmt(cal.get('fifo_capacity_req_s'), '.1f')} "
+              "req/s, given** (`--capacity-req-s`), not of this measurement." if cal.get("capacity_given") else
+              f"saturated throughput **C = {_fmt(cal.get('fifo_capacity_req_s'), '.1f')} req/s** "
+              f"({_fmt(cal.get('fifo_capacity_tok_s'), '.0f')} output tok/s), completions after the first quarter. "
+              "The rates below are fractions of C.") + (
                f" The same burst drained on the fitted cost model (simulator, to the last request): "
                f"{_fmt(cal.get('sim_fifo_drain_req_s'), '.1f')} req/s." if cal.get("sim_fifo_drain_req_s") else "")
            + (f" **Warning: {cal['capacity_warning']}.**" if cal.get("capacity_warning") else ""), ""]

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     ap.add_argument("--burst-s", type=float, default=None,
                     help="measured FIFO burst (C); default 5 s times the --length-scale output factor (at least 1), "
                          "so the burst outlives its first generation of requests")
+    ap.add_argument("--capacity-req-s", type=float, default=0.0,
+                    help="C to scale --rates by instead of the one this run's burst measures (the burst still runs "
+                         "for the cost model): replays of one command then offer the same req/s (0: measured)")
     ap.add_argument("--warm-burst-s", type=float, default=2.0,
                     help="unmeasured FIFO burst before the measured one (kernel compiles, GEMM tuning); 0: none")
     ap.add_argument("--calib-half-s", type=float, default=4.0)

@@ -34,3 +34,16 @@ def test_tiny_run_writes_calibration_policies_and_ablations(tmp_path: Path) -> N
     md = (tmp_path / "serve_gpu.md").read_text()
     assert "drained on the fitted cost model" in md and "## Ablations" in md
     assert "JCT, all (≥)" in md and "JCT over every request" in md
+
+
+def test_given_capacity_sets_the_rates(tmp_path: Path) -> None:
+    """--capacity-req-s: the burst still runs (cost model, measured C recorded) but the rates are
+    fractions of the given C, so replays of one command offer the same load."""
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main", "--policies", "fifo",
+                "--rates", "0.5", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
+                "--capacity-req-s", "3.0"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    cal = data["calibration"]
+    assert cal["fifo_capacity_req_s"] == 3.0 and cal["capacity_given"] and cal["measured_capacity_req_s"] > 0
+    assert [r["rate_req_s"] for r in data["main"]] == [1.5]
+    assert "req/s, given** (`--capacity-req-s`)" in (tmp_path / "serve_gpu.md").read_text()
