@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.engine.config import EngineConfig  # noqa: E402
 from services.engine.kernels.gptq_format import (  # noqa: E402
     dequantize_codes, dequantize_reference, quantize_gptq_v1, repack_for_kernel, repack_values, rtn_codes,
     unpack_along_rows,
