@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
     ("gpu_kernels_v10", ["## Decode step"]),
 ])
 def test_bench_gpu_kernels_markdown(tmp_path: Path, stem: str, expect: list[str]) -> None:
-    from bench_gpu_kernels import write_markdown
+    from bench_gpu_kernels_report import write_markdown
     write_markdown(json.loads((RESULTS / f"{stem}.json").read_text()), tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
     for line in expect:
@@ -30,7 +30,7 @@ def test_bench_gpu_kernels_markdown_pdl_rows(tmp_path: Path) -> None:
     """The PDL tables of the H100 run at c73667d render as recorded (its LoRA rows timed mode 2,
     before the key that names the mode); then, edited by hand only to exercise the writer, LoRA rows
     timed in mode 1 against the mode-1 no-LoRA step, and a failed PDL capture."""
-    from bench_gpu_kernels import write_markdown
+    from bench_gpu_kernels_report import write_markdown
     res = json.loads((RESULTS / "gpu_kernels_v17_pdl_c73667d.json").read_text())
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
@@ -51,7 +51,7 @@ def test_bench_gpu_kernels_markdown_pdl_rows(tmp_path: Path) -> None:
 def test_bench_gpu_kernels_markdown_fused_attention_rows(tmp_path: Path) -> None:
     """The fused RoPE + attention table, on the c73667d run's rows with fused timings added by hand
     (only to exercise the writer): a row with both timings, one whose PDL timing is missing."""
-    from bench_gpu_kernels import write_markdown
+    from bench_gpu_kernels_report import write_markdown
     res = json.loads((RESULTS / "gpu_kernels_v17_pdl_c73667d.json").read_text())
     first, last = res["decode"][0], res["decode"][-1]
     first.update(graph_ms_fused_attn=3.2, graph_ms_fused_attn_pdl=3.0, graph_ms_fused_all_pdl=2.9,
