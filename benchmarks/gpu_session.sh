@@ -39,6 +39,8 @@
 #                                                   #   the 10 s replays' late requests jump ahead of SRTF; simulated on
 #                                                   #   d2add64's cost model: sim_starvation.md); since then every stage
 #                                                   #   uses 30 s, and this one names it
+#   bash benchmarks/gpu_session.sh drain30-fixed COMMIT  # ~300 s: drain30 with C fixed at 03533be's 15.9 req/s
+#                                                   #   (--capacity-req-s): the replays' measured C ranged 15.3-19.8
 #   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
 #                                                   #   inlaid with and without background adapter packing
 #                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
@@ -64,7 +66,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | scale-prefetch | pdl | pdl1 | fused | fused-short | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | scale-prefetch | pdl | pdl1 | fused | fused-short | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -225,6 +227,13 @@ case "$stage" in
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
       --rates 2.4,3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 540 2>&1 | grep -v -i warn \
       | tee "$out/serve_gpu.log"
+    ;;
+  drain30-fixed)   # drain30 at a fixed C (03533be's 15.9 req/s), so its rates match that run's whatever the burst measures
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,fp16 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
+      --rates 2.4,3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 540 --capacity-req-s 15.9 2>&1 \
+      | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   scale-prefetch)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
