@@ -284,8 +284,8 @@ def bench_decode(timer: Timer, bw_gbs: float, quick: bool, ctx: int, bits: int =
             elif key + "_error" in rows[-1]:
                 print(f"  PDL mode {mode} failed: {rows[-1][key + '_error']}", flush=True)
         # RoPE + KV-cache write inside the decode attention kernel (EngineConfig.fused_decode_attention),
-        # PDL off and in the engine's default mode, then also SiLU·mul inside the down GEMM
-        # (fused_mlp_activation; no LoRA here): one and two launches fewer per layer
+        # PDL off and in mode PDL_ALSO, then also SiLU·mul inside the down GEMM (fused_mlp_activation;
+        # no LoRA here): one and two launches fewer per layer
         model.fused_decode_attention = True
         try:
             rows[-1]["graph_ms_fused_attn"] = timer.median_ms(lambda: model.decode(**inputs))

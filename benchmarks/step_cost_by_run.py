@@ -29,7 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from services.engine.simulator.cost_model import FEATURES, CostModel, StepFeatures  # noqa: E402
+from serve_gpu_fit import fit_error  # noqa: E402
+from services.engine.simulator.cost_model import CostModel  # noqa: E402
 
 TERMS = ("a ms", "b µs / prompt token", "c µs / decode row", "d µs / adapter", "g ms / prefill step")
 SCALE = (1e3, 1e6, 1e6, 1e6, 1e3)
@@ -45,21 +46,14 @@ def fit_rows(rows: list[dict]) -> tuple[np.ndarray, float]:
 
 
 def bias_rows(cost: CostModel, rows: list[dict]) -> tuple[float, float, float, float]:
-    """(predicted / measured summed over prefill steps, over decode-only steps, over all; median |rel err|)."""
-    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
-    rel = []
-    for r in rows:
-        pred = cost.step_time_s(StepFeatures(*(int(float(r[k])) for k in FEATURES)))
-        meas = float(r["step_s"])
-        s = sums[float(r["num_prefill_tokens"]) > 0]
-        s[0] += pred
-        s[1] += meas
-        rel.append(abs(pred - meas) / max(meas, 1e-9))
-
-    def ratio(p: float, m: float) -> float:
-        return p / m if m > 0 else float("nan")
-    return (ratio(*sums[True]), ratio(*sums[False]),
-            ratio(sums[True][0] + sums[False][0], sums[True][1] + sums[False][1]), statistics.median(rel))
+    """(predicted / measured summed over prefill steps, over decode-only steps, over all; median |rel err|),
+    from serve_gpu_fit.fit_error (nan where a replay has no such steps)."""
+    def ratio(rs: list[dict]) -> float:
+        return 1.0 + fit_error(cost, rs)["total_time_rel_err"] if rs else float("nan")
+    prefill = [r for r in rows if float(r["num_prefill_tokens"]) > 0]
+    decode = [r for r in rows if float(r["num_prefill_tokens"]) == 0]
+    whole = fit_error(cost, rows)
+    return ratio(prefill), ratio(decode), 1.0 + whole["total_time_rel_err"], whole["median_abs_rel_err"]
 
 
 def bias_table(results: Path, runs: dict[str, list[dict]]) -> list[str]:

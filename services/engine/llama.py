@@ -304,7 +304,7 @@ class LlamaLayer(nn.Module):
         x, stream = _norm_onto(stream, pending, self.post_attention_layernorm.weight, self.eps, zeroed)
         gate_up = self._group("gate_up_proj", x, lora, zeroed)       # [T, 2I]
         down = self.down_proj
-        if (self.fused_mlp_activation and isinstance(down, TritonQuantLinear) and down.kw.perm is None
+        if (self.fused_mlp_activation and isinstance(down, TritonQuantLinear)
                 and not (lora is not None and lora.covers(self.idx, "down_proj"))):
             down(gate_up, accumulate=stream, glu=True)   # silu(gate) · up in the GEMM's input load
             return stream, None

@@ -364,10 +364,10 @@ def w4a16_matmul(
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
-    if glu and (x.shape[1] != 2 * kw.in_features or kw.perm is not None or cfg.kind == "dense"):
-        if x.shape[1] != 2 * kw.in_features:
-            raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
-        from services.engine.kernels.fused_ops import silu_mul   # act-order or dense: no fused load
+    if glu and x.shape[1] != 2 * kw.in_features:
+        raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
+    if glu and (kw.perm is not None or cfg.kind == "dense"):   # act-order or dense: no fused load
+        from services.engine.kernels.fused_ops import silu_mul
         x, glu = silu_mul(x.contiguous()), False
     if kw.perm is not None:
         x = x[:, kw.perm]

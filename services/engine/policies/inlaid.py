@@ -129,7 +129,7 @@ class InlaidScheduler(StreakScheduler):
     def _displace_for(self, ordered: list[Sequence], allowed: set[str] | None, decode_rows: int) -> None:
         """Preempt running requests so the head of `ordered` fits (inlaid_preempt_ratio), walking
         it as admit_prefills will (slots, token budget, allowed tasks, KV reserve). The victims
-        go back to the waiting pool (recomputed later) and to self.displaced for this step's output."""
+        go back to the waiting pool (recomputed later); schedule() reports them as this step's preempted."""
         cfg, bm = self.config, self.block_manager
         fraction = cfg.admission_reserve_fraction
         free = bm.num_free_blocks - reserved_blocks(bm, self.running, fraction)
@@ -150,7 +150,6 @@ class InlaidScheduler(StreakScheduler):
                 free += len(victim.block_table) + blocks_to_finish(bm, victim, fraction)
                 victim.sched_state["displaced"] = True
                 self.preempt(victim)
-                self.displaced.append(victim)
             free -= need
             tokens += seq.num_tokens
             count += 1

@@ -7,7 +7,7 @@ import time
 from services.engine.block_manager import BlockManager
 from services.engine.policies.batching import reserved_blocks
 from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from services.engine.sequence import Sequence
+from services.engine.sequence import Sequence, SequenceStatus
 
 
 class StreakScheduler(Scheduler):
@@ -28,7 +28,6 @@ class StreakScheduler(Scheduler):
                  clock=time.monotonic) -> None:
         super().__init__(config, block_manager, clock)
         self.num_decode_streak = 0
-        self.displaced: list[Sequence] = []   # preempted by this step's _prefill (see schedule)
 
     @abc.abstractmethod
     def _prefill(self, now_s: float, decode_rows: int) -> tuple[list[Sequence], set[str] | None]:
@@ -52,13 +51,13 @@ class StreakScheduler(Scheduler):
         now = self.clock()
         displaced: list[Sequence] = []
         if self.waiting and self._should_prefill():
-            joining = list(self.running) if self._can_piggyback() else []
+            running = list(self.running)
+            joining = running if self._can_piggyback() else []
             admitted, allowed = self._prefill(now, len(joining))
             # running requests _prefill preempted to make room (policies that do) leave the decode
-            displaced, self.displaced = self.displaced, []
+            displaced = [s for s in running if s.status is SequenceStatus.WAITING]
             if displaced:
-                gone = {id(s) for s in displaced}
-                joining = [s for s in joining if id(s) not in gone]
+                joining = [s for s in joining if s.status is SequenceStatus.RUNNING]
             # Reset even when nothing fitted: the next attempt (a full sort of the
             # waiting pool) comes after another streak, not on every step.
             self.num_decode_streak = 0
