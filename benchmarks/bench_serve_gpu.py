@@ -409,9 +409,7 @@ class Bench(ExtraSections):
         a = self.args
         rows = []
         self.data["ablations"] = rows
-        rate = self.rates()[-1]
-        trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
-                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{a.rates[-1]}-")
+        rate, trace = self.rates()[-1], self.top_trace(0)
         for label, mode, beta, overrides in self.ablations():
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
                                         overrides, rate_req_s=rate, load_frac=a.rates[-1]))
@@ -450,11 +448,14 @@ def main(argv=None) -> None:
         print("no calibration: the other sections need its capacity and cost model", flush=True)
         return
     bench.section("main", bench.replay_est(n_main, args.replay_s), bench.sec_main)
+    n_repeat = (args.trace_repeats - 1) * len(args.repeat_policies)
+    bench.section("repeat", bench.replay_est(n_repeat, args.replay_s), bench.sec_repeat)
     bench.section("ablate", bench.replay_est(len(bench.ablations()), args.replay_s), bench.sec_ablate)
     bench.section("wfq", bench.replay_est(2 * len(args.hog_policies), args.hog_s), bench.sec_wfq)
     bench.section("scale", bench.replay_est(n_scale, args.scale_s) + 10, bench.sec_scale)
     # Last: it frees the 4-bit runner.
-    bench.section("fp16", 25 + args.warm_burst_s + bench.replay_est(len(args.fp16_policies), args.replay_s),
+    n_fp16 = len(args.fp16_policies) * args.trace_repeats
+    bench.section("fp16", 25 + args.warm_burst_s + bench.replay_est(n_fp16, args.replay_s),
                   bench.sec_fp16)
     print(f"done in {bench.elapsed():.0f} s", flush=True)
 

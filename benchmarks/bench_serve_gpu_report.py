@@ -9,8 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-# The paper's maxima vs S-LoRA (DESIGN.md): the targets of issue 7.
-TARGETS = {"throughput": 1.5, "avg_latency": 1.7, "jct": 2.0, "slo": 5.0, "scale_loss": 0.10, "hog_p99": 2.0}
+from serve_gpu_ratios import TARGETS, by as _by, ratios, repeats_md
 
 COLS = [("variant", "policy", ""), ("offered_rate_req_s", "offered req/s", ".1f"),
         ("throughput_req_s", "req/s", ".2f"), ("throughput_tok_s", "tok/s", ".0f"),
@@ -39,26 +38,6 @@ def table(rows: list[dict], cols=COLS) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in cols) + " |")
     return "\n".join(lines)
-
-
-def ratios(ours: dict, base: dict) -> dict:
-    """ours vs base, each oriented so that > 1 means ours is better."""
-    def div(a, b):
-        if a is None or b is None or math.isnan(a) or math.isnan(b):
-            return float("nan")
-        if b == 0:
-            return float("inf") if a > 0 else float("nan")
-        return a / b
-    return {"throughput": div(ours.get("throughput_req_s"), base.get("throughput_req_s")),
-            "avg_latency": div(base.get("latency_avg_s_per_token"), ours.get("latency_avg_s_per_token")),
-            "jct": div(base.get("jct_avg_s"), ours.get("jct_avg_s")),
-            "jct_all": div(base.get("jct_avg_all_s"), ours.get("jct_avg_all_s")),
-            "ttft": div(base.get("ttft_avg_s"), ours.get("ttft_avg_s")),
-            "slo": div(ours.get("slo_attainment_all"), base.get("slo_attainment_all"))}
-
-
-def _by(rows: list[dict], **match) -> dict | None:
-    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
 def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> None:
@@ -105,6 +84,7 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
     md += _main(data)
     md += _ablations(data)
     md += _fp16(data)
+    md += repeats_md(data)
     md += _scale(data)
     md += _wfq(data)
     md += _sim_rates(data)

@@ -13,7 +13,7 @@ from services.engine.config import EngineConfig
 from services.engine.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("calib", "main", "ablate", "wfq", "scale", "fp16")
+SECTIONS = ("calib", "main", "repeat", "ablate", "wfq", "scale", "fp16")
 # --ablations NAME: (label, prediction mode, β (None: the run's --beta; 0: ∞), EngineConfig overrides)
 ABLATIONS = {
     "task-mean": ("inlaid, no prediction (task mean)", "task-mean", None, {}),
@@ -78,6 +78,11 @@ def parse_args(argv=None):
     ap.add_argument("--hog-overload", type=float, default=1.5)
     ap.add_argument("--hog-s", type=float, default=5.0)
     ap.add_argument("--fp16-policies", default="fifo,inlaid")
+    ap.add_argument("--trace-repeats", type=int, default=1,
+                    help="traces at the highest rate: the main section's and N-1 more draws of the same rate, "
+                         "task mix and lengths (section repeat: --repeat-policies on the 4-bit base; the fp16 "
+                         "section runs its policies on each); the report gives every trace's ratios")
+    ap.add_argument("--repeat-policies", default="inlaid,fifo")
     ap.add_argument("--beta", type=int, default=10)
     ap.add_argument("--slots", type=int, default=32, help="adapter slots on the device (LRU)")
     ap.add_argument("--adapter-sets", type=int, default=8, help="distinct random weight sets shared by the tasks")
@@ -124,6 +129,12 @@ def parse_args(argv=None):
         ap.error(f"unknown scale variants {unknown}; choose policies {sorted(POLICIES)} or {sorted(SCALE_VARIANTS)}")
     args.hog_policies = args.hog_policies.split(",")
     args.fp16_policies = args.fp16_policies.split(",")
+    args.repeat_policies = args.repeat_policies.split(",")
+    unknown = [p for p in args.repeat_policies if p not in POLICIES]
+    if unknown:
+        ap.error(f"unknown repeat policies {unknown}; choose from {sorted(POLICIES)}")
+    if args.trace_repeats < 1:
+        ap.error("--trace-repeats must be at least 1 (the main section's trace)")
     if args.tiny:
         from services.common.model_source import RANDOM_SHAPES
         RANDOM_SHAPES.setdefault("tiny-serve", TINY_SHAPE)   # only inside this process

@@ -47,3 +47,18 @@ def test_given_capacity_sets_the_rates(tmp_path: Path) -> None:
     assert cal["fifo_capacity_req_s"] == 3.0 and cal["capacity_given"] and cal["measured_capacity_req_s"] > 0
     assert [r["rate_req_s"] for r in data["main"]] == [1.5]
     assert "req/s, given** (`--capacity-req-s`)" in (tmp_path / "serve_gpu.md").read_text()
+
+
+def test_repeated_traces_at_the_highest_rate(tmp_path: Path) -> None:
+    """--trace-repeats 3: two more traces at the top rate, each replayed by inlaid and fifo on the
+    run's base and by fifo in the fp16 section; the report tabulates the three traces' ratios."""
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main,repeat,fp16", "--policies", "inlaid,fifo",
+                "--rates", "1.1", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
+                "--trace-repeats", "3", "--fp16-policies", "fifo"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    assert [(r["trace_no"], r["variant"]) for r in data["repeats"]] == [
+        (1, "inlaid"), (1, "fifo"), (2, "inlaid"), (2, "fifo")]
+    assert [(r["trace_no"], r["variant"]) for r in data["fp16_repeats"]] == [(1, "fifo, fp16 base"), (2, "fifo, fp16 base")]
+    assert [r["variant"] for r in data["fp16"]] == ["fifo, fp16 base"] and "trace_no" not in data["fp16"][0]
+    md = (tmp_path / "serve_gpu.md").read_text()
+    assert "## The highest rate on 3 traces" in md and "| target met on |" in md
