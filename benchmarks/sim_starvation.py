@@ -43,7 +43,8 @@ def starvation_variants(limits: list[float]):
 def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int], variants,
              window_s: float, cost=None) -> list[dict]:
     """Rows of (rate, seed, variant) metrics: the run's workload at each rate and seed, simulated
-    drained for every (label, policy, SchedulerConfig) of variants(the run's SchedulerConfig) on
+    drained for every (label, policy, SchedulerConfig[, prediction mode of bench_sim.with_predictions])
+    of variants(the run's SchedulerConfig) on
     `cost` (default: the cost model fitted to the run's calibration steps)."""
     meta = run["meta"]
     calib_cost, sched, sim_cfg, lengths = replay_setup(run, steps)
@@ -56,8 +57,9 @@ def simulate(run: dict, steps: list[dict], rates: list[float], seeds: list[int],
         for seed in seeds:
             trace = make_trace(tasks, lengths, frac * capacity, window_s, seed, zipf_a=meta["zipf_a"],
                                pred_sigma=meta["pred_sigma"], prefix=f"st{seed}-")
-            for label, policy, cfg in variants:
-                m = Simulator(POLICIES[policy], cfg, cost, sim_cfg).run(with_predictions(trace, "predictor")).metrics
+            for label, policy, cfg, *mode in variants:   # an optional 4th field: the prediction mode
+                run_trace = with_predictions(trace, mode[0] if mode else "predictor")
+                m = Simulator(POLICIES[policy], cfg, cost, sim_cfg).run(run_trace).metrics
                 rows.append({"load_frac": frac, "seed": seed, "variant": label, **{k: m[k] for k in KEYS}})
                 print(f"{frac:.1f} C seed {seed} {label:26s} JCT {m['jct_avg_s']:5.2f} s p99 {m['jct_p99_s']:5.1f} "
                       f"SLO {m['slo_attainment']:.3f}", flush=True)

@@ -42,3 +42,18 @@ def test_displacement_variants_on_the_drain_run() -> None:
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"fifo", "inlaid", "inlaid, displace at 1x"}
     assert by["inlaid, displace at 1x"]["jct_avg_s"] != by["inlaid"]["jct_avg_s"]
+
+
+def test_bound_variants_take_their_prediction_mode() -> None:
+    """sim_bound's variants carry a 4th field, the prediction mode: oracle lengths change the order
+    (the run's predictions are noisy), and each relaxation is simulated as its own row."""
+    from sim_bound import bound_variants
+    run = json.loads(RUN.with_suffix(".json").read_text())
+    steps = read_steps(f"{RUN}.steps.csv")
+    rows = simulate(run, steps, rates=[3.2], seeds=[10], variants=bound_variants, window_s=3.0)
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["fifo", "inlaid", "inlaid, oracle lengths", "inlaid, oracle, β = ∞",
+                        "inlaid, oracle, β = ∞, streak 1, no switch margin, no guard"]
+    assert by["inlaid, oracle lengths"]["jct_avg_s"] != by["inlaid"]["jct_avg_s"]
+    assert by["inlaid, oracle, β = ∞, streak 1, no switch margin, no guard"]["jct_avg_s"] != \
+        by["inlaid, oracle, β = ∞"]["jct_avg_s"]
