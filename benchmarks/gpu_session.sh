@@ -41,7 +41,7 @@
 #                                                   #   uses 30 s, and this one names it
 #   bash benchmarks/gpu_session.sh drain30-fixed COMMIT  # ~300 s: drain30 with C fixed at 03533be's 15.9 req/s
 #                                                   #   (--capacity-req-s): the replays' measured C ranged 15.3-19.8
-#   bash benchmarks/gpu_session.sh drain30-repeat COMMIT  # ~420 s: 3.2 x C (C fixed at 15.9 req/s) on three traces,
+#   bash benchmarks/gpu_session.sh drain30-repeat COMMIT  # ~320 s: 3.2 x C (C fixed at 15.9 req/s) on three traces,
 #                                                   #   inlaid and fifo on 4-bit and fifo on fp16 on each (--trace-repeats):
 #                                                   #   one replay per cell gave 1.46-1.93x same-base JCT across runs
 #   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
@@ -241,7 +241,7 @@ case "$stage" in
   drain30-repeat)   # the top rate of drain30-fixed on three traces: how much of the spread is the trace
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
-      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo,mlfq \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
       --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 540 --capacity-req-s 15.9 \
       --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
