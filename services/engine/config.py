@@ -54,7 +54,8 @@ class EngineConfig:
     # faster at batch 1-64; the engine's batch-64 replay 8.81 -> 8.33 ms (gpu_kernels_v18_pdl1_fused_ba97a3b.md)
     fused_decode_attention: bool = True
     # A 3/4-bit down_proj computes SiLU·mul of gate|up in its GEMM's input load (kernels/w4a16.py, glu):
-    # one launch per layer fewer wherever no registered adapter targets down_proj; off until measured
+    # one launch per layer fewer wherever no registered adapter targets down_proj; off: slower on the H100
+    # (graphed 7B decode 0.76x at batch 1, 0.82x at 16; gpu_kernels_v19_fused_d5b34b3.md)
     fused_mlp_activation: bool = False
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
                                            # False: per segment chunk on tensor cores (slower decode on H100)
