@@ -1,0 +1,161 @@
+"""Inlaid on the 4-bit base against fifo on 4 bits and on fp16 (S-LoRA's configuration) over many
+traces, simulated on one GPU run's measured steps.
+
+A drained GPU run has one replay per cell, and four runs of one command spread as widely as the gaps
+to issue 7's targets (docs/results.md, Scheduling margins). This replays the run's own workload
+(same generator, lengths and rates) on many seeds, drained: inlaid and fifo on the 4-bit engine
+(cost model refitted to the calibration steps and every 4-bit replay, the run's KV cache) and fifo on
+the fp16 engine (a cost model fitted to the run's fp16 replays, the fp16 KV cache), every replay's
+SLO judged against the run's measured solo-latency fit as the benchmark does. It reports each target
+per seed: the geometric mean of the ratios and on how many seeds it is met. The fp16 model is fitted
+to fifo's fp16 steps and checked on inlaid's (the report gives both errors). Writes <out>.json and
+<out>.md. CPU only.
+
+  python benchmarks/sim_vs_fp16.py --run-json benchmarks/results/serve_gpu_24gib_long_drain30_fixed_d5b34b3.json \\
+      --steps-csv benchmarks/results/serve_gpu_24gib_long_drain30_fixed_d5b34b3.steps.csv
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import read_steps, write_result  # noqa: E402
+from serve_gpu_fit import fit_cost, fit_error, run_lengths, run_settings  # noqa: E402
+from serve_gpu_ratios import HEADLINE, TARGETS  # noqa: E402
+from serve_gpu_workload import make_trace, task_names  # noqa: E402
+from services.engine.policies import POLICIES  # noqa: E402
+from services.engine.simulator.metrics import summarize  # noqa: E402
+from services.engine.simulator.simulator import Simulator  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engines(run: dict, steps: list[dict]) -> dict:
+    """{"4-bit" | "fp16": (cost model, SimConfig)} and the fits' errors, from the run's steps."""
+    sched, sim4 = run_settings(run["meta"])
+    four = [r for r in steps if "fp16" not in r["run"]]
+    fifo16 = [r for r in steps if r["run"] == "fifo, fp16 base"]
+    other16 = [r for r in steps if "fp16" in r["run"] and r["run"] != "fifo, fp16 base"]
+    if not fifo16:
+        raise SystemExit("the run has no 'fifo, fp16 base' steps: run bench_serve_gpu with its fp16 section")
+    cost4 = fit_cost(four, "calibration + 4-bit replay steps")
+    cost16 = fit_cost(fifo16, "fifo's fp16 replay steps")
+    sim16 = dataclasses.replace(sim4, num_kv_blocks=run["fp16_meta"]["num_kv_blocks"])
+    errors = {"4-bit, own steps": fit_error(cost4, four), "fp16, fifo's steps (fitted)": fit_error(cost16, fifo16),
+              "fp16, inlaid's steps (held out)": fit_error(cost16, other16)}
+    return {"sched": sched, "4-bit": (cost4, sim4), "fp16": (cost16, sim16), "errors": errors}
+
+
+def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float) -> list[dict]:
+    """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit."""
+    meta = run["meta"]
+    lengths = run_lengths(meta)
+    tasks = task_names(meta["num_tasks"], list(lengths))
+    capacity = run["calibration"]["fifo_capacity_req_s"]
+    fit = run["calibration"]["solo"]["fit"]
+
+    def solo(rec) -> float:
+        return fit["intercept_s"] + fit["s_per_prompt_token"] * rec.num_prompt_tokens + \
+            fit["s_per_output_token"] * rec.num_output_tokens
+
+    rows = []
+    for frac in rates:
+        for seed in seeds:
+            trace = make_trace(tasks, lengths, frac * capacity, window_s, seed, zipf_a=meta["zipf_a"],
+                               pred_sigma=meta["pred_sigma"], prefix=f"v{seed}-")
+            row = {"load_frac": frac, "seed": seed, "requests": len(trace)}
+            for label, policy, base in (("inlaid", "inlaid", "4-bit"), ("fifo", "fifo", "4-bit"),
+                                        ("fifo fp16", "fifo", "fp16")):
+                cost, sim_cfg = eng[base]
+                res = Simulator(POLICIES[policy], eng["sched"], cost, sim_cfg).run(trace)
+                records = [dataclasses.replace(r, solo_latency_s=solo(r)) for r in res.requests]
+                m = summarize(records, res.steps, sim_cfg.slo_scale)
+                row[label] = {k: m[k] for k in ("throughput_req_s", "latency_avg_s_per_token", "jct_avg_s",
+                                                "slo_attainment")}
+            rows.append(row)
+            print(f"{frac:.1f} C seed {seed}: " + " | ".join(
+                f"{lab} JCT {row[lab]['jct_avg_s']:.2f} SLO {row[lab]['slo_attainment']:.3f}"
+                for lab in ("inlaid", "fifo", "fifo fp16")), flush=True)
+    return rows
+
+
+def ratio(row: dict, base: str, key: str) -> float:
+    ours, other = row["inlaid"], row[base]
+    num, den = {"throughput": (ours["throughput_req_s"], other["throughput_req_s"]),
+                "avg_latency": (other["latency_avg_s_per_token"], ours["latency_avg_s_per_token"]),
+                "jct": (other["jct_avg_s"], ours["jct_avg_s"]),
+                "slo": (ours["slo_attainment"], other["slo_attainment"])}[key]
+    return num / den if den > 0 else math.inf
+
+
+def report(res: dict) -> str:
+    meta = res["meta"]
+    lines = [f"# Inlaid 4-bit vs fifo 4-bit and fifo fp16 over many traces, simulated (commit {meta['commit']})", "",
+             f"Device: this CPU, simulated; step times from cost models fitted to the steps of `{meta['run_json']}` "
+             f"({meta['run_device']}, commit {meta['run_commit']}); nothing here ran on a GPU. Command: "
+             f"`{meta['command']}` ({meta['wall_s']:.0f} s).", "",
+             f"Workload: that run's generator and settings, {meta['window_s']:g} s of Poisson arrivals at each rate "
+             f"(fractions of its C = {meta['capacity']:.1f} req/s), drained; seeds {meta['seeds'][0]}–{meta['seeds'][-1]} "
+             f"({len(meta['seeds'])}). SLO: JCT ≤ {meta['slo_scale']:g} × the run's measured solo-latency fit, for "
+             "every replay. Ratios > 1 mean inlaid on 4 bits is better.", "",
+             "Cost-model errors (per step, and of the summed time):", "",
+             "| model, evaluated on | steps | median abs rel err | error of summed time |", "|---|---|---|---|"]
+    for name, e in meta["fit_errors"].items():
+        if e:
+            lines.append(f"| {name} | {e['num_steps']} | {e['median_abs_rel_err']:.1%} | {e['total_time_rel_err']:+.1%} |")
+    lines.append("")
+    for frac in meta["rates"]:
+        rows = [r for r in res["rows"] if r["load_frac"] == frac]
+        lines += [f"## {frac:g} × C", "", "| baseline | " + " | ".join(
+            f"{name}: geo. mean × (met on)" for _, name in HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+        for base, label in (("fifo fp16", "fifo on fp16 (S-LoRA's configuration)"), ("fifo", "fifo on the same 4-bit base")):
+            cells = []
+            for key, _ in HEADLINE:
+                vals = [ratio(r, base, key) for r in rows]
+                finite = [v for v in vals if 0 < v < math.inf]
+                geo = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else float("nan")
+                met = sum(v >= TARGETS[key] for v in vals)
+                cells.append(f"{geo:.2f} ({met} of {len(vals)})")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        every = sum(all(ratio(r, "fifo fp16", k) >= TARGETS[k] for k, _ in HEADLINE) for r in rows)
+        lines += ["", f"All four targets against fifo fp16 on the same seed: {every} of {len(rows)} seeds.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-json", required=True, help="a bench_serve_gpu result with an fp16 section")
+    ap.add_argument("--steps-csv", required=True, help="its measured steps (serve_gpu*.steps.csv)")
+    ap.add_argument("--rates", default="2.4,3.2", help="fractions of the run's FIFO capacity C")
+    ap.add_argument("--seeds", type=int, default=20, help="traces per rate (seeds 100, 101, ...)")
+    ap.add_argument("--window-s", type=float, default=10.0)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_vs_fp16"))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    run = json.loads(Path(args.run_json).read_text())
+    eng = engines(run, read_steps(args.steps_csv))
+    rates = [float(x) for x in args.rates.split(",")]
+    seeds = list(range(100, 100 + args.seeds))
+    rows = simulate(run, eng, rates, seeds, args.window_s)
+    m = run["meta"]
+    meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"],
+            "run_device": m.get("device", "GPU"), "rates": rates, "seeds": seeds, "window_s": args.window_s,
+            "capacity": run["calibration"]["fifo_capacity_req_s"], "slo_scale": m["slo_scale"],
+            "fit_errors": eng["errors"],
+            "command": " ".join(["python", "benchmarks/sim_vs_fp16.py"] + sys.argv[1:]),
+            "wall_s": time.perf_counter() - t0}
+    res = {"meta": meta, "rows": rows}
+    write_result(args.out, res, report(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""benchmarks/sim_vs_fp16.py on the recorded d5b34b3 drain run, with short traces: the fp16 engine
+gets its own cost model and smaller KV cache, and the report counts the seeds meeting each target."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import read_steps  # noqa: E402
+from sim_vs_fp16 import engines, ratio, report, simulate  # noqa: E402
+
+RUN = ROOT / "benchmarks" / "results" / "serve_gpu_24gib_long_drain30_fixed_d5b34b3"
+
+
+def test_three_engines_on_two_seeds() -> None:
+    run = json.loads(RUN.with_suffix(".json").read_text())
+    eng = engines(run, read_steps(f"{RUN}.steps.csv"))
+    assert eng["fp16"][1].num_kv_blocks == 688 < eng["4-bit"][1].num_kv_blocks == 1830
+    assert eng["errors"]["fp16, inlaid's steps (held out)"]["num_steps"] > 0
+    rows = simulate(run, eng, rates=[3.2], seeds=[100, 101], window_s=3.0)
+    assert [r["seed"] for r in rows] == [100, 101]
+    for r in rows:   # the fp16 engine is slower per step and holds fewer sequences: fifo there is worst
+        assert r["fifo fp16"]["jct_avg_s"] > r["fifo"]["jct_avg_s"]
+        assert ratio(r, "fifo fp16", "jct") > ratio(r, "fifo", "jct") > 1.0
+    meta = {"commit": "test", "run_json": str(RUN), "run_commit": "d5b34b3", "run_device": "H100", "rates": [3.2],
+            "seeds": [100, 101], "window_s": 3.0, "capacity": 15.9, "slo_scale": 5.0, "fit_errors": eng["errors"],
+            "command": "test", "wall_s": 0.0}
+    text = report({"meta": meta, "rows": rows})
+    assert "## 3.2 × C" in text and "| fifo on fp16 (S-LoRA's configuration) |" in text
+    assert "of 2 seeds." in text
