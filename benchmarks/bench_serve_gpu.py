@@ -448,8 +448,9 @@ def main(argv=None) -> None:
         print("no calibration: the other sections need its capacity and cost model", flush=True)
         return
     bench.section("main", bench.replay_est(n_main, args.replay_s), bench.sec_main)
-    n_repeat = (args.trace_repeats - 1) * len(args.repeat_policies)
-    bench.section("repeat", bench.replay_est(n_repeat, args.replay_s), bench.sec_repeat)
+    if args.trace_repeats > 1:
+        n_repeat = (args.trace_repeats - 1) * len(args.repeat_policies)
+        bench.section("repeat", bench.replay_est(n_repeat, args.replay_s), bench.sec_repeat)
     bench.section("ablate", bench.replay_est(len(bench.ablations()), args.replay_s), bench.sec_ablate)
     bench.section("wfq", bench.replay_est(2 * len(args.hog_policies), args.hog_s), bench.sec_wfq)
     bench.section("scale", bench.replay_est(n_scale, args.scale_s) + 10, bench.sec_scale)
