@@ -38,8 +38,9 @@ from services.engine.simulator.simulator import Simulator  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def engines(run: dict, steps: list[dict]) -> dict:
-    """{"4-bit" | "fp16": (cost model, SimConfig)} and the fits' errors, from the run's steps."""
+def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0) -> dict:
+    """{"4-bit" | "fp16": (cost model, SimConfig)} and the fits' errors, from the run's steps;
+    prefill_cut_ms: a what-if, the 4-bit model's fixed price of a step with a prefill lowered by this."""
     sched, sim4 = run_settings(run["meta"])
     four = [r for r in steps if "fp16" not in r["run"]]
     fifo16 = [r for r in steps if r["run"] == "fifo, fp16 base"]
@@ -47,6 +48,10 @@ def engines(run: dict, steps: list[dict]) -> dict:
     if not fifo16:
         raise SystemExit("the run has no 'fifo, fp16 base' steps: run bench_serve_gpu with its fp16 section")
     cost4 = fit_cost(four, "calibration + 4-bit replay steps")
+    if prefill_cut_ms:
+        g = max(0.0, cost4.g_s_per_prefill_step - prefill_cut_ms / 1e3)
+        cost4 = dataclasses.replace(cost4, g_s_per_prefill_step=g,
+                                    source=f"{cost4.source}, prefill-step price cut by {prefill_cut_ms:g} ms")
     cost16 = fit_cost(fifo16, "fifo's fp16 replay steps")
     sim16 = dataclasses.replace(sim4, num_kv_blocks=run["fp16_meta"]["num_kv_blocks"])
     errors = {"4-bit, own steps": fit_error(cost4, four), "fp16, fifo's steps (fitted)": fit_error(cost16, fifo16),
@@ -105,9 +110,12 @@ def report(res: dict) -> str:
              f"Workload: that run's generator and settings, {meta['window_s']:g} s of Poisson arrivals at each rate "
              f"(fractions of its C = {meta['capacity']:.1f} req/s), drained; seeds {meta['seeds'][0]}–{meta['seeds'][-1]} "
              f"({len(meta['seeds'])}). SLO: JCT ≤ {meta['slo_scale']:g} × the run's measured solo-latency fit, for "
-             "every replay. Ratios > 1 mean inlaid on 4 bits is better.", "",
-             "Cost-model errors (per step, and of the summed time):", "",
-             "| model, evaluated on | steps | median abs rel err | error of summed time |", "|---|---|---|---|"]
+             "every replay. Ratios > 1 mean inlaid on 4 bits is better.", ""]
+    if meta.get("prefill_cut_ms"):
+        lines += [f"**What-if:** the 4-bit engine's fitted fixed price of a step with a prefill is lowered by "
+                  f"{meta['prefill_cut_ms']:g} ms ({meta['cost_4bit']}); the errors below are the fits'.", ""]
+    lines += ["Cost-model errors (per step, and of the summed time):", "",
+              "| model, evaluated on | steps | median abs rel err | error of summed time |", "|---|---|---|---|"]
     for name, e in meta["fit_errors"].items():
         if e:
             lines.append(f"| {name} | {e['num_steps']} | {e['median_abs_rel_err']:.1%} | {e['total_time_rel_err']:+.1%} |")
@@ -137,12 +145,15 @@ def main() -> None:
     ap.add_argument("--rates", default="2.4,3.2", help="fractions of the run's FIFO capacity C")
     ap.add_argument("--seeds", type=int, default=20, help="traces per rate (seeds 100, 101, ...)")
     ap.add_argument("--window-s", type=float, default=10.0)
+    ap.add_argument("--prefill-cut-ms", type=float, default=0.0,
+                    help="what-if: lower the 4-bit engine's fitted fixed price of a step with a prefill (7-11 ms) "
+                         "by this, e.g. 5.7, the dense path's dequantization per step in the eager profiles")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_vs_fp16"))
     args = ap.parse_args()
     t0 = time.perf_counter()
     run = json.loads(Path(args.run_json).read_text())
-    eng = engines(run, read_steps(args.steps_csv))
+    eng = engines(run, read_steps(args.steps_csv), args.prefill_cut_ms)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = list(range(100, 100 + args.seeds))
     rows = simulate(run, eng, rates, seeds, args.window_s)
@@ -150,7 +161,8 @@ def main() -> None:
     meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"],
             "run_device": m.get("device", "GPU"), "rates": rates, "seeds": seeds, "window_s": args.window_s,
             "capacity": run["calibration"]["fifo_capacity_req_s"], "slo_scale": m["slo_scale"],
-            "fit_errors": eng["errors"],
+            "fit_errors": eng["errors"], "prefill_cut_ms": args.prefill_cut_ms,
+            "cost_4bit": eng["4-bit"][0].source,
             "command": " ".join(["python", "benchmarks/sim_vs_fp16.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}
     res = {"meta": meta, "rows": rows}

@@ -30,3 +30,14 @@ def test_three_engines_on_two_seeds() -> None:
     text = report({"meta": meta, "rows": rows})
     assert "## 3.2 × C" in text and "| fifo on fp16 (S-LoRA's configuration) |" in text
     assert "of 2 seeds." in text
+
+
+def test_prefill_cut_lowers_only_the_4bit_prefill_step_price() -> None:
+    run = json.loads(RUN.with_suffix(".json").read_text())
+    steps = read_steps(f"{RUN}.steps.csv")
+    fitted, cut = engines(run, steps), engines(run, steps, prefill_cut_ms=5.7)
+    assert abs(fitted["4-bit"][0].g_s_per_prefill_step - cut["4-bit"][0].g_s_per_prefill_step - 5.7e-3) < 1e-12
+    assert cut["4-bit"][0].a_s == fitted["4-bit"][0].a_s and cut["fp16"][0] == fitted["fp16"][0]
+    assert "cut by 5.7 ms" in cut["4-bit"][0].source
+    huge = engines(run, steps, prefill_cut_ms=1e6)
+    assert huge["4-bit"][0].g_s_per_prefill_step == 0.0      # never below zero
