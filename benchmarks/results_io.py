@@ -15,6 +15,9 @@ def read_steps(path: str | Path) -> list[dict]:
 def write_result(out: str | Path, res: dict, markdown: str) -> None:
     """<out>.json (the data) and <out>.md (its report), announced on stdout."""
     out = Path(out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown)
-    print(f"wrote {out}.md")
+    if out.suffix in (".json", ".md"):   # a name with a dot elsewhere keeps it (with_suffix would cut it)
+        out = out.with_suffix("")
+    out.with_name(out.name + ".json").write_text(json.dumps(res, indent=1))
+    md = out.with_name(out.name + ".md")
+    md.write_text(markdown)
+    print(f"wrote {md}")
