@@ -54,9 +54,11 @@ def trace_ratios(data: dict) -> list[dict]:
     return out
 
 
-def _geomean(values: list[float]) -> float:
-    ok = [v for v in values if v is not None and 0 < v < math.inf]
-    return math.exp(sum(math.log(v) for v in ok) / len(ok)) if ok and len(ok) == len(values) else float("nan")
+def geomean(values: list[float]) -> float:
+    """Geometric mean of the finite positive values, NaN if there are none: an infinite ratio (a
+    baseline at zero) is left out rather than making the mean infinite."""
+    ok = [v for v in values if 0 < v < math.inf]
+    return math.exp(sum(math.log(v) for v in ok) / len(ok)) if ok else float("nan")
 
 
 def repeats_md(data: dict) -> list[str]:
@@ -84,7 +86,7 @@ def repeats_md(data: dict) -> list[str]:
     means, met = [], []
     for base, key in cols:
         vals = [r[base][key] if r[base] else None for r in rows]
-        g = _geomean(vals)
+        g = float("nan") if None in vals else geomean(vals)
         means.append("–" if math.isnan(g) else f"{g:.2f}")
         met.append(f"{sum(v is not None and v >= TARGETS[key] for v in vals)} of {len(rows)}")
     out += ["| geometric mean | | " + " | ".join(means) + " |",

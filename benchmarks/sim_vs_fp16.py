@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import read_steps, write_result  # noqa: E402
 from serve_gpu_fit import fit_cost, fit_error, run_lengths, run_settings  # noqa: E402
-from serve_gpu_ratios import HEADLINE, TARGETS, ratios  # noqa: E402
+from serve_gpu_ratios import HEADLINE, TARGETS, geomean, ratios  # noqa: E402
 from serve_gpu_workload import make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.metrics import summarize  # noqa: E402
@@ -126,8 +125,7 @@ def report(res: dict) -> str:
             cells = []
             for key, _ in HEADLINE:
                 vals = [ratio(r, base, key) for r in rows]
-                finite = [v for v in vals if 0 < v < math.inf]
-                geo = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else float("nan")
+                geo = geomean(vals)
                 met = sum(v >= TARGETS[key] for v in vals)
                 cells.append(f"{geo:.2f} ({met} of {len(vals)})")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
