@@ -13,7 +13,6 @@ and cuBLAS fp16. Writes <out>/gemm_overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, quantized_layer  # noqa: E402
+from benchmarks.results_io import gpu_run_header, write_probe  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
@@ -94,22 +94,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--ms", default="1,16")
     args = ap.parse_args()
-    import triton
-
     torch.manual_seed(0)
     t0 = time.time()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": args.commit, "reps": args.reps,
-           "command": "python benchmarks/probe_gemm_overhead.py " + " ".join(sys.argv[1:])}
+    res = gpu_run_header("probe_gemm_overhead.py", args.commit, reps=args.reps)
     timers = {"clean": Timer(args.reps, clean_flush=True), "dirty": Timer(args.reps)}
     res["rows"] = probe(timers, [int(m) for m in args.ms.split(",")])
     res["wall_s"] = time.time() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemm_overhead.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, out / "gemm_overhead.md")
-    print((out / "gemm_overhead.md").read_text())
-    print(f"done in {res['wall_s']:.0f} s")
+    write_probe(args.out, "gemm_overhead", res, write_markdown)
 
 
 if __name__ == "__main__":

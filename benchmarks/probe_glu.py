@@ -11,7 +11,6 @@ kernel kinds it comes from. Writes <out>/glu_probe.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, quantized_layer  # noqa: E402
+from benchmarks.results_io import gpu_run_header, write_probe  # noqa: E402
 from services.engine.kernels.fused_ops import silu_mul  # noqa: E402
 from services.engine.kernels.gemm_configs import m_bucket  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
@@ -82,21 +82,12 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--top", type=int, default=4, help="tuner configs per row count timed with and without GLU")
     args = ap.parse_args()
-    import triton
-
     torch.manual_seed(0)
     t0 = time.time()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": args.commit, "reps": args.reps,
-           "command": "python benchmarks/probe_glu.py " + " ".join(sys.argv[1:])}
+    res = gpu_run_header("probe_glu.py", args.commit, reps=args.reps)
     res["rows"] = probe(Timer(args.reps, clean_flush=True), [int(m) for m in args.ms.split(",")], args.top)
     res["wall_s"] = time.time() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "glu_probe.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, out / "glu_probe.md")
-    print((out / "glu_probe.md").read_text())
-    print(f"done in {res['wall_s']:.0f} s")
+    write_probe(args.out, "glu_probe", res, write_markdown)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,3 @@ def test_prefill_cut_lowers_only_the_4bit_prefill_step_price() -> None:
     huge = engines(run, steps, prefill_cut_ms=1e6)
     assert huge["4-bit"][0].g_s_per_prefill_step == 0.0      # never below zero
 
-
-def test_write_result_keeps_a_dotted_name(tmp_path: Path) -> None:
-    """results_io.write_result appends .json / .md: a name like run_cut5.7 keeps its dot."""
-    from results_io import write_result
-    write_result(tmp_path / "sim_cut5.7", {"a": 1}, "# x\n")
-    write_result(tmp_path / "plain.md", {"b": 2}, "# y\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "plain.md", "sim_cut5.7.json", "sim_cut5.7.md"]
