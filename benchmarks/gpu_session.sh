@@ -41,7 +41,7 @@
 #                                                   #   uses 30 s, and this one names it
 #   bash benchmarks/gpu_session.sh drain30-fixed COMMIT  # ~300 s: drain30 with C fixed at 03533be's 15.9 req/s
 #                                                   #   (--capacity-req-s): the replays' measured C ranged 15.3-19.8
-#   bash benchmarks/gpu_session.sh drain30-repeat COMMIT  # ~320 s: 3.2 x C (C fixed at 15.9 req/s) on three traces,
+#   bash benchmarks/gpu_session.sh drain30-repeat COMMIT  # ~320 s (at most 420): 3.2 x C (C fixed at 15.9 req/s) on three traces,
 #                                                   #   inlaid and fifo on 4-bit and fifo on fp16 on each (--trace-repeats):
 #                                                   #   one replay per cell gave 1.46-1.93x same-base JCT across runs
 #   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
@@ -61,6 +61,8 @@
 #   bash benchmarks/gpu_session.sh fused-short COMMIT  # ~200 s (at most 250): fused's SiLU·mul part only
 #   bash benchmarks/gpu_session.sh glu-probe COMMIT  # ~120 s: down_proj with and without SiLU·mul in its GEMM at
 #                                                   #   M = 1 and 16, per tuner config (probe_glu.py: glu_probe.md)
+#   bash benchmarks/gpu_session.sh glu-repeat COMMIT  # ~450 s (at most 570): glu-probe, then drain30-repeat in
+#                                                   #   one call (a second call needs the machine still warm)
 #   bash benchmarks/gpu_session.sh pdl1-fused COMMIT  # ~400 s (at most 545): pdl1 and fused-attn in one call:
 #                                                   #   the GPU tests of both, the decode section at batch 1/16/64, and
 #                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + both fusions
@@ -71,7 +73,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | glu-repeat | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -246,11 +248,15 @@ case "$stage" in
     ;;
   drain30-repeat)   # the top rate of drain30-fixed on three traces: how much of the spread is the trace
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout 580 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+    timeout 420 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
-      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 540 --capacity-req-s 15.9 \
+      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 400 --capacity-req-s 15.9 \
       --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  glu-repeat)   # glu-probe, then drain30-repeat, in one call (8 files back)
+    bash "$0" glu-probe "$commit"
+    bash "$0" drain30-repeat "$commit"
     ;;
   scale-prefetch)
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
