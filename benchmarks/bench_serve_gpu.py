@@ -380,8 +380,7 @@ class Bench(ExtraSections):
         rows = []
         self.data["main"] = rows
         for frac, rate in zip(a.rates, self.rates()):
-            trace = make_trace(self.tasks, self.lengths, rate, a.replay_s, a.seed + 10,
-                               zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=f"m{frac}-")
+            trace = self.trace_at(frac)
             print(f" rate {rate:.1f} req/s ({frac:.0%} of FIFO capacity), {len(trace)} requests", flush=True)
             for policy in a.policies:
                 m = self.run_replay((policy, a.beta), trace, policy, a.replay_s, rate_req_s=rate, load_frac=frac)
@@ -409,7 +408,7 @@ class Bench(ExtraSections):
         a = self.args
         rows = []
         self.data["ablations"] = rows
-        rate, trace = self.rates()[-1], self.top_trace(0)
+        rate, trace = self.rates()[-1], self.trace_at(a.rates[-1])
         for label, mode, beta, overrides in self.ablations():
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
                                         overrides, rate_req_s=rate, load_frac=a.rates[-1]))

@@ -36,6 +36,13 @@ def fit_cost(rows: list[dict], source: str) -> CostModel:
     return CostModel.fit([{k: r[k] for k in (*FEATURES, "step_s")} for r in rows], source=source)
 
 
+def pooled_4bit_cost(steps: list[dict]) -> tuple[CostModel, list[dict]]:
+    """The cost model refitted to a run's calibration steps and every 4-bit replay (none of its fp16
+    replays), and those steps."""
+    rows = [r for r in steps if "fp16" not in r["run"]]
+    return fit_cost(rows, "calibration + 4-bit replay steps"), rows
+
+
 MAIN_POLICIES = ("inlaid", "fifo", "mlfq", "wfq")
 SIM_VARIANTS = [("inlaid", "inlaid", "predictor", None), ("fifo", "fifo", "predictor", None),
                 ("mlfq", "mlfq", "predictor", None), ("wfq", "wfq", "predictor", None),

@@ -148,7 +148,7 @@ class ExtraSections:
         self.data["fp16_meta"] = {"load_s": load_s, "num_kv_blocks": self.runner.num_kv_blocks,
                                   "graphs": self.runner.graphs is not None, "fast_path": self.runner.is_fast}
         for k in range(a.trace_repeats):
-            trace = self.top_trace(k)
+            trace = self.trace_at(a.rates[-1], k)
             for policy in a.fp16_policies:
                 m = self.run_replay((policy, a.beta), trace, f"{policy}, fp16 base", a.replay_s,
                                     rate_req_s=rate, load_frac=a.rates[-1], base="fp16", **self.trace_key(k))
@@ -164,12 +164,12 @@ class ExtraSections:
         """The row field naming a repeat trace (none on the main section's, k = 0)."""
         return {"trace_no": k} if k else {}
 
-    def top_trace(self, k: int) -> list:
-        """Trace k at the highest rate: k = 0 is the main section's (seed + 10); k >= 1 are further
-        draws of the same rate, task popularity and length distributions (--trace-repeats)."""
+    def trace_at(self, frac: float, k: int = 0) -> list:
+        """Trace k at frac × C: k = 0 is the one every section replays at that rate (seed + 10); k >= 1
+        are further draws of the same rate, task popularity and length distributions (--trace-repeats)."""
         a = self.args
-        prefix = f"m{a.rates[-1]}-" + (f"t{k}-" if k else "")
-        return make_trace(self.tasks, self.lengths, self.rates()[-1], a.replay_s, a.seed + 10 + 1000 * k,
+        prefix = f"m{frac}-" + (f"t{k}-" if k else "")
+        return make_trace(self.tasks, self.lengths, frac * self.capacity, a.replay_s, a.seed + 10 + 1000 * k,
                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=prefix)
 
     def sec_repeat(self) -> None:
@@ -181,7 +181,7 @@ class ExtraSections:
         self.data["repeats"] = rows
         rate = self.rates()[-1]
         for k in range(1, a.trace_repeats):
-            trace = self.top_trace(k)
+            trace = self.trace_at(a.rates[-1], k)
             print(f" trace {k}: {len(trace)} requests at {rate:.1f} req/s", flush=True)
             for policy in a.repeat_policies:
                 m = self.run_replay((policy, a.beta), trace, policy, a.replay_s, rate_req_s=rate,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sim import with_predictions  # noqa: E402
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_fit import fit_cost, replay_setup  # noqa: E402
+from serve_gpu_fit import pooled_4bit_cost, replay_setup  # noqa: E402
 from serve_gpu_workload import make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
@@ -115,8 +115,7 @@ def run_study(args, variants, script: str, title: str, pooled_cost: bool = False
     seeds = [int(x) for x in args.seeds.split(",")]
     cost, cost_steps = None, "the calibration steps"
     if pooled_cost:
-        pooled = [r for r in steps if "fp16" not in r["run"]]
-        cost = fit_cost(pooled, "calibration + 4-bit replay steps")
+        cost, pooled = pooled_4bit_cost(steps)
         cost_steps = f"the calibration steps and every 4-bit replay ({len(pooled)} steps)"
     rows = simulate(run, steps, rates, seeds, variants, args.window_s, cost)
     m = run["meta"]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_fit import fit_cost, fit_error, run_lengths, run_settings  # noqa: E402
+from serve_gpu_fit import fit_cost, fit_error, pooled_4bit_cost, run_lengths, run_settings  # noqa: E402
 from serve_gpu_ratios import HEADLINE, TARGETS, geomean, ratios  # noqa: E402
 from serve_gpu_workload import make_trace, task_names  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -41,12 +41,11 @@ def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0) -> dict:
     """{"4-bit" | "fp16": (cost model, SimConfig)} and the fits' errors, from the run's steps;
     prefill_cut_ms: a what-if, the 4-bit model's fixed price of a step with a prefill lowered by this."""
     sched, sim4 = run_settings(run["meta"])
-    four = [r for r in steps if "fp16" not in r["run"]]
     fifo16 = [r for r in steps if r["run"] == "fifo, fp16 base"]
     other16 = [r for r in steps if "fp16" in r["run"] and r["run"] != "fifo, fp16 base"]
     if not fifo16:
         raise SystemExit("the run has no 'fifo, fp16 base' steps: run bench_serve_gpu with its fp16 section")
-    cost4 = fit_cost(four, "calibration + 4-bit replay steps")
+    cost4, four = pooled_4bit_cost(steps)
     if prefill_cut_ms:
         g = max(0.0, cost4.g_s_per_prefill_step - prefill_cut_ms / 1e3)
         cost4 = dataclasses.replace(cost4, g_s_per_prefill_step=g,

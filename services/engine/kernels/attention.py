@@ -22,6 +22,9 @@ except ImportError:  # CPU-only installs use paged_decode_reference
     tl = None
 
 
+# Triton reads TRITON_INTERPRET once, at import: a loaded value cannot bound a loop there (STEP_STOP)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
 
@@ -185,8 +188,7 @@ def paged_decode_rope_attention(
         raise ValueError(f"bad shapes qkv {tuple(qkv.shape)} for {num_heads} heads, cache {tuple(k_cache.shape)}")
     if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(0) != block_size * k_cache.stride(1):
         raise ValueError("k/v caches must share strides, with a contiguous head_dim and slot = block * block_size + offset")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret and max_context <= 0:
+    if _INTERPRET and max_context <= 0:
         raise ValueError("under TRITON_INTERPRET pass max_context (the batch's longest context)")
     out = torch.empty(bsz, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     scale = scale if scale is not None else d ** -0.5
@@ -196,7 +198,7 @@ def paged_decode_rope_attention(
         scale, block_size, num_heads, num_kv_heads, num_heads // num_kv_heads,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, BN=64, STEP_STOP=max_context if interpret else 0, num_warps=4,
+        D=d, BN=64, STEP_STOP=max_context if _INTERPRET else 0, num_warps=4,
     )
     return out
 
@@ -389,7 +391,7 @@ def paged_varlen_attention(
         scale * 1.4426950408889634, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         batch.block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, BM=VARLEN_BLOCK_M, BN=64, STEP_STOP=batch.max_ctx if os.environ.get("TRITON_INTERPRET") == "1" else 0,
+        D=d, BM=VARLEN_BLOCK_M, BN=64, STEP_STOP=batch.max_ctx if _INTERPRET else 0,
         num_warps=4, num_stages=2,
     )
     return out
