@@ -61,6 +61,9 @@
 #   bash benchmarks/gpu_session.sh fused-short COMMIT  # ~200 s (at most 250): fused's SiLU·mul part only
 #   bash benchmarks/gpu_session.sh glu-probe COMMIT  # ~120 s: down_proj with and without SiLU·mul in its GEMM at
 #                                                   #   M = 1 and 16, per tuner config (probe_glu.py: glu_probe.md)
+#   bash benchmarks/gpu_session.sh gemm-stream COMMIT  # ~150 s: the GEMMs streamed back to back over cold
+#                                                    #   weights beside one call after a flush, ours (PDL 0/1/2) vs
+#                                                    #   fp16 vs torch int4 (probe_gemm_stream.py: gemm_stream.md)
 #   bash benchmarks/gpu_session.sh glu-repeat COMMIT  # ~450 s (at most 570): glu-probe, then drain30-repeat in
 #                                                   #   one call (a second call needs the machine still warm)
 #   bash benchmarks/gpu_session.sh pdl1-fused COMMIT  # ~400 s (at most 545): pdl1 and fused-attn in one call:
@@ -73,7 +76,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | glu-repeat | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | glu-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -160,6 +163,10 @@ case "$stage" in
   glu-probe)   # where the fused SiLU·mul GEMM loses (gpu_kernels_v19_fused_d5b34b3.md: 0.76x decode at batch 1)
     timeout 200 python3 benchmarks/probe_glu.py --out "$out" --commit "$commit" --ms 1,16 --top 3 2>&1 \
       | grep -v -i warn | tee "$out/glu_probe.log"
+    ;;
+  gemm-stream)   # the decode pass's view of the GEMM table: back to back over cold weights
+    timeout 280 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --pdl 2>&1 \
+      | grep -v -i warn | tee "$out/gemm_stream.log"
     ;;
   fused-short)   # fused in under 300 s: the SiLU·mul GLU tests and fused graphed decode, decode at batch 1 and 64
     timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
