@@ -75,6 +75,20 @@ class Timer:
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
+    def stream_ms(self, calls: list) -> float:
+        """Median time per call of one CUDA graph that makes every call in turn, no flush: back to
+        back, as a decode pass runs its layers (calls on weight copies that exceed the L2 read DRAM)."""
+        run = self.graph_of(lambda: [c() for c in calls])
+        run()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            run()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / len(calls)
+
 
 def copy_bandwidth_gbs(timer: Timer) -> float:
     """Device-to-device copy of 1 GiB, counting bytes read + written."""

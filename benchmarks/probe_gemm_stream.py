@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,33 +42,11 @@ def copies_for(nbytes: int) -> int:
     return min(MAX_COPIES, max(2, math.ceil(L2_MULTIPLE * l2 / nbytes)))
 
 
-def stream_us(calls: list, reps: int) -> float:
-    """Median time per call (us) of one CUDA graph that makes every call in turn."""
-    for c in calls:   # warm-up, compile, tune outside capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
-
-
 def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, reps: int, pdl_modes: list[int]) -> list[dict]:
+def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, pdl_modes: list[int]) -> list[dict]:
     t, ref_w, kw = quantized_layer(torch.randn(k, n, device="cuda") * k ** -0.5, 4)
     w16 = ref_w.t().contiguous().half()
     del ref_w
@@ -98,11 +75,11 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, r
         row = {"K": k, "N": n, "M": m, "config": str(cfg), "weight_bytes": ours_bytes,
                "copies": {"ours": len(kws), "fp16": len(w16s), "int4": len(int4s)}}
         for name, fns in calls.items():
-            row[f"{name}_stream_us"] = stream_us(fns, reps) if fns else None
+            row[f"{name}_stream_us"] = timer.stream_ms(fns) * 1e3 if fns else None
         for mode in pdl_modes:
             pdl.set_pdl(mode)
             try:
-                row[f"ours_pdl{mode}_stream_us"] = stream_us(calls["ours"], reps)
+                row[f"ours_pdl{mode}_stream_us"] = timer.stream_ms(calls["ours"]) * 1e3
             finally:
                 pdl.set_pdl(0)
         single = {"ours": calls["ours"][0], "fp16": calls["fp16"][0], "int4": calls["int4"][0] if int4s else None}
@@ -172,7 +149,7 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     res["rows"] = []
     for k, n in GEMM_SHAPES[:args.shapes]:
-        res["rows"] += probe_shape(k, n, ms, tuner, timer, args.reps, pdl_modes)
+        res["rows"] += probe_shape(k, n, ms, tuner, timer, pdl_modes)
     res["wall_s"] = time.time() - t0
     write_probe(args.out, "gemm_stream", res, write_markdown)
 
