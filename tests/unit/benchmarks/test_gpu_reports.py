@@ -74,3 +74,13 @@ def test_bench_e2e_gpu_markdown(stem: str, expect: list[str]) -> None:
     text = markdown(json.loads((RESULTS / f"{stem}.json").read_text()))
     for line in expect:
         assert line in text
+
+
+def test_probe_gemm_stream_markdown(tmp_path: Path) -> None:
+    """The streamed GEMM table of the H100 run at 285f137 renders as recorded: both timings of a
+    cell, the ratios of the fastest streamed form, and the per-M summary of the no-PDL form."""
+    from probe_gemm_stream import write_markdown
+    write_markdown(json.loads((RESULTS / "gemm_stream_285f137.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| 4096×4096 | 1 | 7.8 | 9.0 | 7.2 | 8.7 | 16.0 | 7.0 | 10.2 | 2.21 | 0.96 | 1.94 | 0.93 |" in text
+    assert "- M = 16: ours (no PDL) ×fp16 streamed 1.89–2.14, ×int4 2.55–3.76" in text
