@@ -64,7 +64,7 @@
 #   bash benchmarks/gpu_session.sh gemm-stream COMMIT  # ~150 s: the GEMMs streamed back to back over cold
 #                                                    #   weights beside one call after a flush, ours (PDL 0/1/2) vs
 #                                                    #   fp16 vs torch int4 (probe_gemm_stream.py: gemm_stream.md)
-#   bash benchmarks/gpu_session.sh glu-repeat COMMIT  # ~480 s (at most 585): gemm-stream, then drain30-repeat in
+#   bash benchmarks/gpu_session.sh stream-repeat COMMIT  # ~360 s (at most 585): gemm-stream, then drain30-repeat in
 #                                                   #   one call (a second call needs the machine still warm)
 #   bash benchmarks/gpu_session.sh pdl1-fused COMMIT  # ~400 s (at most 545): pdl1 and fused-attn in one call:
 #                                                   #   the GPU tests of both, the decode section at batch 1/16/64, and
@@ -76,7 +76,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | glu-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -261,9 +261,8 @@ case "$stage" in
       --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
-  glu-repeat)   # gemm-stream, then drain30-repeat, in one call (8 files back); the GLU probe waits for
-    # a later call (device starts failed for 8 minutes of this session's budget: the two runs that
-    # measure targets go first)
+  stream-repeat)   # gemm-stream, then drain30-repeat, in one call (8 files back); at 285f137 it ran as
+    # "glu-repeat 1fc4ef5" (gemm_stream_285f137.md, serve_gpu_24gib_long_drain30_repeat_285f137.md)
     timeout 165 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --pdl 2>&1 \
       | grep -v -i warn | tee "$out/gemm_stream.log"
     bash "$0" drain30-repeat "$commit"
