@@ -12,9 +12,7 @@ and cuBLAS fp16. Writes <out>/gemm_overhead.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, quantized_layer  # noqa: E402
-from benchmarks.results_io import gpu_run_header, write_probe  # noqa: E402
+from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
@@ -88,19 +86,9 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--ms", default="1,16")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    t0 = time.time()
-    res = gpu_run_header("probe_gemm_overhead.py", args.commit, reps=args.reps)
+    args = probe_parser(__doc__, reps=30, ms="1,16").parse_args()
     timers = {"clean": Timer(args.reps, clean_flush=True), "dirty": Timer(args.reps)}
-    res["rows"] = probe(timers, [int(m) for m in args.ms.split(",")])
-    res["wall_s"] = time.time() - t0
-    write_probe(args.out, "gemm_overhead", res, write_markdown)
+    run_probe("probe_gemm_overhead.py", "gemm_overhead", args, lambda: probe(timers, args.ms), write_markdown)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ under programmatic dependent launch modes 1 and 2 (kernels/pdl.py). Writes <out>
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import GEMM_SHAPES, GROUP, Timer, quantized_layer, torch_int4_pack  # noqa: E402
-from benchmarks.results_io import gpu_run_header, write_probe  # noqa: E402
+from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
 from services.engine.kernels import pdl  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner, L2_MULTIPLE, with_clones  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
@@ -132,26 +130,17 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--ms", default="1,4,16,64,128")
+    ap = probe_parser(__doc__, reps=20, ms="1,4,16,64,128")
     ap.add_argument("--shapes", type=int, default=len(GEMM_SHAPES), help="how many of bench_gpu_kernels' GEMM shapes")
     ap.add_argument("--pdl", action="store_true", help="also stream ours under PDL modes 1 and 2")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    t0 = time.time()
     pdl_modes = [m for m in (1, 2) if args.pdl and pdl.set_pdl(m) == m]
     pdl.set_pdl(0)
-    res = gpu_run_header("probe_gemm_stream.py", args.commit, reps=args.reps, pdl_modes=pdl_modes)
     tuner, timer = GemmTuner(), Timer(args.reps)
-    ms = [int(m) for m in args.ms.split(",")]
-    res["rows"] = []
-    for k, n in GEMM_SHAPES[:args.shapes]:
-        res["rows"] += probe_shape(k, n, ms, tuner, timer, pdl_modes)
-    res["wall_s"] = time.time() - t0
-    write_probe(args.out, "gemm_stream", res, write_markdown)
+    run_probe("probe_gemm_stream.py", "gemm_stream", args,
+              lambda: [row for k, n in GEMM_SHAPES[:args.shapes]
+                       for row in probe_shape(k, n, args.ms, tuner, timer, pdl_modes)],
+              write_markdown, pdl_modes=pdl_modes)
 
 
 if __name__ == "__main__":

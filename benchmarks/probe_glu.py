@@ -10,9 +10,7 @@ kernel kinds it comes from. Writes <out>/glu_probe.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, quantized_layer  # noqa: E402
-from benchmarks.results_io import gpu_run_header, write_probe  # noqa: E402
+from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
 from services.engine.kernels.fused_ops import silu_mul  # noqa: E402
 from services.engine.kernels.gemm_configs import m_bucket  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
@@ -75,19 +73,11 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--ms", default="1,16,64")
+    ap = probe_parser(__doc__, reps=30, ms="1,16,64")
     ap.add_argument("--top", type=int, default=4, help="tuner configs per row count timed with and without GLU")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    t0 = time.time()
-    res = gpu_run_header("probe_glu.py", args.commit, reps=args.reps)
-    res["rows"] = probe(Timer(args.reps, clean_flush=True), [int(m) for m in args.ms.split(",")], args.top)
-    res["wall_s"] = time.time() - t0
-    write_probe(args.out, "glu_probe", res, write_markdown)
+    run_probe("probe_glu.py", "glu_probe", args,
+              lambda: probe(Timer(args.reps, clean_flush=True), args.ms, args.top), write_markdown)
 
 
 if __name__ == "__main__":

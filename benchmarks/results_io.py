@@ -1,9 +1,11 @@
 """Reading and writing benchmark result files (benchmarks/results/)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -42,3 +44,26 @@ def write_probe(out: str | Path, stem: str, res: dict, write_markdown) -> None:
     write_markdown(res, out / f"{stem}.md")
     print((out / f"{stem}.md").read_text())
     print(f"done in {res['wall_s']:.0f} s")
+
+
+def probe_parser(doc: str, reps: int, ms: str) -> argparse.ArgumentParser:
+    """The GPU probes' shared arguments: --out, --commit, --reps and --ms (row counts, comma-separated,
+    parsed to a list of ints); the probe adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--ms", type=lambda v: [int(m) for m in v.split(",")], default=ms)
+    return ap
+
+
+def run_probe(script: str, stem: str, args: argparse.Namespace, rows, write_markdown, **extra) -> None:
+    """A GPU probe's run: torch seeded 0, the header (gpu_run_header, with args.reps and extra),
+    res["rows"] = rows(), the wall time, and <args.out>/<stem>.{json,md} (write_probe)."""
+    import torch
+    torch.manual_seed(0)
+    t0 = time.time()
+    res = gpu_run_header(script, args.commit, reps=args.reps, **extra)
+    res["rows"] = rows()
+    res["wall_s"] = time.time() - t0
+    write_probe(args.out, stem, res, write_markdown)
