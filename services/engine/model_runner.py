@@ -17,6 +17,7 @@ from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.quant_linear import TritonQuantLinear
 from services.engine.kernels import launch as kernel_launch
 from services.engine.kernels.pdl import set_pdl
+from services.engine.kernels.gemm_configs import STREAM_KINDS
 from services.engine.kernels.w4a16 import HAS_TRITON, set_serial_split_k
 from services.engine.lora import LoraManager
 from services.engine.sampler import Sampler
@@ -56,7 +57,8 @@ class ModelRunner:
             set_pdl(config.pdl)
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
-        self.tuner = GemmTuner(cache_path=tune_cache) if config.quant_bits else None
+        skip = () if config.gemm_stream_k else STREAM_KINDS
+        self.tuner = GemmTuner(cache_path=tune_cache, skip_kinds=skip) if config.quant_bits else None
         given = weights
         if config.quant_bits:
             weights = dict(weights)

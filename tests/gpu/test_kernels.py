@@ -26,7 +26,7 @@ from services.engine.kernels.gptq_format import (  # noqa: E402
 from services.engine.kernels.lora import lora_apply_reference, prepare_lora_batch, triton_lora_apply  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
-from services.engine.kernels.gemm_configs import candidate_configs  # noqa: E402
+from services.engine.kernels.gemm_configs import GemmConfig, candidate_configs  # noqa: E402
 from services.engine.kernels import pdl  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4_decoder import DecoderShape, GraphedDecode, W4Decoder  # noqa: E402
@@ -199,6 +199,29 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
     assert rel_err(out, paged_decode_reference(q, kc_ref, vc_ref, tables, lens)) < 1e-2
     assert torch.equal(vc, vc_ref)
     assert (kc.float() - kc_ref.float()).abs().max().item() < 2e-3   # same rotation, maybe another rounding
+
+
+@pytest.mark.parametrize("kind,m", [("gemv_sk", 1), ("gemv_sk", 3), ("mma8_sk", 5), ("mma8_sk", 16)])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_stream_k_runs_cross_tiles_with_bias_and_residual(kind: str, m: int, bits: int) -> None:
+    """Stream-K at 1 and 3 programs per SM on 35 K blocks x 7 column tiles: runs of 2+ units start
+    and end inside tiles, so a tile's partials come from several programs; the bias is added once
+    per tile; the residual form adds onto the stream in place."""
+    k, n = 4480, 448
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, bits, None)
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=bits)
+    x = torch.randn(m, k, device=DEV).half()
+    bias = torch.randn(n, device=DEV).half()
+    ref = x.float() @ ref_w + bias.float()
+    for per_sm in (1, 3):
+        cfg = GemmConfig(kind, 16 if kind == "mma8_sk" else 1, 64, per_sm, 4, 3, fast_deq=True, zsub=True)
+        assert rel_err(w4a16_matmul(x, kw, cfg, bias), ref) < 1e-2, cfg
+        residual = torch.randn(m, n, device=DEV).half()
+        want = residual.float() + ref
+        got = w4a16_matmul(x, kw, cfg, bias, accumulate=residual)
+        assert got.data_ptr() == residual.data_ptr()
+        assert rel_err(got, want) < 1e-2, cfg
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 64])

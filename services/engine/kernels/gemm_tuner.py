@@ -73,9 +73,10 @@ def candidates_digest() -> str:
     return hashlib.sha1("\n".join(lists).encode()).hexdigest()[:16]
 
 
-def tuner_identity(device: torch.device) -> str:
+def tuner_identity(device: torch.device, skip_kinds: tuple[str, ...] = ()) -> str:
     import triton
-    return f"{torch.cuda.get_device_name(device)} | triton {triton.__version__} | candidates {candidates_digest()}"
+    skipped = f" | without {','.join(skip_kinds)}" if skip_kinds else ""
+    return f"{torch.cuda.get_device_name(device)} | triton {triton.__version__} | candidates {candidates_digest()}{skipped}"
 
 
 class GemmTuner:
@@ -89,11 +90,13 @@ class GemmTuner:
     shapes → one tuning). A candidate whose output is off the dequantized reference by more than
     MAX_REL_ERR is rejected. Tuning runs real launches, so do a warm-up forward before CUDA-graph
     capture. On CPU (TRITON_INTERPRET) it returns the first candidate without timing. With a
-    cache_path, choices persist across restarts (TunerCache).
+    cache_path, choices persist across restarts (TunerCache). skip_kinds: kernel kinds never timed
+    (e.g. gemm_configs.STREAM_KINDS, EngineConfig.gemm_stream_k off), unless a bucket has no other.
     """
 
-    def __init__(self, num_reps: int = 10, cache_path: Path | None = None) -> None:
+    def __init__(self, num_reps: int = 10, cache_path: Path | None = None, skip_kinds: tuple[str, ...] = ()) -> None:
         self.num_reps = num_reps
+        self.skip_kinds = tuple(skip_kinds)
         self.best: dict[tuple[int, int, int, int], GemmConfig] = {}
         self.timings_ms: dict[tuple[int, int, int, int], list[tuple[GemmConfig, float]]] = {}
         self.cache_path = cache_path
@@ -106,7 +109,7 @@ class GemmTuner:
         cfg = self.best.get(key)
         if cfg is None:
             if x.is_cuda and self.cache_path is not None and self.cache is None:
-                self.cache = TunerCache(self.cache_path, tuner_identity(x.device))
+                self.cache = TunerCache(self.cache_path, tuner_identity(x.device, self.skip_kinds))
             cfg = self.cache.get(key) if self.cache is not None else None
             if cfg is None:
                 cfg = self._tune(key, x, kw)
@@ -117,6 +120,7 @@ class GemmTuner:
 
     def _tune(self, key: tuple[int, int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         cands = candidate_configs(key[0])
+        cands = [c for c in cands if c.kind not in self.skip_kinds] or cands
         if not x.is_cuda:
             return cands[0]
         if torch.cuda.is_current_stream_capturing():
