@@ -99,7 +99,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         cands += [GemmConfig("mma1t", 16, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (4, 8, 16)]
         cands.append(GemmConfig("mma8", 16, 64, 8, 4, 3, fast_deq=True))
         if m <= 4:
-            cands += [GemmConfig("gemv_sk", 1, bn, per_sm, 4, st) for bn in (32, 64) for per_sm in (2, 4, 8)
+            cands += [GemmConfig("gemv_sk", 1, bn, per_sm, 4, st) for bn in (32, 64, 128) for per_sm in (2, 4, 8)
                       for st in (3, 5)]
         cands += [GemmConfig("mma8_sk", 16, bn, per_sm, 4, st, fast_deq=True, zsub=True) for bn in (64, 128)
                   for per_sm in (2, 4) for st in (3, 5)]
