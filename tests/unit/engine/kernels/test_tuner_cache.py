@@ -54,3 +54,26 @@ def test_digest_follows_the_candidate_lists(monkeypatch):
     real = gemm_tuner.candidate_configs
     monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m: real(m)[:-1])
     assert candidates_digest() != base
+
+
+def test_skipped_kinds_are_never_picked_and_key_the_cache(monkeypatch):
+    """GemmTuner(skip_kinds=STREAM_KINDS) (EngineConfig.gemm_stream_k off) drops those kinds from the
+    list it times (on CPU it returns the list's first, so a list led by one shows the filter), keeps
+    the list whole if nothing else is left, and tunes under its own cache identity."""
+    import torch
+
+    from services.engine.kernels.gemm_configs import STREAM_KINDS
+    from services.engine.kernels.gemm_tuner import GemmTuner, tuner_identity
+
+    lead = GemmConfig("mma8_sk", 16, 64, 2, 4, 3, fast_deq=True, zsub=True)
+    real = gemm_tuner.candidate_configs
+    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m: [lead] + real(m))
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    key = (1, 320, 256, 4)
+    assert GemmTuner()._tune(key, x, None) == lead
+    assert GemmTuner(skip_kinds=STREAM_KINDS)._tune(key, x, None).kind not in STREAM_KINDS
+    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m: [lead])
+    assert GemmTuner(skip_kinds=STREAM_KINDS)._tune(key, x, None) == lead     # nothing else to pick
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
+    assert "without gemv_sk,mma8_sk" in tuner_identity(None, STREAM_KINDS)
+    assert "without" not in tuner_identity(None)
