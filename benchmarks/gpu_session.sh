@@ -67,6 +67,7 @@
 #   bash benchmarks/gpu_session.sh stream-k COMMIT  # ~400 s (at most 480): stream-K (gemv_sk / mma8_sk) GPU tests, then
 #                                                   #   stream-K vs split-K at M = 1-16 streamed and the 7B decode step
 #                                                   #   at batch 1 / 16 with and without them (probe_stream_k.py: stream_k.md)
+#   bash benchmarks/gpu_session.sh stream-k-short COMMIT  # ~330 s (at most 390): stream-k at M = 1, 4, 16
 #   bash benchmarks/gpu_session.sh stream-k-glu COMMIT  # ~480 s (at most 590): stream-k, then glu-probe (capped at 100 s)
 #   bash benchmarks/gpu_session.sh stream-repeat COMMIT  # ~360 s (at most 585): gemm-stream, then drain30-repeat in
 #                                                   #   one call (a second call needs the machine still warm)
@@ -80,7 +81,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-glu | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-short | stream-k-glu | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -172,6 +173,12 @@ case "$stage" in
     timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "stream_k" 2>&1 \
       | tail -15 | tee "$out/pytest_stream_k.log"
     timeout 360 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" 2>&1 \
+      | grep -v -i warn | tee "$out/stream_k.log"
+    ;;
+  stream-k-short)   # stream-k in under 400 s: M = 1, 4, 16 only
+    timeout 90 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "stream_k" 2>&1 \
+      | tail -15 | tee "$out/pytest_stream_k.log"
+    timeout 300 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" --ms 1,4,16 2>&1 \
       | grep -v -i warn | tee "$out/stream_k.log"
     ;;
   stream-k-glu)   # one start for both: stream-k with tighter caps, then what is left for glu-probe
