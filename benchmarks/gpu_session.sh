@@ -64,7 +64,7 @@
 #   bash benchmarks/gpu_session.sh gemm-stream COMMIT  # ~150 s: the GEMMs streamed back to back over cold
 #                                                    #   weights beside one call after a flush, ours (PDL 0/1/2) vs
 #                                                    #   fp16 vs torch int4 (probe_gemm_stream.py: gemm_stream.md)
-#   bash benchmarks/gpu_session.sh stream-k COMMIT  # ~400 s (at most 480): stream-K (gemv_sk / mma8_sk) GPU tests, then
+#   bash benchmarks/gpu_session.sh stream-k COMMIT  # ~400 s (at most 480): stream-K (mma8_sk) GPU tests, then
 #                                                   #   stream-K vs split-K at M = 1-16 streamed and the 7B decode step
 #                                                   #   at batch 1 / 16 with and without them (probe_stream_k.py: stream_k.md)
 #   bash benchmarks/gpu_session.sh stream-k-short COMMIT  # ~330 s (at most 390): stream-k at M = 1, 4, 16

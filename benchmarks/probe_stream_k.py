@@ -1,8 +1,8 @@
 """Stream-K against split-K for few rows: do equal pipelined runs across column tiles read faster?
 
 At M <= 16 the tuner's split-K kernels read their weights at 1.1-1.8 TB/s streamed where cuBLAS fp16
-reads 2.1-2.7 (gemm_stream_285f137.md). The stream kinds (gemv_sk, mma8_sk: w4a16._w4a16_stream_kernel)
-give each program one long software-pipelined run of (column tile, K block) units instead of a few
+reads 2.1-2.7 (gemm_stream_285f137.md). The stream kind (mma8_sk, w4a16._w4a16_stream_kernel)
+gives each program one long software-pipelined run of (column tile, K block) units instead of a few
 blocks of one tile. For the issue's shapes and each M, the GEMM tuner times every candidate (streamed
 over cold weight copies, its own method); this reports the best split-K and the best stream-K config
 from those timings, then streams both in the engine's form (into an output the norm zeroed) beside
@@ -119,7 +119,7 @@ def write_markdown(res: dict, path: Path) -> None:
              f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}. µs per call, each streamed "
              f"as one CUDA graph over weight copies above 3× the L2 (medians of {res['reps']} replays), in the "
              "engine's form (into an output the norm zeroed). split = the fastest split-K config of the tuner's "
-             "list, stream = the fastest stream-K config (gemv_sk / mma8_sk), both chosen by the tuner's own "
+             "list, stream = the fastest stream-K config (mma8_sk; up to 900b7dc also gemv_sk), both chosen by the tuner's own "
              "streamed timing (which zeroes its own output; its µs are in the JSON).\n",
              "| K×N | M | split | stream | fp16 | int4 | stream ×split | ×fp16 split | ×fp16 best | ×int4 best "
              "| best GB/s | stream config |", "|---|---|" + "---|" * 10]

@@ -70,11 +70,11 @@ def compile_mma_t(bm: int, bn: int, warps: int, stages: int, bits: int, arch: in
     return compile_kernel(W._w4a16_t_kernel, _signature(bits, *list(consts)[2:]), consts, warps, stages, arch)
 
 
-def compile_stream(kind: str, bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90,
-                   has_bias: bool = False, pdl: int = 0, glu: bool = False, asm: str = "cubin") -> bytes | str:
-    """cubin (or asm="ptx") of the stream-K kernel (gemv_sk, or mma8_sk) for one launch config."""
-    consts = {"HAS_BIAS": has_bias, "BM": bm if kind == "mma8_sk" else 1, "BN": bn, "BITS": bits,
-              "MMA": kind == "mma8_sk", "STAGES": stages, "EMULATE": False, "PDL": pdl, "GLU": glu}
+def compile_stream(bm: int, bn: int, warps: int, stages: int, bits: int, arch: int = 90, has_bias: bool = False,
+                   pdl: int = 0, glu: bool = False, asm: str = "cubin") -> bytes | str:
+    """cubin (or asm="ptx") of the stream-K kernel (mma8_sk) for one launch config."""
+    consts = {"HAS_BIAS": has_bias, "BM": bm, "BN": bn, "BITS": bits, "STAGES": stages, "EMULATE": False,
+              "PDL": pdl, "GLU": glu}
     sig = {name: t for name, t in _signature(bits).items() if name not in ("ws_ptr", "lock_ptr", "USE_ATOMIC")}
     sig = {("units_per_prog" if name == "blocks_per_split" else name): t for name, t in sig.items()}
     # pointers 0-6, then N, K, the strides and the group size (M and the run length may be anything)
@@ -94,8 +94,7 @@ def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = 
         return compile_mma(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, cfg.fast_deq,
                            cfg.kind == "mma", cfg.zsub, arch, has_bias, use_atomic, serial, glu=glu)
     if cfg.kind in STREAM_KINDS:
-        return compile_stream(cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias,
-                              glu=glu)
+        return compile_stream(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, glu=glu)
     if cfg.kind in SWAPPED_KINDS:
         return compile_mma_t(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bits, arch, has_bias, use_atomic,
                              fp16_scale=cfg.kind == "mma8ts", one_dot=cfg.kind == "mma1t", serial=serial, glu=glu)

@@ -11,8 +11,8 @@ class GemmConfig:
     "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16 dots), "mma8t"
     (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma8ts" (mma8t scaling the weights
     in fp16: one accumulator), "mma1t" (mma8t with one K=128 dot per block), "mma" (one K=128 dot),
-    "gemv_sk" / "mma8_sk" (stream-K forms of gemv_h2 and zsub mma8: split_k is then the programs
-    per SM, num_stages the depth of their one pipelined loop) or "dense" (dequantize to fp16, then
+    "mma8_sk" (stream-K form of zsub mma8: split_k is then the programs per SM, num_stages the
+    depth of its one pipelined loop) or "dense" (dequantize to fp16, then
     cuBLAS: compute-bound prefill at large M). fast_deq: the mma kinds turn codes into fp16 with the
     1024-exponent trick instead of int→float converts; zsub (with fast_deq): they also subtract the
     zero in fp16 before the dot, which drops the per-block Σx reductions."""
@@ -32,7 +32,7 @@ class GemmConfig:
 # kinds of the swapped-operand kernel (w4a16._w4a16_t_kernel)
 SWAPPED_KINDS = ("mma8t", "mma8ts", "mma1t")
 # kinds of the stream-K kernel (w4a16._w4a16_stream_kernel): split_k is its programs per SM
-STREAM_KINDS = ("gemv_sk", "mma8_sk")
+STREAM_KINDS = ("mma8_sk",)
 
 
 def m_bucket(m: int) -> int:
@@ -78,10 +78,13 @@ def candidate_configs(m: int) -> list[GemmConfig]:
     - M > 64 after v9: no mma8 / mma config placed in any top six, so the bucket keeps one Σx-path
       mma8 (the no-PTX fallback) of the 24 it had; BM 128 and 256 with BN 64 and 8 warps join
       (no spills in sm_90 SASS; BN 32 has no wgmma).
-    - gemv_sk / mma8_sk (stream-K: equal runs of (column tile, K block) units, split_k programs per
-      SM, each run one pipelined loop across tiles) are offered at M <= 16 (gemv_sk at M <= 4): the
-      streamed M = 1 kernels read 1.1-1.8 TB/s where cuBLAS fp16 reads 2.1-2.7 (gemm_stream_285f137.md),
-      and split-K's few blocks per program leave each program's pipeline filling and draining.
+    - mma8_sk (stream-K: equal runs of (column tile, K block) units, split_k programs per SM, each
+      run one pipelined loop across tiles) at M <= 16. H100, 900b7dc (stream_k_m1_16_900b7dc.md,
+      stream_k_m2_4_8_900b7dc.md): 0.83-1.04x the best split-K config's time streamed, faster
+      (by <= 4 %) on 3 of 25 cells (M = 8-16, 4096 x 11008 and 5120 x 13824); the graphed 7B decode
+      1.011x / 1.008x at batch 1 / 16. A gemv_h2 form (gemv_sk, BN 32-128) never beat it and BN 128
+      or 5 stages never placed, so only BN 64, 3 stages, 2 or 4 programs per SM remain. So
+      split-K's short per-program pipelines are not what holds the small-M bandwidth down.
     Each bucket keeps one config without inline PTX (gemv_row at M <= 4, the Σx-path mma8 above),
     so a GPU where the packed PTX misbehaves still has a correct candidate (the tuner rejects any
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
@@ -98,11 +101,7 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         cands += [GemmConfig("mma8t", 16, 64, sk, 4, 3, fast_deq=True, zsub=True) for sk in (4, 8, 16)]
         cands += [GemmConfig("mma1t", 16, bn, sk, 4, 3, fast_deq=True, zsub=True) for bn in (64, 128) for sk in (4, 8, 16)]
         cands.append(GemmConfig("mma8", 16, 64, 8, 4, 3, fast_deq=True))
-        if m <= 4:
-            cands += [GemmConfig("gemv_sk", 1, bn, per_sm, 4, st) for bn in (32, 64, 128) for per_sm in (2, 4, 8)
-                      for st in (3, 5)]
-        cands += [GemmConfig("mma8_sk", 16, bn, per_sm, 4, st, fast_deq=True, zsub=True) for bn in (64, 128)
-                  for per_sm in (2, 4) for st in (3, 5)]
+        cands += [GemmConfig("mma8_sk", 16, 64, per_sm, 4, 3, fast_deq=True, zsub=True) for per_sm in (2, 4)]
         return cands
     if m <= 64:
         return [

@@ -281,30 +281,24 @@ if triton is not None:
     def _w4a16_stream_kernel(
         x_ptr, qw_ptr, qh_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, units_per_prog,
-        HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BITS: tl.constexpr, MMA: tl.constexpr,
-        STAGES: tl.constexpr, EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+        HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BITS: tl.constexpr, STAGES: tl.constexpr,
+        EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
-        """Stream-K for few rows ("gemv_sk", "mma8_sk"): the GEMM's (column tile, 128-row K block)
-        units, laid end to end column tile by column tile, are cut into equal runs, one per program,
-        about a fixed number of programs per SM. Each program streams its run in one software-pipelined
-        loop that crosses column tiles, so its loads stay in flight from its first unit to its last,
-        where split-K gives each program a few blocks of one tile and a pipeline that fills and
-        drains each time. Where a tile ends (or the run does) the partial goes out by fp16 atomics into
-        the zeroed output. MMA: BM rows per program, 8 K=16 tensor-core dots per block on the zero-
-        subtracted packed dequant (mma8 zsub); otherwise one row per program (program axis 0) and
-        gemv_h2's packed fp16x2 products. EMULATE: no inline PTX (TRITON_INTERPRET)."""
-        pid_m = tl.program_id(0)
+        """Stream-K for few rows ("mma8_sk"): the GEMM's (column tile, 128-row K block) units, laid
+        end to end column tile by column tile, are cut into equal runs, one per program, a fixed
+        number of programs per SM. Each program streams its run in one software-pipelined loop that
+        crosses column tiles (split-K gives each program a few blocks of one tile instead); where a
+        tile ends, or the run does, the partial goes out by fp16 atomics into the zeroed output.
+        Per block: zsub mma8's packed dequant and 8 K=16 tensor-core dots on BM rows. EMULATE: no
+        inline PTX (TRITON_INTERPRET). H100 (stream_k_*_900b7dc.md): 0.83-1.04x split-K's time."""
         nb = K // 128
         u_start = tl.program_id(1) * units_per_prog
         u_end = tl.minimum(u_start + units_per_prog, tl.cdiv(N, BN) * nb)
         pdl_enter(PDL)
         offs_i = tl.arange(0, 16)
-        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
         mask_m = offs_m < M
-        if MMA:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-        else:
-            acc = tl.zeros((16, BN), dtype=tl.float32)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for u in tl.range(u_start, u_end, num_stages=STAGES):
             t = u // nb
             b = u - t * nb
@@ -317,33 +311,21 @@ if triton is not None:
             g = (b * 128) // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             z16 = (tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0).to(tl.float16)
-            if MMA:
-                x_row = x_ptr + offs_m[:, None] * stride_xm + b * 128
-                part = tl.zeros((BM, BN), dtype=tl.float32)
-                if EMULATE:
-                    ws = deq_tiles(q, qh, z16[None, :], BITS)
-                else:
-                    ws = h2_deq(q, qh, fp16_bits(z16[None, :]) * 65537, BITS)
-                for j in tl.static_range(8):
-                    xj = load_x(x_row + (16 * j + offs_i)[None, :], mask_m[:, None], K, GLU)
-                    part = tl.dot(xj, ws[j], part)
-                acc += part * s[None, :]
+            if EMULATE:
+                ws = deq_tiles(q, qh, z16[None, :], BITS)
             else:
-                x_blk = x_ptr + pid_m * stride_xm + b * 128
-                part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU)[:, None], x_pair(x_blk, 1, offs_i, K, GLU)[:, None],
-                              x_pair(x_blk, 2, offs_i, K, GLU)[:, None], x_pair(x_blk, 3, offs_i, K, GLU)[:, None],
-                              (fp16_bits(z16) * 65537)[None, :], BITS, EMULATE)
-                acc += part * s[None, :]
+                ws = h2_deq(q, qh, fp16_bits(z16[None, :]) * 65537, BITS)
+            x_row = x_ptr + offs_m[:, None] * stride_xm + b * 128
+            part = tl.zeros((BM, BN), dtype=tl.float32)
+            for j in tl.static_range(8):
+                part = tl.dot(load_x(x_row + (16 * j + offs_i)[None, :], mask_m[:, None], K, GLU), ws[j], part)
+            acc += part * s[None, :]
             if (b == nb - 1) | (u == u_end - 1):   # the tile or the run ends: its partial goes out
-                if MMA:
-                    out_v = acc
-                else:
-                    out_v = tl.sum(acc, axis=0)[None, :] * 32.0   # gemv_h2 scaled x by 1/32
                 if HAS_BIAS:   # once per tile: by the program whose run holds its first block
                     first = (t * nb >= u_start).to(tl.float32)
-                    out_v += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] * first
-                out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-                tl.atomic_add(out, out_v.to(tl.float16), mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+                    acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :] * first
+                tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(tl.float16),
+                              mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
                 acc = tl.zeros_like(acc)
 
     @triton.jit
@@ -430,9 +412,8 @@ def sm_count(device: torch.device) -> int:
 def stream_runs(cfg: GemmConfig, m: int, n: int, k: int, sms: int) -> tuple[int, int]:
     """(programs along the units, units per program) of a stream kind: cfg.split_k programs per SM
     over every row tile, the units (column tiles x 128-row blocks) cut into equal runs."""
-    row_tiles = m if cfg.kind == "gemv_sk" else cdiv(m, cfg.block_m)
     units = cdiv(n, cfg.block_n) * (k // KERNEL_K_BLOCK)
-    per_row_tile = max(1, cfg.split_k * sms // row_tiles)
+    per_row_tile = max(1, cfg.split_k * sms // cdiv(m, cfg.block_m))
     per_prog = cdiv(units, min(units, per_row_tile))
     return cdiv(units, per_prog), per_prog
 
@@ -487,14 +468,13 @@ def w4a16_matmul(
         return accumulate if bias is None else accumulate.add_(bias.to(accumulate.dtype))
     if cfg.kind in STREAM_KINDS:
         out = accumulate if accumulate is not None else torch.zeros((m, n), dtype=torch.float16, device=x.device)
-        mma = cfg.kind == "mma8_sk"
         progs, per_prog = stream_runs(cfg, m, n, k, sm_count(x.device))
         launch(
-            _w4a16_stream_kernel, (cdiv(m, cfg.block_m) if mma else m, progs),
+            _w4a16_stream_kernel, (cdiv(m, cfg.block_m), progs),
             x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, per_prog,
-            HAS_BIAS=bias is not None, BM=cfg.block_m if mma else 1, BN=cfg.block_n, BITS=kw.bits, MMA=mma,
-            STAGES=cfg.num_stages, EMULATE=INTERPRET, GLU=glu, num_warps=cfg.num_warps,
+            HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BITS=kw.bits, STAGES=cfg.num_stages,
+            EMULATE=INTERPRET, GLU=glu, num_warps=cfg.num_warps,
         )
         return out
     split_k, blocks_per_split = split_of(cfg, k)

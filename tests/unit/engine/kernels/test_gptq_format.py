@@ -74,7 +74,7 @@ def test_quant_linear_cpu_fallback_matches_dense() -> None:
 def test_m_bucket_and_candidates(m: int, bucket: int) -> None:
     assert m_bucket(m) == bucket
     cands = candidate_configs(bucket)
-    assert cands and all(c.split_k >= 1 and c.kind in ("gemv_row", "gemv_h2", "mma8", "mma8t", "mma8ts", "mma1t", "mma", "dense", "gemv_sk", "mma8_sk") for c in cands)
+    assert cands and all(c.split_k >= 1 and c.kind in ("gemv_row", "gemv_h2", "mma8", "mma8t", "mma8ts", "mma1t", "mma", "dense", "mma8_sk") for c in cands)
     assert all(c.block_m >= 16 for c in cands if c.kind in ("mma8", "mma8t", "mma8ts", "mma1t", "mma"))  # tl.dot needs 16 rows
 
 

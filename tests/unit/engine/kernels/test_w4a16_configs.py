@@ -7,7 +7,7 @@ import pytest
 from services.engine.kernels.gemm_tuner import MAX_COPIES, num_copies
 from services.engine.kernels.gemm_configs import candidate_configs, m_bucket
 
-KINDS = {"gemv_row", "gemv_h2", "mma8", "mma8t", "mma8ts", "mma1t", "mma", "dense", "gemv_sk", "mma8_sk"}
+KINDS = {"gemv_row", "gemv_h2", "mma8", "mma8t", "mma8ts", "mma1t", "mma", "dense", "mma8_sk"}
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16, 17, 40, 64, 65, 128, 300])
@@ -24,12 +24,12 @@ def test_candidates_are_launchable(m: int) -> None:
 def test_candidate_kinds_follow_the_sweep() -> None:
     # gemv_row reads the weights once per row: only for a few rows; the [BM, 16, BN] gemv kernel
     # was 30-60x slower at M = 4 on the H100 and is no longer offered for small M.
-    # (gemv_sk / mma8_sk: the stream-K forms of gemv_h2 and zsub mma8, offered where those are)
-    few = {"gemv_row", "gemv_h2", "mma8", "mma8t", "mma1t", "gemv_sk", "mma8_sk"}
+    # (mma8_sk: the stream-K form of zsub mma8, offered where that wins)
+    few = {"gemv_row", "gemv_h2", "mma8", "mma8t", "mma1t", "mma8_sk"}
     assert {c.kind for c in candidate_configs(1)} == few
     assert {c.kind for c in candidate_configs(4)} == few
     assert {c.kind for c in candidate_configs(16)} == {"mma8", "mma8t", "mma1t", "mma8_sk"}
-    assert all(c.kind not in ("gemv_sk", "mma8_sk") for m in (32, 64, 128, 256) for c in candidate_configs(m))
+    assert all(c.kind != "mma8_sk" for m in (32, 64, 128, 256) for c in candidate_configs(m))
     # mma8t subtracts the zero in fp16 like zsub (the launcher requires fast_deq with zsub)
     assert all(c.zsub and c.fast_deq for m in (1, 16, 64, 256) for c in candidate_configs(m) if c.kind in ("mma8t", "mma8ts", "mma1t"))
     assert "dense" in {c.kind for c in candidate_configs(256)}

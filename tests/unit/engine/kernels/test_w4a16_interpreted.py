@@ -165,3 +165,36 @@ def check_glu_interpreted(act_order: bool) -> None:
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
 def test_glu_input_interpreted(act_order: bool) -> None:
     run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", act_order, func="check_glu_interpreted")
+
+
+def check_stream_k(bits: int) -> None:
+    """mma8_sk with runs that start and end inside column tiles (1 program per SM of the interpreter's
+    8 over 3 K blocks x 5 tiles: 2 units a run): partials of one tile from two programs, the bias
+    added once per tile, masked rows and columns, and the residual form."""
+    from services.engine.kernels import w4a16 as W
+    from services.engine.kernels.gemm_configs import GemmConfig
+    from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
+
+    torch.manual_seed(2)
+    k, n = 384, 320
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n), 128, bits, None)
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=bits)
+    cfg = GemmConfig("mma8_sk", 16, 64, 1, 4, 3, fast_deq=True, zsub=True)
+    for m in (1, 20):
+        assert W.stream_runs(cfg, m, n, k, W.sm_count(torch.device("cpu")))[1] == (2 if m == 1 else 4)
+        x = (torch.randn(m, k) * 4).half()
+        bias = torch.randn(n).half()
+        ref = x.float() @ ref_w + bias.float()
+        out = W.w4a16_matmul(x, kw, cfg, bias)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, m
+        residual = torch.randn(m, n).half()
+        want = residual.float() + ref
+        got = W.w4a16_matmul(x, kw, cfg, bias, accumulate=residual)
+        assert got.data_ptr() == residual.data_ptr()
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2, m
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_stream_k_interpreted_matches_the_reference(bits: int) -> None:
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_interpreted", bits, func="check_stream_k")
