@@ -84,3 +84,16 @@ def test_probe_gemm_stream_markdown(tmp_path: Path) -> None:
     text = (tmp_path / "out.md").read_text()
     assert "| 4096×4096 | 1 | 7.8 | 9.0 | 7.2 | 8.7 | 16.0 | 7.0 | 10.2 | 2.21 | 0.96 | 1.94 | 0.93 |" in text
     assert "- M = 16: ours (no PDL) ×fp16 streamed 1.89–2.14, ×int4 2.55–3.76" in text
+
+
+def test_probe_stream_k_markdown(tmp_path: Path) -> None:
+    """The stream-K probe of the H100 run at 900b7dc renders as recorded: a cell of each timing, the
+    per-M summary and the decode A/B table from the header's decode_ab."""
+    from probe_stream_k import write_markdown
+    write_markdown(json.loads((RESULTS / "stream_k_m2_4_8_900b7dc.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| 4096×4096 | 2 | 7.8 | 8.3 | 16.0 | 7.2 | 0.94 | 2.04 | 2.04 | 0.92 |" in text
+    assert "- M = 8: stream ×split 0.90–0.99; best of both ×fp16 1.80–2.31" in text
+    assert "| 16 | 3.968 | 2.04 | 3.936 | 2.02 | 1.008 |" in text
+    write_markdown(json.loads((RESULTS / "stream_k_m1_16_900b7dc.json").read_text()), tmp_path / "out.md")
+    assert "- M = 1: stream ×split 0.83–0.95; best of both ×fp16 2.06–2.59" in (tmp_path / "out.md").read_text()
