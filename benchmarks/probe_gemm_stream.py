@@ -44,30 +44,47 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class StreamOperands:
+    """One of the issue's layers in every form the streamed probes time, each with enough copies
+    to exceed L2_MULTIPLE x the L2: ours (kws, kw the first), cuBLAS fp16 (w16s) and torch int4
+    (int4s, empty where torch's pack fails)."""
+
+    def __init__(self, k: int, n: int) -> None:
+        t, ref_w, self.kw = quantized_layer(torch.randn(k, n, device="cuda") * k ** -0.5, 4)
+        w16 = ref_w.t().contiguous().half()
+        del ref_w
+        try:
+            w4p, sz = torch_int4_pack(t, "cuda")
+        except RuntimeError as exc:
+            print(f"torch int4 pack failed for {k}x{n}: {exc}")
+            w4p = sz = None
+        self.weight_bytes = nbytes(self.kw.qweight, self.kw.zeros, self.kw.scales)
+        self.kws = with_clones(self.kw, copies_for(self.weight_bytes))
+        self.w16s = [w16] + [w16.clone() for _ in range(copies_for(nbytes(w16)) - 1)]
+        self.int4s = [] if w4p is None else \
+            [(w4p, sz)] + [(w4p.clone(), sz.clone()) for _ in range(copies_for(nbytes(w4p, sz)) - 1)]
+
+    def fp16_calls(self, x: torch.Tensor) -> list:
+        return [lambda w=w: F.linear(x, w) for w in self.w16s]
+
+    def int4_calls(self, x: torch.Tensor) -> list:
+        xb = x.bfloat16()
+        return [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(xb, p, GROUP, s) for p, s in self.int4s]
+
+
 def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, pdl_modes: list[int]) -> list[dict]:
-    t, ref_w, kw = quantized_layer(torch.randn(k, n, device="cuda") * k ** -0.5, 4)
-    w16 = ref_w.t().contiguous().half()
-    del ref_w
-    try:
-        w4p, sz = torch_int4_pack(t, "cuda")
-    except RuntimeError as exc:
-        print(f"torch int4 pack failed for {k}x{n}: {exc}")
-        w4p = sz = None
-    ours_bytes = nbytes(kw.qweight, kw.zeros, kw.scales)
-    kws = with_clones(kw, copies_for(ours_bytes))
-    w16s = [w16] + [w16.clone() for _ in range(copies_for(nbytes(w16)) - 1)]
-    int4s = [] if w4p is None else [(w4p, sz)] + [(w4p.clone(), sz.clone()) for _ in range(copies_for(nbytes(w4p, sz)) - 1)]
+    ops = StreamOperands(k, n)
+    kw, kws, w16s, int4s, ours_bytes = ops.kw, ops.kws, ops.w16s, ops.int4s, ops.weight_bytes
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").half()
-        xb = x.bfloat16()
         cfg = tuner.config_for(x, kw)
         kept = torch.zeros(m, n, dtype=torch.float16, device="cuda")
         calls = {
             "ours": [lambda c=c: w4a16_matmul(x, c, cfg, accumulate=kept) for c in kws],
             "ours_alone": [lambda c=c: w4a16_matmul(x, c, cfg) for c in kws],
-            "fp16": [lambda w=w: F.linear(x, w) for w in w16s],
-            "int4": [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(xb, p, GROUP, s) for p, s in int4s],
+            "fp16": ops.fp16_calls(x),
+            "int4": ops.int4_calls(x),
             "read": [lambda c=c: torch.amax(c.qweight) for c in kws],
         }
         row = {"K": k, "N": n, "M": m, "config": str(cfg), "weight_bytes": ours_bytes,
@@ -89,7 +106,7 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, p
             + "".join(f" pdl{md} {row[f'ours_pdl{md}_stream_us']:.1f}" for md in pdl_modes)
             + "  single: " + " ".join(f"{name} {row[name + '_single_us']:.1f}" for name in SINGLE
                                        if row[name + "_single_us"] is not None) + f"  ({cfg})", flush=True)
-    del kws, w16s, int4s
+    del ops, kws, w16s, int4s
     torch.cuda.empty_cache()
     return rows
 

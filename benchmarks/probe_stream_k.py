@@ -16,18 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import (  # noqa: E402
-    DECODE_BLOCK, GEMM_SHAPES, GROUP, Timer, copy_bandwidth_gbs, decode_floor, decode_inputs, decode_model,
-    quantized_layer, torch_int4_pack,
+    DECODE_BLOCK, GEMM_SHAPES, Timer, copy_bandwidth_gbs, decode_floor, decode_inputs, decode_model,
 )
-from benchmarks.probe_gemm_stream import copies_for, nbytes  # noqa: E402
+from benchmarks.probe_gemm_stream import StreamOperands  # noqa: E402
 from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
 from services.engine.kernels.gemm_configs import STREAM_KINDS, m_bucket  # noqa: E402
-from services.engine.kernels.gemm_tuner import GemmTuner, with_clones  # noqa: E402
+from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 
 TOP = 3
@@ -44,18 +42,11 @@ def best_of(timings: list, stream: bool) -> tuple:
 
 
 def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer) -> list[dict]:
-    t, ref_w, kw = quantized_layer(torch.randn(k, n, device="cuda") * k ** -0.5, 4)
-    w16 = ref_w.t().contiguous().half()
-    del ref_w
-    w4p, sz = torch_int4_pack(t, "cuda")
-    kws = with_clones(kw, copies_for(nbytes(kw.qweight, kw.zeros, kw.scales)))
-    w16s = [w16] + [w16.clone() for _ in range(copies_for(nbytes(w16)) - 1)]
-    int4s = [(w4p, sz)] + [(w4p.clone(), sz.clone()) for _ in range(copies_for(nbytes(w4p, sz)) - 1)]
+    ops = StreamOperands(k, n)
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").half()
-        xb = x.bfloat16()
-        picked = tuner.config_for(x, kw)
+        picked = tuner.config_for(x, ops.kw)
         timings = tuner.timings_ms[(m_bucket(m), n, k, 4)]
         split_cfg, split_tuner_us = best_of(timings, stream=False)
         sk_cfg, sk_tuner_us = best_of(timings, stream=True)
@@ -68,16 +59,15 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer) -
                    key=lambda ct: ct[1])[:TOP]]}
         for name, cfg in (("split", split_cfg), ("stream", sk_cfg)):
             row[f"{name}_us"] = None if cfg is None else timer.stream_ms(
-                [lambda c=c, cfg=cfg: w4a16_matmul(x, c, cfg, accumulate=kept) for c in kws]) * 1e3
-        row["fp16_us"] = timer.stream_ms([lambda w=w: F.linear(x, w) for w in w16s]) * 1e3
-        row["int4_us"] = timer.stream_ms(
-            [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(xb, p, GROUP, s) for p, s in int4s]) * 1e3
-        row["weight_bytes"] = nbytes(kw.qweight, kw.zeros, kw.scales)
+                [lambda c=c, cfg=cfg: w4a16_matmul(x, c, cfg, accumulate=kept) for c in ops.kws]) * 1e3
+        row["fp16_us"] = timer.stream_ms(ops.fp16_calls(x)) * 1e3
+        row["int4_us"] = timer.stream_ms(ops.int4_calls(x)) * 1e3 if ops.int4s else None
+        row["weight_bytes"] = ops.weight_bytes
         rows.append(row)
         print(f"K={k:5d} N={n:5d} M={m:3d}  split {fmt(row['split_us'])} stream {fmt(row['stream_us'])} "
-              f"fp16 {row['fp16_us']:.1f} int4 {row['int4_us']:.1f} µs  (stream: {sk_cfg}; "
+              f"fp16 {row['fp16_us']:.1f} int4 {fmt(row['int4_us'])} µs  (stream: {sk_cfg}; "
               f"rejected {len(row['rejected'])})", flush=True)
-    del kws, w16s, int4s
+    del ops
     torch.cuda.empty_cache()
     return rows
 
@@ -126,7 +116,7 @@ def write_markdown(res: dict, path: Path) -> None:
     for r in res["rows"]:
         best = min(v for v in (r["split_us"], r["stream_us"]) if v)
         lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {fmt(r['split_us'])} | {fmt(r['stream_us'])} | "
-                     f"{r['fp16_us']:.1f} | {r['int4_us']:.1f} | {ratio(r['split_us'], r['stream_us'])} | "
+                     f"{r['fp16_us']:.1f} | {fmt(r['int4_us'])} | {ratio(r['split_us'], r['stream_us'])} | "
                      f"{ratio(r['fp16_us'], r['split_us'])} | {ratio(r['fp16_us'], best)} | "
                      f"{ratio(r['int4_us'], best)} | {r['weight_bytes'] / (best * 1e-6) / 1e9:.0f} | "
                      f"{r['stream_config']} |")
