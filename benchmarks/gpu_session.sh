@@ -64,12 +64,10 @@
 #   bash benchmarks/gpu_session.sh gemm-stream COMMIT  # ~150 s: the GEMMs streamed back to back over cold
 #                                                    #   weights beside one call after a flush, ours (PDL 0/1/2) vs
 #                                                    #   fp16 vs torch int4 (probe_gemm_stream.py: gemm_stream.md)
-#   bash benchmarks/gpu_session.sh stream-k COMMIT  # ~400 s (at most 480): stream-K (mma8_sk) GPU tests, then
+#   bash benchmarks/gpu_session.sh stream-k COMMIT  # at most 480 s (not run yet): stream-K (mma8_sk) GPU tests, then
 #                                                   #   stream-K vs split-K at M = 1-16 streamed and the 7B decode step
 #                                                   #   at batch 1 / 16 with and without them (probe_stream_k.py: stream_k.md)
-#   bash benchmarks/gpu_session.sh stream-k-short COMMIT  # ~330 s (at most 390): stream-k at M = 1, 4, 16
-#   bash benchmarks/gpu_session.sh stream-k-min COMMIT  # ~250 s (at most 290): 4-bit tests, M = 1 and 16, decode at batch 1
-#   bash benchmarks/gpu_session.sh stream-k-glu COMMIT  # ~480 s (at most 590): stream-k, then glu-probe (capped at 100 s)
+#   bash benchmarks/gpu_session.sh stream-k-min COMMIT  # 40 s on the H100 at 900b7dc (at most 290): 4-bit tests, M = 1 and 16, decode at batch 1
 #   bash benchmarks/gpu_session.sh stream-repeat COMMIT  # ~360 s (at most 585): gemm-stream, then drain30-repeat in
 #                                                   #   one call (a second call needs the machine still warm)
 #   bash benchmarks/gpu_session.sh pdl1-fused COMMIT  # ~400 s (at most 545): pdl1 and fused-attn in one call:
@@ -82,7 +80,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-short | stream-k-min | stream-k-glu | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -176,25 +174,11 @@ case "$stage" in
     timeout 360 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" 2>&1 \
       | grep -v -i warn | tee "$out/stream_k.log"
     ;;
-  stream-k-short)   # stream-k in under 400 s: M = 1, 4, 16 only
-    timeout 90 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "stream_k" 2>&1 \
-      | tail -15 | tee "$out/pytest_stream_k.log"
-    timeout 300 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" --ms 1,4,16 2>&1 \
-      | grep -v -i warn | tee "$out/stream_k.log"
-    ;;
   stream-k-min)   # stream-k in under 300 s: M = 1 and 16, decode at batch 1
     timeout 60 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "stream_k and 4-" 2>&1 \
       | tail -15 | tee "$out/pytest_stream_k.log"
     timeout 230 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" --ms 1,16 --decode-batches 1 2>&1 \
       | grep -v -i warn | tee "$out/stream_k.log"
-    ;;
-  stream-k-glu)   # one start for both: stream-k with tighter caps, then what is left for glu-probe
-    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "stream_k or glu_input" 2>&1 \
-      | tail -15 | tee "$out/pytest_stream_k.log"
-    timeout 330 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" 2>&1 \
-      | grep -v -i warn | tee "$out/stream_k.log"
-    timeout 100 python3 benchmarks/probe_glu.py --out "$out" --commit "$commit" --ms 1,16 --top 3 2>&1 \
-      | grep -v -i warn | tee "$out/glu_probe.log"
     ;;
   gemm-stream)   # the decode pass's view of the GEMM table: back to back over cold weights
     timeout 280 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --pdl 2>&1 \
