@@ -47,6 +47,8 @@
 #   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
 #                                                   #   inlaid with and without background adapter packing
 #                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
+#   bash benchmarks/gpu_session.sh roofline COMMIT  # ~500 s: reads alone vs the GEMM at M = 1 / 16 (is it the bytes or the
+#                                                   #   work per byte?), shift vs fma unpacking; GPU tests under fma
 #   bash benchmarks/gpu_session.sh pdl COMMIT       # ~150 s: GPU tests of programmatic dependent launch (graphed
 #                                                   #   decode, engine logits), then the decode section (PDL columns)
 #   bash benchmarks/gpu_session.sh pdl-all COMMIT   # ~450 s: pdl, pdl-gemm, then the engine's LoRA section
@@ -80,7 +82,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -179,6 +181,13 @@ case "$stage" in
       | tail -15 | tee "$out/pytest_stream_k.log"
     timeout 230 python3 benchmarks/probe_stream_k.py --out "$out" --commit "$commit" --ms 1,16 --decode-batches 1 2>&1 \
       | grep -v -i warn | tee "$out/stream_k.log"
+    ;;
+  roofline)   # read-only roofline beside the small-M GEMM (probe_roofline.py), both h2 unpacking forms, and the
+              # 4-bit kernel GPU tests (every tuner candidate) under the fma form
+    INLAID_H2_DEQ=fma timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py \
+      -k "every_candidate and 4- or stream_k and 4- or glu_input" 2>&1 | tail -15 | tee "$out/pytest_fma.log"
+    timeout 420 python3 benchmarks/probe_roofline.py --out "$out" --commit "$commit" 2>&1 \
+      | grep -v -i warn | tee "$out/roofline.log"
     ;;
   gemm-stream)   # the decode pass's view of the GEMM table: back to back over cold weights
     timeout 280 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --pdl 2>&1 \

@@ -8,12 +8,29 @@ float64 dot product. The strings live outside the triton guard, so this runs wit
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import numpy as np
 import pytest
 
-from services.engine.kernels import h2_ptx as W
+from services.engine.kernels import h2_ptx
+
+
+def _with_form(form: str):
+    """h2_ptx as a process started with INLAID_H2_DEQ=form would import it (the form is read at import)."""
+    spec = importlib.util.spec_from_file_location(f"h2_ptx_{form}", h2_ptx.__file__)
+    module = importlib.util.module_from_spec(spec)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("INLAID_H2_DEQ", form)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        mp.undo()
+    return module
+
+
+FORMS = {form: _with_form(form) for form in h2_ptx.H2_DEQ_FORMS}
 
 MASK = 0xFFFFFFFF
 
@@ -127,12 +144,13 @@ def h2_inputs(bits: int, q: int, qh: int, xs: list[float], z: int) -> list[int]:
     return ([q] if bits == 4 else [q, qh]) + pairs + [zz]
 
 
-def asm_of(bits: int) -> str:
-    return W.H2_DOT_ASM if bits == 4 else W.H2_DOT3_ASM
+def asm_of(bits: int, form: str) -> str:
+    return FORMS[form].H2_DOT_ASM if bits == 4 else FORMS[form].H2_DOT3_ASM
 
 
+@pytest.mark.parametrize("form", h2_ptx.H2_DEQ_FORMS)
 @pytest.mark.parametrize("bits", [4, 3])
-def test_one_hot_x_reads_every_code_exactly(bits: int) -> None:
+def test_one_hot_x_reads_every_code_exactly(bits: int, form: str) -> None:
     rng = np.random.default_rng(bits)
     for _ in range(50):
         q, qh = planes(bits, rng)
@@ -141,25 +159,27 @@ def test_one_hot_x_reads_every_code_exactly(bits: int) -> None:
         for j in range(8):
             xs = [0.0] * 8
             xs[j] = 1.0
-            assert run_dot(asm_of(bits), h2_inputs(bits, q, qh, xs, z)) == codes[j] - z, (q, qh, j)
+            assert run_dot(asm_of(bits, form), h2_inputs(bits, q, qh, xs, z)) == codes[j] - z, (q, qh, j)
 
 
+@pytest.mark.parametrize("form", h2_ptx.H2_DEQ_FORMS)
 @pytest.mark.parametrize("bits", [4, 3])
-def test_random_words_match_the_float64_dot(bits: int) -> None:
+def test_random_words_match_the_float64_dot(bits: int, form: str) -> None:
     rng = np.random.default_rng(10 + bits)
     for _ in range(200):
         q, qh = planes(bits, rng)
         z = int(rng.integers(0, 2**bits))
         xs = [float(np.float16(v)) for v in rng.normal(0, 1, 8) / 32]   # the kernel's 1/32-scaled x
         ref = sum(x * (c - z) for x, c in zip(xs, codes_of(bits, q, qh)))
-        got = run_dot(asm_of(bits), h2_inputs(bits, q, qh, xs, z))
+        got = run_dot(asm_of(bits, form), h2_inputs(bits, q, qh, xs, z))
         assert abs(got - ref) <= 2e-3 * sum(abs(x) * 15 for x in xs) + 1e-6, (got, ref)
 
 
+@pytest.mark.parametrize("form", h2_ptx.H2_DEQ_FORMS)
 @pytest.mark.parametrize("bits", [4, 3])
-def test_deq_asm_gives_every_code_minus_the_zero(bits: int):
+def test_deq_asm_gives_every_code_minus_the_zero(bits: int, form: str):
     rng = np.random.default_rng(7 + bits)
-    asm = W.H2_DEQ_ASM if bits == 4 else W.H2_DEQ3_ASM
+    asm = FORMS[form].H2_DEQ_ASM if bits == 4 else FORMS[form].H2_DEQ3_ASM
     for _ in range(200):
         q, qh = planes(bits, rng)
         z = int(rng.integers(0, 2**bits))
@@ -167,3 +187,13 @@ def test_deq_asm_gives_every_code_minus_the_zero(bits: int):
         regs = run_ptx(asm, ([q] if bits == 4 else [q, qh]) + [zz], num_outputs=8)
         got = [float(regs[f"${j}"]) for j in range(8)]
         assert got == [c - z for c in codes_of(bits, q, qh)], (q, qh, z)
+
+
+def test_fma_form_uses_one_shift_and_an_unknown_form_is_refused(monkeypatch) -> None:
+    fma, shift = FORMS["fma"].H2_DEQ_ASM, FORMS["shift"].H2_DEQ_ASM
+    assert fma.count("shr.u32") == 1 and shift.count("shr.u32") == 3
+    assert fma.count("fma.rn.f16x2") == 2
+    with pytest.raises(ValueError, match="INLAID_H2_DEQ='lut'"):
+        monkeypatch.setenv("INLAID_H2_DEQ", "lut")
+        spec = importlib.util.spec_from_file_location("h2_ptx_bad", h2_ptx.__file__)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
