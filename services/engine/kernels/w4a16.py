@@ -94,9 +94,10 @@ if triton is not None:
                 if H2:
                     zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
                     x_blk = x_row + b * 128
-                    part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU)[:, None],
-                                   x_pair(x_blk, 1, offs_i, K, GLU)[:, None], x_pair(x_blk, 2, offs_i, K, GLU)[:, None],
-                                   x_pair(x_blk, 3, offs_i, K, GLU)[:, None], zz[None, :], BITS, EMULATE)
+                    part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU, EMULATE)[:, None],
+                                   x_pair(x_blk, 1, offs_i, K, GLU, EMULATE)[:, None],
+                                   x_pair(x_blk, 2, offs_i, K, GLU, EMULATE)[:, None],
+                                   x_pair(x_blk, 3, offs_i, K, GLU, EMULATE)[:, None], zz[None, :], BITS, EMULATE)
                     acc += part * s[None, :]
                 else:
                     part = tl.zeros((16, BN), dtype=tl.float32)

@@ -133,12 +133,21 @@ if triton is not None:
         return tl.load(ptrs, mask=mask, other=0.0)
 
     @triton.jit
-    def x_pair(x_blk, j: tl.constexpr, offs_i, K, GLU: tl.constexpr):
-        """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]."""
+    def x_pair(x_blk, j: tl.constexpr, offs_i, K, GLU: tl.constexpr, EMULATE: tl.constexpr = True):
+        """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]. On the
+        GPU (not EMULATE) the two halves are joined and scaled by one mul.f16x2 (x · 2^-5 is exact in
+        fp16 as in fp32, subnormals included: the same bits as the fp32 path, with 2 instructions
+        instead of about 10)."""
         every = offs_i < 16
-        lo = (load_x(x_blk + 16 * j + offs_i, every, K, GLU).to(tl.float32) * 0.03125).to(tl.float16)
-        hi = (load_x(x_blk + 16 * (j + 4) + offs_i, every, K, GLU).to(tl.float32) * 0.03125).to(tl.float16)
-        return fp16_bits(lo) | (fp16_bits(hi) << 16)
+        lo = load_x(x_blk + 16 * j + offs_i, every, K, GLU)
+        hi = load_x(x_blk + 16 * (j + 4) + offs_i, every, K, GLU)
+        if EMULATE:
+            lo = (lo.to(tl.float32) * 0.03125).to(tl.float16)
+            hi = (hi.to(tl.float32) * 0.03125).to(tl.float16)
+            return fp16_bits(lo) | (fp16_bits(hi) << 16)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 xp, c; mov.b32 xp, {$1, $2}; mov.b32 c, 671098880; mul.rn.f16x2 $0, xp, c; }",
+            "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
     def serial_split_store(acc, out, omask, ws_ptr, lock_ptr, local, tile_id, num_tiles, pid_k, split_k,
