@@ -82,7 +82,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -188,6 +188,17 @@ case "$stage" in
       | grep -v -i warn | tee "$out/roofline.log"
     INLAID_H2_DEQ=fma timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py \
       -k "every_candidate and 4-False or stream_k and 4- or glu_input" 2>&1 | tail -15 | tee "$out/pytest_fma.log"
+    ;;
+  prefetch)   # gemv_h2's register double buffer: the roofline probe (its configs with and without it), the tuner's
+              # picks streamed at M = 1 / 4 / 16 (probe_gemm_stream), GPU tests of every M <= 4 candidate, the decode table
+    timeout 150 python3 benchmarks/probe_roofline.py --out "$out" --commit "$commit" 2>&1 \
+      | grep -v -i warn | tee "$out/roofline.log"
+    timeout 200 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --ms 1,4,16 2>&1 \
+      | grep -v -i warn | tee "$out/gemm_stream.log"
+    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate and False-1] or every_candidate and False-3]" 2>&1 \
+      | tail -15 | tee "$out/pytest_prefetch.log"
+    timeout 120 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode 2>&1 \
+      | grep -v -i warn | tail -40
     ;;
   gemm-stream)   # the decode pass's view of the GEMM table: back to back over cold weights
     timeout 280 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --pdl 2>&1 \

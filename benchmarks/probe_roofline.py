@@ -8,8 +8,8 @@ over weight copies above 3x the L2 (as probe_gemm_stream), per issue shape:
 - `tiles BN/split/warps/stages`: a Triton kernel with the GEMV's grid and access pattern (a [16, BN] code
   tile per 128-row block of a [K/8, 128] column tile, the group's scales and zeros, split-K over K),
   doing one integer op per word instead of the dequantize-and-dot;
-- our kernel at a fixed list of configs (gemv_h2 with BN 32 to 128 and 1 to 4 warps, zsub mma8), and
-  cuBLAS fp16.
+- our kernel at a fixed list of configs (gemv_h2 with BN 32 to 128 and 1 to 4 warps, each without and
+  with its register double buffer; zsub mma8), and cuBLAS fp16.
 If `tiles` is near `flat` and our kernel well above both, the work per byte holds it; if `tiles`
 is as slow as our kernel, the access pattern does. Both 4-bit unpacking forms of h2_ptx
 (INLAID_H2_DEQ=shift / fma) run, each in its own process (the form is fixed at import), in the same
@@ -73,15 +73,16 @@ if triton is not None:
 
 
 def configs_for(m: int) -> list[GemmConfig]:
-    """Our configs timed at m rows: the GEMV's per-thread tile from 8 to 64 words (BN × rows over
-    the warps), and the zsub mma8 the tuner picks at M <= 16."""
+    """Our configs timed at m rows: gemv_h2 with its per-thread tile from 8 to 64 words (BN × rows
+    over the warps), each without and with its register double buffer (num_stages 1 / 2), and the
+    zsub mma8 the tuner picks at M <= 16."""
     mma = [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
-           for bn, sk, st in ((64, 4, 3), (64, 8, 3), (64, 8, 2), (128, 8, 2))]
+           for bn, sk, st in ((64, 4, 3), (64, 8, 3), (64, 8, 2))]
     if m > 4:
         return mma
-    return [GemmConfig("gemv_h2", 1, bn, sk, w, 1, 1) for bn, sk, w in
-            ((32, 8, 4), (32, 8, 2), (64, 8, 4), (64, 16, 2), (128, 8, 1), (128, 16, 1), (128, 32, 1),
-             (128, 16, 2), (128, 32, 2))] + mma
+    return [GemmConfig("gemv_h2", 1, bn, sk, w, st, 1) for bn, sk, w in
+            ((32, 8, 4), (32, 16, 4), (128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (128, 16, 4),
+             (128, 32, 4)) for st in (1, 2)] + mma
 
 
 def worker(args) -> list[dict]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class GemmConfig:
     """One launch configuration: kind "gemv_row" (CUDA cores, one x row per program, 2-D tiles),
-    "gemv_h2" (gemv_row with packed fp16x2 dequant and products), "mma8" (8 K=16 dots), "mma8t"
+    "gemv_h2" (gemv_row with packed fp16x2 dequant and products; num_stages 2 is its register double
+    buffer, w4a16's PREFETCH, not Triton's pipeliner), "mma8" (8 K=16 dots), "mma8t"
     (mma8 with swapped operands, out^T = W^T x^T, always zsub), "mma8ts" (mma8t scaling the weights
     in fp16: one accumulator), "mma1t" (mma8t with one K=128 dot per block), "mma" (one K=128 dot),
     "mma8_sk" (stream-K form of zsub mma8: split_k is then the programs per SM, num_stages the
@@ -95,6 +96,9 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         if m <= 4:
             cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
             cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
+            # num_stages 2: gemv_h2's register double buffer (block b + 1's loads before block b's work)
+            cands += [GemmConfig("gemv_h2", 1, bn, sk, w, 2, 1) for bn, w in ((32, 4), (128, 1), (128, 2), (128, 4))
+                      for sk in (8, 16, 32)]
             cands.append(GemmConfig("gemv_row", 1, 32, 8, 4, 1, 2))
         cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
                   for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]

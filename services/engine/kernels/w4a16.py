@@ -47,8 +47,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: ge
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
-        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_deq, h2_dot, load_planes, load_x, nibble_fp16,
-        serial_split_store, tile_of, x_pair,
+        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_block_loads, h2_deq, h2_dot, load_planes, load_x,
+        nibble_fp16, serial_split_store, tile_of, x_pair,
     )
 
     @triton.jit
@@ -57,14 +57,16 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
         BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False, SERIAL: tl.constexpr = False,
-        PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+        PDL: tl.constexpr = False, GLU: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
         int4 → fp32 via the 2^23 exponent trick (q | 0x4B000000 read as fp32 is 2^23 + q).
         H2: packed fp16x2 dequant and products (h2_dot), fp32 across words. x is
         scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
-        |x| below ~35 000; the output is scaled back in fp32."""
+        |x| below ~35 000; the output is scaled back in fp32. PREFETCH (H2, UNROLL 1): a register
+        double buffer, every load of block b + 1 (codes, scale, zero, x pairs) issued before block b's
+        dequantize-and-dot, so each warp has the next block's DRAM reads in flight while it computes."""
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -82,33 +84,46 @@ if triton is not None:
         acc = tl.zeros((16, BN), dtype=tl.float32)
         zacc = tl.zeros((BN,), dtype=tl.float32)
         x_row = x_ptr + row * stride_xm
-        for b0 in range(b_start, b_end, UNROLL):
-            for u in tl.static_range(UNROLL):
-                b = tl.minimum(b0 + u, b_end - 1)
-                live = (b0 + u < b_end).to(tl.float32)  # a block past the split's end counts 0
-                q, qh = load_planes(qw_ptr + tile, qh_ptr + tile,
-                                     (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
-                g = (b * 128) // group_size
-                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
-                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                if H2:
-                    zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
-                    x_blk = x_row + b * 128
-                    part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU, EMULATE)[:, None],
-                                   x_pair(x_blk, 1, offs_i, K, GLU, EMULATE)[:, None],
-                                   x_pair(x_blk, 2, offs_i, K, GLU, EMULATE)[:, None],
-                                   x_pair(x_blk, 3, offs_i, K, GLU, EMULATE)[:, None], zz[None, :], BITS, EMULATE)
-                    acc += part * s[None, :]
-                else:
-                    part = tl.zeros((16, BN), dtype=tl.float32)
-                    xs = tl.zeros((16,), dtype=tl.float32)
-                    for j in tl.static_range(8):
-                        xj = load_x(x_row + b * 128 + 16 * j + offs_i, offs_i < 16, K, GLU).to(tl.float32)
-                        wj = (field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                        part += xj[:, None] * wj
-                        xs += xj
-                    acc += part * s[None, :]
-                    zacc += tl.sum(xs, axis=0) * z * s
+        if PREFETCH:
+            q_n, qh_n, s_n, z_n, p0_n, p1_n, p2_n, p3_n = h2_block_loads(
+                qw_ptr + tile, qh_ptr + tile, s_ptr, z_ptr, x_row, b_start, offs_i, offs_c, offs_n, mask_n, N, K,
+                group_size, BITS, GLU, EMULATE)
+            for b in range(b_start, b_end):
+                q, qh, s, z, p0, p1, p2, p3 = q_n, qh_n, s_n, z_n, p0_n, p1_n, p2_n, p3_n
+                q_n, qh_n, s_n, z_n, p0_n, p1_n, p2_n, p3_n = h2_block_loads(
+                    qw_ptr + tile, qh_ptr + tile, s_ptr, z_ptr, x_row, tl.minimum(b + 1, b_end - 1), offs_i, offs_c,
+                    offs_n, mask_n, N, K, group_size, BITS, GLU, EMULATE)
+                zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
+                acc += h2_dot(q, qh, p0[:, None], p1[:, None], p2[:, None], p3[:, None], zz[None, :], BITS,
+                              EMULATE) * s[None, :]
+        else:
+            for b0 in range(b_start, b_end, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    b = tl.minimum(b0 + u, b_end - 1)
+                    live = (b0 + u < b_end).to(tl.float32)  # a block past the split's end counts 0
+                    q, qh = load_planes(qw_ptr + tile, qh_ptr + tile,
+                                         (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
+                    g = (b * 128) // group_size
+                    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
+                    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    if H2:
+                        zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
+                        x_blk = x_row + b * 128
+                        part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU, EMULATE)[:, None],
+                                       x_pair(x_blk, 1, offs_i, K, GLU, EMULATE)[:, None],
+                                       x_pair(x_blk, 2, offs_i, K, GLU, EMULATE)[:, None],
+                                       x_pair(x_blk, 3, offs_i, K, GLU, EMULATE)[:, None], zz[None, :], BITS, EMULATE)
+                        acc += part * s[None, :]
+                    else:
+                        part = tl.zeros((16, BN), dtype=tl.float32)
+                        xs = tl.zeros((16,), dtype=tl.float32)
+                        for j in tl.static_range(8):
+                            xj = load_x(x_row + b * 128 + 16 * j + offs_i, offs_i < 16, K, GLU).to(tl.float32)
+                            wj = (field(q, qh, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                            part += xj[:, None] * wj
+                            xs += xj
+                        acc += part * s[None, :]
+                        zacc += tl.sum(xs, axis=0) * z * s
         if H2:
             out_v = tl.sum(acc, axis=0) * 32.0
         else:
@@ -497,11 +512,13 @@ def w4a16_matmul(
     args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out, ws, locks,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if gemv:
+        # gemv_h2 with num_stages 2: the kernel's own register double buffer (PREFETCH), Triton's at 1 stage
+        prefetch = cfg.kind == "gemv_h2" and cfg.num_stages == 2 and cfg.unroll == 1
         launch(
             _w4a16_gemv_row_kernel, (m, cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET, SERIAL=serial, GLU=glu,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=1 if prefetch else cfg.num_stages,
         )
         return out
     grid = (tiles, split_k)

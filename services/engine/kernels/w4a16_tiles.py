@@ -150,6 +150,19 @@ if triton is not None:
             "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
+    def h2_block_loads(qw_tile, qh_tile, s_ptr, z_ptr, x_row, b, offs_i, offs_c, offs_n, mask_n, N, K, group_size,
+                       BITS: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
+        """Everything gemv_h2 reads for 128-row block b: the code planes [16, BN], the group's scale
+        and zero [BN] (fp32) and the four x pairs [16] (x_pair)."""
+        q, qh = load_planes(qw_tile, qh_tile, (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
+        g = (b * 128) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        x_blk = x_row + b * 128
+        return (q, qh, s, z, x_pair(x_blk, 0, offs_i, K, GLU, EMULATE), x_pair(x_blk, 1, offs_i, K, GLU, EMULATE),
+                x_pair(x_blk, 2, offs_i, K, GLU, EMULATE), x_pair(x_blk, 3, offs_i, K, GLU, EMULATE))
+
+    @triton.jit
     def serial_split_store(acc, out, omask, ws_ptr, lock_ptr, local, tile_id, num_tiles, pid_k, split_k,
                             TILE: tl.constexpr):
         """Split-K without a zeroed output ("serial" split-K): each split stores its fp32 partial

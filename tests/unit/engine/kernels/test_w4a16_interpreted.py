@@ -19,7 +19,7 @@ from tests.unit.engine.kernels.interpreted import run_interpreted
 
 def check_interpreted(bits: int, act_order: bool) -> None:
     from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
-    from services.engine.kernels.gemm_configs import SWAPPED_KINDS, candidate_configs
+    from services.engine.kernels.gemm_configs import SWAPPED_KINDS, GemmConfig, candidate_configs
     from services.engine.kernels.w4a16 import w4a16_matmul
 
     torch.manual_seed(0)
@@ -51,6 +51,12 @@ def check_interpreted(bits: int, act_order: bool) -> None:
         if m <= 4:
             assert any(kind == "gemv_h2" for kind, *_ in seen)
             assert any(zsub for *_, zsub in seen)
+            # gemv_h2's register double buffer (num_stages 2) over both blocks in one program, so the
+            # buffer turns over, with the whole K in a single split and with one block per split
+            for cfg in (GemmConfig("gemv_h2", 1, 32, 1, 4, 2, 1), GemmConfig("gemv_h2", 1, 128, 2, 1, 2, 1)):
+                out = w4a16_matmul(x, kw, cfg, bias)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, (cfg, err)
 
 
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (3, False), (3, True)])
