@@ -82,7 +82,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -199,6 +199,13 @@ case "$stage" in
       | tail -15 | tee "$out/pytest_prefetch.log"
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,4,16 2>&1 | grep -v -i warn | tail -30
+    ;;
+  prefetch-l2)   # gemv_h2 with block b + 2 also asked of L2 (num_stages 3): the tuner's picks and top six at M = 1 / 2 / 4
+              # streamed (probe_gemm_stream), then the GPU tests of every M = 1 candidate
+    timeout 240 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --ms 1,2,4 2>&1 \
+      | grep -v -i warn | tee "$out/gemm_stream.log"
+    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate and False-1]" 2>&1 \
+      | tail -15 | tee "$out/pytest_prefetch_l2.log"
     ;;
   gemm-stream)   # the decode pass's view of the GEMM table: back to back over cold weights
     timeout 280 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --pdl 2>&1 \

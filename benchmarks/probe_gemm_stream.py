@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_gpu_kernels import GEMM_SHAPES, GROUP, Timer, quantized_layer, torch_int4_pack  # noqa: E402
 from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
 from services.engine.kernels import pdl  # noqa: E402
+from services.engine.kernels.gemm_configs import m_bucket  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner, L2_MULTIPLE, with_clones  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 
@@ -87,7 +88,9 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, p
             "int4": ops.int4_calls(x),
             "read": [lambda c=c: torch.amax(c.qweight) for c in kws],
         }
+        timed = sorted(tuner.timings_ms.get((m_bucket(m), n, k, kw.bits), []), key=lambda r: r[1])
         row = {"K": k, "N": n, "M": m, "config": str(cfg), "weight_bytes": ours_bytes,
+               "tuner_top": [[str(c), t * 1e3] for c, t in timed[:6]],   # the tuner's own streamed µs
                "copies": {"ours": len(kws), "fp16": len(w16s), "int4": len(int4s)}}
         for name, fns in calls.items():
             row[f"{name}_stream_us"] = timer.stream_ms(fns) * 1e3 if fns else None

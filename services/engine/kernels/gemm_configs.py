@@ -96,9 +96,11 @@ def candidate_configs(m: int) -> list[GemmConfig]:
         if m <= 4:
             cands += [GemmConfig("gemv_h2", 1, 32, sk, w, 1, 1) for sk in (4, 8, 16) for w in (2, 4)]
             cands += [GemmConfig("gemv_h2", 1, 64, sk, 4, 1, 1) for sk in (8, 16)]
-            # num_stages 2: gemv_h2's register double buffer (block b + 1's loads before block b's work)
+            # num_stages 2: gemv_h2's register double buffer (block b + 1's loads before block b's work);
+            # 3: the same, with block b + 2's codes also asked of L2
             cands += [GemmConfig("gemv_h2", 1, bn, sk, w, 2, 1) for bn, w in ((32, 4), (128, 1), (128, 2), (128, 4))
-                      for sk in (8, 16, 32)]
+                      for sk in ((4, 8, 16, 32) if bn == 128 and w < 4 else (8, 16, 32))]
+            cands += [GemmConfig("gemv_h2", 1, 128, sk, w, 3, 1) for w in (1, 2) for sk in (4, 8, 16, 32)]
             cands.append(GemmConfig("gemv_row", 1, 32, 8, 4, 1, 2))
         cands += [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
                   for bn in (64, 128) for sk in (4, 8, 16) for st in (2, 3)]

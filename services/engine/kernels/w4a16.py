@@ -48,7 +48,7 @@ if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
         block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_block_loads, h2_deq, h2_dot, load_planes, load_x,
-        nibble_fp16, serial_split_store, tile_of, x_pair,
+        nibble_fp16, prefetch_codes_l2, serial_split_store, tile_of, x_pair,
     )
 
     @triton.jit
@@ -58,6 +58,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
         BITS: tl.constexpr, H2: tl.constexpr = False, EMULATE: tl.constexpr = False, SERIAL: tl.constexpr = False,
         PDL: tl.constexpr = False, GLU: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        L2_AHEAD: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: 2-D [16, BN] tiles only (no 3-D broadcast, so
         no layout conversions in the loop). Σ x(q - z)s = s(Σ x q - z Σ x) per 128-row block;
@@ -66,7 +67,9 @@ if triton is not None:
         scaled by 1/32 first so a word's fp16 partial (≤ 4 · 15 · |x| per half) cannot overflow for
         |x| below ~35 000; the output is scaled back in fp32. PREFETCH (H2, UNROLL 1): a register
         double buffer, every load of block b + 1 (codes, scale, zero, x pairs) issued before block b's
-        dequantize-and-dot, so each warp has the next block's DRAM reads in flight while it computes."""
+        dequantize-and-dot, so each warp has the next block's DRAM reads in flight while it computes.
+        L2_AHEAD (with PREFETCH, not EMULATE): block b + 2's code lines are also asked of L2
+        (prefetch.global.L2, no registers), so the register loads of the next turn find them there."""
         row = tl.program_id(0)  # fastest: the M programs of a weight tile run together (L2 reuse)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -89,6 +92,9 @@ if triton is not None:
                 qw_ptr + tile, qh_ptr + tile, s_ptr, z_ptr, x_row, b_start, offs_i, offs_c, offs_n, mask_n, N, K,
                 group_size, BITS, GLU, EMULATE)
             for b in range(b_start, b_end):
+                if L2_AHEAD:
+                    if b + 2 < b_end:
+                        prefetch_codes_l2(qw_ptr, qh_ptr, tile, offs_c, b + 2, b + 3, BN, BITS)
                 q, qh, s, z, p0, p1, p2, p3 = q_n, qh_n, s_n, z_n, p0_n, p1_n, p2_n, p3_n
                 q_n, qh_n, s_n, z_n, p0_n, p1_n, p2_n, p3_n = h2_block_loads(
                     qw_ptr + tile, qh_ptr + tile, s_ptr, z_ptr, x_row, tl.minimum(b + 1, b_end - 1), offs_i, offs_c,
@@ -512,13 +518,15 @@ def w4a16_matmul(
     args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out, ws, locks,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if gemv:
-        # gemv_h2 with num_stages 2: the kernel's own register double buffer (PREFETCH), Triton's at 1 stage
-        prefetch = cfg.kind == "gemv_h2" and cfg.num_stages == 2 and cfg.unroll == 1
+        # gemv_h2 with num_stages 2: the kernel's own register double buffer (PREFETCH), Triton's at 1 stage;
+        # 3: also the L2 prefetch of the block after (L2_AHEAD)
+        prefetch = cfg.kind == "gemv_h2" and cfg.num_stages in (2, 3) and cfg.unroll == 1
         launch(
             _w4a16_gemv_row_kernel, (m, cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET, SERIAL=serial, GLU=glu,
-            PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=1 if prefetch else cfg.num_stages,
+            PREFETCH=prefetch, L2_AHEAD=prefetch and cfg.num_stages == 3 and not INTERPRET,
+            num_warps=cfg.num_warps, num_stages=1 if prefetch else cfg.num_stages,
         )
         return out
     grid = (tiles, split_k)
