@@ -140,7 +140,8 @@ def markdown(res: dict, path: Path) -> None:
              f"streamed as one CUDA graph over weight copies above 3× the L2 (medians of {res['reps']} replays). "
              "GB/s = the layer's packed codes + scales + zeros over the time (flat: the codes only). `flat`: "
              "the codes read as one int32 array; `tiles BN/split/warps/stages`: the GEMV's grid and access pattern "
-             "with one integer op per word; ours: the GEMM at that config, with each h2_ptx unpacking form "
+             "with one integer op per word; ours: the GEMM at that config (gemv_h2 `st2`: its register double "
+             "buffer; `st3`: with the L2 prefetch of the block after), with each h2_ptx unpacking form "
              "(`shift`, `fma`) in its own process; err = relative error against the dequantized reference.\n"]
     by_shape: dict[tuple, dict[str, dict]] = {}
     for r in res["rows"]:
