@@ -47,8 +47,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: ge
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
-        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_block_loads, h2_deq, h2_dot, load_planes, load_x,
-        nibble_fp16, prefetch_codes_l2, serial_split_store, tile_of, x_pair,
+        block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_block_dot, h2_block_loads, h2_deq, load_planes, load_x,
+        nibble_fp16, prefetch_codes_l2, serial_split_store, tile_of,
     )
 
     @triton.jit
@@ -99,28 +99,23 @@ if triton is not None:
                 q_n, qh_n, s_n, z_n, p0_n, p1_n, p2_n, p3_n = h2_block_loads(
                     qw_ptr + tile, qh_ptr + tile, s_ptr, z_ptr, x_row, tl.minimum(b + 1, b_end - 1), offs_i, offs_c,
                     offs_n, mask_n, N, K, group_size, BITS, GLU, EMULATE)
-                zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
-                acc += h2_dot(q, qh, p0[:, None], p1[:, None], p2[:, None], p3[:, None], zz[None, :], BITS,
-                              EMULATE) * s[None, :]
+                acc += h2_block_dot(q, qh, s, z, p0, p1, p2, p3, BITS, EMULATE)
         else:
             for b0 in range(b_start, b_end, UNROLL):
                 for u in tl.static_range(UNROLL):
                     b = tl.minimum(b0 + u, b_end - 1)
                     live = (b0 + u < b_end).to(tl.float32)  # a block past the split's end counts 0
-                    q, qh = load_planes(qw_ptr + tile, qh_ptr + tile,
-                                         (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
-                    g = (b * 128) // group_size
-                    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
-                    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                     if H2:
-                        zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
-                        x_blk = x_row + b * 128
-                        part = h2_dot(q, qh, x_pair(x_blk, 0, offs_i, K, GLU, EMULATE)[:, None],
-                                       x_pair(x_blk, 1, offs_i, K, GLU, EMULATE)[:, None],
-                                       x_pair(x_blk, 2, offs_i, K, GLU, EMULATE)[:, None],
-                                       x_pair(x_blk, 3, offs_i, K, GLU, EMULATE)[:, None], zz[None, :], BITS, EMULATE)
-                        acc += part * s[None, :]
+                        q, qh, s, z, p0, p1, p2, p3 = h2_block_loads(
+                            qw_ptr + tile, qh_ptr + tile, s_ptr, z_ptr, x_row, b, offs_i, offs_c, offs_n, mask_n, N, K,
+                            group_size, BITS, GLU, EMULATE)
+                        acc += h2_block_dot(q, qh, s * live, z, p0, p1, p2, p3, BITS, EMULATE)
                     else:
+                        q, qh = load_planes(qw_ptr + tile, qh_ptr + tile,
+                                             (b * 16 + offs_i)[:, None] * 128 + offs_c[None, :], BITS)
+                        g = (b * 128) // group_size
+                        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * live
+                        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                         part = tl.zeros((16, BN), dtype=tl.float32)
                         xs = tl.zeros((16,), dtype=tl.float32)
                         for j in tl.static_range(8):

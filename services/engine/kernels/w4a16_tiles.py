@@ -163,6 +163,13 @@ if triton is not None:
                 x_pair(x_blk, 2, offs_i, K, GLU, EMULATE), x_pair(x_blk, 3, offs_i, K, GLU, EMULATE))
 
     @triton.jit
+    def h2_block_dot(q, qh, s, z, p0, p1, p2, p3, BITS: tl.constexpr, EMULATE: tl.constexpr):
+        """gemv_h2's partial of one block from h2_block_loads' operands: h2_dot of the [16, BN] code
+        tile with the x pairs and the zero pair, times the group scale s [BN] (fp32 [16, BN])."""
+        zz = fp16_bits((z + 1024.0).to(tl.float16)) * 65537
+        return h2_dot(q, qh, p0[:, None], p1[:, None], p2[:, None], p3[:, None], zz[None, :], BITS, EMULATE) * s[None, :]
+
+    @triton.jit
     def serial_split_store(acc, out, omask, ws_ptr, lock_ptr, local, tile_id, num_tiles, pid_k, split_k,
                             TILE: tl.constexpr):
         """Split-K without a zeroed output ("serial" split-K): each split stores its fp32 partial
