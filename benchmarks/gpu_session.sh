@@ -200,8 +200,11 @@ case "$stage" in
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,4,16 2>&1 | grep -v -i warn | tail -30
     ;;
-  prefetch-l2)   # gemv_h2 with block b + 2 also asked of L2 (num_stages 3): the tuner's picks and top six at M = 1 / 2 / 4
-              # streamed (probe_gemm_stream), then the GPU tests of every M = 1 candidate
+  prefetch-l2)   # not run yet (no device start at 4575bfc). gemv_h2 with block b + 2 also asked of L2 (num_stages 3,
+              # out of the tuner's list until timed): the roofline probe (its st3 configs beside st1 / st2), the tuner's
+              # picks and top six at M = 1 / 2 / 4 streamed (probe_gemm_stream), the GPU tests of every M = 1 candidate
+    timeout 150 python3 benchmarks/probe_roofline.py --out "$out" --commit "$commit" --forms shift 2>&1 \
+      | grep -v -i warn | tail -60
     timeout 240 python3 benchmarks/probe_gemm_stream.py --out "$out" --commit "$commit" --ms 1,2,4 2>&1 \
       | grep -v -i warn | tee "$out/gemm_stream.log"
     timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate and False-1]" 2>&1 \

@@ -74,15 +74,17 @@ if triton is not None:
 
 def configs_for(m: int) -> list[GemmConfig]:
     """Our configs timed at m rows: gemv_h2 with its per-thread tile from 8 to 64 words (BN × rows
-    over the warps), each without and with its register double buffer (num_stages 1 / 2), and the
-    zsub mma8 the tuner picks at M <= 16."""
+    over the warps), each without and with its register double buffer (num_stages 1 / 2), the buffer
+    with the L2 prefetch of the block after (num_stages 3, not in the tuner's list until timed here),
+    and the zsub mma8 the tuner picks at M <= 16."""
     mma = [GemmConfig("mma8", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
            for bn, sk, st in ((64, 4, 3), (64, 8, 3), (64, 8, 2))]
     if m > 4:
         return mma
     return [GemmConfig("gemv_h2", 1, bn, sk, w, st, 1) for bn, sk, w in
             ((32, 8, 4), (32, 16, 4), (128, 16, 1), (128, 32, 1), (128, 16, 2), (128, 32, 2), (128, 16, 4),
-             (128, 32, 4)) for st in (1, 2)] + mma
+             (128, 32, 4)) for st in (1, 2)] + \
+        [GemmConfig("gemv_h2", 1, 128, sk, w, 3, 1) for sk in (4, 8, 16) for w in (1, 2)] + mma
 
 
 def worker(args) -> list[dict]:

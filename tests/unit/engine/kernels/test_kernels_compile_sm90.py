@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.kernels.gemm_configs import candidate_configs
+from services.engine.kernels.gemm_configs import GemmConfig, candidate_configs
 
 pytestmark = pytest.mark.slow
 
@@ -32,3 +32,5 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
                 assert compile_config(cfg, bits, serial=True), cfg   # serial split-K (w4a16.SERIAL_SPLIT_K)
                 assert compile_config(cfg, bits, glu=True), cfg      # [gate | up] input (down_proj, fused SiLU·mul)
     assert any(k[0] == "gemv_h2" for k in seen)
+    # gemv_h2's double buffer with the L2 prefetch of the block after (num_stages 3): not a candidate yet
+    assert compile_config(GemmConfig("gemv_h2", 1, 128, 8, 1, 3, 1), bits)
