@@ -10,6 +10,7 @@ weight costs at least K·N·I / (32 · 4 · 132 · 1.755e9) s (printed as "issue
 Static counts, not timings: a faster kernel still has to be shown on the GPU.
 
     python benchmarks/kernel_sass.py --out benchmarks/results     # writes kernel_sass.{md,json}
+    INLAID_H2_DEQ=fma python benchmarks/kernel_sass.py --stem kernel_sass_fma   # the fma unpacking form
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--stem", default="kernel_sass", help="result file name (<out>/<stem>.{md,json})")
     args = ap.parse_args()
     import triton
     t0 = time.time()
@@ -120,6 +122,10 @@ def main() -> None:
             # one 128-row block of a [16, BN] tile per iteration
             record(f"{kind} W{bits} BN={bn} warps={warps}", compile_gemv(bn, warps, 1, bits, h2),
                    16 * bn * 8 // (32 * warps))
+    for bn, warps, st in ((128, 1, 1), (128, 1, 2), (128, 1, 3), (128, 2, 1), (128, 2, 2), (32, 4, 2)):
+        # the big per-thread tiles and gemv_h2's register double buffer (num_stages 2; 3 adds the L2 prefetch)
+        record(f"gemv_h2 W4 BN={bn} warps={warps} stages={st}", compile_gemv(bn, warps, 1, 4, True, stages=st),
+               16 * bn * 8 // (32 * warps))
     for bits, bm, bn, st, fd, zs, w in ((4, 16, 128, 2, False, False, 4), (4, 16, 128, 2, True, False, 4),
                                         (4, 16, 128, 2, True, True, 4), (4, 16, 64, 3, True, False, 4),
                                         (4, 16, 64, 3, True, True, 4), (4, 128, 128, 3, True, False, 4),
@@ -135,17 +141,19 @@ def main() -> None:
                    compile_mma(bm, bn, w, 3, bits, True, False, True), 128 * bn // (32 * w))
         record(f"mma8t W{bits} BM={bm} BN={bn} stages=3 warps={w}", compile_mma_t(bm, bn, w, 3, bits),
                128 * bn // (32 * w))
+    from services.engine.kernels.h2_ptx import H2_DEQ_FORM
     res = {"what": "static SASS of the GEMM kernels' K loop, compiled AOT for sm_90 (no GPU run)",
-           "triton": triton.__version__, "commit": args.commit,
+           "triton": triton.__version__, "commit": args.commit, "h2_deq_form": H2_DEQ_FORM,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/kernel_sass.py " + " ".join(sys.argv[1:]),
            "issue_model": {"sms": SMS, "warp_instr_per_sm_clk": ISSUE_PER_CLK, "clock_hz": CLOCK_HZ},
            "rows": rows, "wall_s": time.time() - t0}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel_sass.json").write_text(json.dumps(res, indent=1))
+    (out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
     lines = ["# Static SASS of the GEMM kernels (compiled for sm_90 on a CPU machine; nothing here ran on a GPU)\n",
-             f"triton {res['triton']}, commit `{res['commit']}`, {res['date']}. Command: `{res['command']}`. "
+             f"triton {res['triton']}, commit `{res['commit']}`, {res['date']}, 4-bit unpacking form "
+             f"`{res['h2_deq_form']}` (INLAID_H2_DEQ). Command: `{res['command']}`. "
              "Each kernel is compiled ahead of time with Triton's bundled ptxas for sm_90, with the launcher's "
              "16-byte alignment specialization; the K loop is the longest backward branch of the SASS. "
              "Issue floor = the time an H100 (132 SMs, 4 warp-instructions per SM per clock, 1.755 GHz) needs "
@@ -191,8 +199,8 @@ def main() -> None:
                    "them, and wgmma rather than mma.sync at BM 16. Whether that pays is for the GPU to time.")
     reading.append("- Compare with the measured H100 times of the same layer (`gpu_kernels.md`): where a kernel "
                    "takes several times its issue floor, it waits on latency rather than on issue or DRAM.")
-    (out / "kernel_sass.md").write_text("\n".join(lines + reading) + "\n")
-    print((out / "kernel_sass.md").read_text())
+    (out / f"{args.stem}.md").write_text("\n".join(lines + reading) + "\n")
+    print((out / f"{args.stem}.md").read_text())
 
 
 if __name__ == "__main__":
