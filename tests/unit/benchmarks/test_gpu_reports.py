@@ -97,3 +97,15 @@ def test_probe_stream_k_markdown(tmp_path: Path) -> None:
     assert "| 16 | 3.968 | 2.04 | 3.936 | 2.02 | 1.008 |" in text
     write_markdown(json.loads((RESULTS / "stream_k_m1_16_900b7dc.json").read_text()), tmp_path / "out.md")
     assert "- M = 1: stream ×split 0.83–0.95; best of both ×fp16 2.06–2.59" in (tmp_path / "out.md").read_text()
+
+
+def test_probe_roofline_markdown(tmp_path: Path) -> None:
+    """The roofline probe of the H100 runs at ddf8b31 and a65fe19 renders as recorded: a read row with
+    both forms' times and its GB/s, and a GEMM row with its error, fp16 time, ratio and GB/s."""
+    from probe_roofline import markdown
+    markdown(json.loads((RESULTS / "roofline_ddf8b31.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "## 4096×4096 (8.9 MB)" in text and "| flat 2048/4w | 4.3 | 4.3 | 1961 |" in text
+    markdown(json.loads((RESULTS / "roofline_prefetch_a65fe19.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| M1 gemv_h2 BM1 BN128 sk16 w1 st2 | 21.8 (7e-04) | 20.9 (7e-04) | 51.5 | 2.46 | 1798 |" in text
