@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, quantized_layer  # noqa: E402
-from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.quant_linear import TritonQuantLinear  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
@@ -60,8 +60,8 @@ def probe(timers: dict[str, Timer], ms: list[int]) -> list[dict]:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"# Small-M W4A16 GEMM: where the time goes ({res['device']}, commit {res['commit']})\n",
-             f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}. Medians of "
+    lines = [probe_title("Small-M W4A16 GEMM: where the time goes", res) + "\n",
+             probe_command(res) + " Medians of "
              f"{res['reps']} CUDA-graph replays, µs, each after an L2 flush that leaves the cache clean (256 MB "
              "read) / dirty (256 MB written, as bench_gpu_kernels and triton's do_bench do). "
              "`engine` = zeroed output + split-K GEMM kernel (what the engine runs); `gemm only` = the "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import GEMM_SHAPES, GROUP, Timer, quantized_layer, torch_int4_pack  # noqa: E402
-from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe  # noqa: E402
 from services.engine.kernels import pdl  # noqa: E402
 from services.engine.kernels.gemm_configs import m_bucket  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner, L2_MULTIPLE, with_clones  # noqa: E402
@@ -120,8 +120,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def write_markdown(res: dict, path: Path) -> None:
     pdl_cols = [f"ours_pdl{m}" for m in res["pdl_modes"]]
-    lines = [f"# W4A16 GEMM streamed over cold weights vs one call after a flush ({res['device']}, commit {res['commit']})\n",
-             f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}. µs per call, medians of "
+    lines = [probe_title("W4A16 GEMM streamed over cold weights vs one call after a flush", res) + "\n",
+             probe_command(res) + " µs per call, medians of "
              f"{res['reps']} replays. **stream**: one CUDA graph calling the GEMM on copies of the weights that "
              "together exceed 3× the L2 (every call reads DRAM, back to back as in a decode pass), time / copies. "
              "**single**: one call per replay after a 256 MB L2 flush (bench_gpu_kernels' timing). `ours` is the "

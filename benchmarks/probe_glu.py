@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import Timer, quantized_layer  # noqa: E402
-from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe  # noqa: E402
 from services.engine.kernels.fused_ops import silu_mul  # noqa: E402
 from services.engine.kernels.gemm_configs import m_bucket  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
@@ -54,8 +54,8 @@ def probe(timer: Timer, ms: list[int], top: int) -> list[dict]:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"# SiLU·mul inside the down GEMM, probed ({res['device']}, commit {res['commit']})", "",
-             f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}. down_proj of "
+    lines = [probe_title("SiLU·mul inside the down GEMM, probed", res), "",
+             probe_command(res) + " down_proj of "
              f"Llama-2-7B (K {K}, N {N}, 4-bit g128), medians of {res['reps']} CUDA-graph replays after a clean "
              "L2 flush, µs. separate = silu_mul then the GEMM (the engine's default); fused = the GEMM with "
              "the [gate | up] input (w4a16_matmul(glu=True)), same tuned config.", "",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe  # noqa: E402
 from services.engine.kernels.gemm_configs import GemmConfig  # noqa: E402
 from services.engine.kernels.h2_ptx import H2_DEQ_FORMS  # noqa: E402
 
@@ -137,8 +137,8 @@ def worker(args) -> list[dict]:
 
 
 def markdown(res: dict, path: Path) -> None:
-    lines = [f"# Read-only roofline beside the small-M GEMM ({res['device']}, commit {res['commit']})\n",
-             f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}. µs per call, each "
+    lines = [probe_title("Read-only roofline beside the small-M GEMM", res) + "\n",
+             probe_command(res) + " µs per call, each "
              f"streamed as one CUDA graph over weight copies above 3× the L2 (medians of {res['reps']} replays). "
              "GB/s = the layer's packed codes + scales + zeros over the time (flat: the codes only). `flat`: "
              "the codes read as one int32 array; `tiles BN/split/warps/stages`: the GEMV's grid and access pattern "

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_gpu_kernels import (  # noqa: E402
     DECODE_BLOCK, GEMM_SHAPES, Timer, copy_bandwidth_gbs, decode_floor, decode_inputs, decode_model,
 )
-from benchmarks.probe_gemm_stream import StreamOperands  # noqa: E402
-from benchmarks.results_io import probe_parser, run_probe  # noqa: E402
+from benchmarks.probe_gemm_stream import StreamOperands, ratio  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe  # noqa: E402
 from services.engine.kernels.gemm_configs import STREAM_KINDS, m_bucket  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
@@ -100,13 +100,9 @@ def fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "–"
-
-
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"# Stream-K vs split-K at few rows ({res['device']}, commit {res['commit']})\n",
-             f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}. µs per call, each streamed "
+    lines = [probe_title("Stream-K vs split-K at few rows", res) + "\n",
+             probe_command(res) + " µs per call, each streamed "
              f"as one CUDA graph over weight copies above 3× the L2 (medians of {res['reps']} replays), in the "
              "engine's form (into an output the norm zeroed). split = the fastest split-K config of the tuner's "
              "list, stream = the fastest stream-K config (mma8_sk; up to 900b7dc also gemv_sk), both chosen by the tuner's own "

@@ -35,6 +35,16 @@ def gpu_run_header(script: str, commit: str, **extra) -> dict:
             "commit": commit, **extra, "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:])}
 
 
+def probe_title(title: str, res: dict) -> str:
+    """A GPU probe report's heading: '# <title> (<device>, commit <commit>)' (gpu_run_header's fields)."""
+    return f"# {title} ({res['device']}, commit {res['commit']})"
+
+
+def probe_command(res: dict) -> str:
+    """The opening of a GPU probe report's method line: the command and the torch / triton versions."""
+    return f"Command: `{res['command']}`; torch {res['torch']}, triton {res['triton']}."
+
+
 def write_probe(out: str | Path, stem: str, res: dict, write_markdown) -> None:
     """<out>/<stem>.json and <out>/<stem>.md (write_markdown(res, path)), the report echoed to stdout
     with the run's wall time (res["wall_s"])."""
