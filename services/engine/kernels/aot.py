@@ -42,15 +42,14 @@ def compile_gemv(bn: int, warps: int, unroll: int, bits: int, h2: bool, stages: 
                  has_bias: bool = False, use_atomic: bool = True, serial: bool = False, pdl: int = 0,
                  glu: bool = False) -> bytes:
     """cubin of the gemv_row / gemv_h2 kernel for one launch config (pdl: its PDL mode, kernels/pdl.py;
-    glu: the [gate | up] input form, w4a16_matmul(glu=True)); stages 2 on gemv_h2 (unroll 1) is its
-    register double buffer (PREFETCH), 3 the same with the L2 prefetch of the block after (L2_AHEAD),
-    compiled at 1 Triton stage as the launcher does."""
-    prefetch = h2 and stages in (2, 3) and unroll == 1
+    glu: the [gate | up] input form, w4a16_matmul(glu=True)); stages as in GemmConfig, mapped by
+    w4a16.gemv_buffering as the launcher maps it."""
+    prefetch, l2_ahead, triton_stages = W.gemv_buffering(h2, stages, unroll)
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic and not serial, "BN": bn, "UNROLL": unroll, "BITS": bits,
               "H2": h2, "EMULATE": False, "SERIAL": serial, "PDL": pdl, "GLU": glu, "PREFETCH": prefetch,
-              "L2_AHEAD": prefetch and stages == 3}
+              "L2_AHEAD": l2_ahead}
     return compile_kernel(W._w4a16_gemv_row_kernel, _signature(bits, *list(consts)[2:]), consts, warps,
-                          1 if prefetch else stages, arch)
+                          triton_stages, arch)
 
 
 def compile_mma(bm: int, bn: int, warps: int, stages: int, bits: int, fast_deq: bool, single_dot: bool,

@@ -368,6 +368,14 @@ if triton is not None:
                      mask=nmask[None, :])
 
 
+def gemv_buffering(h2: bool, stages: int, unroll: int) -> tuple[bool, bool, int]:
+    """(PREFETCH, L2_AHEAD, Triton num_stages) of a gemv launch: on gemv_h2 (unroll 1) num_stages 2 is
+    the kernel's register double buffer and 3 adds the L2 prefetch of the block after, both compiled
+    at 1 Triton stage; otherwise num_stages goes to Triton as it is."""
+    prefetch = h2 and stages in (2, 3) and unroll == 1
+    return prefetch, prefetch and stages == 3, 1 if prefetch else stages
+
+
 def set_serial_split_k(on: bool) -> None:
     global SERIAL_SPLIT_K
     SERIAL_SPLIT_K = on
@@ -513,15 +521,12 @@ def w4a16_matmul(
     args = (x, kw.qweight, kw.planes[-1], kw.zeros, kw.scales, out, bias if bias is not None else out, ws, locks,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, blocks_per_split)
     if gemv:
-        # gemv_h2 with num_stages 2: the kernel's own register double buffer (PREFETCH), Triton's at 1 stage;
-        # 3: also the L2 prefetch of the block after (L2_AHEAD)
-        prefetch = cfg.kind == "gemv_h2" and cfg.num_stages in (2, 3) and cfg.unroll == 1
+        prefetch, l2_ahead, stages = gemv_buffering(cfg.kind == "gemv_h2", cfg.num_stages, cfg.unroll)
         launch(
             _w4a16_gemv_row_kernel, (m, cdiv(n, cfg.block_n), split_k),
             *args, HAS_BIAS=bias is not None, USE_ATOMIC=use_atomic, BN=cfg.block_n, UNROLL=cfg.unroll,
             BITS=kw.bits, H2=cfg.kind == "gemv_h2", EMULATE=INTERPRET, SERIAL=serial, GLU=glu,
-            PREFETCH=prefetch, L2_AHEAD=prefetch and cfg.num_stages == 3 and not INTERPRET,
-            num_warps=cfg.num_warps, num_stages=1 if prefetch else cfg.num_stages,
+            PREFETCH=prefetch, L2_AHEAD=l2_ahead and not INTERPRET, num_warps=cfg.num_warps, num_stages=stages,
         )
         return out
     grid = (tiles, split_k)

@@ -133,7 +133,7 @@ if triton is not None:
         return tl.load(ptrs, mask=mask, other=0.0)
 
     @triton.jit
-    def x_pair(x_blk, j: tl.constexpr, offs_i, K, GLU: tl.constexpr, EMULATE: tl.constexpr = True):
+    def x_pair(x_blk, j: tl.constexpr, offs_i, K, GLU: tl.constexpr, EMULATE: tl.constexpr):
         """(x_j, x_{j+4}) of one 128-row block, /32 (see H2 in the gemv kernel), as fp16x2 [16]. On the
         GPU (not EMULATE) the two halves are joined and scaled by one mul.f16x2 (x · 2^-5 is exact in
         fp16 as in fp32, subnormals included: the same bits as the fp32 path, with 2 instructions

@@ -50,3 +50,16 @@ def test_rotation_exceeds_the_l2_within_bounds() -> None:
     assert num_copies(400 * 2**20, l2) == 2        # always at least two, so no call reuses a warm copy
     assert num_copies(1000, l2) == MAX_COPIES      # tiny layers: capture stays bounded
     assert num_copies(0, l2) == MAX_COPIES
+
+
+def test_gemv_num_stages_map_to_the_kernels_buffering() -> None:
+    """gemv_h2's num_stages 2 / 3 are its own double buffer (3 with the L2 prefetch), both at 1 Triton
+    stage; any other gemv launch passes num_stages to Triton unchanged (launcher and AOT compile alike)."""
+    from services.engine.kernels.w4a16 import gemv_buffering
+    assert gemv_buffering(True, 1, 1) == (False, False, 1)
+    assert gemv_buffering(True, 2, 1) == (True, False, 1)
+    assert gemv_buffering(True, 3, 1) == (True, True, 1)
+    assert gemv_buffering(True, 2, 2) == (False, False, 2)    # unrolled gemv_h2: Triton's stages
+    assert gemv_buffering(False, 2, 1) == (False, False, 2)   # gemv_row has no buffer
+    assert all(gemv_buffering(c.kind == "gemv_h2", c.num_stages, c.unroll)[1] is False
+               for m in (1, 2, 4) for c in candidate_configs(m))   # the L2-ahead form is not a candidate yet
