@@ -143,3 +143,11 @@ mov.b32 {{$3, $7}}, h2w3;
 H2_DEQ_ASM = "\n{\n" + _pairs4("$8", "$9") + _H2_DEQ_TAIL.format()
 # mma8 + zsub, 3-bit: inputs $8 low plane, $9 high plane, $10 the zero pair; outputs as H2_DEQ_ASM.
 H2_DEQ3_ASM = "\n{\n" + _H2_REGS3 + _H2_PAIRS3.format(q="$8", qh="$9") + _H2_SUBS.format(zz="$10") + _H2_DEQ_TAIL.format()
+# mma on fragment-ordered codes without zsub: one word → its 8 codes as fp16 1024 + q (outputs $0..$7 =
+# codes 0..7, input $8 the word): the pairs alone, no zero taken off (the kernel takes (1024 + z) · Σx
+# off the block's fp32 partial instead).
+H2_MAG_ASM = "\n{\n" + _H2_REGS4 + _H2_PAIRS4.format(q="$8") + _H2_DEQ_TAIL.format()
+# H2_DEQ_ASM's codes minus the zero in the "fma" unpacking whatever INLAID_H2_DEQ says (the fragment
+# kernels take the form as a constant, so one process can time both).
+H2_DEQ_FMA_ASM = "\n{\n" + _H2_REGS4_FMA + _H2_PAIRS4_FMA.format(q="$8", zz="$9") + _H2_DEQ_TAIL.format()
+H2_DEQ_SHIFT_ASM = "\n{\n" + _H2_REGS4 + _H2_PAIRS4.format(q="$8") + _H2_SUBS.format(zz="$9") + _H2_DEQ_TAIL.format()

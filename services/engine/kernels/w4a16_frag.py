@@ -1,0 +1,289 @@
+"""W4A16 GEMM on fragment-ordered codes: each thread's 16-byte load is exactly its tensor-core operand.
+
+The tiled layout of gptq_format.KernelWeights gives a thread 4 adjacent columns of one packed row,
+while mma.m16n8k16 wants each thread to hold, for one column n = g, the rows k = 2t, 2t + 1, 2t + 8,
+2t + 9 of every K=16 step (lane = 4g + t). Triton moves the dequantized tile between those two
+layouts through shared memory, which cost the mma8 kernel ~1.5 SASS instructions per weight on top
+of the dequant (kernel_sass.md). Here the codes are stored in the order the fragments want them:
+
+  qweight int32 [N/8, K/128, 128]: for 8 columns (n = 8c + g) and one 128-row K block b, word
+  4·lane + w (lane = 4g + t) holds at nibble j = 4e + 2a + h the code of
+  k = 128b + 32w + 16a + 8h + 2t + e.
+
+So lane 4g + t loads its 4 words with one 16-byte load, the 128 words of (c, b) are one coalesced
+512-byte warp read, and the packed fp16x2 unpack (h2_ptx) yields the pairs (k, k + 1) that a
+fragment register holds: the reshape of the unpacked codes to the [128, BN] dot operand is a
+relabelling of registers that Triton's linear layouts resolve with no data movement.
+
+Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics) and
+"frag_gemv" (one row of x per program on CUDA cores, gemv_h2's packed fp16x2 dot; the x pairs of
+a word are two adjacent halves, so each is one 32-bit load). 4-bit weights only.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from services.engine.kernels.gptq_format import KERNEL_K_BLOCK, KernelWeights, kernel_codes
+from services.engine.kernels.launch import cdiv, launch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the engine falls back to torch
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # no inline PTX there: the unpack is emulated
+FRAG_COLS = 8   # columns of one fragment row (an n8 tile)
+
+
+def pack_fragments(codes: torch.Tensor) -> torch.Tensor:
+    """int codes [K, N] (0..15, kernel row order) → fragment-ordered int32 [N/8, K/128, 128]."""
+    k, n = codes.shape
+    if k % KERNEL_K_BLOCK or n % FRAG_COLS:
+        raise ValueError(f"fragment order needs K % {KERNEL_K_BLOCK} == 0 and N % {FRAG_COLS} == 0, got {k}x{n}")
+    # k = 128b + 32w + 16a + 8h + 2t + e, n = 8c + g  →  [c, b, g, t, w, j = 4e + 2a + h]
+    q = codes.to(torch.int64).reshape(k // KERNEL_K_BLOCK, 4, 2, 2, 4, 2, n // FRAG_COLS, FRAG_COLS)  # b w a h t e c g
+    q = q.permute(6, 0, 7, 4, 1, 5, 2, 3).reshape(n // FRAG_COLS, k // KERNEL_K_BLOCK, 128, 8)
+    words = (q << (4 * torch.arange(8, device=codes.device))).sum(dim=-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_fragments(qf: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_fragments: int64 codes [K, N]."""
+    c, nb = qf.shape[0], qf.shape[1]
+    q = (qf.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=qf.device))) & 0xF   # c b (g t w) j
+    q = q.reshape(c, nb, 8, 4, 4, 2, 2, 2)          # c b g t w e a h
+    q = q.permute(1, 4, 6, 7, 3, 5, 0, 2)           # b w a h t e c g
+    return q.reshape(nb * KERNEL_K_BLOCK, c * FRAG_COLS)
+
+
+def fragment_weights(kw: KernelWeights) -> torch.Tensor:
+    """The fragment-ordered code plane of 4-bit kernel weights (scales, zeros and perm are shared)."""
+    if kw.bits != 4:
+        raise ValueError("fragment order is 4-bit only")
+    return pack_fragments(kernel_codes(kw))
+
+
+if triton is not None:
+    from services.engine.kernels.h2_ptx import H2_DEQ_FMA_ASM, H2_DEQ_SHIFT_ASM, H2_MAG_ASM
+    from services.engine.kernels.w4a16_tiles import fp16_bits, h2_dot
+
+    _H2_MAG_ASM = tl.constexpr(H2_MAG_ASM)
+    _H2_DEQ_FMA_ASM = tl.constexpr(H2_DEQ_FMA_ASM)
+    _H2_DEQ_SHIFT_ASM = tl.constexpr(H2_DEQ_SHIFT_ASM)
+
+    @triton.jit
+    def frag_codes(q, zz, ZSUB: tl.constexpr, FMA: tl.constexpr, EMULATE: tl.constexpr):
+        """The 8 codes of each word as fp16 (a tuple, code j = nibble j): q - z with ZSUB (zz the zero
+        pair of each word's column; FMA: h2_ptx's one-shift "fma" unpacking), else 1024 + q."""
+        if EMULATE:
+            z = (zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            o0 = ((q & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o1 = (((q >> 4) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o2 = (((q >> 8) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o3 = (((q >> 12) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o4 = (((q >> 16) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o5 = (((q >> 20) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o6 = (((q >> 24) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o7 = (((q >> 28) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            if ZSUB:
+                return o0 - z, o1 - z, o2 - z, o3 - z, o4 - z, o5 - z, o6 - z, o7 - z
+            return o0, o1, o2, o3, o4, o5, o6, o7
+        if ZSUB:
+            if FMA:
+                return tl.inline_asm_elementwise(_H2_DEQ_FMA_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
+                                                 dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_H2_DEQ_SHIFT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_H2_MAG_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [q],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+    @triton.jit
+    def frag_operand(o, C: tl.constexpr, BN: tl.constexpr):
+        """The 8 unpacked code tiles [C, 128] of a block (frag_codes) → the dot operand W [128, BN]."""
+        r = tl.join(tl.join(tl.join(o[0], o[1]), tl.join(o[2], o[3])),
+                    tl.join(tl.join(o[4], o[5]), tl.join(o[6], o[7])))    # [C, 128, h, a, e]
+        r = tl.reshape(r, (C, 8, 4, 4, 2, 2, 2))                        # c g t w h a e
+        return tl.reshape(tl.permute(r, (3, 5, 4, 2, 6, 0, 1)), (128, BN))   # (w a h t e) (c g)
+
+    @triton.jit
+    def per_word(v, C: tl.constexpr):
+        """A per-column vector [8 C] → [C, 128]: the value of each word's column (n = 8c + g)."""
+        return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 16)), (C, 128))
+
+    @triton.jit
+    def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, offs_n, mask_n, group_size):
+        """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
+        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128]."""
+        q = tl.load(codes + b * 128, mask=mask_c, other=0)
+        g = (b * 128) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
+        xt = tl.load(x_rows + b * 128, mask=mask_m[:, None], other=0.0)
+        return q, s, z1024, xt
+
+    @triton.jit
+    def frag_block_dot(q, s, z1024, xt, C: tl.constexpr, BN: tl.constexpr, ZSUB: tl.constexpr,
+                       FMA: tl.constexpr, EMULATE: tl.constexpr):
+        """The tensor-core partial [BM, BN] of one block from frag_block_loads' operands."""
+        if ZSUB:
+            zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
+            part = tl.dot(xt, frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN))
+            return part * s[None, :]
+        part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN))
+        xs = tl.sum(xt.to(tl.float32), axis=1)
+        return part * s[None, :] - xs[:, None] * (z1024 * s)[None, :]
+
+    @triton.jit
+    def _frag_kernel(
+        x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        ZSUB: tl.constexpr, FMA: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        EMULATE: tl.constexpr = False,
+    ):
+        """Tensor-core path: one K=128 dot per block on the fragment-ordered operand (frag_operand).
+        ZSUB: codes minus the zero in fp16 (FMA: the one-shift unpacking); otherwise 1024 + q codes
+        and (part - (1024 + z) Σx) · s per block (Σx over the block's 128 columns of x, fp32).
+        PREFETCH: a register double buffer, block b + 1's loads issued before block b's dot."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BM)
+        pid_m = pid % num_m      # the row tiles of one column tile run together (L2 reuse)
+        pid_n = pid // num_m
+        C: tl.constexpr = BN // 8
+        nb = K // 128
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < M
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        rows = pid_n * C + tl.arange(0, C)
+        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
+        mask_c = (rows < N // 8)[:, None]
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, nb)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if PREFETCH:
+            q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b_start, N, offs_n,
+                                                  mask_n, group_size)
+            for b in range(b_start, b_end):
+                q, s, z1024, xt = q_n, s_n, z_n, x_n
+                q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m,
+                                                      tl.minimum(b + 1, b_end - 1), N, offs_n, mask_n, group_size)
+                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, EMULATE)
+        else:
+            for b in range(b_start, b_end):
+                q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, offs_n,
+                                                   mask_n, group_size)
+                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, EMULATE)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        omask = mask_m[:, None] & mask_n[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
+        else:
+            tl.store(out, acc.to(tl.float16), mask=omask)
+
+    @triton.jit
+    def _frag_gemv_kernel(
+        x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, EMULATE: tl.constexpr = False,
+    ):
+        """CUDA-core path, one row of x per program: gemv_h2's packed dot (h2_dot) on each word. The
+        x pair of code pair p = 2a + h of word (lane = 4g + t, w) is x[k], x[k + 1] at
+        k = 32w + 16a + 8h + 2t: one 32-bit load, scaled by 1/32 against fp16 overflow (as gemv_h2)."""
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        C: tl.constexpr = BN // 8
+        nb = K // 128
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        rows = pid_n * C + tl.arange(0, C)
+        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
+        mask_c = (rows < N // 8)[:, None]
+        wi = tl.arange(0, 128)
+        k_word = 32 * (wi % 4) + 2 * ((wi // 4) % 4)       # k of code 0 of each word, in the block
+        x_pairs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (row * stride_xm + k_word) // 2
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, nb)
+        acc = tl.zeros((C, 128), dtype=tl.float32)
+        for b in range(b_start, b_end):
+            q = tl.load(codes + b * 128, mask=mask_c, other=0)
+            g = (b * 128) // group_size
+            s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
+            xb = x_pairs + b * 64
+            p0 = _x32(tl.load(xb), EMULATE)
+            p1 = _x32(tl.load(xb + 4), EMULATE)
+            p2 = _x32(tl.load(xb + 8), EMULATE)
+            p3 = _x32(tl.load(xb + 12), EMULATE)
+            acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
+        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out_v += bias * (pid_k == 0).to(tl.float32)
+        out = out_ptr + row * stride_om + offs_n
+        if USE_ATOMIC:
+            tl.atomic_add(out, out_v.to(tl.float16), mask=mask_n, sem="relaxed")
+        else:
+            tl.store(out, out_v.to(tl.float16), mask=mask_n)
+
+    @triton.jit
+    def _x32(p, EMULATE: tl.constexpr):
+        """A packed pair of fp16 x values (int32) times 1/32 in both halves."""
+        if EMULATE:
+            lo = ((p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 0.03125).to(tl.float16)
+            hi = (((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 0.03125).to(tl.float16)
+            return fp16_bits(lo) | (fp16_bits(hi) << 16)
+        return tl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 671098880; mul.rn.f16x2 $0, $1, c; }",
+                                         "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
+
+
+def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str, block_m: int, block_n: int,
+                split_k: int, num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
+                prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] fp16 = x [M, K] fp16 @ W, W's codes in fragment order (qf, fragment_weights(kw)) with
+    kw's scales and zeros; kind "frag" (tensor cores) or "frag_gemv". accumulate as in w4a16_matmul."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if x.dtype != torch.float16 or x.dim() != 2:
+        raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
+    if kind not in ("frag", "frag_gemv"):
+        raise ValueError(f"unknown fragment kernel {kind!r}")
+    if kw.perm is not None:
+        x = x[:, kw.perm]
+    x = x.contiguous()
+    m, k = x.shape
+    n = kw.out_features
+    if k != kw.in_features or qf.shape != (n // FRAG_COLS, k // KERNEL_K_BLOCK, 128):
+        raise ValueError(f"x [{m}, {k}] or codes {tuple(qf.shape)} do not match {k}x{n} weights")
+    if block_n % FRAG_COLS:
+        raise ValueError(f"block_n must be a multiple of {FRAG_COLS}, got {block_n}")
+    num_blocks = k // KERNEL_K_BLOCK
+    split_k = max(1, min(split_k, num_blocks))
+    per_split = cdiv(num_blocks, split_k)
+    split_k = cdiv(num_blocks, per_split)
+    use_atomic = accumulate is not None or split_k > 1
+    if accumulate is not None:
+        out = accumulate
+    else:
+        out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
+    args = (x, qf, kw.zeros, kw.scales, out, bias if bias is not None else out,
+            m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split)
+    if kind == "frag_gemv":
+        launch(_frag_gemv_kernel, (m, cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
+               USE_ATOMIC=use_atomic, BN=block_n, EMULATE=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    else:
+        launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
+               USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, FMA=fma, PREFETCH=prefetch, EMULATE=INTERPRET,
+               num_warps=num_warps, num_stages=num_stages)
+    return out
