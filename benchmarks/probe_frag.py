@@ -30,37 +30,34 @@ MAX_REL_ERR = 1e-2
 
 
 def frag_configs(m: int, k: int, n: int) -> list[dict]:
-    """The grid timed at M rows: tensor-core configs (and at M = 1 the CUDA-core GEMV), split-K so that
-    the programs cover the SMs one to four times."""
+    """The grid timed at M rows: tensor-core tiles (BM 16 up to M = 16, then 32-128) with the register
+    double buffer or Triton's 2-stage pipeline, and at M = 1 the CUDA-core GEMV; split-K so that the
+    programs cover the SMs one to four times. Zero taken off in fp16 by the one-shift unpacking (the
+    fastest form in the first run, frag_m1_16_fcd1f62.md)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     blocks = k // 128
     out = []
-    bms = [16] if m <= 16 else [16, 64]
-    for bm, bn, warps, pf, stages in itertools.product(bms, (128, 256), (4, 8), (False, True), (1, 2)):
-        if pf and stages > 1:
+    bms = [16] if m <= 16 else [32, 64] if m <= 64 else [64, 128]
+    bns = (64, 128, 256) if m <= 64 else (64, 128)
+    for bm, bn, warps, pf in itertools.product(bms, bns, (2, 4, 8), (False, True)):
+        if (bm > 16 and warps == 2) or (bn == 64 and warps == 8):
             continue
         tiles = -(-m // bm) * -(-n // bn)
-        for split in (2, 4, 8, 16, 32):
+        for split in (1, 2, 4, 8, 16, 32):
             if split <= blocks and sms <= tiles * split <= 4 * sms:
                 out.append(dict(kind="frag", block_m=bm, block_n=bn, split_k=split, num_warps=warps,
-                                num_stages=stages, zsub=True, fma=True, prefetch=pf))
-    # the unpacking forms, at one config each (BN 256, 4 warps, the first split above)
-    base = next((c for c in out if c["block_n"] == 256 and c["num_warps"] == 4 and not c["prefetch"]
-                 and c["num_stages"] == 1 and c["block_m"] == 16), None)
-    if base:
-        out.append(base | {"fma": False})
-        out.append(base | {"zsub": False, "fma": False})
+                                num_stages=1 if pf else 2, zsub=True, fma=True, prefetch=pf))
     if m == 1:
-        for bn, warps, split in itertools.product((64, 128), (1, 2), (8, 16, 32)):
+        for bn, warps, split, pf in itertools.product((64, 128), (1, 2), (8, 16, 32), (False, True)):
             if split <= blocks:
                 out.append(dict(kind="frag_gemv", block_m=1, block_n=bn, split_k=split, num_warps=warps,
-                                num_stages=1))
+                                num_stages=1, prefetch=pf))
     return out
 
 
 def label(c: dict) -> str:
     if c["kind"] == "frag_gemv":
-        return f"gemv BN{c['block_n']} w{c['num_warps']} s{c['split_k']}"
+        return f"gemv BN{c['block_n']} w{c['num_warps']} s{c['split_k']}" + (" pf" if c["prefetch"] else "")
     form = "fma" if c.get("fma") else ("shift" if c.get("zsub") else "magic+Σx")
     return (f"BM{c['block_m']} BN{c['block_n']} w{c['num_warps']} s{c['split_k']} "
             f"{'pf' if c.get('prefetch') else 'st' + str(c['num_stages'])} {form}")
@@ -136,7 +133,7 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = probe_parser(__doc__, reps=20, ms="1,4,16,64")
+    ap = probe_parser(__doc__, reps=20, ms="1,4,16,64,128")
     ap.add_argument("--shapes", type=int, default=len(GEMM_SHAPES), help="how many of bench_gpu_kernels' GEMM shapes")
     ap.add_argument("--stem", default="frag", help="result file name stem")
     args = ap.parse_args()

@@ -191,14 +191,30 @@ if triton is not None:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
     @triton.jit
+    def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, b, N, offs_n, mask_n, group_size, C: tl.constexpr,
+                        EMULATE: tl.constexpr):
+        """Everything the GEMV reads for block b: codes [C, 128], each word's scale (fp32) and zero pair
+        [C, 128], and the four x pairs [128] (scaled by 1/32)."""
+        q = tl.load(codes + b * 128, mask=mask_c, other=0)
+        g = (b * 128) // group_size
+        s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
+        xb = x_pairs + b * 64
+        return (q, s, zz, _x32(tl.load(xb), EMULATE), _x32(tl.load(xb + 4), EMULATE),
+                _x32(tl.load(xb + 8), EMULATE), _x32(tl.load(xb + 12), EMULATE))
+
+    @triton.jit
     def _frag_gemv_kernel(
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
-        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, EMULATE: tl.constexpr = False,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr = False,
+        EMULATE: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: gemv_h2's packed dot (h2_dot) on each word. The
         x pair of code pair p = 2a + h of word (lane = 4g + t, w) is x[k], x[k + 1] at
-        k = 32w + 16a + 8h + 2t: one 32-bit load, scaled by 1/32 against fp16 overflow (as gemv_h2)."""
+        k = 32w + 16a + 8h + 2t: one 32-bit load, scaled by 1/32 against fp16 overflow (as gemv_h2).
+        PREFETCH: a register double buffer, as gemv_h2's."""
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -215,18 +231,19 @@ if triton is not None:
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
         acc = tl.zeros((C, 128), dtype=tl.float32)
-        for b in range(b_start, b_end):
-            q = tl.load(codes + b * 128, mask=mask_c, other=0)
-            g = (b * 128) // group_size
-            s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
-            xb = x_pairs + b * 64
-            p0 = _x32(tl.load(xb), EMULATE)
-            p1 = _x32(tl.load(xb + 4), EMULATE)
-            p2 = _x32(tl.load(xb + 8), EMULATE)
-            p3 = _x32(tl.load(xb + 12), EMULATE)
-            acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
+        if PREFETCH:
+            nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, b_start, N, offs_n, mask_n, group_size, C,
+                                  EMULATE)
+            for b in range(b_start, b_end):
+                q, s, zz, p0, p1, p2, p3 = nxt
+                nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, tl.minimum(b + 1, b_end - 1), N, offs_n,
+                                      mask_n, group_size, C, EMULATE)
+                acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
+        else:
+            for b in range(b_start, b_end):
+                q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, b, N, offs_n, mask_n,
+                                                           group_size, C, EMULATE)
+                acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
         out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -281,7 +298,7 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split)
     if kind == "frag_gemv":
         launch(_frag_gemv_kernel, (m, cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
-               USE_ATOMIC=use_atomic, BN=block_n, EMULATE=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+               USE_ATOMIC=use_atomic, BN=block_n, PREFETCH=prefetch, EMULATE=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     else:
         launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
                USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, FMA=fma, PREFETCH=prefetch, EMULATE=INTERPRET,

@@ -1,0 +1,93 @@
+"""The fragment-ordered W4A16 layout and kernels (kernels/w4a16_frag.py).
+
+The packing is checked word by word against the mma.m16n8k16 B-fragment map it promises; the
+kernels run under TRITON_INTERPRET against the float32 reference (inline PTX replaced by its fp32
+emulation there); the PTX strings they use on the GPU run through test_h2_ptx's small interpreter.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from services.engine.kernels import h2_ptx
+from services.engine.kernels.w4a16_frag import pack_fragments, unpack_fragments
+from tests.unit.engine.kernels.interpreted import run_interpreted
+from tests.unit.engine.kernels.test_h2_ptx import _pack, codes_of, run_ptx
+
+
+def test_pack_round_trips_and_rejects_ragged_shapes() -> None:
+    codes = torch.randint(0, 16, (384, 40))
+    qf = pack_fragments(codes)
+    assert qf.shape == (5, 3, 128) and qf.dtype == torch.int32
+    assert torch.equal(unpack_fragments(qf), codes)
+    for shape in ((100, 40), (384, 12)):
+        with pytest.raises(ValueError, match="fragment order needs"):
+            pack_fragments(torch.zeros(shape, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("lane,w,j", [(0, 0, 0), (5, 2, 3), (31, 3, 7), (12, 1, 4), (7, 0, 5)])
+def test_each_word_holds_its_lanes_fragment_rows(lane: int, w: int, j: int) -> None:
+    """Nibble j = 4e + 2a + h of word 4·lane + w is the code of column 8c + g, row 32w + 16a + 8h + 2t + e
+    of the block (lane = 4g + t): K=16 step 2w + a, fragment rows 2t, 2t + 1 (h = 0) or 2t + 8, 2t + 9."""
+    k, n = 256, 16
+    codes = torch.arange(k * n).reshape(k, n) % 16
+    qf = pack_fragments(codes)
+    g, t = divmod(lane, 4)
+    e, a, h = j // 4, (j // 2) % 2, j % 2
+    for c in range(n // 8):
+        for b in range(k // 128):
+            word = int(qf[c, b, 4 * lane + w]) & 0xFFFFFFFF
+            row = 128 * b + 32 * w + 16 * a + 8 * h + 2 * t + e
+            assert (word >> (4 * j)) & 0xF == codes[row, 8 * c + g]
+
+
+def test_mag_asm_gives_1024_plus_every_code() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        q = int(rng.integers(0, 2**32))
+        regs = run_ptx(h2_ptx.H2_MAG_ASM, [q], num_outputs=8)
+        assert [float(regs[f"${j}"]) for j in range(8)] == [1024 + c for c in codes_of(4, q, 0)]
+
+
+@pytest.mark.parametrize("asm", ["H2_DEQ_FMA_ASM", "H2_DEQ_SHIFT_ASM"])
+def test_fixed_form_deq_asm_gives_every_code_minus_the_zero(asm: str) -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        q, z = int(rng.integers(0, 2**32)), int(rng.integers(0, 16))
+        zz = _pack(np.float16(1024 + z), np.float16(1024 + z))
+        regs = run_ptx(getattr(h2_ptx, asm), [q, zz], num_outputs=8)
+        assert [float(regs[f"${j}"]) for j in range(8)] == [c - z for c in codes_of(4, q, 0)]
+
+
+def check_interpreted() -> None:
+    from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
+    from services.engine.kernels.w4a16_frag import fragment_weights, frag_matmul
+
+    torch.manual_seed(0)
+    k, n = 384, 72                       # 3 K blocks; N not a multiple of the tiles (rows masked)
+    w = torch.randn(k, n)
+    perm = torch.randperm(k)             # act-order: x is gathered first
+    codes, zeros, scales, g_idx = rtn_codes(w, 128, 4, perm)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
+    qf = fragment_weights(kw)
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    cases = [("frag", 16, 32, 2, dict(zsub=True)), ("frag", 16, 64, 1, dict(zsub=False)),
+             ("frag", 32, 32, 3, dict(zsub=True, prefetch=True)), ("frag_gemv", 1, 32, 2, {}),
+             ("frag_gemv", 1, 64, 1, dict(prefetch=True))]
+    for m in (1, 3, 20):
+        x = (torch.randn(m, k) * 4).half()
+        bias = torch.randn(n).half()
+        ref = x.float() @ ref_w + bias.float()
+        for kind, bm, bn, split, extra in cases:
+            out = frag_matmul(x, kw, qf, kind, bm, bn, split, **extra, bias=bias)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (kind, bm, bn, split, extra, m, err)
+        onto = torch.randn(m, n).half()
+        want = onto.float() + x.float() @ ref_w
+        frag_matmul(x, kw, qf, "frag", 16, 32, 2, zsub=True, accumulate=onto)
+        assert ((onto.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_kernels_match_the_reference_interpreted() -> None:
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_frag")
