@@ -377,3 +377,12 @@ def test_fragment_kernels_match_reference(m: int) -> None:
         for prefetch in (False, True):
             out = frag_matmul(x, kw, qf, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias)
             assert rel_err(out, ref) < 1e-2, (bn, warps, split, prefetch)
+    # [gate | up] input (no act-order): silu(gate) · up inside the loads
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
+    gate_up = torch.randn(m, 2 * k, device=DEV).half()
+    ref = silu_mul(gate_up).float() @ dequantize_codes(codes, zeros, scales, g_idx)
+    for kind, bm, bn in (("frag", 16, 128), ("frag_gemv", 1, 64)):
+        out = frag_matmul(gate_up, kw, fragment_weights(kw), kind, bm, bn, 2, zsub=True, fma=True, prefetch=True,
+                          glu=True)
+        assert rel_err(out, ref) < 1e-2, kind

@@ -69,7 +69,8 @@ def fragment_weights(kw: KernelWeights) -> torch.Tensor:
 
 if triton is not None:
     from services.engine.kernels.h2_ptx import H2_DEQ_FMA_ASM, H2_DEQ_SHIFT_ASM, H2_MAG_ASM
-    from services.engine.kernels.w4a16_tiles import fp16_bits, h2_dot
+    from services.engine.kernels.pdl import pdl_enter
+    from services.engine.kernels.w4a16_tiles import fp16_bits, h2_dot, load_x
 
     _H2_MAG_ASM = tl.constexpr(H2_MAG_ASM)
     _H2_DEQ_FMA_ASM = tl.constexpr(H2_DEQ_FMA_ASM)
@@ -115,14 +116,15 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 16)), (C, 128))
 
     @triton.jit
-    def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, offs_n, mask_n, group_size):
+    def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n, mask_n, group_size,
+                         GLU: tl.constexpr):
         """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
-        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128]."""
+        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (load_x: GLU as in w4a16)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
-        xt = tl.load(x_rows + b * 128, mask=mask_m[:, None], other=0.0)
+        xt = load_x(x_rows + b * 128, mask_m[:, None], K, GLU)
         return q, s, z1024, xt
 
     @triton.jit
@@ -143,12 +145,13 @@ if triton is not None:
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         ZSUB: tl.constexpr, FMA: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-        EMULATE: tl.constexpr = False,
+        EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """Tensor-core path: one K=128 dot per block on the fragment-ordered operand (frag_operand).
         ZSUB: codes minus the zero in fp16 (FMA: the one-shift unpacking); otherwise 1024 + q codes
         and (part - (1024 + z) Σx) · s per block (Σx over the block's 128 columns of x, fp32).
-        PREFETCH: a register double buffer, block b + 1's loads issued before block b's dot."""
+        PREFETCH: a register double buffer, block b + 1's loads issued before block b's dot.
+        GLU: x rows are [gate | up], the input silu(gate) · up (w4a16_tiles.load_x)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BM)
@@ -166,19 +169,21 @@ if triton is not None:
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
         x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
+        pdl_enter(PDL)   # after the index math, before any read of x or write of out
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if PREFETCH:
-            q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b_start, N, offs_n,
-                                                  mask_n, group_size)
+            q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b_start, N, K, offs_n,
+                                                  mask_n, group_size, GLU)
             for b in range(b_start, b_end):
                 q, s, z1024, xt = q_n, s_n, z_n, x_n
                 q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m,
-                                                      tl.minimum(b + 1, b_end - 1), N, offs_n, mask_n, group_size)
+                                                      tl.minimum(b + 1, b_end - 1), N, K, offs_n, mask_n, group_size,
+                                                      GLU)
                 acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, EMULATE)
         else:
             for b in range(b_start, b_end):
-                q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, offs_n,
-                                                   mask_n, group_size)
+                q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n,
+                                                   mask_n, group_size, GLU)
                 acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, EMULATE)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -191,25 +196,25 @@ if triton is not None:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
     @triton.jit
-    def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, b, N, offs_n, mask_n, group_size, C: tl.constexpr,
-                        EMULATE: tl.constexpr):
+    def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
+                        C: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
         """Everything the GEMV reads for block b: codes [C, 128], each word's scale (fp32) and zero pair
-        [C, 128], and the four x pairs [128] (scaled by 1/32)."""
+        [C, 128], and the four x pairs [128] (frag_x_pair)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
-        xb = x_pairs + b * 64
-        return (q, s, zz, _x32(tl.load(xb), EMULATE), _x32(tl.load(xb + 4), EMULATE),
-                _x32(tl.load(xb + 8), EMULATE), _x32(tl.load(xb + 12), EMULATE))
+        kb = b * 128 + k_word
+        return (q, s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + 8, K, GLU, EMULATE),
+                frag_x_pair(x_row, kb + 16, K, GLU, EMULATE), frag_x_pair(x_row, kb + 24, K, GLU, EMULATE))
 
     @triton.jit
     def _frag_gemv_kernel(
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr = False,
-        EMULATE: tl.constexpr = False,
+        EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: gemv_h2's packed dot (h2_dot) on each word. The
         x pair of code pair p = 2a + h of word (lane = 4g + t, w) is x[k], x[k + 1] at
@@ -227,22 +232,23 @@ if triton is not None:
         mask_c = (rows < N // 8)[:, None]
         wi = tl.arange(0, 128)
         k_word = 32 * (wi % 4) + 2 * ((wi // 4) % 4)       # k of code 0 of each word, in the block
-        x_pairs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (row * stride_xm + k_word) // 2
+        x_row = x_ptr + row * stride_xm
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
+        pdl_enter(PDL)   # after the index math, before any read of x or write of out
         acc = tl.zeros((C, 128), dtype=tl.float32)
         if PREFETCH:
-            nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, b_start, N, offs_n, mask_n, group_size, C,
-                                  EMULATE)
+            nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b_start, N, K, offs_n, mask_n, group_size,
+                                  C, GLU, EMULATE)
             for b in range(b_start, b_end):
                 q, s, zz, p0, p1, p2, p3 = nxt
-                nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, tl.minimum(b + 1, b_end - 1), N, offs_n,
-                                      mask_n, group_size, C, EMULATE)
+                nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, tl.minimum(b + 1, b_end - 1), N, K,
+                                      offs_n, mask_n, group_size, C, GLU, EMULATE)
                 acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
         else:
             for b in range(b_start, b_end):
-                q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_pairs, b, N, offs_n, mask_n,
-                                                           group_size, C, EMULATE)
+                q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n,
+                                                           mask_n, group_size, C, GLU, EMULATE)
                 acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
         out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
         if HAS_BIAS:
@@ -255,8 +261,15 @@ if triton is not None:
             tl.store(out, out_v.to(tl.float16), mask=mask_n)
 
     @triton.jit
-    def _x32(p, EMULATE: tl.constexpr):
-        """A packed pair of fp16 x values (int32) times 1/32 in both halves."""
+    def frag_x_pair(x_row, k, K, GLU: tl.constexpr, EMULATE: tl.constexpr):
+        """(x[k], x[k + 1]) / 32 as one fp16x2 (int32) per element of k (even): one 32-bit load, or with
+        GLU the two activations silu(gate) · up (load_x) joined; the 1/32 as in gemv_h2 (exact)."""
+        if GLU:
+            lo = load_x(x_row + k, k < K, K, True)
+            hi = load_x(x_row + k + 1, k < K, K, True)
+            p = fp16_bits(lo) | (fp16_bits(hi) << 16)
+        else:
+            p = tl.load(x_row.to(tl.pointer_type(tl.int32), bitcast=True) + k // 2)
         if EMULATE:
             lo = ((p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 0.03125).to(tl.float16)
             hi = (((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 0.03125).to(tl.float16)
@@ -264,27 +277,37 @@ if triton is not None:
         return tl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 671098880; mul.rn.f16x2 $0, $1, c; }",
                                          "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
 
-
 def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str, block_m: int, block_n: int,
                 split_k: int, num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
-                prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+                prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
+                glu: bool = False) -> torch.Tensor:
     """y [M, N] fp16 = x [M, K] fp16 @ W, W's codes in fragment order (qf, fragment_weights(kw)) with
-    kw's scales and zeros; kind "frag" (tensor cores) or "frag_gemv". accumulate as in w4a16_matmul."""
+    kw's scales and zeros; kind "frag" (tensor cores) or "frag_gemv". accumulate and glu as in
+    w4a16_matmul."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
     if kind not in ("frag", "frag_gemv"):
         raise ValueError(f"unknown fragment kernel {kind!r}")
+    if glu and x.shape[1] != 2 * kw.in_features:
+        raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
+    if glu and kw.perm is not None:   # act-order: the activation is gathered, so no fused load
+        from services.engine.kernels.fused_ops import silu_mul
+        x, glu = silu_mul(x.contiguous()), False
     if kw.perm is not None:
         x = x[:, kw.perm]
     x = x.contiguous()
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     n = kw.out_features
     if k != kw.in_features or qf.shape != (n // FRAG_COLS, k // KERNEL_K_BLOCK, 128):
         raise ValueError(f"x [{m}, {k}] or codes {tuple(qf.shape)} do not match {k}x{n} weights")
     if block_n % FRAG_COLS:
         raise ValueError(f"block_n must be a multiple of {FRAG_COLS}, got {block_n}")
+    if accumulate is not None and (accumulate.shape != (m, n) or accumulate.dtype != torch.float16
+                                   or accumulate.stride(1) != 1):
+        raise ValueError(f"accumulate must be [{m}, {n}] fp16 with unit column stride, got "
+                         f"{accumulate.dtype} {tuple(accumulate.shape)} strides {accumulate.stride()}")
     num_blocks = k // KERNEL_K_BLOCK
     split_k = max(1, min(split_k, num_blocks))
     per_split = cdiv(num_blocks, split_k)
@@ -298,9 +321,10 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split)
     if kind == "frag_gemv":
         launch(_frag_gemv_kernel, (m, cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
-               USE_ATOMIC=use_atomic, BN=block_n, PREFETCH=prefetch, EMULATE=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+               USE_ATOMIC=use_atomic, BN=block_n, PREFETCH=prefetch, EMULATE=INTERPRET, GLU=glu,
+               num_warps=num_warps, num_stages=num_stages)
     else:
         launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
                USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, FMA=fma, PREFETCH=prefetch, EMULATE=INTERPRET,
-               num_warps=num_warps, num_stages=num_stages)
+               GLU=glu, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -87,6 +87,17 @@ def check_interpreted() -> None:
         want = onto.float() + x.float() @ ref_w
         frag_matmul(x, kw, qf, "frag", 16, 32, 2, zsub=True, accumulate=onto)
         assert ((onto.float() - want).norm() / want.norm()).item() < 1e-2
+    # [gate | up] input without act-order: silu(gate) · up inside the loads of both kinds
+    codes, zeros, scales, g_idx = rtn_codes(w, 128, 4)
+    kw_plain = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
+    qf_plain = fragment_weights(kw_plain)
+    ref_plain = dequantize_codes(codes, zeros, scales, g_idx)
+    gate_up = torch.randn(3, 2 * k).half()
+    g, u = gate_up.float().chunk(2, dim=1)
+    want = (torch.nn.functional.silu(g) * u).half().float() @ ref_plain
+    for kind, bm, bn in (("frag", 16, 32), ("frag_gemv", 1, 64)):
+        out = frag_matmul(gate_up, kw_plain, qf_plain, kind, bm, bn, 2, zsub=True, glu=True)
+        assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, kind
 
 
 def test_kernels_match_the_reference_interpreted() -> None:
