@@ -196,18 +196,30 @@ if triton is not None:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
     @triton.jit
+    def per_lane(v, C: tl.constexpr):
+        """A per-column vector [8 C] → [C, 32]: the value of each lane's column (lane = 4g + t, n = 8c + g)."""
+        return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 4)), (C, 32))
+
+    @triton.jit
     def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
                         C: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
-        """Everything the GEMV reads for block b: codes [C, 128], each word's scale (fp32) and zero pair
-        [C, 128], and the four x pairs [128] (frag_x_pair)."""
+        """Everything the GEMV reads for block b: codes [C, 32, 4] (row, lane, word), each lane's scale
+        (fp32) [C, 32] and zero pair [C, 32, 1], and the four x pairs [32, 4] (frag_x_pair)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
-        s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
+        s = per_lane(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
+        zz = per_lane(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)[:, :, None]
         kb = b * 128 + k_word
         return (q, s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + 8, K, GLU, EMULATE),
                 frag_x_pair(x_row, kb + 16, K, GLU, EMULATE), frag_x_pair(x_row, kb + 24, K, GLU, EMULATE))
+
+    @triton.jit
+    def frag_gemv_dot(q, s, zz, p0, p1, p2, p3, EMULATE: tl.constexpr):
+        """One block's partial [C, 32]: h2_dot per word, the 4 words of a lane (one column) summed
+        before the scale, so the accumulator and the scales take a quarter of the registers."""
+        d = h2_dot(q, q, p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :], zz, 4, EMULATE)
+        return tl.sum(d, axis=2) * s
 
     @triton.jit
     def _frag_gemv_kernel(
@@ -228,15 +240,15 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
-        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
-        mask_c = (rows < N // 8)[:, None]
-        wi = tl.arange(0, 128)
+        wi = tl.arange(0, 32)[:, None] * 4 + tl.arange(0, 4)[None, :]      # [lane, word]
+        codes = qf_ptr + (rows[:, None, None] * nb).to(tl.int64) * 128 + wi[None, :, :]
+        mask_c = (rows < N // 8)[:, None, None]
         k_word = 32 * (wi % 4) + 2 * ((wi // 4) % 4)       # k of code 0 of each word, in the block
         x_row = x_ptr + row * stride_xm
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
         pdl_enter(PDL)   # after the index math, before any read of x or write of out
-        acc = tl.zeros((C, 128), dtype=tl.float32)
+        acc = tl.zeros((C, 32), dtype=tl.float32)
         if PREFETCH:
             nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b_start, N, K, offs_n, mask_n, group_size,
                                   C, GLU, EMULATE)
@@ -244,13 +256,13 @@ if triton is not None:
                 q, s, zz, p0, p1, p2, p3 = nxt
                 nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, tl.minimum(b + 1, b_end - 1), N, K,
                                       offs_n, mask_n, group_size, C, GLU, EMULATE)
-                acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
+                acc += frag_gemv_dot(q, s, zz, p0, p1, p2, p3, EMULATE)
         else:
             for b in range(b_start, b_end):
                 q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n,
                                                            mask_n, group_size, C, GLU, EMULATE)
-                acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
-        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
+                acc += frag_gemv_dot(q, s, zz, p0, p1, p2, p3, EMULATE)
+        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 4)), axis=2), (BN,)) * 32.0
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             out_v += bias * (pid_k == 0).to(tl.float32)
