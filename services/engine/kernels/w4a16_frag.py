@@ -104,22 +104,17 @@ if triton is not None:
 
     @triton.jit
     def frag_operand(o, C: tl.constexpr, BN: tl.constexpr):
-        """The 8 unpacked code tiles [C, 128] of a block (frag_codes) → the dot operand W [128, BN]."""
+        """The 8 unpacked code tiles [C, 32, 4] of a block (frag_codes) → the dot operand W [128, BN]."""
         r = tl.join(tl.join(tl.join(o[0], o[1]), tl.join(o[2], o[3])),
-                    tl.join(tl.join(o[4], o[5]), tl.join(o[6], o[7])))    # [C, 128, h, a, e]
+                    tl.join(tl.join(o[4], o[5]), tl.join(o[6], o[7])))    # [C, 32, 4, h, a, e]
         r = tl.reshape(r, (C, 8, 4, 4, 2, 2, 2))                        # c g t w h a e
         return tl.reshape(tl.permute(r, (3, 5, 4, 2, 6, 0, 1)), (128, BN))   # (w a h t e) (c g)
-
-    @triton.jit
-    def per_word(v, C: tl.constexpr):
-        """A per-column vector [8 C] → [C, 128]: the value of each word's column (n = 8c + g)."""
-        return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 16)), (C, 128))
 
     @triton.jit
     def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n, mask_n, group_size,
                          GLU: tl.constexpr):
         """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
-        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (load_x: GLU as in w4a16)."""
+        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128]; codes [C, 32, 4] (row, lane, word) (load_x: GLU as in w4a16)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -132,7 +127,7 @@ if triton is not None:
                        FMA: tl.constexpr, EMULATE: tl.constexpr):
         """The tensor-core partial [BM, BN] of one block from frag_block_loads' operands."""
         if ZSUB:
-            zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
+            zz = per_lane(fp16_bits(z1024.to(tl.float16)) * 65537, C)[:, :, None]
             part = tl.dot(xt, frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN))
             return part * s[None, :]
         part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN))
@@ -164,8 +159,8 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
-        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
-        mask_c = (rows < N // 8)[:, None]
+        codes = qf_ptr + (rows[:, None, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128).reshape(1, 32, 4)
+        mask_c = (rows < N // 8)[:, None, None]
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
         x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
