@@ -77,7 +77,7 @@
 #                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + both fusions
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
-#   bash benchmarks/gpu_session.sh frag COMMIT      # at most 580 s: fragment-ordered kernels (kernels/w4a16_frag.py): their
+#   bash benchmarks/gpu_session.sh frag COMMIT      # at most 440 s: fragment-ordered kernels (kernels/w4a16_frag.py): their
 #                                                   #   GPU tests, then probe_frag.py at M = 1/4/16 and 64/128/256 (config
 #                                                   #   grids beside the tuned engine GEMM and cuBLAS: frag_small/large.md)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -204,10 +204,10 @@ case "$stage" in
       --decode-batches 1,4,16 2>&1 | grep -v -i warn | tail -30
     ;;
   frag)   # fragment-ordered codes: GPU tests, then the config grids (the probe rewrites its files after each shape)
-    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k fragment 2>&1 | tail -5 | tee "$out/pytest_frag.log"
-    timeout 250 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 1,4,16 --stem frag_small 2>&1 \
+    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k fragment 2>&1 | tail -5 | tee "$out/pytest_frag.log"
+    timeout 170 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 1,4,16 --stem frag_small 2>&1 \
       | grep "^K="
-    timeout 210 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 64,128,256 --stem frag_large 2>&1 \
+    timeout 170 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 64,128,256 --stem frag_large 2>&1 \
       | grep "^K="
     ;;
   prefetch-l2)   # not run yet (no device start at 4575bfc). gemv_h2 with block b + 2 also asked of L2 (num_stages 3,
