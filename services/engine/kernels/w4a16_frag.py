@@ -77,22 +77,20 @@ if triton is not None:
     _H2_DEQ_SHIFT_ASM = tl.constexpr(H2_DEQ_SHIFT_ASM)
 
     @triton.jit
+    def _mag(q, j: tl.constexpr):
+        """Nibble j of each word as the fp16 1024 + q (the emulation of H2_MAG_ASM's output j)."""
+        return (((q >> (4 * j)) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
     def frag_codes(q, zz, ZSUB: tl.constexpr, FMA: tl.constexpr, EMULATE: tl.constexpr):
         """The 8 codes of each word as fp16 (a tuple, code j = nibble j): q - z with ZSUB (zz the zero
         pair of each word's column; FMA: h2_ptx's one-shift "fma" unpacking), else 1024 + q."""
         if EMULATE:
-            z = (zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            o0 = ((q & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o1 = (((q >> 4) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o2 = (((q >> 8) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o3 = (((q >> 12) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o4 = (((q >> 16) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o5 = (((q >> 20) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o6 = (((q >> 24) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            o7 = (((q >> 28) & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            o = (_mag(q, 0), _mag(q, 1), _mag(q, 2), _mag(q, 3), _mag(q, 4), _mag(q, 5), _mag(q, 6), _mag(q, 7))
             if ZSUB:
-                return o0 - z, o1 - z, o2 - z, o3 - z, o4 - z, o5 - z, o6 - z, o7 - z
-            return o0, o1, o2, o3, o4, o5, o6, o7
+                z = (zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                return o[0] - z, o[1] - z, o[2] - z, o[3] - z, o[4] - z, o[5] - z, o[6] - z, o[7] - z
+            return o
         if ZSUB:
             if FMA:
                 return tl.inline_asm_elementwise(_H2_DEQ_FMA_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [q, zz],
@@ -113,8 +111,8 @@ if triton is not None:
     @triton.jit
     def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n, mask_n, group_size,
                          GLU: tl.constexpr):
-        """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
-        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128]; codes [C, 32, 4] (row, lane, word) (load_x: GLU as in w4a16)."""
+        """Everything the tensor-core path reads for 128-row block b: codes [C, 32, 4] (row, lane, word),
+        the group's scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (load_x: GLU as in w4a16)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
