@@ -77,9 +77,10 @@
 #                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + both fusions
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
-#   bash benchmarks/gpu_session.sh frag COMMIT      # at most 440 s: fragment-ordered kernels (kernels/w4a16_frag.py): their
-#                                                   #   GPU tests, then probe_frag.py at M = 1/4/16 and 64/128/256 (config
-#                                                   #   grids beside the tuned engine GEMM and cuBLAS: frag_small/large.md)
+#   bash benchmarks/gpu_session.sh frag COMMIT      # at most 440 s: fragment-ordered kernels (kernels/w4a16_frag.py):
+#                                                   #   probe_frag.py at M = 1/4/16 and 64/128/256 (config
+#                                                   #   grids beside the tuned engine GEMM and cuBLAS: frag_small/large.md),
+#                                                   #   then their GPU tests
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
@@ -203,12 +204,12 @@ case "$stage" in
     timeout 150 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,4,16 2>&1 | grep -v -i warn | tail -30
     ;;
-  frag)   # fragment-ordered codes: GPU tests, then the config grids (the probe rewrites its files after each shape)
-    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k fragment 2>&1 | tail -5 | tee "$out/pytest_frag.log"
+  frag)   # fragment-ordered codes: the config grids (the probe rewrites its files after each shape), then GPU tests
     timeout 170 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 1,4,16 --stem frag_small 2>&1 \
       | grep "^K="
     timeout 170 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 64,128,256 --stem frag_large 2>&1 \
       | grep "^K="
+    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k fragment 2>&1 | tail -5 | tee "$out/pytest_frag.log"
     ;;
   prefetch-l2)   # not run yet (no device start at 4575bfc). gemv_h2 with block b + 2 also asked of L2 (num_stages 3,
               # out of the tuner's list until timed): the roofline probe (its st3 configs beside st1 / st2), the tuner's
