@@ -77,7 +77,7 @@
 #                                                   #   the engine's LoRA section with PDL off / PDL 1 / PDL 1 + both fusions
 #   bash benchmarks/gpu_session.sh pdl-gemm COMMIT  # ~70 s: the GEMM section (its pre-zeroed column is the form
 #                                                   #   the engine runs; not measured since it was added)
-#   bash benchmarks/gpu_session.sh frag COMMIT      # at most 440 s: fragment-ordered kernels (kernels/w4a16_frag.py):
+#   bash benchmarks/gpu_session.sh frag COMMIT      # at most 540 s: fragment-ordered kernels (kernels/w4a16_frag.py):
 #                                                   #   probe_frag.py at M = 1/4/16 and 64/128/256 (config
 #                                                   #   grids beside the tuned engine GEMM and cuBLAS: frag_small/large.md),
 #                                                   #   then their GPU tests
@@ -208,6 +208,9 @@ case "$stage" in
     timeout 170 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 1,4,16 --stem frag_small 2>&1 \
       | grep "^K="
     timeout 170 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 64,128,256 --stem frag_large 2>&1 \
+      | grep "^K="
+    # the other fragment order at M = 64 (Triton 3.6's wgmma path spills with k_width 4 in the SASS compiled here)
+    timeout 100 python3 benchmarks/probe_frag.py --out "$out" --commit "$commit" --ms 64 --k-width 2 --stem frag_m64_kw2 2>&1 \
       | grep "^K="
     timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k fragment 2>&1 | tail -5 | tee "$out/pytest_frag.log"
     ;;

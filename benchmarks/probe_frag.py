@@ -26,7 +26,7 @@ from benchmarks.results_io import gpu_run_header, probe_command, probe_parser, p
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.gptq_format import dequantize_kernel_weights  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
-from services.engine.kernels.w4a16_frag import fragment_weights, frag_matmul  # noqa: E402
+from services.engine.kernels.w4a16_frag import frag_k_width, fragment_weights, frag_matmul  # noqa: E402
 
 MAX_REL_ERR = 1e-2
 
@@ -65,11 +65,11 @@ def label(c: dict) -> str:
             f"{'pf' if c.get('prefetch') else 'st' + str(c['num_stages'])} {form}")
 
 
-def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer) -> list[dict]:
+def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k_width: int) -> list[dict]:
     ops = StreamOperands(k, n)
     kw = ops.kw
     ref_w = dequantize_kernel_weights(kw).float()
-    qf = fragment_weights(kw)
+    qf = fragment_weights(kw, k_width)
     qfs = [qf] + [qf.clone() for _ in ops.kws[1:]]
     rows = []
     for m in ms:
@@ -85,7 +85,8 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer) -
         for fc in frag_configs(m, k, n):
             args = {key: v for key, v in fc.items() if key != "kind"}
             args.pop("block_m")
-            call = lambda c, q: frag_matmul(x, c, q, fc["kind"], fc["block_m"], **args, accumulate=kept)  # noqa: E731
+            call = lambda c, q: frag_matmul(x, c, q, fc["kind"], fc["block_m"], **args, accumulate=kept,  # noqa: E731
+                                            k_width=k_width)
             try:
                 kept.zero_()
                 y = call(kw, qfs[0]).float()
@@ -110,7 +111,7 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer) -
 
 def write_markdown(res: dict, path: Path) -> None:
     lines = [probe_title("Fragment-ordered W4A16 kernels beside the engine's GEMM, streamed", res) + "\n",
-             probe_command(res) + f" µs per call over cold weights (one CUDA graph over weight copies that "
+             probe_command(res) + f" Codes in fragment order k_width {res.get('k_width', 2)}. µs per call over cold weights (one CUDA graph over weight copies that "
              f"exceed 3× the L2), medians of {res['reps']} replays. `ours`: the engine's GEMM at its tuner's "
              "config; `frag`: the fastest fragment-order config whose output is within 1e-2 of the "
              "float32 reference.\n",
@@ -138,15 +139,18 @@ def main() -> None:
     ap = probe_parser(__doc__, reps=20, ms="1,4,16,64,128")
     ap.add_argument("--shapes", type=int, default=len(GEMM_SHAPES), help="how many of bench_gpu_kernels' GEMM shapes")
     ap.add_argument("--stem", default="frag", help="result file name stem")
+    ap.add_argument("--k-width", type=int, default=None,
+                    help="fragment order (2 or 4; default: the installed Triton's, w4a16_frag.frag_k_width)")
     args = ap.parse_args()
+    k_width = frag_k_width() if args.k_width is None else args.k_width
     tuner, timer = GemmTuner(), Timer(args.reps)
     torch.manual_seed(0)
     t0 = time.time()
-    res = gpu_run_header("probe_frag.py", args.commit, reps=args.reps, rows=[])
+    res = gpu_run_header("probe_frag.py", args.commit, reps=args.reps, k_width=k_width, rows=[])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for k, n in GEMM_SHAPES[:args.shapes]:   # the files are rewritten after each shape: a cut run keeps its rows
-        res["rows"] += probe_shape(k, n, args.ms, tuner, timer)
+        res["rows"] += probe_shape(k, n, args.ms, tuner, timer, k_width)
         res["wall_s"] = time.time() - t0
         (out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
         write_markdown(res, out / f"{args.stem}.md")

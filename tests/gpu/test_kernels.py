@@ -353,8 +353,9 @@ def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:
     assert rel_err(graphed.replay(), eager.float()) < 1e-2
 
 
+@pytest.mark.parametrize("k_width", [2, 4])
 @pytest.mark.parametrize("m", [1, 5, 16, 40, 128])
-def test_fragment_kernels_match_reference(m: int) -> None:
+def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
     """kernels/w4a16_frag.py on the GPU: every form (PTX unpacking shift / fma, 1024 + q with the Σx
     correction, double buffer or Triton stages, the GEMV) against the float32 reference."""
     from services.engine.kernels.w4a16_frag import fragment_weights, frag_matmul
@@ -362,7 +363,7 @@ def test_fragment_kernels_match_reference(m: int) -> None:
     codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4, torch.randperm(k, device=DEV))
     ref_w = dequantize_codes(codes, zeros, scales, g_idx)
     kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
-    qf = fragment_weights(kw)
+    qf = fragment_weights(kw, k_width)
     x = torch.randn(m, k, device=DEV).half()
     bias = torch.randn(n, device=DEV).half()
     ref = x.float() @ ref_w + bias.float()
@@ -371,11 +372,12 @@ def test_fragment_kernels_match_reference(m: int) -> None:
         for form in forms:
             for prefetch in (False, True):
                 out = frag_matmul(x, kw, qf, "frag", bm, bn, split, num_warps=warps, num_stages=1 if prefetch else 2,
-                                  prefetch=prefetch, bias=bias, **form)
+                                  prefetch=prefetch, bias=bias, k_width=k_width, **form)
                 assert rel_err(out, ref) < 1e-2, (bm, bn, warps, split, form, prefetch)
     for bn, warps, split in [(64, 1, 4), (128, 2, 1)]:
         for prefetch in (False, True):
-            out = frag_matmul(x, kw, qf, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias)
+            out = frag_matmul(x, kw, qf, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias,
+                              k_width=k_width)
             assert rel_err(out, ref) < 1e-2, (bn, warps, split, prefetch)
     # [gate | up] input (no act-order): silu(gate) · up inside the loads
     codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4)
@@ -383,6 +385,6 @@ def test_fragment_kernels_match_reference(m: int) -> None:
     gate_up = torch.randn(m, 2 * k, device=DEV).half()
     ref = silu_mul(gate_up).float() @ dequantize_codes(codes, zeros, scales, g_idx)
     for kind, bm, bn in (("frag", 16, 128), ("frag_gemv", 1, 64)):
-        out = frag_matmul(gate_up, kw, fragment_weights(kw), kind, bm, bn, 2, zsub=True, fma=True, prefetch=True,
-                          glu=True)
+        out = frag_matmul(gate_up, kw, fragment_weights(kw, k_width), kind, bm, bn, 2, zsub=True, fma=True,
+                          prefetch=True, glu=True, k_width=k_width)
         assert rel_err(out, ref) < 1e-2, kind

@@ -8,7 +8,13 @@ of the dequant (kernel_sass.md). Here the codes are stored in the order the frag
 
   qweight int32 [N/8, K/128, 128]: for 8 columns (n = 8c + g) and one 128-row K block b, word
   4·lane + w (lane = 4g + t) holds at nibble j = 4e + 2a + h the code of
-  k = 128b + 32w + 16a + 8h + 2t + e.
+  k = 128b + 32w + 16a + 8h + 2t + e      (k_width 2: fragment rows 2t, 2t + 1, 2t + 8, 2t + 9)
+  k = 128b + 32w + 16a + 4t + 2h + e      (k_width 4: rows 4t .. 4t + 3 of each K=16 step).
+
+Which of the two a Triton version gives its fp16 mma.sync operands (the dot operand layout's
+kWidth) decides which order is free: Triton 3.6 picks 4 on sm_90 and 3.9 picks 2 (both compiled here;
+with the other order the operand reaches its layout through warp shuffles, ~2 SASS instructions per
+weight). frag_k_width() maps the installed version; the packing and the kernels take it explicitly.
 
 So lane 4g + t loads its 4 words with one 16-byte load, the 128 words of (c, b) are one coalesced
 512-byte warp read, and the packed fp16x2 unpack (h2_ptx) yields the pairs (k, k + 1) that a
@@ -18,6 +24,10 @@ relabelling of registers that Triton's linear layouts resolve with no data movem
 Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics) and
 "frag_gemv" (one row of x per program on CUDA cores, gemv_h2's packed fp16x2 dot; the x pairs of
 a word are two adjacent halves, so each is one 32-bit load). 4-bit weights only.
+
+Code tiles load as 2-D [C, 128] (C = BN / 8 rows of 128 words). A [C, 32, 4] form of the same
+addresses compiled to the same sm_90 SASS counts here (Triton 3.9) but ran 2-7x slower on the H100
+with Triton 3.6 (frag_small_96e0d9b.md against frag_m1_16_fcd1f62.md), so the 2-D form stays.
 """
 from __future__ import annotations
 
@@ -39,32 +49,50 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # no inline PTX there: t
 FRAG_COLS = 8   # columns of one fragment row (an n8 tile)
 
 
-def pack_fragments(codes: torch.Tensor) -> torch.Tensor:
+def frag_k_width() -> int:
+    """The fragment order whose operand layout the installed Triton uses for fp16 mma.sync (see above)."""
+    if triton is None:
+        return 2
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return 4 if (major, minor) < (3, 9) else 2
+
+
+def _check_k_width(k_width: int) -> None:
+    if k_width not in (2, 4):
+        raise ValueError(f"k_width must be 2 or 4, got {k_width}")
+
+
+def pack_fragments(codes: torch.Tensor, k_width: int = 2) -> torch.Tensor:
     """int codes [K, N] (0..15, kernel row order) → fragment-ordered int32 [N/8, K/128, 128]."""
+    _check_k_width(k_width)
     k, n = codes.shape
     if k % KERNEL_K_BLOCK or n % FRAG_COLS:
         raise ValueError(f"fragment order needs K % {KERNEL_K_BLOCK} == 0 and N % {FRAG_COLS} == 0, got {k}x{n}")
-    # k = 128b + 32w + 16a + 8h + 2t + e, n = 8c + g  →  [c, b, g, t, w, j = 4e + 2a + h]
-    q = codes.to(torch.int64).reshape(k // KERNEL_K_BLOCK, 4, 2, 2, 4, 2, n // FRAG_COLS, FRAG_COLS)  # b w a h t e c g
-    q = q.permute(6, 0, 7, 4, 1, 5, 2, 3).reshape(n // FRAG_COLS, k // KERNEL_K_BLOCK, 128, 8)
-    words = (q << (4 * torch.arange(8, device=codes.device))).sum(dim=-1)
+    nb, c = k // KERNEL_K_BLOCK, n // FRAG_COLS
+    if k_width == 2:   # k = 128b + 32w + 16a + 8h + 2t + e  →  [c, b, g, t, w, j = 4e + 2a + h]
+        q = codes.to(torch.int64).reshape(nb, 4, 2, 2, 4, 2, c, FRAG_COLS).permute(6, 0, 7, 4, 1, 5, 2, 3)  # b w a h t e c g
+    else:              # k = 128b + 32w + 16a + 4t + 2h + e
+        q = codes.to(torch.int64).reshape(nb, 4, 2, 4, 2, 2, c, FRAG_COLS).permute(6, 0, 7, 3, 1, 5, 2, 4)  # b w a t h e c g
+    words = (q.reshape(c, nb, 128, 8) << (4 * torch.arange(8, device=codes.device))).sum(dim=-1)
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
 
-def unpack_fragments(qf: torch.Tensor) -> torch.Tensor:
+def unpack_fragments(qf: torch.Tensor, k_width: int = 2) -> torch.Tensor:
     """The inverse of pack_fragments: int64 codes [K, N]."""
+    _check_k_width(k_width)
     c, nb = qf.shape[0], qf.shape[1]
     q = (qf.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=qf.device))) & 0xF   # c b (g t w) j
     q = q.reshape(c, nb, 8, 4, 4, 2, 2, 2)          # c b g t w e a h
-    q = q.permute(1, 4, 6, 7, 3, 5, 0, 2)           # b w a h t e c g
-    return q.reshape(nb * KERNEL_K_BLOCK, c * FRAG_COLS)
+    order = (1, 4, 6, 7, 3, 5, 0, 2) if k_width == 2 else (1, 4, 6, 3, 7, 5, 0, 2)   # b w a h t e c g / b w a t h e c g
+    return q.permute(*order).reshape(nb * KERNEL_K_BLOCK, c * FRAG_COLS)
 
 
-def fragment_weights(kw: KernelWeights) -> torch.Tensor:
-    """The fragment-ordered code plane of 4-bit kernel weights (scales, zeros and perm are shared)."""
+def fragment_weights(kw: KernelWeights, k_width: int | None = None) -> torch.Tensor:
+    """The fragment-ordered code plane of 4-bit kernel weights (scales, zeros and perm are shared);
+    k_width None: frag_k_width()."""
     if kw.bits != 4:
         raise ValueError("fragment order is 4-bit only")
-    return pack_fragments(kernel_codes(kw))
+    return pack_fragments(kernel_codes(kw), frag_k_width() if k_width is None else k_width)
 
 
 if triton is not None:
@@ -101,18 +129,25 @@ if triton is not None:
                                          dtype=(tl.float16,) * 8, is_pure=True, pack=1)
 
     @triton.jit
-    def frag_operand(o, C: tl.constexpr, BN: tl.constexpr):
-        """The 8 unpacked code tiles [C, 32, 4] of a block (frag_codes) → the dot operand W [128, BN]."""
+    def frag_operand(o, C: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr):
+        """The 8 unpacked code tiles [C, 128] of a block (frag_codes) → the dot operand W [128, BN]."""
         r = tl.join(tl.join(tl.join(o[0], o[1]), tl.join(o[2], o[3])),
-                    tl.join(tl.join(o[4], o[5]), tl.join(o[6], o[7])))    # [C, 32, 4, h, a, e]
+                    tl.join(tl.join(o[4], o[5]), tl.join(o[6], o[7])))    # [C, 128, h, a, e]
         r = tl.reshape(r, (C, 8, 4, 4, 2, 2, 2))                        # c g t w h a e
-        return tl.reshape(tl.permute(r, (3, 5, 4, 2, 6, 0, 1)), (128, BN))   # (w a h t e) (c g)
+        if KW == 2:
+            return tl.reshape(tl.permute(r, (3, 5, 4, 2, 6, 0, 1)), (128, BN))   # (w a h t e) (c g)
+        return tl.reshape(tl.permute(r, (3, 5, 2, 4, 6, 0, 1)), (128, BN))       # (w a t h e) (c g)
+
+    @triton.jit
+    def per_word(v, C: tl.constexpr):
+        """A per-column vector [8 C] → [C, 128]: the value of each word's column (n = 8c + g)."""
+        return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 16)), (C, 128))
 
     @triton.jit
     def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n, mask_n, group_size,
                          GLU: tl.constexpr):
-        """Everything the tensor-core path reads for 128-row block b: codes [C, 32, 4] (row, lane, word),
-        the group's scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (load_x: GLU as in w4a16)."""
+        """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
+        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (load_x: GLU as in w4a16)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -122,13 +157,13 @@ if triton is not None:
 
     @triton.jit
     def frag_block_dot(q, s, z1024, xt, C: tl.constexpr, BN: tl.constexpr, ZSUB: tl.constexpr,
-                       FMA: tl.constexpr, EMULATE: tl.constexpr):
+                       FMA: tl.constexpr, KW: tl.constexpr, EMULATE: tl.constexpr):
         """The tensor-core partial [BM, BN] of one block from frag_block_loads' operands."""
         if ZSUB:
-            zz = per_lane(fp16_bits(z1024.to(tl.float16)) * 65537, C)[:, :, None]
-            part = tl.dot(xt, frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN))
+            zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
+            part = tl.dot(xt, frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN, KW))
             return part * s[None, :]
-        part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN))
+        part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN, KW))
         xs = tl.sum(xt.to(tl.float32), axis=1)
         return part * s[None, :] - xs[:, None] * (z1024 * s)[None, :]
 
@@ -137,7 +172,7 @@ if triton is not None:
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        ZSUB: tl.constexpr, FMA: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        ZSUB: tl.constexpr, KW: tl.constexpr = 2, FMA: tl.constexpr = False, PREFETCH: tl.constexpr = False,
         EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
     ):
         """Tensor-core path: one K=128 dot per block on the fragment-ordered operand (frag_operand).
@@ -157,8 +192,8 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
-        codes = qf_ptr + (rows[:, None, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128).reshape(1, 32, 4)
-        mask_c = (rows < N // 8)[:, None, None]
+        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
+        mask_c = (rows < N // 8)[:, None]
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
         x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
@@ -172,12 +207,12 @@ if triton is not None:
                 q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m,
                                                       tl.minimum(b + 1, b_end - 1), N, K, offs_n, mask_n, group_size,
                                                       GLU)
-                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, EMULATE)
+                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE)
         else:
             for b in range(b_start, b_end):
                 q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n,
                                                    mask_n, group_size, GLU)
-                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, EMULATE)
+                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += bias[None, :] * (pid_k == 0).to(tl.float32)
@@ -189,37 +224,27 @@ if triton is not None:
             tl.store(out, acc.to(tl.float16), mask=omask)
 
     @triton.jit
-    def per_lane(v, C: tl.constexpr):
-        """A per-column vector [8 C] → [C, 32]: the value of each lane's column (lane = 4g + t, n = 8c + g)."""
-        return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 4)), (C, 32))
-
-    @triton.jit
     def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
-                        C: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
-        """Everything the GEMV reads for block b: codes [C, 32, 4] (row, lane, word), each lane's scale
-        (fp32) [C, 32] and zero pair [C, 32, 1], and the four x pairs [32, 4] (frag_x_pair)."""
+                        C: tl.constexpr, KW: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
+        """Everything the GEMV reads for block b: codes [C, 128], each word's scale (fp32) and zero pair
+        [C, 128], and the four x pairs [128] (frag_x_pair)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
-        s = per_lane(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
+        s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zz = per_lane(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)[:, :, None]
+        zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
         kb = b * 128 + k_word
-        return (q, s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + 8, K, GLU, EMULATE),
-                frag_x_pair(x_row, kb + 16, K, GLU, EMULATE), frag_x_pair(x_row, kb + 24, K, GLU, EMULATE))
-
-    @triton.jit
-    def frag_gemv_dot(q, s, zz, p0, p1, p2, p3, EMULATE: tl.constexpr):
-        """One block's partial [C, 32]: h2_dot per word, the 4 words of a lane (one column) summed
-        before the scale, so the accumulator and the scales take a quarter of the registers."""
-        d = h2_dot(q, q, p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :], zz, 4, EMULATE)
-        return tl.sum(d, axis=2) * s
+        h: tl.constexpr = 8 if KW == 2 else 2        # k step of code pair 1 (h = 1) from pair 0
+        return (q, s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + h, K, GLU, EMULATE),
+                frag_x_pair(x_row, kb + 16, K, GLU, EMULATE), frag_x_pair(x_row, kb + 16 + h, K, GLU, EMULATE))
 
     @triton.jit
     def _frag_gemv_kernel(
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
-        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr = False,
-        EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr = 2,
+        PREFETCH: tl.constexpr = False, EMULATE: tl.constexpr = False, PDL: tl.constexpr = False,
+        GLU: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: gemv_h2's packed dot (h2_dot) on each word. The
         x pair of code pair p = 2a + h of word (lane = 4g + t, w) is x[k], x[k + 1] at
@@ -233,29 +258,29 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
-        wi = tl.arange(0, 32)[:, None] * 4 + tl.arange(0, 4)[None, :]      # [lane, word]
-        codes = qf_ptr + (rows[:, None, None] * nb).to(tl.int64) * 128 + wi[None, :, :]
-        mask_c = (rows < N // 8)[:, None, None]
-        k_word = 32 * (wi % 4) + 2 * ((wi // 4) % 4)       # k of code 0 of each word, in the block
+        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
+        mask_c = (rows < N // 8)[:, None]
+        wi = tl.arange(0, 128)
+        k_word = 32 * (wi % 4) + KW * ((wi // 4) % 4)      # k of code 0 of each word, in the block
         x_row = x_ptr + row * stride_xm
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
         pdl_enter(PDL)   # after the index math, before any read of x or write of out
-        acc = tl.zeros((C, 32), dtype=tl.float32)
+        acc = tl.zeros((C, 128), dtype=tl.float32)
         if PREFETCH:
             nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b_start, N, K, offs_n, mask_n, group_size,
-                                  C, GLU, EMULATE)
+                                  C, KW, GLU, EMULATE)
             for b in range(b_start, b_end):
                 q, s, zz, p0, p1, p2, p3 = nxt
                 nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, tl.minimum(b + 1, b_end - 1), N, K,
-                                      offs_n, mask_n, group_size, C, GLU, EMULATE)
-                acc += frag_gemv_dot(q, s, zz, p0, p1, p2, p3, EMULATE)
+                                      offs_n, mask_n, group_size, C, KW, GLU, EMULATE)
+                acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
         else:
             for b in range(b_start, b_end):
                 q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n,
-                                                           mask_n, group_size, C, GLU, EMULATE)
-                acc += frag_gemv_dot(q, s, zz, p0, p1, p2, p3, EMULATE)
-        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 4)), axis=2), (BN,)) * 32.0
+                                                           mask_n, group_size, C, KW, GLU, EMULATE)
+                acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
+        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             out_v += bias * (pid_k == 0).to(tl.float32)
@@ -285,16 +310,18 @@ if triton is not None:
 def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str, block_m: int, block_n: int,
                 split_k: int, num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
                 prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
-                glu: bool = False) -> torch.Tensor:
-    """y [M, N] fp16 = x [M, K] fp16 @ W, W's codes in fragment order (qf, fragment_weights(kw)) with
-    kw's scales and zeros; kind "frag" (tensor cores) or "frag_gemv". accumulate and glu as in
-    w4a16_matmul."""
+                glu: bool = False, k_width: int | None = None) -> torch.Tensor:
+    """y [M, N] fp16 = x [M, K] fp16 @ W, W's codes in fragment order (qf, fragment_weights(kw, k_width))
+    with kw's scales and zeros; kind "frag" (tensor cores) or "frag_gemv". accumulate and glu as in
+    w4a16_matmul; k_width: the order qf was packed in (None: frag_k_width())."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
     if kind not in ("frag", "frag_gemv"):
         raise ValueError(f"unknown fragment kernel {kind!r}")
+    k_width = frag_k_width() if k_width is None else k_width
+    _check_k_width(k_width)
     if glu and x.shape[1] != 2 * kw.in_features:
         raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
     if glu and kw.perm is not None:   # act-order: the activation is gathered, so no fused load
@@ -326,10 +353,10 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split)
     if kind == "frag_gemv":
         launch(_frag_gemv_kernel, (m, cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
-               USE_ATOMIC=use_atomic, BN=block_n, PREFETCH=prefetch, EMULATE=INTERPRET, GLU=glu,
+               USE_ATOMIC=use_atomic, BN=block_n, KW=k_width, PREFETCH=prefetch, EMULATE=INTERPRET, GLU=glu,
                num_warps=num_warps, num_stages=num_stages)
     else:
         launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
-               USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, FMA=fma, PREFETCH=prefetch, EMULATE=INTERPRET,
-               GLU=glu, num_warps=num_warps, num_stages=num_stages)
+               USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, KW=k_width, FMA=fma, PREFETCH=prefetch,
+               EMULATE=INTERPRET, GLU=glu, num_warps=num_warps, num_stages=num_stages)
     return out

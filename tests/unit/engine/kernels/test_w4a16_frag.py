@@ -16,30 +16,36 @@ from tests.unit.engine.kernels.interpreted import run_interpreted
 from tests.unit.engine.kernels.test_h2_ptx import _pack, codes_of, run_ptx
 
 
-def test_pack_round_trips_and_rejects_ragged_shapes() -> None:
+@pytest.mark.parametrize("k_width", [2, 4])
+def test_pack_round_trips_and_rejects_ragged_shapes(k_width: int) -> None:
     codes = torch.randint(0, 16, (384, 40))
-    qf = pack_fragments(codes)
+    qf = pack_fragments(codes, k_width)
     assert qf.shape == (5, 3, 128) and qf.dtype == torch.int32
-    assert torch.equal(unpack_fragments(qf), codes)
+    assert torch.equal(unpack_fragments(qf, k_width), codes)
+    assert not torch.equal(unpack_fragments(qf, 6 - k_width), codes)
     for shape in ((100, 40), (384, 12)):
         with pytest.raises(ValueError, match="fragment order needs"):
-            pack_fragments(torch.zeros(shape, dtype=torch.int64))
+            pack_fragments(torch.zeros(shape, dtype=torch.int64), k_width)
+    with pytest.raises(ValueError, match="k_width must be 2 or 4"):
+        pack_fragments(codes, 8)
 
 
+@pytest.mark.parametrize("k_width", [2, 4])
 @pytest.mark.parametrize("lane,w,j", [(0, 0, 0), (5, 2, 3), (31, 3, 7), (12, 1, 4), (7, 0, 5)])
-def test_each_word_holds_its_lanes_fragment_rows(lane: int, w: int, j: int) -> None:
-    """Nibble j = 4e + 2a + h of word 4·lane + w is the code of column 8c + g, row 32w + 16a + 8h + 2t + e
-    of the block (lane = 4g + t): K=16 step 2w + a, fragment rows 2t, 2t + 1 (h = 0) or 2t + 8, 2t + 9."""
+def test_each_word_holds_its_lanes_fragment_rows(lane: int, w: int, j: int, k_width: int) -> None:
+    """Nibble j = 4e + 2a + h of word 4·lane + w is the code of column 8c + g (lane = 4g + t) and, in
+    K=16 step 2w + a of the block, of row 8h + 2t + e (k_width 2: fragment rows 2t, 2t + 1, 2t + 8,
+    2t + 9) or 4t + 2h + e (k_width 4: rows 4t .. 4t + 3)."""
     k, n = 256, 16
     codes = torch.arange(k * n).reshape(k, n) % 16
-    qf = pack_fragments(codes)
+    qf = pack_fragments(codes, k_width)
     g, t = divmod(lane, 4)
     e, a, h = j // 4, (j // 2) % 2, j % 2
     for c in range(n // 8):
         for b in range(k // 128):
             word = int(qf[c, b, 4 * lane + w]) & 0xFFFFFFFF
-            row = 128 * b + 32 * w + 16 * a + 8 * h + 2 * t + e
-            assert (word >> (4 * j)) & 0xF == codes[row, 8 * c + g]
+            step_row = 8 * h + 2 * t + e if k_width == 2 else 4 * t + 2 * h + e
+            assert (word >> (4 * j)) & 0xF == codes[128 * b + 32 * w + 16 * a + step_row, 8 * c + g]
 
 
 def test_mag_asm_gives_1024_plus_every_code() -> None:
@@ -70,33 +76,34 @@ def check_interpreted() -> None:
     perm = torch.randperm(k)             # act-order: x is gathered first
     codes, zeros, scales, g_idx = rtn_codes(w, 128, 4, perm)
     kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
-    qf = fragment_weights(kw)
     ref_w = dequantize_codes(codes, zeros, scales, g_idx)
     cases = [("frag", 16, 32, 2, dict(zsub=True)), ("frag", 16, 64, 1, dict(zsub=False)),
              ("frag", 32, 32, 3, dict(zsub=True, prefetch=True)), ("frag_gemv", 1, 32, 2, {}),
              ("frag_gemv", 1, 64, 1, dict(prefetch=True))]
+    qfs = {kw_: fragment_weights(kw, kw_) for kw_ in (2, 4)}
     for m in (1, 3, 20):
         x = (torch.randn(m, k) * 4).half()
         bias = torch.randn(n).half()
         ref = x.float() @ ref_w + bias.float()
-        for kind, bm, bn, split, extra in cases:
-            out = frag_matmul(x, kw, qf, kind, bm, bn, split, **extra, bias=bias)
+        for (kind, bm, bn, split, extra), k_width in zip(cases * 2, [2] * len(cases) + [4] * len(cases)):
+            out = frag_matmul(x, kw, qfs[k_width], kind, bm, bn, split, **extra, bias=bias, k_width=k_width)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, (kind, bm, bn, split, extra, m, err)
+            assert err < 1e-2, (kind, bm, bn, split, extra, m, k_width, err)
+        qf = qfs[2]
         onto = torch.randn(m, n).half()
         want = onto.float() + x.float() @ ref_w
-        frag_matmul(x, kw, qf, "frag", 16, 32, 2, zsub=True, accumulate=onto)
+        frag_matmul(x, kw, qf, "frag", 16, 32, 2, zsub=True, accumulate=onto, k_width=2)
         assert ((onto.float() - want).norm() / want.norm()).item() < 1e-2
     # [gate | up] input without act-order: silu(gate) · up inside the loads of both kinds
     codes, zeros, scales, g_idx = rtn_codes(w, 128, 4)
     kw_plain = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
-    qf_plain = fragment_weights(kw_plain)
+    qf_plain = fragment_weights(kw_plain, 4)
     ref_plain = dequantize_codes(codes, zeros, scales, g_idx)
     gate_up = torch.randn(3, 2 * k).half()
     g, u = gate_up.float().chunk(2, dim=1)
     want = (torch.nn.functional.silu(g) * u).half().float() @ ref_plain
     for kind, bm, bn in (("frag", 16, 32), ("frag_gemv", 1, 64)):
-        out = frag_matmul(gate_up, kw_plain, qf_plain, kind, bm, bn, 2, zsub=True, glu=True)
+        out = frag_matmul(gate_up, kw_plain, qf_plain, kind, bm, bn, 2, zsub=True, glu=True, k_width=4)
         assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, kind
 
 
