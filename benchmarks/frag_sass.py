@@ -1,0 +1,81 @@
+"""Static SASS of the fragment-ordered kernels (kernels/w4a16_frag.py), both fragment orders, compiled
+for sm_90 on any machine (no GPU), with whatever Triton is importable.
+
+Which fragment order costs nothing depends on the operand layout the Triton version picks (see
+w4a16_frag's docstring), so run it once per Triton version; an older Triton can be put ahead of the
+installed one without touching the venv:
+
+    python benchmarks/frag_sass.py --out benchmarks/results --stem frag_sass_t39
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python benchmarks/frag_sass.py --out benchmarks/results --stem frag_sass_t36
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.kernel_sass import analyse  # noqa: E402
+from services.engine.kernels import w4a16_frag as F  # noqa: E402
+from services.engine.kernels.aot import compile_kernel  # noqa: E402
+
+SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16",
+       "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32",
+       "blocks_per_split": "i32"}
+ALIGNED = (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)   # pointers, N, K, strides, group size (as the launcher's tensors)
+# (kind, BM, BN, warps, prefetch): the configs the H100 probes ranked first (frag_m1_16_fcd1f62.md, frag_m4_64_fcd1f62.md)
+VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 128, 4, True),
+            ("frag_gemv", 1, 128, 1, False)]
+
+
+def compile_variant(kind: str, bm: int, bn: int, warps: int, prefetch: bool, k_width: int) -> bytes:
+    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BN": bn, "KW": k_width, "PREFETCH": prefetch, "EMULATE": False,
+              "PDL": 0, "GLU": False}
+    if kind == "frag":
+        consts |= {"BM": bm, "ZSUB": True, "FMA": True}
+        fn = F._frag_kernel
+    else:
+        fn = F._frag_gemv_kernel
+    return compile_kernel(fn, SIG | {c: "constexpr" for c in consts}, consts, warps, 1, aligned=ALIGNED)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--stem", default="frag_sass")
+    args = ap.parse_args()
+    import triton
+    rows = []
+    for kind, bm, bn, warps, prefetch in VARIANTS:
+        for k_width in (2, 4):
+            name = f"{kind} BM{bm} BN{bn} w{warps}{' pf' if prefetch else ''} k_width {k_width}"
+            row = analyse(name, compile_variant(kind, bm, bn, warps, prefetch, k_width), 128 * bn // (32 * warps))
+            rows.append(row)
+            print(f"{name}: {row['loop_instructions']} loop instructions, {row['instructions_per_weight']:.2f} / weight, "
+                  f"{row['classes']}", flush=True)
+    res = {"triton": triton.__version__, "commit": args.commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+           "command": "python benchmarks/frag_sass.py " + " ".join(sys.argv[1:]), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# Static SASS of the fragment-ordered kernels (sm_90, Triton {res['triton']}, no GPU)\n",
+             f"Commit `{args.commit}`, {res['date']}. Command: `{res['command']}`. K loop = the longest backward "
+             "branch; zero taken off in fp16 by the one-shift unpacking.\n",
+             "| variant | loop instructions | instructions / weight | shuffles + selects | shared memory | spills |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ops = dict(r["top_ops"])
+        lines.append(f"| {r['variant']} | {r['loop_instructions']} | {r['instructions_per_weight']:.2f} | "
+                     f"{ops.get('SHFL', 0) + ops.get('SEL', 0)} | {ops.get('STS', 0) + ops.get('LDS', 0)} | "
+                     f"{r['classes'].get('spill', 0)} |")
+    (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / args.stem}.md")
+
+
+if __name__ == "__main__":
+    main()
