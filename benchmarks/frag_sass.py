@@ -65,7 +65,8 @@ def main() -> None:
     (out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Static SASS of the fragment-ordered kernels (sm_90, Triton {res['triton']}, no GPU)\n",
              f"Commit `{args.commit}`, {res['date']}. Command: `{res['command']}`. K loop = the longest backward "
-             "branch; zero taken off in fp16 by the one-shift unpacking. SHFL + SEL and STS + LDS: counted when among the loop's 10 most frequent opcodes (else 0).\n",
+             "branch; zero taken off in fp16 by the one-shift unpacking. SHFL + SEL and STS + LDS: counted when "
+             "among the loop's 10 most frequent opcodes (else 0).\n",
              "| variant | loop instructions | instructions / weight | SHFL + SEL | STS + LDS | spills |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -111,9 +111,9 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k
 
 def write_markdown(res: dict, path: Path) -> None:
     lines = [probe_title("Fragment-ordered W4A16 kernels beside the engine's GEMM, streamed", res) + "\n",
-             probe_command(res) + f" Codes in fragment order k_width {res.get('k_width', 2)}. µs per call over cold weights (one CUDA graph over weight copies that "
-             f"exceed 3× the L2), medians of {res['reps']} replays. `ours`: the engine's GEMM at its tuner's "
-             "config; `frag`: the fastest fragment-order config whose output is within 1e-2 of the "
+             probe_command(res) + f" Codes in fragment order k_width {res.get('k_width', 2)}. µs per call over "
+             f"cold weights (one CUDA graph over weight copies that exceed 3× the L2), medians of {res['reps']} "
+             "replays. `ours`: the engine's GEMM at its tuner's config; `frag`: the fastest fragment-order config whose output is within 1e-2 of the "
              "float32 reference.\n",
              "| K×N | M | fp16 | ours | frag | ×fp16 ours | ×fp16 frag | ours / frag | frag config | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|"]

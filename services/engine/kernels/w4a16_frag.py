@@ -70,9 +70,11 @@ def pack_fragments(codes: torch.Tensor, k_width: int = 2) -> torch.Tensor:
         raise ValueError(f"fragment order needs K % {KERNEL_K_BLOCK} == 0 and N % {FRAG_COLS} == 0, got {k}x{n}")
     nb, c = k // KERNEL_K_BLOCK, n // FRAG_COLS
     if k_width == 2:   # k = 128b + 32w + 16a + 8h + 2t + e  →  [c, b, g, t, w, j = 4e + 2a + h]
-        q = codes.to(torch.int64).reshape(nb, 4, 2, 2, 4, 2, c, FRAG_COLS).permute(6, 0, 7, 4, 1, 5, 2, 3)  # b w a h t e c g
+        q = codes.to(torch.int64).reshape(nb, 4, 2, 2, 4, 2, c, FRAG_COLS)    # b w a h t e c g
+        q = q.permute(6, 0, 7, 4, 1, 5, 2, 3)
     else:              # k = 128b + 32w + 16a + 4t + 2h + e
-        q = codes.to(torch.int64).reshape(nb, 4, 2, 4, 2, 2, c, FRAG_COLS).permute(6, 0, 7, 3, 1, 5, 2, 4)  # b w a t h e c g
+        q = codes.to(torch.int64).reshape(nb, 4, 2, 4, 2, 2, c, FRAG_COLS)    # b w a t h e c g
+        q = q.permute(6, 0, 7, 3, 1, 5, 2, 4)
     words = (q.reshape(c, nb, 128, 8) << (4 * torch.arange(8, device=codes.device))).sum(dim=-1)
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
@@ -301,8 +303,9 @@ if triton is not None:
         else:
             p = tl.load(x_row.to(tl.pointer_type(tl.int32), bitcast=True) + k // 2)
         if EMULATE:
-            lo = ((p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 0.03125).to(tl.float16)
-            hi = (((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 0.03125).to(tl.float16)
+            lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            lo, hi = (lo * 0.03125).to(tl.float16), (hi * 0.03125).to(tl.float16)
             return fp16_bits(lo) | (fp16_bits(hi) << 16)
         return tl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 671098880; mul.rn.f16x2 $0, $1, c; }",
                                          "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
