@@ -27,7 +27,8 @@ SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "
        "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32",
        "blocks_per_split": "i32"}
 ALIGNED = (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)   # pointers, N, K, strides, group size (as the launcher's tensors)
-# (kind, BM, BN, warps, prefetch): the configs the H100 probes ranked first (frag_m1_16_fcd1f62.md, frag_m4_64_fcd1f62.md)
+# (kind, BM, BN, warps, prefetch): the configs the H100 probes ranked first
+# (frag_m1_16_fcd1f62.md, frag_m4_64_fcd1f62.md)
 VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 128, 4, True),
             ("frag_gemv", 1, 128, 1, False)]
 
@@ -56,7 +57,8 @@ def main() -> None:
             name = f"{kind} BM{bm} BN{bn} w{warps}{' pf' if prefetch else ''} k_width {k_width}"
             row = analyse(name, compile_variant(kind, bm, bn, warps, prefetch, k_width), 128 * bn // (32 * warps))
             rows.append(row)
-            print(f"{name}: {row['loop_instructions']} loop instructions, {row['instructions_per_weight']:.2f} / weight, "
+            print(f"{name}: {row['loop_instructions']} loop instructions, "
+                  f"{row['instructions_per_weight']:.2f} / weight, "
                   f"{row['classes']}", flush=True)
     res = {"triton": triton.__version__, "commit": args.commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
            "command": "python benchmarks/frag_sass.py " + " ".join(sys.argv[1:]), "rows": rows}

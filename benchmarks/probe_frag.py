@@ -113,8 +113,8 @@ def write_markdown(res: dict, path: Path) -> None:
     lines = [probe_title("Fragment-ordered W4A16 kernels beside the engine's GEMM, streamed", res) + "\n",
              probe_command(res) + f" Codes in fragment order k_width {res.get('k_width', 2)}. µs per call over "
              f"cold weights (one CUDA graph over weight copies that exceed 3× the L2), medians of {res['reps']} "
-             "replays. `ours`: the engine's GEMM at its tuner's config; `frag`: the fastest fragment-order config whose output is within 1e-2 of the "
-             "float32 reference.\n",
+             "replays. `ours`: the engine's GEMM at its tuner's config; `frag`: the fastest fragment-order "
+             "config whose output is within 1e-2 of the float32 reference.\n",
              "| K×N | M | fp16 | ours | frag | ×fp16 ours | ×fp16 frag | ours / frag | frag config | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -127,7 +127,8 @@ def write_markdown(res: dict, path: Path) -> None:
     bad = [(r, f) for r in res["rows"] for f in r["frag"] if not f.get("ok")]
     lines.append(f"\nConfigs that failed or exceeded the error bound: {len(bad)}.")
     for r, f in bad[:20]:
-        lines.append(f"- {r['K']}×{r['N']} M={r['M']} {f['config']}: " + (f.get("error") or f"rel err {f['rel_err']:.1e}"))
+        why = f.get("error") or f"rel err {f['rel_err']:.1e}"
+        lines.append(f"- {r['K']}×{r['N']} M={r['M']} {f['config']}: {why}")
     lines.append("\nThe five fastest fragment configs per row:\n")
     for r in res["rows"]:
         top = sorted((f for f in r["frag"] if f.get("ok")), key=lambda f: f["us"])[:5]
