@@ -109,3 +109,16 @@ def test_probe_roofline_markdown(tmp_path: Path) -> None:
     markdown(json.loads((RESULTS / "roofline_prefetch_a65fe19.json").read_text()), tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
     assert "| M1 gemv_h2 BM1 BN128 sk16 w1 st2 | 21.8 (7e-04) | 20.9 (7e-04) | 51.5 | 2.46 | 1798 |" in text
+
+
+def test_probe_frag_markdown(tmp_path: Path) -> None:
+    """The fragment-order probe of the H100 runs at fcd1f62 and 96e0d9b renders as recorded: a row with
+    both kernels' times and ratios, and the five fastest configs."""
+    from probe_frag import write_markdown
+    write_markdown(json.loads((RESULTS / "frag_m4_64_fcd1f62.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| 11008×4096 | 64 | 38.4 | 29.3 | 21.4 | 1.31 | 1.80 | 1.37 | BM64 BN128 w4 s8 pf fma |" in text
+    assert "Configs that failed or exceeded the error bound: 0." in text
+    write_markdown(json.loads((RESULTS / "frag_small_96e0d9b.json").read_text()), tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "- 4096×4096 M=16: BM16 BN64 w2 s8 pf fma 18.4;" in text
