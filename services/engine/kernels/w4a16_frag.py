@@ -3,8 +3,9 @@
 The tiled layout of gptq_format.KernelWeights gives a thread 4 adjacent columns of one packed row,
 while mma.m16n8k16 wants each thread to hold, for one column n = g, the rows k = 2t, 2t + 1, 2t + 8,
 2t + 9 of every K=16 step (lane = 4g + t). Triton moves the dequantized tile between those two
-layouts through shared memory, which cost the mma8 kernel ~1.5 SASS instructions per weight on top
-of the dequant (kernel_sass.md). Here the codes are stored in the order the fragments want them:
+layouts through shared memory: about 0.9 of the zsub mma8 kernel's 4.28 SASS instructions per weight at
+BN 64 (kernel_sass_shift_d9ea4b0.md against frag_sass_t39_afad211.md). Here the codes are stored in
+the order the fragments want them:
 
   qweight int32 [N/8, K/128, 128]: for 8 columns (n = 8c + g) and one 128-row K block b, word
   4·lane + w (lane = 4g + t) holds at nibble j = 4e + 2a + h the code of
@@ -18,8 +19,9 @@ weight). frag_k_width() maps the installed version; the packing and the kernels 
 
 So lane 4g + t loads its 4 words with one 16-byte load, the 128 words of (c, b) are one coalesced
 512-byte warp read, and the packed fp16x2 unpack (h2_ptx) yields the pairs (k, k + 1) that a
-fragment register holds: the reshape of the unpacked codes to the [128, BN] dot operand is a
-relabelling of registers that Triton's linear layouts resolve with no data movement.
+fragment register holds: with the order that matches the Triton version, the reshape of the unpacked
+codes to the [128, BN] dot operand is a relabelling of registers that Triton's linear layouts resolve
+with no data movement.
 
 Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics) and
 "frag_gemv" (one row of x per program on CUDA cores, gemv_h2's packed fp16x2 dot; the x pairs of
@@ -250,7 +252,8 @@ if triton is not None:
     ):
         """CUDA-core path, one row of x per program: gemv_h2's packed dot (h2_dot) on each word. The
         x pair of code pair p = 2a + h of word (lane = 4g + t, w) is x[k], x[k + 1] at
-        k = 32w + 16a + 8h + 2t: one 32-bit load, scaled by 1/32 against fp16 overflow (as gemv_h2).
+        k = 32w + 16a + 8h + 2t (KW 2; 32w + 16a + 4t + 2h with KW 4): one 32-bit load, scaled by 1/32
+        against fp16 overflow (as gemv_h2).
         PREFETCH: a register double buffer, as gemv_h2's."""
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
