@@ -79,9 +79,10 @@ _H2_REGS4_FMA = ".reg .b32 h2t2, h2w0, h2w1, h2w2, h2w3, h2msk, h2mskh, h2mag, h
 _H2_REGS4 = ".reg .b32 h2t1, h2t2, h2t3, h2w0, h2w1, h2w2, h2w3, h2msk, h2mag;"
 
 
-def _pairs4(q: str, zz: str) -> str:
-    """The declarations and the four 4-bit pairs minus the zero pair, in the form H2_DEQ_FORM picks."""
-    if H2_DEQ_FORM == "fma":
+def _pairs4(q: str, zz: str, form: str = H2_DEQ_FORM) -> str:
+    """The declarations and the four 4-bit pairs minus the zero pair, in the given unpacking form
+    (by default the one INLAID_H2_DEQ picks)."""
+    if form == "fma":
         return _H2_REGS4_FMA + _H2_PAIRS4_FMA.format(q=q, zz=zz)
     return _H2_REGS4 + _H2_PAIRS4.format(q=q) + _H2_SUBS.format(zz=zz)
 
@@ -149,5 +150,5 @@ H2_DEQ3_ASM = "\n{\n" + _H2_REGS3 + _H2_PAIRS3.format(q="$8", qh="$9") + _H2_SUB
 H2_MAG_ASM = "\n{\n" + _H2_REGS4 + _H2_PAIRS4.format(q="$8") + _H2_DEQ_TAIL.format()
 # H2_DEQ_ASM's codes minus the zero in the "fma" unpacking whatever INLAID_H2_DEQ says (the fragment
 # kernels take the form as a constant, so one process can time both).
-H2_DEQ_FMA_ASM = "\n{\n" + _H2_REGS4_FMA + _H2_PAIRS4_FMA.format(q="$8", zz="$9") + _H2_DEQ_TAIL.format()
-H2_DEQ_SHIFT_ASM = "\n{\n" + _H2_REGS4 + _H2_PAIRS4.format(q="$8") + _H2_SUBS.format(zz="$9") + _H2_DEQ_TAIL.format()
+H2_DEQ_FMA_ASM = "\n{\n" + _pairs4("$8", "$9", "fma") + _H2_DEQ_TAIL.format()
+H2_DEQ_SHIFT_ASM = "\n{\n" + _pairs4("$8", "$9", "shift") + _H2_DEQ_TAIL.format()
