@@ -11,9 +11,7 @@ fragment order. Every config's output is checked against the float32 dequantized
 from __future__ import annotations
 
 import itertools
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import GEMM_SHAPES, Timer  # noqa: E402
 from benchmarks.probe_gemm_stream import StreamOperands, ratio  # noqa: E402
-from benchmarks.results_io import gpu_run_header, probe_command, probe_parser, probe_title  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.gptq_format import dequantize_kernel_weights  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
@@ -145,18 +143,9 @@ def main() -> None:
     args = ap.parse_args()
     k_width = frag_k_width() if args.k_width is None else args.k_width
     tuner, timer = GemmTuner(), Timer(args.reps)
-    torch.manual_seed(0)
-    t0 = time.time()
-    res = gpu_run_header("probe_frag.py", args.commit, reps=args.reps, k_width=k_width, rows=[])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for k, n in GEMM_SHAPES[:args.shapes]:   # the files are rewritten after each shape: a cut run keeps its rows
-        res["rows"] += probe_shape(k, n, args.ms, tuner, timer, k_width)
-        res["wall_s"] = time.time() - t0
-        (out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
-        write_markdown(res, out / f"{args.stem}.md")
-    print((out / f"{args.stem}.md").read_text())
-    print(f"done in {res['wall_s']:.0f} s")
+    run_probe_parts("probe_frag.py", args.stem, args,
+                    (probe_shape(k, n, args.ms, tuner, timer, k_width) for k, n in GEMM_SHAPES[:args.shapes]),
+                    write_markdown, k_width=k_width)
 
 
 if __name__ == "__main__":

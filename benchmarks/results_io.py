@@ -48,12 +48,21 @@ def probe_command(res: dict) -> str:
 def write_probe(out: str | Path, stem: str, res: dict, write_markdown) -> None:
     """<out>/<stem>.json and <out>/<stem>.md (write_markdown(res, path)), the report echoed to stdout
     with the run's wall time (res["wall_s"])."""
+    _echo_probe(_write_probe_files(out, stem, res, write_markdown), res)
+
+
+def _echo_probe(md: Path, res: dict) -> None:
+    print(md.read_text())
+    print(f"done in {res['wall_s']:.0f} s")
+
+
+def _write_probe_files(out: str | Path, stem: str, res: dict, write_markdown) -> Path:
+    """<out>/<stem>.json and <out>/<stem>.md, silently; returns the markdown's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, out / f"{stem}.md")
-    print((out / f"{stem}.md").read_text())
-    print(f"done in {res['wall_s']:.0f} s")
+    return out / f"{stem}.md"
 
 
 def probe_parser(doc: str, reps: int, ms: str) -> argparse.ArgumentParser:
@@ -70,10 +79,20 @@ def probe_parser(doc: str, reps: int, ms: str) -> argparse.ArgumentParser:
 def run_probe(script: str, stem: str, args: argparse.Namespace, rows, write_markdown, **extra) -> None:
     """A GPU probe's run: torch seeded 0, the header (gpu_run_header, with args.reps and extra),
     res["rows"] = rows(), the wall time, and <args.out>/<stem>.{json,md} (write_probe)."""
+    run_probe_parts(script, stem, args, (rows() for _ in range(1)), write_markdown, **extra)
+
+
+def run_probe_parts(script: str, stem: str, args: argparse.Namespace, parts, write_markdown, **extra) -> None:
+    """run_probe over an iterable of row lists (e.g. one per shape, produced lazily): the files are
+    rewritten after each part, so a run cut by its timeout keeps the rows it measured."""
     import torch
     torch.manual_seed(0)
     t0 = time.time()
     res = gpu_run_header(script, args.commit, reps=args.reps, **extra)
-    res["rows"] = rows()
-    res["wall_s"] = time.time() - t0
-    write_probe(args.out, stem, res, write_markdown)
+    res["rows"], res["wall_s"] = [], 0.0
+    md = None
+    for part in parts:
+        res["rows"] += part
+        res["wall_s"] = time.time() - t0
+        md = _write_probe_files(args.out, stem, res, write_markdown)
+    _echo_probe(md or _write_probe_files(args.out, stem, res, write_markdown), res)

@@ -5,10 +5,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import results_io  # noqa: E402
-from results_io import probe_parser, run_probe, write_probe, write_result  # noqa: E402
+from results_io import probe_parser, run_probe, run_probe_parts, write_probe, write_result  # noqa: E402
 
 
 def test_write_result_keeps_a_dotted_name(tmp_path: Path) -> None:
@@ -46,3 +48,21 @@ def test_run_probe_writes_the_header_rows_and_wall_time(tmp_path: Path, monkeypa
     res = json.loads((tmp_path / "x.json").read_text())
     assert res["script"] == "probe_x.py" and res["commit"] == "c1" and res["reps"] == 3 and res["pdl_modes"] == [1]
     assert res["rows"] == [{"M": 1}] and res["wall_s"] >= 0
+
+
+def test_run_probe_parts_keeps_the_rows_of_a_cut_run(tmp_path: Path, monkeypatch) -> None:
+    """run_probe_parts rewrites the files after each part: when the second part fails (as a device
+    timeout would cut it), the first part's rows are on disk."""
+    monkeypatch.setattr(results_io, "gpu_run_header", lambda script, commit, **extra: {"commit": commit, **extra})
+    args = probe_parser("p", reps=3, ms="1").parse_args(["--out", str(tmp_path), "--commit", "c1"])
+
+    def parts():
+        yield [{"shape": 1}]
+        raise TimeoutError("cut")
+
+    with pytest.raises(TimeoutError):
+        run_probe_parts("probe_x.py", "x", args, parts(), lambda res, path: path.write_text(f"{len(res['rows'])}\n"),
+                        k_width=4)
+    res = json.loads((tmp_path / "x.json").read_text())
+    assert res["rows"] == [{"shape": 1}] and res["k_width"] == 4 and res["wall_s"] >= 0
+    assert (tmp_path / "x.md").read_text() == "1\n"
