@@ -48,7 +48,7 @@ if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
     from services.engine.kernels.w4a16_tiles import (
         block_t, deq_tiles, field, fp16_bits, gemm_pdl_enter, h2_block_dot, h2_block_loads, h2_deq, load_planes, load_x,
-        nibble_fp16, prefetch_codes_l2, serial_split_store, tile_of,
+        nibble_fp16, prefetch_codes_l2, serial_split_store, store_out, tile_of,
     )
 
     @triton.jit
@@ -137,10 +137,8 @@ if triton is not None:
             serial_split_store(out_v, out, mask_n, ws_ptr, lock_ptr, tl.arange(0, BN),
                                 row * tl.num_programs(1) + pid_n, tl.num_programs(0) * tl.num_programs(1),
                                 pid_k, tl.num_programs(2), BN)
-        elif USE_ATOMIC:
-            tl.atomic_add(out, out_v.to(tl.float16), mask=mask_n, sem="relaxed")
         else:
-            tl.store(out, out_v.to(tl.float16), mask=mask_n)
+            store_out(out, out_v, mask_n, USE_ATOMIC)
 
     @triton.jit
     def _w4a16_kernel(
@@ -219,10 +217,8 @@ if triton is not None:
             serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
                                 tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :],
                                 tl.program_id(0), tl.num_programs(0), pid_k, tl.num_programs(1), BM * BN)
-        elif USE_ATOMIC:
-            tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
         else:
-            tl.store(out, acc.to(tl.float16), mask=omask)
+            store_out(out, acc, omask, USE_ATOMIC)
 
 
     @triton.jit
@@ -289,10 +285,8 @@ if triton is not None:
             serial_split_store(acc, out, omask, ws_ptr, lock_ptr,
                                 tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :],
                                 tl.program_id(0), tl.num_programs(0), pid_k, tl.num_programs(1), BM * BN)
-        elif USE_ATOMIC:
-            tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
         else:
-            tl.store(out, acc.to(tl.float16), mask=omask)
+            store_out(out, acc, omask, USE_ATOMIC)
 
     @triton.jit
     def _w4a16_stream_kernel(

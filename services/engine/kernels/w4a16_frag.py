@@ -102,7 +102,7 @@ def fragment_weights(kw: KernelWeights, k_width: int | None = None) -> torch.Ten
 if triton is not None:
     from services.engine.kernels.h2_ptx import H2_DEQ_FMA_ASM, H2_DEQ_SHIFT_ASM, H2_MAG_ASM
     from services.engine.kernels.pdl import pdl_enter
-    from services.engine.kernels.w4a16_tiles import fp16_bits, h2_dot, load_x
+    from services.engine.kernels.w4a16_tiles import fp16_bits, h2_dot, load_x, store_out
 
     _H2_MAG_ASM = tl.constexpr(H2_MAG_ASM)
     _H2_DEQ_FMA_ASM = tl.constexpr(H2_DEQ_FMA_ASM)
@@ -222,10 +222,7 @@ if triton is not None:
             acc += bias[None, :] * (pid_k == 0).to(tl.float32)
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         omask = mask_m[:, None] & mask_n[None, :]
-        if USE_ATOMIC:
-            tl.atomic_add(out, acc.to(tl.float16), mask=omask, sem="relaxed")
-        else:
-            tl.store(out, acc.to(tl.float16), mask=omask)
+        store_out(out, acc, omask, USE_ATOMIC)
 
     @triton.jit
     def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
@@ -290,10 +287,7 @@ if triton is not None:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             out_v += bias * (pid_k == 0).to(tl.float32)
         out = out_ptr + row * stride_om + offs_n
-        if USE_ATOMIC:
-            tl.atomic_add(out, out_v.to(tl.float16), mask=mask_n, sem="relaxed")
-        else:
-            tl.store(out, out_v.to(tl.float16), mask=mask_n)
+        store_out(out, out_v, mask_n, USE_ATOMIC)
 
     @triton.jit
     def frag_x_pair(x_row, k, K, GLU: tl.constexpr, EMULATE: tl.constexpr):

@@ -170,6 +170,15 @@ if triton is not None:
         return h2_dot(q, qh, p0[:, None], p1[:, None], p2[:, None], p3[:, None], zz[None, :], BITS, EMULATE) * s[None, :]
 
     @triton.jit
+    def store_out(out, v, mask, USE_ATOMIC: tl.constexpr):
+        """A program's fp32 result v into the fp16 output at out: fp16 atomics (split-K partials, or a
+        product added onto `accumulate`) or a plain store."""
+        if USE_ATOMIC:
+            tl.atomic_add(out, v.to(tl.float16), mask=mask, sem="relaxed")
+        else:
+            tl.store(out, v.to(tl.float16), mask=mask)
+
+    @triton.jit
     def serial_split_store(acc, out, omask, ws_ptr, lock_ptr, local, tile_id, num_tiles, pid_k, split_k,
                             TILE: tl.constexpr):
         """Split-K without a zeroed output ("serial" split-K): each split stores its fp32 partial
