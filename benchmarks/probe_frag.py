@@ -81,8 +81,7 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k
                                            for c in ops.kws]) * 1e3,
                "frag": []}
         for fc in frag_configs(m, k, n):
-            args = {key: v for key, v in fc.items() if key != "kind"}
-            args.pop("block_m")
+            args = {key: v for key, v in fc.items() if key not in ("kind", "block_m")}
             call = lambda c, q: frag_matmul(x, c, q, fc["kind"], fc["block_m"], **args, accumulate=kept,  # noqa: E731
                                             k_width=k_width)
             try:
