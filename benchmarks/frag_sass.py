@@ -20,13 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernel_sass import analyse  # noqa: E402
-from services.engine.kernels import w4a16_frag as F  # noqa: E402
-from services.engine.kernels.aot import compile_kernel  # noqa: E402
+from services.engine.kernels.aot import compile_frag  # noqa: E402
+from services.engine.kernels.gemm_configs import GemmConfig  # noqa: E402
 
-SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16",
-       "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "group_size": "i32",
-       "blocks_per_split": "i32"}
-ALIGNED = (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11)   # pointers, N, K, strides, group size (as the launcher's tensors)
 # (kind, BM, BN, warps, prefetch): the configs the H100 probes ranked first
 # (frag_m1_16_fcd1f62.md, frag_m4_64_fcd1f62.md)
 VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 128, 4, True),
@@ -34,14 +30,8 @@ VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 
 
 
 def compile_variant(kind: str, bm: int, bn: int, warps: int, prefetch: bool, k_width: int) -> bytes:
-    consts = {"HAS_BIAS": False, "USE_ATOMIC": True, "BN": bn, "KW": k_width, "PREFETCH": prefetch, "EMULATE": False,
-              "PDL": 0, "GLU": False}
-    if kind == "frag":
-        consts |= {"BM": bm, "ZSUB": True, "FMA": True}
-        fn = F._frag_kernel
-    else:
-        fn = F._frag_gemv_kernel
-    return compile_kernel(fn, SIG | {c: "constexpr" for c in consts}, consts, warps, 1, aligned=ALIGNED)
+    cfg = GemmConfig(kind, bm, bn, 1, warps, 1, fast_deq=True, zsub=kind == "frag", prefetch=prefetch)
+    return compile_frag(cfg, k_width)
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from benchmarks.results_io import probe_command, probe_parser, probe_title, run_
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.gptq_format import dequantize_kernel_weights  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
-from services.engine.kernels.w4a16_frag import frag_k_width, fragment_weights, frag_matmul  # noqa: E402
+from services.engine.kernels.gptq_format import to_fragment_order  # noqa: E402
+from services.engine.kernels.w4a16_frag import frag_k_width, frag_matmul  # noqa: E402
 
 MAX_REL_ERR = 1e-2
 
@@ -67,8 +68,7 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k
     ops = StreamOperands(k, n)
     kw = ops.kw
     ref_w = dequantize_kernel_weights(kw).float()
-    qf = fragment_weights(kw, k_width)
-    qfs = [qf] + [qf.clone() for _ in ops.kws[1:]]
+    fws = [to_fragment_order(c, k_width) for c in ops.kws]
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").half()
@@ -82,13 +82,12 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k
                "frag": []}
         for fc in frag_configs(m, k, n):
             args = {key: v for key, v in fc.items() if key not in ("kind", "block_m")}
-            call = lambda c, q: frag_matmul(x, c, q, fc["kind"], fc["block_m"], **args, accumulate=kept,  # noqa: E731
-                                            k_width=k_width)
+            call = lambda c: frag_matmul(x, c, fc["kind"], fc["block_m"], **args, accumulate=kept)  # noqa: E731
             try:
                 kept.zero_()
-                y = call(kw, qfs[0]).float()
+                y = call(fws[0]).float()
                 err = ((y - ref).abs().max() / ref.abs().max()).item()
-                us = timer.stream_ms([lambda c=c, q=q: call(c, q) for c, q in zip(ops.kws, qfs)]) * 1e3
+                us = timer.stream_ms([lambda c=c: call(c) for c in fws]) * 1e3
             except Exception as exc:   # a config that fails to compile or launch is reported, not fatal
                 row["frag"].append({"config": label(fc), "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(f"  {label(fc)}: {type(exc).__name__}: {exc}"[:300], flush=True)
@@ -101,7 +100,7 @@ def probe_shape(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k
         print(f"K={k:5d} N={n:5d} M={m:3d}  fp16 {row['fp16_us']:.1f}  ours {row['ours_us']:.1f}  "
               f"frag {best['us']:.1f} ({best['config']})  ×fp16 ours {row['fp16_us'] / row['ours_us']:.2f} "
               f"frag {row['fp16_us'] / best['us']:.2f}", flush=True)
-    del ops, qf, qfs
+    del ops, fws
     torch.cuda.empty_cache()
     return rows
 

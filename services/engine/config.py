@@ -7,6 +7,7 @@ from services.common.env_config import env_values
 from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+W4_LAYOUTS = ("tiles", "frag")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class EngineConfig:
     # one launch per layer fewer wherever no registered adapter targets down_proj; off: slower on the H100
     # (graphed 7B decode 0.76x at batch 1, 0.82x at 16; gpu_kernels_v19_fused_d5b34b3.md)
     fused_mlp_activation: bool = False
+    # 4-bit code layout on the GPU: "tiles" (gptq_format.KernelWeights) or "frag", the codes in the order
+    # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it.
+    # H100 GEMMs at fbc3079 (frag_small_fbc3079.md): 1.12-1.29x faster at M = 4 and 16, 0.90-1.01x at
+    # M = 1, slower at M >= 128 (frag_large_fbc3079.md)
+    w4_layout: str = "tiles"
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
                                            # False: per segment chunk on tensor cores (slower decode on H100)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).
@@ -97,6 +103,8 @@ class EngineConfig:
                 f"adapter slots max_adapters ({self.max_adapters})")
         if self.pdl not in (0, 1, 2):
             raise ValueError(f"ENGINE_PDL must be 0 (off), 1 or 2, got {self.pdl}")
+        if self.w4_layout not in W4_LAYOUTS:
+            raise ValueError(f"ENGINE_W4_LAYOUT must be one of {W4_LAYOUTS}, got {self.w4_layout!r}")
         if self.quant_bits not in (0, 3, 4):
             raise ValueError(f"quant_bits must be 0 (unquantized), 3 or 4, got {self.quant_bits}")
         if self.quant_group_size <= 0 or self.quant_group_size % 32:

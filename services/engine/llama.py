@@ -230,6 +230,7 @@ class LlamaLayer(nn.Module):
                 pass
         if kw is not None and isinstance(current, TritonQuantLinear) and not isinstance(module, TritonQuantLinear):
             module = TritonQuantLinear(kw, None, current.tuner)  # keep the Triton kernel path
+            module.set_layout(current.kw.frag)
         setattr(self, name, module)
         return False
 
@@ -355,12 +356,17 @@ class LlamaModel(nn.Module):
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # set = fast path on
 
     def enable_fast_path(self, max_positions: int, tuner, fused_decode_attention: bool = False,
-                         fused_mlp_activation: bool = False) -> None:
+                         fused_mlp_activation: bool = False, w4_frag: int = 0) -> None:
         """Switch to the fused Triton forward (CUDA, fp16; 3/4-bit or dense linears fused where possible).
         fused_decode_attention: pure-decode steps rotate and cache K/V inside the attention kernel;
         fused_mlp_activation: a 3/4-bit down_proj computes SiLU·mul in its GEMM's input load (not
-        where an adapter targets it: its LoRA needs the activation)."""
+        where an adapter targets it: its LoRA needs the activation); w4_frag: 4-bit codes in
+        fragment order with that k_width (KernelWeights.frag; 0 keeps the tiled layout)."""
         for layer in self.layers:
+            if w4_frag:
+                for name in LINEAR_NAMES:
+                    if _is_quant(getattr(layer, name, None)):
+                        getattr(layer, name).set_layout(w4_frag)
             layer.fuse(tuner)
             layer.fused_decode_attention = fused_decode_attention
             layer.fused_mlp_activation = fused_mlp_activation

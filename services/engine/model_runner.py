@@ -19,6 +19,7 @@ from services.engine.kernels import launch as kernel_launch
 from services.engine.kernels.pdl import set_pdl
 from services.engine.kernels.gemm_configs import STREAM_KINDS
 from services.engine.kernels.w4a16 import HAS_TRITON, set_serial_split_k
+from services.engine.kernels.w4a16_frag import frag_k_width
 from services.engine.lora import LoraManager
 from services.engine.sampler import Sampler
 from services.engine.sequence import Sequence
@@ -90,7 +91,8 @@ class ModelRunner:
         if self.is_fast:
             max_len = config.max_model_len or shape.max_position_embeddings
             self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
-                                        config.fused_mlp_activation)
+                                        config.fused_mlp_activation,
+                                        frag_k_width() if config.w4_layout == "frag" else 0)
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)

@@ -110,9 +110,9 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
 
 @pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl1"),
                                           (4, "pdl-prefetch"), (4, "unfused-attn"), (4, "fused-all"),
-                                          (4, "fused-all-no-down-lora")],
+                                          (4, "fused-all-no-down-lora"), (4, "frag")],
                          ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl1", "w4-pdl-prefetch",
-                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora"])
+                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows, pdl (the default, 0:
@@ -120,13 +120,19 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     fused_decode_attention (the default: decode steps rotate and cache K/V in the attention kernel;
     "unfused-attn": the separate RoPE kernel), with fused_mlp_activation too ("fused-all": adapters
     b and c target down_proj, so its GEMM keeps the separate SiLU·mul; "...-no-down-lora": none does,
-    so every layer computes it in the GEMM), eager and graph-replayed."""
+    so every layer computes it in the GEMM) or w4_layout "frag" (codes in fragment order, the frag GEMM
+    kinds), eager and graph-replayed."""
     serial = variant == "serial"
     mode = {"pdl1": 1, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
     fused_attn = variant.startswith("fused-all") or (variant != "unfused-attn" and EngineConfig.fused_decode_attention)
     fused_act = variant.startswith("fused-all")
     gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode,
-                     fused_decode_attention=fused_attn, fused_mlp_activation=fused_act)
+                     fused_decode_attention=fused_attn, fused_mlp_activation=fused_act,
+                     w4_layout="frag" if variant == "frag" else "tiles")
+    if variant == "frag":
+        from services.engine.kernels.w4a16_frag import frag_k_width
+        assert gpu.model.layers[0].fused["gate_up_proj"].inner.kw.frag == frag_k_width()
+        assert gpu.model.layers[0].down_proj.kw.frag == frag_k_width()
     assert pdl.MODE == (mode if pdl.supported() else 0)
     assert all(layer.fused_decode_attention == fused_attn for layer in gpu.model.layers)
     assert all(layer.fused_mlp_activation == fused_act for layer in gpu.model.layers)
@@ -256,6 +262,21 @@ def test_llm_engine_generates_with_graphs_and_in_place_weight_swap(weights):
     swapped = runner.base_linear(1, "k_proj").dense_weight(torch.float32)
     assert torch.equal(swapped, donor.base_linear(1, "k_proj").dense_weight(torch.float32))
     assert runner.base_linear(1, "q_proj").dense_weight(torch.float32).shape == (256, 256)
+
+
+def test_fragment_layout_takes_tiled_weight_swaps_in_place(weights):
+    """With w4_layout "frag", weights swapped in from a tiled-layout runner are written in place into
+    the fragment-ordered (fused and unfused) linears: graphs kept, the dense weights equal the donor's."""
+    runner = gpu_runner(weights, True, w4_layout="frag")
+    runner.compute_logits(new_batch(BlockManager(64, 16)))
+    epoch = runner.model_epoch
+    donor = gpu_runner(random_weights(SHAPE, "cuda", torch.float16, seed=9, std=0.05), False)
+    for name in ("k_proj", "down_proj"):
+        runner.set_base_linear(1, name, donor.base_linear(1, name))
+        assert runner.base_linear(1, name).kw.frag
+        assert torch.equal(runner.base_linear(1, name).dense_weight(torch.float32),
+                           donor.base_linear(1, name).dense_weight(torch.float32))
+    assert runner.model_epoch == epoch
 
 
 @pytest.mark.parametrize("act_order", [False, True])

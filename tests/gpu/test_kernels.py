@@ -358,12 +358,12 @@ def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:
 def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
     """kernels/w4a16_frag.py on the GPU: every form (PTX unpacking shift / fma, 1024 + q with the Σx
     correction, double buffer or Triton stages, the GEMV) against the float32 reference."""
-    from services.engine.kernels.w4a16_frag import fragment_weights, frag_matmul
+    from services.engine.kernels.gptq_format import to_fragment_order
+    from services.engine.kernels.w4a16_frag import frag_matmul
     k, n = 768, 328  # 6 K-blocks; N a multiple of 8 but not of the tiles: exercises the masks
     codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4, torch.randperm(k, device=DEV))
     ref_w = dequantize_codes(codes, zeros, scales, g_idx)
-    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
-    qf = fragment_weights(kw, k_width)
+    kw = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), k_width)
     x = torch.randn(m, k, device=DEV).half()
     bias = torch.randn(n, device=DEV).half()
     ref = x.float() @ ref_w + bias.float()
@@ -371,20 +371,18 @@ def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
     for bm, bn, warps, split in [(16, 64, 2, 2), (16, 256, 4, 3), (32, 128, 4, 1), (64, 128, 8, 2), (128, 64, 4, 6)]:
         for form in forms:
             for prefetch in (False, True):
-                out = frag_matmul(x, kw, qf, "frag", bm, bn, split, num_warps=warps, num_stages=1 if prefetch else 2,
-                                  prefetch=prefetch, bias=bias, k_width=k_width, **form)
+                out = frag_matmul(x, kw, "frag", bm, bn, split, num_warps=warps, num_stages=1 if prefetch else 2,
+                                  prefetch=prefetch, bias=bias, **form)
                 assert rel_err(out, ref) < 1e-2, (bm, bn, warps, split, form, prefetch)
     for bn, warps, split in [(64, 1, 4), (128, 2, 1)]:
         for prefetch in (False, True):
-            out = frag_matmul(x, kw, qf, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias,
-                              k_width=k_width)
+            out = frag_matmul(x, kw, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias)
             assert rel_err(out, ref) < 1e-2, (bn, warps, split, prefetch)
     # [gate | up] input (no act-order): silu(gate) · up inside the loads
     codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4)
-    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
+    kw = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), k_width)
     gate_up = torch.randn(m, 2 * k, device=DEV).half()
     ref = silu_mul(gate_up).float() @ dequantize_codes(codes, zeros, scales, g_idx)
     for kind, bm, bn in (("frag", 16, 128), ("frag_gemv", 1, 64)):
-        out = frag_matmul(gate_up, kw, fragment_weights(kw, k_width), kind, bm, bn, 2, zsub=True, fma=True,
-                          prefetch=True, glu=True, k_width=k_width)
+        out = frag_matmul(gate_up, kw, kind, bm, bn, 2, zsub=True, fma=True, prefetch=True, glu=True)
         assert rel_err(out, ref) < 1e-2, kind

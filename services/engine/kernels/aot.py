@@ -8,7 +8,7 @@ sizes and strides.
 from __future__ import annotations
 
 from services.engine.kernels import w4a16 as W
-from services.engine.kernels.gemm_configs import STREAM_KINDS, SWAPPED_KINDS, GemmConfig
+from services.engine.kernels.gemm_configs import FRAG_KINDS, STREAM_KINDS, SWAPPED_KINDS, GemmConfig
 
 # argument positions of the pointers and the 16-divisible sizes (N, K, strides, group size)
 _ALIGNED_ARGS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14)
@@ -86,11 +86,35 @@ def compile_stream(bm: int, bn: int, warps: int, stages: int, bits: int, arch: i
                           stages, arch, asm, aligned=(0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12))
 
 
+_FRAG_SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16",
+             "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
+             "group_size": "i32", "blocks_per_split": "i32"}
+
+
+def compile_frag(cfg: GemmConfig, k_width: int, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
+                 glu: bool = False, pdl: int = 0) -> bytes:
+    """cubin of a fragment-ordered kernel (kinds "frag" / "frag_gemv", kernels/w4a16_frag.py) for one
+    launch config and fragment order, with the constants frag_matmul gives it."""
+    from services.engine.kernels import w4a16_frag as F
+    consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": cfg.block_n, "KW": k_width,
+              "PREFETCH": cfg.prefetch, "EMULATE": False, "PDL": pdl, "GLU": glu}
+    fn = F._frag_gemv_kernel
+    if cfg.kind == "frag":
+        consts |= {"BM": cfg.block_m, "ZSUB": cfg.zsub, "FMA": cfg.zsub}
+        fn = F._frag_kernel
+    # pointers, N, K, the strides and the group size as the launcher's tensors give them
+    return compile_kernel(fn, _FRAG_SIG | {c: "constexpr" for c in consts}, consts, cfg.num_warps, cfg.num_stages,
+                          arch, aligned=(0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11))
+
+
 def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,
-                   use_atomic: bool = True, serial: bool = False, glu: bool = False) -> bytes | None:
+                   use_atomic: bool = True, serial: bool = False, glu: bool = False, frag: int = 0) -> bytes | None:
     """cubin of one tuner candidate (None for "dense", which is cuBLAS). use_atomic False is the
     split-K 1 form (plain stores), which the launcher uses when K holds a single split; serial the
-    serial split-K form (w4a16.SERIAL_SPLIT_K); glu the [gate | up] input form."""
+    serial split-K form (w4a16.SERIAL_SPLIT_K); glu the [gate | up] input form; frag the fragment
+    order of the frag kinds (KernelWeights.frag)."""
+    if cfg.kind in FRAG_KINDS:
+        return compile_frag(cfg, frag, arch, has_bias, use_atomic, glu)
     if cfg.kind in ("gemv_row", "gemv_h2"):
         return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages,
                             arch, has_bias, use_atomic, serial, glu=glu)

@@ -28,12 +28,15 @@ class GemmConfig:
     group_m: int = 8
     fast_deq: bool = False
     zsub: bool = False      # mma kinds with fast_deq: zero subtracted in fp16 before the dot (no Σx)
+    prefetch: bool = False  # frag kinds: the register double buffer (w4a16_frag PREFETCH)
 
 
 # kinds of the swapped-operand kernel (w4a16._w4a16_t_kernel)
 SWAPPED_KINDS = ("mma8t", "mma8ts", "mma1t")
 # kinds of the stream-K kernel (w4a16._w4a16_stream_kernel): split_k is its programs per SM
 STREAM_KINDS = ("mma8_sk",)
+# kinds of the fragment-ordered layout (KernelWeights.frag, kernels/w4a16_frag.py)
+FRAG_KINDS = ("frag", "frag_gemv")
 
 
 def m_bucket(m: int) -> int:
@@ -41,7 +44,7 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(m, 1))))
 
 
-def candidate_configs(m: int) -> list[GemmConfig]:
+def candidate_configs(m: int, frag: int = 0) -> list[GemmConfig]:
     """Configs worth timing for M rows (few rows: split-K GEMV on CUDA cores; more: tensor-core tiles).
     The same list serves 3- and 4-bit weights (every kernel takes the width as a constant).
 
@@ -95,6 +98,8 @@ def candidate_configs(m: int) -> list[GemmConfig]:
     candidate whose output is off, gemm_tuner.MAX_REL_ERR). Split-K is a runtime argument (no extra
     compile); every other field difference is a Triton compile during engine warm-up.
     """
+    if frag:
+        return frag_candidate_configs(m)
     cands: list[GemmConfig] = []
     if m <= 16:
         if m <= 4:
@@ -135,3 +140,43 @@ def candidate_configs(m: int) -> list[GemmConfig]:
     ] + [GemmConfig("mma8ts", 256, 128, sk, 8, 3, fast_deq=True, zsub=True) for sk in (1, 2)
     ] + [GemmConfig("mma8", 64, 64, 1, 4, 3, fast_deq=True)
     ] + [GemmConfig("dense", 0, 128, 1)]
+
+
+def _frag(bm: int, bn: int, sk: int, warps: int, prefetch: bool) -> GemmConfig:
+    """A "frag" config: zero subtracted in fp16 by the one-shift unpacking; prefetch (the register
+    double buffer) or else Triton's 2-stage pipeline."""
+    return GemmConfig("frag", bm, bn, sk, warps, 1 if prefetch else 2, fast_deq=True, zsub=True, prefetch=prefetch)
+
+
+def frag_candidate_configs(m: int) -> list[GemmConfig]:
+    """Configs for fragment-ordered 4-bit weights (KernelWeights.frag), from the fragment-order config
+    grids timed on the H100 with Triton 3.6 at fbc3079 (frag_small / frag_large / frag_m64_kw2_fbc3079.md,
+    k_width 4 except the last): every config in a top five there, split-K around them.
+    - M <= 16: BM 16 BN 256 with 4 warps and the register double buffer won every M = 4 and 16 row
+      (2.33-2.68x fp16, 1.12-1.29x the tiled layout's tuned GEMM); BN 64 / 128 with 2-4 warps placed.
+    - M = 1: the GEMV on CUDA cores (BN 64, 1 warp) won three of five shapes, BM 16 tensor-core
+      tiles the other two (0.90-1.01x the tiled layout's tuned GEMV).
+    - M = 32-64: BM 64 with BN 64 (2-stage pipeline) or BN 128 (double buffer) and 4 warps.
+    - M > 64: BM 128 with BN 64 (4 warps) or BN 128 (8 warps); these were 0.69-0.91x fp16 at M = 128
+      where the tiled layout's wgmma kinds reach 0.86-1.08, and the dense kind (dequantize, then
+      cuBLAS) is offered for the compute-bound rows.
+    """
+    cands: list[GemmConfig] = []
+    if m <= 16:
+        if m <= 4:
+            cands += [GemmConfig("frag_gemv", 1, bn, sk, w, 1, prefetch=pf)
+                      for bn, w in ((64, 1), (128, 1), (128, 2)) for sk in (8, 16, 32) for pf in (False, True)]
+        cands += [_frag(16, 256, sk, 4, True) for sk in (4, 8, 16, 32)]
+        cands += [_frag(16, 256, sk, 4, False) for sk in (4, 8, 16)]
+        cands += [_frag(16, 256, sk, 8, True) for sk in (16, 32)]
+        cands += [_frag(16, 128, sk, 2, False) for sk in (4, 8, 16)]
+        cands += [_frag(16, 64, sk, w, True) for w in (2, 4) for sk in (2, 4, 8)]
+        return cands
+    if m <= 64:
+        bms = (32, 64) if m <= 32 else (64,)
+        return ([_frag(bm, 64, sk, 4, pf) for bm in bms for sk in (2, 4, 8) for pf in (False, True)]
+                + [_frag(bm, 128, sk, 4, True) for bm in bms for sk in (2, 4, 8)])
+    return ([_frag(128, 64, sk, 4, pf) for sk in (1, 2, 4) for pf in (False, True)]
+            + [_frag(128, 128, sk, 8, pf) for sk in (2, 4, 8) for pf in (False, True)]
+            + [_frag(64, 64, sk, 4, False) for sk in (1, 2)]
+            + [GemmConfig("dense", 0, 128, 1)])

@@ -1,4 +1,4 @@
-"""GemmTuner: picks the fastest W4A16/W3A16 launch config per (M bucket, N, K, bits) by timing CUDA-graph replays."""
+"""GemmTuner: picks the fastest W4A16/W3A16 launch config per (M bucket, N, K, bits, layout) by timing CUDA-graph replays."""
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +69,7 @@ class TunerCache:
 
 def candidates_digest() -> str:
     """Digest of every candidate list the tuner can time (M buckets up to 8192)."""
-    lists = [repr(candidate_configs(1 << e)) for e in range(14)]
+    lists = [repr(candidate_configs(1 << e, frag)) for e in range(14) for frag in (0, 2, 4)]
     return hashlib.sha1("\n".join(lists).encode()).hexdigest()[:16]
 
 
@@ -80,7 +80,7 @@ def tuner_identity(device: torch.device, skip_kinds: tuple[str, ...] = ()) -> st
 
 
 class GemmTuner:
-    """Picks the fastest GemmConfig per (M bucket, N, K, bits) on first use, timing each with CUDA events.
+    """Picks the fastest GemmConfig per (M bucket, N, K, bits, layout) on first use, timing each with CUDA events.
 
     Each candidate is timed as one CUDA graph of back-to-back calls, each call on its own copy of
     the weights, the copies together over L2_MULTIPLE × the L2: cold weights and no launch gaps,
@@ -97,15 +97,15 @@ class GemmTuner:
     def __init__(self, num_reps: int = 10, cache_path: Path | None = None, skip_kinds: tuple[str, ...] = ()) -> None:
         self.num_reps = num_reps
         self.skip_kinds = tuple(skip_kinds)
-        self.best: dict[tuple[int, int, int, int], GemmConfig] = {}
-        self.timings_ms: dict[tuple[int, int, int, int], list[tuple[GemmConfig, float]]] = {}
+        self.best: dict[tuple[int, ...], GemmConfig] = {}
+        self.timings_ms: dict[tuple[int, ...], list[tuple[GemmConfig, float]]] = {}
         self.cache_path = cache_path
         self.cache: TunerCache | None = None     # opened on the first CUDA shape (needs the device)
 
     def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         m, k = x.shape
         n = kw.out_features
-        key = (m_bucket(m), n, k, kw.bits)
+        key = (m_bucket(m), n, k, kw.bits) + ((kw.frag,) if kw.frag else ())   # tiled keys as before
         cfg = self.best.get(key)
         if cfg is None:
             if x.is_cuda and self.cache_path is not None and self.cache is None:
@@ -118,8 +118,8 @@ class GemmTuner:
             self.best[key] = cfg
         return cfg
 
-    def _tune(self, key: tuple[int, int, int, int], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
-        cands = candidate_configs(key[0])
+    def _tune(self, key: tuple[int, ...], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
+        cands = candidate_configs(key[0], kw.frag)
         cands = [c for c in cands if c.kind not in self.skip_kinds] or cands
         if not x.is_cuda:
             return cands[0]

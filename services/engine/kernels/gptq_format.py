@@ -9,6 +9,7 @@ Dequantized weight: W[k, n] = (q[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ KERNEL_K_BLOCK = 128
 # Column tiles of the kernel layout: one [16, 128] int32 tile (8 KB) is contiguous in memory, so a
 # program streams whole DRAM pages instead of 128-512 B pieces of rows N*4 bytes apart.
 KERNEL_N_TILE = 128
+# Columns of one row of the fragment-ordered layout (KernelWeights.frag): an n8 tensor-core tile.
+FRAG_COLS = 8
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class KernelWeights:
     bits 3 (W3A16): the same tile geometry in two planes, qweight int16 holding the low two bits
     of each code at bits 2j and qweight_hi int8 holding the third bit at bit j (same k ↔ (row, j)
     map as the nibbles), 3 bits per weight with aligned 2- and 1-byte loads; qweight_hi is None at 4.
+    frag 2 or 4 (4-bit only): qweight is instead int32 [N/8, K/128, 128], the codes in the order of
+    the tensor-core operand fragments with that k_width (pack_fragments, kernels/w4a16_frag.py);
+    0: the tiled layout above.
     """
 
     qweight: torch.Tensor
@@ -61,10 +67,11 @@ class KernelWeights:
     group_size: int
     qweight_hi: torch.Tensor | None = None
     bits: int = 4
+    frag: int = 0
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[1] * 8
+        return self.qweight.shape[1] * (KERNEL_K_BLOCK if self.frag else 8)
 
     @property
     def planes(self) -> tuple[torch.Tensor, ...]:
@@ -74,7 +81,7 @@ class KernelWeights:
     def with_planes(self, planes: tuple[torch.Tensor, ...], zeros: torch.Tensor, scales: torch.Tensor,
                     perm: torch.Tensor | None) -> KernelWeights:
         return KernelWeights(qweight=planes[0], zeros=zeros, scales=scales, perm=perm, group_size=self.group_size,
-                             qweight_hi=planes[1] if len(planes) > 1 else None, bits=self.bits)
+                             qweight_hi=planes[1] if len(planes) > 1 else None, bits=self.bits, frag=self.frag)
 
     @property
     def out_features(self) -> int:
@@ -215,6 +222,8 @@ def _pack_planes(q: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
 
 def kernel_codes(kw: KernelWeights) -> torch.Tensor:
     """int64 codes [K, N] in the kernel's row order (after kw.perm) of repacked weights."""
+    if kw.frag:
+        return unpack_fragments(kw.qweight, kw.frag)
     k, n = kw.in_features, kw.out_features
     j = torch.arange(8, device=kw.qweight.device, dtype=torch.int64)[None, None, :, None]
 
@@ -226,6 +235,63 @@ def kernel_codes(kw: KernelWeights) -> torch.Tensor:
     if kw.bits == 4:
         return fields(kw.qweight, 4)
     return fields(kw.qweight, 2) | (fields(kw.qweight_hi, 1) << 2)
+
+
+def _check_k_width(k_width: int) -> None:
+    if k_width not in (2, 4):
+        raise ValueError(f"fragment k_width must be 2 or 4, got {k_width}")
+
+
+def pack_fragments(codes: torch.Tensor, k_width: int) -> torch.Tensor:
+    """int codes [K, N] (0..15, kernel row order) → fragment-ordered int32 [N/8, K/128, 128]: for
+    columns n = 8c + g and 128-row block b, word 4·lane + w (lane = 4g + t) holds at nibble
+    j = 4e + 2a + h the code of k = 128b + 32w + 16a + 8h + 2t + e (k_width 2) or
+    k = 128b + 32w + 16a + 4t + 2h + e (k_width 4); see kernels/w4a16_frag.py."""
+    _check_k_width(k_width)
+    k, n = codes.shape
+    if k % KERNEL_K_BLOCK or n % FRAG_COLS:
+        raise ValueError(f"fragment order needs K % {KERNEL_K_BLOCK} == 0 and N % {FRAG_COLS} == 0, got {k}x{n}")
+    nb, c = k // KERNEL_K_BLOCK, n // FRAG_COLS
+    if k_width == 2:   # k = 128b + 32w + 16a + 8h + 2t + e  →  [c, b, g, t, w, j = 4e + 2a + h]
+        q = codes.to(torch.int64).reshape(nb, 4, 2, 2, 4, 2, c, FRAG_COLS)    # b w a h t e c g
+        q = q.permute(6, 0, 7, 4, 1, 5, 2, 3)
+    else:              # k = 128b + 32w + 16a + 4t + 2h + e
+        q = codes.to(torch.int64).reshape(nb, 4, 2, 4, 2, 2, c, FRAG_COLS)    # b w a t h e c g
+        q = q.permute(6, 0, 7, 3, 1, 5, 2, 4)
+    words = (q.reshape(c, nb, 128, 8) << (4 * torch.arange(8, device=codes.device))).sum(dim=-1)
+    return _wrapped(words, torch.int32)
+
+
+def unpack_fragments(qf: torch.Tensor, k_width: int) -> torch.Tensor:
+    """The inverse of pack_fragments: int64 codes [K, N]."""
+    _check_k_width(k_width)
+    c, nb = qf.shape[0], qf.shape[1]
+    q = (qf.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=qf.device))) & 0xF   # c b (g t w) j
+    q = q.reshape(c, nb, 8, 4, 4, 2, 2, 2)          # c b g t w e a h
+    order = (1, 4, 6, 7, 3, 5, 0, 2) if k_width == 2 else (1, 4, 6, 3, 7, 5, 0, 2)   # b w a h t e c g / b w a t h e c g
+    return q.permute(*order).reshape(nb * KERNEL_K_BLOCK, c * FRAG_COLS)
+
+
+def to_fragment_order(kw: KernelWeights, k_width: int) -> KernelWeights:
+    """4-bit tiled weights with their codes in fragment order (KernelWeights.frag = k_width); weights
+    already in that order come back as they are. Raises ValueError for 3-bit or N % 8 != 0."""
+    if kw.frag == k_width:
+        return kw
+    if kw.bits != 4:
+        raise ValueError("fragment order is 4-bit only")
+    return dataclasses.replace(kw, qweight=pack_fragments(kernel_codes(kw), k_width), frag=k_width)
+
+
+def to_tiled(kw: KernelWeights) -> KernelWeights:
+    """Weights in the tiled layout (KernelWeights.frag = 0); tiled weights come back as they are."""
+    if not kw.frag:
+        return kw
+    return dataclasses.replace(kw, qweight=_tile(_pack_planes(kernel_codes(kw), 4)[0]), frag=0)
+
+
+def in_layout(kw: KernelWeights, frag: int) -> KernelWeights:
+    """kw in the layout of KernelWeights.frag = frag (0: tiled)."""
+    return to_fragment_order(kw, frag) if frag else to_tiled(kw)
 
 
 def rtn_codes(w: torch.Tensor, group_size: int, bits: int, act_order_perm: torch.Tensor | None = None,
@@ -295,14 +361,29 @@ def concat_kernel_weights(parts: list[KernelWeights]) -> KernelWeights:
         if (p.in_features, p.group_size, p.bits) != (first.in_features, first.group_size, first.bits) \
                 or p.perm is not None:
             raise ValueError("only layers of equal K, group size and bits without act-order fuse")
+    if first.frag:    # rows of 8 columns: the parts' rows one after the other
+        parts = [in_layout(p, first.frag) for p in parts]
+        return first.with_planes((torch.cat([p.qweight for p in parts]),),
+                                 torch.cat([p.zeros for p in parts], dim=1).contiguous(),
+                                 torch.cat([p.scales for p in parts], dim=1).contiguous(), None)
+    parts = [to_tiled(p) for p in parts]
     planes = tuple(_tile(torch.cat([_untile(p.planes[i], p.out_features) for p in parts], dim=1))
                    for i in range(len(first.planes)))
     return first.with_planes(planes, torch.cat([p.zeros for p in parts], dim=1).contiguous(),
                              torch.cat([p.scales for p in parts], dim=1).contiguous(), None)
 
 
+def _check_frag_cols(start: int, end: int) -> None:
+    if start % FRAG_COLS or end % FRAG_COLS:
+        raise ValueError(f"fragment-ordered weights split at multiples of {FRAG_COLS} columns, got [{start}, {end})")
+
+
 def slice_kernel_weights(kw: KernelWeights, start: int, end: int) -> KernelWeights:
     """Output columns [start, end) of repacked weights as a layer of their own (a copy)."""
+    if kw.frag:
+        _check_frag_cols(start, end)
+        return kw.with_planes((kw.qweight[start // FRAG_COLS:end // FRAG_COLS].clone(),),
+                              kw.zeros[:, start:end].contiguous(), kw.scales[:, start:end].contiguous(), kw.perm)
     planes = tuple(_tile(_untile(p, kw.out_features)[:, start:end]) for p in kw.planes)
     return kw.with_planes(planes, kw.zeros[:, start:end].contiguous(), kw.scales[:, start:end].contiguous(),
                           kw.perm)
@@ -318,10 +399,15 @@ def write_kernel_weights(dst: KernelWeights, src: KernelWeights, start: int) -> 
         if start or end != dst.out_features or src.perm is None or dst.perm is None \
                 or not torch.equal(src.perm.to(dst.perm.device), dst.perm):
             raise ValueError("act-order weights can only replace a layer of the same permutation")
-    for d, s in zip(dst.planes, src.planes):
-        packed = _untile(d, dst.out_features).clone()
-        packed[:, start:end] = _untile(s, src.out_features).to(packed.device)
-        d.copy_(_tile(packed))
+    src = in_layout(src, dst.frag)
+    if dst.frag:
+        _check_frag_cols(start, end)
+        dst.qweight[start // FRAG_COLS:end // FRAG_COLS].copy_(src.qweight)
+    else:
+        for d, s in zip(dst.planes, src.planes):
+            packed = _untile(d, dst.out_features).clone()
+            packed[:, start:end] = _untile(s, src.out_features).to(packed.device)
+            d.copy_(_tile(packed))
     dst.zeros[:, start:end].copy_(src.zeros)
     dst.scales[:, start:end].copy_(src.scales)
 

@@ -10,6 +10,7 @@ from services.engine.kernels.gptq_format import (
     KernelWeights,
     concat_kernel_weights,
     dequantize_kernel_weights,
+    in_layout,
     repack_values,
     repack_for_kernel,
     slice_kernel_weights,
@@ -101,6 +102,18 @@ class TritonQuantLinear(nn.Module):
         if not needs_zeroed_output(self.tuner.config_for(like2, self.kw), self.in_features):
             return None
         return torch.empty(like2.shape[0], self.out_features, dtype=like.dtype, device=like.device)
+
+    def set_layout(self, frag: int) -> bool:
+        """Hold the codes in the layout KernelWeights.frag = frag (0: tiled; 2 / 4: fragment order,
+        4-bit and N % 8 == 0 only); False where this layer cannot take it (it keeps its own)."""
+        if frag and self.kw.bits != 4:
+            return False
+        try:
+            self.kw = in_layout(self.kw, frag)
+        except ValueError:
+            return False
+        self._dense = None
+        return True
 
     def load_weights_(self, kw: KernelWeights) -> None:
         """Overwrite the weights in place with a layer of the same shape (keeps CUDA graphs valid)."""

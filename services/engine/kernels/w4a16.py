@@ -23,8 +23,9 @@ from services.engine.kernels.gptq_format import (
     KERNEL_K_BLOCK,
     KernelWeights,
 )
-from services.engine.kernels.gemm_configs import STREAM_KINDS, SWAPPED_KINDS, GemmConfig
+from services.engine.kernels.gemm_configs import FRAG_KINDS, STREAM_KINDS, SWAPPED_KINDS, GemmConfig
 from services.engine.kernels.launch import cdiv, launch
+from services.engine.kernels.w4a16_frag import frag_dequantize_fp16, frag_matmul
 
 try:
     import triton
@@ -393,6 +394,8 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
     """W [K, N] fp16 (rows in the kernel's order, i.e. after kw.perm) with one Triton launch."""
     if triton is None:
         raise RuntimeError("triton is not installed")
+    if kw.frag:
+        return frag_dequantize_fp16(kw)
     k, n = kw.in_features, kw.out_features
     out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
     launch(_dequant_kernel, (k // KERNEL_K_BLOCK, cdiv(n, 128)),
@@ -413,6 +416,8 @@ def needs_zeroed_output(cfg: GemmConfig, k: int) -> bool:
     (a caller that zeroes an output inside an earlier kernel passes it as `accumulate`)."""
     if cfg.kind in STREAM_KINDS:
         return True
+    if cfg.kind in FRAG_KINDS:   # no serial split-K form
+        return split_of(cfg, k)[0] > 1
     return cfg.kind != "dense" and _sums_with_atomics(split_of(cfg, k)[0])
 
 
@@ -456,6 +461,12 @@ def w4a16_matmul(
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
+    if (cfg.kind in FRAG_KINDS) != bool(kw.frag) and cfg.kind != "dense":
+        raise ValueError(f"config kind {cfg.kind!r} does not read the weights' layout (frag={kw.frag})")
+    if cfg.kind in FRAG_KINDS:
+        return frag_matmul(x, kw, cfg.kind, cfg.block_m, cfg.block_n, cfg.split_k, cfg.num_warps, cfg.num_stages,
+                           zsub=cfg.zsub, fma=cfg.zsub, prefetch=cfg.prefetch, bias=bias, accumulate=accumulate,
+                           glu=glu)
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
     if glu and x.shape[1] != 2 * kw.in_features:

@@ -15,7 +15,8 @@ the order the fragments want them:
 Which of the two a Triton version gives its fp16 mma.sync operands (the dot operand layout's
 kWidth) decides which order is free: Triton 3.6 picks 4 on sm_90 and 3.9 picks 2 (both compiled here;
 with the other order the operand reaches its layout through warp shuffles, ~2 SASS instructions per
-weight). frag_k_width() maps the installed version; the packing and the kernels take it explicitly.
+weight). frag_k_width() maps the installed version; the packing (gptq_format.to_fragment_order, which
+makes KernelWeights with frag = k_width) and the kernels take it explicitly.
 
 So lane 4g + t loads its 4 words with one 16-byte load, the 128 words of (c, b) are one coalesced
 512-byte warp read, and the packed fp16x2 unpack (h2_ptx) yields the pairs (k, k + 1) that a
@@ -23,9 +24,11 @@ fragment register holds: with the order that matches the Triton version, the res
 codes to the [128, BN] dot operand is a relabelling of registers that Triton's linear layouts resolve
 with no data movement.
 
-Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics) and
+Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics),
 "frag_gemv" (one row of x per program on CUDA cores, gemv_h2's packed fp16x2 dot; the x pairs of
-a word are two adjacent halves, so each is one 32-bit load). 4-bit weights only.
+a word are two adjacent halves, so each is one 32-bit load) and frag_dequantize_fp16 (W in fp16 for
+the GEMM tuner's reference and its "dense" kind). 4-bit weights only. The engine serves this layout
+with EngineConfig.w4_layout = "frag" (w4a16.w4a16_matmul dispatches the frag kinds here).
 
 Code tiles load as 2-D [C, 128] (C = BN / 8 rows of 128 words). A [C, 32, 4] form of the same
 addresses compiled to the same sm_90 SASS counts here (Triton 3.9) but ran 2-7x slower on the H100
@@ -37,7 +40,7 @@ import os
 
 import torch
 
-from services.engine.kernels.gptq_format import KERNEL_K_BLOCK, KernelWeights, kernel_codes
+from services.engine.kernels.gptq_format import FRAG_COLS, KERNEL_K_BLOCK, KernelWeights
 from services.engine.kernels.launch import cdiv, launch
 
 try:
@@ -48,7 +51,6 @@ except ImportError:  # CPU-only installs: the engine falls back to torch
     tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # no inline PTX there: the unpack is emulated
-FRAG_COLS = 8   # columns of one fragment row (an n8 tile)
 
 
 def frag_k_width() -> int:
@@ -57,46 +59,6 @@ def frag_k_width() -> int:
         return 2
     major, minor = (int(v) for v in triton.__version__.split(".")[:2])
     return 4 if (major, minor) < (3, 9) else 2
-
-
-def _check_k_width(k_width: int) -> None:
-    if k_width not in (2, 4):
-        raise ValueError(f"k_width must be 2 or 4, got {k_width}")
-
-
-def pack_fragments(codes: torch.Tensor, k_width: int = 2) -> torch.Tensor:
-    """int codes [K, N] (0..15, kernel row order) → fragment-ordered int32 [N/8, K/128, 128]."""
-    _check_k_width(k_width)
-    k, n = codes.shape
-    if k % KERNEL_K_BLOCK or n % FRAG_COLS:
-        raise ValueError(f"fragment order needs K % {KERNEL_K_BLOCK} == 0 and N % {FRAG_COLS} == 0, got {k}x{n}")
-    nb, c = k // KERNEL_K_BLOCK, n // FRAG_COLS
-    if k_width == 2:   # k = 128b + 32w + 16a + 8h + 2t + e  →  [c, b, g, t, w, j = 4e + 2a + h]
-        q = codes.to(torch.int64).reshape(nb, 4, 2, 2, 4, 2, c, FRAG_COLS)    # b w a h t e c g
-        q = q.permute(6, 0, 7, 4, 1, 5, 2, 3)
-    else:              # k = 128b + 32w + 16a + 4t + 2h + e
-        q = codes.to(torch.int64).reshape(nb, 4, 2, 4, 2, 2, c, FRAG_COLS)    # b w a t h e c g
-        q = q.permute(6, 0, 7, 3, 1, 5, 2, 4)
-    words = (q.reshape(c, nb, 128, 8) << (4 * torch.arange(8, device=codes.device))).sum(dim=-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-
-
-def unpack_fragments(qf: torch.Tensor, k_width: int = 2) -> torch.Tensor:
-    """The inverse of pack_fragments: int64 codes [K, N]."""
-    _check_k_width(k_width)
-    c, nb = qf.shape[0], qf.shape[1]
-    q = (qf.to(torch.int64)[..., None] >> (4 * torch.arange(8, device=qf.device))) & 0xF   # c b (g t w) j
-    q = q.reshape(c, nb, 8, 4, 4, 2, 2, 2)          # c b g t w e a h
-    order = (1, 4, 6, 7, 3, 5, 0, 2) if k_width == 2 else (1, 4, 6, 3, 7, 5, 0, 2)   # b w a h t e c g / b w a t h e c g
-    return q.permute(*order).reshape(nb * KERNEL_K_BLOCK, c * FRAG_COLS)
-
-
-def fragment_weights(kw: KernelWeights, k_width: int | None = None) -> torch.Tensor:
-    """The fragment-ordered code plane of 4-bit kernel weights (scales, zeros and perm are shared);
-    k_width None: frag_k_width()."""
-    if kw.bits != 4:
-        raise ValueError("fragment order is 4-bit only")
-    return pack_fragments(kernel_codes(kw), frag_k_width() if k_width is None else k_width)
 
 
 if triton is not None:
@@ -307,21 +269,57 @@ if triton is not None:
         return tl.inline_asm_elementwise("{ .reg .b32 c; mov.b32 c, 671098880; mul.rn.f16x2 $0, $1, c; }",
                                          "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
 
-def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str, block_m: int, block_n: int,
-                split_k: int, num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
+    @triton.jit
+    def _frag_dequant_kernel(qf_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BN: tl.constexpr, KW: tl.constexpr):
+        """W [K, N] fp16 (kernel row order) of one 128-row block × BN columns: the codes through
+        frag_operand (the emulated unpack: no inline PTX), then (q - z) · s in fp32."""
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1)
+        C: tl.constexpr = BN // 8
+        nb = K // 128
+        rows = pid_n * C + tl.arange(0, C)
+        q = tl.load(qf_ptr + (rows[:, None] * nb + b).to(tl.int64) * 128 + tl.arange(0, 128)[None, :],
+                    mask=(rows < N // 8)[:, None], other=0)
+        w = frag_operand(frag_codes(q, q, False, False, True), C, BN, KW).to(tl.float32)    # 1024 + q
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        g = (b * 128) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = (w - (z + 1024.0)[None, :]) * s[None, :]
+        offs_k = b * 128 + tl.arange(0, 128)
+        tl.store(out_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], w.to(tl.float16),
+                 mask=mask_n[None, :])
+
+
+def frag_dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
+    """W [K, N] fp16 (rows in the kernel's order, i.e. after kw.perm) of fragment-ordered weights,
+    one Triton launch."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if not kw.frag:
+        raise ValueError("frag_dequantize_fp16 needs fragment-ordered weights")
+    k, n = kw.in_features, kw.out_features
+    out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
+    launch(_frag_dequant_kernel, (cdiv(n, 64), k // KERNEL_K_BLOCK), kw.qweight, kw.zeros, kw.scales, out,
+           n, k, kw.group_size, BN=64, KW=kw.frag, num_warps=4)
+    return out
+
+
+def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, block_n: int, split_k: int,
+                num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
                 prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
-                glu: bool = False, k_width: int | None = None) -> torch.Tensor:
-    """y [M, N] fp16 = x [M, K] fp16 @ W, W's codes in fragment order (qf, fragment_weights(kw, k_width))
-    with kw's scales and zeros; kind "frag" (tensor cores) or "frag_gemv". accumulate and glu as in
-    w4a16_matmul; k_width: the order qf was packed in (None: frag_k_width())."""
+                glu: bool = False) -> torch.Tensor:
+    """y [M, N] fp16 = x [M, K] fp16 @ W for fragment-ordered weights (kw.frag, gptq_format.to_fragment_order);
+    kind "frag" (tensor cores) or "frag_gemv". accumulate and glu as in w4a16_matmul."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
     if kind not in ("frag", "frag_gemv"):
         raise ValueError(f"unknown fragment kernel {kind!r}")
-    k_width = frag_k_width() if k_width is None else k_width
-    _check_k_width(k_width)
+    if not kw.frag:
+        raise ValueError("frag_matmul needs fragment-ordered weights (gptq_format.to_fragment_order)")
     if glu and x.shape[1] != 2 * kw.in_features:
         raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
     if glu and kw.perm is not None:   # act-order: the activation is gathered, so no fused load
@@ -332,8 +330,8 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str,
     x = x.contiguous()
     m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     n = kw.out_features
-    if k != kw.in_features or qf.shape != (n // FRAG_COLS, k // KERNEL_K_BLOCK, 128):
-        raise ValueError(f"x [{m}, {k}] or codes {tuple(qf.shape)} do not match {k}x{n} weights")
+    if k != kw.in_features:
+        raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
     if block_n % FRAG_COLS:
         raise ValueError(f"block_n must be a multiple of {FRAG_COLS}, got {block_n}")
     if accumulate is not None and (accumulate.shape != (m, n) or accumulate.dtype != torch.float16
@@ -349,14 +347,14 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, qf: torch.Tensor, kind: str,
         out = accumulate
     else:
         out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
-    args = (x, qf, kw.zeros, kw.scales, out, bias if bias is not None else out,
+    args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split)
     if kind == "frag_gemv":
         launch(_frag_gemv_kernel, (m, cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
-               USE_ATOMIC=use_atomic, BN=block_n, KW=k_width, PREFETCH=prefetch, EMULATE=INTERPRET, GLU=glu,
+               USE_ATOMIC=use_atomic, BN=block_n, KW=kw.frag, PREFETCH=prefetch, EMULATE=INTERPRET, GLU=glu,
                num_warps=num_warps, num_stages=num_stages)
     else:
         launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
-               USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, KW=k_width, FMA=fma, PREFETCH=prefetch,
+               USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, KW=kw.frag, FMA=fma, PREFETCH=prefetch,
                EMULATE=INTERPRET, GLU=glu, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -34,3 +34,24 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
     assert any(k[0] == "gemv_h2" for k in seen)
     # gemv_h2's double buffer with the L2 prefetch of the block after (num_stages 3): not a candidate yet
     assert compile_config(GemmConfig("gemv_h2", 1, 128, 8, 1, 3, 1), bits)
+
+
+def test_every_fragment_candidate_compiles_for_sm90() -> None:
+    """The frag kinds' candidates (the fragment-ordered layout, gemm_configs.frag_candidate_configs) in the
+    fragment order of the installed Triton, plus the bias / plain-store and [gate | up] forms once per tile."""
+    pytest.importorskip("triton")
+    from services.engine.kernels.aot import compile_config
+    from services.engine.kernels.w4a16_frag import frag_k_width
+    k_width = frag_k_width()
+    seen = set()
+    for m in (1, 4, 16, 32, 64, 128):
+        for cfg in candidate_configs(m, k_width):
+            key = (cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.prefetch)
+            if cfg.kind == "dense" or key in seen:
+                continue
+            seen.add(key)
+            assert len(compile_config(cfg, 4, frag=k_width)) > 1000, cfg
+            if not any(k[:3] == key[:3] for k in seen - {key}):
+                assert compile_config(cfg, 4, has_bias=True, use_atomic=False, frag=k_width), cfg
+                assert compile_config(cfg, 4, glu=True, frag=k_width), cfg
+    assert {k[0] for k in seen} == {"frag", "frag_gemv"}

@@ -54,7 +54,7 @@ def test_digest_follows_the_candidate_lists(monkeypatch):
     base = candidates_digest()
     assert base == candidates_digest()
     real = gemm_tuner.candidate_configs
-    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m: real(m)[:-1])
+    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m, frag=0: real(m, frag)[:-1])
     assert candidates_digest() != base
 
 
@@ -69,12 +69,12 @@ def test_skipped_kinds_are_never_picked_and_key_the_cache(monkeypatch):
 
     lead = GemmConfig("mma8_sk", 16, 64, 2, 4, 3, fast_deq=True, zsub=True)
     real = gemm_tuner.candidate_configs
-    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m: [lead] + real(m))
+    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m, frag=0: [lead] + real(m, frag))
     x = torch.zeros(1, 256, dtype=torch.float16)
     key = (1, 320, 256, 4)
     assert GemmTuner()._tune(key, x, None) == lead
     assert GemmTuner(skip_kinds=STREAM_KINDS)._tune(key, x, None).kind not in STREAM_KINDS
-    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m: [lead])
+    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m, frag=0: [lead])
     assert GemmTuner(skip_kinds=STREAM_KINDS)._tune(key, x, None) == lead     # nothing else to pick
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))   # CI has none

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.engine.kernels import h2_ptx
-from services.engine.kernels.w4a16_frag import pack_fragments, unpack_fragments
+from services.engine.kernels.gptq_format import pack_fragments, unpack_fragments
 from tests.unit.engine.kernels.interpreted import run_interpreted
 from tests.unit.engine.kernels.test_h2_ptx import _pack, codes_of, run_ptx
 
@@ -68,7 +68,8 @@ def test_fixed_form_deq_asm_gives_every_code_minus_the_zero(asm: str) -> None:
 
 def check_interpreted() -> None:
     from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes
-    from services.engine.kernels.w4a16_frag import fragment_weights, frag_matmul
+    from services.engine.kernels.gptq_format import to_fragment_order
+    from services.engine.kernels.w4a16_frag import frag_matmul
 
     torch.manual_seed(0)
     k, n = 384, 72                       # 3 K blocks; N not a multiple of the tiles (rows masked)
@@ -80,30 +81,45 @@ def check_interpreted() -> None:
     cases = [("frag", 16, 32, 2, dict(zsub=True)), ("frag", 16, 64, 1, dict(zsub=False)),
              ("frag", 32, 32, 3, dict(zsub=True, prefetch=True)), ("frag_gemv", 1, 32, 2, {}),
              ("frag_gemv", 1, 64, 1, dict(prefetch=True))]
-    qfs = {kw_: fragment_weights(kw, kw_) for kw_ in (2, 4)}
+    fws = {kw_: to_fragment_order(kw, kw_) for kw_ in (2, 4)}
     for m in (1, 3, 20):
         x = (torch.randn(m, k) * 4).half()
         bias = torch.randn(n).half()
         ref = x.float() @ ref_w + bias.float()
         for (kind, bm, bn, split, extra), k_width in zip(cases * 2, [2] * len(cases) + [4] * len(cases)):
-            out = frag_matmul(x, kw, qfs[k_width], kind, bm, bn, split, **extra, bias=bias, k_width=k_width)
+            out = frag_matmul(x, fws[k_width], kind, bm, bn, split, **extra, bias=bias)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (kind, bm, bn, split, extra, m, k_width, err)
-        qf = qfs[2]
         onto = torch.randn(m, n).half()
         want = onto.float() + x.float() @ ref_w
-        frag_matmul(x, kw, qf, "frag", 16, 32, 2, zsub=True, accumulate=onto, k_width=2)
+        frag_matmul(x, fws[2], "frag", 16, 32, 2, zsub=True, accumulate=onto)
         assert ((onto.float() - want).norm() / want.norm()).item() < 1e-2
+    # through the engine's entry points: w4a16_matmul dispatches the frag kinds of the tuner's lists
+    # (act-order gather included), dequantize_fp16 (the tuner's reference, the dense kind) reads the order
+    from services.engine.kernels.gemm_configs import candidate_configs
+    from services.engine.kernels.w4a16 import dequantize_fp16, needs_zeroed_output, w4a16_matmul
+    x = (torch.randn(5, k) * 4).half()
+    ref = x.float() @ ref_w
+    picked = [candidate_configs(4, 4)[0], candidate_configs(16, 4)[-1], candidate_configs(64, 4)[0]]
+    for cfg in picked + [candidate_configs(256, 4)[-1]]:
+        out = w4a16_matmul(x, fws[4], cfg)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
+        if cfg.kind != "dense":
+            assert needs_zeroed_output(cfg, k) == (min(cfg.split_k, 3) > 1)
+    with pytest.raises(ValueError, match="does not read the weights' layout"):
+        w4a16_matmul(x, kw, picked[0])
+    for k_width in (2, 4):
+        assert torch.equal(dequantize_fp16(fws[k_width]), dequantize_fp16(kw))
     # [gate | up] input without act-order: silu(gate) · up inside the loads of both kinds
     codes, zeros, scales, g_idx = rtn_codes(w, 128, 4)
     kw_plain = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
-    qf_plain = fragment_weights(kw_plain, 4)
+    fw_plain = to_fragment_order(kw_plain, 4)
     ref_plain = dequantize_codes(codes, zeros, scales, g_idx)
     gate_up = torch.randn(3, 2 * k).half()
     g, u = gate_up.float().chunk(2, dim=1)
     want = (torch.nn.functional.silu(g) * u).half().float() @ ref_plain
     for kind, bm, bn in (("frag", 16, 32), ("frag_gemv", 1, 64)):
-        out = frag_matmul(gate_up, kw_plain, qf_plain, kind, bm, bn, 2, zsub=True, glu=True, k_width=4)
+        out = frag_matmul(gate_up, fw_plain, kind, bm, bn, 2, zsub=True, glu=True)
         assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, kind
 
 
