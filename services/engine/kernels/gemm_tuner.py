@@ -119,7 +119,7 @@ class GemmTuner:
         return cfg
 
     def _tune(self, key: tuple[int, ...], x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
-        cands = candidate_configs(key[0], kw.frag)
+        cands = candidate_configs(key[0], key[4] if len(key) > 4 else 0)   # the layout's own list
         cands = [c for c in cands if c.kind not in self.skip_kinds] or cands
         if not x.is_cuda:
             return cands[0]
