@@ -63,7 +63,7 @@ class EngineConfig:
     fused_mlp_activation: bool = False
     # 4-bit code layout on the GPU: "tiles" (gptq_format.KernelWeights) or "frag", the codes in the order
     # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it.
-    # H100 GEMMs at fbc3079 (frag_small_fbc3079.md): 1.12-1.29x faster at M = 4 and 16, 0.90-1.01x at
+    # H100 GEMMs at fbc3079 (frag_small_fbc3079.md): 1.03-1.21x faster at M = 4, 1.14-1.29x at 16, 0.90-1.01x at
     # M = 1, slower at M >= 128 (frag_large_fbc3079.md)
     w4_layout: str = "tiles"
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);

@@ -153,7 +153,8 @@ def frag_candidate_configs(m: int) -> list[GemmConfig]:
     grids timed on the H100 with Triton 3.6 at fbc3079 (frag_small / frag_large / frag_m64_kw2_fbc3079.md,
     k_width 4 except the last): every config in a top five there, split-K around them.
     - M <= 16: BM 16 BN 256 with 4 warps and the register double buffer won every M = 4 and 16 row
-      (2.33-2.68x fp16, 1.12-1.29x the tiled layout's tuned GEMM); BN 64 / 128 with 2-4 warps placed.
+      (2.33-2.68x fp16; 1.03-1.21x faster than the tiled layout's tuned GEMM at M = 4, 1.14-1.29x
+      at 16); BN 64 / 128 with 2-4 warps placed.
     - M = 1: the GEMV on CUDA cores (BN 64, 1 warp) won three of five shapes, BM 16 tensor-core
       tiles the other two (0.90-1.01x the tiled layout's tuned GEMV).
     - M = 32-64: BM 64 with BN 64 (2-stage pipeline) or BN 128 (double buffer) and 4 warps.

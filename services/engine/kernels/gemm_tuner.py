@@ -1,4 +1,4 @@
-"""GemmTuner: picks the fastest W4A16/W3A16 launch config per (M bucket, N, K, bits, layout) by timing CUDA-graph replays."""
+"""GemmTuner: the fastest W4A16/W3A16 launch config per (M bucket, N, K, bits, layout), timed as CUDA-graph replays."""
 from __future__ import annotations
 
 import dataclasses
