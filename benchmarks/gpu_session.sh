@@ -219,7 +219,7 @@ case "$stage" in
     ;;
   frag-engine)   # the fragment-ordered layout as the engine serves it, beside the tiled one (decode first)
     timeout 180 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 \
-      --batches 1,4,16,64 --stem frag_engine_decode 2>&1 | grep "^decode"
+      --batches 1,16,4,64 --stem frag_engine_decode 2>&1 | grep "^decode"
     timeout 170 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" \
       --stem frag_engine_gemm 2>&1 | grep "^K="
     timeout 140 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
