@@ -81,7 +81,7 @@
 #                                                   #   probe_frag.py at M = 1/4/16 and 64/128/256 (config
 #                                                   #   grids beside the tuned engine GEMM and cuBLAS: frag_small/large.md),
 #                                                   #   then their GPU tests
-#   bash benchmarks/gpu_session.sh frag-engine COMMIT  # at most 400 s: the fragment-ordered layout in the engine
+#   bash benchmarks/gpu_session.sh frag-engine COMMIT  # at most 350 s: the fragment-ordered layout in the engine
 #                                                   #   (EngineConfig.w4_layout frag): graphed 7B decode and tuned GEMMs
 #                                                   #   in both layouts (probe_frag_engine.py), then the GPU tests
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -217,13 +217,14 @@ case "$stage" in
       | grep "^K="
     timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k fragment 2>&1 | tail -5 | tee "$out/pytest_frag.log"
     ;;
-  frag-engine)   # the fragment-ordered layout as the engine serves it, beside the tiled one (decode first)
-    timeout 170 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 \
+  frag-engine)   # the fragment-ordered layout as the engine serves it, beside the tiled one: decode, the GPU
+                 # tests of the layout, then the tuned GEMMs (last: the cap cuts them first)
+    timeout 160 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 \
       --batches 1,16,4,64 --stem frag_engine_decode 2>&1 | grep "^decode"
-    timeout 130 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" \
+    timeout 90 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
+      -k "w4-frag or fragment_layout" 2>&1 | tail -8 | tee "$out/pytest_frag_engine.log"
+    timeout 100 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" \
       --stem frag_engine_gemm 2>&1 | grep "^K="
-    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_kernels.py \
-      -k "w4-frag or fragment" 2>&1 | tail -8 | tee "$out/pytest_frag_engine.log"
     ;;
   prefetch-l2)   # not run yet (no device start at 4575bfc). gemv_h2 with block b + 2 also asked of L2 (num_stages 3,
               # out of the tuner's list until timed): the roofline probe (its st3 configs beside st1 / st2), the tuner's
