@@ -84,12 +84,13 @@
 #   bash benchmarks/gpu_session.sh frag-engine COMMIT  # at most 350 s: the fragment-ordered layout in the engine
 #                                                   #   (EngineConfig.w4_layout frag): graphed 7B decode and tuned GEMMs
 #                                                   #   in both layouts (probe_frag_engine.py), then the GPU tests
+#   bash benchmarks/gpu_session.sh frag-engine-short COMMIT  # at most 230 s: its decode at batch 1 / 16 / 4 and tests
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -225,6 +226,12 @@ case "$stage" in
       -k "w4-frag or fragment_layout" 2>&1 | tail -8 | tee "$out/pytest_frag_engine.log"
     timeout 100 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" \
       --stem frag_engine_gemm 2>&1 | grep "^K="
+    ;;
+  frag-engine-short)   # frag-engine for a short budget: decode at batch 1, 16, 4, then the layout's engine tests
+    timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 \
+      --batches 1,16,4 --stem frag_engine_decode 2>&1 | grep "^decode"
+    timeout 80 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py -k "w4-frag or fragment_layout" 2>&1 \
+      | tail -8 | tee "$out/pytest_frag_engine.log"
     ;;
   prefetch-l2)   # not run yet (no device start at 4575bfc). gemv_h2 with block b + 2 also asked of L2 (num_stages 3,
               # out of the tuner's list until timed): the roofline probe (its st3 configs beside st1 / st2), the tuner's
