@@ -14,6 +14,7 @@ the tuner against the float32 reference (relative error <= 1e-2). Writes <out>/<
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,7 +54,9 @@ def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k_w
     return rows
 
 
-def decode_rows(batches: list[int], ctx: int, timer: Timer, k_width: int) -> list[dict]:
+def decode_rows(batches: list[int], ctx: int, timer: Timer, k_width: int) -> Iterator[list[dict]]:
+    """Per batch size (one part each, so a cut run keeps the batches it timed): the graphed step in
+    the tiled layout, in fragment order, and tiled again, beside the step's floor."""
     bw = copy_bandwidth_gbs(timer)
     model = decode_model(False, ctx, max(batches), 4)
     model.fused_decode_attention = True
