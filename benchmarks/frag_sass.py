@@ -24,13 +24,15 @@ from services.engine.kernels.aot import compile_frag  # noqa: E402
 from services.engine.kernels.gemm_configs import GemmConfig  # noqa: E402
 
 # (kind, BM, BN, warps, prefetch): the configs the H100 probes ranked first
-# (frag_m1_16_fcd1f62.md, frag_m4_64_fcd1f62.md)
+# (frag_m1_16_fcd1f62.md, frag_m4_64_fcd1f62.md), and the swapped-operand kind at the tile sizes of its candidates
 VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 128, 4, True),
-            ("frag_gemv", 1, 128, 1, False)]
+            ("frag", 128, 64, 4, False), ("frag_gemv", 1, 128, 1, False), ("frag_t", 16, 64, 4, False),
+            ("frag_t", 64, 128, 4, False), ("frag_t", 128, 64, 4, False), ("frag_t", 128, 128, 8, False)]
 
 
 def compile_variant(kind: str, bm: int, bn: int, warps: int, prefetch: bool, k_width: int) -> bytes:
-    cfg = GemmConfig(kind, bm, bn, 1, warps, 1, fast_deq=True, zsub=kind == "frag", prefetch=prefetch)
+    cfg = GemmConfig(kind, bm, bn, 1, warps, 1 if prefetch or kind == "frag_gemv" else 2, fast_deq=True,
+                     zsub=kind != "frag_gemv", prefetch=prefetch)
     return compile_frag(cfg, k_width)
 
 

@@ -1,15 +1,19 @@
 """The fragment-ordered 4-bit layout as the engine serves it (EngineConfig.w4_layout = "frag") beside the
 tiled layout, in one process on one GPU.
 
-Part 1, GEMMs: per issue shape and M, the GEMM tuner picks a config for each layout from its own candidate
-list (gemm_configs.candidate_configs(m, frag)) and both picks are streamed over cold weights beside cuBLAS
-fp16 (one CUDA graph over copies of the layer that exceed 3x the L2, as probe_gemm_stream). Part 2, the
-graphed decode step of random-weight Llama-2-7B (W4Decoder, 4-bit g128, fused RoPE + attention as the
-serving default) per batch size: tiled, then the same model converted to fragment order, then tiled again
-(the drift between the two tiled timings bounds what the comparison can resolve). Every pick is checked by
-the tuner against the float32 reference (relative error <= 1e-2). Writes <out>/<stem>.{json,md}.
+Both fragment orders are timed (k_width 4 and 2: under Triton 3.6 the first is free for mma.sync's
+operand, the second for wgmma's register operand, frag_sass_t36_*.md). Part 1, GEMMs: per issue shape
+and M, the GEMM tuner picks a config for each layout from its own candidate list
+(gemm_configs.candidate_configs(m, frag)) and the picks are streamed over cold weights beside cuBLAS
+fp16 (one CUDA graph over copies of the layer that exceed 3x the L2, as probe_gemm_stream). Part 2,
+the graphed decode step of random-weight Llama-2-7B (W4Decoder, 4-bit g128, fused RoPE + attention as
+the serving default) per batch size: tiled, then the same model converted to each fragment order, then
+tiled again (the drift between the two tiled timings bounds what the comparison can resolve). Every
+pick is checked by the tuner against the float32 reference (relative error <= 1e-2). Writes
+<out>/<stem>.{json,md}.
 
   python benchmarks/probe_frag_engine.py --out DIR --commit SHA [--ms 1,4,16,64,128,256] [--batches 1,4,16,64]
+      [--k-widths 4,2]
 """
 from __future__ import annotations
 
@@ -32,31 +36,31 @@ from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4a16_frag import frag_k_width  # noqa: E402
 
 
-def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k_width: int) -> list[dict]:
+def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k_widths: list[int]) -> list[dict]:
     ops = StreamOperands(k, n)
-    fws = [to_fragment_order(c, k_width) for c in ops.kws]
+    layouts = [("tiles", ops.kws)] + [(f"frag{w}", [to_fragment_order(c, w) for c in ops.kws]) for w in k_widths]
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").half()
         kept = torch.zeros(m, n, dtype=torch.float16, device="cuda")
         row = {"part": "gemm", "K": k, "N": n, "M": m, "fp16_us": timer.stream_ms(ops.fp16_calls(x)) * 1e3}
-        for name, kws in (("tiles", ops.kws), ("frag", fws)):
+        for name, kws in layouts:
             cfg = tuner.config_for(x, kws[0])
             row[f"{name}_config"] = str(cfg)
             row[f"{name}_us"] = timer.stream_ms([lambda c=c: w4a16_matmul(x, c, cfg, accumulate=kept)
                                                  for c in kws]) * 1e3
         rows.append(row)
-        print(f"K={k:5d} N={n:5d} M={m:3d}  fp16 {row['fp16_us']:.1f}  tiles {row['tiles_us']:.1f}  "
-              f"frag {row['frag_us']:.1f}  ×fp16 tiles {row['fp16_us'] / row['tiles_us']:.2f} "
-              f"frag {row['fp16_us'] / row['frag_us']:.2f}", flush=True)
-    del ops, fws
+        print(f"K={k:5d} N={n:5d} M={m:3d}  fp16 {row['fp16_us']:.1f}  "
+              + "  ".join(f"{name} {row[name + '_us']:.1f} (×fp16 {row['fp16_us'] / row[name + '_us']:.2f})"
+                          for name, _ in layouts), flush=True)
+    del ops, layouts
     torch.cuda.empty_cache()
     return rows
 
 
-def decode_rows(batches: list[int], ctx: int, timer: Timer, k_width: int) -> Iterator[list[dict]]:
+def decode_rows(batches: list[int], ctx: int, timer: Timer, k_widths: list[int]) -> Iterator[list[dict]]:
     """Per batch size (one part each, so a cut run keeps the batches it timed): the graphed step in
-    the tiled layout, in fragment order, and tiled again, beside the step's floor."""
+    the tiled layout, in each fragment order, and tiled again, beside the step's floor."""
     bw = copy_bandwidth_gbs(timer)
     model = decode_model(False, ctx, max(batches), 4)
     model.fused_decode_attention = True
@@ -65,38 +69,43 @@ def decode_rows(batches: list[int], ctx: int, timer: Timer, k_width: int) -> Ite
         inputs = decode_inputs(bsz, ctx, DECODE_BLOCK, model.shape.vocab, None)
         floor_ms = decode_floor(model, bsz, ctx, bw)[0]
         row = {"part": "decode", "batch": bsz, "context": ctx, "floor_ms": floor_ms, "copy_gbs": bw}
-        for key, frag in (("tiles_ms", 0), ("frag_ms", k_width), ("tiles_again_ms", 0)):
+        for key, frag in [("tiles_ms", 0)] + [(f"frag{w}_ms", w) for w in k_widths] + [("tiles_again_ms", 0)]:
             model.set_layout(frag)
             row[key] = timer.median_ms(lambda: model.decode(**inputs))
         rows.append(row)
-        print(f"decode B={bsz:2d}: tiles {row['tiles_ms']:.3f} ms  frag {row['frag_ms']:.3f} ms  tiles again "
-              f"{row['tiles_again_ms']:.3f} ms  floor {floor_ms:.3f} ms", flush=True)
+        print(f"decode B={bsz:2d}: " + "  ".join(f"{key[:-3]} {v:.3f} ms" for key, v in row.items()
+                                                   if key.endswith("_ms")), flush=True)
         yield rows[-1:]
         torch.cuda.empty_cache()
 
 
 def write_markdown(res: dict, path: Path) -> None:
+    frags = [f"frag{w}" for w in res["k_widths"]]
     lines = [probe_title("The fragment-ordered 4-bit layout in the engine beside the tiled one", res) + "\n",
-             probe_command(res) + f" Fragment order k_width {res['k_width']}. GEMMs: µs per call streamed over "
-             f"cold weights (one CUDA graph over weight copies that exceed 3× the L2), medians of {res['reps']} "
+             probe_command(res) + " `fragW`: codes in the fragment order of k_width W. GEMMs: µs per call streamed "
+             f"over cold weights (one CUDA graph over weight copies that exceed 3× the L2), medians of {res['reps']} "
              "replays, each layout at the config its GEMM tuner picked from its own candidate list "
              "(gemm_configs.candidate_configs(m, frag)). Decode: graphed step of random-weight Llama-2-7B, 4-bit "
-             "g128, fused RoPE + attention, L2 flushed before each replay; tiled, fragment order, tiled again.\n",
-             "| K×N | M | fp16 µs | tiles µs | frag µs | ×fp16 tiles | ×fp16 frag | tiles / frag | tiles config | frag config |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "g128, fused RoPE + attention, L2 flushed before each replay; tiled, each fragment order, tiled again.\n",
+             "| K×N | M | fp16 µs | tiles µs | " + " | ".join(f"{f} µs" for f in frags) + " | ×fp16 tiles | "
+             + " | ".join(f"×fp16 {f}" for f in frags) + " | " + " | ".join(f"{f} config" for f in frags) + " |",
+             "|---|---|---|---|" + "---|" * (3 * len(frags) + 1)]
     for r in (r for r in res["rows"] if r["part"] == "gemm"):
-        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {r['tiles_us']:.1f} | {r['frag_us']:.1f} | "
-                     f"{ratio(r['fp16_us'], r['tiles_us'])} | {ratio(r['fp16_us'], r['frag_us'])} | "
-                     f"{ratio(r['tiles_us'], r['frag_us'])} | {r['tiles_config']} | {r['frag_config']} |")
+        lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {r['tiles_us']:.1f} | "
+                     + " | ".join(f"{r[f + '_us']:.1f}" for f in frags) + f" | {ratio(r['fp16_us'], r['tiles_us'])} | "
+                     + " | ".join(ratio(r['fp16_us'], r[f + '_us']) for f in frags) + " | "
+                     + " | ".join(r[f + "_config"] for f in frags) + " |")
     dec = [r for r in res["rows"] if r["part"] == "decode"]
     if dec:
-        lines += ["\n| batch | tiles ms | frag ms | tiles again ms | tiles / frag | floor ms | frag / floor |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["\n| batch | tiles ms | " + " | ".join(f"{f} ms" for f in frags) + " | tiles again ms | "
+                  + " | ".join(f"tiles / {f}" for f in frags) + " | floor ms |",
+                  "|---|---|" + "---|" * (2 * len(frags) + 2)]
         for r in dec:
             tiles = min(r["tiles_ms"], r["tiles_again_ms"])
-            lines.append(f"| {r['batch']} | {r['tiles_ms']:.3f} | {r['frag_ms']:.3f} | {r['tiles_again_ms']:.3f} | "
-                         f"{ratio(tiles, r['frag_ms'])} | {r['floor_ms']:.3f} | {ratio(r['frag_ms'], r['floor_ms'])} |")
-        lines.append("\ntiles / frag uses the faster of the two tiled timings.")
+            lines.append(f"| {r['batch']} | {r['tiles_ms']:.3f} | " + " | ".join(f"{r[f + '_ms']:.3f}" for f in frags)
+                         + f" | {r['tiles_again_ms']:.3f} | " + " | ".join(ratio(tiles, r[f + "_ms"]) for f in frags)
+                         + f" | {r['floor_ms']:.3f} |")
+        lines.append("\ntiles / fragW uses the faster of the two tiled timings.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -106,18 +115,21 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64", help="decode batch sizes (comma-separated; empty: none)")
     ap.add_argument("--context", type=int, default=256, help="decode context length")
     ap.add_argument("--stem", default="frag_engine", help="result file name stem")
+    ap.add_argument("--k-widths", default=None,
+                    help="fragment orders to time (comma-separated; default: the installed Triton's, then the other)")
     args = ap.parse_args()
-    k_width = frag_k_width()
+    k_widths = ([int(w) for w in args.k_widths.split(",")] if args.k_widths
+                else [frag_k_width(), 6 - frag_k_width()])
     tuner, timer = GemmTuner(), Timer(args.reps)
     batches = [int(b) for b in args.batches.split(",") if b]
 
     def parts():
         for k, n in GEMM_SHAPES[:args.shapes]:
-            yield gemm_rows(k, n, args.ms, tuner, timer, k_width)
+            yield gemm_rows(k, n, args.ms, tuner, timer, k_widths)
         if batches:
-            yield from decode_rows(batches, args.context, timer, k_width)
+            yield from decode_rows(batches, args.context, timer, k_widths)
 
-    run_probe_parts("probe_frag_engine.py", args.stem, args, parts(), write_markdown, k_width=k_width)
+    run_probe_parts("probe_frag_engine.py", args.stem, args, parts(), write_markdown, k_widths=k_widths)
 
 
 if __name__ == "__main__":

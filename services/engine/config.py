@@ -7,7 +7,7 @@ from services.common.env_config import env_values
 from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-W4_LAYOUTS = ("tiles", "frag")
+W4_LAYOUTS = ("tiles", "frag", "frag2", "frag4")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ class EngineConfig:
     # (graphed 7B decode 0.76x at batch 1, 0.82x at 16; gpu_kernels_v19_fused_d5b34b3.md)
     fused_mlp_activation: bool = False
     # 4-bit code layout on the GPU: "tiles" (gptq_format.KernelWeights) or "frag", the codes in the order
-    # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it.
+    # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it, in the
+    # order the installed Triton gives mma.sync operands (frag_k_width); "frag2" / "frag4" name the order.
     # H100 GEMMs at fbc3079 (frag_small_fbc3079.md): 1.03-1.21x faster at M = 4, 1.14-1.29x at 16, 0.90-1.01x at
     # M = 1, slower at M >= 128 (frag_large_fbc3079.md)
     w4_layout: str = "tiles"

@@ -92,7 +92,7 @@ class ModelRunner:
             max_len = config.max_model_len or shape.max_position_embeddings
             self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
                                         config.fused_mlp_activation,
-                                        frag_k_width() if config.w4_layout == "frag" else 0)
+                                        w4_frag(config.w4_layout))
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)
@@ -319,6 +319,11 @@ class ModelRunner:
 
 def _is_linear_key(key: str) -> bool:
     return key.endswith(".weight") and key.split(".")[-2] in LINEAR_NAMES
+
+
+def w4_frag(layout: str) -> int:
+    """KernelWeights.frag of an EngineConfig.w4_layout: 0 tiled, else the fragment order's k_width."""
+    return frag_k_width() if layout == "frag" else {"tiles": 0, "frag2": 2, "frag4": 4}[layout]
 
 
 def quantize_linear(weight: torch.Tensor, group_size: int, tuner: GemmTuner | None,

@@ -93,14 +93,14 @@ _FRAG_SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp
 
 def compile_frag(cfg: GemmConfig, k_width: int, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
                  glu: bool = False, pdl: int = 0) -> bytes:
-    """cubin of a fragment-ordered kernel (kinds "frag" / "frag_gemv", kernels/w4a16_frag.py) for one
+    """cubin of a fragment-ordered kernel (kinds "frag" / "frag_t" / "frag_gemv", kernels/w4a16_frag.py) for one
     launch config and fragment order, with the constants frag_matmul gives it."""
     from services.engine.kernels import w4a16_frag as F
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": cfg.block_n, "KW": k_width,
               "PREFETCH": cfg.prefetch, "EMULATE": False, "PDL": pdl, "GLU": glu}
     fn = F._frag_gemv_kernel
-    if cfg.kind == "frag":
-        consts |= {"BM": cfg.block_m, "ZSUB": cfg.zsub, "FMA": cfg.zsub}
+    if cfg.kind in ("frag", "frag_t"):
+        consts |= {"BM": cfg.block_m, "ZSUB": cfg.zsub, "FMA": cfg.zsub, "SWAP": cfg.kind == "frag_t"}
         fn = F._frag_kernel
     # pointers, N, K, the strides and the group size as the launcher's tensors give them
     return compile_kernel(fn, _FRAG_SIG | {c: "constexpr" for c in consts}, consts, cfg.num_warps, cfg.num_stages,

@@ -36,7 +36,7 @@ SWAPPED_KINDS = ("mma8t", "mma8ts", "mma1t")
 # kinds of the stream-K kernel (w4a16._w4a16_stream_kernel): split_k is its programs per SM
 STREAM_KINDS = ("mma8_sk",)
 # kinds of the fragment-ordered layout (KernelWeights.frag, kernels/w4a16_frag.py)
-FRAG_KINDS = ("frag", "frag_gemv")
+FRAG_KINDS = ("frag", "frag_t", "frag_gemv")
 
 
 def m_bucket(m: int) -> int:
@@ -162,7 +162,15 @@ def frag_candidate_configs(m: int) -> list[GemmConfig]:
       where the tiled layout's wgmma kinds reach 0.86-1.08, and the dense kind (dequantize, then
       cuBLAS) is offered for the compute-bound rows.
     """
-    cands: list[GemmConfig] = []
+    # frag_t (swapped operands: the weights wgmma's register operand) has not run on a GPU: offered beside
+    # the measured kinds, the tuner keeps it only where it is faster. sm_90 SASS compiled here with Triton 3.6
+    # (frag_sass_t36_*.md): 3.09 instructions / weight at BM 64 BN 128 in the k_width 2 order with no
+    # shuffles (the frag kind: 3.51), and 5.16 against 6.12 at BM 128 BN 64; with its double buffer it spills.
+    swapped = [GemmConfig("frag_t", bm, bn, sk, w, 2, fast_deq=True, zsub=True)
+               for bm, bn, w, splits in ((16, 64, 4, (4, 8, 16)), (16, 128, 4, (4, 8)), (64, 64, 4, (2, 4)),
+                                         (64, 128, 4, (2, 4, 8)), (128, 64, 4, (1, 2)), (128, 128, 8, (1, 2)))
+               if (bm == 16) == (m <= 16) and (bm < 128 or m > 64) for sk in splits]
+    cands: list[GemmConfig] = list(swapped)
     if m <= 16:
         if m <= 4:
             cands += [GemmConfig("frag_gemv", 1, bn, sk, w, 1, prefetch=pf)
@@ -175,9 +183,9 @@ def frag_candidate_configs(m: int) -> list[GemmConfig]:
         return cands
     if m <= 64:
         bms = (32, 64) if m <= 32 else (64,)
-        return ([_frag(bm, 64, sk, 4, pf) for bm in bms for sk in (2, 4, 8) for pf in (False, True)]
+        return (cands + [_frag(bm, 64, sk, 4, pf) for bm in bms for sk in (2, 4, 8) for pf in (False, True)]
                 + [_frag(bm, 128, sk, 4, True) for bm in bms for sk in (2, 4, 8)])
-    return ([_frag(128, 64, sk, 4, pf) for sk in (1, 2, 4) for pf in (False, True)]
+    return (cands + [_frag(128, 64, sk, 4, pf) for sk in (1, 2, 4) for pf in (False, True)]
             + [_frag(128, 128, sk, 8, pf) for sk in (2, 4, 8) for pf in (False, True)]
             + [_frag(64, 64, sk, 4, False) for sk in (1, 2)]
             + [GemmConfig("dense", 0, 128, 1)])

@@ -24,7 +24,9 @@ fragment register holds: with the order that matches the Triton version, the res
 codes to the [128, BN] dot operand is a relabelling of registers that Triton's linear layouts resolve
 with no data movement.
 
-Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics),
+Kernels: "frag" (tensor cores, BM rows × BN columns per program, split-K by fp16 atomics), "frag_t"
+(the same with swapped operands, out^T = W^T x^T: the weights are the left operand, which Hopper's
+wgmma reads from registers),
 "frag_gemv" (one row of x per program on CUDA cores, gemv_h2's packed fp16x2 dot; the x pairs of
 a word are two adjacent halves, so each is one 32-bit load) and frag_dequantize_fp16 (W in fp16 for
 the GEMM tuner's reference and its "dense" kind). 4-bit weights only. The engine serves this layout
@@ -110,28 +112,37 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 16)), (C, 128))
 
     @triton.jit
-    def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n, mask_n, group_size,
+    def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n, mask_n, group_size,
                          GLU: tl.constexpr):
         """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
-        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (load_x: GLU as in w4a16)."""
+        scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (or x^T [128, BM]: x_rows and its
+        row mask mask_x come shaped; load_x: GLU as in w4a16)."""
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
-        xt = load_x(x_rows + b * 128, mask_m[:, None], K, GLU)
+        xt = load_x(x_rows + b * 128, mask_x, K, GLU)
         return q, s, z1024, xt
 
     @triton.jit
     def frag_block_dot(q, s, z1024, xt, C: tl.constexpr, BN: tl.constexpr, ZSUB: tl.constexpr,
-                       FMA: tl.constexpr, KW: tl.constexpr, EMULATE: tl.constexpr):
-        """The tensor-core partial [BM, BN] of one block from frag_block_loads' operands."""
-        if ZSUB:
+                       FMA: tl.constexpr, KW: tl.constexpr, EMULATE: tl.constexpr, SWAP: tl.constexpr = False):
+        """The tensor-core partial [BM, BN] of one block from frag_block_loads' operands; with SWAP
+        ([BN, BM], ZSUB only) the weights are the left operand W^T and xt is x^T [128, BM]."""
+        # (one return at the end: code after a return inside a static if is still compiled)
+        if SWAP:
+            zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
+            part = tl.dot(tl.trans(frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN, KW)), xt)
+            part = part * s[:, None]
+        elif ZSUB:
             zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
             part = tl.dot(xt, frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN, KW))
-            return part * s[None, :]
-        part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN, KW))
-        xs = tl.sum(xt.to(tl.float32), axis=1)
-        return part * s[None, :] - xs[:, None] * (z1024 * s)[None, :]
+            part = part * s[None, :]
+        else:
+            part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN, KW))
+            xs = tl.sum(xt.to(tl.float32), axis=1)
+            part = part * s[None, :] - xs[:, None] * (z1024 * s)[None, :]
+        return part
 
     @triton.jit
     def _frag_kernel(
@@ -140,12 +151,15 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         ZSUB: tl.constexpr, KW: tl.constexpr = 2, FMA: tl.constexpr = False, PREFETCH: tl.constexpr = False,
         EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+        SWAP: tl.constexpr = False,
     ):
         """Tensor-core path: one K=128 dot per block on the fragment-ordered operand (frag_operand).
         ZSUB: codes minus the zero in fp16 (FMA: the one-shift unpacking); otherwise 1024 + q codes
         and (part - (1024 + z) Σx) · s per block (Σx over the block's 128 columns of x, fp32).
         PREFETCH: a register double buffer, block b + 1's loads issued before block b's dot.
-        GLU: x rows are [gate | up], the input silu(gate) · up (w4a16_tiles.load_x)."""
+        GLU: x rows are [gate | up], the input silu(gate) · up (w4a16_tiles.load_x).
+        SWAP ("frag_t", with ZSUB): out^T [BN, BM] = W^T x^T, the dequantized weights the left operand,
+        which Hopper's wgmma can read from registers (x^T from shared memory), as w4a16's mma1t does."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BM)
@@ -162,29 +176,41 @@ if triton is not None:
         mask_c = (rows < N // 8)[:, None]
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
-        x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
+        if SWAP:     # x^T [128, BM]: the loads below take it as they take x [BM, 128]
+            x_rows = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, 128)[:, None]
+            mask_x = mask_m[None, :]
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
+            mask_x = mask_m[:, None]
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         pdl_enter(PDL)   # after the index math, before any read of x or write of out
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
         if PREFETCH:
-            q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b_start, N, K, offs_n,
+            q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b_start, N, K, offs_n,
                                                   mask_n, group_size, GLU)
             for b in range(b_start, b_end):
                 q, s, z1024, xt = q_n, s_n, z_n, x_n
-                q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m,
+                q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x,
                                                       tl.minimum(b + 1, b_end - 1), N, K, offs_n, mask_n, group_size,
                                                       GLU)
-                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE)
+                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE, SWAP)
         else:
             for b in range(b_start, b_end):
-                q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_m, b, N, K, offs_n,
+                q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n,
                                                    mask_n, group_size, GLU)
-                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        omask = mask_m[:, None] & mask_n[None, :]
-        store_out(out, acc, omask, USE_ATOMIC)
+                acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE, SWAP)
+        if SWAP:
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                acc += bias[:, None] * (pid_k == 0).to(tl.float32)
+            store_out(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc, mask_n[:, None] & mask_m[None, :],
+                      USE_ATOMIC)
+        else:
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+            store_out(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask_m[:, None] & mask_n[None, :],
+                      USE_ATOMIC)
 
     @triton.jit
     def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
@@ -311,13 +337,16 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
                 prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
                 glu: bool = False) -> torch.Tensor:
     """y [M, N] fp16 = x [M, K] fp16 @ W for fragment-ordered weights (kw.frag, gptq_format.to_fragment_order);
-    kind "frag" (tensor cores) or "frag_gemv". accumulate and glu as in w4a16_matmul."""
+    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only) or "frag_gemv". accumulate and glu
+    as in w4a16_matmul."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
-    if kind not in ("frag", "frag_gemv"):
+    if kind not in ("frag", "frag_t", "frag_gemv"):
         raise ValueError(f"unknown fragment kernel {kind!r}")
+    if kind == "frag_t" and not zsub:
+        raise ValueError("frag_t subtracts the zero in fp16: it needs zsub")
     if not kw.frag:
         raise ValueError("frag_matmul needs fragment-ordered weights (gptq_format.to_fragment_order)")
     if glu and x.shape[1] != 2 * kw.in_features:
@@ -356,5 +385,5 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
     else:
         launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
                USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, KW=kw.frag, FMA=fma, PREFETCH=prefetch,
-               EMULATE=INTERPRET, GLU=glu, num_warps=num_warps, num_stages=num_stages)
+               EMULATE=INTERPRET, GLU=glu, SWAP=kind == "frag_t", num_warps=num_warps, num_stages=num_stages)
     return out

@@ -125,19 +125,19 @@ def test_probe_frag_markdown(tmp_path: Path) -> None:
 
 
 def test_probe_frag_engine_markdown(tmp_path: Path) -> None:
-    """probe_frag_engine's report from a result of its shape (GEMM and decode parts; a run cut before
-    the decode part has no decode table)."""
+    """probe_frag_engine's report from a result of its shape (GEMM and decode parts, two fragment
+    orders; a run cut before the decode part has no decode table)."""
     from probe_frag_engine import write_markdown
     res = {"script": "probe_frag_engine.py", "device": "GPU", "commit": "abc", "torch": "2", "triton": "3.6.0",
-           "command": "python benchmarks/probe_frag_engine.py", "reps": 20, "k_width": 4, "rows": [
-               {"part": "gemm", "K": 4096, "N": 4096, "M": 16, "fp16_us": 16.0, "tiles_us": 8.0, "frag_us": 6.4,
-                "tiles_config": "GemmConfig(kind='mma8')", "frag_config": "GemmConfig(kind='frag')"},
+           "command": "python benchmarks/probe_frag_engine.py", "reps": 20, "k_widths": [4, 2], "rows": [
+               {"part": "gemm", "K": 4096, "N": 4096, "M": 16, "fp16_us": 16.0, "tiles_us": 8.0, "frag4_us": 6.4,
+                "frag2_us": 8.0, "tiles_config": "mma8", "frag4_config": "frag", "frag2_config": "frag_t"},
                {"part": "decode", "batch": 16, "context": 256, "floor_ms": 2.0, "copy_gbs": 3000.0,
-                "tiles_ms": 4.1, "frag_ms": 3.6, "tiles_again_ms": 4.0}]}
+                "tiles_ms": 4.1, "frag4_ms": 3.6, "frag2_ms": 4.0, "tiles_again_ms": 4.0}]}
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
-    assert "| 4096×4096 | 16 | 16.0 | 8.0 | 6.4 | 2.00 | 2.50 | 1.25 |" in text
-    assert "| 16 | 4.100 | 3.600 | 4.000 | 1.11 | 2.000 | 1.80 |" in text
+    assert "| 4096×4096 | 16 | 16.0 | 8.0 | 6.4 | 8.0 | 2.00 | 2.50 | 2.00 | frag | frag_t |" in text
+    assert "| 16 | 4.100 | 3.600 | 4.000 | 4.000 | 1.11 | 1.00 | 2.000 |" in text
     res["rows"] = res["rows"][:1]
     write_markdown(res, tmp_path / "out.md")
     assert "| batch |" not in (tmp_path / "out.md").read_text()

@@ -98,12 +98,14 @@ def test_quant_linear_takes_the_layout_and_gives_the_same_function() -> None:
 
 def test_fragment_candidates_read_only_that_layout() -> None:
     for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
-        cands = candidate_configs(m_bucket(m), 4)
+        m = m_bucket(m)
+        cands = candidate_configs(m, 4)
         assert cands and len(set(cands)) == len(cands)
         assert {c.kind for c in cands} <= set(FRAG_KINDS) | {"dense"}
         for c in cands:
             assert c.block_n % 8 == 0 and c.split_k >= 1
             assert c.kind != "frag" or (c.zsub and c.fast_deq and c.num_stages == (1 if c.prefetch else 2))
+            assert c.kind != "frag_t" or (c.zsub and not c.prefetch and (c.block_m == 16) == (m <= 16))
         assert ("frag_gemv" in {c.kind for c in cands}) == (m <= 4)
         assert ("dense" in {c.kind for c in cands}) == (m > 64)
     assert candidate_configs(16, 2) == candidate_configs(16, 4)
@@ -125,3 +127,6 @@ def test_engine_config_checks_the_layout() -> None:
     with pytest.raises(ValueError, match="ENGINE_W4_LAYOUT must be one of"):
         EngineConfig(w4_layout="marlin")
     assert EngineConfig.from_env({"ENGINE_W4_LAYOUT": "frag"}).w4_layout == "frag"
+    from services.engine.model_runner import w4_frag
+    from services.engine.kernels.w4a16_frag import frag_k_width
+    assert (w4_frag("tiles"), w4_frag("frag2"), w4_frag("frag4"), w4_frag("frag")) == (0, 2, 4, frag_k_width())

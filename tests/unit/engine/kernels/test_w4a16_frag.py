@@ -80,7 +80,8 @@ def check_interpreted() -> None:
     ref_w = dequantize_codes(codes, zeros, scales, g_idx)
     cases = [("frag", 16, 32, 2, dict(zsub=True)), ("frag", 16, 64, 1, dict(zsub=False)),
              ("frag", 32, 32, 3, dict(zsub=True, prefetch=True)), ("frag_gemv", 1, 32, 2, {}),
-             ("frag_gemv", 1, 64, 1, dict(prefetch=True))]
+             ("frag_gemv", 1, 64, 1, dict(prefetch=True)), ("frag_t", 16, 32, 2, dict(zsub=True)),
+             ("frag_t", 32, 64, 1, dict(zsub=True, prefetch=True))]
     fws = {kw_: to_fragment_order(kw, kw_) for kw_ in (2, 4)}
     for m in (1, 3, 20):
         x = (torch.randn(m, k) * 4).half()
@@ -118,7 +119,7 @@ def check_interpreted() -> None:
     gate_up = torch.randn(3, 2 * k).half()
     g, u = gate_up.float().chunk(2, dim=1)
     want = (torch.nn.functional.silu(g) * u).half().float() @ ref_plain
-    for kind, bm, bn in (("frag", 16, 32), ("frag_gemv", 1, 64)):
+    for kind, bm, bn in (("frag", 16, 32), ("frag_t", 16, 32), ("frag_gemv", 1, 64)):
         out = frag_matmul(gate_up, fw_plain, kind, bm, bn, 2, zsub=True, glu=True)
         assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, kind
 
