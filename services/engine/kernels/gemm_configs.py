@@ -164,8 +164,8 @@ def frag_candidate_configs(m: int) -> list[GemmConfig]:
     """
     # frag_t (swapped operands: the weights wgmma's register operand) has not run on a GPU: offered beside
     # the measured kinds, the tuner keeps it only where it is faster. sm_90 SASS compiled here with Triton 3.6
-    # (frag_sass_t36_*.md): 3.09 instructions / weight at BM 64 BN 128 in the k_width 2 order with no
-    # shuffles (the frag kind: 3.51), and 5.16 against 6.12 at BM 128 BN 64; with its double buffer it spills.
+    # (frag_sass_t36_039fb8d.md): 3.09 instructions / weight at BM 64 BN 128 in the k_width 2 order with no
+    # shuffles (the frag kind: 3.51), and 5.16 against 6.12 at BM 128 BN 64; with a double buffer it spills.
     swapped = [GemmConfig("frag_t", bm, bn, sk, w, 2, fast_deq=True, zsub=True)
                for bm, bn, w, splits in ((16, 64, 4, (4, 8, 16)), (16, 128, 4, (4, 8)), (64, 64, 4, (2, 4)),
                                          (64, 128, 4, (2, 4, 8)), (128, 64, 4, (1, 2)), (128, 128, 8, (1, 2)))
