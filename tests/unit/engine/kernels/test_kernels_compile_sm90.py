@@ -54,4 +54,4 @@ def test_every_fragment_candidate_compiles_for_sm90() -> None:
             if not any(k[:3] == key[:3] for k in seen - {key}):
                 assert compile_config(cfg, 4, has_bias=True, use_atomic=False, frag=k_width), cfg
                 assert compile_config(cfg, 4, glu=True, frag=k_width), cfg
-    assert {k[0] for k in seen} == {"frag", "frag_gemv"}
+    assert {k[0] for k in seen} == {"frag", "frag_t", "frag_gemv"}
