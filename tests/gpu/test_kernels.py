@@ -357,7 +357,7 @@ def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:
 @pytest.mark.parametrize("m", [1, 5, 16, 40, 128])
 def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
     """kernels/w4a16_frag.py on the GPU: every form (PTX unpacking shift / fma, 1024 + q with the Σx
-    correction, double buffer or Triton stages, the GEMV) against the float32 reference."""
+    correction, double buffer or Triton stages, swapped operands, the GEMV) against the float32 reference."""
     from services.engine.kernels.gptq_format import to_fragment_order
     from services.engine.kernels.w4a16_frag import frag_matmul
     k, n = 768, 328  # 6 K-blocks; N a multiple of 8 but not of the tiles: exercises the masks
@@ -374,6 +374,10 @@ def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
                 out = frag_matmul(x, kw, "frag", bm, bn, split, num_warps=warps, num_stages=1 if prefetch else 2,
                                   prefetch=prefetch, bias=bias, **form)
                 assert rel_err(out, ref) < 1e-2, (bm, bn, warps, split, form, prefetch)
+    for bm, bn, warps, split in [(16, 64, 4, 2), (64, 128, 4, 1), (128, 64, 4, 3), (128, 128, 8, 1)]:
+        for form in forms[:2]:     # swapped operands (frag_t): zsub only
+            out = frag_matmul(x, kw, "frag_t", bm, bn, split, num_warps=warps, num_stages=2, bias=bias, **form)
+            assert rel_err(out, ref) < 1e-2, ("frag_t", bm, bn, warps, split, form)
     for bn, warps, split in [(64, 1, 4), (128, 2, 1)]:
         for prefetch in (False, True):
             out = frag_matmul(x, kw, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias)
@@ -383,6 +387,7 @@ def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
     kw = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), k_width)
     gate_up = torch.randn(m, 2 * k, device=DEV).half()
     ref = silu_mul(gate_up).float() @ dequantize_codes(codes, zeros, scales, g_idx)
-    for kind, bm, bn in (("frag", 16, 128), ("frag_gemv", 1, 64)):
-        out = frag_matmul(gate_up, kw, kind, bm, bn, 2, zsub=True, fma=True, prefetch=True, glu=True)
+    for kind, bm, bn in (("frag", 16, 128), ("frag_t", 64, 128), ("frag_gemv", 1, 64)):
+        out = frag_matmul(gate_up, kw, kind, bm, bn, 2, zsub=True, fma=True, prefetch=kind != "frag_t", glu=True,
+                          num_stages=1 if kind != "frag_t" else 2)
         assert rel_err(out, ref) < 1e-2, kind
