@@ -24,6 +24,14 @@ KERNEL_N_TILE = 128
 FRAG_COLS = 8
 
 
+def k_splits(split_k: int, k: int) -> tuple[int, int]:
+    """(splits, 128-row blocks per split) that a split-K GEMM asked for split_k splits runs with at
+    reduction length k: no empty split, none past the last block."""
+    num_blocks = k // KERNEL_K_BLOCK
+    per_split = -(-num_blocks // max(1, min(split_k, num_blocks)))
+    return -(-num_blocks // per_split), per_split
+
+
 @dataclass(frozen=True)
 class GptqTensors:
     """The four GPTQ v1 tensors of one linear layer (see module docstring for shapes)."""
@@ -361,14 +369,12 @@ def concat_kernel_weights(parts: list[KernelWeights]) -> KernelWeights:
         if (p.in_features, p.group_size, p.bits) != (first.in_features, first.group_size, first.bits) \
                 or p.perm is not None:
             raise ValueError("only layers of equal K, group size and bits without act-order fuse")
+    parts = [in_layout(p, first.frag) for p in parts]
     if first.frag:    # rows of 8 columns: the parts' rows one after the other
-        parts = [in_layout(p, first.frag) for p in parts]
-        return first.with_planes((torch.cat([p.qweight for p in parts]),),
-                                 torch.cat([p.zeros for p in parts], dim=1).contiguous(),
-                                 torch.cat([p.scales for p in parts], dim=1).contiguous(), None)
-    parts = [to_tiled(p) for p in parts]
-    planes = tuple(_tile(torch.cat([_untile(p.planes[i], p.out_features) for p in parts], dim=1))
-                   for i in range(len(first.planes)))
+        planes = (torch.cat([p.qweight for p in parts]),)
+    else:
+        planes = tuple(_tile(torch.cat([_untile(p.planes[i], p.out_features) for p in parts], dim=1))
+                       for i in range(len(first.planes)))
     return first.with_planes(planes, torch.cat([p.zeros for p in parts], dim=1).contiguous(),
                              torch.cat([p.scales for p in parts], dim=1).contiguous(), None)
 

@@ -22,6 +22,7 @@ import torch
 from services.engine.kernels.gptq_format import (
     KERNEL_K_BLOCK,
     KernelWeights,
+    k_splits,
 )
 from services.engine.kernels.gemm_configs import FRAG_KINDS, STREAM_KINDS, SWAPPED_KINDS, GemmConfig
 from services.engine.kernels.launch import cdiv, launch
@@ -405,10 +406,7 @@ def dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
 
 def split_of(cfg: GemmConfig, k: int) -> tuple[int, int]:
     """(splits, 128-row blocks per split) that a config runs with at reduction length k."""
-    num_blocks = k // KERNEL_K_BLOCK
-    split_k = max(1, min(cfg.split_k, num_blocks))
-    blocks_per_split = cdiv(num_blocks, split_k)
-    return cdiv(num_blocks, blocks_per_split), blocks_per_split
+    return k_splits(cfg.split_k, k)
 
 
 def needs_zeroed_output(cfg: GemmConfig, k: int) -> bool:

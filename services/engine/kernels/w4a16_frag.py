@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from services.engine.kernels.gptq_format import FRAG_COLS, KERNEL_K_BLOCK, KernelWeights
+from services.engine.kernels.gptq_format import FRAG_COLS, KERNEL_K_BLOCK, KernelWeights, k_splits
 from services.engine.kernels.launch import cdiv, launch
 
 try:
@@ -112,6 +112,11 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(tl.reshape(v, (C, 8))[:, :, None], (C, 8, 16)), (C, 128))
 
     @triton.jit
+    def zero_pairs(z1024, C: tl.constexpr):
+        """Each word's zero pair [C, 128]: 1024 + z [BN] (fp32) as an fp16x2 of two equal halves."""
+        return per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
+
+    @triton.jit
     def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n, mask_n, group_size,
                          GLU: tl.constexpr):
         """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
@@ -130,14 +135,12 @@ if triton is not None:
         """The tensor-core partial [BM, BN] of one block from frag_block_loads' operands; with SWAP
         ([BN, BM], ZSUB only) the weights are the left operand W^T and xt is x^T [128, BM]."""
         # (one return at the end: code after a return inside a static if is still compiled)
-        if SWAP:
-            zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
-            part = tl.dot(tl.trans(frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN, KW)), xt)
-            part = part * s[:, None]
-        elif ZSUB:
-            zz = per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
-            part = tl.dot(xt, frag_operand(frag_codes(q, zz, True, FMA, EMULATE), C, BN, KW))
-            part = part * s[None, :]
+        if ZSUB:     # (SWAP comes with ZSUB: frag_matmul)
+            w = frag_operand(frag_codes(q, zero_pairs(z1024, C), True, FMA, EMULATE), C, BN, KW)
+            if SWAP:
+                part = tl.dot(tl.trans(w), xt) * s[:, None]
+            else:
+                part = tl.dot(xt, w) * s[None, :]
         else:
             part = tl.dot(xt, frag_operand(frag_codes(q, q, False, False, EMULATE), C, BN, KW))
             xs = tl.sum(xt.to(tl.float32), axis=1)
@@ -220,8 +223,7 @@ if triton is not None:
         q = tl.load(codes + b * 128, mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zz = per_word(fp16_bits((z + 1024.0).to(tl.float16)) * 65537, C)
+        zz = zero_pairs(tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0, C)
         kb = b * 128 + k_word
         h: tl.constexpr = 8 if KW == 2 else 2        # k step of code pair 1 (h = 1) from pair 0
         return (q, s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + h, K, GLU, EMULATE),
@@ -367,10 +369,7 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
                                    or accumulate.stride(1) != 1):
         raise ValueError(f"accumulate must be [{m}, {n}] fp16 with unit column stride, got "
                          f"{accumulate.dtype} {tuple(accumulate.shape)} strides {accumulate.stride()}")
-    num_blocks = k // KERNEL_K_BLOCK
-    split_k = max(1, min(split_k, num_blocks))
-    per_split = cdiv(num_blocks, split_k)
-    split_k = cdiv(num_blocks, per_split)
+    split_k, per_split = k_splits(split_k, k)
     use_atomic = accumulate is not None or split_k > 1
     if accumulate is not None:
         out = accumulate
