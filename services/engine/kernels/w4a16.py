@@ -26,7 +26,7 @@ from services.engine.kernels.gptq_format import (
 )
 from services.engine.kernels.gemm_configs import FRAG_KINDS, STREAM_KINDS, SWAPPED_KINDS, GemmConfig
 from services.engine.kernels.launch import cdiv, launch
-from services.engine.kernels.w4a16_frag import frag_dequantize_fp16, frag_matmul
+from services.engine.kernels.w4a16_frag import frag_dequantize_fp16, frag_matmul, gemm_input
 
 try:
     import triton
@@ -465,28 +465,11 @@ def w4a16_matmul(
         return frag_matmul(x, kw, cfg.kind, cfg.block_m, cfg.block_n, cfg.split_k, cfg.num_warps, cfg.num_stages,
                            zsub=cfg.zsub, fma=cfg.zsub, prefetch=cfg.prefetch, bias=bias, accumulate=accumulate,
                            glu=glu)
-    if x.dtype != torch.float16 or x.dim() != 2:
-        raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
-    if glu and x.shape[1] != 2 * kw.in_features:
-        raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
-    if glu and (kw.perm is not None or cfg.kind == "dense"):   # act-order or dense: no fused load
-        from services.engine.kernels.fused_ops import silu_mul
-        x, glu = silu_mul(x.contiguous()), False
-    if kw.perm is not None:
-        x = x[:, kw.perm]
-    x = x.contiguous()
-    m, k = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
-    n = kw.out_features
-    if k != kw.in_features:
-        raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
+    x, glu, m, n, k = gemm_input(x, kw, glu, accumulate, unfuse_glu=cfg.kind == "dense")
     if 128 % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide the 128-column weight tile")
     if cfg.zsub and not cfg.fast_deq:
         raise ValueError("zsub subtracts 1024 + z from the fast dequant's 1024 + q: it needs fast_deq")
-    if accumulate is not None and (accumulate.shape != (m, n) or accumulate.dtype != torch.float16
-                                   or accumulate.stride(1) != 1):
-        raise ValueError(f"accumulate must be [{m}, {n}] fp16 with unit column stride, got "
-                         f"{accumulate.dtype} {tuple(accumulate.shape)} strides {accumulate.stride()}")
     if cfg.kind == "dense":
         w = dequantize_fp16(kw)
         if accumulate is None:

@@ -334,26 +334,16 @@ def frag_dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
     return out
 
 
-def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, block_n: int, split_k: int,
-                num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
-                prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
-                glu: bool = False) -> torch.Tensor:
-    """y [M, N] fp16 = x [M, K] fp16 @ W for fragment-ordered weights (kw.frag, gptq_format.to_fragment_order);
-    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only) or "frag_gemv". accumulate and glu
-    as in w4a16_matmul."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
+def gemm_input(x: torch.Tensor, kw: KernelWeights, glu: bool, accumulate: torch.Tensor | None,
+               unfuse_glu: bool) -> tuple[torch.Tensor, bool, int, int, int]:
+    """The checked, contiguous input of a 4-bit GEMM kernel (both layouts) and (glu, M, N, K). With glu
+    (x = [gate | up]) the activation is computed here instead of in the kernel's load when unfuse_glu
+    or when act-order gathers x (kw.perm)."""
     if x.dtype != torch.float16 or x.dim() != 2:
         raise ValueError(f"x must be 2-D fp16, got {x.dtype} {tuple(x.shape)}")
-    if kind not in ("frag", "frag_t", "frag_gemv"):
-        raise ValueError(f"unknown fragment kernel {kind!r}")
-    if kind == "frag_t" and not zsub:
-        raise ValueError("frag_t subtracts the zero in fp16: it needs zsub")
-    if not kw.frag:
-        raise ValueError("frag_matmul needs fragment-ordered weights (gptq_format.to_fragment_order)")
     if glu and x.shape[1] != 2 * kw.in_features:
         raise ValueError(f"glu: x must be [M, 2 x {kw.in_features}] (gate | up), got {tuple(x.shape)}")
-    if glu and kw.perm is not None:   # act-order: the activation is gathered, so no fused load
+    if glu and (kw.perm is not None or unfuse_glu):
         from services.engine.kernels.fused_ops import silu_mul
         x, glu = silu_mul(x.contiguous()), False
     if kw.perm is not None:
@@ -363,12 +353,31 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
     n = kw.out_features
     if k != kw.in_features:
         raise ValueError(f"x has K={k}, weights have K={kw.in_features}")
-    if block_n % FRAG_COLS:
-        raise ValueError(f"block_n must be a multiple of {FRAG_COLS}, got {block_n}")
     if accumulate is not None and (accumulate.shape != (m, n) or accumulate.dtype != torch.float16
                                    or accumulate.stride(1) != 1):
         raise ValueError(f"accumulate must be [{m}, {n}] fp16 with unit column stride, got "
                          f"{accumulate.dtype} {tuple(accumulate.shape)} strides {accumulate.stride()}")
+    return x, glu, m, n, k
+
+
+def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, block_n: int, split_k: int,
+                num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
+                prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
+                glu: bool = False) -> torch.Tensor:
+    """y [M, N] fp16 = x [M, K] fp16 @ W for fragment-ordered weights (kw.frag, gptq_format.to_fragment_order);
+    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only) or "frag_gemv". accumulate and glu
+    as in w4a16_matmul."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if kind not in ("frag", "frag_t", "frag_gemv"):
+        raise ValueError(f"unknown fragment kernel {kind!r}")
+    if kind == "frag_t" and not zsub:
+        raise ValueError("frag_t subtracts the zero in fp16: it needs zsub")
+    if not kw.frag:
+        raise ValueError("frag_matmul needs fragment-ordered weights (gptq_format.to_fragment_order)")
+    x, glu, m, n, k = gemm_input(x, kw, glu, accumulate, unfuse_glu=False)
+    if block_n % FRAG_COLS:
+        raise ValueError(f"block_n must be a multiple of {FRAG_COLS}, got {block_n}")
     split_k, per_split = k_splits(split_k, k)
     use_atomic = accumulate is not None or split_k > 1
     if accumulate is not None:
