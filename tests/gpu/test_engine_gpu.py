@@ -268,6 +268,8 @@ def test_fragment_layout_takes_tiled_weight_swaps_in_place(weights):
     """With w4_layout "frag", weights swapped in from a tiled-layout runner are written in place into
     the fragment-ordered (fused and unfused) linears: graphs kept, the dense weights equal the donor's."""
     runner = gpu_runner(weights, True, w4_layout="frag")
+    for i, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
+        runner.add_adapter(make_adapter(name, rank, targets, i))
     runner.compute_logits(new_batch(BlockManager(64, 16)))
     epoch = runner.model_epoch
     donor = gpu_runner(random_weights(SHAPE, "cuda", torch.float16, seed=9, std=0.05), False)
