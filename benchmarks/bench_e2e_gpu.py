@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.adapters import TARGET_MODULES, LoraAdapter  # noqa: E402
 from services.engine.block_manager import BlockManager  # noqa: E402
-from services.engine.config import EngineConfig  # noqa: E402
+from services.engine.config import W4_LAYOUTS, EngineConfig  # noqa: E402
 from services.engine.llama import random_weight_items  # noqa: E402
 from services.engine.llm_engine import LLMEngine  # noqa: E402
+from services.engine.model_runner import w4_frag  # noqa: E402
 from services.engine.sequence import SamplingParams, Sequence  # noqa: E402
 
 MODEL = "llama-2-7b"
@@ -119,7 +120,8 @@ def build_engine(args) -> tuple[LLMEngine, float]:
                           max_adapters_per_batch=args.num_adapters,
                           max_num_batched_tokens=args.max_batched_tokens,
                           kv_cache_bytes=args.kv_gib << 30, max_model_len=1024, policy="fifo", pdl=args.pdl,
-                          fused_decode_attention=bool(args.fused_attn), fused_mlp_activation=bool(args.fused_act))
+                          fused_decode_attention=bool(args.fused_attn), fused_mlp_activation=bool(args.fused_act),
+                          w4_layout=args.w4_layout)
     t0 = time.perf_counter()
     engine = LLMEngine(config, load_tokenizer=False)
     torch.cuda.synchronize()
@@ -156,7 +158,8 @@ def bench_ours(args, engine: LLMEngine) -> dict:
             "config": {"max_num_seqs": config.max_num_seqs,
                        "max_num_batched_tokens": config.max_num_batched_tokens,
                        "max_adapters_per_batch": config.max_adapters_per_batch,
-                       "policy": config.policy}}
+                       "policy": config.policy, "w4_layout": config.w4_layout,
+                       "w4_frag": w4_frag(config.w4_layout, config.max_num_seqs)}}
 
 
 def bench_hf(args, paths: dict[str, Path]) -> dict:
@@ -526,6 +529,8 @@ def main() -> None:
     ap.add_argument("--fused-act", type=int, default=int(EngineConfig.fused_mlp_activation), choices=(0, 1),
                     help="EngineConfig.fused_mlp_activation: SiLU·mul inside down_proj's GEMM where no adapter "
                          "targets down_proj (default: the engine's)")
+    ap.add_argument("--w4-layout", default=EngineConfig.w4_layout, choices=W4_LAYOUTS,
+                    help="EngineConfig.w4_layout: 4-bit code layout (default: the engine's, auto)")
     args = ap.parse_args()
     torch.set_num_threads(4)
     out = Path(args.out)

@@ -85,12 +85,14 @@
 #                                                   #   (EngineConfig.w4_layout frag): graphed 7B decode and tuned GEMMs
 #                                                   #   in both layouts (probe_frag_engine.py), then the GPU tests
 #   bash benchmarks/gpu_session.sh frag-engine-short COMMIT  # at most 230 s: its decode at batch 1 / 16 / 4 and tests
+#   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
+#                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -226,6 +228,13 @@ case "$stage" in
       -k "w4-frag or fragment_layout" 2>&1 | tail -8 | tee "$out/pytest_frag_engine.log"
     timeout 100 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" \
       --stem frag_engine_gemm 2>&1 | grep "^K="
+    ;;
+  frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
+              # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto
+    for layout in tiles auto; do
+      timeout 110 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_$layout" --commit "$commit" --skip-hf \
+        --sections e2e --max-num-seqs 16 --num-requests 128 --w4-layout "$layout" 2>&1 | grep "^ours\|^engine\|Error"
+    done
     ;;
   frag-engine-short)   # frag-engine for a short budget: decode at batch 1, 16, 4, then the layout's engine tests
     timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 \

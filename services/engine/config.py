@@ -7,7 +7,7 @@ from services.common.env_config import env_values
 from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-W4_LAYOUTS = ("tiles", "frag", "frag2", "frag4")
+W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4")
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ class EngineConfig:
     # 4-bit code layout on the GPU: "tiles" (gptq_format.KernelWeights) or "frag", the codes in the order
     # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it, in the
     # order the installed Triton gives mma.sync operands (frag_k_width); "frag2" / "frag4" name the order.
-    # H100 GEMMs at fbc3079 (frag_small_fbc3079.md): 1.03-1.21x faster at M = 4, 1.14-1.29x at 16, 0.90-1.01x at
-    # M = 1, slower at M >= 128 (frag_large_fbc3079.md)
-    w4_layout: str = "tiles"
+    # "auto": frag where max_num_seqs <= model_runner.AUTO_FRAG_MAX_SEQS, else tiles. H100 (7ff25bc, 2e71b92):
+    # graphed 7B decode 1.15-1.17x faster with frag at batch 4-16, 1.04x at 32, 0.97x at 1, 0.99x at 64, its
+    # GEMMs 0.68-0.89x at M = 128 (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md)
+    w4_layout: str = "auto"
     lora_expand_rows: bool = True          # LoRA expand per 16 tokens, B gathered per token (kernels/lora.py);
                                            # False: per segment chunk on tensor cores (slower decode on H100)
     # Policy-specific scheduler knobs (each policy reads only its own; see SchedulerConfig).

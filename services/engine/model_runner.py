@@ -92,7 +92,7 @@ class ModelRunner:
             max_len = config.max_model_len or shape.max_position_embeddings
             self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
                                         config.fused_mlp_activation,
-                                        w4_frag(config.w4_layout))
+                                        w4_frag(config.w4_layout, config.max_num_seqs))
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)
@@ -321,8 +321,17 @@ def _is_linear_key(key: str) -> bool:
     return key.endswith(".weight") and key.split(".")[-2] in LINEAR_NAMES
 
 
-def w4_frag(layout: str) -> int:
-    """KernelWeights.frag of an EngineConfig.w4_layout: 0 tiled, else the fragment order's k_width."""
+# "auto" takes the fragment layout up to this many running sequences: on the H100 its graphed 7B decode
+# step was faster at batch 4-32 (1.04-1.17x) and even at 64, while its GEMMs lose 11-34 % at the
+# M = 128-256 of large batches' mixed steps (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md)
+AUTO_FRAG_MAX_SEQS = 32
+
+
+def w4_frag(layout: str, max_num_seqs: int = 64) -> int:
+    """KernelWeights.frag of an EngineConfig.w4_layout: 0 tiled, else the fragment order's k_width
+    ("auto": the fragment layout when at most AUTO_FRAG_MAX_SEQS sequences run at once)."""
+    if layout == "auto":
+        layout = "frag" if max_num_seqs <= AUTO_FRAG_MAX_SEQS else "tiles"
     return frag_k_width() if layout == "frag" else {"tiles": 0, "frag2": 2, "frag4": 4}[layout]
 
 

@@ -61,9 +61,10 @@ def _pdl_off_after():
 
 
 def gpu_runner(weights, graphs: bool, bits: int = 4, shape: LlamaShape = SHAPE, **config_overrides) -> ModelRunner:
+    # the tiled layout unless a test names another ("auto" would take the fragment layout at 8 sequences)
     config = EngineConfig(device="cuda", quant_bits=bits, cuda_graphs=graphs, num_kv_blocks=64,
                           block_size=16, max_num_seqs=8, max_adapters=4,
-                          max_adapters_per_batch=4, **config_overrides)
+                          max_adapters_per_batch=4, **{"w4_layout": "tiles", **config_overrides})
     runner = ModelRunner(config, shape, weights, "cuda", torch.float16)
     assert runner.is_fast and runner.model.layers[0].fused.keys() == {"qkv_proj", "gate_up_proj"}
     return runner

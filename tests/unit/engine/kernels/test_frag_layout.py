@@ -122,7 +122,7 @@ def test_tuner_keys_the_layout() -> None:
 
 
 def test_engine_config_checks_the_layout() -> None:
-    assert EngineConfig().w4_layout == "tiles"
+    assert EngineConfig().w4_layout == "auto"
     assert EngineConfig(w4_layout="frag").w4_layout == "frag"
     with pytest.raises(ValueError, match="ENGINE_W4_LAYOUT must be one of"):
         EngineConfig(w4_layout="marlin")
@@ -130,3 +130,6 @@ def test_engine_config_checks_the_layout() -> None:
     from services.engine.model_runner import w4_frag
     from services.engine.kernels.w4a16_frag import frag_k_width
     assert (w4_frag("tiles"), w4_frag("frag2"), w4_frag("frag4"), w4_frag("frag")) == (0, 2, 4, frag_k_width())
+    from services.engine.model_runner import AUTO_FRAG_MAX_SEQS
+    assert w4_frag("auto", AUTO_FRAG_MAX_SEQS) == frag_k_width() and w4_frag("auto", 1) == frag_k_width()
+    assert w4_frag("auto", AUTO_FRAG_MAX_SEQS + 1) == 0 and w4_frag("auto", EngineConfig().max_num_seqs) == 0
