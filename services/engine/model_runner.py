@@ -323,7 +323,8 @@ def _is_linear_key(key: str) -> bool:
 
 # "auto" takes the fragment layout up to this many running sequences: on the H100 its graphed 7B decode
 # step was faster at batch 4-32 (1.04-1.17x) and even at 64, while its GEMMs lose 11-34 % at the
-# M = 128-256 of large batches' mixed steps (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md)
+# M = 128-256 of large batches' mixed steps (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md);
+# bench_e2e_gpu's mixed-adapter trace at 16 running: 1.11x end to end (e2e_gpu_layout_auto_f419d5b.json)
 AUTO_FRAG_MAX_SEQS = 32
 
 
