@@ -88,11 +88,12 @@ class ModelRunner:
                            torch.zeros(cache_shape, device=self.device, dtype=dtype))
                           for _ in range(shape.num_layers)]  # per layer: K, V
         self.graphs: DecodeGraphs | None = None
+        # 4-bit codes in fragment order with this k_width (0: tiled; KernelWeights.frag)
+        self.w4_frag = w4_frag(config.w4_layout, config.max_num_seqs) if self.is_fast and config.quant_bits == 4 else 0
         if self.is_fast:
             max_len = config.max_model_len or shape.max_position_embeddings
             self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
-                                        config.fused_mlp_activation,
-                                        w4_frag(config.w4_layout, config.max_num_seqs))
+                                        config.fused_mlp_activation, self.w4_frag)
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)
@@ -328,7 +329,7 @@ def _is_linear_key(key: str) -> bool:
 AUTO_FRAG_MAX_SEQS = 32
 
 
-def w4_frag(layout: str, max_num_seqs: int = 64) -> int:
+def w4_frag(layout: str, max_num_seqs: int) -> int:
     """KernelWeights.frag of an EngineConfig.w4_layout: 0 tiled, else the fragment order's k_width
     ("auto": the fragment layout when at most AUTO_FRAG_MAX_SEQS sequences run at once)."""
     if layout == "auto":

@@ -129,7 +129,7 @@ def test_engine_config_checks_the_layout() -> None:
     assert EngineConfig.from_env({"ENGINE_W4_LAYOUT": "frag"}).w4_layout == "frag"
     from services.engine.model_runner import w4_frag
     from services.engine.kernels.w4a16_frag import frag_k_width
-    assert (w4_frag("tiles"), w4_frag("frag2"), w4_frag("frag4"), w4_frag("frag")) == (0, 2, 4, frag_k_width())
+    assert [w4_frag(layout, 8) for layout in ("tiles", "frag2", "frag4", "frag")] == [0, 2, 4, frag_k_width()]
     from services.engine.model_runner import AUTO_FRAG_MAX_SEQS
     assert w4_frag("auto", AUTO_FRAG_MAX_SEQS) == frag_k_width() and w4_frag("auto", 1) == frag_k_width()
     assert w4_frag("auto", AUTO_FRAG_MAX_SEQS + 1) == 0 and w4_frag("auto", EngineConfig().max_num_seqs) == 0
