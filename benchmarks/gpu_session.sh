@@ -85,6 +85,9 @@
 #                                                   #   (EngineConfig.w4_layout frag): graphed 7B decode and tuned GEMMs
 #                                                   #   in both layouts (probe_frag_engine.py), then the GPU tests
 #   bash benchmarks/gpu_session.sh frag-engine-short COMMIT  # at most 230 s: its decode at batch 1 / 16 / 4 and tests
+#   bash benchmarks/gpu_session.sh frag-major COMMIT  # at most 400 s (not run yet): fragment codes stored block-major
+#                                                   #   (one K block of consecutive rows contiguous) beside row-major:
+#                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -92,7 +95,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -228,6 +231,15 @@ case "$stage" in
       -k "w4-frag or fragment_layout" 2>&1 | tail -8 | tee "$out/pytest_frag_engine.log"
     timeout 100 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" \
       --stem frag_engine_gemm 2>&1 | grep "^K="
+    ;;
+  frag-major)   # block-major storage of the fragment codes beside row-major (gptq_format.frag_block_major):
+                # the GPU test of every fragment kind on both storages, the graphed decode, then the GEMMs at M <= 64
+    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "fragment_kernels" 2>&1 | tail -4 \
+      | tee "$out/pytest_frag_major.log"
+    timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
+      --k-widths 4 --block-major 4 --stem frag_major_decode 2>&1 | grep "^decode"
+    timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" --ms 1,4,16,64 \
+      --k-widths 4 --block-major 4 --stem frag_major_gemm 2>&1 | grep "^K="
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

@@ -13,7 +13,7 @@ pick is checked by the tuner against the float32 reference (relative error <= 1e
 <out>/<stem>.{json,md}.
 
   python benchmarks/probe_frag_engine.py --out DIR --commit SHA [--ms 1,4,16,64,128,256] [--batches 1,4,16,64]
-      [--k-widths 4,2]
+      [--k-widths 4,2] [--block-major 4]
 """
 from __future__ import annotations
 
@@ -36,9 +36,15 @@ from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4a16_frag import frag_k_width  # noqa: E402
 
 
-def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k_widths: list[int]) -> list[dict]:
+def frag_layouts(k_widths: list[int], block_major: list[int]) -> list[tuple[str, int, bool]]:
+    """(name, k_width, block-major) of each fragment layout timed: fragW row-major, fragWb block-major."""
+    return [(f"frag{w}", w, False) for w in k_widths] + [(f"frag{w}b", w, True) for w in block_major]
+
+
+def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer,
+              frags: list[tuple[str, int, bool]]) -> list[dict]:
     ops = StreamOperands(k, n)
-    layouts = [("tiles", ops.kws)] + [(f"frag{w}", [to_fragment_order(c, w) for c in ops.kws]) for w in k_widths]
+    layouts = [("tiles", ops.kws)] + [(name, [to_fragment_order(c, w, bm) for c in ops.kws]) for name, w, bm in frags]
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").half()
@@ -58,7 +64,7 @@ def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer, k_w
     return rows
 
 
-def decode_rows(batches: list[int], ctx: int, timer: Timer, k_widths: list[int]) -> Iterator[list[dict]]:
+def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[str, int, bool]]) -> Iterator[list[dict]]:
     """Per batch size (one part each, so a cut run keeps the batches it timed): the graphed step in
     the tiled layout, in each fragment order, and tiled again, beside the step's floor."""
     bw = copy_bandwidth_gbs(timer)
@@ -69,8 +75,9 @@ def decode_rows(batches: list[int], ctx: int, timer: Timer, k_widths: list[int])
         inputs = decode_inputs(bsz, ctx, DECODE_BLOCK, model.shape.vocab, None)
         floor_ms = decode_floor(model, bsz, ctx, bw)[0]
         row = {"part": "decode", "batch": bsz, "context": ctx, "floor_ms": floor_ms, "copy_gbs": bw}
-        for key, frag in [("tiles_ms", 0)] + [(f"frag{w}_ms", w) for w in k_widths] + [("tiles_again_ms", 0)]:
-            model.set_layout(frag)
+        for key, frag, bm in [("tiles_ms", 0, False)] + [(f"{name}_ms", w, bm) for name, w, bm in frags] \
+                + [("tiles_again_ms", 0, False)]:
+            model.set_layout(frag, bm)
             row[key] = timer.median_ms(lambda: model.decode(**inputs))
         rows.append(row)
         print(f"decode B={bsz:2d}: " + "  ".join(f"{key[:-3]} {v:.3f} ms" for key, v in row.items()
@@ -80,9 +87,10 @@ def decode_rows(batches: list[int], ctx: int, timer: Timer, k_widths: list[int])
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    frags = [f"frag{w}" for w in res["k_widths"]]
+    frags = [name for name, _, _ in frag_layouts(res["k_widths"], res.get("block_major", []))]
     lines = [probe_title("The fragment-ordered 4-bit layout in the engine beside the tiled one", res) + "\n",
-             probe_command(res) + " `fragW`: codes in the fragment order of k_width W. GEMMs: µs per call streamed "
+             probe_command(res) + " `fragW`: codes in the fragment order of k_width W (`fragWb`: stored block-major, "
+             "one K block of consecutive 8-column rows contiguous). GEMMs: µs per call streamed "
              f"over cold weights (one CUDA graph over weight copies that exceed 3× the L2), medians of {res['reps']} "
              "replays, each layout at the config its GEMM tuner picked from its own candidate list "
              "(gemm_configs.candidate_configs(m, frag)). Decode: graphed step of random-weight Llama-2-7B, 4-bit "
@@ -117,19 +125,26 @@ def main() -> None:
     ap.add_argument("--stem", default="frag_engine", help="result file name stem")
     ap.add_argument("--k-widths", default=None,
                     help="fragment orders to time (comma-separated; default: the installed Triton's, then the other)")
+    ap.add_argument("--block-major", default=None,
+                    help="fragment orders to time stored block-major too (comma-separated; default: the installed "
+                         "Triton's; empty: none)")
     args = ap.parse_args()
     k_widths = ([int(w) for w in args.k_widths.split(",")] if args.k_widths
                 else [frag_k_width(), 6 - frag_k_width()])
+    block_major = ([int(w) for w in args.block_major.split(",") if w] if args.block_major is not None
+                   else [frag_k_width()])
+    frags = frag_layouts(k_widths, block_major)
     tuner, timer = GemmTuner(), Timer(args.reps)
     batches = [int(b) for b in args.batches.split(",") if b]
 
     def parts():
         for k, n in GEMM_SHAPES[:args.shapes]:
-            yield gemm_rows(k, n, args.ms, tuner, timer, k_widths)
+            yield gemm_rows(k, n, args.ms, tuner, timer, frags)
         if batches:
-            yield from decode_rows(batches, args.context, timer, k_widths)
+            yield from decode_rows(batches, args.context, timer, frags)
 
-    run_probe_parts("probe_frag_engine.py", args.stem, args, parts(), write_markdown, k_widths=k_widths)
+    run_probe_parts("probe_frag_engine.py", args.stem, args, parts(), write_markdown, k_widths=k_widths,
+                    block_major=block_major)
 
 
 if __name__ == "__main__":

@@ -382,6 +382,15 @@ def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
         for prefetch in (False, True):
             out = frag_matmul(x, kw, "frag_gemv", 1, bn, split, num_warps=warps, prefetch=prefetch, bias=bias)
             assert rel_err(out, ref) < 1e-2, (bn, warps, split, prefetch)
+    # the codes stored block-major (other strides, same arithmetic): one split (plain stores, no atomics
+    # in a varying order) gives the same output bits, every kind; split-K within the tolerance
+    blocked = to_fragment_order(kw, k_width, block_major=True)
+    for kind, bm, bn, extra in (("frag", 16, 256, dict(prefetch=True, num_stages=1)),
+                                ("frag", 64, 128, dict(num_stages=2)), ("frag_t", 64, 128, {}),
+                                ("frag_gemv", 1, 128, dict(prefetch=True))):
+        want = frag_matmul(x, kw, kind, bm, bn, 1, zsub=True, bias=bias, **extra)
+        assert torch.equal(frag_matmul(x, blocked, kind, bm, bn, 1, zsub=True, bias=bias, **extra), want), kind
+        assert rel_err(frag_matmul(x, blocked, kind, bm, bn, 4, zsub=True, bias=bias, **extra), ref) < 1e-2, kind
     # [gate | up] input (no act-order): silu(gate) · up inside the loads
     codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4)
     kw = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), k_width)

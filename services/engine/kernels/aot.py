@@ -88,33 +88,35 @@ def compile_stream(bm: int, bn: int, warps: int, stages: int, bits: int, arch: i
 
 _FRAG_SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16",
              "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
-             "group_size": "i32", "blocks_per_split": "i32"}
+             "stride_qr": "i32", "stride_qb": "i32", "group_size": "i32", "blocks_per_split": "i32"}
 
 
 def compile_frag(cfg: GemmConfig, k_width: int, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
-                 glu: bool = False, pdl: int = 0) -> bytes:
+                 glu: bool = False, pdl: int = 0, block_major: bool = False) -> bytes:
     """cubin of a fragment-ordered kernel (kinds "frag" / "frag_t" / "frag_gemv", kernels/w4a16_frag.py) for one
-    launch config and fragment order, with the constants frag_matmul gives it."""
+    launch config and fragment order (block_major: codes stored block-major), with the constants frag_matmul
+    gives it."""
     from services.engine.kernels import w4a16_frag as F
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": cfg.block_n, "KW": k_width,
-              "PREFETCH": cfg.prefetch, "EMULATE": False, "PDL": pdl, "GLU": glu}
+              "PREFETCH": cfg.prefetch, "EMULATE": False, "PDL": pdl, "GLU": glu, "BLOCK_MAJOR": block_major}
     fn = F._frag_gemv_kernel
     if cfg.kind in ("frag", "frag_t"):
         consts |= {"BM": cfg.block_m, "ZSUB": cfg.zsub, "FMA": cfg.zsub, "SWAP": cfg.kind == "frag_t"}
         fn = F._frag_kernel
     # pointers, N, K, the strides and the group size as the launcher's tensors give them
     return compile_kernel(fn, _FRAG_SIG | {c: "constexpr" for c in consts}, consts, cfg.num_warps, cfg.num_stages,
-                          arch, aligned=(0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11))
+                          arch, aligned=(0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13))
 
 
 def compile_config(cfg: GemmConfig, bits: int, arch: int = 90, has_bias: bool = False,
-                   use_atomic: bool = True, serial: bool = False, glu: bool = False, frag: int = 0) -> bytes | None:
+                   use_atomic: bool = True, serial: bool = False, glu: bool = False, frag: int = 0,
+                   block_major: bool = False) -> bytes | None:
     """cubin of one tuner candidate (None for "dense", which is cuBLAS). use_atomic False is the
     split-K 1 form (plain stores), which the launcher uses when K holds a single split; serial the
     serial split-K form (w4a16.SERIAL_SPLIT_K); glu the [gate | up] input form; frag the fragment
-    order of the frag kinds (KernelWeights.frag)."""
+    order of the frag kinds (KernelWeights.frag), block_major its block-major storage."""
     if cfg.kind in FRAG_KINDS:
-        return compile_frag(cfg, frag, arch, has_bias, use_atomic, glu)
+        return compile_frag(cfg, frag, arch, has_bias, use_atomic, glu, block_major=block_major)
     if cfg.kind in ("gemv_row", "gemv_h2"):
         return compile_gemv(cfg.block_n, cfg.num_warps, cfg.unroll, bits, cfg.kind == "gemv_h2", cfg.num_stages,
                             arch, has_bias, use_atomic, serial, glu=glu)

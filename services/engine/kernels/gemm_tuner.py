@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from services.engine.kernels.gptq_format import KernelWeights
+from services.engine.kernels.gptq_format import KernelWeights, frag_block_major
 from services.engine.kernels.gemm_configs import GemmConfig, candidate_configs, m_bucket
 from services.engine.kernels.w4a16 import dequantize_fp16, w4a16_matmul
 
@@ -105,7 +105,8 @@ class GemmTuner:
     def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         m, k = x.shape
         n = kw.out_features
-        key = (m_bucket(m), n, k, kw.bits) + ((kw.frag,) if kw.frag else ())   # tiled keys as before
+        # tiled keys as before; fragment order: its k_width, then 1 where stored block-major
+        key = (m_bucket(m), n, k, kw.bits) + ((kw.frag,) + ((1,) if frag_block_major(kw) else ()) if kw.frag else ())
         cfg = self.best.get(key)
         if cfg is None:
             if x.is_cuda and self.cache_path is not None and self.cache is None:

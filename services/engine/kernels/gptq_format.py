@@ -64,7 +64,8 @@ class KernelWeights:
     of each code at bits 2j and qweight_hi int8 holding the third bit at bit j (same k ↔ (row, j)
     map as the nibbles), 3 bits per weight with aligned 2- and 1-byte loads; qweight_hi is None at 4.
     frag 2 or 4 (4-bit only): qweight is instead int32 [N/8, K/128, 128], the codes in the order of
-    the tensor-core operand fragments with that k_width (pack_fragments, kernels/w4a16_frag.py);
+    the tensor-core operand fragments with that k_width (pack_fragments, kernels/w4a16_frag.py),
+    contiguous or, block-major, a strided view of a [K/128, N/8, 128] buffer (frag_block_major);
     0: the tiled layout above.
     """
 
@@ -280,14 +281,25 @@ def unpack_fragments(qf: torch.Tensor, k_width: int) -> torch.Tensor:
     return q.permute(*order).reshape(nb * KERNEL_K_BLOCK, c * FRAG_COLS)
 
 
-def to_fragment_order(kw: KernelWeights, k_width: int) -> KernelWeights:
-    """4-bit tiled weights with their codes in fragment order (KernelWeights.frag = k_width); weights
-    already in that order come back as they are. Raises ValueError for 3-bit or N % 8 != 0."""
-    if kw.frag == k_width:
+def frag_block_major(kw: KernelWeights) -> bool:
+    """Whether fragment-ordered codes are stored block-major: qweight is then the [N/8, K/128, 128] view
+    of a contiguous [K/128, N/8, 128] buffer, so one K block of consecutive 8-column rows is one run
+    in memory (the kernels read qweight's strides; every layout operation works on either)."""
+    return bool(kw.frag) and kw.qweight.shape[1] > 1 and kw.qweight.stride(1) != KERNEL_K_BLOCK
+
+
+def to_fragment_order(kw: KernelWeights, k_width: int, block_major: bool = False) -> KernelWeights:
+    """4-bit tiled weights with their codes in fragment order (KernelWeights.frag = k_width), row-major
+    ([N/8, K/128, 128] contiguous) or block_major (frag_block_major); weights already in that form come
+    back as they are. Raises ValueError for 3-bit or N % 8 != 0."""
+    if kw.frag == k_width and frag_block_major(kw) == block_major:
         return kw
     if kw.bits != 4:
         raise ValueError("fragment order is 4-bit only")
-    return dataclasses.replace(kw, qweight=pack_fragments(kernel_codes(kw), k_width), frag=k_width)
+    qf = kw.qweight.contiguous() if kw.frag == k_width else pack_fragments(kernel_codes(kw), k_width)
+    if block_major:
+        qf = qf.transpose(0, 1).contiguous().transpose(0, 1)
+    return dataclasses.replace(kw, qweight=qf, frag=k_width)
 
 
 def to_tiled(kw: KernelWeights) -> KernelWeights:

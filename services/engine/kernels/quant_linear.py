@@ -14,6 +14,7 @@ from services.engine.kernels.gptq_format import (
     repack_values,
     repack_for_kernel,
     slice_kernel_weights,
+    to_fragment_order,
     unpack_along_rows,
     write_kernel_weights,
 )
@@ -103,13 +104,14 @@ class TritonQuantLinear(nn.Module):
             return None
         return torch.empty(like2.shape[0], self.out_features, dtype=like.dtype, device=like.device)
 
-    def set_layout(self, frag: int) -> bool:
+    def set_layout(self, frag: int, block_major: bool = False) -> bool:
         """Hold the codes in the layout KernelWeights.frag = frag (0: tiled; 2 / 4: fragment order,
-        4-bit and N % 8 == 0 only); False where this layer cannot take it (it keeps its own)."""
+        4-bit and N % 8 == 0 only; block_major: stored block-major, gptq_format.frag_block_major); False
+        where this layer cannot take it (it keeps its own)."""
         if frag and self.kw.bits != 4:
             return False
         try:
-            self.kw = in_layout(self.kw, frag)
+            self.kw = to_fragment_order(self.kw, frag, block_major) if frag else in_layout(self.kw, 0)
         except ValueError:
             return False
         self._dense = None

@@ -99,12 +99,13 @@ class W4Decoder:
         # SiLU·mul inside the down GEMM's input load (EngineConfig.fused_mlp_activation), without LoRA
         self.fused_mlp_activation = False
 
-    def set_layout(self, frag: int) -> None:
+    def set_layout(self, frag: int, block_major: bool = False) -> None:
         """Every 4-bit linear's codes in the layout KernelWeights.frag = frag (0: tiled; 2 / 4: fragment
-        order, kernels/w4a16_frag.py), converted in place (a captured graph must be captured again)."""
+        order, kernels/w4a16_frag.py; block_major: stored block-major), converted in place (a captured
+        graph must be captured again)."""
         for layer in self.layers:
             for name in ("qkv", "o", "gate_up", "down"):
-                layer[name].set_layout(frag)
+                layer[name].set_layout(frag, block_major)
 
     def set_random_adapters(self, num_slots: int, rank: int, seed: int = 1) -> None:
         """num_slots random adapters of this rank on every projection (None to drop with num_slots=0)."""

@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from services.engine.kernels.gptq_format import FRAG_COLS, KERNEL_K_BLOCK, KernelWeights, k_splits
+from services.engine.kernels.gptq_format import FRAG_COLS, KERNEL_K_BLOCK, KernelWeights, frag_block_major, k_splits
 from services.engine.kernels.launch import cdiv, launch
 
 try:
@@ -117,12 +117,23 @@ if triton is not None:
         return per_word(fp16_bits(z1024.to(tl.float16)) * 65537, C)
 
     @triton.jit
-    def frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n, mask_n, group_size,
-                         GLU: tl.constexpr):
+    def block_offset(b, stride_qb, BLOCK_MAJOR: tl.constexpr):
+        """Words from block 0's codes to block b's: stride_qb apart when stored block-major
+        (gptq_format.frag_block_major), else 128 as a constant (the row-major loops compile as before)."""
+        if BLOCK_MAJOR:
+            off = b * stride_qb
+        else:
+            off = b * 128
+        return off
+
+    @triton.jit
+    def frag_block_loads(codes, stride_qb, BLOCK_MAJOR: tl.constexpr, mask_c, s_ptr, z_ptr, x_rows, mask_x, b, N, K,
+                         offs_n, mask_n, group_size, GLU: tl.constexpr):
         """Everything the tensor-core path reads for 128-row block b: codes [C, 128], the group's
         scale and 1024 + zero [BN] (fp32) and the x tile [BM, 128] (or x^T [128, BM]: x_rows and its
-        row mask mask_x come shaped; load_x: GLU as in w4a16)."""
-        q = tl.load(codes + b * 128, mask=mask_c, other=0)
+        row mask mask_x come shaped; load_x: GLU as in w4a16). codes: block 0's words; stride_qb: words
+        from one block to the next."""
+        q = tl.load(codes + block_offset(b, stride_qb, BLOCK_MAJOR), mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
@@ -150,11 +161,11 @@ if triton is not None:
     @triton.jit
     def _frag_kernel(
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
-        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        M, N, K, stride_xm, stride_om, stride_qr, stride_qb, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         ZSUB: tl.constexpr, KW: tl.constexpr = 2, FMA: tl.constexpr = False, PREFETCH: tl.constexpr = False,
         EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
-        SWAP: tl.constexpr = False,
+        SWAP: tl.constexpr = False, BLOCK_MAJOR: tl.constexpr = False,
     ):
         """Tensor-core path: one K=128 dot per block on the fragment-ordered operand (frag_operand).
         ZSUB: codes minus the zero in fp16 (FMA: the one-shift unpacking); otherwise 1024 + q codes
@@ -175,7 +186,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
-        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
+        codes = qf_ptr + rows[:, None].to(tl.int64) * stride_qr + tl.arange(0, 128)[None, :]
         mask_c = (rows < N // 8)[:, None]
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, nb)
@@ -189,18 +200,18 @@ if triton is not None:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         pdl_enter(PDL)   # after the index math, before any read of x or write of out
         if PREFETCH:
-            q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b_start, N, K, offs_n,
-                                                  mask_n, group_size, GLU)
+            q_n, s_n, z_n, x_n = frag_block_loads(codes, stride_qb, BLOCK_MAJOR, mask_c, s_ptr, z_ptr, x_rows, mask_x,
+                                                  b_start, N, K, offs_n, mask_n, group_size, GLU)
             for b in range(b_start, b_end):
                 q, s, z1024, xt = q_n, s_n, z_n, x_n
-                q_n, s_n, z_n, x_n = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x,
-                                                      tl.minimum(b + 1, b_end - 1), N, K, offs_n, mask_n, group_size,
-                                                      GLU)
+                q_n, s_n, z_n, x_n = frag_block_loads(codes, stride_qb, BLOCK_MAJOR, mask_c, s_ptr, z_ptr, x_rows,
+                                                      mask_x, tl.minimum(b + 1, b_end - 1), N, K, offs_n, mask_n,
+                                                      group_size, GLU)
                 acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE, SWAP)
         else:
             for b in range(b_start, b_end):
-                q, s, z1024, xt = frag_block_loads(codes, mask_c, s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n,
-                                                   mask_n, group_size, GLU)
+                q, s, z1024, xt = frag_block_loads(codes, stride_qb, BLOCK_MAJOR, mask_c, s_ptr, z_ptr, x_rows, mask_x,
+                                                   b, N, K, offs_n, mask_n, group_size, GLU)
                 acc += frag_block_dot(q, s, z1024, xt, C, BN, ZSUB, FMA, KW, EMULATE, SWAP)
         if SWAP:
             if HAS_BIAS:
@@ -216,11 +227,12 @@ if triton is not None:
                       USE_ATOMIC)
 
     @triton.jit
-    def frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
+    def frag_gemv_loads(codes, stride_qb, BLOCK_MAJOR: tl.constexpr, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K,
+                        offs_n, mask_n, group_size,
                         C: tl.constexpr, KW: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
         """Everything the GEMV reads for block b: codes [C, 128], each word's scale (fp32) and zero pair
         [C, 128], and the four x pairs [128] (frag_x_pair)."""
-        q = tl.load(codes + b * 128, mask=mask_c, other=0)
+        q = tl.load(codes + block_offset(b, stride_qb, BLOCK_MAJOR), mask=mask_c, other=0)
         g = (b * 128) // group_size
         s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
         zz = zero_pairs(tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0, C)
@@ -232,10 +244,10 @@ if triton is not None:
     @triton.jit
     def _frag_gemv_kernel(
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
-        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        M, N, K, stride_xm, stride_om, stride_qr, stride_qb, group_size, blocks_per_split,
         HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr = 2,
         PREFETCH: tl.constexpr = False, EMULATE: tl.constexpr = False, PDL: tl.constexpr = False,
-        GLU: tl.constexpr = False,
+        GLU: tl.constexpr = False, BLOCK_MAJOR: tl.constexpr = False,
     ):
         """CUDA-core path, one row of x per program: gemv_h2's packed dot (h2_dot) on each word. The
         x pair of code pair p = 2a + h of word (lane = 4g + t, w) is x[k], x[k + 1] at
@@ -250,7 +262,7 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
-        codes = qf_ptr + (rows[:, None] * nb).to(tl.int64) * 128 + tl.arange(0, 128)[None, :]
+        codes = qf_ptr + rows[:, None].to(tl.int64) * stride_qr + tl.arange(0, 128)[None, :]
         mask_c = (rows < N // 8)[:, None]
         wi = tl.arange(0, 128)
         k_word = 32 * (wi % 4) + KW * ((wi // 4) % 4)      # k of code 0 of each word, in the block
@@ -260,17 +272,19 @@ if triton is not None:
         pdl_enter(PDL)   # after the index math, before any read of x or write of out
         acc = tl.zeros((C, 128), dtype=tl.float32)
         if PREFETCH:
-            nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b_start, N, K, offs_n, mask_n, group_size,
-                                  C, KW, GLU, EMULATE)
+            nxt = frag_gemv_loads(codes, stride_qb, BLOCK_MAJOR, mask_c, s_ptr, z_ptr, x_row, k_word, b_start, N, K,
+                                  offs_n, mask_n, group_size, C, KW, GLU, EMULATE)
             for b in range(b_start, b_end):
                 q, s, zz, p0, p1, p2, p3 = nxt
-                nxt = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, tl.minimum(b + 1, b_end - 1), N, K,
-                                      offs_n, mask_n, group_size, C, KW, GLU, EMULATE)
+                nxt = frag_gemv_loads(codes, stride_qb, BLOCK_MAJOR, mask_c, s_ptr, z_ptr, x_row, k_word,
+                                      tl.minimum(b + 1, b_end - 1), N, K, offs_n, mask_n, group_size, C, KW, GLU,
+                                      EMULATE)
                 acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
         else:
             for b in range(b_start, b_end):
-                q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n,
-                                                           mask_n, group_size, C, KW, GLU, EMULATE)
+                q, s, zz, p0, p1, p2, p3 = frag_gemv_loads(codes, stride_qb, BLOCK_MAJOR, mask_c, s_ptr, z_ptr, x_row,
+                                                           k_word, b, N, K, offs_n, mask_n, group_size, C, KW, GLU,
+                                                           EMULATE)
                 acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
         out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
         if HAS_BIAS:
@@ -298,15 +312,15 @@ if triton is not None:
                                          "=r,r", [p], dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
-    def _frag_dequant_kernel(qf_ptr, z_ptr, s_ptr, out_ptr, N, K, group_size, BN: tl.constexpr, KW: tl.constexpr):
+    def _frag_dequant_kernel(qf_ptr, z_ptr, s_ptr, out_ptr, N, K, stride_qr, stride_qb, group_size, BN: tl.constexpr,
+                             KW: tl.constexpr):
         """W [K, N] fp16 (kernel row order) of one 128-row block × BN columns: the codes through
         frag_operand (the emulated unpack: no inline PTX), then (q - z) · s in fp32."""
         pid_n = tl.program_id(0)
         b = tl.program_id(1)
         C: tl.constexpr = BN // 8
-        nb = K // 128
         rows = pid_n * C + tl.arange(0, C)
-        q = tl.load(qf_ptr + (rows[:, None] * nb + b).to(tl.int64) * 128 + tl.arange(0, 128)[None, :],
+        q = tl.load(qf_ptr + rows[:, None].to(tl.int64) * stride_qr + b * stride_qb + tl.arange(0, 128)[None, :],
                     mask=(rows < N // 8)[:, None], other=0)
         w = frag_operand(frag_codes(q, q, False, False, True), C, BN, KW).to(tl.float32)    # 1024 + q
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -330,7 +344,7 @@ def frag_dequantize_fp16(kw: KernelWeights) -> torch.Tensor:
     k, n = kw.in_features, kw.out_features
     out = torch.empty(k, n, dtype=torch.float16, device=kw.qweight.device)
     launch(_frag_dequant_kernel, (cdiv(n, 64), k // KERNEL_K_BLOCK), kw.qweight, kw.zeros, kw.scales, out,
-           n, k, kw.group_size, BN=64, KW=kw.frag, num_warps=4)
+           n, k, kw.qweight.stride(0), kw.qweight.stride(1), kw.group_size, BN=64, KW=kw.frag, num_warps=4)
     return out
 
 
@@ -379,19 +393,21 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
     if block_n % FRAG_COLS:
         raise ValueError(f"block_n must be a multiple of {FRAG_COLS}, got {block_n}")
     split_k, per_split = k_splits(split_k, k)
+    block_major = frag_block_major(kw)
     use_atomic = accumulate is not None or split_k > 1
     if accumulate is not None:
         out = accumulate
     else:
         out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
     args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
-            m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split)
+            m, n, k, x.stride(0), out.stride(0), kw.qweight.stride(0), kw.qweight.stride(1), kw.group_size, per_split)
     if kind == "frag_gemv":
         launch(_frag_gemv_kernel, (m, cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
                USE_ATOMIC=use_atomic, BN=block_n, KW=kw.frag, PREFETCH=prefetch, EMULATE=INTERPRET, GLU=glu,
-               num_warps=num_warps, num_stages=num_stages)
+               BLOCK_MAJOR=block_major, num_warps=num_warps, num_stages=num_stages)
     else:
         launch(_frag_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k), *args, HAS_BIAS=bias is not None,
                USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, ZSUB=zsub, KW=kw.frag, FMA=fma, PREFETCH=prefetch,
-               EMULATE=INTERPRET, GLU=glu, SWAP=kind == "frag_t", num_warps=num_warps, num_stages=num_stages)
+               EMULATE=INTERPRET, GLU=glu, SWAP=kind == "frag_t", BLOCK_MAJOR=block_major, num_warps=num_warps,
+               num_stages=num_stages)
     return out

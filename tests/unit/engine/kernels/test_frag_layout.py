@@ -12,6 +12,7 @@ from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.gptq_format import (
     concat_kernel_weights,
     dequantize_kernel_weights,
+    frag_block_major,
     kernel_codes,
     repack_values,
     rtn_codes,
@@ -45,6 +46,17 @@ def test_conversions_keep_every_code(k_width: int) -> None:
     assert to_fragment_order(fw, k_width) is fw and to_tiled(kw) is kw
     other = to_fragment_order(fw, 6 - k_width)   # from one fragment order to the other
     assert other.frag == 6 - k_width and torch.equal(kernel_codes(other), kernel_codes(kw))
+    blocked = to_fragment_order(kw, k_width, block_major=True)   # block-major: the same codes, a strided view
+    assert frag_block_major(blocked) and not frag_block_major(fw) and blocked.qweight.shape == (5, 3, 128)
+    assert blocked.qweight.transpose(0, 1).is_contiguous() and torch.equal(blocked.qweight, fw.qweight)
+    assert to_fragment_order(blocked, k_width, block_major=True) is blocked
+    assert not frag_block_major(to_fragment_order(blocked, k_width))
+    assert torch.equal(kernel_codes(blocked), kernel_codes(kw))
+    part = slice_kernel_weights(blocked, 8, 24)               # column operations read either storage
+    assert torch.equal(dequantize_kernel_weights(part), dequantize_kernel_weights(kw)[:, 8:24])
+    write_kernel_weights(blocked, weights(16, 384, seed=5), 8)
+    assert frag_block_major(blocked)
+    assert torch.equal(dequantize_kernel_weights(blocked)[:, 8:24], dequantize_kernel_weights(weights(16, 384, seed=5)))
     with pytest.raises(ValueError, match="4-bit only"):
         to_fragment_order(weights(40, bits=3), k_width)
     with pytest.raises(ValueError, match="N % 8"):
@@ -118,7 +130,8 @@ def test_tuner_keys_the_layout() -> None:
     x = torch.randn(4, 256).half()
     assert tuner.config_for(x, kw).kind not in FRAG_KINDS
     assert tuner.config_for(x, to_fragment_order(kw, 4)).kind in FRAG_KINDS   # CPU: the first candidate
-    assert len(tuner.best) == 2
+    assert tuner.config_for(x, to_fragment_order(kw, 4, block_major=True)).kind in FRAG_KINDS
+    assert len(tuner.best) == 3
 
 
 def test_engine_config_checks_the_layout() -> None:

@@ -38,7 +38,8 @@ def test_every_candidate_compiles_for_sm90(bits: int) -> None:
 
 def test_every_fragment_candidate_compiles_for_sm90() -> None:
     """The frag kinds' candidates (the fragment-ordered layout, gemm_configs.frag_candidate_configs) in the
-    fragment order of the installed Triton, plus the bias / plain-store and [gate | up] forms once per tile."""
+    fragment order of the installed Triton, plus the bias / plain-store, [gate | up] and block-major forms once
+    per tile."""
     pytest.importorskip("triton")
     from services.engine.kernels.aot import compile_config
     from services.engine.kernels.w4a16_frag import frag_k_width
@@ -54,4 +55,5 @@ def test_every_fragment_candidate_compiles_for_sm90() -> None:
             if not any(k[:3] == key[:3] for k in seen - {key}):
                 assert compile_config(cfg, 4, has_bias=True, use_atomic=False, frag=k_width), cfg
                 assert compile_config(cfg, 4, glu=True, frag=k_width), cfg
+                assert compile_config(cfg, 4, frag=k_width, block_major=True), cfg
     assert {k[0] for k in seen} == {"frag", "frag_t", "frag_gemv"}

@@ -111,6 +111,13 @@ def check_interpreted() -> None:
         w4a16_matmul(x, kw, picked[0])
     for k_width in (2, 4):
         assert torch.equal(dequantize_fp16(fws[k_width]), dequantize_fp16(kw))
+    # block-major storage (the same codes, other strides): every kind gives the same output bits
+    blocked = to_fragment_order(fws[4], 4, block_major=True)
+    assert blocked.qweight.stride() != fws[4].qweight.stride()
+    assert torch.equal(dequantize_fp16(blocked), dequantize_fp16(kw))
+    for kind, bm, bn, split, extra in cases:
+        assert torch.equal(frag_matmul(x, blocked, kind, bm, bn, split, **extra),
+                           frag_matmul(x, fws[4], kind, bm, bn, split, **extra)), kind
     # [gate | up] input without act-order: silu(gate) · up inside the loads of both kinds
     codes, zeros, scales, g_idx = rtn_codes(w, 128, 4)
     kw_plain = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
