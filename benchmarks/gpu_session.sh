@@ -234,8 +234,8 @@ case "$stage" in
     ;;
   frag-major)   # block-major storage of the fragment codes beside row-major (gptq_format.frag_block_major):
                 # the GPU test of every fragment kind on both storages, the graphed decode, then the GEMMs at M <= 64
-    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "fragment_kernels" 2>&1 | tail -4 \
-      | tee "$out/pytest_frag_major.log"
+    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+      -k "fragment_kernels or w4-fragb" 2>&1 | tail -4 | tee "$out/pytest_frag_major.log"
     timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
       --k-widths 4 --block-major 4 --stem frag_major_decode 2>&1 | grep "^decode"
     timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" --ms 1,4,16,64 \

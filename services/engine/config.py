@@ -7,7 +7,7 @@ from services.common.env_config import env_values
 from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4")
+W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4", "fragb", "frag2b", "frag4b")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class EngineConfig:
     fused_mlp_activation: bool = False
     # 4-bit code layout on the GPU: "tiles" (gptq_format.KernelWeights) or "frag", the codes in the order
     # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it, in the
-    # order the installed Triton gives mma.sync operands (frag_k_width); "frag2" / "frag4" name the order.
+    # order the installed Triton gives mma.sync operands (frag_k_width); "frag2" / "frag4" name the order; a
+    # trailing "b" stores the codes block-major (gptq_format.frag_block_major; not yet timed on a GPU).
     # "auto": frag where max_num_seqs <= model_runner.AUTO_FRAG_MAX_SEQS, else tiles. H100 (7ff25bc, 2e71b92):
     # graphed 7B decode 1.15-1.17x faster with frag at batch 4-16, 1.04x at 32, 0.97x at 1, 0.99x at 64, its
     # GEMMs 0.68-0.89x at M = 128 (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md)

@@ -356,17 +356,18 @@ class LlamaModel(nn.Module):
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # set = fast path on
 
     def enable_fast_path(self, max_positions: int, tuner, fused_decode_attention: bool = False,
-                         fused_mlp_activation: bool = False, w4_frag: int = 0) -> None:
+                         fused_mlp_activation: bool = False, w4_frag: int = 0, w4_block_major: bool = False) -> None:
         """Switch to the fused Triton forward (CUDA, fp16; 3/4-bit or dense linears fused where possible).
         fused_decode_attention: pure-decode steps rotate and cache K/V inside the attention kernel;
         fused_mlp_activation: a 3/4-bit down_proj computes SiLU·mul in its GEMM's input load (not
         where an adapter targets it: its LoRA needs the activation); w4_frag: 4-bit codes in
-        fragment order with that k_width (KernelWeights.frag; 0 keeps the tiled layout)."""
+        fragment order with that k_width (KernelWeights.frag; 0 keeps the tiled layout), stored block-major
+        with w4_block_major (gptq_format.frag_block_major; fused layers keep their first part's storage)."""
         for layer in self.layers:
             if w4_frag:
                 for name in LINEAR_NAMES:
                     if _is_quant(getattr(layer, name, None)):
-                        getattr(layer, name).set_layout(w4_frag)
+                        getattr(layer, name).set_layout(w4_frag, w4_block_major)
             layer.fuse(tuner)
             layer.fused_decode_attention = fused_decode_attention
             layer.fused_mlp_activation = fused_mlp_activation

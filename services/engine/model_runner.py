@@ -88,12 +88,13 @@ class ModelRunner:
                            torch.zeros(cache_shape, device=self.device, dtype=dtype))
                           for _ in range(shape.num_layers)]  # per layer: K, V
         self.graphs: DecodeGraphs | None = None
-        # 4-bit codes in fragment order with this k_width (0: tiled; KernelWeights.frag)
+        # 4-bit codes in fragment order with this k_width (0: tiled; KernelWeights.frag), stored block-major?
         self.w4_frag = w4_frag(config.w4_layout, config.max_num_seqs) if self.is_fast and config.quant_bits == 4 else 0
+        self.w4_block_major = bool(self.w4_frag) and w4_block_major(config.w4_layout)
         if self.is_fast:
             max_len = config.max_model_len or shape.max_position_embeddings
             self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
-                                        config.fused_mlp_activation, self.w4_frag)
+                                        config.fused_mlp_activation, self.w4_frag, self.w4_block_major)
             if config.cuda_graphs:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs,
                                            -(-max_len // self.block_size), self.num_kv_blocks)
@@ -334,7 +335,13 @@ def w4_frag(layout: str, max_num_seqs: int) -> int:
     ("auto": the fragment layout when at most AUTO_FRAG_MAX_SEQS sequences run at once)."""
     if layout == "auto":
         layout = "frag" if max_num_seqs <= AUTO_FRAG_MAX_SEQS else "tiles"
-    return frag_k_width() if layout == "frag" else {"tiles": 0, "frag2": 2, "frag4": 4}[layout]
+    order = layout[:-1] if w4_block_major(layout) else layout     # the storage does not change the order
+    return frag_k_width() if order == "frag" else {"tiles": 0, "frag2": 2, "frag4": 4}[order]
+
+
+def w4_block_major(layout: str) -> bool:
+    """Whether an EngineConfig.w4_layout stores fragment-ordered codes block-major ("fragb", "frag2b", "frag4b")."""
+    return layout.startswith("frag") and layout.endswith("b")
 
 
 def quantize_linear(weight: torch.Tensor, group_size: int, tuner: GemmTuner | None,

@@ -111,9 +111,9 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
 
 @pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl1"),
                                           (4, "pdl-prefetch"), (4, "unfused-attn"), (4, "fused-all"),
-                                          (4, "fused-all-no-down-lora"), (4, "frag")],
+                                          (4, "fused-all-no-down-lora"), (4, "frag"), (4, "fragb")],
                          ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl1", "w4-pdl-prefetch",
-                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag"])
+                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag", "w4-fragb"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows, pdl (the default, 0:
@@ -122,18 +122,19 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     "unfused-attn": the separate RoPE kernel), with fused_mlp_activation too ("fused-all": adapters
     b and c target down_proj, so its GEMM keeps the separate SiLU·mul; "...-no-down-lora": none does,
     so every layer computes it in the GEMM) or w4_layout "frag" (codes in fragment order, the frag GEMM
-    kinds), eager and graph-replayed."""
+    kinds; "fragb" stored block-major), eager and graph-replayed."""
     serial = variant == "serial"
     mode = {"pdl1": 1, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
     fused_attn = variant.startswith("fused-all") or (variant != "unfused-attn" and EngineConfig.fused_decode_attention)
     fused_act = variant.startswith("fused-all")
     gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode,
                      fused_decode_attention=fused_attn, fused_mlp_activation=fused_act,
-                     w4_layout="frag" if variant == "frag" else "tiles")
-    if variant == "frag":
+                     w4_layout=variant if variant.startswith("frag") else "tiles")
+    if variant.startswith("frag"):
+        from services.engine.kernels.gptq_format import frag_block_major
         from services.engine.kernels.w4a16_frag import frag_k_width
-        assert gpu.model.layers[0].fused["gate_up_proj"].inner.kw.frag == frag_k_width()
-        assert gpu.model.layers[0].down_proj.kw.frag == frag_k_width()
+        for kw in (gpu.model.layers[0].fused["gate_up_proj"].inner.kw, gpu.model.layers[0].down_proj.kw):
+            assert kw.frag == frag_k_width() and frag_block_major(kw) == (variant == "fragb")
     assert pdl.MODE == (mode if pdl.supported() else 0)
     assert all(layer.fused_decode_attention == fused_attn for layer in gpu.model.layers)
     assert all(layer.fused_mlp_activation == fused_act for layer in gpu.model.layers)

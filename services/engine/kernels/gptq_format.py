@@ -296,10 +296,15 @@ def to_fragment_order(kw: KernelWeights, k_width: int, block_major: bool = False
         return kw
     if kw.bits != 4:
         raise ValueError("fragment order is 4-bit only")
-    qf = kw.qweight.contiguous() if kw.frag == k_width else pack_fragments(kernel_codes(kw), k_width)
+    qf = kw.qweight if kw.frag == k_width else pack_fragments(kernel_codes(kw), k_width)
+    return dataclasses.replace(kw, qweight=_frag_storage(qf, block_major), frag=k_width)
+
+
+def _frag_storage(qf: torch.Tensor, block_major: bool) -> torch.Tensor:
+    """Fragment-ordered codes [N/8, K/128, 128] stored contiguous, or block-major (frag_block_major)."""
     if block_major:
-        qf = qf.transpose(0, 1).contiguous().transpose(0, 1)
-    return dataclasses.replace(kw, qweight=qf, frag=k_width)
+        return qf.transpose(0, 1).contiguous().transpose(0, 1)
+    return qf.contiguous()
 
 
 def to_tiled(kw: KernelWeights) -> KernelWeights:
@@ -382,8 +387,8 @@ def concat_kernel_weights(parts: list[KernelWeights]) -> KernelWeights:
                 or p.perm is not None:
             raise ValueError("only layers of equal K, group size and bits without act-order fuse")
     parts = [in_layout(p, first.frag) for p in parts]
-    if first.frag:    # rows of 8 columns: the parts' rows one after the other
-        planes = (torch.cat([p.qweight for p in parts]),)
+    if first.frag:    # rows of 8 columns: the parts' rows one after the other, stored as the first part's
+        planes = (_frag_storage(torch.cat([p.qweight for p in parts]), frag_block_major(first)),)
     else:
         planes = tuple(_tile(torch.cat([_untile(p.planes[i], p.out_features) for p in parts], dim=1))
                        for i in range(len(first.planes)))
@@ -400,7 +405,8 @@ def slice_kernel_weights(kw: KernelWeights, start: int, end: int) -> KernelWeigh
     """Output columns [start, end) of repacked weights as a layer of their own (a copy)."""
     if kw.frag:
         _check_frag_cols(start, end)
-        return kw.with_planes((kw.qweight[start // FRAG_COLS:end // FRAG_COLS].clone(),),
+        return kw.with_planes((_frag_storage(kw.qweight[start // FRAG_COLS:end // FRAG_COLS].clone(),
+                                             frag_block_major(kw)),),
                               kw.zeros[:, start:end].contiguous(), kw.scales[:, start:end].contiguous(), kw.perm)
     planes = tuple(_tile(_untile(p, kw.out_features)[:, start:end]) for p in kw.planes)
     return kw.with_planes(planes, kw.zeros[:, start:end].contiguous(), kw.scales[:, start:end].contiguous(),

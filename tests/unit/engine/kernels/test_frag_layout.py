@@ -106,6 +106,12 @@ def test_quant_linear_takes_the_layout_and_gives_the_same_function() -> None:
     fused.load_part_("k", new_k)
     assert fused.inner.kw.frag == 2
     assert torch.equal(fused(x)[:, 32:], TritonQuantLinear(new_k, None, None)(x))
+    for p in parts.values():                               # block-major parts: the fused layer stores so too
+        p.set_layout(2, block_major=True)
+    blocked = FusedQuantLinear(parts, None)
+    assert frag_block_major(blocked.inner.kw) and frag_block_major(blocked.part("k").kw)
+    blocked.load_part_("k", new_k)
+    assert frag_block_major(blocked.inner.kw) and torch.equal(blocked(x), fused(x))
 
 
 def test_fragment_candidates_read_only_that_layout() -> None:
@@ -146,3 +152,8 @@ def test_engine_config_checks_the_layout() -> None:
     from services.engine.model_runner import AUTO_FRAG_MAX_SEQS
     assert w4_frag("auto", AUTO_FRAG_MAX_SEQS) == frag_k_width() and w4_frag("auto", 1) == frag_k_width()
     assert w4_frag("auto", AUTO_FRAG_MAX_SEQS + 1) == 0 and w4_frag("auto", EngineConfig().max_num_seqs) == 0
+    from services.engine.model_runner import w4_block_major
+    assert [w4_frag(layout, 64) for layout in ("fragb", "frag2b", "frag4b")] == [frag_k_width(), 2, 4]
+    layouts = ("fragb", "frag4b", "frag4", "auto", "tiles")
+    assert [w4_block_major(layout) for layout in layouts] == [True, True, False, False, False]
+    assert EngineConfig.from_env({"ENGINE_W4_LAYOUT": "frag4b"}).w4_layout == "frag4b"
