@@ -28,12 +28,16 @@ from services.engine.kernels.gemm_configs import GemmConfig  # noqa: E402
 VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 128, 4, True),
             ("frag", 128, 64, 4, False), ("frag_gemv", 1, 128, 1, False), ("frag_t", 16, 64, 4, False),
             ("frag_t", 64, 128, 4, False), ("frag_t", 128, 64, 4, False), ("frag_t", 128, 128, 8, False)]
+# the same kernels on codes stored block-major (gptq_format.frag_block_major): the block step a runtime stride
+BLOCK_MAJOR_VARIANTS = [("frag", 16, 256, 4, True), ("frag", 64, 128, 4, True), ("frag_gemv", 1, 128, 1, False),
+                        ("frag_t", 64, 128, 4, False)]
 
 
-def compile_variant(kind: str, bm: int, bn: int, warps: int, prefetch: bool, k_width: int) -> bytes:
+def compile_variant(kind: str, bm: int, bn: int, warps: int, prefetch: bool, k_width: int,
+                    block_major: bool = False) -> bytes:
     cfg = GemmConfig(kind, bm, bn, 1, warps, 1 if prefetch or kind == "frag_gemv" else 2, fast_deq=True,
                      zsub=kind != "frag_gemv", prefetch=prefetch)
-    return compile_frag(cfg, k_width)
+    return compile_frag(cfg, k_width, block_major=block_major)
 
 
 def main() -> None:
@@ -44,10 +48,13 @@ def main() -> None:
     args = ap.parse_args()
     import triton
     rows = []
-    for kind, bm, bn, warps, prefetch in VARIANTS:
+    variants = [v + (False,) for v in VARIANTS] + [v + (True,) for v in BLOCK_MAJOR_VARIANTS]
+    for kind, bm, bn, warps, prefetch, block_major in variants:
         for k_width in (2, 4):
-            name = f"{kind} BM{bm} BN{bn} w{warps}{' pf' if prefetch else ''} k_width {k_width}"
-            row = analyse(name, compile_variant(kind, bm, bn, warps, prefetch, k_width), 128 * bn // (32 * warps))
+            name = (f"{kind} BM{bm} BN{bn} w{warps}{' pf' if prefetch else ''} k_width {k_width}"
+                    + (" block-major" if block_major else ""))
+            row = analyse(name, compile_variant(kind, bm, bn, warps, prefetch, k_width, block_major),
+                          128 * bn // (32 * warps))
             rows.append(row)
             print(f"{name}: {row['loop_instructions']} loop instructions, "
                   f"{row['instructions_per_weight']:.2f} / weight, "
