@@ -7,7 +7,6 @@ sys.path.insert(0, str(Path.cwd())); sys.path.insert(0, str(Path.cwd() / "benchm
 import torch
 from bench_e2e_gpu import decode_seqs, TARGET_MODULES, RANK
 from services.common.adapters import LoraAdapter
-from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.model_runner import ModelRunner
 from services.engine.sequence import SamplingParams

@@ -11,10 +11,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import cpu_name, git_commit  # noqa: E402
 from services.common.model_source import resolve_model  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
 from services.engine.llm_engine import LLMEngine  # noqa: E402
@@ -83,23 +82,6 @@ def run_hf(peft_model, tok, prompts, tasks, new_tokens: int) -> tuple[float, lis
         elapsed = time.perf_counter() - start
     width = batch["input_ids"].shape[1]
     return elapsed, [row[width:].tolist() for row in out]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -172,7 +154,7 @@ def main() -> None:
         "varied_ours_tok_per_s": num_v / ours_v_s, "varied_hf_tok_per_s": num_v / hf_v_s,
         "varied_speedup": hf_v_s / ours_v_s,
         "varied_identical_greedy_outputs": f"{same_v}/{args.requests}",
-        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "git_commit": git_commit(short=False), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from benchmarks.results_io import git_commit  # noqa: E402
 from services.common.pb.inlaid.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from services.common.redis_server import redis_binary  # noqa: E402
 from services.common.workload import gen_code, gen_lists, gen_numbers, gen_records  # noqa: E402
@@ -218,11 +219,6 @@ def memory_verdict(samples: list[tuple[float, float]], send_s: float,
             "slope_mb_per_min_warm": slope, "num_samples": len(samples),
             # A leak only grows: a falling RSS (freed memory handed back) passes.
             "flat": slope is not None and slope <= limit_mb_per_min}
-
-
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def write_results(summary: dict, args, command: str, commit: str, date: str | None = None,

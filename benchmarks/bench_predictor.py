@@ -11,8 +11,6 @@ import argparse
 import asyncio
 import json
 import math
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import cpu_name, git_commit  # noqa: E402
 from services.predictor.config import PredictorConfig  # noqa: E402
 from services.predictor.export import max_abs_diff, write_model_dir  # noqa: E402
 from services.predictor.features import Featurizer  # noqa: E402
@@ -35,24 +34,6 @@ from services.predictor.predictor import LengthPredictor  # noqa: E402
 from services.predictor.stats import RunningStats  # noqa: E402
 from services.predictor.train import (  # noqa: E402
     TrainConfig, fit, load_rows, new_model, predict_tokens, split_rows)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                       text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def latency_ms(fn, calls: list, warmup: int = 50) -> dict:

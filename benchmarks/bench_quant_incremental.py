@@ -11,7 +11,6 @@ import json
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import git_commit  # noqa: E402
 from services.common.model_source import resolve_model  # noqa: E402
 from services.common.workload.task import builtin_tasks, get_task  # noqa: E402
 from services.quantizer.calibration import TaskSpec  # noqa: E402
@@ -94,13 +94,6 @@ def make_tasks(names: list[str], model_dir: Path, tmp: Path, demo: bool, num_exa
     return specs
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
@@ -167,7 +160,7 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Incremental MLGPTQ vs full quantization\n",
+    md = ["# Incremental MLGPTQ vs full quantization\n",
           f"{args.model}, {args.bits}-bit g{args.group_size}, aggregation {args.aggregation}, "
           f"{args.num_seqs}×{args.seq_len} calibration tokens per task, device {result['device_name']} "
           f"({args.threads} threads), adapters: {', '.join(adapters)}.\n",

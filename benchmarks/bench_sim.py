@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import git_commit  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.scheduler import SchedulerConfig  # noqa: E402
 from services.engine.simulator.cost_model import CostModel  # noqa: E402
@@ -274,14 +274,6 @@ def repo_path(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
     except ValueError:
         return str(path)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

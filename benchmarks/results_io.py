@@ -4,9 +4,33 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(short: bool = True) -> str:
+    """The checkout's HEAD commit (abbreviated unless short is False); "unknown" outside a git checkout."""
+    try:
+        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", *(["--short"] if short else []), "HEAD"],
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def read_steps(path: str | Path) -> list[dict]:
