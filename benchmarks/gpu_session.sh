@@ -85,7 +85,7 @@
 #                                                   #   (EngineConfig.w4_layout frag): graphed 7B decode and tuned GEMMs
 #                                                   #   in both layouts (probe_frag_engine.py), then the GPU tests
 #   bash benchmarks/gpu_session.sh frag-engine-short COMMIT  # at most 230 s: its decode at batch 1 / 16 / 4 and tests
-#   bash benchmarks/gpu_session.sh frag-major COMMIT  # at most 400 s (not run yet): fragment codes stored block-major
+#   bash benchmarks/gpu_session.sh frag-major COMMIT  # at most 420 s (not run yet): fragment codes stored block-major
 #                                                   #   (one K block of consecutive rows contiguous) beside row-major:
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
