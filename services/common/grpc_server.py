@@ -27,17 +27,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=_lenient(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        return handler  # client/bidi streaming: none of our services use them
+        return wrap_unary_request_handler(handler, lambda behavior: _wrap_unary(behavior, method),
+                                          lambda behavior: _wrap_stream(behavior, method),
+                                          _lenient(handler.request_deserializer))
+
+
+def wrap_unary_request_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[Callable], Callable],
+                               wrap_stream: Callable[[Callable], Callable],
+                               request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+    """handler with its behavior wrapped: a unary-unary one by wrap_unary, a unary-stream one by
+    wrap_stream, request_deserializer (when given) parsing its requests; client- and bidi-streaming
+    handlers come back as they are (no Inlaid service has them)."""
+    deserializer = request_deserializer or handler.request_deserializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), request_deserializer=deserializer,
+                                                   response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream),
+                                                    request_deserializer=deserializer,
+                                                    response_serializer=handler.response_serializer)
+    return handler
 
 
 class _Undecodable:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
     generate_latest
 from prometheus_client.exposition import start_http_server
 
+from services.common.grpc_server import wrap_unary_request_handler
+
 # Metrics ports by role (compose and Kubernetes use the same numbers).
 DEFAULT_METRICS_PORTS = {"gateway": 9091, "predictor": 9092, "engine": 9093, "quantizer": 9094}
 # TTFT and end-to-end latency include queueing, so the buckets reach minutes.
@@ -219,17 +221,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler  # client/bidi streaming: no Inlaid service uses them
+        return wrap_unary_request_handler(handler, lambda behavior: self._wrap_unary(behavior, method),
+                                          lambda behavior: self._wrap_stream(behavior, method))
 
     def _record(self, method: str, code: grpc.StatusCode, context: Any, start: float) -> None:
         if code is grpc.StatusCode.OK and context.code() is not None:  # set_code() without abort
