@@ -208,6 +208,7 @@ class LlamaLayer(nn.Module):
 
     def set_linear(self, name: str, module: nn.Module) -> bool:
         """Replace one linear; True when it was overwritten in place (captured graphs stay valid)."""
+        from services.engine.kernels.gptq_format import frag_block_major
         from services.engine.kernels.quant_linear import TritonQuantLinear, kernel_weights_of
         kw = kernel_weights_of(module) if self.fused or _is_quant(getattr(self, name)) else None
         group = self._group_of(name)
@@ -229,8 +230,8 @@ class LlamaLayer(nn.Module):
             except ValueError:  # another layout (e.g. act-order): a new kernel module below
                 pass
         if kw is not None and isinstance(current, TritonQuantLinear) and not isinstance(module, TritonQuantLinear):
-            module = TritonQuantLinear(kw, None, current.tuner)  # keep the Triton kernel path
-            module.set_layout(current.kw.frag)
+            module = TritonQuantLinear(kw, None, current.tuner)  # keep the Triton kernel path and layout
+            module.set_layout(current.kw.frag, frag_block_major(current.kw))
         setattr(self, name, module)
         return False
 

@@ -73,9 +73,12 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
         await host.stop("worker failed to start")
         run.result()  # raises the worker's error
     await host.set_serving(True)
-    log.info("engine %s serving pool %r (device %s%s)", worker.engine_id, keys.pool, engine.runner.device,
-             f", 4-bit codes in fragment order k_width {engine.runner.w4_frag}"
-             + (" block-major" if engine.runner.w4_block_major else "") if engine.runner.w4_frag else "")
+    runner = engine.runner
+    layout = ""
+    if runner.w4_frag:
+        storage = " block-major" if runner.w4_block_major else ""
+        layout = f", 4-bit codes in fragment order k_width {runner.w4_frag}{storage}"
+    log.info("engine %s serving pool %r (device %s%s)", worker.engine_id, keys.pool, runner.device, layout)
     done, _ = await asyncio.wait([run, asyncio.ensure_future(host.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)
     if run in done and run.exception() is not None:

@@ -105,8 +105,9 @@ class GemmTuner:
     def config_for(self, x: torch.Tensor, kw: KernelWeights) -> GemmConfig:
         m, k = x.shape
         n = kw.out_features
-        # tiled keys as before; fragment order: its k_width, then 1 where stored block-major
-        key = (m_bucket(m), n, k, kw.bits) + ((kw.frag,) + ((1,) if frag_block_major(kw) else ()) if kw.frag else ())
+        key = (m_bucket(m), n, k, kw.bits)   # tiled weights; a fragment order adds its k_width (and 1: block-major)
+        if kw.frag:
+            key += (kw.frag, 1) if frag_block_major(kw) else (kw.frag,)
         cfg = self.best.get(key)
         if cfg is None:
             if x.is_cuda and self.cache_path is not None and self.cache is None:

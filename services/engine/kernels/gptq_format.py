@@ -314,9 +314,9 @@ def to_tiled(kw: KernelWeights) -> KernelWeights:
     return dataclasses.replace(kw, qweight=_tile(_pack_planes(kernel_codes(kw), 4)[0]), frag=0)
 
 
-def in_layout(kw: KernelWeights, frag: int) -> KernelWeights:
-    """kw in the layout of KernelWeights.frag = frag (0: tiled)."""
-    return to_fragment_order(kw, frag) if frag else to_tiled(kw)
+def in_layout(kw: KernelWeights, frag: int, block_major: bool = False) -> KernelWeights:
+    """kw in the layout of KernelWeights.frag = frag (0: tiled; block_major: a fragment order's storage)."""
+    return to_fragment_order(kw, frag, block_major) if frag else to_tiled(kw)
 
 
 def rtn_codes(w: torch.Tensor, group_size: int, bits: int, act_order_perm: torch.Tensor | None = None,

@@ -14,7 +14,6 @@ from services.engine.kernels.gptq_format import (
     repack_values,
     repack_for_kernel,
     slice_kernel_weights,
-    to_fragment_order,
     unpack_along_rows,
     write_kernel_weights,
 )
@@ -111,7 +110,7 @@ class TritonQuantLinear(nn.Module):
         if frag and self.kw.bits != 4:
             return False
         try:
-            self.kw = to_fragment_order(self.kw, frag, block_major) if frag else in_layout(self.kw, 0)
+            self.kw = in_layout(self.kw, frag, block_major)
         except ValueError:
             return False
         self._dense = None

@@ -157,3 +157,28 @@ def test_engine_config_checks_the_layout() -> None:
     layouts = ("fragb", "frag4b", "frag4", "auto", "tiles")
     assert [w4_block_major(layout) for layout in layouts] == [True, True, False, False, False]
     assert EngineConfig.from_env({"ENGINE_W4_LAYOUT": "frag4b"}).w4_layout == "frag4b"
+
+
+def test_replacing_module_keeps_the_fragment_layout_and_storage() -> None:
+    """An act-order GPTQ module cannot be written into a layer's weights (another row permutation): the
+    new kernel module takes the replaced layer's layout, block-major storage included."""
+    from services.engine.kernels.gptq_format import quantize_gptq_v1
+    from services.engine.llama import LlamaShape, random_weights
+    from services.engine.model_runner import ModelRunner
+    from services.quantizer.qlinear import QuantLinear
+    shape = LlamaShape(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
+                       num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=256, tie_word_embeddings=False)
+    runner = ModelRunner(EngineConfig(num_kv_blocks=8, block_size=16, device="cpu", dtype="float32", quant_bits=4),
+                         shape, random_weights(shape, "cpu", torch.float32, std=0.05), "cpu", torch.float32)
+    runner.base_linear(1, "down_proj").set_layout(4, block_major=True)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 128, generator=gen) * 0.05                       # down_proj [in, out]
+    act = quantize_gptq_v1(w, 128, torch.randperm(256, generator=gen))
+    module = QuantLinear(act.qweight, act.qzeros, act.scales, act.g_idx, 4)
+    runner.set_base_linear(1, "down_proj", module)
+    swapped = runner.base_linear(1, "down_proj")
+    assert runner.model_epoch == 1 and swapped.kw.perm is not None
+    assert swapped.kw.frag == 4 and frag_block_major(swapped.kw)
+    x = torch.randn(3, 256, generator=gen)
+    assert torch.allclose(swapped(x), module(x), atol=1e-5)
