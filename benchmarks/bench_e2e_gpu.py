@@ -37,7 +37,7 @@ from services.engine.block_manager import BlockManager  # noqa: E402
 from services.engine.config import W4_LAYOUTS, EngineConfig  # noqa: E402
 from services.engine.llama import random_weight_items  # noqa: E402
 from services.engine.llm_engine import LLMEngine  # noqa: E402
-from services.engine.model_runner import w4_frag  # noqa: E402
+from services.engine.model_runner import w4_block_major, w4_frag  # noqa: E402
 from services.engine.sequence import SamplingParams, Sequence  # noqa: E402
 
 MODEL = "llama-2-7b"
@@ -159,7 +159,8 @@ def bench_ours(args, engine: LLMEngine) -> dict:
                        "max_num_batched_tokens": config.max_num_batched_tokens,
                        "max_adapters_per_batch": config.max_adapters_per_batch,
                        "policy": config.policy, "w4_layout": config.w4_layout,
-                       "w4_frag": w4_frag(config.w4_layout, config.max_num_seqs)}}
+                       "w4_frag": w4_frag(config.w4_layout, config.max_num_seqs),
+                       "w4_block_major": w4_block_major(config.w4_layout, config.max_num_seqs)}}
 
 
 def bench_hf(args, paths: dict[str, Path]) -> dict:

@@ -85,7 +85,7 @@
 #                                                   #   (EngineConfig.w4_layout frag): graphed 7B decode and tuned GEMMs
 #                                                   #   in both layouts (probe_frag_engine.py), then the GPU tests
 #   bash benchmarks/gpu_session.sh frag-engine-short COMMIT  # at most 230 s: its decode at batch 1 / 16 / 4 and tests
-#   bash benchmarks/gpu_session.sh frag-major COMMIT  # at most 420 s (not run yet): fragment codes stored block-major
+#   bash benchmarks/gpu_session.sh frag-major COMMIT  # at most 500 s (36747d6: 246 s with the tests cut at 120 s; alone 167 s): codes stored block-major
 #                                                   #   (one K block of consecutive rows contiguous) beside row-major:
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
@@ -234,7 +234,7 @@ case "$stage" in
     ;;
   frag-major)   # block-major storage of the fragment codes beside row-major (gptq_format.frag_block_major):
                 # the GPU test of every fragment kind on both storages, the graphed decode, then the GEMMs at M <= 64
-    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+    timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
       -k "fragment_kernels or w4-fragb" 2>&1 | tail -4 | tee "$out/pytest_frag_major.log"
     timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
       --k-widths 4 --block-major 4 --stem frag_major_decode 2>&1 | grep "^decode"

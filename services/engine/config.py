@@ -64,8 +64,9 @@ class EngineConfig:
     # 4-bit code layout on the GPU: "tiles" (gptq_format.KernelWeights) or "frag", the codes in the order
     # of the tensor-core operand fragments (kernels/w4a16_frag.py) and the GEMM kinds that read it, in the
     # order the installed Triton gives mma.sync operands (frag_k_width); "frag2" / "frag4" name the order; a
-    # trailing "b" stores the codes block-major (gptq_format.frag_block_major; not yet timed on a GPU).
-    # "auto": frag where max_num_seqs <= model_runner.AUTO_FRAG_MAX_SEQS, else tiles. H100 (7ff25bc, 2e71b92):
+    # trailing "b" stores the codes block-major (gptq_format.frag_block_major): 1.01x the decode step of the
+    # row-major storage at batch 1-16 (H100, frag_major_decode_36747d6.md).
+    # "auto": fragb where max_num_seqs <= model_runner.AUTO_FRAG_MAX_SEQS, else tiles. H100 (7ff25bc, 2e71b92):
     # graphed 7B decode 1.15-1.17x faster with frag at batch 4-16, 1.04x at 32, 0.97x at 1, 0.99x at 64, its
     # GEMMs 0.68-0.89x at M = 128 (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md)
     w4_layout: str = "auto"

@@ -90,7 +90,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # 4-bit codes in fragment order with this k_width (0: tiled; KernelWeights.frag), stored block-major?
         self.w4_frag = w4_frag(config.w4_layout, config.max_num_seqs) if self.is_fast and config.quant_bits == 4 else 0
-        self.w4_block_major = bool(self.w4_frag) and w4_block_major(config.w4_layout)
+        self.w4_block_major = bool(self.w4_frag) and w4_block_major(config.w4_layout, config.max_num_seqs)
         if self.is_fast:
             max_len = config.max_model_len or shape.max_position_embeddings
             self.model.enable_fast_path(max_len, self.tuner, config.fused_decode_attention,
@@ -326,22 +326,32 @@ def _is_linear_key(key: str) -> bool:
 # "auto" takes the fragment layout up to this many running sequences: on the H100 its graphed 7B decode
 # step was faster at batch 4-32 (1.04-1.17x) and even at 64, while its GEMMs lose 11-34 % at the
 # M = 128-256 of large batches' mixed steps (frag_engine_decode_7ff25bc.md, frag_engine_gemm_7ff25bc.md);
-# bench_e2e_gpu's mixed-adapter trace at 16 running: 1.11x end to end (e2e_gpu_layout_auto_f419d5b.json)
+# bench_e2e_gpu's mixed-adapter trace at 16 running: 1.11x end to end (e2e_gpu_layout_auto_f419d5b.json).
+# It stores the codes block-major: at 36747d6 that decode step was 1.01x the row-major storage's at batch 1,
+# 4 and 16 and its GEMMs 0.98-1.05x at M <= 16 (frag_major_decode_36747d6.md, frag_major_gemm_36747d6.md)
 AUTO_FRAG_MAX_SEQS = 32
 
 
 def w4_frag(layout: str, max_num_seqs: int) -> int:
     """KernelWeights.frag of an EngineConfig.w4_layout: 0 tiled, else the fragment order's k_width
     ("auto": the fragment layout when at most AUTO_FRAG_MAX_SEQS sequences run at once)."""
-    if layout == "auto":
-        layout = "frag" if max_num_seqs <= AUTO_FRAG_MAX_SEQS else "tiles"
-    order = layout[:-1] if w4_block_major(layout) else layout     # the storage does not change the order
+    layout = auto_layout(layout, max_num_seqs)
+    order = layout[:-1] if w4_block_major(layout, max_num_seqs) else layout     # the storage keeps the order
     return frag_k_width() if order == "frag" else {"tiles": 0, "frag2": 2, "frag4": 4}[order]
 
 
-def w4_block_major(layout: str) -> bool:
-    """Whether an EngineConfig.w4_layout stores fragment-ordered codes block-major ("fragb", "frag2b", "frag4b")."""
+def w4_block_major(layout: str, max_num_seqs: int) -> bool:
+    """Whether an EngineConfig.w4_layout stores fragment-ordered codes block-major ("fragb", "frag2b", "frag4b",
+    and "auto" wherever it takes the fragment layout)."""
+    layout = auto_layout(layout, max_num_seqs)
     return layout.startswith("frag") and layout.endswith("b")
+
+
+def auto_layout(layout: str, max_num_seqs: int) -> str:
+    """The layout "auto" stands for at this many running sequences (any other layout as it is)."""
+    if layout != "auto":
+        return layout
+    return "fragb" if max_num_seqs <= AUTO_FRAG_MAX_SEQS else "tiles"
 
 
 def quantize_linear(weight: torch.Tensor, group_size: int, tuner: GemmTuner | None,

@@ -155,7 +155,9 @@ def test_engine_config_checks_the_layout() -> None:
     from services.engine.model_runner import w4_block_major
     assert [w4_frag(layout, 64) for layout in ("fragb", "frag2b", "frag4b")] == [frag_k_width(), 2, 4]
     layouts = ("fragb", "frag4b", "frag4", "auto", "tiles")
-    assert [w4_block_major(layout) for layout in layouts] == [True, True, False, False, False]
+    assert [w4_block_major(layout, 64) for layout in layouts] == [True, True, False, False, False]
+    # auto stores the fragment order block-major wherever it takes it
+    assert w4_block_major("auto", AUTO_FRAG_MAX_SEQS) and not w4_block_major("auto", AUTO_FRAG_MAX_SEQS + 1)
     assert EngineConfig.from_env({"ENGINE_W4_LAYOUT": "frag4b"}).w4_layout == "frag4b"
 
 
