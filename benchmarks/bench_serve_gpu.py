@@ -243,7 +243,7 @@ class Bench(ExtraSections):
             "gpu_gib": a.gpu_gib or None, "act_reserve_gib": a.act_reserve_gib if a.gpu_gib else None,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
             "scale_variants": {v: scale_variant(v)[2] for v in a.scale_policies}, "pred_sigma": a.pred_sigma,
-            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "lengths": "data/lengths.jsonl (test split)"
+            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "load_unit": a.load_unit, "seed": a.seed, "lengths": "data/lengths.jsonl (test split)"
             + ("" if a.length_scale == (1.0, 1.0) else
                f", prompts ×{a.length_scale[0]:g} and outputs ×{a.length_scale[1]:g}"),
             "length_scale": list(a.length_scale),
@@ -372,15 +372,12 @@ class Bench(ExtraSections):
         return {"rows": rows, "fit": {"intercept_s": c0, "s_per_prompt_token": c_prompt,
                                       "s_per_output_token": c_out, "median_abs_rel_err": statistics.median(rel)}}
 
-    def rates(self) -> list[float]:
-        return [f * self.capacity for f in self.args.rates]
-
     def sec_main(self) -> None:
         a = self.args
         rows = []
         self.data["main"] = rows
-        for frac, rate in zip(a.rates, self.rates()):
-            trace = self.trace_at(frac)
+        for frac in a.rates:
+            rate, trace = self.rate_at(frac), self.trace_at(frac)
             print(f" rate {rate:.1f} req/s ({frac:.0%} of FIFO capacity), {len(trace)} requests", flush=True)
             for policy in a.policies:
                 m = self.run_replay((policy, a.beta), trace, policy, a.replay_s, rate_req_s=rate, load_frac=frac)
@@ -408,7 +405,7 @@ class Bench(ExtraSections):
         a = self.args
         rows = []
         self.data["ablations"] = rows
-        rate, trace = self.rates()[-1], self.trace_at(a.rates[-1])
+        rate, trace = self.rate_at(a.rates[-1]), self.trace_at(a.rates[-1])
         for label, mode, beta, overrides in self.ablations():
             rows.append(self.run_replay(("inlaid", beta), with_predictions(trace, mode), label, a.replay_s,
                                         overrides, rate_req_s=rate, load_frac=a.rates[-1]))

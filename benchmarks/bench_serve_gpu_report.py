@@ -72,6 +72,11 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
           "first arrival); tasks/step = distinct adapters per executed step. Each replay's arrivals last "
           f"{meta.get('replay_window_s')} s; it is cut {max(meta.get('drain_s', 0), 0.5 * (meta.get('replay_window_s') or 0))} s "
           "later. One replay per cell: see the note on noise below.", ""]
+    if meta.get("load_unit") == "tokens":
+        md += ["**Load in output tokens** (`--load-unit tokens`): a trace's request rate is x × C scaled by the "
+               "capacity burst's mean output length over that trace's own (the expectation of its task mix), so "
+               "every trace offers x × C's output tokens per second whichever tasks its Zipf order favours; the "
+               "req/s in the headings and tables are the scaled ones.", ""]
     md += _memory(meta)
     if meta.get("notes"):
         md += ["Notes on this run:", ""] + [f"- {n}" for n in meta["notes"]] + [""]

@@ -44,6 +44,8 @@
 #   bash benchmarks/gpu_session.sh drain30-repeat COMMIT  # ~320 s (at most 420): 3.2 x C (C fixed at 15.9 req/s) on three traces,
 #                                                   #   inlaid and fifo on 4-bit and fifo on fp16 on each (--trace-repeats):
 #                                                   #   one replay per cell gave 1.46-1.93x same-base JCT across runs
+#   bash benchmarks/gpu_session.sh drain30-tokens COMMIT  # at most 450 s: drain30-repeat with each trace's req/s scaled
+#                                                   #   to offer 3.2 x C's output tokens per second (--load-unit tokens)
 #   bash benchmarks/gpu_session.sh scale-prefetch COMMIT  # ~330 s: 100 / 1000 tasks at 1.3 x C on the 24 GiB card,
 #                                                   #   inlaid with and without background adapter packing
 #                                                   #   (EngineConfig.lora_prefetch; 1000 tasks outnumber the 128 host packs)
@@ -95,7 +97,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -359,6 +361,16 @@ case "$stage" in
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
       --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 400 --capacity-req-s 15.9 \
       --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo 2>&1 \
+      | grep -v -i warn | tee "$out/serve_gpu.log"
+    ;;
+  drain30-tokens)   # drain30-repeat with the load in output tokens (--load-unit tokens): at one req/s the three
+                    # traces' Zipf orders put 117 / 84 / 89 expected output tokens on a request (the capacity
+                    # burst's mix 129), so trace 1 and 2 ran lighter; now each offers 3.2 x C's tokens per second
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 450 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
+      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 430 --capacity-req-s 15.9 \
+      --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   stream-repeat)   # gemm-stream, then drain30-repeat, in one call (8 files back); at 285f137 it ran as

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from serve_gpu_fit import SCALE_VARIANTS, scale_variant
-from serve_gpu_workload import parse_length_scale
+from serve_gpu_workload import LOAD_UNITS, parse_length_scale
 from services.engine.config import EngineConfig
 from services.engine.policies import POLICIES
 
@@ -61,6 +61,10 @@ def parse_args(argv=None):
     ap.add_argument("--capacity-req-s", type=float, default=0.0,
                     help="C to scale --rates by instead of the one this run's burst measures (the burst still runs "
                          "for the cost model): replays of one command then offer the same req/s (0: measured)")
+    ap.add_argument("--load-unit", choices=LOAD_UNITS, default="requests",
+                    help="requests: every trace at rate x C req/s; tokens: each trace's req/s scaled by the capacity "
+                         "burst's mean output length over its own, so traces whose Zipf order favours short or long "
+                         "tasks offer the same output tokens per second (serve_gpu_workload.trace_rate)")
     ap.add_argument("--warm-burst-s", type=float, default=2.0,
                     help="unmeasured FIFO burst before the measured one (kernel compiles, GEMM tuning); 0: none")
     ap.add_argument("--calib-half-s", type=float, default=4.0)

@@ -12,7 +12,7 @@ import time
 
 from serve_gpu_engine import runner_grid
 from serve_gpu_fit import scale_variant, scheduler_overrides, step_stats
-from serve_gpu_workload import family_of, make_trace
+from serve_gpu_workload import family_of, make_trace, trace_rate
 from services.engine.policies import POLICIES
 from services.engine.simulator.metrics import summarize
 from services.engine.simulator.simulator import Simulator
@@ -129,7 +129,6 @@ class ExtraSections:
         a = self.args
         rows = []
         self.data["fp16"] = rows
-        rate = self.rates()[-1]
         self.note_peak(self.runner_label)
         self.runner = None
         gc.collect()
@@ -151,7 +150,8 @@ class ExtraSections:
             trace = self.trace_at(a.rates[-1], k)
             for policy in a.fp16_policies:
                 m = self.run_replay((policy, a.beta), trace, f"{policy}, fp16 base", a.replay_s,
-                                    rate_req_s=rate, load_frac=a.rates[-1], base="fp16", **self.trace_key(k))
+                                    rate_req_s=self.rate_at(a.rates[-1], k), load_frac=a.rates[-1], base="fp16",
+                                    **self.trace_key(k))
                 if k == 0:
                     rows.append(m)
                 else:
@@ -164,12 +164,19 @@ class ExtraSections:
         """The row field naming a repeat trace (none on the main section's, k = 0)."""
         return {"trace_no": k} if k else {}
 
+    def rate_at(self, frac: float, k: int = 0) -> float:
+        """Request rate of trace k at frac × C: frac × C itself, or with --load-unit tokens scaled to
+        the trace's task mix (the capacity burst's seed is the reference)."""
+        a = self.args
+        return trace_rate(frac * self.capacity, a.load_unit, self.tasks, self.lengths, a.seed + 10 + 1000 * k,
+                          a.seed + 1, a.zipf_a)
+
     def trace_at(self, frac: float, k: int = 0) -> list:
         """Trace k at frac × C: k = 0 is the one every section replays at that rate (seed + 10); k >= 1
         are further draws of the same rate, task popularity and length distributions (--trace-repeats)."""
         a = self.args
         prefix = f"m{frac}-" + (f"t{k}-" if k else "")
-        return make_trace(self.tasks, self.lengths, frac * self.capacity, a.replay_s, a.seed + 10 + 1000 * k,
+        return make_trace(self.tasks, self.lengths, self.rate_at(frac, k), a.replay_s, a.seed + 10 + 1000 * k,
                           zipf_a=a.zipf_a, pred_sigma=a.pred_sigma, prefix=prefix)
 
     def sec_repeat(self) -> None:
@@ -179,9 +186,8 @@ class ExtraSections:
         a = self.args
         rows = []
         self.data["repeats"] = rows
-        rate = self.rates()[-1]
         for k in range(1, a.trace_repeats):
-            trace = self.trace_at(a.rates[-1], k)
+            rate, trace = self.rate_at(a.rates[-1], k), self.trace_at(a.rates[-1], k)
             print(f" trace {k}: {len(trace)} requests at {rate:.1f} req/s", flush=True)
             for policy in a.repeat_policies:
                 m = self.run_replay((policy, a.beta), trace, policy, a.replay_s, rate_req_s=rate,

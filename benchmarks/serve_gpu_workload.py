@@ -49,6 +49,47 @@ def family_of(task: str) -> str:
     return task.split("#")[0]
 
 
+def zipf_weights(num: int, rng: random.Random, zipf_a: float) -> list[float]:
+    """Zipf(zipf_a) popularity of `num` tasks over an order shuffled by rng (rank r weighs 1 / r^a)."""
+    order = list(range(num))
+    rng.shuffle(order)
+    weights = [0.0] * num
+    for rank, i in enumerate(order):
+        weights[i] = 1.0 / (rank + 1) ** zipf_a
+    return weights
+
+
+def expected_output_tokens(tasks: list[str], lengths, seed: int, *, zipf_a: float = 1.0,
+                           pooled: bool = False) -> float:
+    """Mean output tokens per request of make_trace(tasks, lengths, ..., seed, zipf_a=..., pooled=...)'s
+    task mix, in expectation (its popularity weights × each family's mean output length). Seeds shuffle
+    the Zipf order, so the popular task, and with it the work per request, differs between traces:
+    2.2x between 20 seeds of the 4x-length workload (66-147 tokens)."""
+    rows = [row for rs in lengths.values() for row in rs]
+    if pooled:
+        return sum(o for _, o in rows) / len(rows)
+    weights = zipf_weights(len(tasks), random.Random(seed), zipf_a)
+    means = {f: sum(o for _, o in rs) / len(rs) for f, rs in lengths.items()}
+    return sum(w * means[family_of(t)] for w, t in zip(weights, tasks)) / sum(weights)
+
+
+LOAD_UNITS = ("requests", "tokens")
+
+
+def trace_rate(rate_req_s: float, load_unit: str, tasks: list[str], lengths, seed: int, ref_seed: int,
+               zipf_a: float = 1.0) -> float:
+    """Request rate of the trace drawn with `seed` at a load of rate_req_s: as it is ("requests"), or
+    ("tokens") scaled so the trace offers the output tokens per second that rate_req_s offers at the
+    task mix of ref_seed (the capacity burst's, which C is measured on), so every seed's trace puts the
+    same work per second on the engine."""
+    if load_unit == "requests":
+        return rate_req_s
+    if load_unit != "tokens":
+        raise ValueError(f"load unit must be one of {LOAD_UNITS}, got {load_unit!r}")
+    return rate_req_s * (expected_output_tokens(tasks, lengths, ref_seed, zipf_a=zipf_a)
+                         / expected_output_tokens(tasks, lengths, seed, zipf_a=zipf_a))
+
+
 def make_trace(tasks: list[str], lengths, rate: float, window_s: float, seed: int, *,
                weights: list[float] | None = None, zipf_a: float = 1.0, pred_sigma: float = 0.25,
                prefix: str = "r", burst: int = 0, pooled: bool = False) -> list[TraceRequest]:
@@ -63,11 +104,7 @@ def make_trace(tasks: list[str], lengths, rate: float, window_s: float, seed: in
     rng = random.Random(seed)
     pool = [row for rows in lengths.values() for row in rows] if pooled else None
     if weights is None:
-        order = list(range(len(tasks)))
-        rng.shuffle(order)
-        weights = [0.0] * len(tasks)
-        for rank, i in enumerate(order):
-            weights[i] = 1.0 / (rank + 1) ** zipf_a
+        weights = zipf_weights(len(tasks), rng, zipf_a)
     cum, acc = [], 0.0
     for w in weights:
         acc += w

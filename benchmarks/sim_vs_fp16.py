@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_io import read_steps, write_result  # noqa: E402
 from serve_gpu_fit import fit_cost, fit_error, pooled_4bit_cost, run_lengths, run_settings  # noqa: E402
 from serve_gpu_ratios import HEADLINE, TARGETS, geomean, ratios  # noqa: E402
-from serve_gpu_workload import make_trace, task_names  # noqa: E402
+from serve_gpu_workload import LOAD_UNITS, make_trace, task_names, trace_rate  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.metrics import summarize  # noqa: E402
 from services.engine.simulator.simulator import Simulator  # noqa: E402
@@ -57,13 +57,17 @@ def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0) -> dict:
     return {"sched": sched, "4-bit": (cost4, sim4), "fp16": (cost16, sim16), "errors": errors}
 
 
-def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float) -> list[dict]:
-    """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit."""
+def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float,
+             load_unit: str = "requests") -> list[dict]:
+    """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit.
+    load_unit "tokens": each trace's request rate is scaled so it offers frac × C's output tokens per
+    second at the capacity burst's task mix (serve_gpu_workload.trace_rate)."""
     meta = run["meta"]
     lengths = run_lengths(meta)
     tasks = task_names(meta["num_tasks"], list(lengths))
     capacity = run["calibration"]["fifo_capacity_req_s"]
     fit = run["calibration"]["solo"]["fit"]
+    burst_seed = meta.get("seed", 0) + 1    # bench_serve_gpu's capacity burst
 
     def solo(rec) -> float:
         return fit["intercept_s"] + fit["s_per_prompt_token"] * rec.num_prompt_tokens + \
@@ -72,9 +76,10 @@ def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_
     rows = []
     for frac in rates:
         for seed in seeds:
-            trace = make_trace(tasks, lengths, frac * capacity, window_s, seed, zipf_a=meta["zipf_a"],
+            rate = trace_rate(frac * capacity, load_unit, tasks, lengths, seed, burst_seed, meta["zipf_a"])
+            trace = make_trace(tasks, lengths, rate, window_s, seed, zipf_a=meta["zipf_a"],
                                pred_sigma=meta["pred_sigma"], prefix=f"v{seed}-")
-            row = {"load_frac": frac, "seed": seed, "requests": len(trace)}
+            row = {"load_frac": frac, "seed": seed, "requests": len(trace), "rate_req_s": rate}
             for label, policy, base in (("inlaid", "inlaid", "4-bit"), ("fifo", "fifo", "4-bit"),
                                         ("fifo fp16", "fifo", "fp16")):
                 cost, sim_cfg = eng[base]
@@ -107,6 +112,11 @@ def report(res: dict) -> str:
              f"(fractions of its C = {meta['capacity']:.1f} req/s), drained; seeds {meta['seeds'][0]}–{meta['seeds'][-1]} "
              f"({len(meta['seeds'])}). SLO: JCT ≤ {meta['slo_scale']:g} × the run's measured solo-latency fit, for "
              "every replay. Ratios > 1 mean inlaid on 4 bits is better.", ""]
+    if meta.get("load_unit") == "tokens":
+        lines += ["**Load in tokens:** each seed's request rate is scaled by the capacity burst's mean output "
+                  "length over that seed's (the task mix's expectation), so every trace offers the same output "
+                  "tokens per second: at a fixed req/s the seeds' Zipf orders put 66–147 output tokens on a "
+                  "request of this workload.", ""]
     if meta.get("prefill_cut_ms"):
         lines += [f"**What-if:** the 4-bit engine's fitted fixed price of a step with a prefill is lowered by "
                   f"{meta['prefill_cut_ms']:g} ms ({meta['cost_4bit']}); the errors below are the fits'.", ""]
@@ -140,6 +150,9 @@ def main() -> None:
     ap.add_argument("--rates", default="2.4,3.2", help="fractions of the run's FIFO capacity C")
     ap.add_argument("--seeds", type=int, default=20, help="traces per rate (seeds 100, 101, ...)")
     ap.add_argument("--window-s", type=float, default=10.0)
+    ap.add_argument("--load-unit", choices=LOAD_UNITS, default="requests",
+                    help="requests: every trace at frac x C req/s; tokens: each trace's req/s scaled so it offers "
+                         "frac x C's output tokens per second at the capacity burst's task mix")
     ap.add_argument("--prefill-cut-ms", type=float, default=0.0,
                     help="what-if: lower the 4-bit engine's fitted fixed price of a step with a prefill (7-11 ms) "
                          "by this, e.g. 5.7, the dense path's dequantization per step in the eager profiles")
@@ -151,10 +164,11 @@ def main() -> None:
     eng = engines(run, read_steps(args.steps_csv), args.prefill_cut_ms)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = list(range(100, 100 + args.seeds))
-    rows = simulate(run, eng, rates, seeds, args.window_s)
+    rows = simulate(run, eng, rates, seeds, args.window_s, args.load_unit)
     m = run["meta"]
     meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"],
             "run_device": m.get("device", "GPU"), "rates": rates, "seeds": seeds, "window_s": args.window_s,
+            "load_unit": args.load_unit,
             "capacity": run["calibration"]["fifo_capacity_req_s"], "slo_scale": m["slo_scale"],
             "fit_errors": eng["errors"], "prefill_cut_ms": args.prefill_cut_ms,
             "cost_4bit": eng["4-bit"][0].source,

@@ -62,3 +62,20 @@ def test_repeated_traces_at_the_highest_rate(tmp_path: Path) -> None:
     assert [r["variant"] for r in data["fp16"]] == ["fifo, fp16 base"] and "trace_no" not in data["fp16"][0]
     md = (tmp_path / "serve_gpu.md").read_text()
     assert "## The highest rate on 3 traces" in md and "| target met on |" in md
+
+
+def test_load_in_tokens_scales_each_trace(tmp_path: Path) -> None:
+    """--load-unit tokens: each trace's req/s is C × rate scaled to its task mix (trace_rate), the
+    main and repeat sections alike, and the report says so."""
+    from serve_gpu_workload import trace_rate
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main,repeat", "--policies", "fifo",
+                "--rates", "0.5", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
+                "--capacity-req-s", "3.0", "--trace-repeats", "2", "--repeat-policies", "fifo",
+                "--load-unit", "tokens"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    assert data["meta"]["load_unit"] == "tokens"
+    args = bench.parse_args(["--tiny", "--load-unit", "tokens", "--out", str(tmp_path / "b")])
+    b = bench.Bench(args)
+    for row, seed in ((data["main"][0], 10), (data["repeats"][0], 1010)):
+        assert row["rate_req_s"] == trace_rate(1.5, "tokens", b.tasks, b.lengths, seed, 1, args.zipf_a)
+    assert "**Load in output tokens**" in (tmp_path / "serve_gpu.md").read_text()

@@ -42,3 +42,21 @@ def test_prefill_cut_lowers_only_the_4bit_prefill_step_price() -> None:
     huge = engines(run, steps, prefill_cut_ms=1e6)
     assert huge["4-bit"][0].g_s_per_prefill_step == 0.0      # never below zero
 
+
+
+def test_load_in_tokens_scales_each_seed_to_the_burst_mix() -> None:
+    """--load-unit tokens: a seed whose Zipf order favours shorter tasks gets more requests per
+    second, so each trace offers the capacity burst's output tokens per second at frac × C."""
+    from serve_gpu_fit import run_lengths
+    from serve_gpu_workload import expected_output_tokens, task_names
+    run = json.loads(RUN.with_suffix(".json").read_text())
+    eng = engines(run, read_steps(f"{RUN}.steps.csv"))
+    rows = simulate(run, eng, rates=[3.2], seeds=[100, 102], window_s=2.0, load_unit="tokens")
+    lengths = run_lengths(run["meta"])
+    tasks = task_names(run["meta"]["num_tasks"], list(lengths))
+    c = run["calibration"]["fifo_capacity_req_s"]
+    ref = expected_output_tokens(tasks, lengths, 1, zipf_a=run["meta"]["zipf_a"])
+    for r in rows:
+        mean = expected_output_tokens(tasks, lengths, r["seed"], zipf_a=run["meta"]["zipf_a"])
+        assert abs(r["rate_req_s"] * mean - 3.2 * c * ref) < 1e-6 * ref
+    assert rows[1]["rate_req_s"] > 1.5 * rows[0]["rate_req_s"]     # seed 102's mix is ~1.7x shorter
