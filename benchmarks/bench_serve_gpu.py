@@ -243,7 +243,8 @@ class Bench(ExtraSections):
             "gpu_gib": a.gpu_gib or None, "act_reserve_gib": a.act_reserve_gib if a.gpu_gib else None,
             "replay_window_s": a.replay_s, "drain_s": a.drain_s, "scale_window_s": a.scale_s,
             "scale_variants": {v: scale_variant(v)[2] for v in a.scale_policies}, "pred_sigma": a.pred_sigma,
-            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "load_unit": a.load_unit, "seed": a.seed, "lengths": "data/lengths.jsonl (test split)"
+            "zipf_a": a.zipf_a, "rate_fractions": a.rates, "load_unit": a.load_unit, "seed": a.seed,
+            "lengths": "data/lengths.jsonl (test split)"
             + ("" if a.length_scale == (1.0, 1.0) else
                f", prompts ×{a.length_scale[0]:g} and outputs ×{a.length_scale[1]:g}"),
             "length_scale": list(a.length_scale),

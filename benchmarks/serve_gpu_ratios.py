@@ -72,7 +72,8 @@ def repeats_md(data: dict) -> list[str]:
              for base in ("same", "fp16") for _, name in HEADLINE]
     out = [f"## The highest rate on {len(rows)} traces", "",
            "Trace 0 is the main section's; each further trace draws arrivals, tasks and lengths anew at the "
-           "top rate (seed + 1000 k; with the load in tokens, each at its own req/s). Ratios > 1 mean inlaid is better: inlaid vs fifo on the same 4-bit base, "
+           "top rate (seed + 1000 k; with the load in tokens, each at its own req/s). Ratios > 1 mean inlaid "
+           "is better: inlaid vs fifo on the same 4-bit base, "
            "and inlaid on 4-bit vs fifo on fp16 (S-LoRA's configuration). Targets: "
            + ", ".join(f"{name} ≥ {TARGETS[key]}×" for key, name in HEADLINE) + ".", "",
            "| trace | requests | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(cols)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import read_steps, write_result  # noqa: E402
 from serve_gpu_fit import run_lengths  # noqa: E402
+from serve_gpu_ratios import geomean  # noqa: E402
 from serve_gpu_workload import LOAD_UNITS, make_trace, task_names, trace_rate  # noqa: E402
 from sim_vs_fp16 import engines  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -66,10 +66,6 @@ def variant(name: str, sched, solo_s, slo_scale: float):
     if not value or not hasattr(sched, field):
         raise SystemExit(f"unknown variant {name!r}: missed-last, streak2 or a SchedulerConfig field=value")
     return POLICIES["inlaid"], dataclasses.replace(sched, **{field: type(getattr(sched, field))(value)})
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(max(v, 1e-9)) for v in values) / len(values))
 
 
 def main() -> None:
