@@ -90,6 +90,8 @@
 #   bash benchmarks/gpu_session.sh frag-major COMMIT  # at most 500 s (36747d6: 246 s with the tests cut at 120 s; alone 167 s): codes stored block-major
 #                                                   #   (one K block of consecutive rows contiguous) beside row-major:
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
+#   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
+#                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -97,7 +99,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -242,6 +244,17 @@ case "$stage" in
       --k-widths 4 --block-major 4 --stem frag_major_decode 2>&1 | grep "^decode"
     timeout 150 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --batches "" --ms 1,4,16,64 \
       --k-widths 4 --block-major 4 --stem frag_major_gemm 2>&1 | grep "^K="
+    ;;
+  frag-pdl)   # programmatic dependent launch (mode 1) over what auto serves at <= 32 running (the block-major
+              # fragment layout): PDL gained 1.06x at batch 1 on the tiled layout (ba97a3b) but cost the batch-64
+              # LoRA step 6 %, so it is off; at <= 32 running that cost may not apply. Decode at batch 1 / 4 / 16,
+              # tiles and frag4b with and without PDL, then the engine end to end at 16 running, PDL 0 / 1 / 0
+    timeout 200 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
+      --k-widths "" --block-major 4 --pdl 1 --stem frag_pdl_decode 2>&1 | grep "^decode"
+    for pdl in 0 1 0; do
+      timeout 100 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$pdl" --commit "$commit" --skip-hf \
+        --sections e2e --max-num-seqs 16 --num-requests 128 --w4-layout auto --pdl "$pdl" 2>&1 | grep "^ours\|Error"
+    done
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

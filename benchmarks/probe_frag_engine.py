@@ -13,7 +13,7 @@ pick is checked by the tuner against the float32 reference (relative error <= 1e
 <out>/<stem>.{json,md}.
 
   python benchmarks/probe_frag_engine.py --out DIR --commit SHA [--ms 1,4,16,64,128,256] [--batches 1,4,16,64]
-      [--k-widths 4,2] [--block-major 4]
+      [--k-widths 4,2] [--block-major 4] [--pdl 1]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu_kernels import (  # noqa: E402
-    DECODE_BLOCK, GEMM_SHAPES, Timer, copy_bandwidth_gbs, decode_floor, decode_inputs, decode_model,
+    DECODE_BLOCK, GEMM_SHAPES, Timer, copy_bandwidth_gbs, decode_floor, decode_inputs, decode_model, time_with_pdl,
 )
 from benchmarks.probe_gemm_stream import StreamOperands, ratio  # noqa: E402
 from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
@@ -64,9 +64,11 @@ def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer,
     return rows
 
 
-def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[str, int, bool]]) -> Iterator[list[dict]]:
+def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[str, int, bool]],
+                pdl_mode: int = 0) -> Iterator[list[dict]]:
     """Per batch size (one part each, so a cut run keeps the batches it timed): the graphed step in
-    the tiled layout, in each fragment order, and tiled again, beside the step's floor."""
+    the tiled layout, in each fragment order, and tiled again, beside the step's floor; with pdl_mode,
+    each layout's step also with programmatic dependent launch in that mode (key <layout>_pdl_ms)."""
     bw = copy_bandwidth_gbs(timer)
     model = decode_model(False, ctx, max(batches), 4)
     model.fused_decode_attention = True
@@ -79,11 +81,20 @@ def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[st
                 + [("tiles_again_ms", 0, False)]:
             model.set_layout(frag, bm)
             row[key] = timer.median_ms(lambda: model.decode(**inputs))
+            if pdl_mode and key != "tiles_again_ms":
+                time_with_pdl(timer, lambda: model.decode(**inputs), pdl_mode, row, f"{key[:-3]}_pdl_ms")
         rows.append(row)
         print(f"decode B={bsz:2d}: " + "  ".join(f"{key[:-3]} {v:.3f} ms" for key, v in row.items()
                                                    if key.endswith("_ms")), flush=True)
         yield rows[-1:]
         torch.cuda.empty_cache()
+
+
+def _ms(row: dict, key: str) -> str:
+    """A timing cell: the time, or the error that replaced it (time_with_pdl), or a dash."""
+    if key in row:
+        return f"{row[key]:.3f}"
+    return "error" if key + "_error" in row else "–"
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -114,6 +125,16 @@ def write_markdown(res: dict, path: Path) -> None:
                          + f" | {r['tiles_again_ms']:.3f} | " + " | ".join(ratio(tiles, r[f + "_ms"]) for f in frags)
                          + f" | {r['floor_ms']:.3f} |")
         lines.append("\ntiles / fragW uses the faster of the two tiled timings.")
+        if any("tiles_pdl_ms" in r for r in dec):
+            lines += [f"\nWith programmatic dependent launch (mode {res['pdl']}, kernels/pdl.py), same graphs' layouts:\n",
+                      "| batch | tiles ms | tiles PDL ms | " + " | ".join(f"{f} ms | {f} PDL ms" for f in frags)
+                      + " | best PDL ÷ floor |", "|---|---|---|" + "---|" * (2 * len(frags) + 1)]
+            for r in dec:
+                pdl_times = [r[k] for k in r if k.endswith("_pdl_ms")]
+                best = f"{min(pdl_times) / r['floor_ms']:.2f}" if pdl_times else "–"
+                lines.append(f"| {r['batch']} | {r['tiles_ms']:.3f} | {_ms(r, 'tiles_pdl_ms')} | "
+                             + " | ".join(f"{r[f + '_ms']:.3f} | {_ms(r, f + '_pdl_ms')}" for f in frags)
+                             + f" | {best} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -123,13 +144,16 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64", help="decode batch sizes (comma-separated; empty: none)")
     ap.add_argument("--context", type=int, default=256, help="decode context length")
     ap.add_argument("--stem", default="frag_engine", help="result file name stem")
+    ap.add_argument("--pdl", type=int, default=0, choices=(0, 1, 2),
+                    help="also time each layout's decode step with programmatic dependent launch in this mode")
     ap.add_argument("--k-widths", default=None,
-                    help="fragment orders to time (comma-separated; default: the installed Triton's, then the other)")
+                    help="fragment orders to time row-major (comma-separated; default: the installed Triton's, then "
+                         "the other; empty: none)")
     ap.add_argument("--block-major", default=None,
                     help="fragment orders to time stored block-major too (comma-separated; default: the installed "
                          "Triton's; empty: none)")
     args = ap.parse_args()
-    k_widths = ([int(w) for w in args.k_widths.split(",")] if args.k_widths
+    k_widths = ([int(w) for w in args.k_widths.split(",") if w] if args.k_widths is not None
                 else [frag_k_width(), 6 - frag_k_width()])
     block_major = ([int(w) for w in args.block_major.split(",") if w] if args.block_major is not None
                    else [frag_k_width()])
@@ -141,10 +165,10 @@ def main() -> None:
         for k, n in GEMM_SHAPES[:args.shapes]:
             yield gemm_rows(k, n, args.ms, tuner, timer, frags)
         if batches:
-            yield from decode_rows(batches, args.context, timer, frags)
+            yield from decode_rows(batches, args.context, timer, frags, args.pdl)
 
     run_probe_parts("probe_frag_engine.py", args.stem, args, parts(), write_markdown, k_widths=k_widths,
-                    block_major=block_major)
+                    block_major=block_major, pdl=args.pdl)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,19 @@ def test_probe_frag_engine_markdown(tmp_path: Path) -> None:
     res["rows"] = res["rows"][:1]
     write_markdown(res, tmp_path / "out.md")
     assert "| batch |" not in (tmp_path / "out.md").read_text()
+
+
+def test_probe_frag_engine_markdown_with_pdl(tmp_path: Path) -> None:
+    """--pdl: each layout's step also with programmatic dependent launch, in a table of its own; a
+    layout whose PDL capture failed shows "error", the best PDL time is divided by the floor."""
+    from probe_frag_engine import write_markdown
+    res = {"script": "probe_frag_engine.py", "device": "GPU", "commit": "abc", "torch": "2", "triton": "3.6.0",
+           "command": "python benchmarks/probe_frag_engine.py --pdl 1", "reps": 20, "k_widths": [4],
+           "block_major": [4], "pdl": 1, "rows": [
+               {"part": "decode", "batch": 1, "context": 256, "floor_ms": 1.25, "copy_gbs": 3000.0,
+                "tiles_ms": 2.7, "tiles_pdl_ms": 2.55, "frag4_ms": 2.73, "frag4_pdl_ms_error": "RuntimeError: x",
+                "frag4b_ms": 2.69, "frag4b_pdl_ms": 2.5, "tiles_again_ms": 2.71}]}
+    write_markdown(res, tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "With programmatic dependent launch (mode 1" in text
+    assert "| 1 | 2.700 | 2.550 | 2.730 | error | 2.690 | 2.500 | 2.00 |" in text
