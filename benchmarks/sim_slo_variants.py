@@ -5,6 +5,7 @@ model refitted to the run's steps, SLO judged against the run's measured solo-la
 inlaid as configured, each variant, and fifo for reference. Variants:
   - missed-last: a waiting request whose SLO deadline (arrival + slo_scale x the solo fit of its prompt
     and predicted output) has passed ranks after every waiting request that can still meet its own;
+  - missed-cap=N: missed-last, and while N or more run, no waiting request past its deadline is admitted;
   - streak2: a decode streak of 2 instead of 4 (prefills twice as often);
   - any SchedulerConfig field as name=value (e.g. inlaid_overload_min_free=0).
 Writes <out>.json and <out>.md. CPU only.
@@ -56,10 +57,39 @@ def missed_last(solo_s, slo_scale: float) -> type:
     return MissedLast
 
 
+def missed_capped(solo_s, slo_scale: float, cap: int) -> type:
+    """missed_last, and while `cap` or more requests run, a waiting request past its deadline is not
+    admitted at all (it waits for the running set to shrink below the cap): under deep overload the
+    requests that can still meet their SLO then run in smaller, faster steps, while at lighter load,
+    where few have missed, the running set still grows as before."""
+    base = missed_last(solo_s, slo_scale)
+
+    class MissedCapped(base):
+        def _prefill(self, now_s: float, decode_rows: int):
+            if len(self.running) < cap:
+                return super()._prefill(now_s, decode_rows)
+            super_prefill = super()._prefill
+            deadline_of = {id(s): s.arrival_s + slo_scale * solo_s(s.num_prompt_tokens, s.predicted_output_tokens or 1)
+                           for s in self.waiting}
+            held = [s for s in self.waiting if now_s > deadline_of[id(s)]]
+            if not held:
+                return super_prefill(now_s, decode_rows)
+            ids = {id(s) for s in held}
+            self.waiting = [s for s in self.waiting if id(s) not in ids]
+            try:
+                return super_prefill(now_s, decode_rows)
+            finally:
+                self.waiting = self.waiting + held
+
+    return MissedCapped
+
+
 def variant(name: str, sched, solo_s, slo_scale: float):
     """(policy class, SchedulerConfig) of a variant name."""
     if name == "missed-last":
         return missed_last(solo_s, slo_scale), sched
+    if name.startswith("missed-cap="):
+        return missed_capped(solo_s, slo_scale, int(name.split("=")[1])), sched
     if name == "streak2":
         return POLICIES["inlaid"], dataclasses.replace(sched, max_decode_streak=2)
     field, _, value = name.partition("=")

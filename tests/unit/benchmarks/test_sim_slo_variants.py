@@ -22,5 +22,7 @@ def test_variant_names() -> None:
     assert cfg.inlaid_overload_min_free == 0.0
     cls, cfg = variant("missed-last", sched, lambda p, o: 0.1, 5.0)
     assert issubclass(cls, POLICIES["inlaid"]) and cfg == sched
+    cls, cfg = variant("missed-cap=48", sched, lambda p, o: 0.1, 5.0)
+    assert issubclass(cls, POLICIES["inlaid"]) and cfg == sched
     with pytest.raises(SystemExit, match="unknown variant"):
         variant("nonsense", sched, lambda p, o: 0.1, 5.0)
