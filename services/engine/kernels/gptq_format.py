@@ -319,6 +319,12 @@ def in_layout(kw: KernelWeights, frag: int, block_major: bool = False) -> Kernel
     return to_fragment_order(kw, frag, block_major) if frag else to_tiled(kw)
 
 
+def in_order(kw: KernelWeights, frag: int) -> KernelWeights:
+    """kw with its codes in the order of KernelWeights.frag = frag, stored as they come when the order
+    already matches (callers that copy or concatenate the codes read either storage)."""
+    return kw if kw.frag == frag else in_layout(kw, frag)
+
+
 def rtn_codes(w: torch.Tensor, group_size: int, bits: int, act_order_perm: torch.Tensor | None = None,
               min_zero: int = 0) -> tuple[torch.Tensor, ...]:
     """Round-to-nearest asymmetric codes of w [K, N]: (codes int64 [K, N], zeros, scales fp16 [K/G, N], g_idx).
@@ -386,7 +392,7 @@ def concat_kernel_weights(parts: list[KernelWeights]) -> KernelWeights:
         if (p.in_features, p.group_size, p.bits) != (first.in_features, first.group_size, first.bits) \
                 or p.perm is not None:
             raise ValueError("only layers of equal K, group size and bits without act-order fuse")
-    parts = [in_layout(p, first.frag) for p in parts]
+    parts = [in_order(p, first.frag) for p in parts]
     if first.frag:    # rows of 8 columns: the parts' rows one after the other, stored as the first part's
         planes = (_frag_storage(torch.cat([p.qweight for p in parts]), frag_block_major(first)),)
     else:
@@ -423,7 +429,7 @@ def write_kernel_weights(dst: KernelWeights, src: KernelWeights, start: int) -> 
         if start or end != dst.out_features or src.perm is None or dst.perm is None \
                 or not torch.equal(src.perm.to(dst.perm.device), dst.perm):
             raise ValueError("act-order weights can only replace a layer of the same permutation")
-    src = in_layout(src, dst.frag)
+    src = in_order(src, dst.frag)
     if dst.frag:
         _check_frag_cols(start, end)
         dst.qweight[start // FRAG_COLS:end // FRAG_COLS].copy_(src.qweight)

@@ -85,6 +85,24 @@ def test_concat_slice_and_write_in_fragment_order() -> None:
     assert tiled.frag == 0 and torch.equal(dequantize_kernel_weights(tiled)[:, 24:], dequantize_kernel_weights(c))
 
 
+def test_same_order_other_storage_is_copied_as_it_is(monkeypatch) -> None:
+    """A source in the destination's fragment order but the other storage (row-major vs block-major) is
+    copied or concatenated straight from its strides: no contiguous conversion first."""
+    import services.engine.kernels.gptq_format as gf
+    a, b, c = weights(24, seed=1), weights(40, seed=2), weights(16, seed=3)
+    row_a, blocked_b = to_fragment_order(a, 4), to_fragment_order(b, 4, block_major=True)
+    blocked_c = to_fragment_order(c, 4, block_major=True)
+    calls = []
+    real = gf._frag_storage
+    monkeypatch.setattr(gf, "_frag_storage", lambda qf, bm: calls.append(bm) or real(qf, bm))
+    both = concat_kernel_weights([row_a, blocked_b])       # stored as the first part: one storage call
+    assert calls == [False] and not frag_block_major(both)
+    assert torch.equal(dequantize_kernel_weights(both), dequantize_kernel_weights(concat_kernel_weights([a, b])))
+    write_kernel_weights(both, blocked_c, 8)               # no conversion at all
+    assert calls == [False]
+    assert torch.equal(dequantize_kernel_weights(both)[:, 8:24], dequantize_kernel_weights(c))
+
+
 def test_quant_linear_takes_the_layout_and_gives_the_same_function() -> None:
     lin = TritonQuantLinear(weights(64), None, None)
     x = torch.randn(3, 256)
