@@ -130,6 +130,13 @@ def build_engine(args) -> tuple[LLMEngine, float]:
     return engine, load_s
 
 
+def tuner_picks(tuner) -> dict[str, str]:
+    """The GEMM tuner's pick per key (M bucket, N, K, bits[, layout]) as strings, for the result file."""
+    if tuner is None:
+        return {}
+    return {",".join(map(str, key)): str(cfg) for key, cfg in sorted(tuner.best.items())}
+
+
 def bench_ours(args, engine: LLMEngine) -> dict:
     config = engine.config
     runner = engine.runner
@@ -155,6 +162,9 @@ def bench_ours(args, engine: LLMEngine) -> dict:
     runner.run = timer.inner
     return {"runs": runs, "tok_per_s": runs[-1]["tok_per_s"],
             "graph_captures": runner.graphs.num_captures,
+            # each process tunes afresh (gemm_tune_cache off): near-tie picks can differ between two runs
+            # of one command, so the picks go with the timings
+            "tuner_picks": tuner_picks(runner.tuner),
             "config": {"max_num_seqs": config.max_num_seqs,
                        "max_num_batched_tokens": config.max_num_batched_tokens,
                        "max_adapters_per_batch": config.max_adapters_per_batch,
