@@ -92,6 +92,8 @@
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
 #                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
+#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 360 s (not run yet): decode attention launch shapes
+#                                                   #   (BN x warps) at 5 (batch, context) shapes vs the copy bandwidth
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -99,7 +101,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -255,6 +257,14 @@ case "$stage" in
       timeout 100 python3 benchmarks/bench_e2e_gpu.py --out "$out/e2e_pdl$pdl" --commit "$commit" --skip-hf \
         --sections e2e --max-num-seqs 16 --num-requests 128 --w4-layout auto --pdl "$pdl" 2>&1 | grep "^ours\|Error"
     done
+    ;;
+  attn-sweep)   # the paged decode attention kernel's launch shapes (BN x warps) at Llama-2-7B attention against the
+                # copy bandwidth: serving's cost models price a cached token read at ~1.85 TB/s, and at a full
+                # cache that is near half a decode step (probe_decode_attention.py; static SASS: no spills at
+                # any shape but BN 128 / 8 warps, decode_attention_sass_t36.md)
+    timeout 300 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" 2>&1 | grep "^B=\|Error"
+    timeout 60 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode" 2>&1 | tail -3 \
+      | tee "$out/pytest_attn.log"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

@@ -132,6 +132,22 @@ if triton is not None:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+# Launch shape of the decode attention kernels: KV tokens per loop iteration, warps, and Triton's
+# pipeline depth (None: Triton's default). benchmarks/probe_decode_attention.py sweeps them on a GPU.
+DECODE_BLOCK_N = 64
+DECODE_WARPS = 4
+DECODE_STAGES: int | None = None
+
+
+def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None) -> dict:
+    """The kernels' BN / num_warps / num_stages launch arguments (defaults: the module's settings)."""
+    meta = {"BN": block_n or DECODE_BLOCK_N, "num_warps": num_warps or DECODE_WARPS}
+    stages = num_stages if num_stages is not None else DECODE_STAGES
+    if stages is not None:
+        meta["num_stages"] = stages
+    return meta
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -140,11 +156,13 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] over its first context_lens[b] cached tokens → [B, H, D].
 
     block_tables int32 [B, max_blocks], context_lens int32 [B] (each ≥ 1). Caches are
-    [num_blocks, block_size, KVH, D] with the last two dims contiguous.
+    [num_blocks, block_size, KVH, D] with the last two dims contiguous. block_n / num_warps /
+    num_stages: the launch shape (default DECODE_BLOCK_N / DECODE_WARPS / DECODE_STAGES).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -163,7 +181,7 @@ def paged_decode_attention(
         scale, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, BN=64, num_warps=4,
+        D=d, **_launch_shape(block_n, num_warps, num_stages),
     )
     return out
 
@@ -173,12 +191,14 @@ def paged_decode_rope_attention(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
     scale: float | None = None, max_context: int = 0,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
     """rope_and_cache then paged_decode_attention in one launch, for a step where every sequence
     computes one token: qkv [B, (H + 2 KVH) D] laid out [q | k | v], positions / slot_mapping [B]
     of the new token, cos / sin fp32 [max_pos, D/2], context_lens [B] counting the new token
     (each ≥ 1) → [B, H, D]; the new token's K/V land in their cache slots as rope_and_cache writes
-    them. max_context: the batch's longest context, needed only under TRITON_INTERPRET."""
+    them. max_context: the batch's longest context, needed only under TRITON_INTERPRET; block_n /
+    num_warps / num_stages as paged_decode_attention."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _, block_size, num_kv_heads, d = k_cache.shape
@@ -198,7 +218,7 @@ def paged_decode_rope_attention(
         scale, block_size, num_heads, num_kv_heads, num_heads // num_kv_heads,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, BN=64, STEP_STOP=max_context if _INTERPRET else 0, num_warps=4,
+        D=d, STEP_STOP=max_context if _INTERPRET else 0, **_launch_shape(block_n, num_warps, num_stages),
     )
     return out
 

@@ -50,6 +50,12 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     # the plain decode kernel (same tile helpers) on the caches the two-kernel path leaves
     plain = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens)
     assert float((plain.float() - ref).norm() / ref.norm()) < 1e-2
+    # another launch shape (probe_decode_attention's sweep): tiles of 16 tokens, one per cache block
+    small = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=16, num_warps=2, num_stages=2)
+    assert float((small.float() - ref).norm() / ref.norm()) < 1e-2
+    again = paged_decode_rope_attention(qkv, positions, cos, sin, kc.clone(), vc.clone(), slots, tables, lens,
+                                        num_heads, max_context=int(lens.max()), block_n=16, num_warps=2)
+    assert float((again.float() - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_decode_rope_attention_interpreted() -> None:

@@ -1,0 +1,184 @@
+"""Launch shapes of the paged decode attention kernel (RoPE + KV-cache write fused, what pure decode
+steps run) against the copy bandwidth, on one GPU.
+
+On the H100 serving runs, the cost model's price of a cached token read per step implies that
+attention streams the KV cache at about 1.85 TB/s (0.28 µs per token of Llama-2-7B's 512 KiB of K and
+V, serve_gpu_24gib_long_drain30_tokens_8d39b65.json), about 60 % of a device copy, and at a full
+cache it is near half of a decode step. This times the kernel at Llama-2-7B's attention shape
+(32 heads of 128, fp16, 16-token cache blocks scattered at random as after churn) per (batch,
+context) over a grid of launch shapes: KV tokens per loop iteration (BN), warps and, if asked,
+Triton's pipeline depth (num_stages; "-" is Triton's default, which the sweep keeps by default:
+Triton does not pipeline this loop, decode_attention_sass.py). One launch reads one layer's K and V, several times the
+L2, which is flushed before each of the median's replays (CUDA graph, CUDA events). Every shape's
+output is checked against the default shape's (relative error <= 1e-2) and the default's against
+the float32 reference on a few sequences. Writes <out>/<stem>.{json,md}.
+
+  python benchmarks/probe_decode_attention.py --out DIR --commit SHA [--shapes 1x2048,16x1024,256x1024]
+      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0]
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_gpu_kernels import Timer, copy_bandwidth_gbs  # noqa: E402
+from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
+from services.engine.kernels.attention import (  # noqa: E402
+    DECODE_BLOCK_N, DECODE_STAGES, DECODE_WARPS, paged_decode_reference, paged_decode_rope_attention,
+)
+from services.engine.kernels.fused_ops import rope_tables  # noqa: E402
+
+HEADS, HEAD_DIM, BLOCK_SIZE = 32, 128, 16     # Llama-2-7B attention (no GQA), the engine's cache blocks
+MAX_REL_ERR = 1e-2
+REF_ROWS = 4                                  # sequences checked against the float32 reference
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'BxC,...' -> [(batch, context tokens)]; each at least 1 x 2."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            b, c = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes takes BATCHxCONTEXT items, got {item!r}") from None
+        if b < 1 or c < 2:
+            raise SystemExit(f"--shapes {item!r}: batch >= 1 and context >= 2 (one cached token and the new one)")
+        shapes.append((b, c))
+    return shapes
+
+
+def launch_shapes(block_ns: list[int], warps: list[int], stages: list[int]) -> list[tuple[int, int, int | None]]:
+    """(BN, warps, stages) grid, the default first; stage 0 means Triton's default (None)."""
+    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES)
+    grid = [(bn, w, s or None) for bn, w, s in itertools.product(block_ns, warps, stages)]
+    return [default] + [g for g in grid if g != default]
+
+
+def shape_name(shape: tuple[int, int, int | None]) -> str:
+    bn, w, s = shape
+    return f"BN {bn} / {w} warps / stages {s if s is not None else '-'}"
+
+
+class Inputs:
+    """One layer's decode inputs: qkv of one new token per sequence, a scattered paged cache of
+    `context - 1` tokens each, its block tables, slots and RoPE tables."""
+
+    def __init__(self, batch: int, context: int, seed: int = 0, device: str = "cuda") -> None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        blocks_per_seq = -(-context // BLOCK_SIZE)
+        num_blocks = batch * blocks_per_seq
+        self.kc = torch.randn(num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM, device=device, generator=gen).half()
+        self.vc = torch.randn(num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM, device=device, generator=gen).half()
+        perm = torch.randperm(num_blocks, device=device, generator=gen)
+        self.tables = perm.reshape(batch, blocks_per_seq).int()
+        self.lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        self.positions = (self.lens - 1).long()
+        pos = context - 1
+        self.slots = self.tables[:, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+        self.qkv = torch.randn(batch, 3 * HEADS * HEAD_DIM, device=device, generator=gen).half()
+        self.cos, self.sin = rope_tables(context, HEAD_DIM, 10000.0, torch.device(device))
+        self.batch, self.context = batch, context
+        # K and V of the cached tokens, read once per launch (the new token comes from registers)
+        self.kv_bytes = 2 * batch * (context - 1) * HEADS * HEAD_DIM * 2
+
+    def run(self, shape: tuple[int, int, int | None]) -> torch.Tensor:
+        bn, w, s = shape
+        return paged_decode_rope_attention(self.qkv, self.positions, self.cos, self.sin, self.kc, self.vc, self.slots,
+                                           self.tables, self.lens, HEADS, max_context=self.context,
+                                           block_n=bn, num_warps=w, num_stages=s)
+
+    def reference_error(self, out: torch.Tensor) -> float:
+        """Relative error of out's first REF_ROWS sequences against the float32 reference (the run
+        has written the new token into the cache, so attending over all `context` tokens with the
+        rotated query is the reference; the query is rotated as the kernel does)."""
+        from services.engine.kernels.fused_ops import rope_reference
+        rows = min(REF_ROWS, self.batch)
+        q = self.qkv[:rows].view(rows, 3 * HEADS, HEAD_DIM)[:, :HEADS]
+        q = rope_reference(q, self.positions[:rows], self.cos, self.sin).half()
+        ref = paged_decode_reference(q, self.kc, self.vc, self.tables[:rows], self.lens[:rows])
+        return float((out[:rows].float() - ref).norm() / ref.norm())
+
+
+def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) -> list[dict]:
+    inp = Inputs(batch, context)
+    base = inp.run(shapes[0]).float()
+    ref_err = inp.reference_error(base.half())
+    rows = []
+    for shape in shapes:
+        row = {"batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
+               "num_stages": shape[2], "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
+        try:
+            out = inp.run(shape).float()
+            row["rel_err_vs_default"] = float((out - base).norm() / base.norm())
+            if not row["rel_err_vs_default"] <= MAX_REL_ERR:
+                row["error"] = f"output off the default shape's by {row['rel_err_vs_default']:.2e}"
+            else:
+                row["ms"] = timer.median_ms(lambda s=shape: inp.run(s))
+                row["gbs"] = inp.kv_bytes / (row["ms"] * 1e-3) / 1e9
+        except Exception as exc:  # noqa: BLE001 -- a shape the compiler rejects is reported, the sweep goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            torch.cuda.synchronize()
+        if shape == shapes[0]:
+            row["rel_err_vs_reference"] = ref_err
+        rows.append(row)
+        print(f"B={batch:3d} ctx={context:5d} {shape_name(shape):32s} "
+              + (f"{row['ms']:.3f} ms {row['gbs']:.0f} GB/s ({row['gbs'] / copy_gbs:.2f}x copy)" if "ms" in row
+                 else row["error"]), flush=True)
+    return rows
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = [probe_title("Paged decode attention (RoPE + cache write fused): launch shapes", res) + "\n",
+             probe_command(res) + f" Llama-2-7B attention ({HEADS} heads of {HEAD_DIM}, fp16), {BLOCK_SIZE}-token "
+             "cache blocks at random places; one launch per timing (one layer), L2 flushed before each of "
+             f"{res['reps']} graph replays, median. GB/s counts the cached K and V read once; device copy "
+             f"{res.get('copy_gbs', 0):.0f} GB/s (read + write). The first row of each table is the engine's "
+             "default launch shape.\n"]
+    keys = sorted({(r["batch"], r["context"]) for r in res["rows"]})
+    for batch, context in keys:
+        rows = [r for r in res["rows"] if (r["batch"], r["context"]) == (batch, context)]
+        default = next((r for r in rows if "rel_err_vs_reference" in r), rows[0])
+        lines += [f"## batch {batch}, context {context}\n",
+                  f"Default shape's error against the float32 reference: {default.get('rel_err_vs_reference', float('nan')):.1e}.\n",
+                  "| BN | warps | stages | ms | GB/s | × copy | × default |", "|---|---|---|---|---|---|---|"]
+        timed = sorted((r for r in rows if "ms" in r), key=lambda r: (r is not default, r["ms"]))
+        for r in timed:
+            speed = default["ms"] / r["ms"] if "ms" in default else float("nan")
+            lines.append(f"| {r['block_n']} | {r['num_warps']} | {r['num_stages'] if r['num_stages'] is not None else '-'} "
+                         f"| {r['ms']:.3f} | {r['gbs']:.0f} | {r['gbs'] / r['copy_gbs']:.2f} | {speed:.2f} |")
+        for r in (r for r in rows if "error" in r):
+            lines.append(f"| {r['block_n']} | {r['num_warps']} | {r['num_stages'] if r['num_stages'] is not None else '-'} "
+                         f"| – | – | – | {r['error']} |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = probe_parser(__doc__, reps=20, ms="1")
+    ap.add_argument("--shapes", default="1x2048,16x1024,64x1024,256x512,256x1024", help="BATCHxCONTEXT, comma-separated")
+    ap.add_argument("--block-n", default="16,32,64,128")
+    ap.add_argument("--warps", default="2,4,8")
+    # Triton does not pipeline this loop: its sm_90 SASS is the same at every depth (decode_attention_sass_t36.md)
+    ap.add_argument("--stages", default="0", help="Triton pipeline depths (0: Triton's default)")
+    ap.add_argument("--stem", default="decode_attention")
+    args = ap.parse_args()
+    ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
+    shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages))
+    timer = Timer(args.reps)
+    copy_gbs = copy_bandwidth_gbs(timer)
+
+    def parts():
+        for batch, context in parse_shapes(args.shapes):
+            yield shape_rows(batch, context, shapes, timer, copy_gbs)
+            torch.cuda.empty_cache()    # the shape's caches (GiBs) went with shape_rows' frame
+
+    run_probe_parts("probe_decode_attention.py", args.stem, args, parts(), write_markdown, copy_gbs=copy_gbs)
+
+
+if __name__ == "__main__":
+    main()
