@@ -1,6 +1,7 @@
 """Static sm_90 SASS of the paged decode attention kernels (kernels/attention.py) per launch shape,
 compiled on any machine (no GPU) with whatever Triton is importable: instructions, global loads,
-asynchronous copies (LDGSTS: Triton pipelined the loop) and local-memory spills (STL).
+asynchronous copies (LDGSTS: Triton pipelined the loop) and local-memory spills (STL), with and
+without the KV loop's register double buffer (PREFETCH).
 
 It says which launch shapes benchmarks/probe_decode_attention.py should time on the GPU. Writes
 <out>/<stem>.{json,md}.
@@ -29,11 +30,12 @@ ROPE_SIGNATURE = {
     "qkv_ptr": "*fp16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
     "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16",
     "scale": "fp32", "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32", "q_per_kv": "i32",
-    "stride_qkv": "i32", **_CACHE, "D": "constexpr", "BN": "constexpr", "STEP_STOP": "constexpr", "PDL": "constexpr"}
+    "stride_qkv": "i32", **_CACHE, "D": "constexpr", "BN": "constexpr", "STEP_STOP": "constexpr", "PDL": "constexpr",
+    "PREFETCH": "constexpr"}
 PLAIN_SIGNATURE = {
     "q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16",
     "scale": "fp32", "block_size": "i32", "q_per_kv": "i32", "stride_qb": "i32", "stride_qh": "i32", **_CACHE,
-    "D": "constexpr", "BN": "constexpr", "PDL": "constexpr"}
+    "D": "constexpr", "BN": "constexpr", "PDL": "constexpr", "PREFETCH": "constexpr"}
 
 
 # Arguments a launch at Llama-2-7B's shapes passes as multiples of 16 (pointers; block size 16, 32 heads,
@@ -43,15 +45,16 @@ ROPE_ALIGNED = (*range(10), 11, 12, 13, 15, 16, 17, 18, 20, 21)
 PLAIN_ALIGNED = (*range(6), 7, 9, 10, 11, 12, 13, 15, 16)
 
 
-def count(kernel: str, block_n: int, warps: int, stages: int, head_dim: int = 128) -> dict:
+def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128) -> dict:
     if kernel == "rope":
         fn, sig, consts, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, {"STEP_STOP": 0}, ROPE_ALIGNED
     else:
         fn, sig, consts, aligned = A._paged_decode_kernel, PLAIN_SIGNATURE, {}, PLAIN_ALIGNED
-    cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, **consts}, warps, stages,
-                           aligned=aligned)
+    cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, **consts},
+                           warps, stages, aligned=aligned)
     ops = [op for _, op, _ in instructions(disassemble(cubin))]
-    return {"kernel": kernel, "block_n": block_n, "num_warps": warps, "num_stages": stages, "instructions": len(ops),
+    return {"kernel": kernel, "block_n": block_n, "num_warps": warps, "num_stages": stages, "prefetch": prefetch,
+            "instructions": len(ops),
             "global_loads": sum(op.split(".")[0] == "LDG" for op in ops),
             "async_copies": sum(op.startswith("LDGSTS") for op in ops),
             "spill_stores": sum(op.startswith("STL") for op in ops)}
@@ -64,12 +67,14 @@ def main() -> None:
     ap.add_argument("--block-n", default="16,32,64,128")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="1,3", help="Triton pipeline depths to compile")
+    ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
     args = ap.parse_args()
     import triton
     t0 = time.time()
     ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
-    rows = [count(kernel, bn, w, s) for kernel in ("rope", "plain")
-            for bn, w, s in itertools.product(ints(args.block_n), ints(args.warps), ints(args.stages))]
+    rows = [count(kernel, bn, w, s, bool(pf)) for kernel in ("rope", "plain")
+            for pf, bn, w, s in itertools.product(ints(args.prefetch), ints(args.block_n), ints(args.warps),
+                                                  ints(args.stages))]
     res = {"triton": triton.__version__, "commit": git_commit(), "arch": "sm_90", "head_dim": 128,
            "default": {"block_n": A.DECODE_BLOCK_N, "num_warps": A.DECODE_WARPS, "num_stages": A.DECODE_STAGES},
            "command": "python benchmarks/decode_attention_sass.py " + " ".join(sys.argv[1:]), "rows": rows,
@@ -83,8 +88,10 @@ def main() -> None:
              "arguments that are multiples of 16 at Llama-2-7B's shapes marked so (as Triton's JIT does). The engine's "
              f"default: BN {A.DECODE_BLOCK_N}, {A.DECODE_WARPS} warps, Triton's default stages. LDGSTS > 0 would mean "
              "Triton pipelined the KV loop; STL counts spill stores to local memory.", "",
-             "| kernel | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['instructions']} | "
+             "| kernel | prefetch | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {'on' if r['prefetch'] else 'off'} | {r['block_n']} | {r['num_warps']} | "
+              f"{r['num_stages']} | {r['instructions']} | "
               f"{r['global_loads']} | {r['async_copies']} | {r['spill_stores']} |" for r in rows]
     (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / args.stem}.md ({res['wall_s']:.0f} s)")

@@ -93,7 +93,8 @@
 #   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
 #                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
 #   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 360 s (not run yet): decode attention launch shapes
-#                                                   #   (BN x warps) at 5 (batch, context) shapes vs the copy bandwidth
+#                                                   #   (BN x warps x register double buffer) at 5 (batch, context)
+#                                                   #   shapes vs the copy bandwidth
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with

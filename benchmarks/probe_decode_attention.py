@@ -6,7 +6,8 @@ attention streams the KV cache at about 1.85 TB/s (0.28 µs per token of Llama-2
 V, serve_gpu_24gib_long_drain30_tokens_8d39b65.json), about 60 % of a device copy, and at a full
 cache it is near half of a decode step. This times the kernel at Llama-2-7B's attention shape
 (32 heads of 128, fp16, 16-token cache blocks scattered at random as after churn) per (batch,
-context) over a grid of launch shapes: KV tokens per loop iteration (BN), warps and, if asked,
+context) over a grid of launch shapes: KV tokens per loop iteration (BN), warps, the loop's register
+double buffer (prefetch: the next tile's K and V loaded before this tile's math) and, if asked,
 Triton's pipeline depth (num_stages; "-" is Triton's default, which the sweep keeps by default:
 Triton does not pipeline this loop, decode_attention_sass.py). One launch reads one layer's K and V, several times the
 L2, which is flushed before each of the median's replays (CUDA graph, CUDA events). Every shape's
@@ -14,7 +15,7 @@ output is checked against the default shape's (relative error <= 1e-2) and the d
 the float32 reference on a few sequences. Writes <out>/<stem>.{json,md}.
 
   python benchmarks/probe_decode_attention.py --out DIR --commit SHA [--shapes 1x2048,16x1024,256x1024]
-      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0]
+      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0] [--prefetch 0,1]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_gpu_kernels import Timer, copy_bandwidth_gbs  # noqa: E402
 from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
 from services.engine.kernels.attention import (  # noqa: E402
-    DECODE_BLOCK_N, DECODE_STAGES, DECODE_WARPS, paged_decode_reference, paged_decode_rope_attention,
+    DECODE_BLOCK_N, DECODE_PREFETCH, DECODE_STAGES, DECODE_WARPS, paged_decode_reference, paged_decode_rope_attention,
 )
 from services.engine.kernels.fused_ops import rope_tables  # noqa: E402
 
@@ -52,16 +53,19 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def launch_shapes(block_ns: list[int], warps: list[int], stages: list[int]) -> list[tuple[int, int, int | None]]:
-    """(BN, warps, stages) grid, the default first; stage 0 means Triton's default (None)."""
-    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES)
-    grid = [(bn, w, s or None) for bn, w, s in itertools.product(block_ns, warps, stages)]
+Shape = tuple[int, int, "int | None", bool]     # (BN, warps, stages or None, prefetch)
+
+
+def launch_shapes(block_ns: list[int], warps: list[int], stages: list[int], prefetch: list[int]) -> list[Shape]:
+    """(BN, warps, stages, prefetch) grid, the default first; stage 0 means Triton's default (None)."""
+    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES, DECODE_PREFETCH)
+    grid = [(bn, w, s or None, bool(pf)) for pf, bn, w, s in itertools.product(prefetch, block_ns, warps, stages)]
     return [default] + [g for g in grid if g != default]
 
 
-def shape_name(shape: tuple[int, int, int | None]) -> str:
-    bn, w, s = shape
-    return f"BN {bn} / {w} warps / stages {s if s is not None else '-'}"
+def shape_name(shape: Shape) -> str:
+    bn, w, s, pf = shape
+    return f"BN {bn} / {w} warps / stages {s if s is not None else '-'}" + (" / prefetch" if pf else "")
 
 
 class Inputs:
@@ -86,11 +90,11 @@ class Inputs:
         # K and V of the cached tokens, read once per launch (the new token comes from registers)
         self.kv_bytes = 2 * batch * (context - 1) * HEADS * HEAD_DIM * 2
 
-    def run(self, shape: tuple[int, int, int | None]) -> torch.Tensor:
-        bn, w, s = shape
+    def run(self, shape: Shape) -> torch.Tensor:
+        bn, w, s, pf = shape
         return paged_decode_rope_attention(self.qkv, self.positions, self.cos, self.sin, self.kc, self.vc, self.slots,
                                            self.tables, self.lens, HEADS, max_context=self.context,
-                                           block_n=bn, num_warps=w, num_stages=s)
+                                           block_n=bn, num_warps=w, num_stages=s, prefetch=pf)
 
     def reference_error(self, out: torch.Tensor) -> float:
         """Relative error of out's first REF_ROWS sequences against the float32 reference (the run
@@ -111,7 +115,7 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     rows = []
     for shape in shapes:
         row = {"batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
-               "num_stages": shape[2], "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
+               "num_stages": shape[2], "prefetch": shape[3], "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
         try:
             out = inp.run(shape).float()
             row["rel_err_vs_default"] = float((out - base).norm() / base.norm())
@@ -132,6 +136,11 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     return rows
 
 
+def _shape_cells(row: dict) -> str:
+    stages = row["num_stages"] if row["num_stages"] is not None else "-"
+    return f"{row['block_n']} | {row['num_warps']} | {stages} | {'on' if row.get('prefetch') else 'off'}"
+
+
 def write_markdown(res: dict, path: Path) -> None:
     lines = [probe_title("Paged decode attention (RoPE + cache write fused): launch shapes", res) + "\n",
              probe_command(res) + f" Llama-2-7B attention ({HEADS} heads of {HEAD_DIM}, fp16), {BLOCK_SIZE}-token "
@@ -145,15 +154,15 @@ def write_markdown(res: dict, path: Path) -> None:
         default = next((r for r in rows if "rel_err_vs_reference" in r), rows[0])
         lines += [f"## batch {batch}, context {context}\n",
                   f"Default shape's error against the float32 reference: {default.get('rel_err_vs_reference', float('nan')):.1e}.\n",
-                  "| BN | warps | stages | ms | GB/s | × copy | × default |", "|---|---|---|---|---|---|---|"]
+                  "| BN | warps | stages | prefetch | ms | GB/s | × copy | × default |",
+                  "|---|---|---|---|---|---|---|---|"]
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: (r is not default, r["ms"]))
         for r in timed:
             speed = default["ms"] / r["ms"] if "ms" in default else float("nan")
-            lines.append(f"| {r['block_n']} | {r['num_warps']} | {r['num_stages'] if r['num_stages'] is not None else '-'} "
-                         f"| {r['ms']:.3f} | {r['gbs']:.0f} | {r['gbs'] / r['copy_gbs']:.2f} | {speed:.2f} |")
+            lines.append(f"| {_shape_cells(r)} | {r['ms']:.3f} | {r['gbs']:.0f} | {r['gbs'] / r['copy_gbs']:.2f} "
+                         f"| {speed:.2f} |")
         for r in (r for r in rows if "error" in r):
-            lines.append(f"| {r['block_n']} | {r['num_warps']} | {r['num_stages'] if r['num_stages'] is not None else '-'} "
-                         f"| – | – | – | {r['error']} |")
+            lines.append(f"| {_shape_cells(r)} | – | – | – | {r['error']} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
@@ -165,10 +174,11 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8")
     # Triton does not pipeline this loop: its sm_90 SASS is the same at every depth (decode_attention_sass_t36.md)
     ap.add_argument("--stages", default="0", help="Triton pipeline depths (0: Triton's default)")
+    ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
     ap.add_argument("--stem", default="decode_attention")
     args = ap.parse_args()
     ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
-    shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages))
+    shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.prefetch))
     timer = Timer(args.reps)
     copy_gbs = copy_bandwidth_gbs(timer)
 

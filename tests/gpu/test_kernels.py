@@ -175,6 +175,9 @@ def test_paged_decode_attention(num_heads: int, num_kv_heads: int) -> None:
     q = torch.randn(bsz, num_heads, d, device=DEV).half()
     out = paged_decode_attention(q, kc, vc, tables, lens)
     assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
+    for block_n, warps in ((16, 4), (32, 4), (64, 8)):    # other launch shapes, with the register double buffer
+        out = paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, num_warps=warps, prefetch=True)
+        assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
 
 
 
@@ -199,6 +202,11 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
     assert rel_err(out, paged_decode_reference(q, kc_ref, vc_ref, tables, lens)) < 1e-2
     assert torch.equal(vc, vc_ref)
     assert (kc.float() - kc_ref.float()).abs().max().item() < 2e-3   # same rotation, maybe another rounding
+    for block_n, warps in ((16, 4), (32, 4), (64, 8)):    # other launch shapes, with the register double buffer
+        kc2, vc2 = kc.clone(), vc.clone()
+        out = paged_decode_rope_attention(qkv, pos, cos, sin, kc2, vc2, slots, tables, lens, num_heads,
+                                          block_n=block_n, num_warps=warps, prefetch=True)
+        assert rel_err(out, ref) < 1e-2 and torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])

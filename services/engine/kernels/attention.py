@@ -39,17 +39,49 @@ if triton is not None:
         return t, tmask, off[:, None] + offs_d[None, :]
 
     @triton.jit
-    def _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc):
-        """One KV tile of a single query's attention, online softmax: (m_i, l_i, acc) updated with
-        the tile's keys and values (fp32; masked tokens count 0, a fully masked prefix gives no NaN)."""
-        k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(tmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+    def _softmax_update(k, v, tmask, q, m_i, l_i, acc):
+        """One loaded KV tile of a single query's attention, online softmax: (m_i, l_i, acc) updated
+        with the tile's keys and values (fp32; masked tokens count 0, a fully masked prefix gives no NaN)."""
+        scores = tl.where(tmask, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
         p = tl.exp(scores - m_ref)
         alpha = tl.exp(m_i - m_ref)
-        v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+
+    @triton.jit
+    def _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc):
+        """_softmax_update over the tile at kv_off, loaded first."""
+        k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+        return _softmax_update(k, v, tmask, q, m_i, l_i, acc)
+
+    @triton.jit
+    def _attend(k_ptr, v_ptr, bt_row_ptr, hi, loop_end, block_size, stride_cb, stride_ct, head_off, offs_d, q,
+                D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr):
+        """(m_i, l_i, acc) of one query over the sequence's first `hi` cached tokens, loop_end >= hi
+        bounding the loop. PREFETCH: a register double buffer, the next tile's K and V loads issued
+        before this tile's math (Triton does not pipeline this loop itself: decode_attention_sass.py)."""
+        m_i = tl.full((), float("-inf"), tl.float32)
+        l_i = tl.full((), 0.0, tl.float32)
+        acc = tl.zeros((D,), dtype=tl.float32)
+        if PREFETCH:
+            _, tmask, kv_off = _kv_tile(bt_row_ptr, 0, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN)
+            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+            for t0 in range(0, loop_end, BN):
+                _, next_mask, next_off = _kv_tile(bt_row_ptr, t0 + BN, hi, block_size, stride_cb, stride_ct,
+                                                  head_off, offs_d, BN)
+                k_next = tl.load(k_ptr + next_off, mask=next_mask[:, None], other=0.0)
+                v_next = tl.load(v_ptr + next_off, mask=next_mask[:, None], other=0.0)
+                m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
+                k, v, tmask = k_next, v_next, next_mask
+        else:
+            for t0 in range(0, loop_end, BN):
+                _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, hi, block_size, stride_cb, stride_ct, head_off, offs_d,
+                                            BN)
+                m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
+        return m_i, l_i, acc
 
     @triton.jit
     def _paged_decode_kernel(
@@ -57,7 +89,7 @@ if triton is not None:
         scale, block_size, q_per_kv,
         stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         b = tl.program_id(0)
@@ -66,13 +98,8 @@ if triton is not None:
         length = tl.load(lens_ptr + b)
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
-        m_i = tl.full((), float("-inf"), tl.float32)
-        l_i = tl.full((), 0.0, tl.float32)
-        acc = tl.zeros((D,), dtype=tl.float32)
-        for t0 in range(0, length, BN):
-            _, tmask, kv_off = _kv_tile(bt_ptr + b * stride_btb, t0, length, block_size, stride_cb, stride_ct,
-                                        kvh * stride_ch, offs_d, BN)
-            m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
+        m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, length, length, block_size, stride_cb,
+                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH)
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -82,7 +109,7 @@ if triton is not None:
         scale, block_size, num_heads, num_kv_heads, q_per_kv,
         stride_qkv, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr = 0,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         """_paged_decode_kernel with the RoPE + KV-cache write of _rope_cache_kernel folded in.
 
@@ -115,15 +142,10 @@ if triton is not None:
             tl.store(k_ptr + slot * stride_ct + kvh * stride_ch + offs_d, k_new)
             tl.store(v_ptr + slot * stride_ct + kvh * stride_ch + offs_d, v_new)
         cached = tl.load(lens_ptr + b) - 1
-        m_i = tl.full((), float("-inf"), tl.float32)
-        l_i = tl.full((), 0.0, tl.float32)
-        acc = tl.zeros((D,), dtype=tl.float32)
         # Under the interpreter a loaded value cannot bound a loop: STEP_STOP (the batch's longest
         # context, a constant) does, and blocks past `cached` are fully masked (p = 0, alpha = 1).
-        for t0 in range(0, STEP_STOP if STEP_STOP > 0 else cached, BN):
-            _, tmask, kv_off = _kv_tile(bt_ptr + b * stride_btb, t0, cached, block_size, stride_cb, stride_ct,
-                                        kvh * stride_ch, offs_d, BN)
-            m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
+        m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, cached, STEP_STOP if STEP_STOP > 0 else cached,
+                                block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH)
         s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
         m_new = tl.maximum(m_i, s_new)
         p_new = tl.exp(s_new - m_new)
@@ -137,11 +159,14 @@ if triton is not None:
 DECODE_BLOCK_N = 64
 DECODE_WARPS = 4
 DECODE_STAGES: int | None = None
+DECODE_PREFETCH = False    # the register double buffer of the KV loop (_attend); not yet timed on a GPU
 
 
-def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None) -> dict:
-    """The kernels' BN / num_warps / num_stages launch arguments (defaults: the module's settings)."""
-    meta = {"BN": block_n or DECODE_BLOCK_N, "num_warps": num_warps or DECODE_WARPS}
+def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None,
+                  prefetch: bool | None = None) -> dict:
+    """The kernels' BN / num_warps / num_stages / PREFETCH launch arguments (defaults: the module's settings)."""
+    meta = {"BN": block_n or DECODE_BLOCK_N, "num_warps": num_warps or DECODE_WARPS,
+            "PREFETCH": DECODE_PREFETCH if prefetch is None else prefetch}
     stages = num_stages if num_stages is not None else DECODE_STAGES
     if stages is not None:
         meta["num_stages"] = stages
@@ -157,12 +182,14 @@ def paged_decode_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] over its first context_lens[b] cached tokens → [B, H, D].
 
     block_tables int32 [B, max_blocks], context_lens int32 [B] (each ≥ 1). Caches are
     [num_blocks, block_size, KVH, D] with the last two dims contiguous. block_n / num_warps /
-    num_stages: the launch shape (default DECODE_BLOCK_N / DECODE_WARPS / DECODE_STAGES).
+    num_stages / prefetch: the launch shape (default DECODE_BLOCK_N / DECODE_WARPS / DECODE_STAGES /
+    DECODE_PREFETCH).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -181,7 +208,7 @@ def paged_decode_attention(
         scale, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, **_launch_shape(block_n, num_warps, num_stages),
+        D=d, **_launch_shape(block_n, num_warps, num_stages, prefetch),
     )
     return out
 
@@ -192,6 +219,7 @@ def paged_decode_rope_attention(
     block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
     scale: float | None = None, max_context: int = 0,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """rope_and_cache then paged_decode_attention in one launch, for a step where every sequence
     computes one token: qkv [B, (H + 2 KVH) D] laid out [q | k | v], positions / slot_mapping [B]
@@ -218,7 +246,7 @@ def paged_decode_rope_attention(
         scale, block_size, num_heads, num_kv_heads, num_heads // num_kv_heads,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, STEP_STOP=max_context if _INTERPRET else 0, **_launch_shape(block_n, num_warps, num_stages),
+        D=d, STEP_STOP=max_context if _INTERPRET else 0, **_launch_shape(block_n, num_warps, num_stages, prefetch),
     )
     return out
 

@@ -18,10 +18,11 @@ from tests.unit.engine.kernels.interpreted import run_interpreted  # noqa: E402
 def check_interpreted() -> None:
     from probe_decode_attention import Inputs
     inp = Inputs(2, 40, device="cpu")
-    base = inp.run((64, 4, None))
+    base = inp.run((64, 4, None, False))
     assert inp.reference_error(base) < 1e-2
-    other = inp.run((16, 2, 2))
-    assert float((other.float() - base.float()).norm() / base.float().norm()) < 1e-2
+    for shape in ((16, 2, 2, False), (16, 4, None, True)):
+        other = inp.run(shape)
+        assert float((other.float() - base.float()).norm() / base.float().norm()) < 1e-2
     assert inp.kv_bytes == 2 * 2 * 39 * 32 * 128 * 2
 
 
@@ -31,8 +32,8 @@ def test_inputs_and_reference_interpreted() -> None:
 
 def test_grid_and_shapes() -> None:
     from probe_decode_attention import launch_shapes, parse_shapes
-    grid = launch_shapes([32, 64], [4], [0, 2])
-    assert grid[0] == (64, 4, None) and len(grid) == len(set(grid)) == 4
+    grid = launch_shapes([32, 64], [4], [0, 2], [0, 1])
+    assert grid[0] == (64, 4, None, False) and len(grid) == len(set(grid)) == 8
     assert parse_shapes("1x2048,256x512") == [(1, 2048), (256, 512)]
     with pytest.raises(SystemExit, match="BATCHxCONTEXT"):
         parse_shapes("256")
@@ -45,16 +46,17 @@ def test_report(tmp_path: Path) -> None:
     base = {"batch": 256, "context": 1024, "kv_bytes": 10**9, "copy_gbs": 3000.0}
     res = {"device": "GPU", "commit": "abc", "torch": "2", "triton": "3.6", "reps": 20, "copy_gbs": 3000.0,
            "command": "python benchmarks/probe_decode_attention.py", "rows": [
-               {**base, "block_n": 64, "num_warps": 4, "num_stages": None, "ms": 0.5, "gbs": 2000.0,
+               {**base, "block_n": 64, "num_warps": 4, "num_stages": None, "prefetch": False, "ms": 0.5, "gbs": 2000.0,
                 "rel_err_vs_default": 0.0, "rel_err_vs_reference": 3e-4},
-               {**base, "block_n": 128, "num_warps": 8, "num_stages": 3, "ms": 0.4, "gbs": 2500.0,
+               {**base, "block_n": 128, "num_warps": 8, "num_stages": 3, "prefetch": True, "ms": 0.4, "gbs": 2500.0,
                 "rel_err_vs_default": 1e-4},
-               {**base, "block_n": 32, "num_warps": 2, "num_stages": 4, "error": "OutOfResources: shared memory"}]}
+               {**base, "block_n": 32, "num_warps": 2, "num_stages": 4, "prefetch": False,
+                "error": "OutOfResources: shared memory"}]}
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
     assert "## batch 256, context 1024" in text and "reference: 3.0e-04" in text
     lines = text.splitlines()
-    first = lines.index("| BN | warps | stages | ms | GB/s | × copy | × default |")
-    assert lines[first + 2] == "| 64 | 4 | - | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
-    assert lines[first + 3] == "| 128 | 8 | 3 | 0.400 | 2500 | 0.83 | 1.25 |"
-    assert "| 32 | 2 | 4 | – | – | – | OutOfResources: shared memory |" in text
+    first = lines.index("| BN | warps | stages | prefetch | ms | GB/s | × copy | × default |")
+    assert lines[first + 2] == "| 64 | 4 | - | off | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
+    assert lines[first + 3] == "| 128 | 8 | 3 | on | 0.400 | 2500 | 0.83 | 1.25 |"
+    assert "| 32 | 2 | 4 | off | – | – | – | OutOfResources: shared memory |" in text

@@ -56,6 +56,15 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     again = paged_decode_rope_attention(qkv, positions, cos, sin, kc.clone(), vc.clone(), slots, tables, lens,
                                         num_heads, max_context=int(lens.max()), block_n=16, num_warps=2)
     assert float((again.float() - ref).norm() / ref.norm()) < 1e-2
+    # the register double buffer (next tile loaded before this one's math), both kernels, two tile sizes
+    for block_n in (16, 64):
+        pre = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=block_n, prefetch=True)
+        assert float((pre.float() - ref).norm() / ref.norm()) < 1e-2
+        kc_pre, vc_pre = kc.clone(), vc.clone()
+        pre = paged_decode_rope_attention(qkv, positions, cos, sin, kc_pre, vc_pre, slots, tables, lens, num_heads,
+                                          max_context=int(lens.max()), block_n=block_n, prefetch=True)
+        assert float((pre.float() - ref).norm() / ref.norm()) < 1e-2
+        assert torch.equal(kc_pre, kc) and torch.equal(vc_pre, vc)
 
 
 def test_decode_rope_attention_interpreted() -> None:
