@@ -92,9 +92,10 @@
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
 #                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
-#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 360 s (not run yet): decode attention launch shapes
-#                                                   #   (BN x warps x register double buffer) at 5 (batch, context)
-#                                                   #   shapes vs the copy bandwidth
+#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 480 s (not run yet): decode attention launch shapes
+#                                                   #   (BN x warps x register double buffer) at 7 (batch, context)
+#                                                   #   shapes vs the copy bandwidth, then the graphed 7B decode step
+#                                                   #   at batch 1 / 16 / 64 with the double buffer off / on / off
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -263,7 +264,8 @@ case "$stage" in
                 # copy bandwidth: serving's cost models price a cached token read at ~1.85 TB/s, and at a full
                 # cache that is near half a decode step (probe_decode_attention.py; static SASS: no spills at
                 # any shape but BN 128 / 8 warps, decode_attention_sass_t36.md)
-    timeout 300 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" 2>&1 | grep "^B=\|Error"
+    timeout 420 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" 2>&1 \
+      | grep "^B=\|^step\|Error"
     timeout 60 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode" 2>&1 | tail -3 \
       | tee "$out/pytest_attn.log"
     ;;

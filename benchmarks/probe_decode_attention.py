@@ -12,7 +12,8 @@ Triton's pipeline depth (num_stages; "-" is Triton's default, which the sweep ke
 Triton does not pipeline this loop, decode_attention_sass.py). One launch reads one layer's K and V, several times the
 L2, which is flushed before each of the median's replays (CUDA graph, CUDA events). Every shape's
 output is checked against the default shape's (relative error <= 1e-2) and the default's against
-the float32 reference on a few sequences. Writes <out>/<stem>.{json,md}.
+the float32 reference on a few sequences. Then the whole graphed Llama-2-7B decode step with the
+double buffer off, on and off again (--step-batches). Writes <out>/<stem>.{json,md}.
 
   python benchmarks/probe_decode_attention.py --out DIR --commit SHA [--shapes 1x2048,16x1024,256x1024]
       [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0] [--prefetch 0,1]
@@ -114,7 +115,7 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     ref_err = inp.reference_error(base.half())
     rows = []
     for shape in shapes:
-        row = {"batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
+        row = {"part": "sweep", "batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
                "num_stages": shape[2], "prefetch": shape[3], "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
         try:
             out = inp.run(shape).float()
@@ -136,6 +137,28 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     return rows
 
 
+def step_rows(batches: list[int], context: int, timer: Timer, copy_gbs: float):
+    """Per batch size, the graphed decode step of random-weight Llama-2-7B (W4Decoder, 4-bit, fused
+    RoPE + attention, tiled layout) with the attention's register double buffer off, on, off again."""
+    from benchmarks.bench_gpu_kernels import DECODE_BLOCK, decode_floor, decode_inputs, decode_model
+    from services.engine.kernels import attention
+    model = decode_model(False, context, max(batches), 4)
+    model.fused_decode_attention = True
+    for bsz in batches:
+        inputs = decode_inputs(bsz, context, DECODE_BLOCK, model.shape.vocab, None)
+        row = {"part": "step", "batch": bsz, "context": context,
+               "floor_ms": decode_floor(model, bsz, context, copy_gbs)[0]}
+        for key, prefetch in (("off_ms", False), ("prefetch_ms", True), ("off_again_ms", False)):
+            attention.DECODE_PREFETCH = prefetch
+            try:
+                row[key] = timer.median_ms(lambda: model.decode(**inputs))
+            finally:
+                attention.DECODE_PREFETCH = False
+        print(f"step B={bsz:3d} ctx={context}: off {row['off_ms']:.3f} ms, prefetch {row['prefetch_ms']:.3f} ms, "
+              f"off again {row['off_again_ms']:.3f} ms, floor {row['floor_ms']:.3f} ms", flush=True)
+        yield [row]
+
+
 def _shape_cells(row: dict) -> str:
     stages = row["num_stages"] if row["num_stages"] is not None else "-"
     return f"{row['block_n']} | {row['num_warps']} | {stages} | {'on' if row.get('prefetch') else 'off'}"
@@ -148,9 +171,10 @@ def write_markdown(res: dict, path: Path) -> None:
              f"{res['reps']} graph replays, median. GB/s counts the cached K and V read once; device copy "
              f"{res.get('copy_gbs', 0):.0f} GB/s (read + write). The first row of each table is the engine's "
              "default launch shape.\n"]
-    keys = sorted({(r["batch"], r["context"]) for r in res["rows"]})
+    sweep = [r for r in res["rows"] if r.get("part", "sweep") == "sweep"]
+    keys = sorted({(r["batch"], r["context"]) for r in sweep})
     for batch, context in keys:
-        rows = [r for r in res["rows"] if (r["batch"], r["context"]) == (batch, context)]
+        rows = [r for r in sweep if (r["batch"], r["context"]) == (batch, context)]
         default = next((r for r in rows if "rel_err_vs_reference" in r), rows[0])
         lines += [f"## batch {batch}, context {context}\n",
                   f"Default shape's error against the float32 reference: {default.get('rel_err_vs_reference', float('nan')):.1e}.\n",
@@ -164,21 +188,39 @@ def write_markdown(res: dict, path: Path) -> None:
         for r in (r for r in rows if "error" in r):
             lines.append(f"| {_shape_cells(r)} | – | – | – | {r['error']} |")
         lines.append("")
+    steps = [r for r in res["rows"] if r.get("part") == "step"]
+    if steps:
+        lines += ["## The whole decode step\n",
+                  "Graphed step of random-weight Llama-2-7B (4-bit g128, tiled layout, fused RoPE + attention, L2 "
+                  "flushed before each replay), the attention's register double buffer off, on, off again; floor: "
+                  "weights + KV bytes over the copy bandwidth.\n",
+                  "| batch | context | off ms | prefetch ms | off again ms | off ÷ prefetch | prefetch ÷ floor |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in steps:
+            off = min(r["off_ms"], r["off_again_ms"])
+            lines.append(f"| {r['batch']} | {r['context']} | {r['off_ms']:.3f} | {r['prefetch_ms']:.3f} | "
+                         f"{r['off_again_ms']:.3f} | {off / r['prefetch_ms']:.2f} | {r['prefetch_ms'] / r['floor_ms']:.2f} |")
+        lines.append("\noff ÷ prefetch uses the faster of the two timings without it.")
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = probe_parser(__doc__, reps=20, ms="1")
-    ap.add_argument("--shapes", default="1x2048,16x1024,64x1024,256x512,256x1024", help="BATCHxCONTEXT, comma-separated")
+    ap.add_argument("--shapes", default="1x256,16x256,1x2048,16x1024,64x1024,256x512,256x1024",
+                    help="BATCHxCONTEXT, comma-separated")
     ap.add_argument("--block-n", default="16,32,64,128")
     ap.add_argument("--warps", default="2,4,8")
     # Triton does not pipeline this loop: its sm_90 SASS is the same at every depth (decode_attention_sass_t36.md)
     ap.add_argument("--stages", default="0", help="Triton pipeline depths (0: Triton's default)")
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
+    ap.add_argument("--step-batches", default="1,16,64",
+                    help="also the graphed 7B decode step at these batch sizes, prefetch off / on / off (empty: skip)")
+    ap.add_argument("--step-context", type=int, default=256)
     ap.add_argument("--stem", default="decode_attention")
     args = ap.parse_args()
     ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
     shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.prefetch))
+    step_batches = ints(args.step_batches)
     timer = Timer(args.reps)
     copy_gbs = copy_bandwidth_gbs(timer)
 
@@ -186,6 +228,8 @@ def main() -> None:
         for batch, context in parse_shapes(args.shapes):
             yield shape_rows(batch, context, shapes, timer, copy_gbs)
             torch.cuda.empty_cache()    # the shape's caches (GiBs) went with shape_rows' frame
+        if step_batches:
+            yield from step_rows(step_batches, args.step_context, timer, copy_gbs)
 
     run_probe_parts("probe_decode_attention.py", args.stem, args, parts(), write_markdown, copy_gbs=copy_gbs)
 

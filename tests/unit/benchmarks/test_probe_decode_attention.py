@@ -60,3 +60,10 @@ def test_report(tmp_path: Path) -> None:
     assert lines[first + 2] == "| 64 | 4 | - | off | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
     assert lines[first + 3] == "| 128 | 8 | 3 | on | 0.400 | 2500 | 0.83 | 1.25 |"
     assert "| 32 | 2 | 4 | off | – | – | – | OutOfResources: shared memory |" in text
+    assert "## The whole decode step" not in text
+    res["rows"].append({"part": "step", "batch": 1, "context": 256, "floor_ms": 1.25, "off_ms": 2.7,
+                        "prefetch_ms": 2.5, "off_again_ms": 2.75})
+    write_markdown(res, tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| 1 | 256 | 2.700 | 2.500 | 2.750 | 1.08 | 2.00 |" in text
+    assert text.count("## batch") == 1          # the step row is not a sweep shape
