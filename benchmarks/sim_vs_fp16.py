@@ -115,7 +115,7 @@ def report(res: dict) -> str:
     if meta.get("load_unit") == "tokens":
         lines += ["**Load in tokens:** each seed's request rate is scaled by the capacity burst's mean output "
                   "length over that seed's (the task mix's expectation), so every trace offers the same output "
-                  "tokens per second: at a fixed req/s the seeds' Zipf orders put 66–147 output tokens on a "
+                  "tokens per second: at a fixed req/s the seeds' Zipf orders put 63–149 output tokens on a "
                   "request of this workload.", ""]
     if meta.get("prefill_cut_ms"):
         lines += [f"**What-if:** the 4-bit engine's fitted fixed price of a step with a prefill is lowered by "
