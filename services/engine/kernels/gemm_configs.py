@@ -162,8 +162,9 @@ def frag_candidate_configs(m: int) -> list[GemmConfig]:
       where the tiled layout's wgmma kinds reach 0.86-1.08, and the dense kind (dequantize, then
       cuBLAS) is offered for the compute-bound rows.
     """
-    # frag_t (swapped operands: the weights wgmma's register operand) has not run on a GPU: offered beside
-    # the measured kinds, the tuner keeps it only where it is faster. sm_90 SASS compiled here with Triton 3.6
+    # frag_t (swapped operands: the weights wgmma's register operand) is offered beside the other kinds and the
+    # tuner keeps it only where it is faster: on the H100 one fragment order or the other picked it at M = 1-256
+    # on some shapes (frag_engine_gemm_7ff25bc.md). sm_90 SASS compiled here with Triton 3.6
     # (frag_sass_t36_039fb8d.md): 3.09 instructions / weight at BM 64 BN 128 in the k_width 2 order with no
     # shuffles (the frag kind: 3.51), and 5.16 against 6.12 at BM 128 BN 64; with a double buffer it spills.
     swapped = [GemmConfig("frag_t", bm, bn, sk, w, 2, fast_deq=True, zsub=True)
