@@ -25,22 +25,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_fit import run_lengths  # noqa: E402
 from serve_gpu_ratios import geomean  # noqa: E402
-from serve_gpu_workload import LOAD_UNITS, make_trace, task_names, trace_rate  # noqa: E402
-from sim_vs_fp16 import engines  # noqa: E402
+from serve_gpu_workload import LOAD_UNITS  # noqa: E402
+from sim_vs_fp16 import RunWorkload, engines  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.policies.inlaid import InlaidScheduler  # noqa: E402
-from services.engine.simulator.metrics import summarize  # noqa: E402
-from services.engine.simulator.simulator import Simulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MISSED_PENALTY = 10 ** 6    # added to a missed request's SRTF key: after every request still on time
 
 
+def deadline_of(solo_s, slo_scale: float):
+    """A waiting request's SLO deadline: arrival + slo_scale x the solo fit of its prompt and predicted output."""
+    return lambda seq: seq.arrival_s + slo_scale * solo_s(seq.num_prompt_tokens, seq.predicted_output_tokens or 1)
+
+
 def missed_last(solo_s, slo_scale: float) -> type:
     """InlaidScheduler that ranks waiting requests past their SLO deadline after all others."""
+    deadline = deadline_of(solo_s, slo_scale)
 
     class MissedLast(InlaidScheduler):
         def _prefill(self, now_s: float, decode_rows: int):
@@ -48,8 +51,7 @@ def missed_last(solo_s, slo_scale: float) -> type:
                 state = seq.sched_state
                 if state.get("missed"):
                     continue
-                deadline = seq.arrival_s + slo_scale * solo_s(seq.num_prompt_tokens, seq.predicted_output_tokens or 1)
-                if now_s > deadline:
+                if now_s > deadline(seq):
                     state["missed"] = True
                     state["waiting_remaining"] = seq.predicted_remaining_tokens + MISSED_PENALTY
             return super()._prefill(now_s, decode_rows)
@@ -63,15 +65,12 @@ def missed_capped(solo_s, slo_scale: float, cap: int) -> type:
     requests that can still meet their SLO then run in smaller, faster steps, while at lighter load,
     where few have missed, the running set still grows as before."""
     base = missed_last(solo_s, slo_scale)
+    deadline = deadline_of(solo_s, slo_scale)
 
     class MissedCapped(base):
         def _prefill(self, now_s: float, decode_rows: int):
-            if len(self.running) < cap:
-                return super()._prefill(now_s, decode_rows)
             super_prefill = super()._prefill
-            deadline_of = {id(s): s.arrival_s + slo_scale * solo_s(s.num_prompt_tokens, s.predicted_output_tokens or 1)
-                           for s in self.waiting}
-            held = [s for s in self.waiting if now_s > deadline_of[id(s)]]
+            held = [s for s in self.waiting if now_s > deadline(s)] if len(self.running) >= cap else []
             if not held:
                 return super_prefill(now_s, decode_rows)
             ids = {id(s) for s in held}
@@ -114,30 +113,17 @@ def main() -> None:
     run = json.loads((RESULTS / f"{args.run}.json").read_text())
     eng = engines(run, read_steps(RESULTS / f"{args.run}.steps.csv"))
     meta = run["meta"]
-    lengths = run_lengths(meta)
-    tasks = task_names(meta["num_tasks"], list(lengths))
-    fit = run["calibration"]["solo"]["fit"]
     slo_scale = meta["slo_scale"]
-
-    def solo_s(prompt: int, output: int) -> float:
-        return fit["intercept_s"] + fit["s_per_prompt_token"] * prompt + fit["s_per_output_token"] * output
-
-    cost, sim_cfg = eng["4-bit"]
+    workload = RunWorkload.of(run)
     policies = {"inlaid": (POLICIES["inlaid"], eng["sched"]), "fifo": (POLICIES["fifo"], eng["sched"])}
     for name in args.variants.split(","):
-        policies[f"inlaid, {name}"] = variant(name, eng["sched"], solo_s, slo_scale)
+        policies[f"inlaid, {name}"] = variant(name, eng["sched"], workload.solo_s, slo_scale)
     rows = []
     for seed in range(100, 100 + args.seeds):
-        rate = trace_rate(args.rate * run["calibration"]["fifo_capacity_req_s"], args.load_unit, tasks, lengths,
-                          seed, meta.get("seed", 0) + 1, meta["zipf_a"])
-        trace = make_trace(tasks, lengths, rate, args.window_s, seed, zipf_a=meta["zipf_a"],
-                           pred_sigma=meta["pred_sigma"], prefix=f"v{seed}-")
+        _, trace = workload.trace(args.rate, seed, args.window_s, args.load_unit)
         row = {"seed": seed, "requests": len(trace)}
         for label, (cls, sched) in policies.items():
-            res = Simulator(cls, sched, cost, sim_cfg).run(trace)
-            records = [dataclasses.replace(r, solo_latency_s=solo_s(r.num_prompt_tokens, r.num_output_tokens))
-                       for r in res.requests]
-            m = summarize(records, res.steps, sim_cfg.slo_scale)
+            m = workload.replay(cls, sched, *eng["4-bit"], trace)
             row[label] = {"slo_attainment": m["slo_attainment"], "jct_avg_s": m["jct_avg_s"],
                           "throughput_req_s": m["throughput_req_s"]}
         rows.append(row)

@@ -57,35 +57,59 @@ def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0) -> dict:
     return {"sched": sched, "4-bit": (cost4, sim4), "fp16": (cost16, sim16), "errors": errors}
 
 
+@dataclasses.dataclass(frozen=True)
+class RunWorkload:
+    """A GPU run's workload as bench_serve_gpu drew it (tasks, per-family lengths, C, Zipf, predictor
+    noise) and its measured solo-latency fit, to replay on new seeds in the simulator."""
+    tasks: list[str]
+    lengths: dict
+    capacity: float
+    zipf_a: float
+    pred_sigma: float
+    burst_seed: int      # bench_serve_gpu's capacity burst: the reference mix of a load in tokens
+    solo_fit: dict
+
+    @classmethod
+    def of(cls, run: dict) -> RunWorkload:
+        meta = run["meta"]
+        lengths = run_lengths(meta)
+        return cls(task_names(meta["num_tasks"], list(lengths)), lengths, run["calibration"]["fifo_capacity_req_s"],
+                   meta["zipf_a"], meta["pred_sigma"], meta.get("seed", 0) + 1, run["calibration"]["solo"]["fit"])
+
+    def solo_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        """A request's latency served alone, from the run's fit."""
+        f = self.solo_fit
+        return f["intercept_s"] + f["s_per_prompt_token"] * prompt_tokens + f["s_per_output_token"] * output_tokens
+
+    def trace(self, frac: float, seed: int, window_s: float, load_unit: str) -> tuple[float, list]:
+        """(request rate, trace) of seed at frac × C (load_unit as serve_gpu_workload.trace_rate)."""
+        rate = trace_rate(frac * self.capacity, load_unit, self.tasks, self.lengths, seed, self.burst_seed,
+                          self.zipf_a)
+        return rate, make_trace(self.tasks, self.lengths, rate, window_s, seed, zipf_a=self.zipf_a,
+                                pred_sigma=self.pred_sigma, prefix=f"v{seed}-")
+
+    def replay(self, policy, sched, cost, sim_cfg, trace: list) -> dict:
+        """summarize() of one drained simulated replay, SLO judged against the run's solo fit."""
+        res = Simulator(policy, sched, cost, sim_cfg).run(trace)
+        records = [dataclasses.replace(r, solo_latency_s=self.solo_s(r.num_prompt_tokens, r.num_output_tokens))
+                   for r in res.requests]
+        return summarize(records, res.steps, sim_cfg.slo_scale)
+
+
 def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float,
              load_unit: str = "requests") -> list[dict]:
     """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit.
     load_unit "tokens": each trace's request rate is scaled so it offers frac × C's output tokens per
     second at the capacity burst's task mix (serve_gpu_workload.trace_rate)."""
-    meta = run["meta"]
-    lengths = run_lengths(meta)
-    tasks = task_names(meta["num_tasks"], list(lengths))
-    capacity = run["calibration"]["fifo_capacity_req_s"]
-    fit = run["calibration"]["solo"]["fit"]
-    burst_seed = meta.get("seed", 0) + 1    # bench_serve_gpu's capacity burst
-
-    def solo(rec) -> float:
-        return fit["intercept_s"] + fit["s_per_prompt_token"] * rec.num_prompt_tokens + \
-            fit["s_per_output_token"] * rec.num_output_tokens
-
+    workload = RunWorkload.of(run)
     rows = []
     for frac in rates:
         for seed in seeds:
-            rate = trace_rate(frac * capacity, load_unit, tasks, lengths, seed, burst_seed, meta["zipf_a"])
-            trace = make_trace(tasks, lengths, rate, window_s, seed, zipf_a=meta["zipf_a"],
-                               pred_sigma=meta["pred_sigma"], prefix=f"v{seed}-")
+            rate, trace = workload.trace(frac, seed, window_s, load_unit)
             row = {"load_frac": frac, "seed": seed, "requests": len(trace), "rate_req_s": rate}
             for label, policy, base in (("inlaid", "inlaid", "4-bit"), ("fifo", "fifo", "4-bit"),
                                         ("fifo fp16", "fifo", "fp16")):
-                cost, sim_cfg = eng[base]
-                res = Simulator(POLICIES[policy], eng["sched"], cost, sim_cfg).run(trace)
-                records = [dataclasses.replace(r, solo_latency_s=solo(r)) for r in res.requests]
-                m = summarize(records, res.steps, sim_cfg.slo_scale)
+                m = workload.replay(POLICIES[policy], eng["sched"], *eng[base], trace)
                 # every request finishes (drained), so attainment over the trace is the benchmark's "_all"
                 row[label] = {"throughput_req_s": m["throughput_req_s"], "jct_avg_s": m["jct_avg_s"],
                               "latency_avg_s_per_token": m["latency_avg_s_per_token"],
