@@ -335,8 +335,7 @@ AUTO_FRAG_MAX_SEQS = 32
 def w4_frag(layout: str, max_num_seqs: int) -> int:
     """KernelWeights.frag of an EngineConfig.w4_layout: 0 tiled, else the fragment order's k_width
     ("auto": the fragment layout when at most AUTO_FRAG_MAX_SEQS sequences run at once)."""
-    layout = auto_layout(layout, max_num_seqs)
-    order = layout[:-1] if w4_block_major(layout, max_num_seqs) else layout     # the storage keeps the order
+    order = auto_layout(layout, max_num_seqs).removesuffix("b")     # "...b": block-major storage, same order
     return frag_k_width() if order == "frag" else {"tiles": 0, "frag2": 2, "frag4": 4}[order]
 
 

@@ -50,10 +50,16 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
 
     @triton.jit
-    def _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc):
-        """_softmax_update over the tile at kv_off, loaded first."""
+    def _kv_loads(k_ptr, v_ptr, kv_off, tmask):
+        """The K and V tile at kv_off (masked tokens 0)."""
         k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
+    def _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc):
+        """_softmax_update over the tile at kv_off, loaded first."""
+        k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
         return _softmax_update(k, v, tmask, q, m_i, l_i, acc)
 
     @triton.jit
@@ -67,13 +73,11 @@ if triton is not None:
         acc = tl.zeros((D,), dtype=tl.float32)
         if PREFETCH:
             _, tmask, kv_off = _kv_tile(bt_row_ptr, 0, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN)
-            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)
-            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+            k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
             for t0 in range(0, loop_end, BN):
                 _, next_mask, next_off = _kv_tile(bt_row_ptr, t0 + BN, hi, block_size, stride_cb, stride_ct,
                                                   head_off, offs_d, BN)
-                k_next = tl.load(k_ptr + next_off, mask=next_mask[:, None], other=0.0)
-                v_next = tl.load(v_ptr + next_off, mask=next_mask[:, None], other=0.0)
+                k_next, v_next = _kv_loads(k_ptr, v_ptr, next_off, next_mask)
                 m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
                 k, v, tmask = k_next, v_next, next_mask
         else:
