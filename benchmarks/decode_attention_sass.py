@@ -29,9 +29,9 @@ _CACHE = {"stride_cb": "i32", "stride_ct": "i32", "stride_ch": "i32", "stride_bt
 ROPE_SIGNATURE = {
     "qkv_ptr": "*fp16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
     "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16",
-    "scale": "fp32", "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32", "q_per_kv": "i32",
-    "stride_qkv": "i32", **_CACHE, "D": "constexpr", "BN": "constexpr", "STEP_STOP": "constexpr", "PDL": "constexpr",
-    "PREFETCH": "constexpr"}
+    "part_ptr": "*fp32", "scale": "fp32", "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32",
+    "q_per_kv": "i32", "stride_qkv": "i32", **_CACHE, "D": "constexpr", "BN": "constexpr", "STEP_STOP": "constexpr",
+    "PDL": "constexpr", "PREFETCH": "constexpr", "SPLIT": "constexpr"}
 PLAIN_SIGNATURE = {
     "q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16",
     "scale": "fp32", "block_size": "i32", "q_per_kv": "i32", "stride_qb": "i32", "stride_qh": "i32", **_CACHE,
@@ -41,13 +41,13 @@ PLAIN_SIGNATURE = {
 # Arguments a launch at Llama-2-7B's shapes passes as multiples of 16 (pointers; block size 16, 32 heads,
 # strides of whole heads or rows), which Triton's JIT marks divisible by 16 at run time: marked here too,
 # so the loads vectorize as they do on the GPU. The block-table row stride (blocks per sequence) varies.
-ROPE_ALIGNED = (*range(10), 11, 12, 13, 15, 16, 17, 18, 20, 21)
+ROPE_ALIGNED = (*range(11), 12, 13, 14, 16, 17, 18, 19, 21, 22)
 PLAIN_ALIGNED = (*range(6), 7, 9, 10, 11, 12, 13, 15, 16)
 
 
 def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128) -> dict:
     if kernel == "rope":
-        fn, sig, consts, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, {"STEP_STOP": 0}, ROPE_ALIGNED
+        fn, sig, consts, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, {"STEP_STOP": 0, "SPLIT": False}, ROPE_ALIGNED
     else:
         fn, sig, consts, aligned = A._paged_decode_kernel, PLAIN_SIGNATURE, {}, PLAIN_ALIGNED
     cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, **consts},

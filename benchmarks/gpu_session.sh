@@ -92,10 +92,10 @@
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
 #                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
-#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 480 s (not run yet): decode attention launch shapes
-#                                                   #   (BN x warps x register double buffer) at 7 (batch, context)
-#                                                   #   shapes vs the copy bandwidth, then the graphed 7B decode step
-#                                                   #   at batch 1 / 16 / 64 with the double buffer off / on / off
+#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 580 s (not run yet): decode attention GPU tests, launch
+#                                                   #   shapes (BN x warps x register double buffer x split-KV) at 6
+#                                                   #   small-batch shapes with the graphed 7B step at batch 1 / 4 /
+#                                                   #   16 / 64 per attention variant, then 3 large-batch shapes
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -260,14 +260,21 @@ case "$stage" in
         --sections e2e --max-num-seqs 16 --num-requests 128 --w4-layout auto --pdl "$pdl" 2>&1 | grep "^ours\|Error"
     done
     ;;
-  attn-sweep)   # the paged decode attention kernel's launch shapes (BN x warps) at Llama-2-7B attention against the
-                # copy bandwidth: serving's cost models price a cached token read at ~1.85 TB/s, and at a full
-                # cache that is near half a decode step (probe_decode_attention.py; static SASS: no spills at
-                # any shape but BN 128 / 8 warps, decode_attention_sass_t36.md)
-    timeout 420 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" 2>&1 \
-      | grep "^B=\|^step\|Error"
-    timeout 60 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode" 2>&1 | tail -3 \
-      | tee "$out/pytest_attn.log"
+  attn-sweep)   # the paged decode attention kernel's launch shapes at Llama-2-7B attention against the copy
+                # bandwidth: serving's cost models price a cached token read at ~1.85 TB/s, and at a full cache
+                # that is near half a decode step; one program per (sequence, head) leaves most SMs idle at small
+                # batches, so split-KV (flash-decoding) is swept there. GPU tests first, then the small batches
+                # (BN x warps x double buffer x splits) with the graphed 7B step under the attention variants,
+                # then the large batches (BN x warps x double buffer, unsplit)
+    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode or split_decode" 2>&1 \
+      | tail -3 | tee "$out/pytest_attn.log"
+    timeout 300 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
+      --shapes 1x256,4x256,16x256,1x2048,4x1024,16x1024 --block-n 32,64,128 --warps 4,8 --prefetch 0,1 \
+      --splits 1,2,4,8 --step-batches 1,4,16,64 --step-variants base,prefetch,split2,split4,prefetch+split4 \
+      --stem decode_attention_split 2>&1 | grep "^step\|Error"
+    timeout 170 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
+      --shapes 64x1024,256x512,256x1024 --block-n 16,32,64,128 --warps 2,4,8 --prefetch 0,1 --step-batches "" \
+      --stem decode_attention_large 2>&1 | grep "Error"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

@@ -9,14 +9,17 @@ cache it is near half of a decode step. This times the kernel at Llama-2-7B's at
 context) over a grid of launch shapes: KV tokens per loop iteration (BN), warps, the loop's register
 double buffer (prefetch: the next tile's K and V loaded before this tile's math) and, if asked,
 Triton's pipeline depth (num_stages; "-" is Triton's default, which the sweep keeps by default:
-Triton does not pipeline this loop, decode_attention_sass.py). One launch reads one layer's K and V, several times the
-L2, which is flushed before each of the median's replays (CUDA graph, CUDA events). Every shape's
-output is checked against the default shape's (relative error <= 1e-2) and the default's against
-the float32 reference on a few sequences. Then the whole graphed Llama-2-7B decode step with the
-double buffer off, on and off again (--step-batches). Writes <out>/<stem>.{json,md}.
+Triton does not pipeline this loop, decode_attention_sass.py) and split-KV (--splits: each
+sequence's cache in S runs, one program each, merged by a second launch; flash-decoding). One
+launch reads one layer's K and V, several times the L2, which is flushed before each of the
+median's replays (CUDA graph, CUDA events). Every shape's output is checked against the default
+shape's (relative error <= 1e-2) and the default's against the float32 reference on a few
+sequences. Then the whole graphed Llama-2-7B decode step under each of --step-variants (the
+engine's attention settings; the first is repeated last). Writes <out>/<stem>.{json,md}.
 
   python benchmarks/probe_decode_attention.py --out DIR --commit SHA [--shapes 1x2048,16x1024,256x1024]
-      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0] [--prefetch 0,1]
+      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0] [--prefetch 0,1] [--splits 1,2,4,8]
+      [--step-variants base,prefetch,split2,prefetch+split2]
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_gpu_kernels import Timer, copy_bandwidth_gbs  # noqa: E402
 from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
 from services.engine.kernels.attention import (  # noqa: E402
-    DECODE_BLOCK_N, DECODE_PREFETCH, DECODE_STAGES, DECODE_WARPS, paged_decode_reference, paged_decode_rope_attention,
+    DECODE_BLOCK_N, DECODE_PREFETCH, DECODE_STAGES, DECODE_WARPS, decode_splits, paged_decode_reference,
+    paged_decode_rope_attention,
 )
 from services.engine.kernels.fused_ops import rope_tables  # noqa: E402
 
@@ -54,19 +58,45 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-Shape = tuple[int, int, "int | None", bool]     # (BN, warps, stages or None, prefetch)
+Shape = tuple[int, int, "int | None", bool, int]     # (BN, warps, stages or None, prefetch, splits)
 
 
-def launch_shapes(block_ns: list[int], warps: list[int], stages: list[int], prefetch: list[int]) -> list[Shape]:
-    """(BN, warps, stages, prefetch) grid, the default first; stage 0 means Triton's default (None)."""
-    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES, DECODE_PREFETCH)
-    grid = [(bn, w, s or None, bool(pf)) for pf, bn, w, s in itertools.product(prefetch, block_ns, warps, stages)]
+def launch_shapes(block_ns: list[int], warps: list[int], stages: list[int], prefetch: list[int],
+                  splits: list[int], default_splits: int = 1) -> list[Shape]:
+    """(BN, warps, stages, prefetch, splits) grid, the default first; stage 0 means Triton's default
+    (None); default_splits: what decode_splits gives at the shape's batch."""
+    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES, DECODE_PREFETCH, default_splits)
+    grid = [(bn, w, s or None, bool(pf), sp)
+            for pf, sp, bn, w, s in itertools.product(prefetch, splits, block_ns, warps, stages)]
     return [default] + [g for g in grid if g != default]
 
 
 def shape_name(shape: Shape) -> str:
-    bn, w, s, pf = shape
-    return f"BN {bn} / {w} warps / stages {s if s is not None else '-'}" + (" / prefetch" if pf else "")
+    bn, w, s, pf, sp = shape
+    return (f"BN {bn} / {w} warps / stages {s if s is not None else '-'}" + (" / prefetch" if pf else "")
+            + (f" / {sp} splits" if sp > 1 else ""))
+
+
+STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True)}     # step variant word -> attention module setting
+
+
+def parse_variant(text: str) -> dict:
+    """'base' | words joined by '+': 'prefetch', 'splitN' (N programs per SM wanted: split-KV below
+    that), 'bnN', 'warpsN' -> {attention module constant: value}."""
+    settings = {}
+    for word in text.split("+"):
+        if word == "base":
+            continue
+        if word in STEP_SETTINGS:
+            name, value = STEP_SETTINGS[word]
+        else:
+            prefix = next((p for p in ("split", "bn", "warps") if word.startswith(p) and word[len(p):].isdigit()), None)
+            if prefix is None:
+                raise SystemExit(f"--step-variants: unknown setting {word!r} (base, prefetch, splitN, bnN, warpsN)")
+            name = {"split": "DECODE_SPLIT_PROGRAMS_PER_SM", "bn": "DECODE_BLOCK_N", "warps": "DECODE_WARPS"}[prefix]
+            value = int(word[len(prefix):])
+        settings[name] = value
+    return settings
 
 
 class Inputs:
@@ -92,10 +122,10 @@ class Inputs:
         self.kv_bytes = 2 * batch * (context - 1) * HEADS * HEAD_DIM * 2
 
     def run(self, shape: Shape) -> torch.Tensor:
-        bn, w, s, pf = shape
+        bn, w, s, pf, sp = shape
         return paged_decode_rope_attention(self.qkv, self.positions, self.cos, self.sin, self.kc, self.vc, self.slots,
                                            self.tables, self.lens, HEADS, max_context=self.context,
-                                           block_n=bn, num_warps=w, num_stages=s, prefetch=pf)
+                                           block_n=bn, num_warps=w, num_stages=s, prefetch=pf, splits=sp)
 
     def reference_error(self, out: torch.Tensor) -> float:
         """Relative error of out's first REF_ROWS sequences against the float32 reference (the run
@@ -116,7 +146,8 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     rows = []
     for shape in shapes:
         row = {"part": "sweep", "batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
-               "num_stages": shape[2], "prefetch": shape[3], "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
+               "num_stages": shape[2], "prefetch": shape[3], "splits": shape[4], "kv_bytes": inp.kv_bytes,
+               "copy_gbs": copy_gbs}
         try:
             out = inp.run(shape).float()
             row["rel_err_vs_default"] = float((out - base).norm() / base.norm())
@@ -137,31 +168,37 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     return rows
 
 
-def step_rows(batches: list[int], context: int, timer: Timer, copy_gbs: float):
+def step_rows(batches: list[int], context: int, variants: list[str], timer: Timer, copy_gbs: float):
     """Per batch size, the graphed decode step of random-weight Llama-2-7B (W4Decoder, 4-bit, fused
-    RoPE + attention, tiled layout) with the attention's register double buffer off, on, off again."""
+    RoPE + attention, tiled layout) under each attention variant (parse_variant), the first again last."""
     from benchmarks.bench_gpu_kernels import DECODE_BLOCK, decode_floor, decode_inputs, decode_model
     from services.engine.kernels import attention
     model = decode_model(False, context, max(batches), 4)
     model.fused_decode_attention = True
+    runs = variants + variants[:1]
     for bsz in batches:
         inputs = decode_inputs(bsz, context, DECODE_BLOCK, model.shape.vocab, None)
-        row = {"part": "step", "batch": bsz, "context": context,
+        row = {"part": "step", "batch": bsz, "context": context, "variants": runs, "ms": [],
                "floor_ms": decode_floor(model, bsz, context, copy_gbs)[0]}
-        for key, prefetch in (("off_ms", False), ("prefetch_ms", True), ("off_again_ms", False)):
-            attention.DECODE_PREFETCH = prefetch
+        for variant in runs:
+            settings = parse_variant(variant)
+            saved = {name: getattr(attention, name) for name in settings}
             try:
-                row[key] = timer.median_ms(lambda: model.decode(**inputs))
+                for name, value in settings.items():
+                    setattr(attention, name, value)
+                row["ms"].append(timer.median_ms(lambda: model.decode(**inputs)))
             finally:
-                attention.DECODE_PREFETCH = False
-        print(f"step B={bsz:3d} ctx={context}: off {row['off_ms']:.3f} ms, prefetch {row['prefetch_ms']:.3f} ms, "
-              f"off again {row['off_again_ms']:.3f} ms, floor {row['floor_ms']:.3f} ms", flush=True)
+                for name, value in saved.items():
+                    setattr(attention, name, value)
+        print(f"step B={bsz:3d} ctx={context}: " + ", ".join(f"{v} {ms:.3f} ms" for v, ms in zip(runs, row["ms"]))
+              + f", floor {row['floor_ms']:.3f} ms", flush=True)
         yield [row]
 
 
 def _shape_cells(row: dict) -> str:
     stages = row["num_stages"] if row["num_stages"] is not None else "-"
-    return f"{row['block_n']} | {row['num_warps']} | {stages} | {'on' if row.get('prefetch') else 'off'}"
+    return (f"{row['block_n']} | {row['num_warps']} | {stages} | {'on' if row.get('prefetch') else 'off'} "
+            f"| {row.get('splits', 1)}")
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -178,29 +215,33 @@ def write_markdown(res: dict, path: Path) -> None:
         default = next((r for r in rows if "rel_err_vs_reference" in r), rows[0])
         lines += [f"## batch {batch}, context {context}\n",
                   f"Default shape's error against the float32 reference: {default.get('rel_err_vs_reference', float('nan')):.1e}.\n",
-                  "| BN | warps | stages | prefetch | ms | GB/s | × copy | × default |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| BN | warps | stages | prefetch | splits | ms | GB/s | × copy | × default |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: (r is not default, r["ms"]))
         for r in timed:
             speed = default["ms"] / r["ms"] if "ms" in default else float("nan")
             lines.append(f"| {_shape_cells(r)} | {r['ms']:.3f} | {r['gbs']:.0f} | {r['gbs'] / r['copy_gbs']:.2f} "
                          f"| {speed:.2f} |")
         for r in (r for r in rows if "error" in r):
-            lines.append(f"| {_shape_cells(r)} | – | – | – | {r['error']} |")
+            lines.append(f"| {_shape_cells(r)} | – | – | – | – | {r['error']} |")
         lines.append("")
     steps = [r for r in res["rows"] if r.get("part") == "step"]
     if steps:
+        runs = steps[0]["variants"]
+        first = runs[0]
         lines += ["## The whole decode step\n",
                   "Graphed step of random-weight Llama-2-7B (4-bit g128, tiled layout, fused RoPE + attention, L2 "
-                  "flushed before each replay), the attention's register double buffer off, on, off again; floor: "
-                  "weights + KV bytes over the copy bandwidth.\n",
-                  "| batch | context | off ms | prefetch ms | off again ms | off ÷ prefetch | prefetch ÷ floor |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"flushed before each replay) under each attention variant, {first} timed first and last "
+                  "(× first: the faster of those two over the variant's time); floor: weights + KV bytes over the "
+                  "copy bandwidth. Variants: prefetch = the register double buffer; splitN = split-KV wherever "
+                  "a batch has fewer than N (sequence, head) programs per SM.\n",
+                  "| batch | context | " + " | ".join(f"{v} ms" for v in runs) + " | "
+                  + " | ".join(f"{v} × {first}" for v in runs[1:-1]) + " | best ÷ floor |",
+                  "|---|---|" + "---|" * (2 * len(runs) - 1)]
         for r in steps:
-            off = min(r["off_ms"], r["off_again_ms"])
-            lines.append(f"| {r['batch']} | {r['context']} | {r['off_ms']:.3f} | {r['prefetch_ms']:.3f} | "
-                         f"{r['off_again_ms']:.3f} | {off / r['prefetch_ms']:.2f} | {r['prefetch_ms'] / r['floor_ms']:.2f} |")
-        lines.append("\noff ÷ prefetch uses the faster of the two timings without it.")
+            base = min(r["ms"][0], r["ms"][-1])
+            lines.append(f"| {r['batch']} | {r['context']} | " + " | ".join(f"{ms:.3f}" for ms in r["ms"]) + " | "
+                         + " | ".join(f"{base / ms:.2f}" for ms in r["ms"][1:-1]) + f" | {min(r['ms']) / r['floor_ms']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -213,23 +254,33 @@ def main() -> None:
     # Triton does not pipeline this loop: its sm_90 SASS is the same at every depth (decode_attention_sass_t36.md)
     ap.add_argument("--stages", default="0", help="Triton pipeline depths (0: Triton's default)")
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
+    ap.add_argument("--splits", default="1", help="split-KV runs per sequence (1: unsplit)")
     ap.add_argument("--step-batches", default="1,16,64",
-                    help="also the graphed 7B decode step at these batch sizes, prefetch off / on / off (empty: skip)")
+                    help="also the graphed 7B decode step at these batch sizes (empty: skip)")
+    ap.add_argument("--step-variants", default="base,prefetch",
+                    help="attention settings the step is timed under, comma-separated (parse_variant); the first "
+                         "is timed again last")
     ap.add_argument("--step-context", type=int, default=256)
     ap.add_argument("--stem", default="decode_attention")
     args = ap.parse_args()
     ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
-    shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.prefetch))
     step_batches = ints(args.step_batches)
+    variants = [v for v in args.step_variants.split(",") if v]
+    for variant in variants:
+        parse_variant(variant)      # a typo fails before any GPU work
+    if any(v < 1 for v in ints(args.splits)):
+        raise SystemExit("--splits: each at least 1")
     timer = Timer(args.reps)
     copy_gbs = copy_bandwidth_gbs(timer)
 
     def parts():
         for batch, context in parse_shapes(args.shapes):
+            shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.prefetch),
+                                   ints(args.splits), decode_splits(batch, HEADS, torch.device("cuda")))
             yield shape_rows(batch, context, shapes, timer, copy_gbs)
             torch.cuda.empty_cache()    # the shape's caches (GiBs) went with shape_rows' frame
         if step_batches:
-            yield from step_rows(step_batches, args.step_context, timer, copy_gbs)
+            yield from step_rows(step_batches, args.step_context, variants, timer, copy_gbs)
 
     run_probe_parts("probe_decode_attention.py", args.stem, args, parts(), write_markdown, copy_gbs=copy_gbs)
 

@@ -197,6 +197,7 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
     kc_ref, vc_ref = kc.clone(), vc.clone()
     q = rope_and_cache(qkv, pos, cos, sin, kc_ref, vc_ref, slots, num_heads, num_kv_heads)
     ref = paged_decode_attention(q, kc_ref, vc_ref, tables, lens)
+    kc0, vc0 = kc.clone(), vc.clone()
     out = paged_decode_rope_attention(qkv, pos, cos, sin, kc, vc, slots, tables, lens, num_heads)
     assert rel_err(out, ref) < 1e-2
     assert rel_err(out, paged_decode_reference(q, kc_ref, vc_ref, tables, lens)) < 1e-2
@@ -207,6 +208,48 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
         out = paged_decode_rope_attention(qkv, pos, cos, sin, kc2, vc2, slots, tables, lens, num_heads,
                                           block_n=block_n, num_warps=warps, prefetch=True)
         assert rel_err(out, ref) < 1e-2 and torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    # split-KV (flash-decoding): runs of whole tiles, empty ones included, merged by a second launch;
+    # the slots are written once, from the caches as they were before any write
+    for splits, block_n, prefetch in ((2, 64, False), (5, 16, True), (16, 32, False)):
+        kc2, vc2 = kc0.clone(), vc0.clone()
+        out = paged_decode_rope_attention(qkv, pos, cos, sin, kc2, vc2, slots, tables, lens, num_heads,
+                                          block_n=block_n, prefetch=prefetch, splits=splits)
+        assert rel_err(out, ref) < 1e-2, (splits, block_n)
+        assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+
+
+def test_split_decode_attention_in_a_cuda_graph() -> None:
+    """Split-KV under CUDA graph capture: the grid is fixed at capture, each replay splits the
+    contexts it finds (shorter and longer than at capture) and matches the eager unsplit kernel."""
+    num_heads, d, block_size, num_blocks, max_blocks, bsz = 32, 128, 16, 160, 20, 4
+    tables = torch.randperm(num_blocks, device=DEV)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
+    kc = torch.randn(num_blocks, block_size, num_heads, d, device=DEV).half()
+    vc = torch.randn(num_blocks, block_size, num_heads, d, device=DEV).half()
+    qkv = torch.randn(bsz, 3 * num_heads * d, device=DEV).half()
+    cos, sin = rope_tables(512, d, 10000.0, DEV)
+    lens = torch.tensor([40, 3, 200, 120], dtype=torch.int32, device=DEV)
+    pos = torch.empty(bsz, dtype=torch.long, device=DEV)
+    slots = torch.empty(bsz, dtype=torch.long, device=DEV)
+
+    def place() -> None:
+        pos.copy_((lens - 1).long())
+        slots.copy_(tables[torch.arange(bsz, device=DEV), pos // block_size].long() * block_size + pos % block_size)
+
+    place()
+    run = lambda: paged_decode_rope_attention(qkv, pos, cos, sin, kc, vc, slots, tables, lens, num_heads,  # noqa: E731
+                                              splits=8)
+    run()   # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for new_lens in ([1, 17, 300, 64], [319, 2, 5, 250]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        place()
+        graph.replay()
+        want = paged_decode_rope_attention(qkv, pos, cos, sin, kc.clone(), vc.clone(), slots, tables, lens, num_heads,
+                                           splits=1)
+        assert rel_err(out, want) < 1e-3, new_lens
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])

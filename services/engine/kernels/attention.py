@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.engine.kernels.launch import launch
+from services.engine.kernels.launch import launch, next_pow2
 
 try:
     import triton
@@ -29,11 +29,11 @@ if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
-    def _kv_tile(bt_row_ptr, t0, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN: tl.constexpr):
-        """Tokens t0 .. t0 + BN of a sequence's paged cache: (t [BN], mask t < hi, element offsets
-        [BN, D] of their rows for one KV head), through the sequence's block table row."""
+    def _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN: tl.constexpr):
+        """Tokens t0 .. t0 + BN of a sequence's paged cache: (t [BN], mask lo <= t < hi, element
+        offsets [BN, D] of their rows for one KV head), through the sequence's block table row."""
         t = t0 + tl.arange(0, BN)
-        tmask = t < hi
+        tmask = (t >= lo) & (t < hi)
         blk = tl.load(bt_row_ptr + t // block_size, mask=tmask, other=0)
         off = blk.to(tl.int64) * stride_cb + (t % block_size) * stride_ct + head_off
         return t, tmask, off[:, None] + offs_d[None, :]
@@ -63,27 +63,29 @@ if triton is not None:
         return _softmax_update(k, v, tmask, q, m_i, l_i, acc)
 
     @triton.jit
-    def _attend(k_ptr, v_ptr, bt_row_ptr, hi, loop_end, block_size, stride_cb, stride_ct, head_off, offs_d, q,
-                D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr):
-        """(m_i, l_i, acc) of one query over the sequence's first `hi` cached tokens, loop_end >= hi
-        bounding the loop. PREFETCH: a register double buffer, the next tile's K and V loads issued
-        before this tile's math (Triton does not pipeline this loop itself: decode_attention_sass.py)."""
+    def _attend(k_ptr, v_ptr, bt_row_ptr, lo, hi, loop_start, loop_end, block_size, stride_cb, stride_ct, head_off,
+                offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr):
+        """(m_i, l_i, acc) of one query over the sequence's cached tokens lo .. hi, the loop running
+        loop_start .. loop_end (loop_start <= lo, loop_end >= hi; tiles outside lo .. hi are masked).
+        PREFETCH: a register double buffer, the next tile's K and V loads issued before this tile's
+        math (Triton does not pipeline this loop itself: decode_attention_sass.py)."""
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((D,), dtype=tl.float32)
         if PREFETCH:
-            _, tmask, kv_off = _kv_tile(bt_row_ptr, 0, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN)
+            _, tmask, kv_off = _kv_tile(bt_row_ptr, loop_start, lo, hi, block_size, stride_cb, stride_ct, head_off,
+                                        offs_d, BN)
             k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
-            for t0 in range(0, loop_end, BN):
-                _, next_mask, next_off = _kv_tile(bt_row_ptr, t0 + BN, hi, block_size, stride_cb, stride_ct,
+            for t0 in range(loop_start, loop_end, BN):
+                _, next_mask, next_off = _kv_tile(bt_row_ptr, t0 + BN, lo, hi, block_size, stride_cb, stride_ct,
                                                   head_off, offs_d, BN)
                 k_next, v_next = _kv_loads(k_ptr, v_ptr, next_off, next_mask)
                 m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
                 k, v, tmask = k_next, v_next, next_mask
         else:
-            for t0 in range(0, loop_end, BN):
-                _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, hi, block_size, stride_cb, stride_ct, head_off, offs_d,
-                                            BN)
+            for t0 in range(loop_start, loop_end, BN):
+                _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
+                                            offs_d, BN)
                 m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
         return m_i, l_i, acc
 
@@ -102,18 +104,18 @@ if triton is not None:
         length = tl.load(lens_ptr + b)
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
-        m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, length, length, block_size, stride_cb,
+        m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, 0, length, 0, length, block_size, stride_cb,
                                 stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH)
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _paged_decode_rope_kernel(
-        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr,
+        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr,
         scale, block_size, num_heads, num_kv_heads, q_per_kv,
         stride_qkv, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr = 0,
-        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = False,
     ):
         """_paged_decode_kernel with the RoPE + KV-cache write of _rope_cache_kernel folded in.
 
@@ -121,7 +123,12 @@ if triton is not None:
         with d ± D/2), attends over the first length - 1 cached tokens and adds the new token from
         registers last, so no program reads a slot another program of this grid writes. The first
         query head of each KV group stores the rotated key and the value into the cache slot.
-        q and k are rounded to the cache dtype before use, as the two-kernel path stores them."""
+        q and k are rounded to the cache dtype before use, as the two-kernel path stores them.
+
+        SPLIT (grid (B, H, S), flash-decoding): program (b, h, s) attends over the s-th of S equal
+        runs of whole BN tiles of the cached tokens (split 0 also over the new token, and only it
+        writes the cache slot) and stores its unnormalised partial, (m, l, acc[D]) in fp32, at
+        part_ptr[((b * H + h) * S + s) * (D + 2)]; _split_combine_kernel merges the S partials."""
         pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -141,20 +148,62 @@ if triton is not None:
         k_new = (tl.load(k_src + offs_d).to(tl.float32) * cos
                  + tl.load(k_src + partner).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
         v_new = tl.load(row + (num_heads + num_kv_heads + kvh) * D + offs_d).to(v_ptr.dtype.element_ty)
-        if h % q_per_kv == 0:
+        cached = tl.load(lens_ptr + b) - 1
+        if SPLIT:
+            split = tl.program_id(2)
+            num_splits = tl.num_programs(2)
+            chunk = tl.cdiv(tl.cdiv(cached, num_splits), BN) * BN
+            lo = split * chunk
+            hi = tl.minimum(lo + chunk, cached)
+            writes = (h % q_per_kv == 0) & (split == 0)
+        else:
+            lo = 0
+            hi = cached
+            writes = h % q_per_kv == 0
+        if writes:
             slot = tl.load(slot_ptr + b).to(tl.int64)
             tl.store(k_ptr + slot * stride_ct + kvh * stride_ch + offs_d, k_new)
             tl.store(v_ptr + slot * stride_ct + kvh * stride_ch + offs_d, v_new)
-        cached = tl.load(lens_ptr + b) - 1
-        # Under the interpreter a loaded value cannot bound a loop: STEP_STOP (the batch's longest
-        # context, a constant) does, and blocks past `cached` are fully masked (p = 0, alpha = 1).
-        m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, cached, STEP_STOP if STEP_STOP > 0 else cached,
+        # Under the interpreter a loaded value cannot bound a loop: the loop runs 0 .. STEP_STOP (the
+        # batch's longest context, a constant) and tiles outside lo .. hi are fully masked (p = 0, alpha = 1).
+        m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, lo, hi,
+                                0 if STEP_STOP > 0 else lo, STEP_STOP if STEP_STOP > 0 else hi,
                                 block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH)
         s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
+        if SPLIT:
+            s_new = tl.where(tl.program_id(2) == 0, s_new, float("-inf"))
         m_new = tl.maximum(m_i, s_new)
-        p_new = tl.exp(s_new - m_new)
-        alpha = tl.exp(m_i - m_new)
-        out = (acc * alpha + p_new * v_new.to(tl.float32)) / (l_i * alpha + p_new)
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)   # an empty split: m = -inf, l = 0, acc = 0
+        p_new = tl.exp(s_new - m_ref)
+        alpha = tl.exp(m_i - m_ref)
+        acc = acc * alpha + p_new * v_new.to(tl.float32)
+        l_i = l_i * alpha + p_new
+        if SPLIT:
+            part = part_ptr + ((b * num_heads + h) * tl.num_programs(2) + tl.program_id(2)) * (D + 2)
+            tl.store(part + offs_d, acc)
+            tl.store(part + D, m_new)
+            tl.store(part + D + 1, l_i)
+        else:
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _split_combine_kernel(part_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                              D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr = False):
+        """Program (b, h): the S = num_splits partials of _paged_decode_rope_kernel's SPLIT grid merged,
+        out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s with M = max_s m_s (split 0 holds the
+        new token, so M is finite); SP: S rounded up to a power of two."""
+        pdl_enter(PDL)
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, SP)
+        offs_d = tl.arange(0, D)
+        smask = offs_s < num_splits
+        part = part_ptr + ((b * tl.num_programs(1) + h) * num_splits + offs_s) * (D + 2)
+        m = tl.load(part + D, mask=smask, other=float("-inf"))
+        l_s = tl.load(part + D + 1, mask=smask, other=0.0)
+        acc = tl.load(part[:, None] + offs_d[None, :], mask=smask[:, None], other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -164,6 +213,24 @@ DECODE_BLOCK_N = 64
 DECODE_WARPS = 4
 DECODE_STAGES: int | None = None
 DECODE_PREFETCH = False    # the register double buffer of the KV loop (_attend); not yet timed on a GPU
+# Split-KV (flash-decoding) of the fused decode kernel: a batch with fewer than this many (sequence,
+# head) programs per SM splits each sequence's cache into up to DECODE_MAX_SPLITS runs so the grid
+# fills the GPU (0: never split). Off until timed on a GPU (probe_decode_attention.py --splits).
+DECODE_SPLIT_PROGRAMS_PER_SM = 0
+DECODE_MAX_SPLITS = 16
+_SM_COUNTS: dict[int, int] = {}
+
+
+def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:
+    """How many runs the fused decode kernel splits each sequence's cache into at this batch size
+    (a function of the batch only, so a captured CUDA graph keeps a grid that fits every replay)."""
+    if DECODE_SPLIT_PROGRAMS_PER_SM <= 0 or device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    want = DECODE_SPLIT_PROGRAMS_PER_SM * _SM_COUNTS[index]
+    return max(1, min(DECODE_MAX_SPLITS, want // (batch * num_heads)))
 
 
 def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None,
@@ -223,14 +290,15 @@ def paged_decode_rope_attention(
     block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
     scale: float | None = None, max_context: int = 0,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    prefetch: bool | None = None,
+    prefetch: bool | None = None, splits: int | None = None,
 ) -> torch.Tensor:
     """rope_and_cache then paged_decode_attention in one launch, for a step where every sequence
     computes one token: qkv [B, (H + 2 KVH) D] laid out [q | k | v], positions / slot_mapping [B]
     of the new token, cos / sin fp32 [max_pos, D/2], context_lens [B] counting the new token
     (each ≥ 1) → [B, H, D]; the new token's K/V land in their cache slots as rope_and_cache writes
     them. max_context: the batch's longest context, needed only under TRITON_INTERPRET; block_n /
-    num_warps / num_stages as paged_decode_attention."""
+    num_warps / num_stages as paged_decode_attention. splits: runs each sequence's cache is split
+    into (default decode_splits); above 1 the partials are merged by a second launch."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _, block_size, num_kv_heads, d = k_cache.shape
@@ -242,16 +310,25 @@ def paged_decode_rope_attention(
         raise ValueError("k/v caches must share strides, with a contiguous head_dim and slot = block * block_size + offset")
     if _INTERPRET and max_context <= 0:
         raise ValueError("under TRITON_INTERPRET pass max_context (the batch's longest context)")
+    splits = splits if splits is not None else decode_splits(bsz, num_heads, qkv.device)
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     out = torch.empty(bsz, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    # split: per (sequence, head, run) the unnormalised acc [D], max and sum in fp32
+    part = torch.empty(bsz * num_heads * splits * (d + 2), dtype=torch.float32, device=qkv.device) if splits > 1 else out
     scale = scale if scale is not None else d ** -0.5
     launch(
-        _paged_decode_rope_kernel, (bsz, num_heads),
-        qkv, positions, cos, sin, slot_mapping, k_cache, v_cache, block_tables, context_lens, out,
+        _paged_decode_rope_kernel, (bsz, num_heads, splits),
+        qkv, positions, cos, sin, slot_mapping, k_cache, v_cache, block_tables, context_lens, out, part,
         scale, block_size, num_heads, num_kv_heads, num_heads // num_kv_heads,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, STEP_STOP=max_context if _INTERPRET else 0, **_launch_shape(block_n, num_warps, num_stages, prefetch),
+        D=d, STEP_STOP=max_context if _INTERPRET else 0, SPLIT=splits > 1,
+        **_launch_shape(block_n, num_warps, num_stages, prefetch),
     )
+    if splits > 1:
+        launch(_split_combine_kernel, (bsz, num_heads), part, out, splits, out.stride(0), out.stride(1),
+               D=d, SP=next_pow2(splits), num_warps=4)
     return out
 
 

@@ -18,9 +18,9 @@ from tests.unit.engine.kernels.interpreted import run_interpreted  # noqa: E402
 def check_interpreted() -> None:
     from probe_decode_attention import Inputs
     inp = Inputs(2, 40, device="cpu")
-    base = inp.run((64, 4, None, False))
+    base = inp.run((64, 4, None, False, 1))
     assert inp.reference_error(base) < 1e-2
-    for shape in ((16, 2, 2, False), (16, 4, None, True)):
+    for shape in ((16, 2, 2, False, 1), (16, 4, None, True, 1), (16, 4, None, False, 3)):
         other = inp.run(shape)
         assert float((other.float() - base.float()).norm() / base.float().norm()) < 1e-2
     assert inp.kv_bytes == 2 * 2 * 39 * 32 * 128 * 2
@@ -31,9 +31,16 @@ def test_inputs_and_reference_interpreted() -> None:
 
 
 def test_grid_and_shapes() -> None:
-    from probe_decode_attention import launch_shapes, parse_shapes
-    grid = launch_shapes([32, 64], [4], [0, 2], [0, 1])
-    assert grid[0] == (64, 4, None, False) and len(grid) == len(set(grid)) == 8
+    from probe_decode_attention import launch_shapes, parse_shapes, parse_variant
+    grid = launch_shapes([32, 64], [4], [0, 2], [0, 1], [1])
+    assert grid[0] == (64, 4, None, False, 1) and len(grid) == len(set(grid)) == 8
+    grid = launch_shapes([64], [4], [0], [0], [1, 4], default_splits=2)
+    assert grid == [(64, 4, None, False, 2), (64, 4, None, False, 1), (64, 4, None, False, 4)]
+    assert parse_variant("base") == {}
+    assert parse_variant("prefetch+split4+bn128") == {"DECODE_PREFETCH": True, "DECODE_SPLIT_PROGRAMS_PER_SM": 4,
+                                                      "DECODE_BLOCK_N": 128}
+    with pytest.raises(SystemExit, match="unknown setting 'splits'"):
+        parse_variant("splits")
     assert parse_shapes("1x2048,256x512") == [(1, 2048), (256, 512)]
     with pytest.raises(SystemExit, match="BATCHxCONTEXT"):
         parse_shapes("256")
@@ -48,22 +55,23 @@ def test_report(tmp_path: Path) -> None:
            "command": "python benchmarks/probe_decode_attention.py", "rows": [
                {**base, "block_n": 64, "num_warps": 4, "num_stages": None, "prefetch": False, "ms": 0.5, "gbs": 2000.0,
                 "rel_err_vs_default": 0.0, "rel_err_vs_reference": 3e-4},
-               {**base, "block_n": 128, "num_warps": 8, "num_stages": 3, "prefetch": True, "ms": 0.4, "gbs": 2500.0,
-                "rel_err_vs_default": 1e-4},
+               {**base, "block_n": 128, "num_warps": 8, "num_stages": 3, "prefetch": True, "splits": 4, "ms": 0.4,
+                "gbs": 2500.0, "rel_err_vs_default": 1e-4},
                {**base, "block_n": 32, "num_warps": 2, "num_stages": 4, "prefetch": False,
                 "error": "OutOfResources: shared memory"}]}
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
     assert "## batch 256, context 1024" in text and "reference: 3.0e-04" in text
     lines = text.splitlines()
-    first = lines.index("| BN | warps | stages | prefetch | ms | GB/s | × copy | × default |")
-    assert lines[first + 2] == "| 64 | 4 | - | off | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
-    assert lines[first + 3] == "| 128 | 8 | 3 | on | 0.400 | 2500 | 0.83 | 1.25 |"
-    assert "| 32 | 2 | 4 | off | – | – | – | OutOfResources: shared memory |" in text
+    first = lines.index("| BN | warps | stages | prefetch | splits | ms | GB/s | × copy | × default |")
+    assert lines[first + 2] == "| 64 | 4 | - | off | 1 | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
+    assert lines[first + 3] == "| 128 | 8 | 3 | on | 4 | 0.400 | 2500 | 0.83 | 1.25 |"
+    assert "| 32 | 2 | 4 | off | 1 | – | – | – | – | OutOfResources: shared memory |" in text
     assert "## The whole decode step" not in text
-    res["rows"].append({"part": "step", "batch": 1, "context": 256, "floor_ms": 1.25, "off_ms": 2.7,
-                        "prefetch_ms": 2.5, "off_again_ms": 2.75})
+    res["rows"].append({"part": "step", "batch": 1, "context": 256, "floor_ms": 1.25,
+                        "variants": ["base", "split4", "base"], "ms": [2.7, 2.5, 2.75]})
     write_markdown(res, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
+    assert "| batch | context | base ms | split4 ms | base ms | split4 × base | best ÷ floor |" in text
     assert "| 1 | 256 | 2.700 | 2.500 | 2.750 | 1.08 | 2.00 |" in text
     assert text.count("## batch") == 1          # the step row is not a sweep shape

@@ -65,6 +65,18 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
                                           max_context=int(lens.max()), block_n=block_n, prefetch=True)
         assert float((pre.float() - ref).norm() / ref.norm()) < 1e-2
         assert torch.equal(kc_pre, kc) and torch.equal(vc_pre, vc)
+    # split-KV: each sequence's cache in 2 / 3 / 8 runs of whole tiles (empty runs included: 8 runs
+    # of 16-token tiles over 69 cached tokens, none over the first token's), merged by the combine kernel
+    for splits, block_n, prefetch in ((2, 16, False), (3, 16, True), (8, 16, False), (2, 64, False)):
+        kc_split, vc_split = kc_ref.clone(), vc_ref.clone()
+        kc_split.view(-1, num_kv_heads, d)[slots] = 0
+        vc_split.view(-1, num_kv_heads, d)[slots] = 0
+        split = paged_decode_rope_attention(qkv, positions, cos, sin, kc_split, vc_split, slots, tables, lens,
+                                            num_heads, max_context=int(lens.max()), block_n=block_n,
+                                            prefetch=prefetch, splits=splits)
+        err = float((split.float() - ref).norm() / ref.norm())
+        assert err < 1e-2, (splits, block_n, err)
+        assert torch.equal(kc_split, kc) and torch.equal(vc_split, vc)    # the slots written once, as unsplit
 
 
 def test_decode_rope_attention_interpreted() -> None:
