@@ -45,15 +45,18 @@ ROPE_ALIGNED = (*range(11), 12, 13, 14, 16, 17, 18, 19, 21, 22)
 PLAIN_ALIGNED = (*range(6), 7, 9, 10, 11, 12, 13, 15, 16)
 
 
-def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128) -> dict:
+def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128,
+          dot: bool = False) -> dict:
     if kernel == "rope":
         fn, sig, consts, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, {"STEP_STOP": 0, "SPLIT": False}, ROPE_ALIGNED
     else:
         fn, sig, consts, aligned = A._paged_decode_kernel, PLAIN_SIGNATURE, {}, PLAIN_ALIGNED
-    cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, **consts},
+    cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, "DOT": dot,
+                                     **consts},
                            warps, stages, aligned=aligned)
     ops = [op for _, op, _ in instructions(disassemble(cubin))]
     return {"kernel": kernel, "block_n": block_n, "num_warps": warps, "num_stages": stages, "prefetch": prefetch,
+            "dot": dot,
             "instructions": len(ops),
             "global_loads": sum(op.split(".")[0] == "LDG" for op in ops),
             "async_copies": sum(op.startswith("LDGSTS") for op in ops),
@@ -68,13 +71,15 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="1,3", help="Triton pipeline depths to compile")
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
+    ap.add_argument("--dot", default="0", help="the tile math on tensor cores off / on (DOT ignores prefetch)")
     args = ap.parse_args()
     import triton
     t0 = time.time()
     ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
-    rows = [count(kernel, bn, w, s, bool(pf)) for kernel in ("rope", "plain")
-            for pf, bn, w, s in itertools.product(ints(args.prefetch), ints(args.block_n), ints(args.warps),
-                                                  ints(args.stages))]
+    rows = [count(kernel, bn, w, s, bool(pf) and not dot, dot=bool(dot)) for kernel in ("rope", "plain")
+            for dot, pf, bn, w, s in itertools.product(ints(args.dot), ints(args.prefetch), ints(args.block_n),
+                                                       ints(args.warps), ints(args.stages))
+            if not (dot and pf)]
     res = {"triton": triton.__version__, "commit": git_commit(), "arch": "sm_90", "head_dim": 128,
            "default": {"block_n": A.DECODE_BLOCK_N, "num_warps": A.DECODE_WARPS, "num_stages": A.DECODE_STAGES},
            "command": "python benchmarks/decode_attention_sass.py " + " ".join(sys.argv[1:]), "rows": rows,
@@ -88,9 +93,10 @@ def main() -> None:
              "arguments that are multiples of 16 at Llama-2-7B's shapes marked so (as Triton's JIT does). The engine's "
              f"default: BN {A.DECODE_BLOCK_N}, {A.DECODE_WARPS} warps, Triton's default stages. LDGSTS > 0 would mean "
              "Triton pipelined the KV loop; STL counts spill stores to local memory.", "",
-             "| kernel | prefetch | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {'on' if r['prefetch'] else 'off'} | {r['block_n']} | {r['num_warps']} | "
+             "| kernel | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
+              f"{r['block_n']} | {r['num_warps']} | "
               f"{r['num_stages']} | {r['instructions']} | "
               f"{r['global_loads']} | {r['async_copies']} | {r['spill_stores']} |" for r in rows]
     (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")

@@ -264,17 +264,19 @@ case "$stage" in
                 # bandwidth: serving's cost models price a cached token read at ~1.85 TB/s, and at a full cache
                 # that is near half a decode step; one program per (sequence, head) leaves most SMs idle at small
                 # batches, so split-KV (flash-decoding) is swept there. GPU tests first, then the small batches
-                # (BN x warps x double buffer x splits) with the graphed 7B step under the attention variants,
-                # then the large batches (BN x warps x double buffer, unsplit)
+                # (BN x warps x double buffer x splits x tensor-core tile math) with the graphed 7B step under the
+                # attention variants, after the large batches (BN x warps x double buffer x tensor cores, unsplit)
     timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode or split_decode" 2>&1 \
       | tail -3 | tee "$out/pytest_attn.log"
-    timeout 300 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
-      --shapes 1x256,4x256,16x256,1x2048,4x1024,16x1024 --block-n 32,64,128 --warps 4,8 --prefetch 0,1 \
-      --splits 1,2,4,8 --step-batches 1,4,16,64 --step-variants base,prefetch,split2,split4,prefetch+split4 \
-      --stem decode_attention_split 2>&1 | grep "^step\|Error"
-    timeout 170 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
-      --shapes 64x1024,256x512,256x1024 --block-n 16,32,64,128 --warps 2,4,8 --prefetch 0,1 --step-batches "" \
-      --stem decode_attention_large 2>&1 | grep "Error"
+    timeout 130 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+      --step-batches 1,4,16,64,128 --step-variants base,prefetch,dot,split2,split4,dot+split4 \
+      --stem decode_attention_step 2>&1 | grep "^step\|Error"
+    timeout 200 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
+      --shapes 1x256,16x256,1x2048,4x1024,16x1024 --block-n 32,64,128 --warps 4,8 --prefetch 0,1 \
+      --splits 1,2,4,8 --dot 0,1 --step-batches "" --stem decode_attention_split 2>&1 | grep "Error"
+    timeout 150 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
+      --shapes 64x1024,256x512,256x1024 --block-n 16,32,64,128 --warps 2,4,8 --prefetch 0,1 --dot 0,1 \
+      --step-batches "" --stem decode_attention_large 2>&1 | grep "Error"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

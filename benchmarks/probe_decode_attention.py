@@ -9,7 +9,8 @@ cache it is near half of a decode step. This times the kernel at Llama-2-7B's at
 context) over a grid of launch shapes: KV tokens per loop iteration (BN), warps, the loop's register
 double buffer (prefetch: the next tile's K and V loaded before this tile's math) and, if asked,
 Triton's pipeline depth (num_stages; "-" is Triton's default, which the sweep keeps by default:
-Triton does not pipeline this loop, decode_attention_sass.py) and split-KV (--splits: each
+Triton does not pipeline this loop, decode_attention_sass.py), the tile math on tensor cores
+(--dot: the query padded to tl.dot's 16 rows, which Triton does pipeline) and split-KV (--splits: each
 sequence's cache in S runs, one program each, merged by a second launch; flash-decoding). One
 launch reads one layer's K and V, several times the L2, which is flushed before each of the
 median's replays (CUDA graph, CUDA events). Every shape's output is checked against the default
@@ -18,7 +19,7 @@ sequences. Then the whole graphed Llama-2-7B decode step under each of --step-va
 engine's attention settings; the first is repeated last). Writes <out>/<stem>.{json,md}.
 
   python benchmarks/probe_decode_attention.py --out DIR --commit SHA [--shapes 1x2048,16x1024,256x1024]
-      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0] [--prefetch 0,1] [--splits 1,2,4,8]
+      [--block-n 16,32,64,128] [--warps 2,4,8] [--stages 0] [--prefetch 0,1] [--splits 1,2,4,8] [--dot 0,1]
       [--step-variants base,prefetch,split2,prefetch+split2]
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_gpu_kernels import Timer, copy_bandwidth_gbs  # noqa: E402
 from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
 from services.engine.kernels.attention import (  # noqa: E402
-    DECODE_BLOCK_N, DECODE_PREFETCH, DECODE_STAGES, DECODE_WARPS, decode_splits, paged_decode_reference,
+    DECODE_BLOCK_N, DECODE_DOT, DECODE_PREFETCH, DECODE_STAGES, DECODE_WARPS, decode_splits, paged_decode_reference,
     paged_decode_rope_attention,
 )
 from services.engine.kernels.fused_ops import rope_tables  # noqa: E402
@@ -45,9 +46,9 @@ REF_ROWS = 4                                  # sequences checked against the fl
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'BxC,...' -> [(batch, context tokens)]; each at least 1 x 2."""
+    """'BxC,...' -> [(batch, context tokens)]; each at least 1 x 2 ('': none, only the step timings)."""
     shapes = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         try:
             b, c = (int(v) for v in item.lower().split("x"))
         except ValueError:
@@ -58,31 +59,34 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-Shape = tuple[int, int, "int | None", bool, int]     # (BN, warps, stages or None, prefetch, splits)
+Shape = tuple[int, int, "int | None", bool, int, bool]   # (BN, warps, stages or None, prefetch, splits, dot)
 
 
 def launch_shapes(block_ns: list[int], warps: list[int], stages: list[int], prefetch: list[int],
-                  splits: list[int], default_splits: int = 1) -> list[Shape]:
-    """(BN, warps, stages, prefetch, splits) grid, the default first; stage 0 means Triton's default
-    (None); default_splits: what decode_splits gives at the shape's batch."""
-    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES, DECODE_PREFETCH, default_splits)
-    grid = [(bn, w, s or None, bool(pf), sp)
-            for pf, sp, bn, w, s in itertools.product(prefetch, splits, block_ns, warps, stages)]
+                  splits: list[int], dots: list[int] = (0,), default_splits: int = 1) -> list[Shape]:
+    """(BN, warps, stages, prefetch, splits, dot) grid, the default first; stage 0 means Triton's
+    default (None); the tensor-core form (dot) ignores the double buffer, so it goes without it;
+    default_splits: what decode_splits gives at the shape's batch."""
+    default = (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES, DECODE_PREFETCH, default_splits, DECODE_DOT)
+    grid = [(bn, w, s or None, bool(pf), sp, bool(dot))
+            for dot, pf, sp, bn, w, s in itertools.product(dots, prefetch, splits, block_ns, warps, stages)
+            if not (dot and pf)]
     return [default] + [g for g in grid if g != default]
 
 
 def shape_name(shape: Shape) -> str:
-    bn, w, s, pf, sp = shape
+    bn, w, s, pf, sp, dot = shape
     return (f"BN {bn} / {w} warps / stages {s if s is not None else '-'}" + (" / prefetch" if pf else "")
-            + (f" / {sp} splits" if sp > 1 else ""))
+            + (f" / {sp} splits" if sp > 1 else "") + (" / dot" if dot else ""))
 
 
-STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True)}     # step variant word -> attention module setting
+# step variant word -> attention module setting
+STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", True)}
 
 
 def parse_variant(text: str) -> dict:
-    """'base' | words joined by '+': 'prefetch', 'splitN' (N programs per SM wanted: split-KV below
-    that), 'bnN', 'warpsN' -> {attention module constant: value}."""
+    """'base' | words joined by '+': 'prefetch', 'dot', 'splitN' (N programs per SM wanted: split-KV
+    below that), 'bnN', 'warpsN' -> {attention module constant: value}."""
     settings = {}
     for word in text.split("+"):
         if word == "base":
@@ -92,7 +96,7 @@ def parse_variant(text: str) -> dict:
         else:
             prefix = next((p for p in ("split", "bn", "warps") if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
-                raise SystemExit(f"--step-variants: unknown setting {word!r} (base, prefetch, splitN, bnN, warpsN)")
+                raise SystemExit(f"--step-variants: unknown setting {word!r} (base, prefetch, dot, splitN, bnN, warpsN)")
             name = {"split": "DECODE_SPLIT_PROGRAMS_PER_SM", "bn": "DECODE_BLOCK_N", "warps": "DECODE_WARPS"}[prefix]
             value = int(word[len(prefix):])
         settings[name] = value
@@ -122,10 +126,10 @@ class Inputs:
         self.kv_bytes = 2 * batch * (context - 1) * HEADS * HEAD_DIM * 2
 
     def run(self, shape: Shape) -> torch.Tensor:
-        bn, w, s, pf, sp = shape
+        bn, w, s, pf, sp, dot = shape
         return paged_decode_rope_attention(self.qkv, self.positions, self.cos, self.sin, self.kc, self.vc, self.slots,
                                            self.tables, self.lens, HEADS, max_context=self.context,
-                                           block_n=bn, num_warps=w, num_stages=s, prefetch=pf, splits=sp)
+                                           block_n=bn, num_warps=w, num_stages=s, prefetch=pf, splits=sp, dot=dot)
 
     def reference_error(self, out: torch.Tensor) -> float:
         """Relative error of out's first REF_ROWS sequences against the float32 reference (the run
@@ -146,8 +150,8 @@ def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) 
     rows = []
     for shape in shapes:
         row = {"part": "sweep", "batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
-               "num_stages": shape[2], "prefetch": shape[3], "splits": shape[4], "kv_bytes": inp.kv_bytes,
-               "copy_gbs": copy_gbs}
+               "num_stages": shape[2], "prefetch": shape[3], "splits": shape[4], "dot": shape[5],
+               "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
         try:
             out = inp.run(shape).float()
             row["rel_err_vs_default"] = float((out - base).norm() / base.norm())
@@ -198,7 +202,7 @@ def step_rows(batches: list[int], context: int, variants: list[str], timer: Time
 def _shape_cells(row: dict) -> str:
     stages = row["num_stages"] if row["num_stages"] is not None else "-"
     return (f"{row['block_n']} | {row['num_warps']} | {stages} | {'on' if row.get('prefetch') else 'off'} "
-            f"| {row.get('splits', 1)}")
+            f"| {row.get('splits', 1)} | {'on' if row.get('dot') else 'off'}")
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -215,15 +219,15 @@ def write_markdown(res: dict, path: Path) -> None:
         default = next((r for r in rows if "rel_err_vs_reference" in r), rows[0])
         lines += [f"## batch {batch}, context {context}\n",
                   f"Default shape's error against the float32 reference: {default.get('rel_err_vs_reference', float('nan')):.1e}.\n",
-                  "| BN | warps | stages | prefetch | splits | ms | GB/s | × copy | × default |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| BN | warps | stages | prefetch | splits | dot | ms | GB/s | × copy | × default |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         timed = sorted((r for r in rows if "ms" in r), key=lambda r: (r is not default, r["ms"]))
         for r in timed:
             speed = default["ms"] / r["ms"] if "ms" in default else float("nan")
             lines.append(f"| {_shape_cells(r)} | {r['ms']:.3f} | {r['gbs']:.0f} | {r['gbs'] / r['copy_gbs']:.2f} "
                          f"| {speed:.2f} |")
         for r in (r for r in rows if "error" in r):
-            lines.append(f"| {_shape_cells(r)} | – | – | – | – | {r['error']} |")
+            lines.append(f"| {_shape_cells(r)} | – | – | – | {r['error']} |")
         lines.append("")
     steps = [r for r in res["rows"] if r.get("part") == "step"]
     if steps:
@@ -233,8 +237,8 @@ def write_markdown(res: dict, path: Path) -> None:
                   "Graphed step of random-weight Llama-2-7B (4-bit g128, tiled layout, fused RoPE + attention, L2 "
                   f"flushed before each replay) under each attention variant, {first} timed first and last "
                   "(× first: the faster of those two over the variant's time); floor: weights + KV bytes over the "
-                  "copy bandwidth. Variants: prefetch = the register double buffer; splitN = split-KV wherever "
-                  "a batch has fewer than N (sequence, head) programs per SM.\n",
+                  "copy bandwidth. Variants: prefetch = the register double buffer; dot = the tile math on tensor "
+                  "cores; splitN = split-KV wherever a batch has fewer than N (sequence, head) programs per SM.\n",
                   "| batch | context | " + " | ".join(f"{v} ms" for v in runs) + " | "
                   + " | ".join(f"{v} × {first}" for v in runs[1:-1]) + " | best ÷ floor |",
                   "|---|---|" + "---|" * (2 * len(runs) - 1)]
@@ -255,6 +259,7 @@ def main() -> None:
     ap.add_argument("--stages", default="0", help="Triton pipeline depths (0: Triton's default)")
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
     ap.add_argument("--splits", default="1", help="split-KV runs per sequence (1: unsplit)")
+    ap.add_argument("--dot", default="0", help="the tile math on CUDA cores (0) / tensor cores (1)")
     ap.add_argument("--step-batches", default="1,16,64",
                     help="also the graphed 7B decode step at these batch sizes (empty: skip)")
     ap.add_argument("--step-variants", default="base,prefetch",
@@ -276,7 +281,7 @@ def main() -> None:
     def parts():
         for batch, context in parse_shapes(args.shapes):
             shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.prefetch),
-                                   ints(args.splits), decode_splits(batch, HEADS, torch.device("cuda")))
+                                   ints(args.splits), ints(args.dot), decode_splits(batch, HEADS, torch.device("cuda")))
             yield shape_rows(batch, context, shapes, timer, copy_gbs)
             torch.cuda.empty_cache()    # the shape's caches (GiBs) went with shape_rows' frame
         if step_batches:

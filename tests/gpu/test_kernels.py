@@ -178,6 +178,10 @@ def test_paged_decode_attention(num_heads: int, num_kv_heads: int) -> None:
     for block_n, warps in ((16, 4), (32, 4), (64, 8)):    # other launch shapes, with the register double buffer
         out = paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, num_warps=warps, prefetch=True)
         assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
+    for block_n, warps, stages in ((32, 4, None), (64, 8, 4), (128, 4, 2)):   # the tile math on tensor cores
+        out = paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, num_warps=warps, num_stages=stages,
+                                     dot=True)
+        assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
 
 
 
@@ -210,11 +214,13 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
         assert rel_err(out, ref) < 1e-2 and torch.equal(kc2, kc) and torch.equal(vc2, vc)
     # split-KV (flash-decoding): runs of whole tiles, empty ones included, merged by a second launch;
     # the slots are written once, from the caches as they were before any write
-    for splits, block_n, prefetch in ((2, 64, False), (5, 16, True), (16, 32, False)):
+    # and the tile math on tensor cores, split and not
+    for splits, block_n, prefetch, dot in ((2, 64, False, False), (5, 16, True, False), (16, 32, False, False),
+                                           (1, 64, False, True), (4, 32, False, True)):
         kc2, vc2 = kc0.clone(), vc0.clone()
         out = paged_decode_rope_attention(qkv, pos, cos, sin, kc2, vc2, slots, tables, lens, num_heads,
-                                          block_n=block_n, prefetch=prefetch, splits=splits)
-        assert rel_err(out, ref) < 1e-2, (splits, block_n)
+                                          block_n=block_n, prefetch=prefetch, splits=splits, dot=dot)
+        assert rel_err(out, ref) < 1e-2, (splits, block_n, dot)
         assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 

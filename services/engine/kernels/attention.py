@@ -50,6 +50,18 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
 
     @triton.jit
+    def _softmax_update_dot(k, v, tmask, q16, m_i, l_i, acc):
+        """_softmax_update on tensor cores: q16 [16, D] in the cache dtype holds the query in row 0
+        (zeros below, the smallest M of tl.dot), so the scores and the weighted values are two dots
+        (which Triton's pipeliner also overlaps with the next tiles' loads); state per row, [16] / [16, D]."""
+        scores = tl.where(tmask[None, :], tl.dot(q16, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.exp(scores - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
+        return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
     def _kv_loads(k_ptr, v_ptr, kv_off, tmask):
         """The K and V tile at kv_off (masked tokens 0)."""
         k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)
@@ -64,15 +76,30 @@ if triton is not None:
 
     @triton.jit
     def _attend(k_ptr, v_ptr, bt_row_ptr, lo, hi, loop_start, loop_end, block_size, stride_cb, stride_ct, head_off,
-                offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr):
+                offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr = False):
         """(m_i, l_i, acc) of one query over the sequence's cached tokens lo .. hi, the loop running
         loop_start .. loop_end (loop_start <= lo, loop_end >= hi; tiles outside lo .. hi are masked).
         PREFETCH: a register double buffer, the next tile's K and V loads issued before this tile's
-        math (Triton does not pipeline this loop itself: decode_attention_sass.py)."""
+        math (Triton does not pipeline this loop itself: decode_attention_sass.py). DOT: the tile math
+        on tensor cores (_softmax_update_dot; PREFETCH is then ignored)."""
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((D,), dtype=tl.float32)
-        if PREFETCH:
+        if DOT:
+            row0 = tl.arange(0, 16) == 0
+            q16 = tl.where(row0[:, None], q[None, :], 0.0).to(k_ptr.dtype.element_ty)
+            m16 = tl.full((16,), float("-inf"), tl.float32)
+            l16 = tl.zeros((16,), dtype=tl.float32)
+            acc16 = tl.zeros((16, D), dtype=tl.float32)
+            for t0 in range(loop_start, loop_end, BN):
+                _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
+                                            offs_d, BN)
+                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
+                m16, l16, acc16 = _softmax_update_dot(k, v, tmask, q16, m16, l16, acc16)
+            m_i = tl.max(tl.where(row0, m16, float("-inf")), axis=0)
+            l_i = tl.sum(tl.where(row0, l16, 0.0), axis=0)
+            acc = tl.sum(tl.where(row0[:, None], acc16, 0.0), axis=0)
+        elif PREFETCH:
             _, tmask, kv_off = _kv_tile(bt_row_ptr, loop_start, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                         offs_d, BN)
             k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
@@ -95,7 +122,7 @@ if triton is not None:
         scale, block_size, q_per_kv,
         stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr,
-        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, DOT: tl.constexpr = False,
     ):
         pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         b = tl.program_id(0)
@@ -105,7 +132,7 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
         m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, 0, length, 0, length, block_size, stride_cb,
-                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH)
+                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, DOT)
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -116,6 +143,7 @@ if triton is not None:
         stride_qkv, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr = 0,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = False,
+        DOT: tl.constexpr = False,
     ):
         """_paged_decode_kernel with the RoPE + KV-cache write of _rope_cache_kernel folded in.
 
@@ -168,7 +196,7 @@ if triton is not None:
         # batch's longest context, a constant) and tiles outside lo .. hi are fully masked (p = 0, alpha = 1).
         m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, lo, hi,
                                 0 if STEP_STOP > 0 else lo, STEP_STOP if STEP_STOP > 0 else hi,
-                                block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH)
+                                block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, DOT)
         s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
         if SPLIT:
             s_new = tl.where(tl.program_id(2) == 0, s_new, float("-inf"))
@@ -213,6 +241,7 @@ DECODE_BLOCK_N = 64
 DECODE_WARPS = 4
 DECODE_STAGES: int | None = None
 DECODE_PREFETCH = False    # the register double buffer of the KV loop (_attend); not yet timed on a GPU
+DECODE_DOT = False         # the tile math on tensor cores (_softmax_update_dot); not yet timed on a GPU
 # Split-KV (flash-decoding) of the fused decode kernel: a batch with fewer than this many (sequence,
 # head) programs per SM splits each sequence's cache into up to DECODE_MAX_SPLITS runs so the grid
 # fills the GPU (0: never split). Off until timed on a GPU (probe_decode_attention.py --splits).
@@ -234,10 +263,11 @@ def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:
 
 
 def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None,
-                  prefetch: bool | None = None) -> dict:
-    """The kernels' BN / num_warps / num_stages / PREFETCH launch arguments (defaults: the module's settings)."""
+                  prefetch: bool | None = None, dot: bool | None = None) -> dict:
+    """The kernels' BN / num_warps / num_stages / PREFETCH / DOT launch arguments (defaults: the
+    module's settings)."""
     meta = {"BN": block_n or DECODE_BLOCK_N, "num_warps": num_warps or DECODE_WARPS,
-            "PREFETCH": DECODE_PREFETCH if prefetch is None else prefetch}
+            "PREFETCH": DECODE_PREFETCH if prefetch is None else prefetch, "DOT": DECODE_DOT if dot is None else dot}
     stages = num_stages if num_stages is not None else DECODE_STAGES
     if stages is not None:
         meta["num_stages"] = stages
@@ -253,14 +283,14 @@ def paged_decode_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    prefetch: bool | None = None,
+    prefetch: bool | None = None, dot: bool | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] over its first context_lens[b] cached tokens → [B, H, D].
 
     block_tables int32 [B, max_blocks], context_lens int32 [B] (each ≥ 1). Caches are
     [num_blocks, block_size, KVH, D] with the last two dims contiguous. block_n / num_warps /
-    num_stages / prefetch: the launch shape (default DECODE_BLOCK_N / DECODE_WARPS / DECODE_STAGES /
-    DECODE_PREFETCH).
+    num_stages / prefetch / dot: the launch shape (default DECODE_BLOCK_N / DECODE_WARPS / DECODE_STAGES /
+    DECODE_PREFETCH / DECODE_DOT).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -279,7 +309,7 @@ def paged_decode_attention(
         scale, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, **_launch_shape(block_n, num_warps, num_stages, prefetch),
+        D=d, **_launch_shape(block_n, num_warps, num_stages, prefetch, dot),
     )
     return out
 
@@ -290,7 +320,7 @@ def paged_decode_rope_attention(
     block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
     scale: float | None = None, max_context: int = 0,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    prefetch: bool | None = None, splits: int | None = None,
+    prefetch: bool | None = None, splits: int | None = None, dot: bool | None = None,
 ) -> torch.Tensor:
     """rope_and_cache then paged_decode_attention in one launch, for a step where every sequence
     computes one token: qkv [B, (H + 2 KVH) D] laid out [q | k | v], positions / slot_mapping [B]
@@ -324,7 +354,7 @@ def paged_decode_rope_attention(
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         D=d, STEP_STOP=max_context if _INTERPRET else 0, SPLIT=splits > 1,
-        **_launch_shape(block_n, num_warps, num_stages, prefetch),
+        **_launch_shape(block_n, num_warps, num_stages, prefetch, dot),
     )
     if splits > 1:
         launch(_split_combine_kernel, (bsz, num_heads), part, out, splits, out.stride(0), out.stride(1),

@@ -18,9 +18,10 @@ from tests.unit.engine.kernels.interpreted import run_interpreted  # noqa: E402
 def check_interpreted() -> None:
     from probe_decode_attention import Inputs
     inp = Inputs(2, 40, device="cpu")
-    base = inp.run((64, 4, None, False, 1))
+    base = inp.run((64, 4, None, False, 1, False))
     assert inp.reference_error(base) < 1e-2
-    for shape in ((16, 2, 2, False, 1), (16, 4, None, True, 1), (16, 4, None, False, 3)):
+    for shape in ((16, 2, 2, False, 1, False), (16, 4, None, True, 1, False), (16, 4, None, False, 3, False),
+                  (32, 4, None, False, 2, True)):
         other = inp.run(shape)
         assert float((other.float() - base.float()).norm() / base.float().norm()) < 1e-2
     assert inp.kv_bytes == 2 * 2 * 39 * 32 * 128 * 2
@@ -33,15 +34,18 @@ def test_inputs_and_reference_interpreted() -> None:
 def test_grid_and_shapes() -> None:
     from probe_decode_attention import launch_shapes, parse_shapes, parse_variant
     grid = launch_shapes([32, 64], [4], [0, 2], [0, 1], [1])
-    assert grid[0] == (64, 4, None, False, 1) and len(grid) == len(set(grid)) == 8
+    assert grid[0] == (64, 4, None, False, 1, False) and len(grid) == len(set(grid)) == 8
     grid = launch_shapes([64], [4], [0], [0], [1, 4], default_splits=2)
-    assert grid == [(64, 4, None, False, 2), (64, 4, None, False, 1), (64, 4, None, False, 4)]
+    assert grid == [(64, 4, None, False, 2, False), (64, 4, None, False, 1, False), (64, 4, None, False, 4, False)]
+    grid = launch_shapes([64], [4], [0], [0, 1], [1], dots=[0, 1])     # no double buffer with dot
+    assert grid == [(64, 4, None, False, 1, False), (64, 4, None, True, 1, False), (64, 4, None, False, 1, True)]
     assert parse_variant("base") == {}
     assert parse_variant("prefetch+split4+bn128") == {"DECODE_PREFETCH": True, "DECODE_SPLIT_PROGRAMS_PER_SM": 4,
                                                       "DECODE_BLOCK_N": 128}
+    assert parse_variant("dot+warps8") == {"DECODE_DOT": True, "DECODE_WARPS": 8}
     with pytest.raises(SystemExit, match="unknown setting 'splits'"):
         parse_variant("splits")
-    assert parse_shapes("1x2048,256x512") == [(1, 2048), (256, 512)]
+    assert parse_shapes("1x2048,256x512") == [(1, 2048), (256, 512)] and parse_shapes("") == []
     with pytest.raises(SystemExit, match="BATCHxCONTEXT"):
         parse_shapes("256")
     with pytest.raises(SystemExit, match="context >= 2"):
@@ -63,10 +67,10 @@ def test_report(tmp_path: Path) -> None:
     text = (tmp_path / "out.md").read_text()
     assert "## batch 256, context 1024" in text and "reference: 3.0e-04" in text
     lines = text.splitlines()
-    first = lines.index("| BN | warps | stages | prefetch | splits | ms | GB/s | × copy | × default |")
-    assert lines[first + 2] == "| 64 | 4 | - | off | 1 | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
-    assert lines[first + 3] == "| 128 | 8 | 3 | on | 4 | 0.400 | 2500 | 0.83 | 1.25 |"
-    assert "| 32 | 2 | 4 | off | 1 | – | – | – | – | OutOfResources: shared memory |" in text
+    first = lines.index("| BN | warps | stages | prefetch | splits | dot | ms | GB/s | × copy | × default |")
+    assert lines[first + 2] == "| 64 | 4 | - | off | 1 | off | 0.500 | 2000 | 0.67 | 1.00 |"      # the default first
+    assert lines[first + 3] == "| 128 | 8 | 3 | on | 4 | off | 0.400 | 2500 | 0.83 | 1.25 |"
+    assert "| 32 | 2 | 4 | off | 1 | off | – | – | – | OutOfResources: shared memory |" in text
     assert "## The whole decode step" not in text
     res["rows"].append({"part": "step", "batch": 1, "context": 256, "floor_ms": 1.25,
                         "variants": ["base", "split4", "base"], "ms": [2.7, 2.5, 2.75]})

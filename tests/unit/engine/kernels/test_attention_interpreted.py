@@ -67,16 +67,20 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
         assert torch.equal(kc_pre, kc) and torch.equal(vc_pre, vc)
     # split-KV: each sequence's cache in 2 / 3 / 8 runs of whole tiles (empty runs included: 8 runs
     # of 16-token tiles over 69 cached tokens, none over the first token's), merged by the combine kernel
-    for splits, block_n, prefetch in ((2, 16, False), (3, 16, True), (8, 16, False), (2, 64, False)):
+    # the tile math on tensor cores (dot) too, split or not
+    for splits, block_n, prefetch, dot in ((2, 16, False, False), (3, 16, True, False), (8, 16, False, False),
+                                           (2, 64, False, False), (1, 32, False, True), (3, 16, False, True)):
         kc_split, vc_split = kc_ref.clone(), vc_ref.clone()
         kc_split.view(-1, num_kv_heads, d)[slots] = 0
         vc_split.view(-1, num_kv_heads, d)[slots] = 0
         split = paged_decode_rope_attention(qkv, positions, cos, sin, kc_split, vc_split, slots, tables, lens,
                                             num_heads, max_context=int(lens.max()), block_n=block_n,
-                                            prefetch=prefetch, splits=splits)
+                                            prefetch=prefetch, splits=splits, dot=dot)
         err = float((split.float() - ref).norm() / ref.norm())
-        assert err < 1e-2, (splits, block_n, err)
+        assert err < 1e-2, (splits, block_n, dot, err)
         assert torch.equal(kc_split, kc) and torch.equal(vc_split, vc)    # the slots written once, as unsplit
+    dot = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=32, dot=True)
+    assert float((dot.float() - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_decode_rope_attention_interpreted() -> None:
