@@ -92,10 +92,10 @@
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
 #                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
-#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 580 s (not run yet): decode attention GPU tests, launch
-#                                                   #   shapes (BN x warps x register double buffer x split-KV) at 6
-#                                                   #   small-batch shapes with the graphed 7B step at batch 1 / 4 /
-#                                                   #   16 / 64 per attention variant, then 3 large-batch shapes
+#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 440 s (not run yet): decode attention GPU tests, the
+#                                                   #   graphed 7B step at batch 1-128 per attention variant, launch
+#                                                   #   shapes (BN x warps x double buffer x split-KV x tensor cores)
+#                                                   #   at 4 small-batch and 2 large-batch shapes
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -266,16 +266,16 @@ case "$stage" in
                 # batches, so split-KV (flash-decoding) is swept there. GPU tests first, then the small batches
                 # (BN x warps x double buffer x splits x tensor-core tile math) with the graphed 7B step under the
                 # attention variants, after the large batches (BN x warps x double buffer x tensor cores, unsplit)
-    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode or split_decode" 2>&1 \
+    timeout 80 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "paged_decode or split_decode" 2>&1 \
       | tail -3 | tee "$out/pytest_attn.log"
     timeout 130 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 1,4,16,64,128 --step-variants base,prefetch,dot,split2,split4,dot+split4 \
       --stem decode_attention_step 2>&1 | grep "^step\|Error"
-    timeout 200 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
-      --shapes 1x256,16x256,1x2048,4x1024,16x1024 --block-n 32,64,128 --warps 4,8 --prefetch 0,1 \
-      --splits 1,2,4,8 --dot 0,1 --step-batches "" --stem decode_attention_split 2>&1 | grep "Error"
-    timeout 150 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
-      --shapes 64x1024,256x512,256x1024 --block-n 16,32,64,128 --warps 2,4,8 --prefetch 0,1 --dot 0,1 \
+    timeout 120 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
+      --shapes 1x256,16x256,1x2048,16x1024 --block-n 32,64,128 --warps 4 --prefetch 0,1 --splits 1,2,4,8 \
+      --dot 0,1 --step-batches "" --stem decode_attention_split 2>&1 | grep "Error"
+    timeout 110 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
+      --shapes 64x1024,256x1024 --block-n 32,64,128 --warps 4,8 --prefetch 0,1 --dot 0,1 \
       --step-batches "" --stem decode_attention_large 2>&1 | grep "Error"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
