@@ -446,7 +446,7 @@ if triton is not None:
         # loop runs to the step's longest context (STEP_STOP, a constant; 0 when compiled), and
         # blocks past `hi` are fully masked (p = 0, alpha = 1).
         for t0 in range(0, STEP_STOP if STEP_STOP > 0 else hi, BN):
-            t, tmask, kv_off = _kv_tile(bt_ptr + s * stride_btb, t0, hi, block_size, stride_cb, stride_ct,
+            t, tmask, kv_off = _kv_tile(bt_ptr + s * stride_btb, t0, 0, hi, block_size, stride_cb, stride_ct,
                                         kvh * stride_ch, offs_d, BN)
             k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)     # [BN, D]
             qk = tl.dot(q, tl.trans(k)) * scale_log2                        # [BM, BN] fp32
