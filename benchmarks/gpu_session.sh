@@ -96,6 +96,8 @@
 #                                                   #   graphed 7B step at batch 1-128 per attention variant, launch
 #                                                   #   shapes (BN x warps x double buffer x split-KV x tensor cores)
 #                                                   #   at 4 small-batch and 2 large-batch shapes
+#   bash benchmarks/gpu_session.sh attn-serve COMMIT  # at most 560 s: engine GPU tests with the tensor-core decode
+#                                                   #   attention and split-KV on, then drain30-tokens' serving run
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -103,7 +105,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -277,6 +279,17 @@ case "$stage" in
     timeout 110 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" \
       --shapes 64x1024,256x1024 --block-n 32,64,128 --warps 4,8 --prefetch 0,1 --dot 0,1 \
       --step-batches "" --stem decode_attention_large 2>&1 | grep "Error"
+    ;;
+  attn-serve)   # the tensor-core decode attention and split-KV on by default (decode_attention_*_97fe563.md):
+                 # the engine's GPU logits / graph / long-prefill tests, then drain30-tokens' serving run
+    timeout 140 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
+      -k "logits_match or graph_replay or long_prefill" 2>&1 | tail -3 | tee "$out/pytest_engine.log"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 420 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
+      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 400 --capacity-req-s 15.9 \
+      --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
+      | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

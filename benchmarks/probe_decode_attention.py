@@ -81,12 +81,12 @@ def shape_name(shape: Shape) -> str:
 
 
 # step variant word -> attention module setting
-STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", True)}
+STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", True), "nodot": ("DECODE_DOT", False)}
 
 
 def parse_variant(text: str) -> dict:
-    """'base' | words joined by '+': 'prefetch', 'dot', 'splitN' (N programs per SM wanted: split-KV
-    below that), 'bnN', 'warpsN' -> {attention module constant: value}."""
+    """'base' | words joined by '+': 'prefetch', 'dot' / 'nodot', 'splitN' (N programs per SM wanted:
+    split-KV below that; split0: never), 'bnN', 'warpsN' -> {attention module constant: value}."""
     settings = {}
     for word in text.split("+"):
         if word == "base":
@@ -96,7 +96,7 @@ def parse_variant(text: str) -> dict:
         else:
             prefix = next((p for p in ("split", "bn", "warps") if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
-                raise SystemExit(f"--step-variants: unknown setting {word!r} (base, prefetch, dot, splitN, bnN, warpsN)")
+                raise SystemExit(f"--step-variants: unknown setting {word!r} (base, prefetch, dot, nodot, splitN, bnN, warpsN)")
             name = {"split": "DECODE_SPLIT_PROGRAMS_PER_SM", "bn": "DECODE_BLOCK_N", "warps": "DECODE_WARPS"}[prefix]
             value = int(word[len(prefix):])
         settings[name] = value
@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--dot", default="0", help="the tile math on CUDA cores (0) / tensor cores (1)")
     ap.add_argument("--step-batches", default="1,16,64",
                     help="also the graphed 7B decode step at these batch sizes (empty: skip)")
-    ap.add_argument("--step-variants", default="base,prefetch",
+    ap.add_argument("--step-variants", default="base,nodot+split0",
                     help="attention settings the step is timed under, comma-separated (parse_variant); the first "
                          "is timed again last")
     ap.add_argument("--step-context", type=int, default=256)

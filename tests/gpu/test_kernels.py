@@ -176,7 +176,8 @@ def test_paged_decode_attention(num_heads: int, num_kv_heads: int) -> None:
     out = paged_decode_attention(q, kc, vc, tables, lens)
     assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
     for block_n, warps in ((16, 4), (32, 4), (64, 8)):    # other launch shapes, with the register double buffer
-        out = paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, num_warps=warps, prefetch=True)
+        out = paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, num_warps=warps, prefetch=True,
+                                     dot=False)
         assert rel_err(out, paged_decode_reference(q, kc, vc, tables, lens)) < 1e-2
     for block_n, warps, stages in ((32, 4, None), (64, 8, 4), (128, 4, 2)):   # the tile math on tensor cores
         out = paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, num_warps=warps, num_stages=stages,
@@ -210,7 +211,7 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
     for block_n, warps in ((16, 4), (32, 4), (64, 8)):    # other launch shapes, with the register double buffer
         kc2, vc2 = kc.clone(), vc.clone()
         out = paged_decode_rope_attention(qkv, pos, cos, sin, kc2, vc2, slots, tables, lens, num_heads,
-                                          block_n=block_n, num_warps=warps, prefetch=True)
+                                          block_n=block_n, num_warps=warps, prefetch=True, dot=False)
         assert rel_err(out, ref) < 1e-2 and torch.equal(kc2, kc) and torch.equal(vc2, vc)
     # split-KV (flash-decoding): runs of whole tiles, empty ones included, merged by a second launch;
     # the slots are written once, from the caches as they were before any write
@@ -254,7 +255,7 @@ def test_split_decode_attention_in_a_cuda_graph() -> None:
         place()
         graph.replay()
         want = paged_decode_rope_attention(qkv, pos, cos, sin, kc.clone(), vc.clone(), slots, tables, lens, num_heads,
-                                           splits=1)
+                                           splits=1, dot=False)
         assert rel_err(out, want) < 1e-3, new_lens
 
 

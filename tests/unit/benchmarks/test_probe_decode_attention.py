@@ -33,16 +33,17 @@ def test_inputs_and_reference_interpreted() -> None:
 
 def test_grid_and_shapes() -> None:
     from probe_decode_attention import launch_shapes, parse_shapes, parse_variant
-    grid = launch_shapes([32, 64], [4], [0, 2], [0, 1], [1])
-    assert grid[0] == (64, 4, None, False, 1, False) and len(grid) == len(set(grid)) == 8
-    grid = launch_shapes([64], [4], [0], [0], [1, 4], default_splits=2)
-    assert grid == [(64, 4, None, False, 2, False), (64, 4, None, False, 1, False), (64, 4, None, False, 4, False)]
+    grid = launch_shapes([32, 64], [4], [0, 2], [0, 1], [1])      # the engine's default first (tensor cores)
+    assert grid[0] == (64, 4, None, False, 1, True) and len(grid) == len(set(grid)) == 9
+    grid = launch_shapes([64], [4], [0], [0], [1, 4], dots=[1], default_splits=2)
+    assert grid == [(64, 4, None, False, 2, True), (64, 4, None, False, 1, True), (64, 4, None, False, 4, True)]
     grid = launch_shapes([64], [4], [0], [0, 1], [1], dots=[0, 1])     # no double buffer with dot
-    assert grid == [(64, 4, None, False, 1, False), (64, 4, None, True, 1, False), (64, 4, None, False, 1, True)]
+    assert grid == [(64, 4, None, False, 1, True), (64, 4, None, False, 1, False), (64, 4, None, True, 1, False)]
     assert parse_variant("base") == {}
     assert parse_variant("prefetch+split4+bn128") == {"DECODE_PREFETCH": True, "DECODE_SPLIT_PROGRAMS_PER_SM": 4,
                                                       "DECODE_BLOCK_N": 128}
     assert parse_variant("dot+warps8") == {"DECODE_DOT": True, "DECODE_WARPS": 8}
+    assert parse_variant("nodot+split0") == {"DECODE_DOT": False, "DECODE_SPLIT_PROGRAMS_PER_SM": 0}
     with pytest.raises(SystemExit, match="unknown setting 'splits'"):
         parse_variant("splits")
     assert parse_shapes("1x2048,256x512") == [(1, 2048), (256, 512)] and parse_shapes("") == []

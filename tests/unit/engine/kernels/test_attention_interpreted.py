@@ -50,19 +50,22 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     # the plain decode kernel (same tile helpers) on the caches the two-kernel path leaves
     plain = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens)
     assert float((plain.float() - ref).norm() / ref.norm()) < 1e-2
+    cuda_cores = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, dot=False)
+    assert float((cuda_cores.float() - ref).norm() / ref.norm()) < 1e-2
     # another launch shape (probe_decode_attention's sweep): tiles of 16 tokens, one per cache block
-    small = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=16, num_warps=2, num_stages=2)
+    small = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=16, num_warps=2, num_stages=2,
+                                   dot=False)
     assert float((small.float() - ref).norm() / ref.norm()) < 1e-2
     again = paged_decode_rope_attention(qkv, positions, cos, sin, kc.clone(), vc.clone(), slots, tables, lens,
-                                        num_heads, max_context=int(lens.max()), block_n=16, num_warps=2)
+                                        num_heads, max_context=int(lens.max()), block_n=16, num_warps=2, dot=False)
     assert float((again.float() - ref).norm() / ref.norm()) < 1e-2
     # the register double buffer (next tile loaded before this one's math), both kernels, two tile sizes
     for block_n in (16, 64):
-        pre = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=block_n, prefetch=True)
+        pre = paged_decode_attention(q_ref, kc_ref, vc_ref, tables, lens, block_n=block_n, prefetch=True, dot=False)
         assert float((pre.float() - ref).norm() / ref.norm()) < 1e-2
         kc_pre, vc_pre = kc.clone(), vc.clone()
         pre = paged_decode_rope_attention(qkv, positions, cos, sin, kc_pre, vc_pre, slots, tables, lens, num_heads,
-                                          max_context=int(lens.max()), block_n=block_n, prefetch=True)
+                                          max_context=int(lens.max()), block_n=block_n, prefetch=True, dot=False)
         assert float((pre.float() - ref).norm() / ref.norm()) < 1e-2
         assert torch.equal(kc_pre, kc) and torch.equal(vc_pre, vc)
     # split-KV: each sequence's cache in 2 / 3 / 8 runs of whole tiles (empty runs included: 8 runs
