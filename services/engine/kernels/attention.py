@@ -240,10 +240,11 @@ if triton is not None:
 DECODE_BLOCK_N = 64
 DECODE_WARPS = 4
 DECODE_STAGES: int | None = None
-# Measured on the H100 (decode_attention_*_97fe563.md, probe_decode_attention.py): the tensor-core
-# tile math is 1.02-1.13x the CUDA-core loop at batch 16-256 (where the loop already streams 2.3-2.9
-# TB/s) and split-KV 1.6-4.2x at batch 1-4, the graphed 7B step 1.03-1.10x at batch 4-128 and 1.08 /
-# 1.49x at batch 1 (context 256 / 1024); the register double buffer is slower from batch 16 up.
+# Measured on the H100 (decode_attention_*_97fe563.md, probe_decode_attention.py): one launch with
+# the tensor-core tile math is 1.02-1.13x the CUDA-core loop at batch 16-256 (where the loop already
+# streams 2.3-2.9 TB/s), 1.14-4.10x with split-KV at batch 1-4; the graphed 7B step 1.02-1.10x at
+# batch 4-128 and 1.08 / 1.49x at batch 1 (context 256 / 1024). The register double buffer is
+# slower from batch 16 up.
 DECODE_PREFETCH = False    # the register double buffer of the KV loop (_attend)
 DECODE_DOT = True          # the tile math on tensor cores (_softmax_update_dot)
 # Split-KV (flash-decoding) of the fused decode kernel: a batch with fewer than this many (sequence,
