@@ -96,7 +96,7 @@
 #                                                   #   graphed 7B step at batch 1-128 per attention variant, launch
 #                                                   #   shapes (BN x warps x double buffer x split-KV x tensor cores)
 #                                                   #   at 4 small-batch and 2 large-batch shapes
-#   bash benchmarks/gpu_session.sh attn-serve COMMIT  # at most 560 s: engine GPU tests with the tensor-core decode
+#   bash benchmarks/gpu_session.sh attn-serve COMMIT  # at most 520 s: engine GPU tests with the tensor-core decode
 #                                                   #   attention and split-KV on, then drain30-tokens' serving run
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
@@ -282,12 +282,12 @@ case "$stage" in
     ;;
   attn-serve)   # the tensor-core decode attention and split-KV on by default (decode_attention_*_97fe563.md):
                  # the engine's GPU logits / graph / long-prefill tests, then drain30-tokens' serving run
-    timeout 140 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
+    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
       -k "logits_match or graph_replay or long_prefill" 2>&1 | tail -3 | tee "$out/pytest_engine.log"
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout 420 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+    timeout 400 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
-      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 400 --capacity-req-s 15.9 \
+      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 385 --capacity-req-s 15.9 \
       --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
@@ -405,9 +405,9 @@ case "$stage" in
     ;;
   drain30-repeat)   # the top rate of drain30-fixed on three traces: how much of the spread is the trace
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout 420 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+    timeout 400 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
       --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
-      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 400 --capacity-req-s 15.9 \
+      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 385 --capacity-req-s 15.9 \
       --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo 2>&1 \
       | grep -v -i warn | tee "$out/serve_gpu.log"
     ;;
