@@ -110,6 +110,16 @@ commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+
+drain30_tokens() {   # TIMEOUT_S BUDGET_S: drain30-repeat's serving run with the load in output tokens
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  timeout "$1" python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+    --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
+    --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s "$2" --capacity-req-s 15.9 \
+    --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
+    | grep -v -i warn | tee "$out/serve_gpu.log"
+}
+
 case "$stage" in
   kernels)
     timeout 230 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py -k "every_candidate or tuner" 2>&1 \
@@ -284,12 +294,7 @@ case "$stage" in
                  # the engine's GPU logits / graph / long-prefill tests, then drain30-tokens' serving run
     timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
       -k "logits_match or graph_replay or long_prefill" 2>&1 | tail -3 | tee "$out/pytest_engine.log"
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout 400 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
-      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
-      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 385 --capacity-req-s 15.9 \
-      --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
-      | grep -v -i warn | tee "$out/serve_gpu.log"
+    drain30_tokens 400 385
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto
@@ -414,12 +419,7 @@ case "$stage" in
   drain30-tokens)   # drain30-repeat with the load in output tokens (--load-unit tokens): at one req/s the three
                     # traces' Zipf orders put 117 / 84 / 89 expected output tokens on a request (the capacity
                     # burst's mix 129), so trace 1 and 2 ran lighter; now each offers 3.2 x C's tokens per second
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout 450 python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
-      --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
-      --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s 430 --capacity-req-s 15.9 \
-      --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
-      | grep -v -i warn | tee "$out/serve_gpu.log"
+    drain30_tokens 450 430
     ;;
   stream-repeat)   # gemm-stream, then drain30-repeat, in one call (8 files back); at 285f137 it ran as
     # "glu-repeat 1fc4ef5" (gemm_stream_285f137.md, serve_gpu_24gib_long_drain30_repeat_285f137.md)
