@@ -81,7 +81,8 @@ def main() -> None:
                                                        ints(args.warps), ints(args.stages))
             if not (dot and pf)]
     res = {"triton": triton.__version__, "commit": git_commit(), "arch": "sm_90", "head_dim": 128,
-           "default": {"block_n": A.DECODE_BLOCK_N, "num_warps": A.DECODE_WARPS, "num_stages": A.DECODE_STAGES},
+           "default": {"block_n": A.DECODE_BLOCK_N, "num_warps": A.DECODE_WARPS, "num_stages": A.DECODE_STAGES,
+                       "dot": A.DECODE_DOT},
            "command": "python benchmarks/decode_attention_sass.py " + " ".join(sys.argv[1:]), "rows": rows,
            "wall_s": time.time() - t0}
     out = Path(args.out)
@@ -91,8 +92,9 @@ def main() -> None:
              f"{res['commit']})", "",
              f"Command: `{res['command']}` (no GPU: compiled for sm_90 here). Head dim 128, fp16 cache, the "
              "arguments that are multiples of 16 at Llama-2-7B's shapes marked so (as Triton's JIT does). The engine's "
-             f"default: BN {A.DECODE_BLOCK_N}, {A.DECODE_WARPS} warps, Triton's default stages. LDGSTS > 0 would mean "
-             "Triton pipelined the KV loop; STL counts spill stores to local memory.", "",
+             f"default: BN {A.DECODE_BLOCK_N}, {A.DECODE_WARPS} warps, Triton's default stages, tile math on "
+             f"{'tensor' if A.DECODE_DOT else 'CUDA'} cores. LDGSTS > 0 means Triton pipelined the KV loop; STL counts "
+             "spill stores to local memory.", "",
              "| kernel | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
