@@ -48,7 +48,8 @@ PLAIN_ALIGNED = (*range(6), 7, 9, 10, 11, 12, 13, 15, 16)
 def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128,
           dot: bool = False) -> dict:
     if kernel == "rope":
-        fn, sig, consts, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, {"STEP_STOP": 0, "SPLIT": False}, ROPE_ALIGNED
+        fn, sig, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, ROPE_ALIGNED
+        consts = {"STEP_STOP": 0, "SPLIT": False}
     else:
         fn, sig, consts, aligned = A._paged_decode_kernel, PLAIN_SIGNATURE, {}, PLAIN_ALIGNED
     cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, "DOT": dot,

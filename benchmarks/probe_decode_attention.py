@@ -96,7 +96,8 @@ def parse_variant(text: str) -> dict:
         else:
             prefix = next((p for p in ("split", "bn", "warps") if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
-                raise SystemExit(f"--step-variants: unknown setting {word!r} (base, prefetch, dot, nodot, splitN, bnN, warpsN)")
+                raise SystemExit(f"--step-variants: unknown setting {word!r} "
+                                 "(base, prefetch, dot, nodot, splitN, bnN, warpsN)")
             name = {"split": "DECODE_SPLIT_PROGRAMS_PER_SM", "bn": "DECODE_BLOCK_N", "warps": "DECODE_WARPS"}[prefix]
             value = int(word[len(prefix):])
         settings[name] = value

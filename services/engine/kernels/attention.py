@@ -350,7 +350,8 @@ def paged_decode_rope_attention(
         raise ValueError(f"splits must be >= 1, got {splits}")
     out = torch.empty(bsz, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     # split: per (sequence, head, run) the unnormalised acc [D], max and sum in fp32
-    part = torch.empty(bsz * num_heads * splits * (d + 2), dtype=torch.float32, device=qkv.device) if splits > 1 else out
+    part = (torch.empty(bsz * num_heads * splits * (d + 2), dtype=torch.float32, device=qkv.device)
+            if splits > 1 else out)
     scale = scale if scale is not None else d ** -0.5
     launch(
         _paged_decode_rope_kernel, (bsz, num_heads, splits),

@@ -76,7 +76,8 @@ def test_sass_waits_before_the_first_global_access_and_keeps_the_k_loop(kind: st
 # The other PDL-aware kernels: (module, kernel, parameter types that are not fp16 pointers, constexprs).
 _OTHER_KERNELS = {
     "paged_decode": ("attention", "_paged_decode_kernel",
-                     {"bt_ptr": "*i32", "lens_ptr": "*i32", "scale": "fp32"}, {"D": 128, "BN": 64, "PREFETCH": False, "DOT": False}),
+                     {"bt_ptr": "*i32", "lens_ptr": "*i32", "scale": "fp32"},
+                     {"D": 128, "BN": 64, "PREFETCH": False, "DOT": False}),
     "paged_decode_prefetch": ("attention", "_paged_decode_kernel",
                               {"bt_ptr": "*i32", "lens_ptr": "*i32", "scale": "fp32"},
                               {"D": 128, "BN": 32, "PREFETCH": True, "DOT": False}),
