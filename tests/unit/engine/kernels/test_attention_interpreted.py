@@ -92,3 +92,19 @@ def test_decode_rope_attention_interpreted() -> None:
 
 def test_decode_rope_attention_gqa_interpreted() -> None:
     run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", 8, 2)
+
+
+def test_decode_splits_fill_the_gpu_by_batch_only(monkeypatch) -> None:
+    """decode_splits: runs per sequence where a batch has fewer than DECODE_SPLIT_PROGRAMS_PER_SM
+    (sequence, head) programs per SM, capped at DECODE_MAX_SPLITS; 1 on the CPU or when turned off
+    (no triton needed: the SM count of a 132-SM card is given)."""
+    from services.engine.kernels import attention
+    monkeypatch.setitem(attention._SM_COUNTS, 0, 132)
+    monkeypatch.setattr(attention, "DECODE_SPLIT_PROGRAMS_PER_SM", 4)
+    gpu = torch.device("cuda", 0)
+    # 4 x 132 = 528 programs wanted: 32 heads at batch 1 -> 16 (the cap), 4 -> 4, 8 -> 2, 16 -> 1
+    assert [attention.decode_splits(b, 32, gpu) for b in (1, 2, 4, 8, 16, 64)] == [16, 8, 4, 2, 1, 1]
+    assert attention.decode_splits(1, 9, gpu) == 16 and attention.decode_splits(4, 9, gpu) == 14
+    assert attention.decode_splits(1, 32, torch.device("cpu")) == 1
+    monkeypatch.setattr(attention, "DECODE_SPLIT_PROGRAMS_PER_SM", 0)
+    assert attention.decode_splits(1, 32, gpu) == 1
