@@ -98,6 +98,8 @@
 #                                                   #   at 4 small-batch and 2 large-batch shapes
 #   bash benchmarks/gpu_session.sh attn-serve COMMIT  # at most 520 s: engine GPU tests with the tensor-core decode
 #                                                   #   attention and split-KV on, then drain30-tokens' serving run
+#   bash benchmarks/gpu_session.sh attn-frag COMMIT  # at most 190 s: attn-serve's engine GPU tests, then the graphed
+#                                                   #   decode at batch 1 / 4 / 16, tiled and block-major fragments
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -105,7 +107,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -118,6 +120,11 @@ drain30_tokens() {   # TIMEOUT_S BUDGET_S: drain30-repeat's serving run with the
     --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s "$2" --capacity-req-s 15.9 \
     --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
     | grep -v -i warn | tee "$out/serve_gpu.log"
+}
+
+engine_gpu_tests() {   # TIMEOUT_S: the engine's GPU logits / graph-replay / long-prefill tests
+  timeout "$1" python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
+    -k "logits_match or graph_replay or long_prefill" 2>&1 | tail -3 | tee "$out/pytest_engine.log"
 }
 
 case "$stage" in
@@ -292,9 +299,15 @@ case "$stage" in
     ;;
   attn-serve)   # the tensor-core decode attention and split-KV on by default (decode_attention_*_97fe563.md):
                  # the engine's GPU logits / graph / long-prefill tests, then drain30-tokens' serving run
-    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_engine_gpu.py \
-      -k "logits_match or graph_replay or long_prefill" 2>&1 | tail -3 | tee "$out/pytest_engine.log"
+    engine_gpu_tests 120
     drain30_tokens 400 385
+    ;;
+  attn-frag)   # the short form of attn-serve when device time is short: the engine's GPU tests with the new
+               # attention defaults, then the graphed decode at batch 1 / 4 / 16 on the tiled and block-major
+               # fragment layouts (issue 5's floor with both the attention and the layout changes)
+    engine_gpu_tests 90
+    timeout 100 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
+      --k-widths "" --block-major 4 --stem frag_attn_decode 2>&1 | grep "^decode\|Error"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto
