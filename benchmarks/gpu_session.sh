@@ -92,13 +92,13 @@
 #                                                   #   GPU kernel tests, decode at batch 1 / 4 / 16, GEMMs at M <= 64
 #   bash benchmarks/gpu_session.sh frag-pdl COMMIT  # at most 500 s (not run yet): PDL mode 1 over the block-major fragment
 #                                                   #   layout (decode at batch 1 / 4 / 16), then e2e at 16 running PDL 0 / 1 / 0
-#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 440 s (not run yet): decode attention GPU tests, the
+#   bash benchmarks/gpu_session.sh attn-sweep COMMIT  # at most 440 s (100 s at 97fe563): decode attention GPU tests, the
 #                                                   #   graphed 7B step at batch 1-128 per attention variant, launch
 #                                                   #   shapes (BN x warps x double buffer x split-KV x tensor cores)
 #                                                   #   at 4 small-batch and 2 large-batch shapes
-#   bash benchmarks/gpu_session.sh attn-serve COMMIT  # at most 520 s: engine GPU tests with the tensor-core decode
+#   bash benchmarks/gpu_session.sh attn-serve COMMIT  # at most 520 s (not run yet): engine GPU tests with the tensor-core decode
 #                                                   #   attention and split-KV on, then drain30-tokens' serving run
-#   bash benchmarks/gpu_session.sh attn-frag COMMIT  # at most 190 s: attn-serve's engine GPU tests, then the graphed
+#   bash benchmarks/gpu_session.sh attn-frag COMMIT  # at most 190 s (not run yet): attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 16, tiled and block-major fragments
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
