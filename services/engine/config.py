@@ -57,6 +57,12 @@ class EngineConfig:
     # (kernels/attention.py: one launch per layer instead of two). H100, graphed 7B decode: 1.05-1.09x
     # faster at batch 1-64; the engine's batch-64 replay 8.81 -> 8.33 ms (gpu_kernels_v18_pdl1_fused_ba97a3b.md)
     fused_decode_attention: bool = True
+    # Paged decode attention (kernels/attention.py): the tile math on tensor cores, and split-KV where a
+    # batch has fewer than this many (sequence, head) programs per SM (0: never split). H100 (97fe563):
+    # graphed 7B decode 1.08x at batch 1 and 1.02-1.03x at 4-128 (context 256), 1.49x at batch 1 and
+    # 1.10x at 64 (context 1024) (decode_attention_step_97fe563.md, decode_attention_step_ctx1024_97fe563.md)
+    decode_attention_dot: bool = True
+    decode_split_programs_per_sm: int = 4
     # A 3/4-bit down_proj computes SiLU·mul of gate|up in its GEMM's input load (kernels/w4a16.py, glu):
     # one launch per layer fewer wherever no registered adapter targets down_proj; off: slower on the H100
     # (graphed 7B decode 0.76x at batch 1, 0.82x at 16; gpu_kernels_v19_fused_d5b34b3.md)
@@ -98,7 +104,7 @@ class EngineConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "max_adapters_per_batch",
-                     "num_threads", "lora_prefetch"):
+                     "num_threads", "lora_prefetch", "decode_split_programs_per_sm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_adapters_per_batch > self.max_adapters:

@@ -7,7 +7,7 @@ from torch import nn
 from services.common.adapters import LoraAdapter
 from services.common.model_source import RANDOM_SHAPES, ModelSource, cache_dir, resolve_model
 from services.engine.attention import AttentionMetadata
-from services.engine.kernels.attention import VarlenBatch
+from services.engine.kernels.attention import VarlenBatch, set_decode_options
 from services.engine.config import EngineConfig
 from services.engine.llama import (FUSED_GROUPS, LINEAR_NAMES, LlamaModel, LlamaShape, load_hf_weights,
                                    random_weight_items)
@@ -56,6 +56,7 @@ class ModelRunner:
             kernel_launch.set_enabled(config.triton_fast_launch)
             set_serial_split_k(config.serial_split_k)
             set_pdl(config.pdl)
+            set_decode_options(config.decode_attention_dot, config.decode_split_programs_per_sm)
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
         skip = () if config.gemm_stream_k else STREAM_KINDS

@@ -255,6 +255,15 @@ DECODE_MAX_SPLITS = 16
 _SM_COUNTS: dict[int, int] = {}
 
 
+def set_decode_options(dot: bool, split_programs_per_sm: int) -> None:
+    """The process's decode attention settings (EngineConfig.decode_attention_dot /
+    decode_split_programs_per_sm; the engine applies its config here)."""
+    global DECODE_DOT, DECODE_SPLIT_PROGRAMS_PER_SM
+    if split_programs_per_sm < 0:
+        raise ValueError(f"split_programs_per_sm must be >= 0, got {split_programs_per_sm}")
+    DECODE_DOT, DECODE_SPLIT_PROGRAMS_PER_SM = dot, split_programs_per_sm
+
+
 def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:
     """How many runs the fused decode kernel splits each sequence's cache into at this batch size
     (a function of the batch only, so a captured CUDA graph keeps a grid that fits every replay)."""

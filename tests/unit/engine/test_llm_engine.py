@@ -214,8 +214,13 @@ def test_config_from_env():
                                  "ENGINE_FUSED_DECODE_ATTENTION": "0", "ENGINE_FUSED_MLP_ACTIVATION": "1"})
     assert not cfg.lora_expand_rows and cfg.lora_prefetch == 8 and cfg.pdl == 2
     assert not cfg.fused_decode_attention and cfg.fused_mlp_activation
+    # decode attention: tensor cores and split-KV below 4 programs per SM by default (measured faster on the H100)
+    assert cfg.decode_attention_dot and cfg.decode_split_programs_per_sm == 4
+    cfg = EngineConfig.from_env({"ENGINE_DECODE_ATTENTION_DOT": "0", "ENGINE_DECODE_SPLIT_PROGRAMS_PER_SM": "0"})
+    assert not cfg.decode_attention_dot and cfg.decode_split_programs_per_sm == 0
     for env in ({"ENGINE_MAX_ADAPTERS": "x"}, {"ENGINE_DTYPE": "int3"}, {"ENGINE_PDL": "3"},
-                {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}, {"ENGINE_LORA_PREFETCH": "-1"}):
+                {"ENGINE_MAX_ADAPTERS": "4"}, {"ENGINE_BLOCK_SIZE": "0"}, {"ENGINE_LORA_PREFETCH": "-1"},
+                {"ENGINE_DECODE_SPLIT_PROGRAMS_PER_SM": "-1"}):
         with pytest.raises(ValueError):
             EngineConfig.from_env(env)
 

@@ -5,6 +5,7 @@ padding blocks), and the plain paged decode kernel. Skipped without triton (the 
 them compiled)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.unit.engine.kernels.interpreted import run_interpreted
@@ -108,3 +109,15 @@ def test_decode_splits_fill_the_gpu_by_batch_only(monkeypatch) -> None:
     assert attention.decode_splits(1, 32, torch.device("cpu")) == 1
     monkeypatch.setattr(attention, "DECODE_SPLIT_PROGRAMS_PER_SM", 0)
     assert attention.decode_splits(1, 32, gpu) == 1
+
+
+def test_set_decode_options_sets_the_process_defaults(monkeypatch) -> None:
+    """The engine applies EngineConfig.decode_attention_dot / decode_split_programs_per_sm here."""
+    from services.engine.kernels import attention
+    monkeypatch.setattr(attention, "DECODE_DOT", True)
+    monkeypatch.setattr(attention, "DECODE_SPLIT_PROGRAMS_PER_SM", 4)
+    attention.set_decode_options(False, 0)
+    assert attention.DECODE_DOT is False and attention.DECODE_SPLIT_PROGRAMS_PER_SM == 0
+    assert attention._launch_shape(None, None, None)["DOT"] is False
+    with pytest.raises(ValueError, match=">= 0"):
+        attention.set_decode_options(True, -1)
