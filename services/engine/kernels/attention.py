@@ -69,12 +69,6 @@ if triton is not None:
         return k, v
 
     @triton.jit
-    def _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc):
-        """_softmax_update over the tile at kv_off, loaded first."""
-        k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
-        return _softmax_update(k, v, tmask, q, m_i, l_i, acc)
-
-    @triton.jit
     def _attend(k_ptr, v_ptr, bt_row_ptr, lo, hi, loop_start, loop_end, block_size, stride_cb, stride_ct, head_off,
                 offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr = False):
         """(m_i, l_i, acc) of one query over the sequence's cached tokens lo .. hi, the loop running
@@ -113,7 +107,8 @@ if triton is not None:
             for t0 in range(loop_start, loop_end, BN):
                 _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                             offs_d, BN)
-                m_i, l_i, acc = _online_softmax_block(k_ptr, v_ptr, kv_off, tmask, q, m_i, l_i, acc)
+                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
+                m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
         return m_i, l_i, acc
 
     @triton.jit
