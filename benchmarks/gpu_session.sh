@@ -100,6 +100,9 @@
 #                                                   #   attention and split-KV on, then drain30-tokens' serving run
 #   bash benchmarks/gpu_session.sh attn-frag COMMIT  # at most 190 s (not run yet): attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 16, tiled and block-major fragments
+#   bash benchmarks/gpu_session.sh attn-frag-pdl COMMIT  # at most 350 s: attn-serve's engine GPU tests, then the graphed
+#                                                   #   decode at batch 1 / 4 / 8 / 16, tiled and block-major fragments, each
+#                                                   #   with and without PDL mode 1 (attn-frag and frag-pdl's decode in one)
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -107,7 +110,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -308,6 +311,12 @@ case "$stage" in
     engine_gpu_tests 90
     timeout 100 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
       --k-widths "" --block-major 4 --stem frag_attn_decode 2>&1 | grep "^decode\|Error"
+    ;;
+  attn-frag-pdl)   # attn-frag with frag-pdl's decode: whether the new attention defaults, the block-major layout
+                   # and PDL together bring the step at batch 1-16 nearer its floor (issue 5's 1.5x target)
+    engine_gpu_tests 120
+    timeout 220 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,8,16 \
+      --k-widths "" --block-major 4 --pdl 1 --stem frag_attn_pdl_decode 2>&1 | grep "^decode\|Error"
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto
