@@ -38,10 +38,33 @@ class AttentionMetadata:
     last_token_idx: torch.Tensor | None = None    # [B] long: each sequence's last token (fast path)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """cache [NB, bs, Hkv, D], blocks [..., nb] → [..., nb*bs, Hkv, D]."""
+FP8_MAX = 448.0   # largest finite float8_e4m3fn (kernels/attention.py clamps to it too)
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.float8_e4m3fn
+
+
+def as_cached(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x rounded as `cache` stores it (an fp8 cache: clamped to ±448, then e4m3), in x's dtype."""
+    if not is_fp8(cache):
+        return x
+    return x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype).to(x.dtype)
+
+
+def _write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """x [T, Hkv, D] into the cache slots (torch has no fp8 index_copy_: those go as bytes)."""
+    flat = cache.view(-1, *x.shape[1:])
+    if is_fp8(cache):
+        flat.view(torch.uint8).index_copy_(0, slots, x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype).view(torch.uint8))
+    else:
+        flat.index_copy_(0, slots, x)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache [NB, bs, Hkv, D], blocks [..., nb] → [..., nb*bs, Hkv, D] in dtype."""
     g = cache[blocks]
-    return g.flatten(-4, -3)
+    return g.flatten(-4, -3).to(dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -49,11 +72,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] of the new tokens → attention output [T, H, D].
 
-    Writes the new K/V into their slots first, so each query sees its own token.
+    Writes the new K/V into their slots first, so each query sees its own token. With an fp8 cache
+    every key and value is attended as the cache stores it, the new tokens' too.
     """
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    num_kv_heads = k.shape[1]
+    _write(k_cache, meta.slot_mapping, k)
+    _write(v_cache, meta.slot_mapping, v)
+    k, v = as_cached(k, k_cache), as_cached(v, v_cache)
     gqa = q.shape[1] != num_kv_heads
     out = torch.empty_like(q)
     for i, blocks in zip(meta.prefill_ids, meta.prefill_blocks):
@@ -65,8 +90,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                v[start:end].transpose(0, 1), is_causal=True,
                                                enable_gqa=gqa)
         else:
-            keys = _gather(k_cache, blocks)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
-            vals = _gather(v_cache, blocks)[:ctx].transpose(0, 1)
+            keys = _gather(k_cache, blocks, q.dtype)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+            vals = _gather(v_cache, blocks, q.dtype)[:ctx].transpose(0, 1)
             # Query j sits at position ctx - n + j and may see keys 0..ctx - n + j.
             mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
             o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=gqa)
@@ -74,8 +99,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if meta.decode_token_idx is not None:
         idx = meta.decode_token_idx
         qd = q[idx][:, :, None, :]                                   # [Dn, H, 1, D]
-        keys = _gather(k_cache, meta.decode_blocks).transpose(1, 2)  # [Dn, Hkv, L, D]
-        vals = _gather(v_cache, meta.decode_blocks).transpose(1, 2)
+        keys = _gather(k_cache, meta.decode_blocks, q.dtype).transpose(1, 2)  # [Dn, Hkv, L, D]
+        vals = _gather(v_cache, meta.decode_blocks, q.dtype).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=meta.decode_mask,
                                            enable_gqa=gqa)
         out[idx] = o[:, :, 0, :]

@@ -8,6 +8,7 @@ from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4", "fragb", "frag2b", "frag4b")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,10 @@ class EngineConfig:
     block_size: int = 16                   # tokens per KV block
     num_kv_blocks: int = 0                 # 0 → from kv_cache_bytes
     kv_cache_bytes: int = 0                # 0 → 256 MiB on CPU, 85 % of free memory on CUDA
+    # KV cache element type: "auto" the model's dtype; "fp8_e4m3" one byte per element (float8_e4m3fn,
+    # values clamped to ±448, no scale), so a byte budget holds twice the tokens and decode attention
+    # reads half the bytes; attention math still runs in the model's dtype (kernels/attention.py)
+    kv_cache_dtype: str = "auto"
     max_model_len: int = 0                 # prompt + output tokens; 0 → model's max positions
     max_num_seqs: int = 64                 # running sequences at once
     max_num_batched_tokens: int = 4096     # tokens computed in one step
@@ -113,6 +118,8 @@ class EngineConfig:
                 f"adapter slots max_adapters ({self.max_adapters})")
         if self.pdl not in (0, 1, 2):
             raise ValueError(f"ENGINE_PDL must be 0 (off), 1 or 2, got {self.pdl}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"ENGINE_KV_CACHE_DTYPE must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.w4_layout not in W4_LAYOUTS:
             raise ValueError(f"ENGINE_W4_LAYOUT must be one of {W4_LAYOUTS}, got {self.w4_layout!r}")
         if self.quant_bits not in (0, 3, 4):
@@ -162,6 +169,11 @@ class EngineConfig:
             return self.device
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def kv_torch_dtype(self, model_dtype):
+        """The KV cache's torch dtype for a model in model_dtype."""
+        import torch
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8_e4m3" else model_dtype
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -47,6 +47,7 @@ class ModelRunner:
         an fp16 7B base would otherwise need its fused linears twice during the load)."""
         self.config, self.shape = config, shape
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_dtype = config.kv_torch_dtype(dtype)
         # GPU fast path: fused linears (3/4-bit Triton or fp16 cuBLAS), fused ops, Triton attention/LoRA,
         # CUDA graphs.
         self.is_fast = (config.quant_bits in (0, 3, 4) and self.device.type == "cuda"
@@ -85,8 +86,8 @@ class ModelRunner:
         # The fast path keeps one extra scratch block that CUDA-graph padding rows write into.
         num_alloc = self.num_kv_blocks + (1 if self.is_fast else 0)
         cache_shape = (num_alloc, self.block_size, shape.num_kv_heads, shape.head_dim)
-        self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=dtype),
-                           torch.zeros(cache_shape, device=self.device, dtype=dtype))
+        self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype),
+                           torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype))
                           for _ in range(shape.num_layers)]  # per layer: K, V
         self.graphs: DecodeGraphs | None = None
         # 4-bit codes in fragment order with this k_width (0: tiled; KernelWeights.frag), stored block-major?
@@ -137,7 +138,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         s = self.shape
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * elem
 
     def _num_kv_blocks(self) -> int:

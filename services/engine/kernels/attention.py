@@ -2,7 +2,10 @@
 
 KV caches are shaped [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's token t lives
 in block block_table[t // block_size] at offset t % block_size. Query heads map to KV heads in
-contiguous groups (GQA): kv_head = head // (num_heads // num_kv_heads).
+contiguous groups (GQA): kv_head = head // (num_heads // num_kv_heads). A cache is in the query's
+dtype or in fp8 (torch.float8_e4m3fn, EngineConfig.kv_cache_dtype): an fp8 cache stores K/V clamped
+to ±448 and rounded (no scale), and every kernel widens a loaded tile to the query's dtype before
+its math, so the attention itself runs as on a 16-bit cache.
 """
 from __future__ import annotations
 
@@ -25,8 +28,18 @@ except ImportError:  # CPU-only installs use paged_decode_reference
 # Triton reads TRITON_INTERPRET once, at import: a loaded value cannot bound a loop there (STEP_STOP)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
+
+    @triton.jit
+    def to_kv_cache(x, cache_ptr):
+        """x as the cache at cache_ptr stores it: rounded to its dtype, clamped to ±448 first where
+        that is fp8 (e4m3), whose conversion would otherwise give NaN past its range."""
+        if cache_ptr.dtype.element_ty == tl.float8e4nv:
+            x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        return x.to(cache_ptr.dtype.element_ty)
 
     @triton.jit
     def _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off, offs_d, BN: tl.constexpr):
@@ -62,17 +75,20 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
-    def _kv_loads(k_ptr, v_ptr, kv_off, tmask):
-        """The K and V tile at kv_off (masked tokens 0)."""
-        k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+    def _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT: tl.constexpr):
+        """The K and V tile at kv_off (masked tokens 0) in the compute dtype CDT (an fp8 cache's tile
+        widened; a no-op on a cache already in CDT)."""
+        k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
+        v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
         return k, v
 
     @triton.jit
     def _attend(k_ptr, v_ptr, bt_row_ptr, lo, hi, loop_start, loop_end, block_size, stride_cb, stride_ct, head_off,
-                offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr = False):
+                offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, CDT: tl.constexpr,
+                DOT: tl.constexpr = False):
         """(m_i, l_i, acc) of one query over the sequence's cached tokens lo .. hi, the loop running
         loop_start .. loop_end (loop_start <= lo, loop_end >= hi; tiles outside lo .. hi are masked).
+        CDT: the query's 16-bit dtype, which the tiles are widened to (an fp8 cache) and the dots take.
         PREFETCH: a register double buffer, the next tile's K and V loads issued before this tile's
         math (Triton does not pipeline this loop itself: decode_attention_sass.py). DOT: the tile math
         on tensor cores (_softmax_update_dot; PREFETCH is then ignored)."""
@@ -81,14 +97,14 @@ if triton is not None:
         acc = tl.zeros((D,), dtype=tl.float32)
         if DOT:
             row0 = tl.arange(0, 16) == 0
-            q16 = tl.where(row0[:, None], q[None, :], 0.0).to(k_ptr.dtype.element_ty)
+            q16 = tl.where(row0[:, None], q[None, :], 0.0).to(CDT)
             m16 = tl.full((16,), float("-inf"), tl.float32)
             l16 = tl.zeros((16,), dtype=tl.float32)
             acc16 = tl.zeros((16, D), dtype=tl.float32)
             for t0 in range(loop_start, loop_end, BN):
                 _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                             offs_d, BN)
-                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
+                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT)
                 m16, l16, acc16 = _softmax_update_dot(k, v, tmask, q16, m16, l16, acc16)
             m_i = tl.max(tl.where(row0, m16, float("-inf")), axis=0)
             l_i = tl.sum(tl.where(row0, l16, 0.0), axis=0)
@@ -96,18 +112,18 @@ if triton is not None:
         elif PREFETCH:
             _, tmask, kv_off = _kv_tile(bt_row_ptr, loop_start, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                         offs_d, BN)
-            k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
+            k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT)
             for t0 in range(loop_start, loop_end, BN):
                 _, next_mask, next_off = _kv_tile(bt_row_ptr, t0 + BN, lo, hi, block_size, stride_cb, stride_ct,
                                                   head_off, offs_d, BN)
-                k_next, v_next = _kv_loads(k_ptr, v_ptr, next_off, next_mask)
+                k_next, v_next = _kv_loads(k_ptr, v_ptr, next_off, next_mask, CDT)
                 m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
                 k, v, tmask = k_next, v_next, next_mask
         else:
             for t0 in range(loop_start, loop_end, BN):
                 _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                             offs_d, BN)
-                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask)
+                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT)
                 m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
         return m_i, l_i, acc
 
@@ -127,7 +143,7 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
         m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, 0, length, 0, length, block_size, stride_cb,
-                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, DOT)
+                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, q_ptr.dtype.element_ty, DOT)
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -146,7 +162,7 @@ if triton is not None:
         with d ± D/2), attends over the first length - 1 cached tokens and adds the new token from
         registers last, so no program reads a slot another program of this grid writes. The first
         query head of each KV group stores the rotated key and the value into the cache slot.
-        q and k are rounded to the cache dtype before use, as the two-kernel path stores them.
+        q is rounded to qkv's dtype and k to the cache's before use, as the two-kernel path stores them.
 
         SPLIT (grid (B, H, S), flash-decoding): program (b, h, s) attends over the s-th of S equal
         runs of whole BN tiles of the cached tokens (split 0 also over the new token, and only it
@@ -166,11 +182,11 @@ if triton is not None:
         row = qkv_ptr + b * stride_qkv
         q_src = row + h * D
         q = tl.load(q_src + offs_d).to(tl.float32) * cos + tl.load(q_src + partner).to(tl.float32) * sin
-        q = q.to(k_ptr.dtype.element_ty).to(tl.float32) * scale
+        q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale
         k_src = row + (num_heads + kvh) * D
-        k_new = (tl.load(k_src + offs_d).to(tl.float32) * cos
-                 + tl.load(k_src + partner).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(row + (num_heads + num_kv_heads + kvh) * D + offs_d).to(v_ptr.dtype.element_ty)
+        k_new = to_kv_cache(tl.load(k_src + offs_d).to(tl.float32) * cos
+                            + tl.load(k_src + partner).to(tl.float32) * sin, k_ptr)
+        v_new = to_kv_cache(tl.load(row + (num_heads + num_kv_heads + kvh) * D + offs_d), v_ptr)
         cached = tl.load(lens_ptr + b) - 1
         if SPLIT:
             split = tl.program_id(2)
@@ -191,7 +207,8 @@ if triton is not None:
         # batch's longest context, a constant) and tiles outside lo .. hi are fully masked (p = 0, alpha = 1).
         m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, lo, hi,
                                 0 if STEP_STOP > 0 else lo, STEP_STOP if STEP_STOP > 0 else hi,
-                                block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, DOT)
+                                block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH,
+                                qkv_ptr.dtype.element_ty, DOT)
         s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
         if SPLIT:
             s_new = tl.where(tl.program_id(2) == 0, s_new, float("-inf"))
@@ -458,14 +475,14 @@ if triton is not None:
         for t0 in range(0, STEP_STOP if STEP_STOP > 0 else hi, BN):
             t, tmask, kv_off = _kv_tile(bt_ptr + s * stride_btb, t0, 0, hi, block_size, stride_cb, stride_ct,
                                         kvh * stride_ch, offs_d, BN)
-            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)     # [BN, D]
+            k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(q_ptr.dtype.element_ty)  # [BN, D]
             qk = tl.dot(q, tl.trans(k)) * scale_log2                        # [BM, BN] fp32
             qk = tl.where((t[None, :] <= pos[:, None]) & tmask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             p = tl.exp2(qk - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(q_ptr.dtype.element_ty)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]

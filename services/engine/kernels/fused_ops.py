@@ -19,6 +19,7 @@ except ImportError:
 
 
 if triton is not None:
+    from services.engine.kernels.attention import to_kv_cache
     from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
@@ -79,14 +80,14 @@ if triton is not None:
             kvh = h - num_heads
             slot = tl.load(slot_ptr + t).to(tl.int64)
             dst = k_cache_ptr + slot * stride_cslot + kvh * stride_ch
-            tl.store(dst + offs, r1.to(k_cache_ptr.dtype.element_ty))
-            tl.store(dst + HALF + offs, r2.to(k_cache_ptr.dtype.element_ty))
+            tl.store(dst + offs, to_kv_cache(r1, k_cache_ptr))
+            tl.store(dst + HALF + offs, to_kv_cache(r2, k_cache_ptr))
             vsrc = qkv_ptr + t * stride_qkv + (num_heads + num_kv_heads + kvh) * 2 * HALF
             vdst = v_cache_ptr + slot * stride_cslot + kvh * stride_ch
             v1 = tl.load(vsrc + offs)
             v2 = tl.load(vsrc + HALF + offs)
-            tl.store(vdst + offs, v1)
-            tl.store(vdst + HALF + offs, v2)
+            tl.store(vdst + offs, to_kv_cache(v1, v_cache_ptr))
+            tl.store(vdst + HALF + offs, to_kv_cache(v2, v_cache_ptr))
 
 
 def add_rmsnorm(
@@ -140,7 +141,8 @@ def rope_and_cache(
     """Rotate q and k (NeoX/HF-Llama halves), write k and v to the cache slots; return q [T, H, D].
 
     qkv [T, (H + 2 KVH) * D] laid out [q | k | v]; cos/sin fp32 [max_pos, D/2];
-    slot_mapping [T] = block * block_size + offset; caches [num_blocks, block_size, KVH, D].
+    slot_mapping [T] = block * block_size + offset; caches [num_blocks, block_size, KVH, D], in
+    qkv's dtype or fp8 (k and v clamped to ±448 and rounded, as attention.to_kv_cache stores them).
     """
     t = qkv.shape[0]
     d = k_cache.shape[-1]
