@@ -46,17 +46,20 @@ PLAIN_ALIGNED = (*range(6), 7, 9, 10, 11, 12, 13, 15, 16)
 
 
 def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128,
-          dot: bool = False) -> dict:
+          dot: bool = False, kv: str = "fp16") -> dict:
+    """Static SASS counts of one decode kernel's launch shape; kv: the cache's element type (fp16 | fp8)."""
     if kernel == "rope":
         fn, sig, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, ROPE_ALIGNED
         consts = {"STEP_STOP": 0, "SPLIT": False}
     else:
         fn, sig, consts, aligned = A._paged_decode_kernel, PLAIN_SIGNATURE, {}, PLAIN_ALIGNED
+    if kv == "fp8":
+        sig = {**sig, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}
     cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, "DOT": dot,
                                      **consts},
                            warps, stages, aligned=aligned)
     ops = [op for _, op, _ in instructions(disassemble(cubin))]
-    return {"kernel": kernel, "block_n": block_n, "num_warps": warps, "num_stages": stages, "prefetch": prefetch,
+    return {"kernel": kernel, "kv": kv, "block_n": block_n, "num_warps": warps, "num_stages": stages, "prefetch": prefetch,
             "dot": dot,
             "instructions": len(ops),
             "global_loads": sum(op.split(".")[0] == "LDG" for op in ops),
@@ -73,13 +76,17 @@ def main() -> None:
     ap.add_argument("--stages", default="1,3", help="Triton pipeline depths to compile")
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
     ap.add_argument("--dot", default="0", help="the tile math on tensor cores off / on (DOT ignores prefetch)")
+    ap.add_argument("--kv", default="fp16", help="cache element types to compile for: fp16, fp8 (e4m3)")
     args = ap.parse_args()
     import triton
     t0 = time.time()
     ints = lambda text: [int(v) for v in text.split(",") if v]   # noqa: E731
-    rows = [count(kernel, bn, w, s, bool(pf) and not dot, dot=bool(dot)) for kernel in ("rope", "plain")
-            for dot, pf, bn, w, s in itertools.product(ints(args.dot), ints(args.prefetch), ints(args.block_n),
-                                                       ints(args.warps), ints(args.stages))
+    kvs = [kv for kv in args.kv.split(",") if kv]
+    if set(kvs) - {"fp16", "fp8"}:
+        raise SystemExit(f"--kv takes fp16 and/or fp8, got {args.kv!r}")
+    rows = [count(kernel, bn, w, s, bool(pf) and not dot, dot=bool(dot), kv=kv) for kernel in ("rope", "plain")
+            for kv, dot, pf, bn, w, s in itertools.product(kvs, ints(args.dot), ints(args.prefetch),
+                                                           ints(args.block_n), ints(args.warps), ints(args.stages))
             if not (dot and pf)]
     res = {"triton": triton.__version__, "commit": git_commit(), "arch": "sm_90", "head_dim": 128,
            "default": {"block_n": A.DECODE_BLOCK_N, "num_warps": A.DECODE_WARPS, "num_stages": A.DECODE_STAGES,
@@ -91,14 +98,14 @@ def main() -> None:
     (out / f"{args.stem}.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Paged decode attention: static sm_90 SASS per launch shape (Triton {res['triton']}, commit "
              f"{res['commit']})", "",
-             f"Command: `{res['command']}` (no GPU: compiled for sm_90 here). Head dim 128, fp16 cache, the "
+             f"Command: `{res['command']}` (no GPU: compiled for sm_90 here). Head dim 128, the "
              "arguments that are multiples of 16 at Llama-2-7B's shapes marked so (as Triton's JIT does). The engine's "
              f"default: BN {A.DECODE_BLOCK_N}, {A.DECODE_WARPS} warps, Triton's default stages, tile math on "
              f"{'tensor' if A.DECODE_DOT else 'CUDA'} cores. LDGSTS > 0 means Triton pipelined the KV loop; STL counts "
              "spill stores to local memory.", "",
-             "| kernel | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
+             "| kernel | cache | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r.get('kv', 'fp16')} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
               f"{r['block_n']} | {r['num_warps']} | "
               f"{r['num_stages']} | {r['instructions']} | "
               f"{r['global_loads']} | {r['async_copies']} | {r['spill_stores']} |" for r in rows]

@@ -81,11 +81,14 @@ def test_host_layout_tiles_never_span_sequences() -> None:
     assert batch.max_ctx == 70
 
 
-def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
+def check_interpreted(num_heads: int, num_kv_heads: int, fp8: bool = False) -> None:
     """Kernel vs the torch path; run in a process started with TRITON_INTERPRET=1 (triton's own
-    jit'd helpers must be created interpreted, so the flag has to be set before triton loads)."""
+    jit'd helpers must be created interpreted, so the flag has to be set before triton loads).
+    fp8: the caches in float8_e4m3fn (the kernel widens its tiles to the query's fp16)."""
     torch.manual_seed(0)
     q, kc, vc, starts, lens, ctxs, tables = make_step(num_heads, num_kv_heads, 16, torch.float16, gap=2)
+    if fp8:
+        kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
     batch = kernels_attention.VarlenBatch.build(starts, lens, ctxs, tables, "cpu")
     sentinel = torch.full_like(q, 7.0)
     out = kernels_attention.paged_varlen_attention(q, kc, vc, batch, out=sentinel.clone())
@@ -98,14 +101,34 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     assert torch.equal(out[~owned], sentinel[~owned])   # rows of no sequence are not written
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2)])
-def test_triton_kernel_interpreted_matches_the_torch_path(num_heads: int, num_kv_heads: int) -> None:
+@pytest.mark.parametrize("num_heads,num_kv_heads,fp8", [(4, 4, False), (4, 2, False), (4, 2, True)])
+def test_triton_kernel_interpreted_matches_the_torch_path(num_heads: int, num_kv_heads: int, fp8: bool) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(sys.path))
     code = ("import torch; torch.set_num_threads(1); "
             "from tests.unit.engine.test_attention_varlen import check_interpreted; "
-            f"check_interpreted({num_heads}, {num_kv_heads})")
+            f"check_interpreted({num_heads}, {num_kv_heads}, {fp8})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_torch_path_on_an_fp8_cache_attends_the_rounded_values() -> None:
+    """paged_attention (the CPU path) on fp8 caches writes the new K/V as bytes (torch has no fp8
+    index_copy_) and attends every key and value as stored, the new tokens' too: the same output as on
+    float32 caches holding the fp8-rounded values, and a key past ±448 is stored clamped."""
+    q, kc, vc, starts, lens, ctxs, tables = make_step(4, 2, 16, torch.float32, gap=0)
+    kc8, vc8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    n, ctx, table = 3, 11, tables[1]
+    pos = torch.arange(ctx - n, ctx)
+    slots = torch.tensor(table)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+    k_new, v_new = torch.randn(n, 2, 16) * 4, torch.randn(n, 2, 16)
+    k_new[0, 0, 0] = -1000.0
+    meta = AttentionMetadata(slot_mapping=slots, query_starts=[0, n], context_lens=[ctx], prefill_ids=[0],
+                             prefill_blocks=[torch.tensor(table)])
+    out8 = paged_attention(q[:n], k_new, v_new, kc8, vc8, meta)
+    rounded = [x.clamp(-448, 448).to(torch.float8_e4m3fn).float() for x in (k_new, v_new)]
+    ref = paged_attention(q[:n], *rounded, kc8.float(), vc8.float(), meta)
+    assert rel_err(out8, ref) < 1e-6
+    assert float(kc8.view(-1, 2, 16)[slots[0], 0, 0].float()) == -448.0

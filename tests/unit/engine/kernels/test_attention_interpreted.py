@@ -87,6 +87,60 @@ def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     assert float((dot.float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def check_fp8_interpreted(num_heads: int, num_kv_heads: int) -> None:
+    """Both decode kernels on fp8 (e4m3) caches: the fused kernel writes the new K/V into their slots
+    only (values exact in e4m3 stored exactly, keys clamped to ±448, never NaN) and attends over the
+    widened tiles as the float32 reference does over the same fp8 values; split-KV and the CUDA-core
+    loop too; the plain kernel likewise. How the rotated keys round is left to the GPU tests: Triton
+    3.9's interpreter rounds fp32 → e4m3 up across a power of two to half the value (1.96 → 1.0)."""
+    from services.engine.kernels.attention import (
+        paged_decode_attention, paged_decode_reference, paged_decode_rope_attention,
+    )
+    from services.engine.kernels.fused_ops import rope_and_cache, rope_reference, rope_tables
+
+    fp8 = torch.float8_e4m3fn
+    torch.manual_seed(1)
+    d, block_size, num_blocks = 64, 16, 24
+    lens = torch.tensor([1, 17, 40, 70], dtype=torch.int32)
+    bsz, max_blocks = lens.shape[0], 5
+    tables = torch.randperm(num_blocks)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
+    kc = (torch.randn(num_blocks, block_size, num_kv_heads, d) * 3).to(fp8)
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, d).to(fp8)
+    qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d).to(fp8).half()   # values exact in e4m3
+    qkv[:, num_heads * d] = 1000.0            # past e4m3's range: the kernel clamps, never NaN
+    positions = (lens - 1).long()
+    slots = torch.stack([tables[b, int(p) // block_size].long() * block_size + int(p) % block_size
+                         for b, p in enumerate(positions)])
+    cos, sin = rope_tables(128, d, 10000.0, torch.device("cpu"))
+    q, k, v = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    q_ref = rope_reference(q, positions, cos, sin).half()
+    keep = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    keep[slots] = False
+    for splits, dot in ((1, True), (1, False), (3, True)):
+        kc_run, vc_run = kc.clone(), vc.clone()
+        out = paged_decode_rope_attention(qkv, positions, cos, sin, kc_run, vc_run, slots, tables, lens, num_heads,
+                                          max_context=int(lens.max()), block_n=16, splits=splits, dot=dot)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        for run, before in ((kc_run, kc), (vc_run, vc)):
+            assert torch.equal(run.view(-1, num_kv_heads, d)[keep].view(torch.uint8),
+                               before.view(-1, num_kv_heads, d)[keep].view(torch.uint8))
+        assert torch.equal(vc_run.view(-1, num_kv_heads, d)[slots].float(), v.float())
+        keys = kc_run.view(-1, num_kv_heads, d)[slots].float()
+        assert bool(torch.isfinite(keys).all()) and float(keys.abs().max()) == 448.0
+        ref = paged_decode_reference(q_ref, kc_run.float(), vc_run.float(), tables, lens)
+        err = float((out.float() - ref).norm() / ref.norm())
+        assert err < 1e-2, (splits, dot, err)
+    for dot in (True, False):
+        plain = paged_decode_attention(q_ref, kc_run, vc_run, tables, lens, block_n=32, dot=dot)
+        assert float((plain.float() - ref).norm() / ref.norm()) < 1e-2
+    # the two-kernel path's cache write (rope_and_cache) stores the same bytes as the fused kernel
+    kc_two, vc_two = kc.clone(), vc.clone()
+    q_two = rope_and_cache(qkv, positions, cos, sin, kc_two, vc_two, slots, num_heads, num_kv_heads)
+    assert float((q_two.float() - q_ref.float()).abs().max()) < 2e-3
+    assert torch.equal(kc_two.view(torch.uint8), kc_run.view(torch.uint8))
+    assert torch.equal(vc_two.view(torch.uint8), vc_run.view(torch.uint8))
+
+
 def test_decode_rope_attention_interpreted() -> None:
     run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", 4, 4)
 
@@ -121,3 +175,9 @@ def test_set_decode_options_sets_the_process_defaults(monkeypatch) -> None:
     assert attention._launch_shape(None, None, None)["DOT"] is False
     with pytest.raises(ValueError, match=">= 0"):
         attention.set_decode_options(True, -1)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2)])
+def test_decode_attention_on_an_fp8_cache_interpreted(num_heads: int, num_kv_heads: int) -> None:
+    run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", num_heads, num_kv_heads,
+                    func="check_fp8_interpreted")
