@@ -113,7 +113,8 @@ class Bench(ExtraSections):
         With --gpu-gib the KV cache gets what the budget leaves: a probe load with a tiny cache
         measures the weights plus the adapter slots, --act-reserve-gib stays free for activations,
         CUDA graphs and workspaces, and the rest becomes KV blocks (the same rule for both bases,
-        so the smaller base gets the larger cache, as on a real card of that size)."""
+        so the smaller base gets the larger cache, as on a real card of that size). --kv-max-blocks caps
+        the run's base's cache (not the fp16 section's)."""
         import torch
         a = self.args
         mem = self.data["meta"].setdefault("memory", {})
@@ -122,11 +123,13 @@ class Bench(ExtraSections):
             for adapter in make_adapters(runner.shape.dims(), names, a.adapter_sets, a.seed):
                 runner.add_adapter(adapter)
 
+        cap = a.kv_max_blocks if label != "fp16" else 0
         if a.gpu_gib and a.device.startswith("cuda"):
             probe, _ = load_runner(dataclasses.replace(cfg, num_kv_blocks=16))
             add_adapters(probe)
             torch.cuda.synchronize()
-            fixed = torch.cuda.memory_allocated() - 16 * probe.kv_bytes_per_block
+            per_block = probe.kv_bytes_per_block
+            fixed = torch.cuda.memory_allocated() - 16 * per_block
             del probe
             gc.collect()
             torch.cuda.empty_cache()
@@ -134,8 +137,12 @@ class Bench(ExtraSections):
             if kv <= 0:
                 raise RuntimeError(f"{label}: weights and adapter slots take {fixed / 2**30:.2f} GiB; "
                                    f"with {a.act_reserve_gib} GiB reserved, --gpu-gib {a.gpu_gib} leaves no KV cache")
+            if cap:
+                kv = min(kv, cap * per_block)
             cfg = dataclasses.replace(cfg, num_kv_blocks=0, kv_cache_bytes=kv)
             mem[label] = {"weights_and_adapters_gib": fixed / 2**30, "kv_gib": kv / 2**30}
+        elif cap:
+            cfg = dataclasses.replace(cfg, num_kv_blocks=min(cap, cfg.num_kv_blocks or cap))
         self.runner, load_s = load_runner(cfg)
         t0 = time.perf_counter()
         add_adapters(self.runner)
@@ -144,6 +151,7 @@ class Bench(ExtraSections):
             torch.cuda.reset_peak_memory_stats()
         self.runner_label = label
         mem.setdefault(label, {})["num_kv_blocks"] = self.runner.num_kv_blocks
+        mem[label]["kv_cache_dtype"] = str(self.runner.kv_dtype).removeprefix("torch.")
         mem[label]["kv_tokens"] = self.runner.num_kv_blocks * self.runner.block_size
         print(f"  {label} runner: {self.runner.num_kv_blocks} KV blocks "
               f"({self.runner.num_kv_blocks * self.runner.block_size} tokens)"
@@ -211,7 +219,8 @@ class Bench(ExtraSections):
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
             max_adapters=args.slots, max_adapters_per_batch=args.beta, max_model_len=args.max_model_len,
             max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
-            num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo")
+            num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo",
+            kv_cache_dtype=args.kv_cache_dtype)
         if args.gpu_gib:
             set_memory_cap(args.gpu_gib, args.device)
         n_names = max([args.num_tasks, 10, *args.scale_tasks])
@@ -230,6 +239,7 @@ class Bench(ExtraSections):
             "command": " ".join(["python", "benchmarks/bench_serve_gpu.py"] + sys.argv[1:]),
             "model": a.model + " (random weights, exact shapes)", "quant_bits": a.quant_bits,
             "load_s": load_s, "num_kv_blocks": self.runner.num_kv_blocks, "block_size": self.runner.block_size,
+            "kv_cache_dtype": a.kv_cache_dtype, "kv_max_blocks": a.kv_max_blocks or None,
             "num_adapters_registered": n_names, "adapter_slots": a.slots, "adapter_sets": a.adapter_sets,
             "adapter_make_s": adapters_s, "beta": a.beta, "max_num_seqs": a.max_num_seqs,
             "max_batched_tokens": a.max_batched_tokens, "max_decode_streak": a.max_decode_streak,

@@ -49,7 +49,11 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
           f"Command: `{meta.get('command')}`", "",
           f"Model: {meta.get('model')}, base quantized to {meta.get('quant_bits')} bits (RTN, g128) at load; "
           f"loaded once ({meta.get('load_s', 0):.1f} s), each replay builds a fresh LLMEngine (policy, β) "
-          f"around the same ModelRunner. {meta.get('num_kv_blocks')} KV blocks of {meta.get('block_size')} tokens; "
+          f"around the same ModelRunner. {meta.get('num_kv_blocks')} KV blocks of {meta.get('block_size')} tokens"
+          + (f" (**{meta['kv_cache_dtype']} KV cache** on the quantized base"
+             + (f", capped at {meta['kv_max_blocks']} blocks" if meta.get("kv_max_blocks") else "")
+             + "; the fp16 base keeps an fp16 cache)" if meta.get("kv_cache_dtype", "auto") != "auto" else "")
+          + "; "
           f"max {meta.get('max_num_seqs')} running, {meta.get('max_batched_tokens')} tokens per step, "
           f"β = {meta.get('beta')}, {meta.get('adapter_slots')} adapter slots (LRU), decode streak "
           f"{meta.get('max_decode_streak')}, starvation limit {meta.get('starvation_limit_s')} s.", "",
@@ -230,10 +234,11 @@ def _memory(meta: dict) -> list[str]:
     out = [f"**Memory budget: {meta['gpu_gib']} GiB** (an allocator cap, torch.cuda.set_per_process_memory_fraction; "
            f"{meta.get('act_reserve_gib')} GiB kept for activations, graphs and workspaces; each base's KV cache is "
            "what the rest leaves, measured by a probe load).", "",
-           "| base | weights + adapter slots GiB | KV GiB | KV tokens | peak allocated GiB |", "|---|---|---|---|---|"]
+           "| base | weights + adapter slots GiB | KV GiB | KV tokens | KV dtype | peak allocated GiB |",
+           "|---|---|---|---|---|---|"]
     for label, m in mem.items():
         out.append(f"| {label} | {_fmt(m.get('weights_and_adapters_gib'), '.2f')} | {_fmt(m.get('kv_gib'), '.2f')} | "
-                   f"{m.get('kv_tokens', '')} | {_fmt(m.get('peak_gib'), '.2f')} |")
+                   f"{m.get('kv_tokens', '')} | {m.get('kv_cache_dtype', 'float16')} | {_fmt(m.get('peak_gib'), '.2f')} |")
     return out + [""]
 
 

@@ -103,6 +103,12 @@
 #   bash benchmarks/gpu_session.sh attn-frag-pdl COMMIT  # at most 350 s: attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 8 / 16, tiled and block-major fragments, each
 #                                                   #   with and without PDL mode 1 (attn-frag and frag-pdl's decode in one)
+#   bash benchmarks/gpu_session.sh kv-fp8 COMMIT  # at most 230 s: the fp8 KV cache (ENGINE_KV_CACHE_DTYPE=fp8_e4m3): its GPU
+#                                                   #   tests with the engine's default ones, the graphed 7B step with
+#                                                   #   fp16 vs fp8 caches (context 1024)
+#   bash benchmarks/gpu_session.sh kv-fp8-serve COMMIT  # at most 440 s: drain30-tokens' serving run with the 4-bit base on
+#                                                   #   an fp8 cache of 1830 blocks (its fp16 cache's at 8d39b65; sim_vs_fp16
+#                                                   #   what-if: KV reads at half price), fifo on fp16 beside it
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
@@ -110,18 +116,20 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 
-drain30_tokens() {   # TIMEOUT_S BUDGET_S: drain30-repeat's serving run with the load in output tokens
+drain30_tokens() {   # TIMEOUT_S BUDGET_S [EXTRA ARGS]: drain30-repeat's serving run with the load in output tokens
+  local timeout_s=$1 budget_s=$2
+  shift 2
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-  timeout "$1" python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
+  timeout "$timeout_s" python3 benchmarks/bench_serve_gpu.py --out "$out" --commit "$commit" --sections calib,main,repeat,fp16 \
     --gpu-gib 24 --act-reserve-gib 5 --max-num-seqs 256 --length-scale 4x4 --policies inlaid,fifo \
-    --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s "$2" --capacity-req-s 15.9 \
-    --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens 2>&1 \
+    --rates 3.2 --replay-s 10 --drain-s 16 --starvation-s 30 --budget-s "$budget_s" --capacity-req-s 15.9 \
+    --trace-repeats 3 --repeat-policies inlaid,fifo --fp16-policies fifo --load-unit tokens "$@" 2>&1 \
     | grep -v -i warn | tee "$out/serve_gpu.log"
 }
 
@@ -317,6 +325,20 @@ case "$stage" in
     engine_gpu_tests 120
     timeout 220 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,8,16 \
       --k-widths "" --block-major 4 --pdl 1 --stem frag_attn_pdl_decode 2>&1 | grep "^decode\|Error"
+    ;;
+  kv-fp8)   # the fp8 KV cache: kernel and engine GPU tests (the engine's defaults too), the graphed step with
+            # fp16 / fp8 caches; kv-fp8-serve then serves with the 4-bit base's cache in fp8 at its fp16 cache's
+            # 1830 blocks (8d39b65), so only the price of a cached token read changes
+    e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
+    timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py::test_decode_attention_on_an_fp8_cache \
+      "$e[eager-w4-kv-fp8]" "$e[graphs-w4-kv-fp8]" "$e[eager-w4-kv-fp8-unfused-attn]" "$e[graphs-w4-kv-fp8-unfused-attn]" \
+      "$e[eager-w4]" "$e[graphs-w4]" tests/gpu/test_engine_gpu.py::test_graph_replay_gives_the_eager_tokens 2>&1 \
+      | tail -4 | tee "$out/pytest_kv_fp8.log"
+    timeout 80 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+      --step-batches 1,16,64,128 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
+    ;;
+  kv-fp8-serve)   # the serving run of kv-fp8 (a second call: both do not fit one)
+    drain30_tokens 440 425 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830
     ;;
   frag-e2e)   # the engine end to end at 16 running sequences, where w4_layout "auto" takes the fragment layout:
               # bench_e2e_gpu's mixed-adapter trace (prefill + graphed decode, 16 LoRA tasks), tiled then auto

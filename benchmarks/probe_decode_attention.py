@@ -86,10 +86,14 @@ STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", Tr
 
 def parse_variant(text: str) -> dict:
     """'base' | words joined by '+': 'prefetch', 'dot' / 'nodot', 'splitN' (N programs per SM wanted:
-    split-KV below that; split0: never), 'bnN', 'warpsN' -> {attention module constant: value}."""
+    split-KV below that; split0: never), 'bnN', 'warpsN' -> {attention module constant: value};
+    'kv8': the step's KV caches in fp8 (e4m3), key KV8 (not a module constant)."""
     settings = {}
     for word in text.split("+"):
         if word == "base":
+            continue
+        if word == "kv8":
+            settings["KV8"] = True
             continue
         if word in STEP_SETTINGS:
             name, value = STEP_SETTINGS[word]
@@ -97,7 +101,7 @@ def parse_variant(text: str) -> dict:
             prefix = next((p for p in ("split", "bn", "warps") if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
                 raise SystemExit(f"--step-variants: unknown setting {word!r} "
-                                 "(base, prefetch, dot, nodot, splitN, bnN, warpsN)")
+                                 "(base, prefetch, dot, nodot, splitN, bnN, warpsN, kv8)")
             name = {"split": "DECODE_SPLIT_PROGRAMS_PER_SM", "bn": "DECODE_BLOCK_N", "warps": "DECODE_WARPS"}[prefix]
             value = int(word[len(prefix):])
         settings[name] = value
@@ -181,22 +185,31 @@ def step_rows(batches: list[int], context: int, variants: list[str], timer: Time
     model = decode_model(False, context, max(batches), 4)
     model.fused_decode_attention = True
     runs = variants + variants[:1]
+    caches16 = (model.k_caches, model.v_caches)
+    caches8 = None
     for bsz in batches:
         inputs = decode_inputs(bsz, context, DECODE_BLOCK, model.shape.vocab, None)
-        row = {"part": "step", "batch": bsz, "context": context, "variants": runs, "ms": [],
-               "floor_ms": decode_floor(model, bsz, context, copy_gbs)[0]}
+        floor_ms, weight_bytes, kv_bytes = decode_floor(model, bsz, context, copy_gbs)
+        row = {"part": "step", "batch": bsz, "context": context, "variants": runs, "ms": [], "floor_ms": floor_ms}
         for variant in runs:
             settings = parse_variant(variant)
+            kv8 = settings.pop("KV8", False)
+            if kv8:   # fp8 copies, made once; the floor reads half the KV bytes
+                caches8 = caches8 or tuple([c.to(torch.float8_e4m3fn) for c in cs] for cs in caches16)
+                row["floor_kv8_ms"] = (weight_bytes + kv_bytes / 2) / (copy_gbs * 1e9) * 1e3
             saved = {name: getattr(attention, name) for name in settings}
             try:
                 for name, value in settings.items():
                     setattr(attention, name, value)
+                model.k_caches, model.v_caches = caches8 if kv8 else caches16
                 row["ms"].append(timer.median_ms(lambda: model.decode(**inputs)))
             finally:
                 for name, value in saved.items():
                     setattr(attention, name, value)
+                model.k_caches, model.v_caches = caches16
         print(f"step B={bsz:3d} ctx={context}: " + ", ".join(f"{v} {ms:.3f} ms" for v, ms in zip(runs, row["ms"]))
-              + f", floor {row['floor_ms']:.3f} ms", flush=True)
+              + f", floor {row['floor_ms']:.3f} ms"
+              + (f" (fp8 KV {row['floor_kv8_ms']:.3f} ms)" if "floor_kv8_ms" in row else ""), flush=True)
         yield [row]
 
 
@@ -239,14 +252,17 @@ def write_markdown(res: dict, path: Path) -> None:
                   f"flushed before each replay) under each attention variant, {first} timed first and last "
                   "(× first: the faster of those two over the variant's time); floor: weights + KV bytes over the "
                   "copy bandwidth. Variants: prefetch = the register double buffer; dot = the tile math on tensor "
-                  "cores; splitN = split-KV wherever a batch has fewer than N (sequence, head) programs per SM.\n",
+                  "cores; splitN = split-KV wherever a batch has fewer than N (sequence, head) programs per SM; "
+                  "kv8 = the KV caches in fp8 (e4m3); best ÷ floor counts fp16 KV bytes (fp8 floor: last column).\n",
                   "| batch | context | " + " | ".join(f"{v} ms" for v in runs) + " | "
-                  + " | ".join(f"{v} × {first}" for v in runs[1:-1]) + " | best ÷ floor |",
-                  "|---|---|" + "---|" * (2 * len(runs) - 1)]
+                  + " | ".join(f"{v} × {first}" for v in runs[1:-1]) + " | best ÷ floor | floor ms | fp8-KV floor ms |",
+                  "|---|---|" + "---|" * (2 * len(runs) + 1)]
         for r in steps:
             base = min(r["ms"][0], r["ms"][-1])
+            floor8 = f"{r['floor_kv8_ms']:.3f}" if "floor_kv8_ms" in r else "–"
             lines.append(f"| {r['batch']} | {r['context']} | " + " | ".join(f"{ms:.3f}" for ms in r["ms"]) + " | "
-                         + " | ".join(f"{base / ms:.2f}" for ms in r["ms"][1:-1]) + f" | {min(r['ms']) / r['floor_ms']:.2f} |")
+                         + " | ".join(f"{base / ms:.2f}" for ms in r["ms"][1:-1])
+                         + f" | {min(r['ms']) / r['floor_ms']:.2f} | {r['floor_ms']:.3f} | {floor8} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -28,6 +28,9 @@ SHAPE = LlamaShape(vocab_size=512, hidden_size=256, intermediate_size=512, num_l
                    num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5,
                    rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
 TOL = 1e-2          # fp16 fast path vs float32 reference (relative L2 of the logits)
+# fp8 KV caches on both sides: a key or value whose fp16 and fp32 forms round to neighbouring e4m3
+# values (a step is 6-12 %) moves the logits; fp8 itself moves them ~5 % from an fp32 cache here
+TOL_KV_FP8 = 2.5e-2
 TASKS = ["a", "", "b", "c", "b", "a"]
 PROMPT_LENS = [5, 17, 33, 3, 20, 40]
 ADAPTERS = {"a": (8, ("q_proj", "v_proj")), "b": (16, TARGET_MODULES), "c": (4, ("gate_proj", "down_proj"))}
@@ -82,7 +85,8 @@ def reference_runner(gpu: ModelRunner, weights, shape: LlamaShape = SHAPE) -> Mo
             else:
                 dense = linear.weight.float()                                   # fp16 base
             ref[f"model.layers.{layer}.{sub}{name}.weight"] = dense.contiguous().cpu()
-    config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, block_size=16)
+    config = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, block_size=16,
+                          kv_cache_dtype=gpu.config.kv_cache_dtype)
     return ModelRunner(config, shape, ref, "cpu", torch.float32)
 
 
@@ -111,9 +115,11 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
 
 @pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl1"),
                                           (4, "pdl-prefetch"), (4, "unfused-attn"), (4, "fused-all"),
-                                          (4, "fused-all-no-down-lora"), (4, "frag"), (4, "fragb")],
+                                          (4, "fused-all-no-down-lora"), (4, "frag"), (4, "fragb"), (4, "kv-fp8"),
+                                          (4, "kv-fp8-unfused-attn")],
                          ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl1", "w4-pdl-prefetch",
-                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag", "w4-fragb"])
+                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag", "w4-fragb",
+                              "w4-kv-fp8", "w4-kv-fp8-unfused-attn"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     """variant: EngineConfig.serial_split_k (experimental), lora_expand_rows, pdl (the default, 0:
@@ -122,14 +128,20 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     "unfused-attn": the separate RoPE kernel), with fused_mlp_activation too ("fused-all": adapters
     b and c target down_proj, so its GEMM keeps the separate SiLU·mul; "...-no-down-lora": none does,
     so every layer computes it in the GEMM) or w4_layout "frag" (codes in fragment order, the frag GEMM
-    kinds; "fragb" stored block-major), eager and graph-replayed."""
+    kinds; "fragb" stored block-major) or kv_cache_dtype "fp8_e4m3" ("kv-fp8", the reference's cache fp8
+    too; with the separate RoPE kernel's cache write: "kv-fp8-unfused-attn"), eager and graph-replayed."""
     serial = variant == "serial"
+    kv8 = variant.startswith("kv-fp8")
+    tol = TOL_KV_FP8 if kv8 else TOL
     mode = {"pdl1": 1, "pdl-prefetch": 2}.get(variant, EngineConfig.pdl)
-    fused_attn = variant.startswith("fused-all") or (variant != "unfused-attn" and EngineConfig.fused_decode_attention)
+    fused_attn = variant.startswith("fused-all") or (not variant.endswith("unfused-attn")
+                                                     and EngineConfig.fused_decode_attention)
     fused_act = variant.startswith("fused-all")
     gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode,
                      fused_decode_attention=fused_attn, fused_mlp_activation=fused_act,
-                     w4_layout=variant if variant.startswith("frag") else "tiles")
+                     w4_layout=variant if variant.startswith("frag") else "tiles",
+                     kv_cache_dtype="fp8_e4m3" if kv8 else "auto")
+    assert gpu.kv_caches[0][0].dtype == (torch.float8_e4m3fn if kv8 else torch.float16)
     if variant.startswith("frag"):
         from services.engine.kernels.gptq_format import frag_block_major
         from services.engine.kernels.w4a16_frag import frag_k_width
@@ -152,14 +164,14 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     bm_g, bm_r = BlockManager(64, 16), BlockManager(64, 16)
     seqs_g, seqs_r = new_batch(bm_g), new_batch(bm_r)
     errs = [rel_err(a, b) for a, b in zip(gpu.compute_logits(seqs_g), ref.compute_logits(seqs_r))]
-    assert max(errs) <= TOL, f"prefill {errs}"
+    assert max(errs) <= tol, f"prefill {errs}"
     for step in range(4):                               # pure decode steps (graphs when on)
         tokens = [int(t) for t in torch.randint(0, SHAPE.vocab_size, (len(seqs_g),))]
         advance(seqs_g, bm_g, tokens)
         advance(seqs_r, bm_r, tokens)
         out_g, out_r = gpu.compute_logits(seqs_g), ref.compute_logits(seqs_r)
         errs = [rel_err(a, b) for a, b in zip(out_g, out_r)]
-        assert max(errs) <= TOL, f"decode step {step}: {errs}"
+        assert max(errs) <= tol, f"decode step {step}: {errs}"
     if graphs:
         assert gpu.graphs.num_captures >= 1
     # a subset (another bucket) and a step mixing a new prompt with decodes (eager path)
@@ -167,7 +179,7 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     advance(sub_g, bm_g, [1, 2, 3])
     advance(sub_r, bm_r, [1, 2, 3])
     errs = [rel_err(a, b) for a, b in zip(gpu.compute_logits(sub_g), ref.compute_logits(sub_r))]
-    assert max(errs) <= TOL, f"subset {errs}"
+    assert max(errs) <= tol, f"subset {errs}"
     extra_g = Sequence("x", list(range(1, 30)), SamplingParams(), task="c")
     extra_r = Sequence("x", list(range(1, 30)), SamplingParams(), task="c")
     bm_g.allocate(extra_g)
@@ -177,7 +189,7 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     out_g = gpu.compute_logits(sub_g + [extra_g])
     out_r = ref.compute_logits(sub_r + [extra_r])
     errs = [rel_err(a, b) for a, b in zip(out_g, out_r)]
-    assert max(errs) <= TOL, f"mixed prefill+decode {errs}"
+    assert max(errs) <= tol, f"mixed prefill+decode {errs}"
     # the adapters matter far beyond the tolerance (so a broken LoRA path would fail above)
     base_r = Sequence("y", list(range(1, 30)), SamplingParams(), task="")
     bm_r.allocate(base_r)

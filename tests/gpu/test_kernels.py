@@ -225,6 +225,45 @@ def test_paged_decode_rope_attention(num_heads: int, num_kv_heads: int) -> None:
         assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 32), (32, 8)])
+def test_decode_attention_on_an_fp8_cache(num_heads: int, num_kv_heads: int) -> None:
+    """fp8 (e4m3) caches: the fused kernel and the two-kernel path write each new K/V as torch rounds
+    it (clamped to ±448, round to nearest even: cvt.rn.satfinite), bytes equal between the two paths,
+    and attend as the float32 reference over the same fp8 values; split-KV, CUDA-core loop, varlen."""
+    fp8 = torch.float8_e4m3fn
+    bsz, d, block_size, num_blocks, max_blocks = 6, 128, 16, 80, 12
+    lens = torch.tensor([1, 2, 17, 64, 100, 190], dtype=torch.int32, device=DEV)
+    tables = torch.randperm(num_blocks, device=DEV)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
+    kc = (torch.randn(num_blocks, block_size, num_kv_heads, d, device=DEV) * 3).to(fp8)
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, d, device=DEV).to(fp8)
+    qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d, device=DEV).half()
+    qkv[:, num_heads * d + 1] = 1000.0
+    pos = (lens - 1).long()
+    slots = tables[torch.arange(bsz, device=DEV), pos // block_size].long() * block_size + pos % block_size
+    cos, sin = rope_tables(256, d, 10000.0, DEV)
+    kc_two, vc_two = kc.clone(), vc.clone()
+    q = rope_and_cache(qkv, pos, cos, sin, kc_two, vc_two, slots, num_heads, num_kv_heads)
+    q_all, k_all, v_all = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    k_rot = rope_reference(k_all, pos, cos, sin).float()
+    want_k = k_rot.clamp(-448, 448).to(fp8).float()
+    want_v = v_all.float().clamp(-448, 448).to(fp8).float()
+    got_k = kc_two.view(-1, num_kv_heads, d)[slots].float()
+    # the rotation in fp32 on both sides: at most a rare tie rounds the other way
+    assert (got_k != want_k).float().mean().item() < 1e-3
+    assert torch.equal(vc_two.view(-1, num_kv_heads, d)[slots].float(), want_v)
+    assert got_k.abs().max().item() == 448.0
+    ref = paged_decode_reference(q, kc_two.float(), vc_two.float(), tables, lens)
+    for splits, block_n, dot in ((1, 64, True), (1, 64, False), (4, 32, True), (16, 16, False)):
+        kc2, vc2 = kc.clone(), vc.clone()
+        out = paged_decode_rope_attention(qkv, pos, cos, sin, kc2, vc2, slots, tables, lens, num_heads,
+                                          block_n=block_n, splits=splits, dot=dot)
+        assert rel_err(out, ref) < 1e-2, (splits, block_n, dot)
+        assert torch.equal(kc2.view(torch.uint8), kc_two.view(torch.uint8))
+        assert torch.equal(vc2.view(torch.uint8), vc_two.view(torch.uint8))
+    for dot in (True, False):
+        assert rel_err(paged_decode_attention(q, kc_two, vc_two, tables, lens, dot=dot), ref) < 1e-2
+
+
 def test_split_decode_attention_in_a_cuda_graph() -> None:
     """Split-KV under CUDA graph capture: the grid is fixed at capture, each replay splits the
     contexts it finds (shorter and longer than at capture) and matches the eager unsplit kernel."""

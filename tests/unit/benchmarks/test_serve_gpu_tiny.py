@@ -79,3 +79,19 @@ def test_load_in_tokens_scales_each_trace(tmp_path: Path) -> None:
     for row, seed in ((data["main"][0], 10), (data["repeats"][0], 1010)):
         assert row["rate_req_s"] == trace_rate(1.5, "tokens", b.tasks, b.lengths, seed, 1, args.zipf_a)
     assert "**Load in output tokens**" in (tmp_path / "serve_gpu.md").read_text()
+
+
+def test_fp8_kv_cache_on_the_base_and_fp16_cache_in_the_fp16_section(tmp_path: Path) -> None:
+    """--kv-cache-dtype fp8_e4m3 --kv-max-blocks: the run's base serves from a capped fp8 cache, the fp16
+    section (S-LoRA's configuration) from a cache in its own dtype; the report says which is which."""
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main,fp16", "--policies", "inlaid",
+                "--rates", "0.5", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
+                "--fp16-policies", "fifo", "--kv-cache-dtype", "fp8_e4m3", "--kv-max-blocks", "300"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    meta = data["meta"]
+    assert meta["kv_cache_dtype"] == "fp8_e4m3" and meta["num_kv_blocks"] == 300
+    assert meta["memory"]["base"]["kv_cache_dtype"] == "float8_e4m3fn"
+    assert meta["memory"]["fp16"]["kv_cache_dtype"] == "float32"      # --tiny: the fp16 section runs fp32 on CPU
+    assert data["fp16_meta"]["num_kv_blocks"] > 300
+    assert all(r["num_unfinished"] == 0 for r in data["main"])
+    assert "**fp8_e4m3 KV cache** on the quantized base, capped at 300 blocks" in (tmp_path / "serve_gpu.md").read_text()
