@@ -37,10 +37,12 @@ from services.engine.simulator.simulator import Simulator  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0, kv_speedup: float = 1.0) -> dict:
+def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0, kv_speedup: float = 1.0,
+            kv_speedup_4bit: float = 1.0) -> dict:
     """{"4-bit" | "fp16": (cost model, SimConfig)} and the fits' errors, from the run's steps;
     what-ifs: prefill_cut_ms lowers the 4-bit model's fixed price of a step with a prefill by this;
-    kv_speedup divides both models' price of a cached token read (the same attention kernel serves both)."""
+    kv_speedup divides both models' price of a cached token read (the same attention kernel serves both);
+    kv_speedup_4bit divides the 4-bit model's alone (an fp8 cache there, the KV cache's blocks unchanged)."""
     sched, sim4 = run_settings(run["meta"])
     fifo16 = [r for r in steps if r["run"] == "fifo, fp16 base"]
     other16 = [r for r in steps if "fp16" in r["run"] and r["run"] != "fifo, fp16 base"]
@@ -57,6 +59,9 @@ def engines(run: dict, steps: list[dict], prefill_cut_ms: float = 0.0, kv_speedu
         cost4, cost16 = (dataclasses.replace(c, e_s_per_kv_token=c.e_s_per_kv_token / kv_speedup,
                                              source=f"{c.source}, KV-token read price / {kv_speedup:g}")
                          for c in (cost4, cost16))
+    if kv_speedup_4bit != 1.0:
+        cost4 = dataclasses.replace(cost4, e_s_per_kv_token=cost4.e_s_per_kv_token / kv_speedup_4bit,
+                                    source=f"{cost4.source}, KV-token read price / {kv_speedup_4bit:g} (4-bit only)")
     sim16 = dataclasses.replace(sim4, num_kv_blocks=run["fp16_meta"]["num_kv_blocks"])
     errors = {"4-bit, own steps": errors4, "fp16, fifo's steps (fitted)": errors16,
               "fp16, inlaid's steps (held out)": fit_error(cost16, other16) if kv_speedup == 1.0 else None}
@@ -150,6 +155,10 @@ def report(res: dict) -> str:
     if meta.get("prefill_cut_ms"):
         lines += [f"**What-if:** the 4-bit engine's fitted fixed price of a step with a prefill is lowered by "
                   f"{meta['prefill_cut_ms']:g} ms ({meta['cost_4bit']}); the errors below are the fits'.", ""]
+    if meta.get("kv_speedup_4bit", 1.0) != 1.0:
+        lines += [f"**What-if:** the 4-bit engine's fitted price of a cached token read divided by "
+                  f"{meta['kv_speedup_4bit']:g} (an fp8 KV cache there, same number of blocks; fifo on fp16 keeps "
+                  "its fp16 cache); the errors below are the fits' before the change.", ""]
     if meta.get("kv_speedup", 1.0) != 1.0:
         lines += [f"**What-if:** both engines' fitted price of a cached token read divided by {meta['kv_speedup']:g} "
                   "(faster decode attention; the solo-latency fit that judges SLO is the run's, unchanged); the "
@@ -192,14 +201,16 @@ def main() -> None:
                          "by this, e.g. 5.7, the dense path's dequantization per step in the eager profiles")
     ap.add_argument("--kv-speedup", type=float, default=1.0,
                     help="what-if: divide both engines' fitted price of a cached token read by this (faster attention)")
+    ap.add_argument("--kv-speedup-4bit", type=float, default=1.0,
+                    help="what-if: divide the 4-bit engine's price of a cached token read alone (an fp8 KV cache)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_vs_fp16"))
     args = ap.parse_args()
     t0 = time.perf_counter()
     run = json.loads(Path(args.run_json).read_text())
-    if args.kv_speedup <= 0:
-        raise SystemExit("--kv-speedup must be > 0")
-    eng = engines(run, read_steps(args.steps_csv), args.prefill_cut_ms, args.kv_speedup)
+    if args.kv_speedup <= 0 or args.kv_speedup_4bit <= 0:
+        raise SystemExit("--kv-speedup and --kv-speedup-4bit must be > 0")
+    eng = engines(run, read_steps(args.steps_csv), args.prefill_cut_ms, args.kv_speedup, args.kv_speedup_4bit)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = list(range(100, 100 + args.seeds))
     rows = simulate(run, eng, rates, seeds, args.window_s, args.load_unit)
@@ -209,6 +220,7 @@ def main() -> None:
             "load_unit": args.load_unit,
             "capacity": run["calibration"]["fifo_capacity_req_s"], "slo_scale": m["slo_scale"],
             "fit_errors": eng["errors"], "prefill_cut_ms": args.prefill_cut_ms, "kv_speedup": args.kv_speedup,
+            "kv_speedup_4bit": args.kv_speedup_4bit,
             "cost_4bit": eng["4-bit"][0].source,
             "command": " ".join(["python", "benchmarks/sim_vs_fp16.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}
