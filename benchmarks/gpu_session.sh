@@ -109,6 +109,8 @@
 #   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s, for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s: kv-fp8-all on one trace (the main section's)
+#   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s: kv-fp8's fp8 GPU tests, then the graphed step at
+#                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
 #   bash benchmarks/gpu_session.sh kv-fp8-serve COMMIT  # at most 440 s: drain30-tokens' serving run with the 4-bit base on
 #                                                   #   an fp8 cache of 1830 blocks (its fp16 cache's at 8d39b65; sim_vs_fp16
 #                                                   #   what-if: KV reads at half price), fifo on fp16 beside it
@@ -119,7 +121,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-lean | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-lean | kv-fp8-min | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -328,6 +330,14 @@ case "$stage" in
     engine_gpu_tests 120
     timeout 220 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,8,16 \
       --k-widths "" --block-major 4 --pdl 1 --stem frag_attn_pdl_decode 2>&1 | grep "^decode\|Error"
+    ;;
+  kv-fp8-min)   # the least of kv-fp8 worth a device start: the fp8 tests (log written as they run), a short step probe
+    e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
+    timeout 110 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py::test_decode_attention_on_an_fp8_cache \
+      "$e[graphs-w4-kv-fp8]" "$e[eager-w4-kv-fp8-unfused-attn]" "$e[graphs-w4]" 2>&1 \
+      | tee "$out/pytest_kv_fp8.log" | tail -4
+    timeout 60 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+      --step-batches 64,16 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
     ;;
   kv-fp8-all|kv-fp8-lean)   # kv-fp8's tests and kv-fp8-serve's run in one call: two traces (all) or one (lean)
     e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
