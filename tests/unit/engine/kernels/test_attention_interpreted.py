@@ -11,25 +11,35 @@ import torch
 from tests.unit.engine.kernels.interpreted import run_interpreted
 
 
+D, BLOCK_SIZE, NUM_BLOCKS = 64, 16, 24
+
+
+def decode_layout(seed: int):
+    """(lens, tables, positions, slots, cos, sin) of a decode step: four sequences whose contexts (with
+    the new token) are 1, 17, 40 and 70 tokens in scattered 16-token blocks of a 24-block cache."""
+    from services.engine.kernels.fused_ops import rope_tables
+
+    torch.manual_seed(seed)
+    lens = torch.tensor([1, 17, 40, 70], dtype=torch.int32)
+    tables = torch.randperm(NUM_BLOCKS)[: lens.shape[0] * 5].reshape(lens.shape[0], 5).int()
+    positions = (lens - 1).long()
+    slots = torch.stack([tables[b, int(p) // BLOCK_SIZE].long() * BLOCK_SIZE + int(p) % BLOCK_SIZE
+                         for b, p in enumerate(positions)])
+    return (lens, tables, positions, slots, *rope_tables(128, D, 10000.0, torch.device("cpu")))
+
+
 def check_interpreted(num_heads: int, num_kv_heads: int) -> None:
     from services.engine.kernels.attention import (
         paged_decode_attention, paged_decode_reference, paged_decode_rope_attention,
     )
-    from services.engine.kernels.fused_ops import rope_reference, rope_tables
+    from services.engine.kernels.fused_ops import rope_reference
 
-    torch.manual_seed(0)
-    d, block_size, num_blocks = 64, 16, 24
-    lens = torch.tensor([1, 17, 40, 70], dtype=torch.int32)     # contexts with the new token
+    d, block_size, num_blocks = D, BLOCK_SIZE, NUM_BLOCKS
+    lens, tables, positions, slots, cos, sin = decode_layout(0)
     bsz = lens.shape[0]
-    max_blocks = 5
-    tables = torch.randperm(num_blocks)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
     kc = torch.randn(num_blocks, block_size, num_kv_heads, d).half()
     vc = torch.randn(num_blocks, block_size, num_kv_heads, d).half()
     qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d).half()
-    positions = (lens - 1).long()
-    slots = torch.stack([tables[b, int(p) // block_size].long() * block_size + int(p) % block_size
-                         for b, p in enumerate(positions)])
-    cos, sin = rope_tables(128, d, 10000.0, torch.device("cpu"))
 
     # the two-kernel path in float32: rotate, write k / v into the slots, attend over the cache
     q, k, v = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
@@ -96,22 +106,16 @@ def check_fp8_interpreted(num_heads: int, num_kv_heads: int) -> None:
     from services.engine.kernels.attention import (
         paged_decode_attention, paged_decode_reference, paged_decode_rope_attention,
     )
-    from services.engine.kernels.fused_ops import rope_and_cache, rope_reference, rope_tables
+    from services.engine.kernels.fused_ops import rope_and_cache, rope_reference
 
     fp8 = torch.float8_e4m3fn
-    torch.manual_seed(1)
-    d, block_size, num_blocks = 64, 16, 24
-    lens = torch.tensor([1, 17, 40, 70], dtype=torch.int32)
-    bsz, max_blocks = lens.shape[0], 5
-    tables = torch.randperm(num_blocks)[: bsz * max_blocks].reshape(bsz, max_blocks).int()
+    d, block_size, num_blocks = D, BLOCK_SIZE, NUM_BLOCKS
+    lens, tables, positions, slots, cos, sin = decode_layout(1)
+    bsz = lens.shape[0]
     kc = (torch.randn(num_blocks, block_size, num_kv_heads, d) * 3).to(fp8)
     vc = torch.randn(num_blocks, block_size, num_kv_heads, d).to(fp8)
     qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d).to(fp8).half()   # values exact in e4m3
     qkv[:, num_heads * d] = 1000.0            # past e4m3's range: the kernel clamps, never NaN
-    positions = (lens - 1).long()
-    slots = torch.stack([tables[b, int(p) // block_size].long() * block_size + int(p) % block_size
-                         for b, p in enumerate(positions)])
-    cos, sin = rope_tables(128, d, 10000.0, torch.device("cpu"))
     q, k, v = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
     q_ref = rope_reference(q, positions, cos, sin).half()
     keep = torch.ones(num_blocks * block_size, dtype=torch.bool)
