@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.common.env_config import env_values
 from services.engine.scheduler import INLAID_DECODE_TASK_RANKS, SchedulerConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4", "fragb", "frag2b", "frag4b")
@@ -170,7 +174,7 @@ class EngineConfig:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def kv_torch_dtype(self, model_dtype):
+    def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's torch dtype for a model in model_dtype."""
         import torch
         return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8_e4m3" else model_dtype

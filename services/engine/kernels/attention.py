@@ -28,15 +28,13 @@ except ImportError:  # CPU-only installs use paged_decode_reference
 # Triton reads TRITON_INTERPRET once, at import: a loaded value cannot bound a loop there (STEP_STOP)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-FP8_MAX = 448.0   # largest finite float8_e4m3fn
-
 if triton is not None:
     from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
     def to_kv_cache(x, cache_ptr):
-        """x as the cache at cache_ptr stores it: rounded to its dtype, clamped to ±448 first where
-        that is fp8 (e4m3), whose conversion would otherwise give NaN past its range."""
+        """x as the cache at cache_ptr stores it: rounded to its dtype, clamped to ±448 (the largest
+        finite e4m3, services.engine.attention.FP8_MAX) first where that is fp8."""
         if cache_ptr.dtype.element_ty == tl.float8e4nv:
             x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
         return x.to(cache_ptr.dtype.element_ty)
