@@ -100,18 +100,18 @@
 #                                                   #   attention and split-KV on, then drain30-tokens' serving run
 #   bash benchmarks/gpu_session.sh attn-frag COMMIT  # at most 190 s (not run yet): attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 16, tiled and block-major fragments
-#   bash benchmarks/gpu_session.sh attn-frag-pdl COMMIT  # at most 350 s: attn-serve's engine GPU tests, then the graphed
+#   bash benchmarks/gpu_session.sh attn-frag-pdl COMMIT  # at most 350 s (not run yet): attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 8 / 16, tiled and block-major fragments, each
 #                                                   #   with and without PDL mode 1 (attn-frag and frag-pdl's decode in one)
-#   bash benchmarks/gpu_session.sh kv-fp8 COMMIT  # at most 230 s: the fp8 KV cache (ENGINE_KV_CACHE_DTYPE=fp8_e4m3): its GPU
+#   bash benchmarks/gpu_session.sh kv-fp8 COMMIT  # at most 230 s (not run yet): the fp8 KV cache (ENGINE_KV_CACHE_DTYPE=fp8_e4m3): its GPU
 #                                                   #   tests with the engine's default ones, the graphed 7B step with
 #                                                   #   fp16 vs fp8 caches (context 1024)
-#   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s, for one call when device time is short: kv-fp8's GPU
+#   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (not run yet): for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
-#   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s: kv-fp8-all on one trace (the main section's)
-#   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s: kv-fp8's fp8 GPU tests, then the graphed step at
+#   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
+#   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
-#   bash benchmarks/gpu_session.sh kv-fp8-serve COMMIT  # at most 440 s: drain30-tokens' serving run with the 4-bit base on
+#   bash benchmarks/gpu_session.sh kv-fp8-serve COMMIT  # at most 440 s (not run yet): drain30-tokens' serving run with the 4-bit base on
 #                                                   #   an fp8 cache of 1830 blocks (its fp16 cache's at 8d39b65; sim_vs_fp16
 #                                                   #   what-if: KV reads at half price), fifo on fp16 beside it
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
