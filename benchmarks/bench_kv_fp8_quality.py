@@ -4,7 +4,9 @@ Our engine (CPU, SmolLM2-135M, fp32 compute) serves each demo task's test split 
 adapter in adapters/, greedy, stopping at EOS or the task's token budget, once with the KV cache in
 the model's dtype and once in fp8 (e4m3, no scale); every request of a configuration goes into one
 engine, batched as the engine schedules it. Per task: the metric (workload kit) under both caches, its
-change, and how many outputs are token-for-token identical. Writes <out>.json and <out>.md.
+change, and how many outputs are token-for-token identical; and, from the default cache after its
+run, how the cached K and V magnitudes sit against e4m3's range (below 2^-6 it has no normal numbers,
+above 448 none at all), which says whether a per-tensor scale could help. Writes <out>.json and <out>.md.
 
   .venv/bin/python benchmarks/bench_kv_fp8_quality.py --num-examples 50
 """
@@ -55,7 +57,21 @@ def run(kv_dtype: str, tasks: list[str], num_examples: int) -> dict:
         metric = get_metric(get_task(name).metric)
         out[name].append((res.token_ids, metric(res.text, ex)))
     return {"outputs": out, "wall_s": wall, "kv_bytes_per_block": engine.runner.kv_bytes_per_block,
-            "kv_dtype": str(engine.runner.kv_dtype)}
+            "kv_dtype": str(engine.runner.kv_dtype), "magnitudes": cache_magnitudes(engine.runner.kv_caches)}
+
+
+def cache_magnitudes(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Per K / V: quantiles of |x| over every nonzero cached element (a sample of 10^6 for the
+    quantiles), the share below 2^-6 (e4m3's subnormals) and the largest."""
+    res = {}
+    for name, i in (("K", 0), ("V", 1)):
+        vals = torch.cat([c[i].flatten().float() for c in caches])
+        vals = vals[vals != 0].abs()
+        sample = vals[torch.randperm(vals.numel(), generator=torch.Generator().manual_seed(0))[:10**6]]
+        qs = torch.quantile(sample, torch.tensor([0.01, 0.5, 0.99])).tolist()
+        res[name] = {"p01": qs[0], "p50": qs[1], "p99": qs[2], "max": float(vals.max()),
+                     "below_2^-6": float((vals < 2.0 ** -6).float().mean()), "count": vals.numel()}
+    return res
 
 
 def report(res: dict) -> str:
@@ -74,6 +90,12 @@ def report(res: dict) -> str:
                      f"{100 * (row['fp8'] - row['auto']):+.1f} | {row['identical']}/{row['n']} |")
     a, f = res["mean"]["auto"], res["mean"]["fp8"]
     lines.append(f"| mean | | {a:.3f} | {f:.3f} | {100 * (f - a):+.1f} | |")
+    mags = res["runs"]["auto"].get("magnitudes")
+    if mags:
+        lines += ["\nCached magnitudes after the default cache's run (every request's K and V, all layers):\n",
+                  "| | elements | p1 | median | p99 | max | share below 2^-6 (e4m3 subnormal) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {m['count']} | {m['p01']:.4f} | {m['p50']:.3f} | {m['p99']:.2f} | {m['max']:.1f} | "
+                  f"{100 * m['below_2^-6']:.1f} % |" for k, m in mags.items()]
     lines.append("\nThe fp8 cache halves the KV bytes of an fp16 engine, so a memory budget holds twice the tokens "
                  "and decode attention reads half the bytes; the rows above are what it costs in task quality "
                  "on this model.")
