@@ -93,7 +93,8 @@ def report(res: dict) -> str:
     mags = res["runs"]["auto"].get("magnitudes")
     if mags:
         lines += ["\nCached magnitudes after the default cache's run (every request's K and V, all layers):\n",
-                  "| | elements | p1 | median | p99 | max | share below 2^-6 (e4m3 subnormal) |", "|---|---|---|---|---|---|---|"]
+                  "| | elements | p1 | median | p99 | max | share below 2^-6 (e4m3 subnormal) |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {m['count']} | {m['p01']:.4f} | {m['p50']:.3f} | {m['p99']:.2f} | {m['max']:.1f} | "
                   f"{100 * m['below_2^-6']:.1f} % |" for k, m in mags.items()]
     lines.append("\nThe fp8 cache halves the KV bytes of an fp16 engine, so a memory budget holds twice the tokens "

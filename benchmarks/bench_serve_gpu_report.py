@@ -238,7 +238,8 @@ def _memory(meta: dict) -> list[str]:
            "|---|---|---|---|---|---|"]
     for label, m in mem.items():
         out.append(f"| {label} | {_fmt(m.get('weights_and_adapters_gib'), '.2f')} | {_fmt(m.get('kv_gib'), '.2f')} | "
-                   f"{m.get('kv_tokens', '')} | {m.get('kv_cache_dtype', 'float16')} | {_fmt(m.get('peak_gib'), '.2f')} |")
+                   f"{m.get('kv_tokens', '')} | {m.get('kv_cache_dtype', 'float16')} | "
+                   f"{_fmt(m.get('peak_gib'), '.2f')} |")
     return out + [""]
 
 

@@ -78,8 +78,9 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
     if runner.w4_frag:
         storage = " block-major" if runner.w4_block_major else ""
         layout = f", 4-bit codes in fragment order k_width {runner.w4_frag}{storage}"
+    kv_dtype = str(runner.kv_dtype).removeprefix("torch.")
     log.info("engine %s serving pool %r (device %s%s; %d KV blocks of %d tokens, %s)", worker.engine_id, keys.pool,
-             runner.device, layout, runner.num_kv_blocks, runner.block_size, str(runner.kv_dtype).removeprefix("torch."))
+             runner.device, layout, runner.num_kv_blocks, runner.block_size, kv_dtype)
     done, _ = await asyncio.wait([run, asyncio.ensure_future(host.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)
     if run in done and run.exception() is not None:

@@ -94,4 +94,5 @@ def test_fp8_kv_cache_on_the_base_and_fp16_cache_in_the_fp16_section(tmp_path: P
     assert meta["memory"]["fp16"]["kv_cache_dtype"] == "float32"      # --tiny: the fp16 section runs fp32 on CPU
     assert data["fp16_meta"]["num_kv_blocks"] > 300
     assert all(r["num_unfinished"] == 0 for r in data["main"])
-    assert "**fp8_e4m3 KV cache** on the quantized base, capped at 300 blocks" in (tmp_path / "serve_gpu.md").read_text()
+    md = (tmp_path / "serve_gpu.md").read_text()
+    assert "**fp8_e4m3 KV cache** on the quantized base, capped at 300 blocks" in md
