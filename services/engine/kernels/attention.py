@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.engine.kernels.launch import launch, next_pow2
+from services.engine.kernels.launch import launch, next_pow2, sm_count
 
 try:
     import triton
@@ -62,7 +62,7 @@ if triton is not None:
 
     @triton.jit
     def _softmax_update_dot(k, v, tmask, q16, m_i, l_i, acc):
-        """_softmax_update on tensor cores: q16 [16, D] in the cache dtype holds the query in row 0
+        """_softmax_update on tensor cores: q16 [16, D] in the compute dtype holds the query in row 0
         (zeros below, the smallest M of tl.dot), so the scores and the weighted values are two dots
         (which Triton's pipeliner also overlaps with the next tiles' loads); state per row, [16] / [16, D]."""
         scores = tl.where(tmask[None, :], tl.dot(q16, tl.trans(k)), float("-inf"))
@@ -262,7 +262,6 @@ DECODE_DOT = True          # the tile math on tensor cores (_softmax_update_dot)
 # fills the GPU (0: never split).
 DECODE_SPLIT_PROGRAMS_PER_SM = 4
 DECODE_MAX_SPLITS = 16
-_SM_COUNTS: dict[int, int] = {}
 
 
 def set_decode_options(dot: bool, split_programs_per_sm: int) -> None:
@@ -279,10 +278,7 @@ def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:
     (a function of the batch only, so a captured CUDA graph keeps a grid that fits every replay)."""
     if DECODE_SPLIT_PROGRAMS_PER_SM <= 0 or device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    want = DECODE_SPLIT_PROGRAMS_PER_SM * _SM_COUNTS[index]
+    want = DECODE_SPLIT_PROGRAMS_PER_SM * sm_count(device)
     return max(1, min(DECODE_MAX_SPLITS, want // (batch * num_heads)))
 
 

@@ -39,6 +39,7 @@ _I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 _UNCACHEABLE, _FLOAT, _BOOL = ("uncacheable",), ("f",), ("u1",)
 _plans: dict[int, tuple | None] = {}        # id(fn) -> (parameter names, defaults, constexpr flags, takes PDL) or None
 _kernels: dict[tuple, tuple] = {}           # (id(fn), key) -> (compiled kernel, trailing constexpr values)
+_sm_counts: dict[int, int] = {}             # CUDA device index -> SMs (sm_count)
 
 
 def _arg_key(a):
@@ -62,6 +63,19 @@ def _arg_key(a):
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for grids (triton.cdiv is a constexpr function in Triton 3.6: ~3 µs a call)."""
     return -(-a // b)
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (a torch.device; cached per index), 8 elsewhere, i.e.
+    under TRITON_INTERPRET, so the stream kinds still cut their units into several runs there."""
+    if device.type != "cuda":
+        return 8
+    import torch
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _sm_counts.get(idx)
+    if n is None:
+        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 def next_pow2(n: int) -> int:

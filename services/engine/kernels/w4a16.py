@@ -25,7 +25,7 @@ from services.engine.kernels.gptq_format import (
     k_splits,
 )
 from services.engine.kernels.gemm_configs import FRAG_KINDS, STREAM_KINDS, SWAPPED_KINDS, GemmConfig
-from services.engine.kernels.launch import cdiv, launch
+from services.engine.kernels.launch import cdiv, launch, sm_count
 from services.engine.kernels.w4a16_frag import frag_dequantize_fp16, frag_matmul, gemm_input
 
 try:
@@ -42,7 +42,6 @@ HAS_TRITON = triton is not None
 # for the process by set_serial_split_k (the engine applies EngineConfig.serial_split_k).
 SERIAL_SPLIT_K = False
 _locks: dict[tuple, torch.Tensor] = {}
-_sm_counts: dict[int, int] = {}
 _retired_locks: list[torch.Tensor] = []
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX there: gemv_h2 is emulated
 
@@ -417,18 +416,6 @@ def needs_zeroed_output(cfg: GemmConfig, k: int) -> bool:
     if cfg.kind in FRAG_KINDS:   # no serial split-K form
         return split_of(cfg, k)[0] > 1
     return cfg.kind != "dense" and _sums_with_atomics(split_of(cfg, k)[0])
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (8 elsewhere, i.e. under TRITON_INTERPRET, so the
-    stream kinds still cut their units into several runs there)."""
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _sm_counts.get(idx)
-    if n is None:
-        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
 
 
 def stream_runs(cfg: GemmConfig, m: int, n: int, k: int, sms: int) -> tuple[int, int]:

@@ -116,7 +116,7 @@ def check_fp8_interpreted(num_heads: int, num_kv_heads: int) -> None:
     vc = torch.randn(num_blocks, block_size, num_kv_heads, d).to(fp8)
     qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * d).to(fp8).half()   # values exact in e4m3
     qkv[:, num_heads * d] = 1000.0            # past e4m3's range: the kernel clamps, never NaN
-    q, k, v = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    q, _, v = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
     q_ref = rope_reference(q, positions, cos, sin).half()
     keep = torch.ones(num_blocks * block_size, dtype=torch.bool)
     keep[slots] = False
@@ -157,8 +157,8 @@ def test_decode_splits_fill_the_gpu_by_batch_only(monkeypatch) -> None:
     """decode_splits: runs per sequence where a batch has fewer than DECODE_SPLIT_PROGRAMS_PER_SM
     (sequence, head) programs per SM, capped at DECODE_MAX_SPLITS; 1 on the CPU or when turned off
     (no triton needed: the SM count of a 132-SM card is given)."""
-    from services.engine.kernels import attention
-    monkeypatch.setitem(attention._SM_COUNTS, 0, 132)
+    from services.engine.kernels import attention, launch
+    monkeypatch.setitem(launch._sm_counts, 0, 132)
     monkeypatch.setattr(attention, "DECODE_SPLIT_PROGRAMS_PER_SM", 4)
     gpu = torch.device("cuda", 0)
     # 4 x 132 = 528 programs wanted: 32 heads at batch 1 -> 16 (the cap), 4 -> 4, 8 -> 2, 16 -> 1
