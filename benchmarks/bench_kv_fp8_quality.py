@@ -53,9 +53,9 @@ def run(kv_dtype: str, tasks: list[str], num_examples: int) -> dict:
     results = engine.generate(prompts, params, tasks=names)
     wall = time.perf_counter() - t0
     out: dict[str, list] = {name: [] for name in tasks}
+    metrics = {name: get_metric(get_task(name).metric) for name in tasks}
     for name, ex, res in zip(names, examples, results, strict=True):
-        metric = get_metric(get_task(name).metric)
-        out[name].append((res.token_ids, metric(res.text, ex)))
+        out[name].append((res.token_ids, metrics[name](res.text, ex)))
     return {"outputs": out, "wall_s": wall, "kv_bytes_per_block": engine.runner.kv_bytes_per_block,
             "kv_dtype": str(engine.runner.kv_dtype), "magnitudes": cache_magnitudes(engine.runner.kv_caches)}
 

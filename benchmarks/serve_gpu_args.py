@@ -109,8 +109,9 @@ def parse_args(argv=None):
                     help="the quantized base's KV cache (EngineConfig.kv_cache_dtype); the fp16 section keeps "
                          "S-LoRA's fp16 cache")
     ap.add_argument("--kv-max-blocks", type=int, default=0,
-                    help="at most this many KV blocks for the quantized base (0: what the budget leaves), e.g. "
-                         "an fp8 cache at the token count the fp16 one had, to price the halved reads alone")
+                    help="at most this many KV blocks for the quantized base (0: what the budget leaves; without "
+                         "--gpu-gib this sets the count), e.g. an fp8 cache at the token count the fp16 one had, "
+                         "to price the halved reads alone")
     ap.add_argument("--max-tokens", type=int, default=512, help="loose cap; requests end at their trace length")
     ap.add_argument("--length-scale", type=length_scale_arg, default=(1.0, 1.0),
                     help="PxO: multiply the trace's prompt lengths by P and output lengths by O (longer "

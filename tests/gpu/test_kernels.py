@@ -243,7 +243,7 @@ def test_decode_attention_on_an_fp8_cache(num_heads: int, num_kv_heads: int) -> 
     cos, sin = rope_tables(256, d, 10000.0, DEV)
     kc_two, vc_two = kc.clone(), vc.clone()
     q = rope_and_cache(qkv, pos, cos, sin, kc_two, vc_two, slots, num_heads, num_kv_heads)
-    q_all, k_all, v_all = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    _, k_all, v_all = qkv.view(bsz, -1, d).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
     k_rot = rope_reference(k_all, pos, cos, sin).float()
     want_k = k_rot.clamp(-448, 448).to(fp8).float()
     want_v = v_all.float().clamp(-448, 448).to(fp8).float()
