@@ -342,8 +342,8 @@ case "$stage" in
   kv-fp8-all|kv-fp8-lean)   # kv-fp8's tests and kv-fp8-serve's run in one call: two traces (all) or one (lean)
     e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
     timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py::test_decode_attention_on_an_fp8_cache \
-      "$e[eager-w4-kv-fp8]" "$e[graphs-w4-kv-fp8]" "$e[graphs-w4-kv-fp8-unfused-attn]" "$e[graphs-w4]" 2>&1 \
-      | tail -4 | tee "$out/pytest_kv_fp8.log"
+      "$e[eager-w4-kv-fp8]" "$e[graphs-w4-kv-fp8]" "$e[graphs-w4-kv-fp8-unfused-attn]" "$e[graphs-w4]" -rfE 2>&1 \
+      | tee "$out/pytest_kv_fp8.log" | grep "passed\|failed\|FAILED\|ERROR"
     if [ "$stage" = kv-fp8-all ]; then
       drain30_tokens 430 415 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830 --trace-repeats 2
     else
@@ -356,8 +356,8 @@ case "$stage" in
     e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
     timeout 150 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py::test_decode_attention_on_an_fp8_cache \
       "$e[eager-w4-kv-fp8]" "$e[graphs-w4-kv-fp8]" "$e[eager-w4-kv-fp8-unfused-attn]" "$e[graphs-w4-kv-fp8-unfused-attn]" \
-      "$e[eager-w4]" "$e[graphs-w4]" tests/gpu/test_engine_gpu.py::test_graph_replay_gives_the_eager_tokens 2>&1 \
-      | tail -4 | tee "$out/pytest_kv_fp8.log"
+      "$e[eager-w4]" "$e[graphs-w4]" tests/gpu/test_engine_gpu.py::test_graph_replay_gives_the_eager_tokens -rfE 2>&1 \
+      | tee "$out/pytest_kv_fp8.log" | grep "passed\|failed\|FAILED\|ERROR"
     timeout 80 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 1,16,64,128 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
     ;;

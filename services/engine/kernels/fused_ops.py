@@ -73,15 +73,15 @@ if triton is not None:
         r1 = x1 * cos - x2 * sin
         r2 = x2 * cos + x1 * sin
         if h < num_heads:
-            dst = q_out_ptr + (t * num_heads + h) * 2 * HALF
-            tl.store(dst + offs, r1.to(q_out_ptr.dtype.element_ty))
-            tl.store(dst + HALF + offs, r2.to(q_out_ptr.dtype.element_ty))
+            q_dst = q_out_ptr + (t * num_heads + h) * 2 * HALF
+            tl.store(q_dst + offs, r1.to(q_out_ptr.dtype.element_ty))
+            tl.store(q_dst + HALF + offs, r2.to(q_out_ptr.dtype.element_ty))
         else:
             kvh = h - num_heads
             slot = tl.load(slot_ptr + t).to(tl.int64)
-            dst = k_cache_ptr + slot * stride_cslot + kvh * stride_ch
-            tl.store(dst + offs, to_kv_cache(r1, k_cache_ptr))
-            tl.store(dst + HALF + offs, to_kv_cache(r2, k_cache_ptr))
+            k_dst = k_cache_ptr + slot * stride_cslot + kvh * stride_ch
+            tl.store(k_dst + offs, to_kv_cache(r1, k_cache_ptr))
+            tl.store(k_dst + HALF + offs, to_kv_cache(r2, k_cache_ptr))
             vsrc = qkv_ptr + t * stride_qkv + (num_heads + num_kv_heads + kvh) * 2 * HALF
             vdst = v_cache_ptr + slot * stride_cslot + kvh * stride_ch
             v1 = tl.load(vsrc + offs)
