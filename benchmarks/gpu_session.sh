@@ -106,8 +106,11 @@
 #   bash benchmarks/gpu_session.sh kv-fp8 COMMIT  # at most 230 s (not run yet): the fp8 KV cache (ENGINE_KV_CACHE_DTYPE=fp8_e4m3): its GPU
 #                                                   #   tests with the engine's default ones, the graphed 7B step with
 #                                                   #   fp16 vs fp8 caches (context 1024)
-#   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (not run yet): for one call when device time is short: kv-fp8's GPU
+#   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (ran at 852632c): for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
+#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 200 s (not run yet): the graphed step over fp8 caches with wider
+#                                                   #   tiles / deeper pipelines (DECODE_FP8_BLOCK_N / DECODE_FP8_STAGES), which
+#                                                   #   restore the bytes in flight an fp8 tile halves (kv_fp8_step_852632c: 1.08x)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
@@ -121,7 +124,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-lean | kv-fp8-min | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-lean | kv-fp8-min | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -338,6 +341,13 @@ case "$stage" in
       | tee "$out/pytest_kv_fp8.log" | tail -4
     timeout 60 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 64,16 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
+    ;;
+  kv-fp8-shape)   # fp8 caches' launch shape (batch 128 at context 256: at 1024 its fp16 + fp8 caches overflow 80 GB)
+    v=base,kv8,kv8+fp8stages5,kv8+fp8bn128,kv8+fp8stages4,kv8+fp8bn128+fp8stages4,kv8+warps8,kv8+fp8bn128+warps8
+    timeout 120 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+      --step-batches 64,16,4 --step-context 1024 --step-variants "$v" --stem kv_fp8_shape 2>&1 | grep "^step\|Error"
+    timeout 70 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+      --step-batches 128 --step-context 256 --step-variants "$v" --stem kv_fp8_shape_ctx256 2>&1 | grep "^step\|Error"
     ;;
   kv-fp8-all|kv-fp8-lean)   # kv-fp8's tests and kv-fp8-serve's run in one call: two traces (all) or one (lean)
     e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference

@@ -84,9 +84,16 @@ def shape_name(shape: Shape) -> str:
 STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", True), "nodot": ("DECODE_DOT", False)}
 
 
+# variant words that take a number -> the attention module constant they set (the fp8 ones matter
+# only with kv8); longest prefix first, so 'fp8bn128' is not read as 'bn'
+VARIANT_PREFIXES = {"fp8stages": "DECODE_FP8_STAGES", "fp8bn": "DECODE_FP8_BLOCK_N", "split": "DECODE_SPLIT_PROGRAMS_PER_SM",
+                    "stages": "DECODE_STAGES", "warps": "DECODE_WARPS", "bn": "DECODE_BLOCK_N"}
+
+
 def parse_variant(text: str) -> dict:
     """'base' | words joined by '+': 'prefetch', 'dot' / 'nodot', 'splitN' (N programs per SM wanted:
-    split-KV below that; split0: never), 'bnN', 'warpsN' -> {attention module constant: value};
+    split-KV below that; split0: never), 'bnN', 'warpsN', 'stagesN', 'fp8bnN' / 'fp8stagesN' (over fp8
+    caches only) -> {attention module constant: value};
     'kv8': the step's KV caches in fp8 (e4m3), key KV8 (not a module constant)."""
     settings = {}
     for word in text.split("+"):
@@ -98,11 +105,11 @@ def parse_variant(text: str) -> dict:
         if word in STEP_SETTINGS:
             name, value = STEP_SETTINGS[word]
         else:
-            prefix = next((p for p in ("split", "bn", "warps") if word.startswith(p) and word[len(p):].isdigit()), None)
+            prefix = next((p for p in VARIANT_PREFIXES if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
                 raise SystemExit(f"--step-variants: unknown setting {word!r} "
-                                 "(base, prefetch, dot, nodot, splitN, bnN, warpsN, kv8)")
-            name = {"split": "DECODE_SPLIT_PROGRAMS_PER_SM", "bn": "DECODE_BLOCK_N", "warps": "DECODE_WARPS"}[prefix]
+                                 "(base, prefetch, dot, nodot, splitN, bnN, warpsN, stagesN, fp8bnN, fp8stagesN, kv8)")
+            name = VARIANT_PREFIXES[prefix]
             value = int(word[len(prefix):])
         settings[name] = value
     return settings

@@ -262,6 +262,14 @@ DECODE_DOT = True          # the tile math on tensor cores (_softmax_update_dot)
 # fills the GPU (0: never split).
 DECODE_SPLIT_PROGRAMS_PER_SM = 4
 DECODE_MAX_SPLITS = 16
+# Launch shape over one-byte (fp8) caches, where set (None: the settings above). A tile of fp8 K/V
+# carries half the bytes of an fp16 one, so at the same BN and depth half as many bytes are in flight
+# per program: on the H100 the graphed 7B step with fp8 caches was only 1.08x the fp16 one at batch
+# 64 (0.96x at 16; kv_fp8_step_852632c.md) against a 1.8x smaller floor. A wider tile or a deeper
+# pipeline restores the bytes in flight; both compile for sm_90 without spills (BN 128 / stages 3,
+# BN 64 / stages 5: decode_attention_sass.py). Unset until a GPU run times them (stage kv-fp8-shape).
+DECODE_FP8_BLOCK_N: int | None = None
+DECODE_FP8_STAGES: int | None = None
 
 
 def set_decode_options(dot: bool, split_programs_per_sm: int) -> None:
@@ -283,12 +291,15 @@ def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:
 
 
 def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None,
-                  prefetch: bool | None = None, dot: bool | None = None) -> dict:
+                  prefetch: bool | None = None, dot: bool | None = None, cache_bytes: int = 2) -> dict:
     """The kernels' BN / num_warps / num_stages / PREFETCH / DOT launch arguments (defaults: the
-    module's settings)."""
-    meta = {"BN": block_n or DECODE_BLOCK_N, "num_warps": num_warps or DECODE_WARPS,
+    module's settings; over a cache of cache_bytes == 1 per element, DECODE_FP8_* where set)."""
+    fp8 = cache_bytes == 1
+    default_bn = DECODE_FP8_BLOCK_N if fp8 and DECODE_FP8_BLOCK_N else DECODE_BLOCK_N
+    default_stages = DECODE_FP8_STAGES if fp8 and DECODE_FP8_STAGES is not None else DECODE_STAGES
+    meta = {"BN": block_n or default_bn, "num_warps": num_warps or DECODE_WARPS,
             "PREFETCH": DECODE_PREFETCH if prefetch is None else prefetch, "DOT": DECODE_DOT if dot is None else dot}
-    stages = num_stages if num_stages is not None else DECODE_STAGES
+    stages = num_stages if num_stages is not None else default_stages
     if stages is not None:
         meta["num_stages"] = stages
     return meta
@@ -329,7 +340,7 @@ def paged_decode_attention(
         scale, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, **_launch_shape(block_n, num_warps, num_stages, prefetch, dot),
+        D=d, **_launch_shape(block_n, num_warps, num_stages, prefetch, dot, k_cache.element_size()),
     )
     return out
 
@@ -375,7 +386,7 @@ def paged_decode_rope_attention(
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         D=d, STEP_STOP=max_context if _INTERPRET else 0, SPLIT=splits > 1,
-        **_launch_shape(block_n, num_warps, num_stages, prefetch, dot),
+        **_launch_shape(block_n, num_warps, num_stages, prefetch, dot, k_cache.element_size()),
     )
     if splits > 1:
         launch(_split_combine_kernel, (bsz, num_heads), part, out, splits, out.stride(0), out.stride(1),

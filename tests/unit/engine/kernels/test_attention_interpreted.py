@@ -181,6 +181,22 @@ def test_set_decode_options_sets_the_process_defaults(monkeypatch) -> None:
         attention.set_decode_options(True, -1)
 
 
+def test_fp8_caches_take_their_own_launch_shape_where_set(monkeypatch) -> None:
+    """DECODE_FP8_BLOCK_N / DECODE_FP8_STAGES apply over one-byte caches only; unset, fp8 launches as fp16."""
+    from services.engine.kernels import attention
+    monkeypatch.setattr(attention, "DECODE_BLOCK_N", 64)
+    monkeypatch.setattr(attention, "DECODE_STAGES", None)
+    for name in ("DECODE_FP8_BLOCK_N", "DECODE_FP8_STAGES"):
+        monkeypatch.setattr(attention, name, None)
+    assert attention._launch_shape(None, None, None, cache_bytes=1) == attention._launch_shape(None, None, None)
+    monkeypatch.setattr(attention, "DECODE_FP8_BLOCK_N", 128)
+    monkeypatch.setattr(attention, "DECODE_FP8_STAGES", 5)
+    fp8, fp16 = attention._launch_shape(None, None, None, cache_bytes=1), attention._launch_shape(None, None, None)
+    assert (fp8["BN"], fp8["num_stages"]) == (128, 5) and fp16["BN"] == 64 and "num_stages" not in fp16
+    assert attention._launch_shape(32, None, 2, cache_bytes=1)["BN"] == 32     # explicit arguments win
+    assert attention._launch_shape(32, None, 2, cache_bytes=1)["num_stages"] == 2
+
+
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2)])
 def test_decode_attention_on_an_fp8_cache_interpreted(num_heads: int, num_kv_heads: int) -> None:
     run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", num_heads, num_kv_heads,
