@@ -64,6 +64,8 @@ def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = F
             "instructions": len(ops),
             "global_loads": sum(op.split(".")[0] == "LDG" for op in ops),
             "async_copies": sum(op.startswith("LDGSTS") for op in ops),
+            "byte_shared_loads": sum(op.startswith("LDS.U8") for op in ops),
+            "ldmatrix": sum(op.startswith("LDSM") for op in ops),
             "spill_stores": sum(op.startswith("STL") for op in ops)}
 
 
@@ -101,14 +103,17 @@ def main() -> None:
              f"Command: `{res['command']}` (no GPU: compiled for sm_90 here). Head dim 128, the "
              "arguments that are multiples of 16 at Llama-2-7B's shapes marked so (as Triton's JIT does). The engine's "
              f"default: BN {A.DECODE_BLOCK_N}, {A.DECODE_WARPS} warps, Triton's default stages, tile math on "
-             f"{'tensor' if A.DECODE_DOT else 'CUDA'} cores. LDGSTS > 0 means Triton pipelined the KV loop; STL counts "
+             f"{'tensor' if A.DECODE_DOT else 'CUDA'} cores. LDGSTS > 0 means Triton pipelined the KV loop; LDS.U8: "
+             "shared-memory loads of one byte (an fp8 tile read element by element); LDSM: ldmatrix; STL counts "
              "spill stores to local memory.", "",
-             "| kernel | cache | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | STL (spills) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | cache | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | LDS.U8 | LDSM "
+             "| STL (spills) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r.get('kv', 'fp16')} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
               f"{r['block_n']} | {r['num_warps']} | "
               f"{r['num_stages']} | {r['instructions']} | "
-              f"{r['global_loads']} | {r['async_copies']} | {r['spill_stores']} |" for r in rows]
+              f"{r['global_loads']} | {r['async_copies']} | {r.get('byte_shared_loads', '–')} | {r.get('ldmatrix', '–')} "
+              f"| {r['spill_stores']} |" for r in rows]
     (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / args.stem}.md ({res['wall_s']:.0f} s)")
 

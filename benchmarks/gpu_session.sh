@@ -108,9 +108,9 @@
 #                                                   #   fp16 vs fp8 caches (context 1024)
 #   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (ran at 852632c): for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
-#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 200 s (not run yet): the graphed step over fp8 caches with wider
-#                                                   #   tiles / deeper pipelines (DECODE_FP8_BLOCK_N / DECODE_FP8_STAGES), which
-#                                                   #   restore the bytes in flight an fp8 tile halves (kv_fp8_step_852632c: 1.08x)
+#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 200 s (not run yet): the graphed step over fp8 caches on the
+#                                                   #   CUDA-core loop (DECODE_FP8_DOT off: no byte-wise shared loads of V), with
+#                                                   #   wider tiles / deeper pipelines (DECODE_FP8_BLOCK_N / _STAGES; 852632c: 1.08x)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
@@ -343,7 +343,7 @@ case "$stage" in
       --step-batches 64,16 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
     ;;
   kv-fp8-shape)   # fp8 caches' launch shape (batch 128 at context 256: at 1024 its fp16 + fp8 caches overflow 80 GB)
-    v=base,kv8,kv8+fp8stages5,kv8+fp8bn128,kv8+fp8stages4,kv8+fp8bn128+fp8stages4,kv8+warps8,kv8+fp8bn128+warps8
+    v=base,kv8,kv8+fp8nodot,kv8+fp8nodot+fp8bn128,kv8+fp8nodot+fp8bn32,kv8+fp8stages5,kv8+fp8bn128,kv8+warps8
     timeout 120 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 64,16,4 --step-context 1024 --step-variants "$v" --stem kv_fp8_shape 2>&1 | grep "^step\|Error"
     timeout 70 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \

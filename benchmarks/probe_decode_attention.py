@@ -81,7 +81,8 @@ def shape_name(shape: Shape) -> str:
 
 
 # step variant word -> attention module setting
-STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", True), "nodot": ("DECODE_DOT", False)}
+STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", True), "nodot": ("DECODE_DOT", False),
+                 "fp8dot": ("DECODE_FP8_DOT", True), "fp8nodot": ("DECODE_FP8_DOT", False)}
 
 
 # variant words that take a number -> the attention module constant they set (the fp8 ones matter
@@ -92,8 +93,8 @@ VARIANT_PREFIXES = {"fp8stages": "DECODE_FP8_STAGES", "fp8bn": "DECODE_FP8_BLOCK
 
 def parse_variant(text: str) -> dict:
     """'base' | words joined by '+': 'prefetch', 'dot' / 'nodot', 'splitN' (N programs per SM wanted:
-    split-KV below that; split0: never), 'bnN', 'warpsN', 'stagesN', 'fp8bnN' / 'fp8stagesN' (over fp8
-    caches only) -> {attention module constant: value};
+    split-KV below that; split0: never), 'bnN', 'warpsN', 'stagesN', 'fp8bnN' / 'fp8stagesN' / 'fp8dot' /
+    'fp8nodot' (over fp8 caches only) -> {attention module constant: value};
     'kv8': the step's KV caches in fp8 (e4m3), key KV8 (not a module constant)."""
     settings = {}
     for word in text.split("+"):
@@ -108,7 +109,7 @@ def parse_variant(text: str) -> dict:
             prefix = next((p for p in VARIANT_PREFIXES if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
                 raise SystemExit(f"--step-variants: unknown setting {word!r} "
-                                 "(base, prefetch, dot, nodot, splitN, bnN, warpsN, stagesN, fp8bnN, fp8stagesN, kv8)")
+                                 "(base, prefetch, dot, nodot, fp8dot, fp8nodot, splitN, bnN, warpsN, stagesN, fp8bnN, fp8stagesN, kv8)")
             name = VARIANT_PREFIXES[prefix]
             value = int(word[len(prefix):])
         settings[name] = value

@@ -186,13 +186,16 @@ def test_fp8_caches_take_their_own_launch_shape_where_set(monkeypatch) -> None:
     from services.engine.kernels import attention
     monkeypatch.setattr(attention, "DECODE_BLOCK_N", 64)
     monkeypatch.setattr(attention, "DECODE_STAGES", None)
-    for name in ("DECODE_FP8_BLOCK_N", "DECODE_FP8_STAGES"):
+    monkeypatch.setattr(attention, "DECODE_DOT", True)
+    for name in ("DECODE_FP8_BLOCK_N", "DECODE_FP8_STAGES", "DECODE_FP8_DOT"):
         monkeypatch.setattr(attention, name, None)
     assert attention._launch_shape(None, None, None, cache_bytes=1) == attention._launch_shape(None, None, None)
     monkeypatch.setattr(attention, "DECODE_FP8_BLOCK_N", 128)
     monkeypatch.setattr(attention, "DECODE_FP8_STAGES", 5)
+    monkeypatch.setattr(attention, "DECODE_FP8_DOT", False)
     fp8, fp16 = attention._launch_shape(None, None, None, cache_bytes=1), attention._launch_shape(None, None, None)
-    assert (fp8["BN"], fp8["num_stages"]) == (128, 5) and fp16["BN"] == 64 and "num_stages" not in fp16
+    assert (fp8["BN"], fp8["num_stages"], fp8["DOT"]) == (128, 5, False)
+    assert fp16["BN"] == 64 and "num_stages" not in fp16 and fp16["DOT"] is True
     assert attention._launch_shape(32, None, 2, cache_bytes=1)["BN"] == 32     # explicit arguments win
     assert attention._launch_shape(32, None, 2, cache_bytes=1)["num_stages"] == 2
 
