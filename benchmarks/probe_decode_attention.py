@@ -195,6 +195,13 @@ def step_rows(batches: list[int], context: int, variants: list[str], timer: Time
     runs = variants + variants[:1]
     caches16 = (model.k_caches, model.v_caches)
     caches8 = None
+    if any("kv8" in v.split("+") for v in variants) and torch.cuda.is_available():
+        need = sum(c.numel() for cs in caches16 for c in cs)   # one byte per element
+        free = torch.cuda.mem_get_info()[0]
+        if need > free * 0.9:
+            raise SystemExit(f"--step-variants kv8: the fp8 copies of the caches for batch {max(batches)} at context "
+                             f"{context} need {need / 2**30:.1f} GiB beside the fp16 ones, {free / 2**30:.1f} GiB is "
+                             "free; lower --step-batches or --step-context")
     for bsz in batches:
         inputs = decode_inputs(bsz, context, DECODE_BLOCK, model.shape.vocab, None)
         floor_ms, weight_bytes, kv_bytes = decode_floor(model, bsz, context, copy_gbs)
