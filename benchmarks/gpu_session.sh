@@ -108,7 +108,7 @@
 #                                                   #   fp16 vs fp8 caches (context 1024)
 #   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (ran at 852632c): for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
-#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 200 s (not run yet): the graphed step over fp8 caches on the
+#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 290 s (not run yet): one launch's GB/s and the graphed step over fp8 caches on the
 #                                                   #   CUDA-core loop (DECODE_FP8_DOT off: no byte-wise shared loads of V), with
 #                                                   #   wider tiles / deeper pipelines (DECODE_FP8_BLOCK_N / _STAGES; 852632c: 1.08x)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
@@ -342,11 +342,18 @@ case "$stage" in
     timeout 60 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 64,16 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
     ;;
-  kv-fp8-shape)   # fp8 caches' launch shape (batch 128 at context 256: at 1024 its fp16 + fp8 caches overflow 80 GB)
+  kv-fp8-shape)   # fp8 caches' launch shape: one launch's GB/s (fp8 sweep, fp16 default shapes beside it), then the
+                  # graphed step (batch 128 at context 256: at 1024 its fp16 + fp8 caches overflow 80 GB)
+    timeout 80 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --kv-dtype fp8 \
+      --shapes 16x1024,64x1024,256x1024 --block-n 64,128 --warps 4,8 --prefetch 0 --dot 0,1 --step-batches "" \
+      --stem kv_fp8_kernel 2>&1 | grep "^B=\|Error"
+    timeout 40 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --kv-dtype fp16 \
+      --shapes 16x1024,64x1024,256x1024 --block-n 64 --warps 4 --prefetch 0 --dot 0,1 --step-batches "" \
+      --stem kv_fp16_kernel 2>&1 | grep "^B=\|Error"
     v=base,kv8,kv8+fp8nodot,kv8+fp8nodot+fp8bn128,kv8+fp8nodot+fp8bn32,kv8+fp8stages5,kv8+fp8bn128,kv8+warps8
-    timeout 120 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+    timeout 110 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 64,16,4 --step-context 1024 --step-variants "$v" --stem kv_fp8_shape 2>&1 | grep "^step\|Error"
-    timeout 70 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
+    timeout 60 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 128 --step-context 256 --step-variants "$v" --stem kv_fp8_shape_ctx256 2>&1 | grep "^step\|Error"
     ;;
   kv-fp8-all|kv-fp8-lean)   # kv-fp8's tests and kv-fp8-serve's run in one call: two traces (all) or one (lean)

@@ -120,12 +120,13 @@ class Inputs:
     """One layer's decode inputs: qkv of one new token per sequence, a scattered paged cache of
     `context - 1` tokens each, its block tables, slots and RoPE tables."""
 
-    def __init__(self, batch: int, context: int, seed: int = 0, device: str = "cuda") -> None:
+    def __init__(self, batch: int, context: int, seed: int = 0, device: str = "cuda",
+                 kv_dtype: torch.dtype = torch.float16) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
         blocks_per_seq = -(-context // BLOCK_SIZE)
         num_blocks = batch * blocks_per_seq
-        self.kc = torch.randn(num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM, device=device, generator=gen).half()
-        self.vc = torch.randn(num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM, device=device, generator=gen).half()
+        self.kc = torch.randn(num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM, device=device, generator=gen).to(kv_dtype)
+        self.vc = torch.randn(num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM, device=device, generator=gen).to(kv_dtype)
         perm = torch.randperm(num_blocks, device=device, generator=gen)
         self.tables = perm.reshape(batch, blocks_per_seq).int()
         self.lens = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -136,7 +137,7 @@ class Inputs:
         self.cos, self.sin = rope_tables(context, HEAD_DIM, 10000.0, torch.device(device))
         self.batch, self.context = batch, context
         # K and V of the cached tokens, read once per launch (the new token comes from registers)
-        self.kv_bytes = 2 * batch * (context - 1) * HEADS * HEAD_DIM * 2
+        self.kv_bytes = 2 * batch * (context - 1) * HEADS * HEAD_DIM * self.kc.element_size()
 
     def run(self, shape: Shape) -> torch.Tensor:
         bn, w, s, pf, sp, dot = shape
@@ -152,19 +153,25 @@ class Inputs:
         rows = min(REF_ROWS, self.batch)
         q = self.qkv[:rows].view(rows, 3 * HEADS, HEAD_DIM)[:, :HEADS]
         q = rope_reference(q, self.positions[:rows], self.cos, self.sin).half()
-        ref = paged_decode_reference(q, self.kc, self.vc, self.tables[:rows], self.lens[:rows])
+        kc, vc, tables = self.kc, self.vc, self.tables[:rows]
+        if kc.element_size() == 1:   # fp8: those rows' blocks widened (byte-wise gather: no fp8 indexing)
+            used = tables.flatten().long()
+            kc, vc = (c.view(torch.uint8)[used].view(c.dtype).float() for c in (kc, vc))
+            tables = torch.arange(used.numel(), device=used.device, dtype=torch.int32).view(rows, -1)
+        ref = paged_decode_reference(q, kc, vc, tables, self.lens[:rows])
         return float((out[:rows].float() - ref).norm() / ref.norm())
 
 
-def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float) -> list[dict]:
-    inp = Inputs(batch, context)
+def shape_rows(batch: int, context: int, shapes, timer: Timer, copy_gbs: float,
+               kv_dtype: torch.dtype = torch.float16) -> list[dict]:
+    inp = Inputs(batch, context, kv_dtype=kv_dtype)
     base = inp.run(shapes[0]).float()
     ref_err = inp.reference_error(base.half())
     rows = []
     for shape in shapes:
         row = {"part": "sweep", "batch": batch, "context": context, "block_n": shape[0], "num_warps": shape[1],
                "num_stages": shape[2], "prefetch": shape[3], "splits": shape[4], "dot": shape[5],
-               "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs}
+               "kv_bytes": inp.kv_bytes, "copy_gbs": copy_gbs, "kv_dtype": str(kv_dtype).removeprefix("torch.")}
         try:
             out = inp.run(shape).float()
             row["rel_err_vs_default"] = float((out - base).norm() / base.norm())
@@ -234,6 +241,9 @@ def _shape_cells(row: dict) -> str:
             f"| {row.get('splits', 1)} | {'on' if row.get('dot') else 'off'}")
 
 
+KV_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
 def write_markdown(res: dict, path: Path) -> None:
     lines = [probe_title("Paged decode attention (RoPE + cache write fused): launch shapes", res) + "\n",
              probe_command(res) + f" Llama-2-7B attention ({HEADS} heads of {HEAD_DIM}, fp16), {BLOCK_SIZE}-token "
@@ -246,7 +256,8 @@ def write_markdown(res: dict, path: Path) -> None:
     for batch, context in keys:
         rows = [r for r in sweep if (r["batch"], r["context"]) == (batch, context)]
         default = next((r for r in rows if "rel_err_vs_reference" in r), rows[0])
-        lines += [f"## batch {batch}, context {context}\n",
+        kv = rows[0].get("kv_dtype", "float16")
+        lines += [f"## batch {batch}, context {context}" + (f", {kv} cache" if kv != "float16" else "") + "\n",
                   f"Default shape's error against the float32 reference: {default.get('rel_err_vs_reference', float('nan')):.1e}.\n",
                   "| BN | warps | stages | prefetch | splits | dot | ms | GB/s | × copy | × default |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -292,6 +303,8 @@ def main() -> None:
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
     ap.add_argument("--splits", default="1", help="split-KV runs per sequence (1: unsplit)")
     ap.add_argument("--dot", default="0", help="the tile math on CUDA cores (0) / tensor cores (1)")
+    ap.add_argument("--kv-dtype", default="fp16", choices=sorted(KV_DTYPES),
+                    help="the swept launches' cache element type (fp8: e4m3, GB/s counts its one byte)")
     ap.add_argument("--step-batches", default="1,16,64",
                     help="also the graphed 7B decode step at these batch sizes (empty: skip)")
     ap.add_argument("--step-variants", default="base,nodot+split0",
@@ -314,7 +327,7 @@ def main() -> None:
         for batch, context in parse_shapes(args.shapes):
             shapes = launch_shapes(ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.prefetch),
                                    ints(args.splits), ints(args.dot), decode_splits(batch, HEADS, torch.device("cuda")))
-            yield shape_rows(batch, context, shapes, timer, copy_gbs)
+            yield shape_rows(batch, context, shapes, timer, copy_gbs, KV_DTYPES[args.kv_dtype])
             torch.cuda.empty_cache()    # the shape's caches (GiBs) went with shape_rows' frame
         if step_batches:
             yield from step_rows(step_batches, args.step_context, variants, timer, copy_gbs)

@@ -16,6 +16,7 @@ from tests.unit.engine.kernels.interpreted import run_interpreted  # noqa: E402
 
 
 def check_interpreted() -> None:
+    import torch
     from probe_decode_attention import Inputs
     inp = Inputs(2, 40, device="cpu")
     base = inp.run((64, 4, None, False, 1, False))
@@ -25,6 +26,9 @@ def check_interpreted() -> None:
         other = inp.run(shape)
         assert float((other.float() - base.float()).norm() / base.float().norm()) < 1e-2
     assert inp.kv_bytes == 2 * 2 * 39 * 32 * 128 * 2
+    fp8 = Inputs(2, 40, device="cpu", kv_dtype=torch.float8_e4m3fn)
+    out8 = fp8.run((32, 4, None, False, 2, False))
+    assert fp8.reference_error(out8) < 1e-2 and fp8.kv_bytes == inp.kv_bytes // 2
 
 
 def test_inputs_and_reference_interpreted() -> None:
