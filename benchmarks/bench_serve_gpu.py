@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -49,6 +50,7 @@ from bench_serve_gpu_report import write_report  # noqa: E402
 from serve_gpu_sections import ExtraSections  # noqa: E402
 from serve_gpu_args import ABLATIONS, parse_args  # noqa: E402
 from bench_sim import with_predictions  # noqa: E402
+from results_io import cpu_name, python_loop_ms  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.simulator import SimConfig, Simulator  # noqa: E402
 from services.engine.simulator.cost_model import FEATURES, CostModel  # noqa: E402
@@ -235,6 +237,7 @@ class Bench(ExtraSections):
         return {
             "benchmark": "bench_serve_gpu (real engine, real-time replays, one process)",
             "device": device_name(a.device), "git_commit": a.commit,
+            "host_cpu": cpu_name(), "host_cores": os.cpu_count(), "host_python_loop_ms": python_loop_ms(),
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/bench_serve_gpu.py"] + sys.argv[1:]),
             "model": a.model + " (random weights, exact shapes)", "quant_bits": a.quant_bits,

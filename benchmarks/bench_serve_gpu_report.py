@@ -46,6 +46,10 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
     md = ["# GPU serving benchmark: inlaid vs fifo (S-LoRA) vs mlfq (FastServe) vs wfq", "",
           f"Device: **{meta.get('device')}**; commit {meta.get('git_commit')}; {meta.get('date_utc')}; "
           f"{meta.get('wall_s', 0):.0f} s wall in one process.", "",
+          *([f"Host: {meta['host_cpu']}, {meta.get('host_cores')} cores; a fixed pure-Python loop "
+             f"(results_io.python_loop_ms) took {meta['host_python_loop_ms']:.1f} ms. The scheduler and the eager, "
+             "launch-bound prefill steps run at the host's speed: compare absolute times across runs only where "
+             "this reference agrees.", ""] if "host_python_loop_ms" in meta else []),
           f"Command: `{meta.get('command')}`", "",
           f"Model: {meta.get('model')}, base quantized to {meta.get('quant_bits')} bits (RTN, g128) at load; "
           f"loaded once ({meta.get('load_s', 0):.1f} s), each replay builds a fresh LLMEngine (policy, β) "

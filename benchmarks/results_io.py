@@ -33,6 +33,22 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def python_loop_ms(reps: int = 5) -> float:
+    """Best of `reps` timings (ms) of a fixed pure-Python workload (dict and sort churn, as a scheduler
+    step does): a reference of the host's single-thread speed, which a serving run's scheduler and
+    its eager, launch-bound prefill steps depend on. Two runs' absolute times compare only on hosts
+    whose references agree."""
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        counts: dict[int, int] = {}
+        for i in range(200_000):
+            counts[i % 997] = counts.get(i % 997, 0) + i
+        sorted(counts.items(), key=lambda kv: kv[1])
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
 def read_steps(path: str | Path) -> list[dict]:
     """A bench_serve_gpu steps CSV: every column a float but `run` (the replay's name)."""
     with open(path) as f:

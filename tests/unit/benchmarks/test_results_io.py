@@ -66,3 +66,9 @@ def test_run_probe_parts_keeps_the_rows_of_a_cut_run(tmp_path: Path, monkeypatch
     res = json.loads((tmp_path / "x.json").read_text())
     assert res["rows"] == [{"shape": 1}] and res["k_width"] == 4 and res["wall_s"] >= 0
     assert (tmp_path / "x.md").read_text() == "1\n"
+
+
+def test_python_loop_ms_times_the_fixed_workload() -> None:
+    """The host-speed reference is a positive time, the best of its repetitions."""
+    one, best = results_io.python_loop_ms(reps=1), results_io.python_loop_ms(reps=3)
+    assert 0 < best < 10_000 and 0 < one < 10_000

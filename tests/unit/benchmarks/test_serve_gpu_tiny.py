@@ -34,6 +34,7 @@ def test_tiny_run_writes_calibration_policies_and_ablations(tmp_path: Path) -> N
     md = (tmp_path / "serve_gpu.md").read_text()
     assert "drained on the fitted cost model" in md and "## Ablations" in md
     assert "JCT, all (≥)" in md and "JCT over every request" in md
+    assert data["meta"]["host_python_loop_ms"] > 0 and "a fixed pure-Python loop" in md
 
 
 def test_given_capacity_sets_the_rates(tmp_path: Path) -> None:
