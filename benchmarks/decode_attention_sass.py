@@ -112,7 +112,8 @@ def main() -> None:
     lines += [f"| {r['kernel']} | {r.get('kv', 'fp16')} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
               f"{r['block_n']} | {r['num_warps']} | "
               f"{r['num_stages']} | {r['instructions']} | "
-              f"{r['global_loads']} | {r['async_copies']} | {r.get('byte_shared_loads', '–')} | {r.get('ldmatrix', '–')} "
+              f"{r['global_loads']} | {r['async_copies']} | {r.get('byte_shared_loads', '–')} "
+              f"| {r.get('ldmatrix', '–')} "
               f"| {r['spill_stores']} |" for r in rows]
     (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / args.stem}.md ({res['wall_s']:.0f} s)")

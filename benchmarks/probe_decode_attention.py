@@ -87,8 +87,9 @@ STEP_SETTINGS = {"prefetch": ("DECODE_PREFETCH", True), "dot": ("DECODE_DOT", Tr
 
 # variant words that take a number -> the attention module constant they set (the fp8 ones matter
 # only with kv8); longest prefix first, so 'fp8bn128' is not read as 'bn'
-VARIANT_PREFIXES = {"fp8stages": "DECODE_FP8_STAGES", "fp8bn": "DECODE_FP8_BLOCK_N", "split": "DECODE_SPLIT_PROGRAMS_PER_SM",
-                    "stages": "DECODE_STAGES", "warps": "DECODE_WARPS", "bn": "DECODE_BLOCK_N"}
+VARIANT_PREFIXES = {"fp8stages": "DECODE_FP8_STAGES", "fp8bn": "DECODE_FP8_BLOCK_N",
+                    "split": "DECODE_SPLIT_PROGRAMS_PER_SM", "stages": "DECODE_STAGES", "warps": "DECODE_WARPS",
+                    "bn": "DECODE_BLOCK_N"}
 
 
 def parse_variant(text: str) -> dict:
@@ -109,7 +110,8 @@ def parse_variant(text: str) -> dict:
             prefix = next((p for p in VARIANT_PREFIXES if word.startswith(p) and word[len(p):].isdigit()), None)
             if prefix is None:
                 raise SystemExit(f"--step-variants: unknown setting {word!r} "
-                                 "(base, prefetch, dot, nodot, fp8dot, fp8nodot, splitN, bnN, warpsN, stagesN, fp8bnN, fp8stagesN, kv8)")
+                                 "(base, prefetch, dot, nodot, fp8dot, fp8nodot, splitN, bnN, warpsN, stagesN, "
+                                 "fp8bnN, fp8stagesN, kv8)")
             name = VARIANT_PREFIXES[prefix]
             value = int(word[len(prefix):])
         settings[name] = value

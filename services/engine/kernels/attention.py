@@ -269,9 +269,10 @@ DECODE_MAX_SPLITS = 16
 # pipeline restores the bytes in flight; both compile for sm_90 without spills (BN 128 / stages 3,
 # BN 64 / stages 5: decode_attention_sass.py). On tensor cores, though, the fp8 V tile (tl.dot's B
 # operand, its reduction axis the tokens, strided in the cache) is read from shared memory one byte
-# per instruction (64 LDS.U8 per thread per tile at BN 64; fp16 takes ldmatrix.trans, which has no
-# 8-bit form on sm_90), while the CUDA-core loop loads fp8 K/V with 16-byte LDGs: DECODE_FP8_DOT
-# picks the loop for fp8 caches. Unset until a GPU run times them (stage kv-fp8-shape).
+# per instruction (64 LDS.U8 per thread per tile at BN 64, decode_attention_sass_fp8_3a15ac8.md; fp16
+# takes ldmatrix.trans, which has no 8-bit form on sm_90), while the CUDA-core loop loads fp8 K/V
+# with 16-byte LDGs: DECODE_FP8_DOT picks the loop for fp8 caches. Unset until a GPU run times them
+# (stage kv-fp8-shape).
 DECODE_FP8_BLOCK_N: int | None = None
 DECODE_FP8_STAGES: int | None = None
 DECODE_FP8_DOT: bool | None = None
@@ -300,7 +301,7 @@ def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | 
     """The kernels' BN / num_warps / num_stages / PREFETCH / DOT launch arguments (defaults: the
     module's settings; over a cache of cache_bytes == 1 per element, DECODE_FP8_* where set)."""
     fp8 = cache_bytes == 1
-    default_bn = DECODE_FP8_BLOCK_N if fp8 and DECODE_FP8_BLOCK_N else DECODE_BLOCK_N
+    default_bn = DECODE_FP8_BLOCK_N if fp8 and DECODE_FP8_BLOCK_N is not None else DECODE_BLOCK_N
     default_stages = DECODE_FP8_STAGES if fp8 and DECODE_FP8_STAGES is not None else DECODE_STAGES
     default_dot = DECODE_FP8_DOT if fp8 and DECODE_FP8_DOT is not None else DECODE_DOT
     meta = {"BN": block_n or default_bn, "num_warps": num_warps or DECODE_WARPS,
