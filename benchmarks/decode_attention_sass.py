@@ -31,11 +31,12 @@ ROPE_SIGNATURE = {
     "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16",
     "part_ptr": "*fp32", "scale": "fp32", "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32",
     "q_per_kv": "i32", "stride_qkv": "i32", **_CACHE, "D": "constexpr", "BN": "constexpr", "STEP_STOP": "constexpr",
-    "PDL": "constexpr", "PREFETCH": "constexpr", "SPLIT": "constexpr"}
+    "PDL": "constexpr", "PREFETCH": "constexpr", "SPLIT": "constexpr", "DOT": "constexpr", "V_BS": "constexpr"}
 PLAIN_SIGNATURE = {
     "q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16",
     "scale": "fp32", "block_size": "i32", "q_per_kv": "i32", "stride_qb": "i32", "stride_qh": "i32", **_CACHE,
-    "D": "constexpr", "BN": "constexpr", "PDL": "constexpr", "PREFETCH": "constexpr"}
+    "D": "constexpr", "BN": "constexpr", "PDL": "constexpr", "PREFETCH": "constexpr", "DOT": "constexpr",
+    "V_BS": "constexpr"}
 
 
 # Arguments a launch at Llama-2-7B's shapes passes as multiples of 16 (pointers; block size 16, 32 heads,
@@ -46,8 +47,9 @@ PLAIN_ALIGNED = (*range(6), 7, 9, 10, 11, 12, 13, 15, 16)
 
 
 def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = False, head_dim: int = 128,
-          dot: bool = False, kv: str = "fp16") -> dict:
-    """Static SASS counts of one decode kernel's launch shape; kv: the cache's element type (fp16 | fp8)."""
+          dot: bool = False, kv: str = "fp16", v_layout: str = "k") -> dict:
+    """Static SASS counts of one decode kernel's launch shape; kv: the cache's element type (fp16 | fp8);
+    v_layout: V in K's layout ("k") or token-major within 16-token blocks ("token_major")."""
     if kernel == "rope":
         fn, sig, aligned = A._paged_decode_rope_kernel, ROPE_SIGNATURE, ROPE_ALIGNED
         consts = {"STEP_STOP": 0, "SPLIT": False}
@@ -56,10 +58,10 @@ def count(kernel: str, block_n: int, warps: int, stages: int, prefetch: bool = F
     if kv == "fp8":
         sig = {**sig, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}
     cubin = compile_kernel(fn, sig, {"D": head_dim, "BN": block_n, "PDL": False, "PREFETCH": prefetch, "DOT": dot,
-                                     **consts},
+                                     "V_BS": 16 if v_layout == "token_major" else 0, **consts},
                            warps, stages, aligned=aligned)
     ops = [op for _, op, _ in instructions(disassemble(cubin))]
-    return {"kernel": kernel, "kv": kv, "block_n": block_n, "num_warps": warps, "num_stages": stages, "prefetch": prefetch,
+    return {"kernel": kernel, "kv": kv, "v_layout": v_layout, "block_n": block_n, "num_warps": warps, "num_stages": stages, "prefetch": prefetch,
             "dot": dot,
             "instructions": len(ops),
             "global_loads": sum(op.split(".")[0] == "LDG" for op in ops),
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--prefetch", default="0,1", help="the KV loop's register double buffer off / on")
     ap.add_argument("--dot", default="0", help="the tile math on tensor cores off / on (DOT ignores prefetch)")
     ap.add_argument("--kv", default="fp16", help="cache element types to compile for: fp16, fp8 (e4m3)")
+    ap.add_argument("--v-layout", default="k", help="V cache layouts: k (K's), token_major (within blocks)")
     args = ap.parse_args()
     import triton
     t0 = time.time()
@@ -86,9 +89,13 @@ def main() -> None:
     kvs = [kv for kv in args.kv.split(",") if kv]
     if set(kvs) - {"fp16", "fp8"}:
         raise SystemExit(f"--kv takes fp16 and/or fp8, got {args.kv!r}")
-    rows = [count(kernel, bn, w, s, bool(pf) and not dot, dot=bool(dot), kv=kv) for kernel in ("rope", "plain")
-            for kv, dot, pf, bn, w, s in itertools.product(kvs, ints(args.dot), ints(args.prefetch),
-                                                           ints(args.block_n), ints(args.warps), ints(args.stages))
+    layouts = [v for v in args.v_layout.split(",") if v]
+    if set(layouts) - {"k", "token_major"}:
+        raise SystemExit(f"--v-layout takes k and/or token_major, got {args.v_layout!r}")
+    rows = [count(kernel, bn, w, s, bool(pf) and not dot, dot=bool(dot), kv=kv, v_layout=vl)
+            for kernel in ("rope", "plain")
+            for kv, vl, dot, pf, bn, w, s in itertools.product(kvs, layouts, ints(args.dot), ints(args.prefetch),
+                                                               ints(args.block_n), ints(args.warps), ints(args.stages))
             if not (dot and pf)]
     res = {"triton": triton.__version__, "commit": git_commit(), "arch": "sm_90", "head_dim": 128,
            "default": {"block_n": A.DECODE_BLOCK_N, "num_warps": A.DECODE_WARPS, "num_stages": A.DECODE_STAGES,
@@ -106,10 +113,11 @@ def main() -> None:
              f"{'tensor' if A.DECODE_DOT else 'CUDA'} cores. LDGSTS > 0 means Triton pipelined the KV loop; LDS.U8: "
              "shared-memory loads of one byte (an fp8 tile read element by element); LDSM: ldmatrix; STL counts "
              "spill stores to local memory.", "",
-             "| kernel | cache | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | LDS.U8 | LDSM "
-             "| STL (spills) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {r.get('kv', 'fp16')} | {'on' if r['prefetch'] else 'off'} | {'on' if r.get('dot') else 'off'} | "
+             "| kernel | cache | V layout | prefetch | dot | BN | warps | stages | instructions | LDG | LDGSTS | LDS.U8 "
+             "| LDSM | STL (spills) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r.get('kv', 'fp16')} | {r.get('v_layout', 'k')} | {'on' if r['prefetch'] else 'off'} "
+              f"| {'on' if r.get('dot') else 'off'} | "
               f"{r['block_n']} | {r['num_warps']} | "
               f"{r['num_stages']} | {r['instructions']} | "
               f"{r['global_loads']} | {r['async_copies']} | {r.get('byte_shared_loads', '–')} "

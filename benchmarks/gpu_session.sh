@@ -110,6 +110,7 @@
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
 #   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 290 s (not run yet): one launch's GB/s and the graphed step over fp8 caches on the
 #                                                   #   CUDA-core loop (DECODE_FP8_DOT off: no byte-wise shared loads of V), with
+#                                                   #   V token-major within blocks (vtm: wide loads on tensor cores too), with
 #                                                   #   wider tiles / deeper pipelines (DECODE_FP8_BLOCK_N / _STAGES; 852632c: 1.08x)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
@@ -350,7 +351,7 @@ case "$stage" in
     timeout 40 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --kv-dtype fp16 \
       --shapes 16x1024,64x1024,256x1024 --block-n 64 --warps 4 --prefetch 0 --dot 0,1 --step-batches "" \
       --stem kv_fp16_kernel 2>&1 | grep "^B=\|Error"
-    v=base,kv8,kv8+fp8nodot,kv8+fp8nodot+fp8bn128,kv8+fp8nodot+fp8bn32,kv8+fp8stages5,kv8+fp8bn128,kv8+warps8
+    v=base,kv8,kv8+vtm,kv8+vtm+fp8nodot,kv8+fp8nodot,kv8+fp8nodot+fp8bn128,kv8+vtm+fp8bn128,kv8+fp8stages5,kv8+warps8
     timeout 110 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 64,16,4 --step-context 1024 --step-variants "$v" --stem kv_fp8_shape 2>&1 | grep "^step\|Error"
     timeout 60 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \

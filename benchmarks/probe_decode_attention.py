@@ -96,13 +96,14 @@ def parse_variant(text: str) -> dict:
     """'base' | words joined by '+': 'prefetch', 'dot' / 'nodot', 'splitN' (N programs per SM wanted:
     split-KV below that; split0: never), 'bnN', 'warpsN', 'stagesN', 'fp8bnN' / 'fp8stagesN' / 'fp8dot' /
     'fp8nodot' (over fp8 caches only) -> {attention module constant: value};
-    'kv8': the step's KV caches in fp8 (e4m3), key KV8 (not a module constant)."""
+    'kv8': the step's KV caches in fp8 (e4m3), key KV8; 'vtm': its V caches token-major within blocks
+    (attention.token_major_v), key VTM (neither a module constant)."""
     settings = {}
     for word in text.split("+"):
         if word == "base":
             continue
-        if word == "kv8":
-            settings["KV8"] = True
+        if word in ("kv8", "vtm"):
+            settings[word.upper()] = True
             continue
         if word in STEP_SETTINGS:
             name, value = STEP_SETTINGS[word]
@@ -111,7 +112,7 @@ def parse_variant(text: str) -> dict:
             if prefix is None:
                 raise SystemExit(f"--step-variants: unknown setting {word!r} "
                                  "(base, prefetch, dot, nodot, fp8dot, fp8nodot, splitN, bnN, warpsN, stagesN, "
-                                 "fp8bnN, fp8stagesN, kv8)")
+                                 "fp8bnN, fp8stagesN, kv8, vtm)")
             name = VARIANT_PREFIXES[prefix]
             value = int(word[len(prefix):])
         settings[name] = value
@@ -203,12 +204,15 @@ def step_rows(batches: list[int], context: int, variants: list[str], timer: Time
     model.fused_decode_attention = True
     runs = variants + variants[:1]
     caches16 = (model.k_caches, model.v_caches)
-    caches8 = None
-    if any("kv8" in v.split("+") for v in variants) and torch.cuda.is_available():
-        need = sum(c.numel() for cs in caches16 for c in cs)   # one byte per element
+    copies: dict[tuple[bool, bool], tuple] = {(False, False): caches16}   # (kv8, vtm) -> (k caches, v caches)
+    words = [set(v.split("+")) for v in variants]
+    elems = sum(c.numel() for c in model.k_caches)        # per K (or V) cache set
+    need = (elems * 2 if any("kv8" in w for w in words) else 0) + sum(
+        elems * (1 if "kv8" in w else 2) for w in {frozenset(w & {"kv8", "vtm"}) for w in words} if "vtm" in w)
+    if need and torch.cuda.is_available():
         free = torch.cuda.mem_get_info()[0]
         if need > free * 0.9:
-            raise SystemExit(f"--step-variants kv8: the fp8 copies of the caches for batch {max(batches)} at context "
+            raise SystemExit(f"--step-variants kv8 / vtm: the cache copies for batch {max(batches)} at context "
                              f"{context} need {need / 2**30:.1f} GiB beside the fp16 ones, {free / 2**30:.1f} GiB is "
                              "free; lower --step-batches or --step-context")
     for bsz in batches:
@@ -217,15 +221,19 @@ def step_rows(batches: list[int], context: int, variants: list[str], timer: Time
         row = {"part": "step", "batch": bsz, "context": context, "variants": runs, "ms": [], "floor_ms": floor_ms}
         for variant in runs:
             settings = parse_variant(variant)
-            kv8 = settings.pop("KV8", False)
+            kv8, vtm = settings.pop("KV8", False), settings.pop("VTM", False)
             if kv8:   # fp8 copies, made once; the floor reads half the KV bytes
-                caches8 = caches8 or tuple([c.to(torch.float8_e4m3fn) for c in cs] for cs in caches16)
+                if (True, False) not in copies:
+                    copies[True, False] = tuple([c.to(torch.float8_e4m3fn) for c in cs] for cs in caches16)
                 row["floor_kv8_ms"] = (weight_bytes + kv_bytes / 2) / (copy_gbs * 1e9) * 1e3
+            if vtm and (kv8, True) not in copies:   # V token-major within blocks, made once per dtype
+                k_set, v_set = copies[kv8, False]
+                copies[kv8, True] = (k_set, [attention.token_major_v(v) for v in v_set])
             saved = {name: getattr(attention, name) for name in settings}
             try:
                 for name, value in settings.items():
                     setattr(attention, name, value)
-                model.k_caches, model.v_caches = caches8 if kv8 else caches16
+                model.k_caches, model.v_caches = copies[kv8, vtm]
                 row["ms"].append(timer.median_ms(lambda: model.decode(**inputs)))
             finally:
                 for name, value in saved.items():

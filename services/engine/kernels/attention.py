@@ -73,23 +73,54 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
-    def _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT: tl.constexpr):
+    def v_slot_offsets(slot, kvh, offs_d, stride_ct, stride_ch, D: tl.constexpr, V_BS: tl.constexpr):
+        """Element offsets of one cache slot's V row (one KV head, dims offs_d): K's layout where V_BS is
+        0, else token-major within V_BS-token blocks ([blocks, KVH, D, V_BS] storage)."""
+        if V_BS > 0:
+            off = ((slot // V_BS) * (V_BS * stride_ct) + kvh * (D * V_BS) + slot % V_BS) + offs_d * V_BS
+        else:
+            off = slot * stride_ct + kvh * stride_ch + offs_d
+        return off
+
+    @triton.jit
+    def _v_tile_token_major(v_ptr, bt_row_ptr, t0, hi, stride_cb, v_head_off, offs_d, D: tl.constexpr,
+                            BN: tl.constexpr, V_BS: tl.constexpr):
+        """The V tile of tokens t0 .. t0 + BN (t0 a multiple of V_BS) from a token-major V cache, read a
+        block at a time: [BN / V_BS, D, V_BS] with V_BS contiguous tokens per (block, dim), so the loads
+        are wide and tl.dot's operand needs no byte-wise transpose (an fp8 cache), then as [BN, D]."""
+        NB: tl.constexpr = BN // V_BS
+        first = t0 + tl.arange(0, NB) * V_BS
+        bmask = first < hi
+        blk = tl.load(bt_row_ptr + first // V_BS, mask=bmask, other=0)
+        off = ((blk.to(tl.int64) * stride_cb + v_head_off)[:, None, None] + offs_d[None, :, None] * V_BS
+               + tl.arange(0, V_BS)[None, None, :])
+        v3 = tl.load(v_ptr + off, mask=bmask[:, None, None], other=0.0)
+        return tl.reshape(tl.permute(v3, (0, 2, 1)), (BN, D))
+
+    @triton.jit
+    def _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT: tl.constexpr, bt_row_ptr, t0, hi, stride_cb, v_head_off,
+                  offs_d, D: tl.constexpr, BN: tl.constexpr, V_BS: tl.constexpr):
         """The K and V tile at kv_off (masked tokens 0) in the compute dtype CDT (an fp8 cache's tile
-        widened; a no-op on a cache already in CDT)."""
+        widened; a no-op on a cache already in CDT); V token-major where V_BS > 0 (_v_tile_token_major)."""
         k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
-        v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
+        if V_BS > 0:
+            v = tl.where(tmask[:, None], _v_tile_token_major(v_ptr, bt_row_ptr, t0, hi, stride_cb, v_head_off,
+                                                             offs_d, D, BN, V_BS).to(CDT), 0.0).to(CDT)
+        else:
+            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
         return k, v
 
     @triton.jit
     def _attend(k_ptr, v_ptr, bt_row_ptr, lo, hi, loop_start, loop_end, block_size, stride_cb, stride_ct, head_off,
                 offs_d, q, D: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, CDT: tl.constexpr,
-                DOT: tl.constexpr = False):
+                DOT: tl.constexpr = False, v_head_off=0, V_BS: tl.constexpr = 0):
         """(m_i, l_i, acc) of one query over the sequence's cached tokens lo .. hi, the loop running
         loop_start .. loop_end (loop_start <= lo, loop_end >= hi; tiles outside lo .. hi are masked).
         CDT: the query's 16-bit dtype, which the tiles are widened to (an fp8 cache) and the dots take.
         PREFETCH: a register double buffer, the next tile's K and V loads issued before this tile's
         math (Triton does not pipeline this loop itself: decode_attention_sass.py). DOT: the tile math
-        on tensor cores (_softmax_update_dot; PREFETCH is then ignored)."""
+        on tensor cores (_softmax_update_dot; PREFETCH is then ignored). V_BS > 0: the V cache is
+        token-major within V_BS-token blocks, its head at v_head_off (v_slot_offsets)."""
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((D,), dtype=tl.float32)
@@ -102,7 +133,8 @@ if triton is not None:
             for t0 in range(loop_start, loop_end, BN):
                 _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                             offs_d, BN)
-                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT)
+                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT, bt_row_ptr, t0, hi, stride_cb, v_head_off,
+                                 offs_d, D, BN, V_BS)
                 m16, l16, acc16 = _softmax_update_dot(k, v, tmask, q16, m16, l16, acc16)
             m_i = tl.max(tl.where(row0, m16, float("-inf")), axis=0)
             l_i = tl.sum(tl.where(row0, l16, 0.0), axis=0)
@@ -110,18 +142,21 @@ if triton is not None:
         elif PREFETCH:
             _, tmask, kv_off = _kv_tile(bt_row_ptr, loop_start, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                         offs_d, BN)
-            k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT)
+            k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT, bt_row_ptr, loop_start, hi, stride_cb, v_head_off,
+                             offs_d, D, BN, V_BS)
             for t0 in range(loop_start, loop_end, BN):
                 _, next_mask, next_off = _kv_tile(bt_row_ptr, t0 + BN, lo, hi, block_size, stride_cb, stride_ct,
                                                   head_off, offs_d, BN)
-                k_next, v_next = _kv_loads(k_ptr, v_ptr, next_off, next_mask, CDT)
+                k_next, v_next = _kv_loads(k_ptr, v_ptr, next_off, next_mask, CDT, bt_row_ptr, t0 + BN, hi, stride_cb,
+                                           v_head_off, offs_d, D, BN, V_BS)
                 m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
                 k, v, tmask = k_next, v_next, next_mask
         else:
             for t0 in range(loop_start, loop_end, BN):
                 _, tmask, kv_off = _kv_tile(bt_row_ptr, t0, lo, hi, block_size, stride_cb, stride_ct, head_off,
                                             offs_d, BN)
-                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT)
+                k, v = _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT, bt_row_ptr, t0, hi, stride_cb, v_head_off,
+                                 offs_d, D, BN, V_BS)
                 m_i, l_i, acc = _softmax_update(k, v, tmask, q, m_i, l_i, acc)
         return m_i, l_i, acc
 
@@ -132,6 +167,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, DOT: tl.constexpr = False,
+        V_BS: tl.constexpr = 0,
     ):
         pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         b = tl.program_id(0)
@@ -141,7 +177,8 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
         m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, 0, length, 0, length, block_size, stride_cb,
-                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, q_ptr.dtype.element_ty, DOT)
+                                stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH, q_ptr.dtype.element_ty, DOT,
+                                kvh * (D * V_BS), V_BS)
         out = acc / l_i
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -152,7 +189,7 @@ if triton is not None:
         stride_qkv, stride_cb, stride_ct, stride_ch, stride_btb, stride_ob, stride_oh,
         D: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr = 0,
         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = False,
-        DOT: tl.constexpr = False,
+        DOT: tl.constexpr = False, V_BS: tl.constexpr = 0,
     ):
         """_paged_decode_kernel with the RoPE + KV-cache write of _rope_cache_kernel folded in.
 
@@ -200,13 +237,13 @@ if triton is not None:
         if writes:
             slot = tl.load(slot_ptr + b).to(tl.int64)
             tl.store(k_ptr + slot * stride_ct + kvh * stride_ch + offs_d, k_new)
-            tl.store(v_ptr + slot * stride_ct + kvh * stride_ch + offs_d, v_new)
+            tl.store(v_ptr + v_slot_offsets(slot, kvh, offs_d, stride_ct, stride_ch, D, V_BS), v_new)
         # Under the interpreter a loaded value cannot bound a loop: the loop runs 0 .. STEP_STOP (the
         # batch's longest context, a constant) and tiles outside lo .. hi are fully masked (p = 0, alpha = 1).
         m_i, l_i, acc = _attend(k_ptr, v_ptr, bt_ptr + b * stride_btb, lo, hi,
                                 0 if STEP_STOP > 0 else lo, STEP_STOP if STEP_STOP > 0 else hi,
                                 block_size, stride_cb, stride_ct, kvh * stride_ch, offs_d, q, D, BN, PREFETCH,
-                                qkv_ptr.dtype.element_ty, DOT)
+                                qkv_ptr.dtype.element_ty, DOT, kvh * (D * V_BS), V_BS)
         s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
         if SPLIT:
             s_new = tl.where(tl.program_id(2) == 0, s_new, float("-inf"))
@@ -296,6 +333,35 @@ def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:
     return max(1, min(DECODE_MAX_SPLITS, want // (batch * num_heads)))
 
 
+def v_block_size(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int | None = None) -> int:
+    """The kernels' V_BS for this pair of caches: 0 when v_cache shares k_cache's strides, its block size
+    when V is token-major within blocks (storage [num_blocks, KVH, D, block_size] viewed as k_cache's
+    [num_blocks, block_size, KVH, D], see token_major_v); then block_n, the tokens per tile, must be a
+    multiple of it. Any other V layout is a ValueError."""
+    if v_cache.stride() == k_cache.stride():
+        return 0
+    nb, bs, kvh, d = v_cache.shape
+    if v_cache.stride() != (kvh * d * bs, 1, d * bs, bs) or k_cache.stride(0) != kvh * d * bs or bs & (bs - 1):
+        raise ValueError(f"v_cache strides {v_cache.stride()}: neither k_cache's {k_cache.stride()} nor token-major "
+                         "within power-of-two blocks")
+    if block_n is not None and block_n % bs:
+        raise ValueError(f"a token-major V cache of {bs}-token blocks needs tiles of a multiple of {bs} tokens, "
+                         f"got {block_n}")
+    return bs
+
+
+def token_major_v(v_cache: torch.Tensor) -> torch.Tensor:
+    """v_cache [num_blocks, block_size, KVH, D] copied into token-major storage [num_blocks, KVH, D,
+    block_size], returned as a view of v_cache's shape (the kernels take it where they take v_cache)."""
+    nb, bs, kvh, d = v_cache.shape
+    out = torch.empty(nb, kvh, d, bs, dtype=v_cache.dtype, device=v_cache.device).permute(0, 3, 1, 2)
+    if v_cache.element_size() == 1:    # fp8: no copy kernel on every device, so byte-wise
+        out.view(torch.uint8).copy_(v_cache.view(torch.uint8))
+    else:
+        out.copy_(v_cache)
+    return out
+
+
 def _launch_shape(block_n: int | None, num_warps: int | None, num_stages: int | None,
                   prefetch: bool | None = None, dot: bool | None = None, cache_bytes: int = 2) -> dict:
     """The kernels' BN / num_warps / num_stages / PREFETCH / DOT launch arguments (defaults: the
@@ -336,8 +402,10 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, dc = k_cache.shape
     if dc != d or d & (d - 1) or num_heads % num_kv_heads:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
-    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("k/v caches must share strides with a contiguous head_dim")
+    if k_cache.stride(3) != 1:
+        raise ValueError("the k cache needs a contiguous head_dim")
+    meta = _launch_shape(block_n, num_warps, num_stages, prefetch, dot, k_cache.element_size())
+    v_bs = v_block_size(k_cache, v_cache, meta["BN"])
     if out is None:
         out = torch.empty_like(q)
     scale = scale if scale is not None else d ** -0.5
@@ -347,7 +415,7 @@ def paged_decode_attention(
         scale, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, **_launch_shape(block_n, num_warps, num_stages, prefetch, dot, k_cache.element_size()),
+        D=d, V_BS=v_bs, **meta,
     )
     return out
 
@@ -374,8 +442,10 @@ def paged_decode_rope_attention(
     if (qkv.shape[1] != (num_heads + 2 * num_kv_heads) * d or d & (d - 1) or num_heads % num_kv_heads
             or qkv.stride(1) != 1):
         raise ValueError(f"bad shapes qkv {tuple(qkv.shape)} for {num_heads} heads, cache {tuple(k_cache.shape)}")
-    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(0) != block_size * k_cache.stride(1):
-        raise ValueError("k/v caches must share strides, with a contiguous head_dim and slot = block * block_size + offset")
+    if k_cache.stride(3) != 1 or k_cache.stride(0) != block_size * k_cache.stride(1):
+        raise ValueError("the k cache needs a contiguous head_dim and slot = block * block_size + offset")
+    meta = _launch_shape(block_n, num_warps, num_stages, prefetch, dot, k_cache.element_size())
+    v_bs = v_block_size(k_cache, v_cache, meta["BN"])
     if _INTERPRET and max_context <= 0:
         raise ValueError("under TRITON_INTERPRET pass max_context (the batch's longest context)")
     splits = splits if splits is not None else decode_splits(bsz, num_heads, qkv.device)
@@ -392,8 +462,7 @@ def paged_decode_rope_attention(
         scale, block_size, num_heads, num_kv_heads, num_heads // num_kv_heads,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, STEP_STOP=max_context if _INTERPRET else 0, SPLIT=splits > 1,
-        **_launch_shape(block_n, num_warps, num_stages, prefetch, dot, k_cache.element_size()),
+        D=d, STEP_STOP=max_context if _INTERPRET else 0, SPLIT=splits > 1, V_BS=v_bs, **meta,
     )
     if splits > 1:
         launch(_split_combine_kernel, (bsz, num_heads), part, out, splits, out.stride(0), out.stride(1),
@@ -455,7 +524,7 @@ if triton is not None:
         scale_log2, block_size, q_per_kv,
         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_btb, stride_ot, stride_oh,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP_STOP: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, V_BS: tl.constexpr = 0,
     ):
         pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         tile = tl.program_id(0)
@@ -494,7 +563,12 @@ if triton is not None:
             p = tl.exp2(qk - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+            if V_BS > 0:
+                v = tl.where(tmask[:, None], _v_tile_token_major(v_ptr, bt_ptr + s * stride_btb, t0, hi, stride_cb,
+                                                                 kvh * (D * V_BS), offs_d, D, BN, V_BS)
+                             .to(q_ptr.dtype.element_ty), 0.0).to(q_ptr.dtype.element_ty)
+            else:
+                v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(q_ptr.dtype.element_ty)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
@@ -503,6 +577,7 @@ if triton is not None:
 
 
 VARLEN_BLOCK_M = 64   # query rows per program (a tile never spans two sequences)
+VARLEN_BLOCK_N = 64   # cached tokens per loop iteration
 
 
 @dataclass(frozen=True)
@@ -574,8 +649,9 @@ def paged_varlen_attention(
     _, block_size, num_kv_heads, dc = k_cache.shape
     if dc != d or d & (d - 1) or d < 16 or num_heads % num_kv_heads:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
-    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or q.stride(2) != 1:
-        raise ValueError("q and the k/v caches need a contiguous head_dim, k/v the same strides")
+    if k_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("q and the k cache need a contiguous head_dim")
+    v_bs = v_block_size(k_cache, v_cache, VARLEN_BLOCK_N)
     if out is None:
         out = torch.empty_like(q)
     scale = scale if scale is not None else d ** -0.5
@@ -589,7 +665,7 @@ def paged_varlen_attention(
         scale * 1.4426950408889634, block_size, num_heads // num_kv_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         batch.block_tables.stride(0), out.stride(0), out.stride(1),
-        D=d, BM=VARLEN_BLOCK_M, BN=64, STEP_STOP=batch.max_ctx if _INTERPRET else 0,
+        D=d, BM=VARLEN_BLOCK_M, BN=VARLEN_BLOCK_N, STEP_STOP=batch.max_ctx if _INTERPRET else 0, V_BS=v_bs,
         num_warps=4, num_stages=2,
     )
     return out

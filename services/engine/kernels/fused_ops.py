@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from services.engine.kernels.attention import v_block_size
 from services.engine.kernels.launch import cdiv, launch, next_pow2
 
 try:
@@ -19,7 +20,7 @@ except ImportError:
 
 
 if triton is not None:
-    from services.engine.kernels.attention import to_kv_cache
+    from services.engine.kernels.attention import to_kv_cache, v_slot_offsets
     from services.engine.kernels.pdl import pdl_enter
 
     @triton.jit
@@ -59,7 +60,7 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                            num_heads, num_kv_heads, stride_qkv, stride_cslot, stride_ch,
-                           HALF: tl.constexpr, PDL: tl.constexpr = False):
+                           HALF: tl.constexpr, PDL: tl.constexpr = False, V_BS: tl.constexpr = 0):
         pdl_enter(PDL)  # first: nothing is read or written before the previous grid ends
         t = tl.program_id(0)
         h = tl.program_id(1)  # 0..H-1: query heads, H..H+KVH-1: key/value heads
@@ -83,11 +84,12 @@ if triton is not None:
             tl.store(k_dst + offs, to_kv_cache(r1, k_cache_ptr))
             tl.store(k_dst + HALF + offs, to_kv_cache(r2, k_cache_ptr))
             vsrc = qkv_ptr + t * stride_qkv + (num_heads + num_kv_heads + kvh) * 2 * HALF
-            vdst = v_cache_ptr + slot * stride_cslot + kvh * stride_ch
             v1 = tl.load(vsrc + offs)
             v2 = tl.load(vsrc + HALF + offs)
-            tl.store(vdst + offs, to_kv_cache(v1, v_cache_ptr))
-            tl.store(vdst + HALF + offs, to_kv_cache(v2, v_cache_ptr))
+            tl.store(v_cache_ptr + v_slot_offsets(slot, kvh, offs, stride_cslot, stride_ch, 2 * HALF, V_BS),
+                     to_kv_cache(v1, v_cache_ptr))
+            tl.store(v_cache_ptr + v_slot_offsets(slot, kvh, HALF + offs, stride_cslot, stride_ch, 2 * HALF, V_BS),
+                     to_kv_cache(v2, v_cache_ptr))
 
 
 def add_rmsnorm(
@@ -142,7 +144,8 @@ def rope_and_cache(
 
     qkv [T, (H + 2 KVH) * D] laid out [q | k | v]; cos/sin fp32 [max_pos, D/2];
     slot_mapping [T] = block * block_size + offset; caches [num_blocks, block_size, KVH, D], in
-    qkv's dtype or fp8 (k and v clamped to ±448 and rounded, as attention.to_kv_cache stores them).
+    qkv's dtype or fp8 (k and v clamped to ±448 and rounded, as attention.to_kv_cache stores them);
+    v_cache may be token-major within blocks (attention.token_major_v).
     """
     t = qkv.shape[0]
     d = k_cache.shape[-1]
@@ -151,7 +154,7 @@ def rope_and_cache(
         _rope_cache_kernel, (t, num_heads + num_kv_heads),
         qkv, positions, cos, sin, q, k_cache, v_cache, slot_mapping,
         num_heads, num_kv_heads, qkv.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HALF=d // 2, num_warps=1,
+        HALF=d // 2, V_BS=v_block_size(k_cache, v_cache), num_warps=1,
     )
     return q
 

@@ -47,6 +47,7 @@ def test_grid_and_shapes() -> None:
     assert parse_variant("prefetch+split4+bn128") == {"DECODE_PREFETCH": True, "DECODE_SPLIT_PROGRAMS_PER_SM": 4,
                                                       "DECODE_BLOCK_N": 128}
     assert parse_variant("dot+warps8") == {"DECODE_DOT": True, "DECODE_WARPS": 8}
+    assert parse_variant("kv8+vtm") == {"KV8": True, "VTM": True}
     assert parse_variant("kv8+fp8bn128+fp8stages5+stages4+fp8nodot") == {
         "KV8": True, "DECODE_FP8_BLOCK_N": 128, "DECODE_FP8_STAGES": 5, "DECODE_STAGES": 4, "DECODE_FP8_DOT": False}
     assert parse_variant("nodot+split0") == {"DECODE_DOT": False, "DECODE_SPLIT_PROGRAMS_PER_SM": 0}

@@ -81,17 +81,19 @@ def test_host_layout_tiles_never_span_sequences() -> None:
     assert batch.max_ctx == 70
 
 
-def check_interpreted(num_heads: int, num_kv_heads: int, fp8: bool = False) -> None:
+def check_interpreted(num_heads: int, num_kv_heads: int, fp8: bool = False, token_major: bool = False) -> None:
     """Kernel vs the torch path; run in a process started with TRITON_INTERPRET=1 (triton's own
     jit'd helpers must be created interpreted, so the flag has to be set before triton loads).
-    fp8: the caches in float8_e4m3fn (the kernel widens its tiles to the query's fp16)."""
+    fp8: the caches in float8_e4m3fn (the kernel widens its tiles to the query's fp16); token_major:
+    the kernel reads V from a token-major copy (kernels.attention.token_major_v)."""
     torch.manual_seed(0)
     q, kc, vc, starts, lens, ctxs, tables = make_step(num_heads, num_kv_heads, 16, torch.float16, gap=2)
     if fp8:
         kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
     batch = kernels_attention.VarlenBatch.build(starts, lens, ctxs, tables, "cpu")
     sentinel = torch.full_like(q, 7.0)
-    out = kernels_attention.paged_varlen_attention(q, kc, vc, batch, out=sentinel.clone())
+    v_run = kernels_attention.token_major_v(vc) if token_major else vc
+    out = kernels_attention.paged_varlen_attention(q, kc, v_run, batch, out=sentinel.clone())
     ref = torch_path(q.float(), kc.float(), vc.float(), starts, lens, ctxs, tables)
     owned = torch.zeros(q.shape[0], dtype=torch.bool)
     for start, n in zip(starts, lens):
@@ -101,14 +103,16 @@ def check_interpreted(num_heads: int, num_kv_heads: int, fp8: bool = False) -> N
     assert torch.equal(out[~owned], sentinel[~owned])   # rows of no sequence are not written
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,fp8", [(4, 4, False), (4, 2, False), (4, 2, True)])
-def test_triton_kernel_interpreted_matches_the_torch_path(num_heads: int, num_kv_heads: int, fp8: bool) -> None:
+@pytest.mark.parametrize("num_heads,num_kv_heads,fp8,token_major", [(4, 4, False, False), (4, 2, False, False),
+                                                                    (4, 2, True, False), (4, 2, True, True)])
+def test_triton_kernel_interpreted_matches_the_torch_path(num_heads: int, num_kv_heads: int, fp8: bool,
+                                                          token_major: bool) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(sys.path))
     code = ("import torch; torch.set_num_threads(1); "
             "from tests.unit.engine.test_attention_varlen import check_interpreted; "
-            f"check_interpreted({num_heads}, {num_kv_heads}, {fp8})")
+            f"check_interpreted({num_heads}, {num_kv_heads}, {fp8}, {token_major})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -204,3 +204,53 @@ def test_fp8_caches_take_their_own_launch_shape_where_set(monkeypatch) -> None:
 def test_decode_attention_on_an_fp8_cache_interpreted(num_heads: int, num_kv_heads: int) -> None:
     run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", num_heads, num_kv_heads,
                     func="check_fp8_interpreted")
+
+
+def check_token_major_v_interpreted(num_heads: int, num_kv_heads: int, fp8: bool) -> None:
+    """A V cache token-major within blocks (token_major_v): the fused kernel (split-KV, both loops, the
+    register double buffer), the plain kernel and rope_and_cache give the outputs and write the values
+    they do on V in K's layout."""
+    from services.engine.kernels.attention import (
+        paged_decode_attention, paged_decode_rope_attention, token_major_v, v_block_size,
+    )
+    from services.engine.kernels.fused_ops import rope_and_cache
+
+    dtype = torch.float8_e4m3fn if fp8 else torch.float16
+    lens, tables, positions, slots, cos, sin = decode_layout(2)
+    bsz = lens.shape[0]
+    kc = torch.randn(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, D).to(dtype)
+    vc = torch.randn(NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, D).to(dtype)
+    qkv = torch.randn(bsz, (num_heads + 2 * num_kv_heads) * D).half()
+    assert v_block_size(kc, vc) == 0 and v_block_size(kc, token_major_v(vc)) == BLOCK_SIZE
+    with pytest.raises(ValueError, match="multiple of 16"):
+        v_block_size(kc, token_major_v(vc), block_n=8)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if fp8 else torch.equal(a, b)
+
+    for splits, dot, prefetch in ((1, True, False), (1, False, False), (3, True, False), (2, False, True)):
+        runs = []
+        for v_run in (vc.clone(), token_major_v(vc)):
+            k_run = kc.clone()
+            out = paged_decode_rope_attention(qkv, positions, cos, sin, k_run, v_run, slots, tables, lens, num_heads,
+                                              max_context=int(lens.max()), block_n=16, splits=splits, dot=dot,
+                                              prefetch=prefetch)
+            runs.append((out, v_run))
+        (out, v_std), (out_tm, v_tm) = runs
+        assert torch.isfinite(out).all() and float((out_tm.float() - out.float()).abs().max()) < 1e-3, (splits, dot)
+        assert same(v_tm, v_std)
+    for dot in (True, False):
+        q = qkv.view(bsz, -1, D)[:, :num_heads]
+        a = paged_decode_attention(q, kc, v_std, tables, lens, block_n=32, dot=dot)
+        b = paged_decode_attention(q, kc, token_major_v(v_std), tables, lens, block_n=32, dot=dot)
+        assert float((a.float() - b.float()).abs().max()) < 1e-3, dot
+    v_two, v_two_tm = vc.clone(), token_major_v(vc)
+    rope_and_cache(qkv, positions, cos, sin, kc.clone(), v_two, slots, num_heads, num_kv_heads)
+    rope_and_cache(qkv, positions, cos, sin, kc.clone(), v_two_tm, slots, num_heads, num_kv_heads)
+    assert same(v_two_tm, v_two) and not same(v_two, vc)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_token_major_v_cache_interpreted(fp8: bool) -> None:
+    run_interpreted("tests.unit.engine.kernels.test_attention_interpreted", 8, 2, fp8,
+                    func="check_token_major_v_interpreted")

@@ -37,26 +37,28 @@ def test_rope_and_cache_compiles(cache: str) -> None:
     pointers = {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr": "*fp16",
                 "k_cache_ptr": "", "v_cache_ptr": "", "slot_ptr": "*i64"}
     sig = _sig(pointers, ("num_heads", "num_kv_heads", "stride_qkv", "stride_cslot", "stride_ch"),
-               ("HALF", "PDL"), cache)
-    _compiles(F._rope_cache_kernel, sig, {"HALF": 64, "PDL": False}, warps=1, stages=1)
+               ("HALF", "PDL", "V_BS"), cache)
+    for v_bs in (0, 16):     # V in K's layout, token-major within 16-token blocks
+        _compiles(F._rope_cache_kernel, sig, {"HALF": 64, "PDL": False, "V_BS": v_bs}, warps=1, stages=1)
 
 
 @pytest.mark.parametrize("cache", CACHE_TYPES)
 def test_decode_attention_compiles(cache: str) -> None:
     """Both decode kernels in every form the engine launches: CUDA-core and tensor-core loops, the fused
-    RoPE kernel whole and split over the context (split-KV)."""
+    RoPE kernel whole and split over the context (split-KV); V in K's layout and token-major."""
     plain = {"q_ptr": "*fp16", "k_ptr": "", "v_ptr": "", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16"}
     plain_sig = _sig(plain, ("scale", "block_size", "q_per_kv", "stride_qb", "stride_qh", *_STRIDES),
-                     ("D", "BN", "PDL", "PREFETCH", "DOT"), cache)
+                     ("D", "BN", "PDL", "PREFETCH", "DOT", "V_BS"), cache)
     rope = {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
             "k_ptr": "", "v_ptr": "", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16", "part_ptr": "*fp32"}
     rope_sig = _sig(rope, ("scale", "block_size", "num_heads", "num_kv_heads", "q_per_kv", "stride_qkv", *_STRIDES),
-                    ("D", "BN", "STEP_STOP", "PDL", "PREFETCH", "SPLIT", "DOT"), cache)
-    for dot in (False, True):
-        _compiles(A._paged_decode_kernel, plain_sig, {"D": 128, "BN": 64, "PDL": False, "PREFETCH": False, "DOT": dot})
-    for dot, split in itertools.product((False, True), (False, True)):
+                    ("D", "BN", "STEP_STOP", "PDL", "PREFETCH", "SPLIT", "DOT", "V_BS"), cache)
+    for dot, v_bs in itertools.product((False, True), (0, 16)):
+        _compiles(A._paged_decode_kernel, plain_sig, {"D": 128, "BN": 64, "PDL": False, "PREFETCH": False, "DOT": dot,
+                                                      "V_BS": v_bs})
+    for dot, split, v_bs in itertools.product((False, True), (False, True), (0, 16)):
         _compiles(A._paged_decode_rope_kernel, rope_sig, {"D": 128, "BN": 64, "STEP_STOP": 0, "PDL": False,
-                                                           "PREFETCH": False, "SPLIT": split, "DOT": dot})
+                                                           "PREFETCH": False, "SPLIT": split, "DOT": dot, "V_BS": v_bs})
 
 
 @pytest.mark.parametrize("cache", CACHE_TYPES)
@@ -65,6 +67,8 @@ def test_varlen_prefill_attention_compiles(cache: str) -> None:
                 "q_start_ptr": "*i32", "q_len_ptr": "*i32", "ctx_ptr": "*i32", "tile_seq_ptr": "*i32",
                 "tile_m_ptr": "*i32"}
     sig = _sig(pointers, ("scale_log2", "block_size", "q_per_kv", "stride_qt", "stride_qh", "stride_cb", "stride_ct",
-                          "stride_ch", "stride_btb", "stride_ot", "stride_oh"), ("D", "BM", "BN", "STEP_STOP", "PDL"),
-               cache)
-    _compiles(A._paged_varlen_kernel, sig, {"D": 128, "BM": A.VARLEN_BLOCK_M, "BN": 64, "STEP_STOP": 0, "PDL": False})
+                          "stride_ch", "stride_btb", "stride_ot", "stride_oh"),
+               ("D", "BM", "BN", "STEP_STOP", "PDL", "V_BS"), cache)
+    for v_bs in (0, 16):
+        _compiles(A._paged_varlen_kernel, sig, {"D": 128, "BM": A.VARLEN_BLOCK_M, "BN": A.VARLEN_BLOCK_N,
+                                                "STEP_STOP": 0, "PDL": False, "V_BS": v_bs})
