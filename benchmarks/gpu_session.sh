@@ -108,7 +108,7 @@
 #                                                   #   fp16 vs fp8 caches (context 1024)
 #   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (ran at 852632c): for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
-#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 290 s (not run yet): one launch's GB/s and the graphed step over fp8 caches on the
+#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 380 s (not run yet): GPU tests, one launch's GB/s and the graphed step over fp8 caches on the
 #                                                   #   CUDA-core loop (DECODE_FP8_DOT off: no byte-wise shared loads of V), with
 #                                                   #   V token-major within blocks (vtm: wide loads on tensor cores too), with
 #                                                   #   wider tiles / deeper pipelines (DECODE_FP8_BLOCK_N / _STAGES; 852632c: 1.08x)
@@ -343,8 +343,13 @@ case "$stage" in
     timeout 60 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 64,16 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
     ;;
-  kv-fp8-shape)   # fp8 caches' launch shape: one launch's GB/s (fp8 sweep, fp16 default shapes beside it), then the
-                  # graphed step (batch 128 at context 256: at 1024 its fp16 + fp8 caches overflow 80 GB)
+  kv-fp8-shape)   # fp8 caches' launch shape: the engine's logits on a token-major V cache, one launch's GB/s (fp8 sweep,
+                  # fp16 default shapes beside it), then the graphed step (batch 128 at context 256: at 1024 its
+                  # fp16 + fp8 caches overflow 80 GB)
+    e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
+    # (its summary on stdout only: the four probe runs below bring back the 8 files a call returns)
+    timeout 90 python3 -m pytest -q -m gpu "$e[graphs-w4-kv-fp8-vtm]" "$e[eager-w4-kv-fp8-vtm-unfused-attn]" -rfE 2>&1 \
+      | grep "passed\|failed\|FAILED\|ERROR\|Error"
     timeout 80 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --kv-dtype fp8 \
       --shapes 16x1024,64x1024,256x1024 --block-n 64,128 --warps 4,8 --prefetch 0 --dot 0,1 --step-batches "" \
       --stem kv_fp8_kernel 2>&1 | grep "^B=\|Error"

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4", "fragb", "frag2b", "frag4b")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+KV_V_LAYOUTS = ("auto", "token_major")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class EngineConfig:
     # values clamped to ±448, no scale), so a byte budget holds twice the tokens and decode attention
     # reads half the bytes; attention math still runs in the model's dtype (kernels/attention.py)
     kv_cache_dtype: str = "auto"
+    # V cache layout: "auto" as K's; "token_major" tokens contiguous within each block, which the GPU
+    # kernels read a block at a time (an fp8 V tile then needs no byte-wise transpose on tensor cores,
+    # kernels/attention.py token_major_v). GPU fast path only; untimed, off by default
+    kv_v_layout: str = "auto"
     max_model_len: int = 0                 # prompt + output tokens; 0 → model's max positions
     max_num_seqs: int = 64                 # running sequences at once
     max_num_batched_tokens: int = 4096     # tokens computed in one step
@@ -124,6 +129,8 @@ class EngineConfig:
             raise ValueError(f"ENGINE_PDL must be 0 (off), 1 or 2, got {self.pdl}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"ENGINE_KV_CACHE_DTYPE must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_v_layout not in KV_V_LAYOUTS:
+            raise ValueError(f"ENGINE_KV_V_LAYOUT must be one of {KV_V_LAYOUTS}, got {self.kv_v_layout!r}")
         if self.w4_layout not in W4_LAYOUTS:
             raise ValueError(f"ENGINE_W4_LAYOUT must be one of {W4_LAYOUTS}, got {self.w4_layout!r}")
         if self.quant_bits not in (0, 3, 4):

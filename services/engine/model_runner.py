@@ -86,8 +86,18 @@ class ModelRunner:
         # The fast path keeps one extra scratch block that CUDA-graph padding rows write into.
         num_alloc = self.num_kv_blocks + (1 if self.is_fast else 0)
         cache_shape = (num_alloc, self.block_size, shape.num_kv_heads, shape.head_dim)
-        self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype),
-                           torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype))
+        if config.kv_v_layout == "token_major" and not self.is_fast:
+            raise ValueError("ENGINE_KV_V_LAYOUT=token_major needs the GPU fast path (CUDA with triton); "
+                             f"this engine runs the torch path on {self.device}")
+
+        def v_cache() -> torch.Tensor:
+            """V in K's shape; token-major within blocks where configured (a permuted view)."""
+            if config.kv_v_layout != "token_major":
+                return torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype)
+            return torch.zeros(num_alloc, shape.num_kv_heads, shape.head_dim, self.block_size, device=self.device,
+                               dtype=self.kv_dtype).permute(0, 3, 1, 2)
+
+        self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype), v_cache())
                           for _ in range(shape.num_layers)]  # per layer: K, V
         self.graphs: DecodeGraphs | None = None
         # 4-bit codes in fragment order with this k_width (0: tiled; KernelWeights.frag), stored block-major?

@@ -219,6 +219,20 @@ def test_fp8_kv_cache_holds_more_tokens_and_stays_close():
     assert EngineConfig.from_env({"ENGINE_KV_CACHE_DTYPE": "fp8_e4m3"}).kv_cache_dtype == "fp8_e4m3"
 
 
+def test_a_token_major_v_cache_needs_the_gpu_fast_path() -> None:
+    """ENGINE_KV_V_LAYOUT: a bad value is a config error; token_major on the torch path a clear one."""
+    with pytest.raises(ValueError, match="ENGINE_KV_V_LAYOUT"):
+        EngineConfig(kv_v_layout="transposed")
+    assert EngineConfig.from_env({"ENGINE_KV_V_LAYOUT": "token_major"}).kv_v_layout == "token_major"
+    shape = LlamaShape(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+    config = EngineConfig(kv_cache_bytes=2**20, block_size=4, device="cpu", dtype="float32",
+                          kv_v_layout="token_major")
+    with pytest.raises(ValueError, match="needs the GPU fast path"):
+        ModelRunner(config, shape, random_weights(shape, "cpu", torch.float32, seed=1), "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 5000.0},
                                   {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
