@@ -181,6 +181,13 @@ class EngineConfig:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def check_device(self) -> None:
+        """Settings the resolved device cannot serve, as a ValueError (the model runner checks the
+        fast path itself; this catches them before the model loads)."""
+        if self.kv_v_layout == "token_major" and self.resolved_device() != "cuda":
+            raise ValueError("ENGINE_KV_V_LAYOUT=token_major needs the GPU fast path (CUDA with triton); "
+                             f"this engine runs on {self.resolved_device()}")
+
     def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's torch dtype for a model in model_dtype."""
         import torch

@@ -92,7 +92,13 @@ async def serve(engine_config: EngineConfig, worker_config: WorkerConfig) -> Non
 def main() -> None:
     logging_config = LoggingConfig.from_env()
     setup_logging(logging_config.level, logging_config.is_json)
-    asyncio.run(serve(EngineConfig.from_env(), WorkerConfig.from_env()))
+    try:    # a bad ENGINE_* / worker setting ends with its message and exit status 2, not a traceback
+        engine_config, worker_config = EngineConfig.from_env(), WorkerConfig.from_env()
+        engine_config.check_device()
+    except ValueError as exc:
+        log.error("engine configuration error: %s", exc)
+        raise SystemExit(2) from None
+    asyncio.run(serve(engine_config, worker_config))
 
 
 if __name__ == "__main__":

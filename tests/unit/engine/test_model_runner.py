@@ -231,6 +231,22 @@ def test_a_token_major_v_cache_needs_the_gpu_fast_path() -> None:
                           kv_v_layout="token_major")
     with pytest.raises(ValueError, match="needs the GPU fast path"):
         ModelRunner(config, shape, random_weights(shape, "cpu", torch.float32, seed=1), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="needs the GPU fast path"):
+        config.check_device()
+
+
+@pytest.mark.parametrize("env", [{"ENGINE_KV_V_LAYOUT": "token_major", "ENGINE_DEVICE": "cpu"},
+                                 {"ENGINE_KV_CACHE_DTYPE": "int8"}])
+def test_the_engine_process_reports_a_bad_setting_without_a_traceback(env: dict) -> None:
+    """`python -m services.engine.server` with a bad setting: its message and exit status 2, before the
+    model loads (no traceback)."""
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "services.engine.server"], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "engine configuration error" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 5000.0},
