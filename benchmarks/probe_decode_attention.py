@@ -205,10 +205,10 @@ def step_rows(batches: list[int], context: int, variants: list[str], timer: Time
     runs = variants + variants[:1]
     caches16 = (model.k_caches, model.v_caches)
     copies: dict[tuple[bool, bool], tuple] = {(False, False): caches16}   # (kv8, vtm) -> (k caches, v caches)
-    words = [set(v.split("+")) for v in variants]
+    kinds = {("kv8" in words, "vtm" in words) for words in (set(v.split("+")) for v in variants)}
     elems = sum(c.numel() for c in model.k_caches)        # per K (or V) cache set
-    need = (elems * 2 if any("kv8" in w for w in words) else 0) + sum(
-        elems * (1 if "kv8" in w else 2) for w in {frozenset(w & {"kv8", "vtm"}) for w in words} if "vtm" in w)
+    need = 2 * elems if any(kv8 for kv8, _ in kinds) else 0               # fp8 copies of K and V
+    need += sum(elems * (1 if kv8 else 2) for kv8, vtm in kinds if vtm)   # token-major copies of V
     if need and torch.cuda.is_available():
         free = torch.cuda.mem_get_info()[0]
         if need > free * 0.9:
