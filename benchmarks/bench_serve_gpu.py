@@ -51,6 +51,7 @@ from serve_gpu_sections import ExtraSections  # noqa: E402
 from serve_gpu_args import ABLATIONS, parse_args  # noqa: E402
 from bench_sim import with_predictions  # noqa: E402
 from results_io import cpu_name, python_loop_ms  # noqa: E402
+from services.engine.kernels import attention  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.simulator.simulator import SimConfig, Simulator  # noqa: E402
 from services.engine.simulator.cost_model import FEATURES, CostModel  # noqa: E402
@@ -155,6 +156,7 @@ class Bench(ExtraSections):
         mem.setdefault(label, {})["num_kv_blocks"] = self.runner.num_kv_blocks
         mem[label]["kv_cache_dtype"] = str(self.runner.kv_dtype).removeprefix("torch.")
         mem[label]["kv_tokens"] = self.runner.num_kv_blocks * self.runner.block_size
+        mem[label]["kv_v_layout"] = self.runner.kv_v_layout
         print(f"  {label} runner: {self.runner.num_kv_blocks} KV blocks "
               f"({self.runner.num_kv_blocks * self.runner.block_size} tokens)"
               + (f", {mem[label]['weights_and_adapters_gib']:.2f} GiB weights + adapter slots, "
@@ -222,7 +224,7 @@ class Bench(ExtraSections):
             max_adapters=args.slots, max_adapters_per_batch=args.beta, max_model_len=args.max_model_len,
             max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
             num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo",
-            kv_cache_dtype=args.kv_cache_dtype)
+            kv_cache_dtype=args.kv_cache_dtype, kv_v_layout=args.kv_v_layout)
         if args.gpu_gib:
             set_memory_cap(args.gpu_gib, args.device)
         n_names = max([args.num_tasks, 10, *args.scale_tasks])
@@ -243,6 +245,7 @@ class Bench(ExtraSections):
             "model": a.model + " (random weights, exact shapes)", "quant_bits": a.quant_bits,
             "load_s": load_s, "num_kv_blocks": self.runner.num_kv_blocks, "block_size": self.runner.block_size,
             "kv_cache_dtype": a.kv_cache_dtype, "kv_max_blocks": a.kv_max_blocks or None,
+            "kv_v_layout": self.runner.kv_v_layout, "decode_launch": attention.launch_settings(),
             "num_adapters_registered": n_names, "adapter_slots": a.slots, "adapter_sets": a.adapter_sets,
             "adapter_make_s": adapters_s, "beta": a.beta, "max_num_seqs": a.max_num_seqs,
             "max_batched_tokens": a.max_batched_tokens, "max_decode_streak": a.max_decode_streak,

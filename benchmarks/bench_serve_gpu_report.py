@@ -51,6 +51,9 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
              "launch-bound prefill steps run at the host's speed: compare absolute times across runs only where "
              "this reference agrees.", ""] if "host_python_loop_ms" in meta else []),
           f"Command: `{meta.get('command')}`", "",
+          *([f"Decode attention launch settings (kernels/attention.py): {_launch_text(meta['decode_launch'])}; "
+             f"V cache layout of the quantized base: {meta.get('kv_v_layout', 'key')}.", ""]
+            if meta.get("decode_launch") else []),
           f"Model: {meta.get('model')}, base quantized to {meta.get('quant_bits')} bits (RTN, g128) at load; "
           f"loaded once ({meta.get('load_s', 0):.1f} s), each replay builds a fresh LLMEngine (policy, β) "
           f"around the same ModelRunner. {meta.get('num_kv_blocks')} KV blocks of {meta.get('block_size')} tokens"
@@ -242,9 +245,22 @@ def _memory(meta: dict) -> list[str]:
            "|---|---|---|---|---|---|"]
     for label, m in mem.items():
         out.append(f"| {label} | {_fmt(m.get('weights_and_adapters_gib'), '.2f')} | {_fmt(m.get('kv_gib'), '.2f')} | "
-                   f"{m.get('kv_tokens', '')} | {m.get('kv_cache_dtype', 'float16')} | "
-                   f"{_fmt(m.get('peak_gib'), '.2f')} |")
+                   f"{m.get('kv_tokens', '')} | {m.get('kv_cache_dtype', 'float16')}"
+                   + (" (V token-major)" if m.get("kv_v_layout") == "token_major" else "")
+                   + f" | {_fmt(m.get('peak_gib'), '.2f')} |")
     return out + [""]
+
+
+def _launch_text(launch: dict) -> str:
+    """kernels/attention.launch_settings() as one line: the fp16 cache's shape, then the fp8 overrides."""
+    def shape(bn, warps, stages, dot) -> str:
+        return (f"BN {bn}, {warps} warps, stages {stages if stages is not None else 'default'}, "
+                f"{'tensor cores' if dot else 'CUDA cores'}")
+    fp8 = shape(launch.get("fp8_block_n") or launch.get("block_n"), launch.get("warps"),
+                launch.get("fp8_stages") if launch.get("fp8_stages") is not None else launch.get("stages"),
+                launch.get("dot") if launch.get("fp8_dot") is None else launch.get("fp8_dot"))
+    return (f"{shape(launch.get('block_n'), launch.get('warps'), launch.get('stages'), launch.get('dot'))} "
+            f"(fp8 caches: {fp8}), split-KV below {launch.get('split_programs_per_sm')} programs per SM")
 
 
 def _fp16(data: dict) -> list[str]:

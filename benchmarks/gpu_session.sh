@@ -108,10 +108,12 @@
 #                                                   #   fp16 vs fp8 caches (context 1024)
 #   bash benchmarks/gpu_session.sh kv-fp8-all COMMIT  # at most 560 s (ran at 852632c): for one call when device time is short: kv-fp8's GPU
 #                                                   #   tests, then kv-fp8-serve on two traces instead of three
-#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 380 s (not run yet): GPU tests, one launch's GB/s and the graphed step over fp8 caches on the
+#   bash benchmarks/gpu_session.sh kv-fp8-shape COMMIT  # at most 460 s (ran at c8e629e, H200): GPU tests, one launch's GB/s and the graphed step over fp8 caches on the
 #                                                   #   CUDA-core loop (DECODE_FP8_DOT off: no byte-wise shared loads of V), with
 #                                                   #   V token-major within blocks (vtm: wide loads on tensor cores too), with
 #                                                   #   wider tiles / deeper pipelines (DECODE_FP8_BLOCK_N / _STAGES; 852632c: 1.08x)
+#   bash benchmarks/gpu_session.sh kv-fp8-default COMMIT  # at most 570 s: the fp8 GPU tests at the launch shape kv-fp8-shape
+#                                                   #   chose, then kv-fp8-serve's serving run with it
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
@@ -125,7 +127,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-lean | kv-fp8-min | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-default | kv-fp8-lean | kv-fp8-min | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -348,7 +350,8 @@ case "$stage" in
                   # fp16 + fp8 caches overflow 80 GB)
     e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
     # (its summary on stdout only: the four probe runs below bring back the 8 files a call returns)
-    timeout 90 python3 -m pytest -q -m gpu "$e[graphs-w4-kv-fp8-vtm]" "$e[eager-w4-kv-fp8-vtm-unfused-attn]" -rfE 2>&1 \
+    # (170 s: at c8e629e 90 s ran out on a cold machine, the summary line never printed; 18 s warm)
+    timeout 170 python3 -m pytest -q -m gpu "$e[graphs-w4-kv-fp8-vtm]" "$e[eager-w4-kv-fp8-vtm-unfused-attn]" -rfE 2>&1 \
       | grep "passed\|failed\|FAILED\|ERROR\|Error"
     timeout 80 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --kv-dtype fp8 \
       --shapes 16x1024,64x1024,256x1024 --block-n 64,128 --warps 4,8 --prefetch 0 --dot 0,1 --step-batches "" \
@@ -383,6 +386,15 @@ case "$stage" in
       | tee "$out/pytest_kv_fp8.log" | grep "passed\|failed\|FAILED\|ERROR"
     timeout 80 python3 benchmarks/probe_decode_attention.py --out "$out" --commit "$commit" --shapes "" \
       --step-batches 1,16,64 --step-context 1024 --step-variants base,kv8 --stem kv_fp8_step 2>&1 | grep "^step\|Error"
+    ;;
+  kv-fp8-default)   # the fp8 launch shape chosen from kv-fp8-shape (CUDA cores, BN 128, V token-major: engine
+                    # defaults for fp8 caches since c8e629e's timings): the fp8 GPU tests at those defaults, then
+                    # kv-fp8-serve's serving run (at c8e629e it ran the old shape: the exported DECODE_FP8_* did nothing)
+    e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
+    timeout 170 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py::test_decode_attention_on_an_fp8_cache \
+      "$e[eager-w4-kv-fp8]" "$e[graphs-w4-kv-fp8]" "$e[graphs-w4-kv-fp8-unfused-attn]" "$e[graphs-w4]" -rfE 2>&1 \
+      | tee "$out/pytest_kv_fp8.log" | grep "passed\|failed\|FAILED\|ERROR"
+    drain30_tokens 400 385 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830
     ;;
   kv-fp8-serve)   # the serving run of kv-fp8 (a second call: both do not fit one)
     drain30_tokens 440 425 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830

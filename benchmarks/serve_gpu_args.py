@@ -108,6 +108,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8_e4m3"), default="auto",
                     help="the quantized base's KV cache (EngineConfig.kv_cache_dtype); the fp16 section keeps "
                          "S-LoRA's fp16 cache")
+    ap.add_argument("--kv-v-layout", choices=("auto", "key", "token_major"), default="auto",
+                    help="the quantized base's V cache layout (EngineConfig.kv_v_layout; auto: token-major for an "
+                         "fp8 cache on the GPU fast path, else K's)")
     ap.add_argument("--kv-max-blocks", type=int, default=0,
                     help="at most this many KV blocks for the quantized base (0: what the budget leaves; without "
                          "--gpu-gib this sets the count), e.g. an fp8 cache at the token count the fp16 one had, "

@@ -135,6 +135,7 @@ class ExtraSections:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         fp16_cfg = dataclasses.replace(self.base_cfg, quant_bits=0, kv_cache_dtype="auto",   # S-LoRA's fp16 cache
+                                       kv_v_layout="auto",
                                        dtype="float16" if a.device.startswith("cuda") else a.dtype)
         self.base_cfg = fp16_cfg
         left = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 W4_LAYOUTS = ("auto", "tiles", "frag", "frag2", "frag4", "fragb", "frag2b", "frag4b")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
-KV_V_LAYOUTS = ("auto", "token_major")
+KV_V_LAYOUTS = ("auto", "key", "token_major")
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,11 @@ class EngineConfig:
     # values clamped to ±448, no scale), so a byte budget holds twice the tokens and decode attention
     # reads half the bytes; attention math still runs in the model's dtype (kernels/attention.py)
     kv_cache_dtype: str = "auto"
-    # V cache layout: "auto" as K's; "token_major" tokens contiguous within each block, which the GPU
-    # kernels read a block at a time (an fp8 V tile then needs no byte-wise transpose on tensor cores,
-    # kernels/attention.py token_major_v). GPU fast path only; untimed, off by default
+    # V cache layout: "key" as K's; "token_major" tokens contiguous within each block, which the GPU
+    # kernels read a block at a time (an fp8 V tile then needs no byte-wise transpose,
+    # kernels/attention.py token_major_v; GPU fast path only); "auto" token_major for an fp8 cache on
+    # the fast path (the graphed 7B step 5-8% faster at batch 16-64 on the H200,
+    # kv_fp8_shape2_c8e629e.md), else K's
     kv_v_layout: str = "auto"
     max_model_len: int = 0                 # prompt + output tokens; 0 → model's max positions
     max_num_seqs: int = 64                 # running sequences at once
@@ -187,6 +189,13 @@ class EngineConfig:
         if self.kv_v_layout == "token_major" and self.resolved_device() != "cuda":
             raise ValueError("ENGINE_KV_V_LAYOUT=token_major needs the GPU fast path (CUDA with triton); "
                              f"this engine runs on {self.resolved_device()}")
+
+    def resolved_kv_v_layout(self, fast_path: bool) -> str:
+        """The V cache layout an engine allocates: "key" or "token_major" (auto resolved for a runner
+        on the fast path or not)."""
+        if self.kv_v_layout != "auto":
+            return self.kv_v_layout
+        return "token_major" if fast_path and self.kv_cache_dtype == "fp8_e4m3" else "key"
 
     def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's torch dtype for a model in model_dtype."""

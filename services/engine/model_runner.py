@@ -86,13 +86,14 @@ class ModelRunner:
         # The fast path keeps one extra scratch block that CUDA-graph padding rows write into.
         num_alloc = self.num_kv_blocks + (1 if self.is_fast else 0)
         cache_shape = (num_alloc, self.block_size, shape.num_kv_heads, shape.head_dim)
-        if config.kv_v_layout == "token_major" and not self.is_fast:
+        self.kv_v_layout = config.resolved_kv_v_layout(self.is_fast)
+        if self.kv_v_layout == "token_major" and not self.is_fast:
             raise ValueError("ENGINE_KV_V_LAYOUT=token_major needs the GPU fast path (CUDA with triton); "
                              f"this engine runs the torch path on {self.device}")
 
         def v_cache() -> torch.Tensor:
             """V in K's shape; token-major within blocks where configured (a permuted view)."""
-            if config.kv_v_layout != "token_major":
+            if self.kv_v_layout != "token_major":
                 return torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype)
             return torch.zeros(num_alloc, shape.num_kv_heads, shape.head_dim, self.block_size, device=self.device,
                                dtype=self.kv_dtype).permute(0, 3, 1, 2)

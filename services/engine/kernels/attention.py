@@ -308,11 +308,15 @@ DECODE_MAX_SPLITS = 16
 # operand, its reduction axis the tokens, strided in the cache) is read from shared memory one byte
 # per instruction (64 LDS.U8 per thread per tile at BN 64, decode_attention_sass_fp8_3a15ac8.md; fp16
 # takes ldmatrix.trans, which has no 8-bit form on sm_90), while the CUDA-core loop loads fp8 K/V
-# with 16-byte LDGs: DECODE_FP8_DOT picks the loop for fp8 caches. Unset until a GPU run times them
-# (stage kv-fp8-shape).
-DECODE_FP8_BLOCK_N: int | None = None
+# with 16-byte LDGs: DECODE_FP8_DOT picks the loop for fp8 caches. Timed on the H200 at c8e629e
+# (kv_fp8_shape_c8e629e.md, kv_fp8_shape2_c8e629e.md, the graphed 7B step at context 1024): the
+# CUDA-core loop with 128-token tiles over a token-major V cache (EngineConfig.kv_v_layout auto) took
+# 10.33 / 4.40 / 3.11 ms at batch 64 / 16 / 4 against the fp16 cache's 12.32 / 4.89 / 3.25 (and the
+# old fp8 default's, tensor cores at BN 64, 14.10 / 6.02 / 3.50); 9.16 vs 10.29 ms at batch 128,
+# context 256. Deeper pipelines (stages 5) and 8 warps were slower.
+DECODE_FP8_BLOCK_N: int | None = 128
 DECODE_FP8_STAGES: int | None = None
-DECODE_FP8_DOT: bool | None = None
+DECODE_FP8_DOT: bool | None = False
 
 
 def set_decode_options(dot: bool, split_programs_per_sm: int) -> None:
@@ -322,6 +326,13 @@ def set_decode_options(dot: bool, split_programs_per_sm: int) -> None:
     if split_programs_per_sm < 0:
         raise ValueError(f"split_programs_per_sm must be >= 0, got {split_programs_per_sm}")
     DECODE_DOT, DECODE_SPLIT_PROGRAMS_PER_SM = dot, split_programs_per_sm
+
+
+def launch_settings() -> dict:
+    """The process's decode attention launch settings (for benchmark reports)."""
+    return {"block_n": DECODE_BLOCK_N, "warps": DECODE_WARPS, "stages": DECODE_STAGES, "dot": DECODE_DOT,
+            "prefetch": DECODE_PREFETCH, "split_programs_per_sm": DECODE_SPLIT_PROGRAMS_PER_SM,
+            "fp8_block_n": DECODE_FP8_BLOCK_N, "fp8_stages": DECODE_FP8_STAGES, "fp8_dot": DECODE_FP8_DOT}
 
 
 def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:

@@ -97,3 +97,7 @@ def test_fp8_kv_cache_on_the_base_and_fp16_cache_in_the_fp16_section(tmp_path: P
     assert all(r["num_unfinished"] == 0 for r in data["main"])
     md = (tmp_path / "serve_gpu.md").read_text()
     assert "**fp8_e4m3 KV cache** on the quantized base, capped at 300 blocks" in md
+    # the torch path keeps V in K's layout (token-major is the GPU fast path's, for fp8 caches)
+    assert meta["kv_v_layout"] == "key" and meta["memory"]["base"]["kv_v_layout"] == "key"
+    assert meta["decode_launch"]["fp8_dot"] is False and meta["decode_launch"]["fp8_block_n"] == 128
+    assert "(fp8 caches: BN 128, 4 warps, stages default, CUDA cores)" in md

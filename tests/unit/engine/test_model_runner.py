@@ -1,6 +1,8 @@
 """Our paged-KV multi-LoRA forward against Hugging Face transformers + PEFT (fp32, CPU)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -224,6 +226,11 @@ def test_a_token_major_v_cache_needs_the_gpu_fast_path() -> None:
     with pytest.raises(ValueError, match="ENGINE_KV_V_LAYOUT"):
         EngineConfig(kv_v_layout="transposed")
     assert EngineConfig.from_env({"ENGINE_KV_V_LAYOUT": "token_major"}).kv_v_layout == "token_major"
+    # auto: token-major for an fp8 cache on the fast path only; an explicit layout stays as set
+    fp8 = EngineConfig(kv_cache_dtype="fp8_e4m3")
+    assert fp8.resolved_kv_v_layout(True) == "token_major" and fp8.resolved_kv_v_layout(False) == "key"
+    assert EngineConfig().resolved_kv_v_layout(True) == "key"
+    assert dataclasses.replace(fp8, kv_v_layout="key").resolved_kv_v_layout(True) == "key"
     shape = LlamaShape(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
                        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
                        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)

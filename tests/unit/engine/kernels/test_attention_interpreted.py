@@ -182,7 +182,7 @@ def test_set_decode_options_sets_the_process_defaults(monkeypatch) -> None:
 
 
 def test_fp8_caches_take_their_own_launch_shape_where_set(monkeypatch) -> None:
-    """DECODE_FP8_BLOCK_N / DECODE_FP8_STAGES apply over one-byte caches only; unset, fp8 launches as fp16."""
+    """DECODE_FP8_BLOCK_N / _STAGES / _DOT apply over one-byte caches only; unset, fp8 launches as fp16."""
     from services.engine.kernels import attention
     monkeypatch.setattr(attention, "DECODE_BLOCK_N", 64)
     monkeypatch.setattr(attention, "DECODE_STAGES", None)
@@ -228,12 +228,14 @@ def check_token_major_v_interpreted(num_heads: int, num_kv_heads: int, fp8: bool
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if fp8 else torch.equal(a, b)
 
-    for splits, dot, prefetch in ((1, True, False), (1, False, False), (3, True, False), (2, False, True)):
+    # (None, None, None: the module's launch shape for this cache, as the engine runs it: fp8 BN 128 on CUDA cores)
+    for splits, dot, prefetch, block_n in ((1, True, False, 16), (1, False, False, 16), (3, True, False, 16),
+                                           (2, False, True, 16), (2, None, None, None)):
         runs = []
         for v_run in (vc.clone(), token_major_v(vc)):
             k_run = kc.clone()
             out = paged_decode_rope_attention(qkv, positions, cos, sin, k_run, v_run, slots, tables, lens, num_heads,
-                                              max_context=int(lens.max()), block_n=16, splits=splits, dot=dot,
+                                              max_context=int(lens.max()), block_n=block_n, splits=splits, dot=dot,
                                               prefetch=prefetch)
             runs.append((out, v_run))
         (out, v_std), (out_tm, v_tm) = runs

@@ -53,11 +53,13 @@ def test_decode_attention_compiles(cache: str) -> None:
             "k_ptr": "", "v_ptr": "", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp16", "part_ptr": "*fp32"}
     rope_sig = _sig(rope, ("scale", "block_size", "num_heads", "num_kv_heads", "q_per_kv", "stride_qkv", *_STRIDES),
                     ("D", "BN", "STEP_STOP", "PDL", "PREFETCH", "SPLIT", "DOT", "V_BS"), cache)
-    for dot, v_bs in itertools.product((False, True), (0, 16)):
-        _compiles(A._paged_decode_kernel, plain_sig, {"D": 128, "BN": 64, "PDL": False, "PREFETCH": False, "DOT": dot,
+    # BN 64 and the module's default for this cache (fp8: DECODE_FP8_BLOCK_N)
+    default_bn = A._launch_shape(None, None, None, cache_bytes=1 if "fp8" in cache else 2)["BN"]
+    for bn, dot, v_bs in itertools.product(sorted({64, default_bn}), (False, True), (0, 16)):
+        _compiles(A._paged_decode_kernel, plain_sig, {"D": 128, "BN": bn, "PDL": False, "PREFETCH": False, "DOT": dot,
                                                       "V_BS": v_bs})
-    for dot, split, v_bs in itertools.product((False, True), (False, True), (0, 16)):
-        _compiles(A._paged_decode_rope_kernel, rope_sig, {"D": 128, "BN": 64, "STEP_STOP": 0, "PDL": False,
+    for bn, dot, split, v_bs in itertools.product(sorted({64, default_bn}), (False, True), (False, True), (0, 16)):
+        _compiles(A._paged_decode_rope_kernel, rope_sig, {"D": 128, "BN": bn, "STEP_STOP": 0, "PDL": False,
                                                            "PREFETCH": False, "SPLIT": split, "DOT": dot, "V_BS": v_bs})
 
 
