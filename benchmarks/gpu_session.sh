@@ -394,7 +394,11 @@ case "$stage" in
     timeout 170 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py::test_decode_attention_on_an_fp8_cache \
       "$e[eager-w4-kv-fp8]" "$e[graphs-w4-kv-fp8]" "$e[graphs-w4-kv-fp8-unfused-attn]" "$e[graphs-w4]" -rfE 2>&1 \
       | tee "$out/pytest_kv_fp8.log" | grep "passed\|failed\|FAILED\|ERROR"
-    drain30_tokens 400 385 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830
+    if [ "${KV8_TRACES:-3}" = 2 ]; then   # KV8_TRACES=2 when device time is short (c8e629e's 3 traces: 349 s)
+      drain30_tokens 330 315 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830 --trace-repeats 2
+    else
+      drain30_tokens 400 385 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830
+    fi
     ;;
   kv-fp8-serve)   # the serving run of kv-fp8 (a second call: both do not fit one)
     drain30_tokens 440 425 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830
