@@ -108,11 +108,14 @@ class RunWorkload:
 
 
 def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float,
-             load_unit: str = "requests") -> list[dict]:
+             load_unit: str = "requests", inlaid_step_time_ratio: float = 0.0) -> list[dict]:
     """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit.
     load_unit "tokens": each trace's request rate is scaled so it offers frac × C's output tokens per
-    second at the capacity burst's task mix (serve_gpu_workload.trace_rate)."""
+    second at the capacity burst's task mix (serve_gpu_workload.trace_rate). inlaid_step_time_ratio:
+    inlaid's latency target (SchedulerConfig), the fifo runs keep the run's settings."""
     workload = RunWorkload.of(run)
+    scheds = {"inlaid": dataclasses.replace(eng["sched"], inlaid_step_time_ratio=inlaid_step_time_ratio),
+              "fifo": eng["sched"]}
     rows = []
     for frac in rates:
         for seed in seeds:
@@ -120,7 +123,7 @@ def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_
             row = {"load_frac": frac, "seed": seed, "requests": len(trace), "rate_req_s": rate}
             for label, policy, base in (("inlaid", "inlaid", "4-bit"), ("fifo", "fifo", "4-bit"),
                                         ("fifo fp16", "fifo", "fp16")):
-                m = workload.replay(POLICIES[policy], eng["sched"], *eng[base], trace)
+                m = workload.replay(POLICIES[policy], scheds[policy], *eng[base], trace)
                 # every request finishes (drained), so attainment over the trace is the benchmark's "_all"
                 row[label] = {"throughput_req_s": m["throughput_req_s"], "jct_avg_s": m["jct_avg_s"],
                               "latency_avg_s_per_token": m["latency_avg_s_per_token"],
@@ -159,6 +162,10 @@ def report(res: dict) -> str:
         lines += [f"**What-if:** the 4-bit engine's fitted price of a cached token read divided by "
                   f"{meta['kv_speedup_4bit']:g} (an fp8 KV cache there, same number of blocks; fifo on fp16 keeps "
                   "its fp16 cache); the errors below are the fits' before the change.", ""]
+    if meta.get("inlaid_step_time_ratio"):
+        lines += [f"**Inlaid with a latency target:** `inlaid_step_time_ratio` = {meta['inlaid_step_time_ratio']:g} "
+                  "(its running pool capped so a decode-only step takes at most that many times the fastest one "
+                  "seen); fifo keeps the run's settings.", ""]
     if meta.get("kv_speedup", 1.0) != 1.0:
         lines += [f"**What-if:** both engines' fitted price of a cached token read divided by {meta['kv_speedup']:g} "
                   "(faster decode attention; the solo-latency fit that judges SLO is the run's, unchanged); the "
@@ -203,6 +210,8 @@ def main() -> None:
                     help="what-if: divide both engines' fitted price of a cached token read by this (faster attention)")
     ap.add_argument("--kv-speedup-4bit", type=float, default=1.0,
                     help="what-if: divide the 4-bit engine's price of a cached token read alone (an fp8 KV cache)")
+    ap.add_argument("--inlaid-step-time-ratio", type=float, default=0.0,
+                    help="inlaid's latency target (SchedulerConfig.inlaid_step_time_ratio; 0: off, the default)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_vs_fp16"))
     args = ap.parse_args()
@@ -213,14 +222,14 @@ def main() -> None:
     eng = engines(run, read_steps(args.steps_csv), args.prefill_cut_ms, args.kv_speedup, args.kv_speedup_4bit)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = list(range(100, 100 + args.seeds))
-    rows = simulate(run, eng, rates, seeds, args.window_s, args.load_unit)
+    rows = simulate(run, eng, rates, seeds, args.window_s, args.load_unit, args.inlaid_step_time_ratio)
     m = run["meta"]
     meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"],
             "run_device": m.get("device", "GPU"), "rates": rates, "seeds": seeds, "window_s": args.window_s,
             "load_unit": args.load_unit,
             "capacity": run["calibration"]["fifo_capacity_req_s"], "slo_scale": m["slo_scale"],
             "fit_errors": eng["errors"], "prefill_cut_ms": args.prefill_cut_ms, "kv_speedup": args.kv_speedup,
-            "kv_speedup_4bit": args.kv_speedup_4bit,
+            "kv_speedup_4bit": args.kv_speedup_4bit, "inlaid_step_time_ratio": args.inlaid_step_time_ratio,
             "cost_4bit": eng["4-bit"][0].source,
             "command": " ".join(["python", "benchmarks/sim_vs_fp16.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}

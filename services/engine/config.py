@@ -108,6 +108,7 @@ class EngineConfig:
     piggyback_decode: bool = True
     admission_reserve_fraction: float = 1.0
     inlaid_preempt_ratio: float = 0.0
+    inlaid_step_time_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -170,6 +171,7 @@ class EngineConfig:
                                piggyback_decode=self.piggyback_decode,
                                admission_reserve_fraction=self.admission_reserve_fraction,
                                inlaid_preempt_ratio=self.inlaid_preempt_ratio,
+                               inlaid_step_time_ratio=self.inlaid_step_time_ratio,
                                max_adapter_slots=self.max_adapters)
 
     @classmethod

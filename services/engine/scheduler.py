@@ -61,6 +61,12 @@ class SchedulerConfig:
     # preempted (recomputed later) if it has more than this many times the waiting one's predicted
     # output left; a request is displaced this way at most once, a hungry one never. 0 = off.
     inlaid_preempt_ratio: float = 0.0
+    # inlaid: a latency target for the running pool. r > 0: the number of running requests is capped
+    # so a decode-only step takes at most r times the fastest decode-only step seen (the per-token
+    # time of a request served nearly alone). The cap adapts by measured step times: a slower step
+    # scales it down in proportion (to no fewer than 8 requests), a step within the target raises it
+    # by one, up to max_num_seqs. Trades throughput for latency under overload; 0 = off.
+    inlaid_step_time_ratio: float = 0.0
     # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
     # prefill-only steps that stall the running requests.
     piggyback_decode: bool = True
@@ -90,6 +96,8 @@ class SchedulerConfig:
             raise ValueError(f"inlaid_overload_min_free must be in [0, 1], got {self.inlaid_overload_min_free}")
         if self.inlaid_preempt_ratio < 0 or 0 < self.inlaid_preempt_ratio < 1:
             raise ValueError(f"inlaid_preempt_ratio must be 0 (off) or >= 1, got {self.inlaid_preempt_ratio}")
+        if self.inlaid_step_time_ratio < 0 or 0 < self.inlaid_step_time_ratio < 1:
+            raise ValueError(f"inlaid_step_time_ratio must be 0 (off) or >= 1, got {self.inlaid_step_time_ratio}")
         if self.inlaid_overload_streak_factor < 1:
             raise ValueError("inlaid_overload_streak_factor must be >= 1")
         if self.wfq_prefill_token_weight < 0:
@@ -165,6 +173,10 @@ class Scheduler(abc.ABC):
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+
+    def running_limit(self) -> int:
+        """Requests that may run at once now (max_num_seqs; a policy may hold it lower)."""
+        return self.config.max_num_seqs
 
     @property
     def has_unfinished(self) -> bool:

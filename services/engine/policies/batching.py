@@ -99,7 +99,8 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
                    decode_rows: int = 0) -> list[Sequence]:
     """Admit waiting sequences (best first) into a prefill batch and allocate their KV blocks.
 
-    Limits: max_num_seqs running, max_num_batched_tokens computed (a lone
+    Limits: sched.running_limit() running (max_num_seqs unless the policy holds it lower),
+    max_num_batched_tokens computed (a lone
     over-long prompt is still admitted so it cannot block forever; the budget
     keeps `decode_rows` tokens for the decode batch the prefills join),
     allowed_tasks (None = any), and KV memory. With reserve_predicted, a
@@ -118,7 +119,7 @@ def admit_prefills(sched: Scheduler, ordered: Iterable[Sequence], allowed_tasks:
     num_tokens = decode_rows
     admitted: list[Sequence] = []
     for seq in ordered:
-        if len(sched.running) + len(admitted) >= cfg.max_num_seqs:
+        if len(sched.running) + len(admitted) >= sched.running_limit():
             break
         if free <= 0 and (sched.running or admitted):
             break

@@ -13,8 +13,12 @@ from services.engine.policies.batching import (
     start_running,
 )
 from services.engine.policies.streak import StreakScheduler
-from services.engine.scheduler import distinct_tasks
+from services.engine.scheduler import SchedulerOutput, distinct_tasks
 from services.engine.sequence import Sequence, SequenceStatus
+
+
+# inlaid_step_time_ratio never caps the running pool below this many requests
+MIN_RUNNING_CAP = 8
 
 
 class InlaidScheduler(StreakScheduler):
@@ -55,7 +59,10 @@ class InlaidScheduler(StreakScheduler):
       when the reserve leaves no room for a waiting request, the running one
       with the most predicted tokens left is preempted for it if that is more
       than r times the waiting one's predicted output (each request at most
-      once, a hungry one never; see `_displace_for`).
+      once, a hungry one never; see `_displace_for`);
+    * with `inlaid_step_time_ratio` = r > 0, the running pool is capped so a
+      decode-only step stays within r times the fastest one seen (the cap
+      adapts to measured step times: `running_limit`, `update`).
     """
 
     name = "inlaid"
@@ -64,6 +71,38 @@ class InlaidScheduler(StreakScheduler):
         super().__init__(*args, **kwargs)
         self._last_ranking: list[Sequence] = []        # the last prefill step's order of the pool
         self._new_since_ranking: list[Sequence] = []   # requests added since (upcoming_tasks)
+        # inlaid_step_time_ratio's state: the running cap, the fastest decode-only step seen, and the
+        # step in flight while it is decode-only (its start, its decode rows, whether the cap bound it)
+        self._running_cap = float(self.config.max_num_seqs)
+        self._fastest_decode_s: float | None = None
+        self._decode_step: tuple[float, int, bool] | None = None
+
+    def running_limit(self) -> int:
+        if not self.config.inlaid_step_time_ratio:
+            return self.config.max_num_seqs
+        return max(min(MIN_RUNNING_CAP, self.config.max_num_seqs), int(self._running_cap))
+
+    def schedule(self) -> SchedulerOutput:
+        start = self.clock()
+        out = super().schedule()
+        self._decode_step = ((start, len(out.decode), len(self.running) >= self.running_limit())
+                             if self.config.inlaid_step_time_ratio and out.decode and not out.prefill else None)
+        return out
+
+    def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
+        super().update(out, token_ids)
+        if self._decode_step is None:
+            return
+        start, rows, at_cap = self._decode_step
+        self._decode_step = None
+        step_s = self.clock() - start
+        if self._fastest_decode_s is None or step_s < self._fastest_decode_s:
+            self._fastest_decode_s = step_s
+        target = self.config.inlaid_step_time_ratio * self._fastest_decode_s
+        if step_s > target:    # multiplicative decrease toward the rows that fit the target
+            self._running_cap = max(float(MIN_RUNNING_CAP), min(self._running_cap, rows * target / step_s))
+        elif at_cap:           # additive increase, only while the cap binds (else it would drift up untested)
+            self._running_cap = min(float(self.config.max_num_seqs), self._running_cap + 1.0)
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -100,16 +139,17 @@ class InlaidScheduler(StreakScheduler):
         # bounded number of decode steps. Simulated with three H100 runs' cost models (60 s traces,
         # 3 seeds; benchmarks/results/sim_overload.md): at 1.5x capacity up to +1.2 % throughput and
         # 30 % lower JCT, never worse; no change at or below 1.1x.
-        free = cfg.max_num_seqs - len(self.running)
+        limit = self.running_limit()
+        free = limit - len(self.running)
         if (cfg.inlaid_overload_min_free and self.running and len(self.waiting) >= free
-                and free < cfg.inlaid_overload_min_free * cfg.max_num_seqs
+                and free < cfg.inlaid_overload_min_free * limit
                 and self.num_decode_streak < cfg.inlaid_overload_streak_factor * cfg.max_decode_streak):
             return False
         if super()._should_prefill():
             return True
         # Memory is reserved to the last block: a prefill step can still pay off by displacing
         # a long running request for a much shorter waiting one (streak and slot rules as above).
-        return (cfg.inlaid_preempt_ratio > 0 and 0 < len(self.running) < cfg.max_num_seqs
+        return (cfg.inlaid_preempt_ratio > 0 and 0 < len(self.running) < limit
                 and self.num_decode_streak >= cfg.max_decode_streak and self._displaceable_for(
                     min(s.sched_state.get("waiting_remaining", s.predicted_remaining_tokens) for s in self.waiting))
                 is not None)
@@ -135,7 +175,7 @@ class InlaidScheduler(StreakScheduler):
         free = bm.num_free_blocks - reserved_blocks(bm, self.running, fraction)
         tokens, count = decode_rows, 0
         for seq in ordered:
-            if len(self.running) + count >= cfg.max_num_seqs:
+            if len(self.running) + count >= self.running_limit():
                 return
             if allowed is not None and seq.task not in allowed:
                 continue
@@ -156,7 +196,7 @@ class InlaidScheduler(StreakScheduler):
 
     def _fill_seqs(self) -> int:
         """Batch slots the β tasks must fill before the cap binds (0: strict cap)."""
-        return int(self.config.inlaid_beta_fill * self.config.max_num_seqs)
+        return int(self.config.inlaid_beta_fill * self.running_limit())
 
     # ---- choices -----------------------------------------------------------
     def _prefill(self, now_s: float, decode_rows: int) -> tuple[list[Sequence], set[str] | None]:

@@ -97,7 +97,7 @@ class StreakScheduler(Scheduler):
     def _should_prefill(self) -> bool:
         if not self.running:
             return True
-        if len(self.running) >= self.config.max_num_seqs:
+        if len(self.running) >= self.running_limit():
             return False
         if self.num_decode_streak < self.config.max_decode_streak:
             return False

@@ -463,3 +463,69 @@ def test_preempt_ratio_is_checked():
             SchedulerConfig(inlaid_preempt_ratio=bad)
     cfg = EngineConfig.from_env({"ENGINE_INLAID_PREEMPT_RATIO": "4"}).scheduler_config()
     assert cfg.inlaid_preempt_ratio == 4.0
+
+
+def run_timed(sched: InlaidScheduler, clock: Clock, seqs: list[Sequence], step_s, lengths: dict,
+              max_steps: int = 20000) -> list[int]:
+    """Drive sched over seqs (added at their arrival) with each step taking step_s(rows) seconds, finishing
+    a request at its lengths[rid] tokens; the running pool's size at every decode-only step."""
+    pending, sizes = sorted(seqs, key=lambda s: s.arrival_s), []
+    for _ in range(max_steps):
+        while pending and pending[0].arrival_s <= clock.now_s:
+            sched.add(pending.pop(0))
+        if not (pending or sched.has_unfinished):
+            return sizes
+        if not sched.has_unfinished:
+            clock.now_s = pending[0].arrival_s
+            continue
+        out = sched.schedule()
+        if out.decode and not out.prefill:
+            sizes.append(len(sched.running))
+        clock.now_s += step_s(len(out.seqs))
+        sched.update(out, [7] * len(out.seqs))
+        for seq in out.seqs:
+            if seq.num_output_tokens >= lengths[seq.request_id]:
+                sched.finish(seq)
+    raise AssertionError("the workload did not finish")
+
+
+def test_step_time_ratio_caps_the_running_pool_to_the_latency_target():
+    """inlaid_step_time_ratio = 3 with steps of 1 ms + 0.25 ms per row: the first, lone request's decode
+    steps (1.25 ms) set the reference, so a decode step should stay within 3.75 ms, 11 rows; under
+    overload (200 requests arriving every 0.2 ms) the pool settles there (off: it fills max_num_seqs),
+    and every request finishes. The cap bounds admission: requests already running are not preempted."""
+    def workload() -> tuple[list[Sequence], dict]:
+        seqs = [make_seq("first", predicted=20, arrival_s=0.0)]
+        seqs += [make_seq(f"r{i}", predicted=30, task=f"t{i % 4}", arrival_s=0.05 + 2e-4 * i) for i in range(200)]
+        return seqs, {s.request_id: s.predicted_output_tokens for s in seqs}
+
+    sizes = {}
+    for ratio in (0.0, 3.0):
+        sched, clock = make_sched(max_num_seqs=64, inlaid_step_time_ratio=ratio, max_decode_streak=2,
+                                  starvation_limit_s=1e9)
+        seqs, lengths = workload()
+        sizes[ratio] = run_timed(sched, clock, seqs, lambda rows: 1e-3 + 0.25e-3 * rows, lengths)
+        assert all(s.status is SequenceStatus.FINISHED for s in seqs)
+        assert sched.block_manager.num_free_blocks == 1000
+    assert max(sizes[0.0]) == 64
+    capped = sizes[3.0][len(sizes[3.0]) // 4:]      # past the first decrease
+    assert 8 <= max(capped) <= 12, max(capped)
+    assert sched.running_limit() <= 12
+
+
+def test_step_time_ratio_never_caps_below_eight_and_is_checked():
+    """A target no step can meet (every decode step far slower than the first) holds the cap at 8, not
+    lower; a ratio in (0, 1) or below 0 is a config error; the engine reads ENGINE_INLAID_STEP_TIME_RATIO."""
+    sched, clock = make_sched(max_num_seqs=64, inlaid_step_time_ratio=1.0, max_decode_streak=2,
+                              starvation_limit_s=1e9)
+    seqs = [make_seq("first", predicted=5)] + [make_seq(f"r{i}", predicted=20, arrival_s=0.01 + 1e-3 * i)
+                                               for i in range(60)]
+    lengths = {s.request_id: s.predicted_output_tokens for s in seqs}
+    sizes = run_timed(sched, clock, seqs, lambda rows: 1e-3 * rows, lengths)
+    assert min(sizes[len(sizes) // 2:]) >= 1 and max(sizes[len(sizes) // 4:]) <= 8
+    assert sched.running_limit() == 8
+    for bad in (-1.0, 0.5):
+        with pytest.raises(ValueError, match="inlaid_step_time_ratio"):
+            SchedulerConfig(inlaid_step_time_ratio=bad)
+    cfg = EngineConfig.from_env({"ENGINE_INLAID_STEP_TIME_RATIO": "2.5"}).scheduler_config()
+    assert cfg.inlaid_step_time_ratio == 2.5
