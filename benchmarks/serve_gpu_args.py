@@ -25,6 +25,7 @@ ABLATIONS = {
                      scale_variant("inlaid-separate")[1]),
     "r025": ("inlaid, reserve 1/4 of predicted output", "predictor", None, scale_variant("inlaid-r025")[1]),
     "streak2": ("inlaid, decode streak 2", "predictor", None, scale_variant("inlaid-streak2")[1]),
+    "step3": ("inlaid, decode steps within 3x the fastest", "predictor", None, {"inlaid_step_time_ratio": 3.0}),
 }
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1024, max_position_embeddings=4096,
@@ -108,6 +109,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8_e4m3"), default="auto",
                     help="the quantized base's KV cache (EngineConfig.kv_cache_dtype); the fp16 section keeps "
                          "S-LoRA's fp16 cache")
+    ap.add_argument("--inlaid-step-time-ratio", type=float, default=0.0,
+                    help="inlaid's latency target in every section (EngineConfig.inlaid_step_time_ratio: its running "
+                         "pool capped so a decode-only step takes at most this many times the fastest; 0: off)")
     ap.add_argument("--kv-v-layout", choices=("auto", "key", "token_major"), default="auto",
                     help="the quantized base's V cache layout (EngineConfig.kv_v_layout; auto: token-major for an "
                          "fp8 cache on the GPU fast path, else K's)")

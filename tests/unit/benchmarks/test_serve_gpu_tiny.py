@@ -101,3 +101,14 @@ def test_fp8_kv_cache_on_the_base_and_fp16_cache_in_the_fp16_section(tmp_path: P
     assert meta["kv_v_layout"] == "key" and meta["memory"]["base"]["kv_v_layout"] == "key"
     assert meta["decode_launch"]["fp8_dot"] is False and meta["decode_launch"]["fp8_block_n"] == 128
     assert "(fp8 caches: BN 128, 4 warps, stages default, CUDA cores)" in md
+
+
+def test_inlaid_latency_target_reaches_the_engine_and_the_report(tmp_path: Path) -> None:
+    """--inlaid-step-time-ratio: inlaid's engines run with the latency target; the report says so."""
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main", "--policies", "inlaid",
+                "--rates", "0.5", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
+                "--inlaid-step-time-ratio", "3"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    assert data["meta"]["inlaid_step_time_ratio"] == 3.0
+    assert all(r["num_unfinished"] == 0 for r in data["main"])
+    assert "**inlaid's latency target**" in (tmp_path / "serve_gpu.md").read_text()
