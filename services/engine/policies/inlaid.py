@@ -80,7 +80,7 @@ class InlaidScheduler(StreakScheduler):
     def running_limit(self) -> int:
         if not self.config.inlaid_step_time_ratio:
             return self.config.max_num_seqs
-        return max(min(MIN_RUNNING_CAP, self.config.max_num_seqs), int(self._running_cap))
+        return min(self.config.max_num_seqs, max(MIN_RUNNING_CAP, int(self._running_cap)))
 
     def schedule(self) -> SchedulerOutput:
         start = self.clock()

@@ -524,6 +524,10 @@ def test_step_time_ratio_never_caps_below_eight_and_is_checked():
     sizes = run_timed(sched, clock, seqs, lambda rows: 1e-3 * rows, lengths)
     assert min(sizes[len(sizes) // 2:]) >= 1 and max(sizes[len(sizes) // 4:]) <= 8
     assert sched.running_limit() == 8
+    small, small_clock = make_sched(max_num_seqs=4, inlaid_step_time_ratio=1.0, max_decode_streak=2)
+    seqs = [make_seq("first", predicted=5)] + [make_seq(f"s{i}", predicted=20, arrival_s=0.01) for i in range(10)]
+    sizes = run_timed(small, small_clock, seqs, lambda rows: 1e-3 * rows, {s.request_id: 20 for s in seqs})
+    assert max(sizes) <= 4 and small.running_limit() == 4      # the floor never lifts max_num_seqs
     for bad in (-1.0, 0.5):
         with pytest.raises(ValueError, match="inlaid_step_time_ratio"):
             SchedulerConfig(inlaid_step_time_ratio=bad)
