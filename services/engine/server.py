@@ -95,6 +95,7 @@ def main() -> None:
     try:    # a bad ENGINE_* / worker setting ends with its message and exit status 2, not a traceback
         engine_config, worker_config = EngineConfig.from_env(), WorkerConfig.from_env()
         engine_config.check_device()
+        engine_config.scheduler_config()    # the policy knobs (SchedulerConfig checks them)
     except ValueError as exc:
         log.error("engine configuration error: %s", exc)
         raise SystemExit(2) from None

@@ -243,7 +243,7 @@ def test_a_token_major_v_cache_needs_the_gpu_fast_path() -> None:
 
 
 @pytest.mark.parametrize("env", [{"ENGINE_KV_V_LAYOUT": "token_major", "ENGINE_DEVICE": "cpu"},
-                                 {"ENGINE_KV_CACHE_DTYPE": "int8"}])
+                                 {"ENGINE_KV_CACHE_DTYPE": "int8"}, {"ENGINE_INLAID_STEP_TIME_RATIO": "0.5"}])
 def test_the_engine_process_reports_a_bad_setting_without_a_traceback(env: dict) -> None:
     """`python -m services.engine.server` with a bad setting: its message and exit status 2, before the
     model loads (no traceback)."""
