@@ -83,11 +83,12 @@ if triton is not None:
         return off
 
     @triton.jit
-    def _v_tile_token_major(v_ptr, bt_row_ptr, t0, hi, stride_cb, v_head_off, offs_d, D: tl.constexpr,
-                            BN: tl.constexpr, V_BS: tl.constexpr):
+    def _v_tile_token_major(v_ptr, bt_row_ptr, t0, hi, stride_cb, v_head_off, offs_d, tmask, CDT: tl.constexpr,
+                            D: tl.constexpr, BN: tl.constexpr, V_BS: tl.constexpr):
         """The V tile of tokens t0 .. t0 + BN (t0 a multiple of V_BS) from a token-major V cache, read a
         block at a time: [BN / V_BS, D, V_BS] with V_BS contiguous tokens per (block, dim), so the loads
-        are wide and tl.dot's operand needs no byte-wise transpose (an fp8 cache), then as [BN, D]."""
+        are wide and tl.dot's operand needs no byte-wise transpose (an fp8 cache), then as [BN, D] in the
+        compute dtype CDT, tokens outside tmask 0."""
         NB: tl.constexpr = BN // V_BS
         first = t0 + tl.arange(0, NB) * V_BS
         bmask = first < hi
@@ -95,7 +96,8 @@ if triton is not None:
         off = ((blk.to(tl.int64) * stride_cb + v_head_off)[:, None, None] + offs_d[None, :, None] * V_BS
                + tl.arange(0, V_BS)[None, None, :])
         v3 = tl.load(v_ptr + off, mask=bmask[:, None, None], other=0.0)
-        return tl.reshape(tl.permute(v3, (0, 2, 1)), (BN, D))
+        v = tl.reshape(tl.permute(v3, (0, 2, 1)), (BN, D))
+        return tl.where(tmask[:, None], v.to(CDT), 0.0).to(CDT)
 
     @triton.jit
     def _kv_loads(k_ptr, v_ptr, kv_off, tmask, CDT: tl.constexpr, bt_row_ptr, t0, hi, stride_cb, v_head_off,
@@ -104,8 +106,7 @@ if triton is not None:
         widened; a no-op on a cache already in CDT); V token-major where V_BS > 0 (_v_tile_token_major)."""
         k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
         if V_BS > 0:
-            v = tl.where(tmask[:, None], _v_tile_token_major(v_ptr, bt_row_ptr, t0, hi, stride_cb, v_head_off,
-                                                             offs_d, D, BN, V_BS).to(CDT), 0.0).to(CDT)
+            v = _v_tile_token_major(v_ptr, bt_row_ptr, t0, hi, stride_cb, v_head_off, offs_d, tmask, CDT, D, BN, V_BS)
         else:
             v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(CDT)
         return k, v
@@ -575,9 +576,8 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if V_BS > 0:
-                v = tl.where(tmask[:, None], _v_tile_token_major(v_ptr, bt_ptr + s * stride_btb, t0, hi, stride_cb,
-                                                                 kvh * (D * V_BS), offs_d, D, BN, V_BS)
-                             .to(q_ptr.dtype.element_ty), 0.0).to(q_ptr.dtype.element_ty)
+                v = _v_tile_token_major(v_ptr, bt_ptr + s * stride_btb, t0, hi, stride_cb, kvh * (D * V_BS), offs_d,
+                                        tmask, q_ptr.dtype.element_ty, D, BN, V_BS)
             else:
                 v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0).to(q_ptr.dtype.element_ty)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)

@@ -78,9 +78,10 @@ class InlaidScheduler(StreakScheduler):
         self._decode_step: tuple[float, int, bool] | None = None
 
     def running_limit(self) -> int:
+        limit = super().running_limit()
         if not self.config.inlaid_step_time_ratio:
-            return self.config.max_num_seqs
-        return min(self.config.max_num_seqs, max(MIN_RUNNING_CAP, int(self._running_cap)))
+            return limit
+        return min(limit, max(MIN_RUNNING_CAP, int(self._running_cap)))
 
     def schedule(self) -> SchedulerOutput:
         start = self.clock()
