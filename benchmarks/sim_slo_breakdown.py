@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import read_steps, write_result  # noqa: E402
-from serve_gpu_ratios import geomean  # noqa: E402
+from serve_gpu_ratios import HEADLINE, geomean, ratios  # noqa: E402
 from serve_gpu_workload import LOAD_UNITS  # noqa: E402
 from sim_vs_fp16 import RunWorkload, engines  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
@@ -90,12 +90,9 @@ def main() -> None:
         sched = dataclasses.replace(eng["sched"], max_num_seqs=cap)
         ms = [summarize(*records(workload, "inlaid", sched, *eng["4-bit"], t), slo_scale) for t in traces]
         # every request finishes (drained), so attainment over the trace is the benchmark's "_all"
-        rs = [{"throughput": m["throughput_req_s"] / b["throughput_req_s"],
-               "avg_latency": b["latency_avg_s_per_token"] / m["latency_avg_s_per_token"],
-               "jct": b["jct_avg_s"] / m["jct_avg_s"],
-               "slo": m["slo_attainment"] / b["slo_attainment"] if b["slo_attainment"] else float("inf")}
+        rs = [ratios({**m, "slo_attainment_all": m["slo_attainment"]}, {**b, "slo_attainment_all": b["slo_attainment"]})
               for m, b in zip(ms, base)]
-        sweep.append({"max_num_seqs": cap, **{k: geomean([r[k] for r in rs]) for k in rs[0]},
+        sweep.append({"max_num_seqs": cap, **{k: geomean([r[k] for r in rs]) for k, _ in HEADLINE},
                       "inlaid_slo": statistics.mean(m["slo_attainment"] for m in ms)})
         print(f"max_num_seqs {cap}: " + ", ".join(f"{k} {v:.2f}" for k, v in sweep[-1].items() if k != "max_num_seqs"),
               flush=True)
