@@ -34,7 +34,7 @@ class EngineConfig:
     # V cache layout: "key" as K's; "token_major" tokens contiguous within each block, which the GPU
     # kernels read a block at a time (an fp8 V tile then needs no byte-wise transpose,
     # kernels/attention.py token_major_v; GPU fast path only); "auto" token_major for an fp8 cache on
-    # the fast path (the graphed 7B step 4-7% faster at batch 16-64 on the H200,
+    # the fast path (the graphed 7B step 4-6% faster at batch 16-64 on the H200,
     # kv_fp8_shape2_c8e629e.md), else K's
     kv_v_layout: str = "auto"
     max_model_len: int = 0                 # prompt + output tokens; 0 → model's max positions
