@@ -255,15 +255,14 @@ def _memory(meta: dict) -> list[str]:
 
 
 def _launch_text(launch: dict) -> str:
-    """kernels/attention.launch_settings() as one line: the fp16 cache's shape, then the fp8 overrides."""
-    def shape(bn, warps, stages, dot) -> str:
-        return (f"BN {bn}, {warps} warps, stages {stages if stages is not None else 'default'}, "
-                f"{'tensor cores' if dot else 'CUDA cores'}")
-    fp8 = shape(launch.get("fp8_block_n") or launch.get("block_n"), launch.get("warps"),
-                launch.get("fp8_stages") if launch.get("fp8_stages") is not None else launch.get("stages"),
-                launch.get("dot") if launch.get("fp8_dot") is None else launch.get("fp8_dot"))
-    return (f"{shape(launch.get('block_n'), launch.get('warps'), launch.get('stages'), launch.get('dot'))} "
-            f"(fp8 caches: {fp8}), split-KV below {launch.get('split_programs_per_sm')} programs per SM")
+    """kernels/attention.launch_settings() as one line: the launch each cache dtype resolves to."""
+    def shape(meta: dict) -> str:
+        return (f"BN {meta['BN']}, {meta['num_warps']} warps, stages {meta.get('num_stages', 'default')}, "
+                f"{'tensor cores' if meta['DOT'] else 'CUDA cores'}")
+    split = f"split-KV below {launch.get('split_programs_per_sm')} programs per SM"
+    if "fp16" not in launch:   # results written before the resolved shapes were recorded: the raw constants
+        return ", ".join(f"{k} {v}" for k, v in launch.items() if k != "split_programs_per_sm") + f"; {split}"
+    return f"{shape(launch['fp16'])} (fp8 caches: {shape(launch['fp8'])}), {split}"
 
 
 def _fp16(data: dict) -> list[str]:

@@ -188,9 +188,14 @@ class EngineConfig:
     def check_device(self) -> None:
         """Settings the resolved device cannot serve, as a ValueError (the model runner checks the
         fast path itself; this catches them before the model loads)."""
-        if self.kv_v_layout == "token_major" and self.resolved_device() != "cuda":
+        device = self.resolved_device()
+        self.check_kv_v_layout(device == "cuda", f"on {device}")
+
+    def check_kv_v_layout(self, fast_path: bool, where: str) -> None:
+        """A token-major V cache only on the GPU fast path, else a ValueError saying where this engine runs."""
+        if self.kv_v_layout == "token_major" and not fast_path:
             raise ValueError("ENGINE_KV_V_LAYOUT=token_major needs the GPU fast path (CUDA with triton); "
-                             f"this engine runs on {self.resolved_device()}")
+                             f"this engine runs {where}")
 
     def resolved_kv_v_layout(self, fast_path: bool) -> str:
         """The V cache layout an engine allocates: "key" or "token_major" (auto resolved for a runner

@@ -87,9 +87,7 @@ class ModelRunner:
         num_alloc = self.num_kv_blocks + (1 if self.is_fast else 0)
         cache_shape = (num_alloc, self.block_size, shape.num_kv_heads, shape.head_dim)
         self.kv_v_layout = config.resolved_kv_v_layout(self.is_fast)
-        if self.kv_v_layout == "token_major" and not self.is_fast:
-            raise ValueError("ENGINE_KV_V_LAYOUT=token_major needs the GPU fast path (CUDA with triton); "
-                             f"this engine runs the torch path on {self.device}")
+        config.check_kv_v_layout(self.is_fast, f"the torch path on {self.device}")
 
         def v_cache() -> torch.Tensor:
             """V in K's shape; token-major within blocks where configured (a permuted view)."""

@@ -330,10 +330,13 @@ def set_decode_options(dot: bool, split_programs_per_sm: int) -> None:
 
 
 def launch_settings() -> dict:
-    """The process's decode attention launch settings (for benchmark reports)."""
+    """The process's decode attention launch settings (for benchmark reports): the module's constants and,
+    under "fp16" / "fp8", the launch arguments each cache dtype resolves to (_launch_shape's defaults)."""
     return {"block_n": DECODE_BLOCK_N, "warps": DECODE_WARPS, "stages": DECODE_STAGES, "dot": DECODE_DOT,
             "prefetch": DECODE_PREFETCH, "split_programs_per_sm": DECODE_SPLIT_PROGRAMS_PER_SM,
-            "fp8_block_n": DECODE_FP8_BLOCK_N, "fp8_stages": DECODE_FP8_STAGES, "fp8_dot": DECODE_FP8_DOT}
+            "fp8_block_n": DECODE_FP8_BLOCK_N, "fp8_stages": DECODE_FP8_STAGES, "fp8_dot": DECODE_FP8_DOT,
+            "fp16": _launch_shape(None, None, None, cache_bytes=2),
+            "fp8": _launch_shape(None, None, None, cache_bytes=1)}
 
 
 def decode_splits(batch: int, num_heads: int, device: torch.device) -> int:

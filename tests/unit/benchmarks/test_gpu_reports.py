@@ -157,3 +157,17 @@ def test_probe_frag_engine_markdown_with_pdl(tmp_path: Path) -> None:
     text = (tmp_path / "out.md").read_text()
     assert "With programmatic dependent launch (mode 1" in text
     assert "| 1 | 2.700 | 2.550 | 2.730 | error | 2.690 | 2.500 | 2.00 |" in text
+
+
+def test_serve_gpu_launch_text_states_the_resolved_shapes() -> None:
+    """The serving report's launch line is what kernels/attention resolves per cache dtype (not a copy of its
+    defaulting rules); results recorded before those shapes were stored print the raw constants."""
+    from bench_serve_gpu_report import _launch_text
+    from services.engine.kernels import attention
+    text = _launch_text(attention.launch_settings())
+    fp16, fp8 = (attention._launch_shape(None, None, None, cache_bytes=b) for b in (2, 1))
+    assert text.startswith(f"BN {fp16['BN']}, {fp16['num_warps']} warps, ")
+    assert f"(fp8 caches: BN {fp8['BN']}, " in text
+    assert ("CUDA cores)" if not fp8["DOT"] else "tensor cores)") in text
+    legacy = {"block_n": 64, "warps": 4, "fp8_dot": False, "split_programs_per_sm": 4}
+    assert _launch_text(legacy) == "block_n 64, warps 4, fp8_dot False; split-KV below 4 programs per SM"
