@@ -225,7 +225,7 @@ class Bench(ExtraSections):
             max_decode_streak=args.max_decode_streak, starvation_limit_s=args.starvation_s,
             num_kv_blocks=args.num_kv_blocks, kv_cache_bytes=int(args.kv_gib * 2**30), policy="fifo",
             kv_cache_dtype=args.kv_cache_dtype, kv_v_layout=args.kv_v_layout,
-            inlaid_step_time_ratio=args.inlaid_step_time_ratio)
+            inlaid_step_time_ratio=args.inlaid_step_time_ratio, inlaid_slo_scale=args.inlaid_slo_scale)
         if args.gpu_gib:
             set_memory_cap(args.gpu_gib, args.device)
         n_names = max([args.num_tasks, 10, *args.scale_tasks])
@@ -254,6 +254,7 @@ class Bench(ExtraSections):
             "inlaid_full_batch_streak_factor": self.base_cfg.inlaid_full_batch_streak_factor,
             "inlaid_overload_min_free": self.base_cfg.inlaid_overload_min_free,
             "inlaid_step_time_ratio": self.base_cfg.inlaid_step_time_ratio,
+            "inlaid_slo_scale": self.base_cfg.inlaid_slo_scale,
             "inlaid_overload_streak_factor": self.base_cfg.inlaid_overload_streak_factor,
             "piggyback_decode": self.base_cfg.piggyback_decode,
             "admission_reserve_fraction": self.base_cfg.admission_reserve_fraction,

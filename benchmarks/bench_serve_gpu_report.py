@@ -66,7 +66,10 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
           f"{meta.get('max_decode_streak')}, starvation limit {meta.get('starvation_limit_s')} s"
           + (f"; **inlaid's latency target**: its running pool capped so a decode-only step takes at most "
              f"{meta['inlaid_step_time_ratio']:g}× the fastest one seen (`inlaid_step_time_ratio`)"
-             if meta.get("inlaid_step_time_ratio") else "") + ".", "",
+             if meta.get("inlaid_step_time_ratio") else "")
+          + (f"; **inlaid's deadline-aware admission**: a waiting request that can no longer finish within "
+             f"{meta['inlaid_slo_scale']:g}× its predicted latency served alone ranks after every one that still "
+             "can (`inlaid_slo_scale`)" if meta.get("inlaid_slo_scale") else "") + ".", "",
           "What is synthetic, said plainly: the base weights are random (exact Llama-2-7B shapes); the "
           f"{meta.get('num_adapters_registered')} adapters are random rank-8/16 LoRAs on q/k/v/o made in memory "
           f"({meta.get('adapter_sets')} distinct weight sets shared by name; every name still takes its own "

@@ -26,6 +26,8 @@ ABLATIONS = {
     "r025": ("inlaid, reserve 1/4 of predicted output", "predictor", None, scale_variant("inlaid-r025")[1]),
     "streak2": ("inlaid, decode streak 2", "predictor", None, scale_variant("inlaid-streak2")[1]),
     "step3": ("inlaid, decode steps within 3x the fastest", "predictor", None, {"inlaid_step_time_ratio": 3.0}),
+    "step3-slo5": ("inlaid, decode steps within 3x the fastest, late requests last (k = 5)", "predictor", None,
+                   {"inlaid_step_time_ratio": 3.0, "inlaid_slo_scale": 5.0}),
 }
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1024, max_position_embeddings=4096,
@@ -112,6 +114,10 @@ def parse_args(argv=None):
     ap.add_argument("--inlaid-step-time-ratio", type=float, default=0.0,
                     help="inlaid's latency target in every section (EngineConfig.inlaid_step_time_ratio: its running "
                          "pool capped so a decode-only step takes at most this many times the fastest; 0: off)")
+    ap.add_argument("--inlaid-slo-scale", type=float, default=0.0,
+                    help="inlaid's deadline-aware admission in every section (EngineConfig.inlaid_slo_scale: a waiting "
+                         "request that can no longer finish within this many times its latency served alone ranks "
+                         "after every one that still can; 0: off)")
     ap.add_argument("--kv-v-layout", choices=("auto", "key", "token_major"), default="auto",
                     help="the quantized base's V cache layout (EngineConfig.kv_v_layout; auto: token-major for an "
                          "fp8 cache on the GPU fast path, else K's)")

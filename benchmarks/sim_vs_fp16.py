@@ -108,13 +108,13 @@ class RunWorkload:
 
 
 def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float,
-             load_unit: str = "requests", inlaid_step_time_ratio: float = 0.0) -> list[dict]:
+             load_unit: str = "requests", inlaid: dict | None = None) -> list[dict]:
     """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit.
     load_unit "tokens": each trace's request rate is scaled so it offers frac × C's output tokens per
-    second at the capacity burst's task mix (serve_gpu_workload.trace_rate). inlaid_step_time_ratio:
-    inlaid's latency target (SchedulerConfig), the fifo runs keep the run's settings."""
+    second at the capacity burst's task mix (serve_gpu_workload.trace_rate). inlaid: SchedulerConfig
+    fields set for inlaid's replays alone (e.g. inlaid_step_time_ratio), the fifo runs keep the run's settings."""
     workload = RunWorkload.of(run)
-    scheds = {"inlaid": dataclasses.replace(eng["sched"], inlaid_step_time_ratio=inlaid_step_time_ratio),
+    scheds = {"inlaid": dataclasses.replace(eng["sched"], **(inlaid or {})),
               "fifo": eng["sched"]}
     rows = []
     for frac in rates:
@@ -166,6 +166,10 @@ def report(res: dict) -> str:
         lines += [f"**Inlaid with a latency target:** `inlaid_step_time_ratio` = {meta['inlaid_step_time_ratio']:g} "
                   "(its running pool capped so a decode-only step takes at most that many times the fastest one "
                   "seen); fifo keeps the run's settings.", ""]
+    if meta.get("inlaid_slo_scale"):
+        lines += [f"**Inlaid deadline-aware:** `inlaid_slo_scale` = {meta['inlaid_slo_scale']:g} (a waiting request "
+                  "that can no longer finish within that many times its predicted latency served alone ranks after "
+                  "every one that still can); fifo keeps the run's settings.", ""]
     if meta.get("kv_speedup", 1.0) != 1.0:
         lines += [f"**What-if:** both engines' fitted price of a cached token read divided by {meta['kv_speedup']:g} "
                   "(faster decode attention; the solo-latency fit that judges SLO is the run's, unchanged); the "
@@ -212,6 +216,8 @@ def main() -> None:
                     help="what-if: divide the 4-bit engine's price of a cached token read alone (an fp8 KV cache)")
     ap.add_argument("--inlaid-step-time-ratio", type=float, default=0.0,
                     help="inlaid's latency target (SchedulerConfig.inlaid_step_time_ratio; 0: off, the default)")
+    ap.add_argument("--inlaid-slo-scale", type=float, default=0.0,
+                    help="inlaid's deadline-aware admission (SchedulerConfig.inlaid_slo_scale; 0: off, the default)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sim_vs_fp16"))
     args = ap.parse_args()
@@ -222,7 +228,8 @@ def main() -> None:
     eng = engines(run, read_steps(args.steps_csv), args.prefill_cut_ms, args.kv_speedup, args.kv_speedup_4bit)
     rates = [float(x) for x in args.rates.split(",")]
     seeds = list(range(100, 100 + args.seeds))
-    rows = simulate(run, eng, rates, seeds, args.window_s, args.load_unit, args.inlaid_step_time_ratio)
+    inlaid = {"inlaid_step_time_ratio": args.inlaid_step_time_ratio, "inlaid_slo_scale": args.inlaid_slo_scale}
+    rows = simulate(run, eng, rates, seeds, args.window_s, args.load_unit, inlaid)
     m = run["meta"]
     meta = {"commit": args.commit, "run_json": args.run_json, "run_commit": m["git_commit"],
             "run_device": m.get("device", "GPU"), "rates": rates, "seeds": seeds, "window_s": args.window_s,
@@ -230,6 +237,7 @@ def main() -> None:
             "capacity": run["calibration"]["fifo_capacity_req_s"], "slo_scale": m["slo_scale"],
             "fit_errors": eng["errors"], "prefill_cut_ms": args.prefill_cut_ms, "kv_speedup": args.kv_speedup,
             "kv_speedup_4bit": args.kv_speedup_4bit, "inlaid_step_time_ratio": args.inlaid_step_time_ratio,
+            "inlaid_slo_scale": args.inlaid_slo_scale,
             "cost_4bit": eng["4-bit"][0].source,
             "command": " ".join(["python", "benchmarks/sim_vs_fp16.py"] + sys.argv[1:]),
             "wall_s": time.perf_counter() - t0}

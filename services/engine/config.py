@@ -109,6 +109,7 @@ class EngineConfig:
     admission_reserve_fraction: float = 1.0
     inlaid_preempt_ratio: float = 0.0
     inlaid_step_time_ratio: float = 0.0
+    inlaid_slo_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -172,6 +173,7 @@ class EngineConfig:
                                admission_reserve_fraction=self.admission_reserve_fraction,
                                inlaid_preempt_ratio=self.inlaid_preempt_ratio,
                                inlaid_step_time_ratio=self.inlaid_step_time_ratio,
+                               inlaid_slo_scale=self.inlaid_slo_scale,
                                max_adapter_slots=self.max_adapters)
 
     @classmethod

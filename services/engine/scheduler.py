@@ -67,6 +67,12 @@ class SchedulerConfig:
     # scales it down in proportion (to no fewer than 8 requests), a step within the target raises it
     # by one, up to max_num_seqs. Trades throughput for latency under overload; 0 = off.
     inlaid_step_time_ratio: float = 0.0
+    # inlaid: deadline-aware admission. k > 0: a waiting request that can no longer finish within k times
+    # its latency served alone (predicted output x the fastest decode-only step seen) ranks after every
+    # waiting request that still can, so under overload the slots go to requests that can still meet
+    # that SLO; the late ones keep SRTF order among themselves and the starvation guard still bounds
+    # their wait. 0 = off.
+    inlaid_slo_scale: float = 0.0
     # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
     # prefill-only steps that stall the running requests.
     piggyback_decode: bool = True
@@ -98,6 +104,8 @@ class SchedulerConfig:
             raise ValueError(f"inlaid_preempt_ratio must be 0 (off) or >= 1, got {self.inlaid_preempt_ratio}")
         if self.inlaid_step_time_ratio < 0 or 0 < self.inlaid_step_time_ratio < 1:
             raise ValueError(f"inlaid_step_time_ratio must be 0 (off) or >= 1, got {self.inlaid_step_time_ratio}")
+        if self.inlaid_slo_scale < 0 or 0 < self.inlaid_slo_scale < 1:
+            raise ValueError(f"inlaid_slo_scale must be 0 (off) or >= 1, got {self.inlaid_slo_scale}")
         if self.inlaid_overload_streak_factor < 1:
             raise ValueError("inlaid_overload_streak_factor must be >= 1")
         if self.wfq_prefill_token_weight < 0:

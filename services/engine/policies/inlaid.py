@@ -19,6 +19,9 @@ from services.engine.sequence import Sequence, SequenceStatus
 
 # inlaid_step_time_ratio never caps the running pool below this many requests
 MIN_RUNNING_CAP = 8
+# inlaid_slo_scale: added to a late waiting request's SRTF key (predicted tokens), so every request that
+# can still meet its deadline ranks ahead of every late one, and late ones keep SRTF order among themselves
+LATE_RANK_TOKENS = 1 << 30
 
 
 class InlaidScheduler(StreakScheduler):
@@ -62,7 +65,11 @@ class InlaidScheduler(StreakScheduler):
       once, a hungry one never; see `_displace_for`);
     * with `inlaid_step_time_ratio` = r > 0, the running pool is capped so a
       decode-only step stays within r times the fastest one seen (the cap
-      adapts to measured step times: `running_limit`, `update`).
+      adapts to measured step times: `running_limit`, `update`);
+    * with `inlaid_slo_scale` = k > 0, a waiting request that can no longer
+      finish within k times its latency served alone (estimated as its
+      predicted output times the fastest decode-only step seen) ranks after
+      every request that still can (`is_late`); hunger still goes first.
     """
 
     name = "inlaid"
@@ -76,6 +83,7 @@ class InlaidScheduler(StreakScheduler):
         self._running_cap = float(self.config.max_num_seqs)
         self._fastest_decode_s: float | None = None
         self._decode_step: tuple[float, int, bool] | None = None
+        self._times_decode = bool(self.config.inlaid_step_time_ratio or self.config.inlaid_slo_scale)
 
     def running_limit(self) -> int:
         limit = super().running_limit()
@@ -87,7 +95,7 @@ class InlaidScheduler(StreakScheduler):
         start = self.clock()
         out = super().schedule()
         self._decode_step = ((start, len(out.decode), len(self.running) >= self.running_limit())
-                             if self.config.inlaid_step_time_ratio and out.decode and not out.prefill else None)
+                             if self._times_decode and out.decode and not out.prefill else None)
         return out
 
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
@@ -99,6 +107,8 @@ class InlaidScheduler(StreakScheduler):
         step_s = self.clock() - start
         if self._fastest_decode_s is None or step_s < self._fastest_decode_s:
             self._fastest_decode_s = step_s
+        if not self.config.inlaid_step_time_ratio:
+            return
         target = self.config.inlaid_step_time_ratio * self._fastest_decode_s
         if step_s > target:    # multiplicative decrease toward the rows that fit the target
             self._running_cap = max(float(MIN_RUNNING_CAP), min(self._running_cap, rows * target / step_s))
@@ -122,6 +132,16 @@ class InlaidScheduler(StreakScheduler):
             return True
         last = seq.sched_state.get("last_service_s", seq.arrival_s)
         return now_s - last > self.config.starvation_limit_s
+
+    def is_late(self, seq: Sequence, remaining: int, now_s: float) -> bool:
+        """inlaid_slo_scale: whether a waiting request with `remaining` predicted tokens, were it to run from
+        now at the fastest decode-only step seen, would finish after arrival + k × its predicted output at
+        that pace (its latency served alone, prompt time left out). False while no such step was timed."""
+        k, pace = self.config.inlaid_slo_scale, self._fastest_decode_s
+        predicted = seq.predicted_output_tokens
+        if not k or pace is None or predicted is None:
+            return False
+        return now_s + remaining * pace > seq.arrival_s + k * max(predicted, 1) * pace
 
     def _should_prefill(self) -> bool:
         # With β tasks already running, every decode batch has its task slots taken:
@@ -209,6 +229,8 @@ class InlaidScheduler(StreakScheduler):
             remaining = state.get("waiting_remaining")
             if remaining is None:
                 remaining = state["waiting_remaining"] = seq.predicted_remaining_tokens
+            if self.is_late(seq, remaining, now_s):
+                remaining += LATE_RANK_TOKENS
             keyed.append(((not self.is_hungry(seq, now_s), remaining, seq.seq_no), seq))
         keyed.sort(key=lambda item: item[0])
         ordered = [s for _, s in keyed]

@@ -104,11 +104,13 @@ def test_fp8_kv_cache_on_the_base_and_fp16_cache_in_the_fp16_section(tmp_path: P
 
 
 def test_inlaid_latency_target_reaches_the_engine_and_the_report(tmp_path: Path) -> None:
-    """--inlaid-step-time-ratio: inlaid's engines run with the latency target; the report says so."""
+    """--inlaid-step-time-ratio / --inlaid-slo-scale: inlaid's engines run with the latency target and the
+    deadline-aware admission; the report says so."""
     bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,main", "--policies", "inlaid",
                 "--rates", "0.5", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
-                "--inlaid-step-time-ratio", "3"])
+                "--inlaid-step-time-ratio", "3", "--inlaid-slo-scale", "5"])
     data = json.loads((tmp_path / "serve_gpu.json").read_text())
-    assert data["meta"]["inlaid_step_time_ratio"] == 3.0
+    assert data["meta"]["inlaid_step_time_ratio"] == 3.0 and data["meta"]["inlaid_slo_scale"] == 5.0
     assert all(r["num_unfinished"] == 0 for r in data["main"])
-    assert "**inlaid's latency target**" in (tmp_path / "serve_gpu.md").read_text()
+    md = (tmp_path / "serve_gpu.md").read_text()
+    assert "**inlaid's latency target**" in md and "**inlaid's deadline-aware admission**" in md

@@ -68,7 +68,7 @@ def test_latency_target_changes_inlaid_only() -> None:
     run = json.loads(RUN.with_suffix(".json").read_text())
     eng = engines(run, read_steps(f"{RUN}.steps.csv"))
     off = simulate(run, eng, rates=[3.2], seeds=[100], window_s=3.0)[0]
-    on = simulate(run, eng, rates=[3.2], seeds=[100], window_s=3.0, inlaid_step_time_ratio=2.0)[0]
+    on = simulate(run, eng, rates=[3.2], seeds=[100], window_s=3.0, inlaid={"inlaid_step_time_ratio": 2.0})[0]
     assert on["fifo"] == off["fifo"] and on["fifo fp16"] == off["fifo fp16"]
     assert on["inlaid"] != off["inlaid"]
     assert on["inlaid"]["throughput_req_s"] < off["inlaid"]["throughput_req_s"]

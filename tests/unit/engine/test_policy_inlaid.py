@@ -533,3 +533,36 @@ def test_step_time_ratio_never_caps_below_eight_and_is_checked():
             SchedulerConfig(inlaid_step_time_ratio=bad)
     cfg = EngineConfig.from_env({"ENGINE_INLAID_STEP_TIME_RATIO": "2.5"}).scheduler_config()
     assert cfg.inlaid_step_time_ratio == 2.5
+
+
+def test_slo_scale_ranks_late_requests_after_those_that_can_still_meet_their_deadline():
+    """inlaid_slo_scale = 5 with 1 ms decode steps (the pace): at t = 1 s "late" (arrived at 0, 10 tokens
+    predicted: deadline 50 ms) ranks after "fresh" (arrived at 0.99 s, 40 tokens: deadline 1.19 s, finishing
+    at 1.04 s) although SRTF alone puts it first; a hungry late request still goes first; off, or before
+    any decode-only step was timed, SRTF order holds."""
+    def scenario(**cfg) -> tuple[InlaidScheduler, Clock]:
+        sched, clock = make_sched(max_num_seqs=2, max_decode_streak=1, **cfg)
+        sched.add(make_seq("warm", predicted=1))
+        step(sched, clock, 1e-3)          # prefill
+        step(sched, clock, 1e-3)          # a 1 ms decode-only step: the pace
+        clock.now_s = 1.0
+        sched.add(make_seq("late", predicted=10, arrival_s=0.0))
+        sched.add(make_seq("fresh", predicted=40, arrival_s=0.99))
+        return sched, clock
+
+    sched, _ = scenario(inlaid_slo_scale=5.0, starvation_limit_s=1e9)
+    assert sched.is_late(sched.waiting[0], 10, 1.0) and not sched.is_late(sched.waiting[1], 40, 1.0)
+    assert ids(sched.schedule().prefill)[0] == "fresh"
+    sched, _ = scenario(inlaid_slo_scale=0.0, starvation_limit_s=1e9)
+    assert ids(sched.schedule().prefill)[0] == "late"
+    sched, _ = scenario(inlaid_slo_scale=5.0, starvation_limit_s=0.5)   # "late" waited 1 s: hungry
+    assert ids(sched.schedule().prefill)[0] == "late"
+    cold, clock = make_sched(max_num_seqs=1, inlaid_slo_scale=5.0, starvation_limit_s=1e9)
+    clock.now_s = 1.0
+    cold.add(make_seq("late", predicted=10, arrival_s=0.0))
+    cold.add(make_seq("fresh", predicted=40, arrival_s=0.99))
+    assert ids(cold.schedule().prefill) == ["late"]                     # no pace measured yet
+    for bad in (-1.0, 0.5):
+        with pytest.raises(ValueError, match="inlaid_slo_scale"):
+            SchedulerConfig(inlaid_slo_scale=bad)
+    assert EngineConfig.from_env({"ENGINE_INLAID_SLO_SCALE": "5"}).scheduler_config().inlaid_slo_scale == 5.0
