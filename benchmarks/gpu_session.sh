@@ -116,6 +116,8 @@
 #                                                   #   chose, then kv-fp8-serve's serving run with it
 #   bash benchmarks/gpu_session.sh kv-fp8-step3 COMMIT  # at most 400 s (not run yet): kv-fp8-default's serving run, inlaid
 #                                                   #   with the latency target inlaid_step_time_ratio = 3
+#   bash benchmarks/gpu_session.sh kv-fp8-slo COMMIT  # at most 400 s (not run yet): kv-fp8-step3 with inlaid's deadline-aware
+#                                                   #   admission too (inlaid_slo_scale 5; sim_inlaid_grid_slo_a6de4f5.md)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
@@ -129,7 +131,7 @@
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-default | kv-fp8-step3 | kv-fp8-lean | kv-fp8-min | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-default | kv-fp8-step3 | kv-fp8-slo | kv-fp8-lean | kv-fp8-min | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -406,6 +408,11 @@ case "$stage" in
                   # 92d7531's steps, all four targets vs fifo fp16 on 10 of 20 seeds against 0 of 20 off,
                   # sim_vs_fp16_tokens_kvfp8_default_step3_92d7531.md); fifo's runs are unchanged by it
     drain30_tokens 400 385 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830 --inlaid-step-time-ratio 3
+    ;;
+  kv-fp8-slo)   # kv-fp8-step3 with late requests ranked last (inlaid_slo_scale 5): simulated on 92d7531's steps,
+                # all four targets vs fifo fp16 on 13 of 20 seeds against 10 with the latency target alone
+                # (sim_inlaid_grid_slo_a6de4f5.md); fifo's runs are unchanged by either
+    drain30_tokens 400 385 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830 --inlaid-step-time-ratio 3 --inlaid-slo-scale 5
     ;;
   kv-fp8-serve)   # the serving run of kv-fp8 (a second call: both do not fit one)
     drain30_tokens 440 425 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830
