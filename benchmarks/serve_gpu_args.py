@@ -28,6 +28,7 @@ ABLATIONS = {
     "step3": ("inlaid, decode steps within 3x the fastest", "predictor", None, {"inlaid_step_time_ratio": 3.0}),
     "step3-slo5": ("inlaid, decode steps within 3x the fastest, late requests last (k = 5)", "predictor", None,
                    {"inlaid_step_time_ratio": 3.0, "inlaid_slo_scale": 5.0}),
+    "no-slo": ("inlaid, late requests not ranked last (inlaid_slo_scale 0)", "predictor", None, {"inlaid_slo_scale": 0.0}),
 }
 TINY_SHAPE = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1024, max_position_embeddings=4096,
