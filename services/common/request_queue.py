@@ -52,6 +52,7 @@ class QueuedRequest:
     predicted_output_tokens: int | None = None
     tenant: str = ""
     arrival_ts: float = field(default_factory=time.time)
+    deadline_ts: float | None = None      # the client's deadline (time.time()); None = none
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -64,7 +65,12 @@ class QueuedRequest:
                    params=dict(data.get("params") or {}),
                    predicted_output_tokens=data.get("predicted_output_tokens"),
                    tenant=str(data.get("tenant", "")),
-                   arrival_ts=float(data.get("arrival_ts", time.time())))
+                   arrival_ts=float(data.get("arrival_ts", time.time())),
+                   deadline_ts=None if data.get("deadline_ts") is None else float(data["deadline_ts"]))
+
+    def deadline_monotonic(self) -> float | None:
+        """The client's deadline on this process's time.monotonic clock (None: no deadline)."""
+        return None if self.deadline_ts is None else time.monotonic() + (self.deadline_ts - time.time())
 
 
 @dataclass(frozen=True)

@@ -108,12 +108,14 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None, task: str = "",
-                    predicted_output_tokens: int | None = None) -> None:
+                    predicted_output_tokens: int | None = None, deadline_s: float | None = None) -> None:
+        """Queue a request; deadline_s: when its client stops waiting (time.monotonic), which the
+        inlaid policy ranks by (a request that can no longer make it goes after those that can)."""
         params = params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params, task)
         seq = Sequence(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                        params=params, task=task,
-                       predicted_output_tokens=predicted_output_tokens)
+                       predicted_output_tokens=predicted_output_tokens, deadline_s=deadline_s)
         detok = (IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
                  if self.tokenizer is not None else None)
         self._seqs[request_id] = seq

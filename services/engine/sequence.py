@@ -67,6 +67,7 @@ class Sequence:
     predicted_output_tokens: int | None = None  # from the predictor; None = unknown
     arrival_s: float = field(default_factory=time.monotonic)
     priority_weight: float = 1.0                # per-task weight for fair queueing
+    deadline_s: float | None = None             # the client's deadline (time.monotonic); None = none
     seq_no: int = field(default_factory=lambda: next(_seq_counter))  # FIFO tiebreak
 
     status: SequenceStatus = SequenceStatus.WAITING

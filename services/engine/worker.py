@@ -289,7 +289,8 @@ class EngineWorker:
             self.engine.add_request(rid, request.prompt_token_ids + written, sampling,
                                     task=request.task,
                                     predicted_output_tokens=None if predicted is None
-                                    else max(1, predicted - base))
+                                    else max(1, predicted - base),
+                                    deadline_s=request.deadline_monotonic())
         except DuplicateRequestError:
             return
         except (InvalidRequestError, UnknownTaskError, ValueError, TypeError) as exc:

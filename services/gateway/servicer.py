@@ -136,9 +136,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if predicted is None:
             # No predictor, or it is down: degrade to the task's running statistics.
             predicted = await self._queue.median_output_tokens(request.task)
+        remaining_s = context.time_remaining()   # the engine ranks by the client's deadline too
         entry_id = await self._queue.enqueue(QueuedRequest(
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
-            predicted_output_tokens=predicted, tenant=caller.tenant))
+            predicted_output_tokens=predicted, tenant=caller.tenant,
+            deadline_ts=None if remaining_s is None else time.time() + remaining_s))
         if entry_id is None:  # the same idempotency key arrived twice at once; one queued it
             async for response in self._attach(request_id, caller):
                 yield response

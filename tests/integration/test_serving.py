@@ -178,6 +178,27 @@ async def test_engine_side_rejection_reaches_the_client_as_error(stack, engine):
     assert await stack.queue.num_pending() == 0
 
 
+async def test_client_deadline_reaches_the_engine(stack, engine, monkeypatch):
+    """The gateway passes the client's gRPC deadline on; the worker hands it to the engine on the
+    engine's monotonic clock (the inlaid policy ranks by it); no deadline, None."""
+    import time
+    seen = []
+    add_request = engine.add_request
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deadline_s"))
+        return add_request(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", spy)
+    stack.start_worker(engine)
+    before = time.monotonic()
+    timed = await _collect(stack.stub.Generate(_req(max_tokens=2), timeout=60))
+    untimed = await _collect(stack.stub.Generate(_req(max_tokens=2)))
+    assert [r[-1].finish_reason for r in (timed, untimed)] == [common_pb2.FINISH_REASON_LENGTH] * 2
+    assert len(seen) == 2 and seen[1] is None
+    assert before + 50 < seen[0] <= time.monotonic() + 60
+
+
 def _queued(request_id: str, prompt: list[int], max_tokens: int):
     return QueuedRequest(request_id=request_id, task="", prompt_token_ids=prompt,
                          params={"max_tokens": max_tokens})

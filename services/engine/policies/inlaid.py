@@ -66,10 +66,11 @@ class InlaidScheduler(StreakScheduler):
     * with `inlaid_step_time_ratio` = r > 0, the running pool is capped so a
       decode-only step stays within r times the fastest one seen (the cap
       adapts to measured step times: `running_limit`, `update`);
-    * with `inlaid_slo_scale` = k > 0, a waiting request that can no longer
-      finish within k times its latency served alone (estimated as its
-      predicted output times the fastest decode-only step seen) ranks after
-      every request that still can (`is_late`); hunger still goes first.
+    * a waiting request that can no longer finish by its deadline ranks after
+      every request that still can (`is_late`; hunger still goes first): its
+      client's deadline (gRPC, passed on by the gateway), and with
+      `inlaid_slo_scale` = k > 0 also k times its latency served alone
+      (its predicted output times the fastest decode-only step seen).
     """
 
     name = "inlaid"
@@ -83,7 +84,6 @@ class InlaidScheduler(StreakScheduler):
         self._running_cap = float(self.config.max_num_seqs)
         self._fastest_decode_s: float | None = None
         self._decode_step: tuple[float, int, bool] | None = None
-        self._times_decode = bool(self.config.inlaid_step_time_ratio or self.config.inlaid_slo_scale)
 
     def running_limit(self) -> int:
         limit = super().running_limit()
@@ -95,7 +95,7 @@ class InlaidScheduler(StreakScheduler):
         start = self.clock()
         out = super().schedule()
         self._decode_step = ((start, len(out.decode), len(self.running) >= self.running_limit())
-                             if self._times_decode and out.decode and not out.prefill else None)
+                             if out.decode and not out.prefill else None)
         return out
 
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
@@ -134,14 +134,18 @@ class InlaidScheduler(StreakScheduler):
         return now_s - last > self.config.starvation_limit_s
 
     def is_late(self, seq: Sequence, remaining: int, now_s: float) -> bool:
-        """inlaid_slo_scale: whether a waiting request with `remaining` predicted tokens, were it to run from
-        now at the fastest decode-only step seen, would finish after arrival + k × its predicted output at
-        that pace (its latency served alone, prompt time left out). False while no such step was timed."""
-        k, pace = self.config.inlaid_slo_scale, self._fastest_decode_s
-        predicted = seq.predicted_output_tokens
-        if not k or pace is None or predicted is None:
+        """Whether a waiting request with `remaining` predicted tokens, were it to run from now at the
+        fastest decode-only step seen, would finish after its deadline: the earlier of its client's
+        (seq.deadline_s) and, with inlaid_slo_scale = k, arrival + k × its predicted output at that pace
+        (its latency served alone, prompt time left out). False while no such step was timed."""
+        pace = self._fastest_decode_s
+        if pace is None:
             return False
-        return now_s + remaining * pace > seq.arrival_s + k * max(predicted, 1) * pace
+        ends = [] if seq.deadline_s is None else [seq.deadline_s]
+        k, predicted = self.config.inlaid_slo_scale, seq.predicted_output_tokens
+        if k and predicted is not None:
+            ends.append(seq.arrival_s + k * max(predicted, 1) * pace)
+        return bool(ends) and now_s + remaining * pace > min(ends)
 
     def _should_prefill(self) -> bool:
         # With β tasks already running, every decode batch has its task slots taken:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
@@ -55,6 +56,10 @@ def test_chunk_and_request_roundtrip():
     assert OutputChunk.from_fields(chunk.to_fields()) == chunk
     request = _request()
     assert QueuedRequest.from_json(request.to_json()) == request
+    assert request.deadline_ts is None and request.deadline_monotonic() is None
+    timed = dataclasses.replace(request, deadline_ts=time.time() + 30.0)
+    assert QueuedRequest.from_json(timed.to_json()) == timed
+    assert abs(timed.deadline_monotonic() - (time.monotonic() + 30.0)) < 1.0   # on this process's clock
 
 
 async def test_enqueue_read_publish_ack(queue):

@@ -539,7 +539,8 @@ def test_slo_scale_ranks_late_requests_after_those_that_can_still_meet_their_dea
     """inlaid_slo_scale = 5 with 1 ms decode steps (the pace): at t = 1 s "late" (arrived at 0, 10 tokens
     predicted: deadline 50 ms) ranks after "fresh" (arrived at 0.99 s, 40 tokens: deadline 1.19 s, finishing
     at 1.04 s) although SRTF alone puts it first; a hungry late request still goes first; off, or before
-    any decode-only step was timed, SRTF order holds."""
+    any decode-only step was timed, SRTF order holds. A client's deadline (seq.deadline_s) counts the
+    same way with inlaid_slo_scale off."""
     def scenario(**cfg) -> tuple[InlaidScheduler, Clock]:
         sched, clock = make_sched(max_num_seqs=2, max_decode_streak=1, **cfg)
         sched.add(make_seq("warm", predicted=1))
@@ -562,6 +563,13 @@ def test_slo_scale_ranks_late_requests_after_those_that_can_still_meet_their_dea
     cold.add(make_seq("late", predicted=10, arrival_s=0.0))
     cold.add(make_seq("fresh", predicted=40, arrival_s=0.99))
     assert ids(cold.schedule().prefill) == ["late"]                     # no pace measured yet
+    # the client's deadline counts without inlaid_slo_scale: "late" must end by 1.005 s, 10 tokens at 1 ms
+    sched, _ = scenario(inlaid_slo_scale=0.0, starvation_limit_s=1e9)
+    sched.waiting[0].deadline_s = 1.005
+    assert ids(sched.schedule().prefill)[0] == "fresh"
+    sched, _ = scenario(inlaid_slo_scale=0.0, starvation_limit_s=1e9)
+    sched.waiting[0].deadline_s = 1.5                                   # still reachable: SRTF order
+    assert ids(sched.schedule().prefill)[0] == "late"
     for bad in (-1.0, 0.5):
         with pytest.raises(ValueError, match="inlaid_slo_scale"):
             SchedulerConfig(inlaid_slo_scale=bad)

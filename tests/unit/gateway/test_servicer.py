@@ -105,6 +105,19 @@ async def test_generate_queues_tokenized_request_and_streams_chunks(gateway, tok
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_EOS
     assert responses[-1].num_output_tokens == 3
     assert await gateway.queue.backlog() == 0 and await gateway.queue.num_pending() == 0
+    assert queued.deadline_ts is None                     # the client set no deadline
+
+
+async def test_client_deadline_travels_with_the_queued_request(gateway):
+    """A Generate with a gRPC deadline queues it (wall clock) for the engine's scheduler."""
+    import time
+    done = OutputChunk(0, [], "", finish_reason=1)
+    engine = asyncio.create_task(_serve_one(gateway, [done]))
+    before = time.time()
+    responses = [r async for r in gateway.stub.Generate(_req(), timeout=30)]
+    queued = await engine
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_EOS
+    assert before + 25 < queued.deadline_ts <= time.time() + 30
 
 
 async def test_client_cancel_sets_cancel_key(gateway):
