@@ -71,7 +71,7 @@ class SchedulerConfig:
     # its latency served alone (predicted output x the fastest decode-only step seen) ranks after every
     # waiting request that still can, so under overload the slots go to requests that can still meet
     # that SLO; the late ones keep SRTF order among themselves and the starvation guard still bounds
-    # their wait. 0 = off.
+    # their wait. 0 = off (a client's own deadline, Sequence.deadline_s, is ranked by either way).
     inlaid_slo_scale: float = 0.0
     # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
     # prefill-only steps that stall the running requests.

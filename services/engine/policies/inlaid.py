@@ -19,8 +19,8 @@ from services.engine.sequence import Sequence, SequenceStatus
 
 # inlaid_step_time_ratio never caps the running pool below this many requests
 MIN_RUNNING_CAP = 8
-# inlaid_slo_scale: added to a late waiting request's SRTF key (predicted tokens), so every request that
-# can still meet its deadline ranks ahead of every late one, and late ones keep SRTF order among themselves
+# added to the SRTF key (predicted tokens) of a waiting request past its deadline (is_late), so every request
+# that can still meet its deadline ranks ahead of every late one, and late ones keep SRTF order among themselves
 LATE_RANK_TOKENS = 1 << 30
 
 
