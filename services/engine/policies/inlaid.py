@@ -66,11 +66,14 @@ class InlaidScheduler(StreakScheduler):
     * with `inlaid_step_time_ratio` = r > 0, the running pool is capped so a
       decode-only step stays within r times the fastest one seen (the cap
       adapts to measured step times: `running_limit`, `update`);
-    * a waiting request that can no longer finish by its deadline ranks after
-      every request that still can (`is_late`; hunger still goes first): its
-      client's deadline (gRPC, passed on by the gateway), and with
-      `inlaid_slo_scale` = k > 0 also k times its latency served alone
-      (its predicted output times the fastest decode-only step seen).
+    * deadlines (hunger still goes first): a waiting request that at the
+      current decode pace could no longer finish by its client's deadline
+      (gRPC, passed on by the gateway, which cancels it there) is not
+      admitted while other work can run (`misses_deadline`: its tokens would
+      be thrown away); with `inlaid_slo_scale` = k > 0, one that could no
+      longer finish within k times its latency served alone (its predicted
+      output times the fastest decode-only step seen) ranks after every
+      request that still can (`is_late`).
     """
 
     name = "inlaid"
@@ -84,6 +87,7 @@ class InlaidScheduler(StreakScheduler):
         self._running_cap = float(self.config.max_num_seqs)
         self._fastest_decode_s: float | None = None
         self._decode_step: tuple[float, int, bool] | None = None
+        self._last_decode_s: float | None = None        # the last decode-only step's time: the current pace
 
     def running_limit(self) -> int:
         limit = super().running_limit()
@@ -107,6 +111,7 @@ class InlaidScheduler(StreakScheduler):
         step_s = self.clock() - start
         if self._fastest_decode_s is None or step_s < self._fastest_decode_s:
             self._fastest_decode_s = step_s
+        self._last_decode_s = step_s
         if not self.config.inlaid_step_time_ratio:
             return
         target = self.config.inlaid_step_time_ratio * self._fastest_decode_s
@@ -134,18 +139,20 @@ class InlaidScheduler(StreakScheduler):
         return now_s - last > self.config.starvation_limit_s
 
     def is_late(self, seq: Sequence, remaining: int, now_s: float) -> bool:
-        """Whether a waiting request with `remaining` predicted tokens, were it to run from now at the
-        fastest decode-only step seen, would finish after its deadline: the earlier of its client's
-        (seq.deadline_s) and, with inlaid_slo_scale = k, arrival + k × its predicted output at that pace
-        (its latency served alone, prompt time left out). False while no such step was timed."""
-        pace = self._fastest_decode_s
-        if pace is None:
+        """inlaid_slo_scale = k: whether a waiting request with `remaining` predicted tokens, were it to run
+        from now at the fastest decode-only step seen, would finish after arrival + k × its predicted output
+        at that pace (its latency served alone, prompt time left out). False while no such step was timed."""
+        k, pace, predicted = self.config.inlaid_slo_scale, self._fastest_decode_s, seq.predicted_output_tokens
+        if not k or pace is None or predicted is None:
             return False
-        ends = [] if seq.deadline_s is None else [seq.deadline_s]
-        k, predicted = self.config.inlaid_slo_scale, seq.predicted_output_tokens
-        if k and predicted is not None:
-            ends.append(seq.arrival_s + k * max(predicted, 1) * pace)
-        return bool(ends) and now_s + remaining * pace > min(ends)
+        return now_s + remaining * pace > seq.arrival_s + k * max(predicted, 1) * pace
+
+    def misses_deadline(self, seq: Sequence, remaining: int, now_s: float) -> bool:
+        """Whether a waiting request with `remaining` predicted tokens, decoding from now at the last
+        decode-only step's pace, would finish after its client's deadline (seq.deadline_s), where the
+        gateway cancels it. False without a deadline or before a decode-only step was timed."""
+        pace = self._last_decode_s
+        return seq.deadline_s is not None and pace is not None and now_s + remaining * pace > seq.deadline_s
 
     def _should_prefill(self) -> bool:
         # With β tasks already running, every decode batch has its task slots taken:
@@ -233,11 +240,12 @@ class InlaidScheduler(StreakScheduler):
             remaining = state.get("waiting_remaining")
             if remaining is None:
                 remaining = state["waiting_remaining"] = seq.predicted_remaining_tokens
-            if self.is_late(seq, remaining, now_s):
+            doomed = self.misses_deadline(seq, remaining, now_s)
+            if doomed or self.is_late(seq, remaining, now_s):
                 remaining += LATE_RANK_TOKENS
-            keyed.append(((not self.is_hungry(seq, now_s), remaining, seq.seq_no), seq))
+            keyed.append(((not self.is_hungry(seq, now_s), remaining, seq.seq_no), seq, doomed))
         keyed.sort(key=lambda item: item[0])
-        ordered = [s for _, s in keyed]
+        ordered = [s for _, s, _ in keyed]
         self._last_ranking = ordered     # upcoming_tasks reads it until the next prefill step
         self._new_since_ranking = []
         allowed = None
@@ -249,7 +257,7 @@ class InlaidScheduler(StreakScheduler):
             for task, seqs in group_by_task(self.running).items():
                 best[task] = self.task_key(task, seqs, now_s, with_switch=False)
                 counts[task] = len(seqs)
-            for (not_hungry, remaining, _), seq in keyed:
+            for (not_hungry, remaining, _), seq, _ in keyed:
                 old = best.get(seq.task)
                 best[seq.task] = ((not_hungry, remaining) if old is None
                                   else (old[0] and not_hungry, min(old[1], remaining)))
@@ -258,9 +266,14 @@ class InlaidScheduler(StreakScheduler):
             allowed = choose_tasks(best, self.config.max_adapters_per_batch, lambda t: (
                 best[t][0], best[t][1] + (0 if t in self.last_step_tasks else switch)),
                 fill=self._fill_seqs(), size=counts.__getitem__, max_slots=self.config.max_adapter_slots)
+        doomed = {id(seq) for (not_hungry, _, _), seq, misses in keyed if misses and not_hungry}
+        if doomed:   # held while other work can run; with none, they run (their prediction may be long)
+            live = [seq for seq in ordered if id(seq) not in doomed]
+            if live or self.running:
+                ordered = live
         if self.config.inlaid_preempt_ratio > 0 and self.running:
             self._displace_for(ordered, allowed, decode_rows)
-        hungry = {id(seq) for (not_hungry, _, _), seq in keyed if not not_hungry}
+        hungry = {id(seq) for (not_hungry, _, _), seq, _ in keyed if not not_hungry}
         admitted = admit_prefills(self, ordered, allowed, reserve_predicted=True,
                                   is_urgent=lambda seq: id(seq) in hungry, decode_rows=decode_rows)
         start_running(self, admitted, now_s)

@@ -1,12 +1,13 @@
 """Discrete-event replay of a trace through a real scheduling policy with modelled step times."""
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.engine.block_manager import BlockManager
 from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from services.engine.sequence import SamplingParams, Sequence
+from services.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from services.engine.simulator.adapter_store import AdapterStoreConfig, AdapterStoreSim
 from services.engine.simulator.cost_model import CostModel, StepFeatures
 from services.engine.simulator.metrics import RequestRecord, StepRecord, summarize
@@ -27,10 +28,18 @@ class SimConfig:
     # Adapter slot loads and host packs on the clock (None: their cost is only what the fitted
     # cost model's per-adapter term absorbed, which misses them once tasks outnumber the slots)
     adapter_store: AdapterStoreConfig | None = None
+    # Clients that give up: every request is cancelled this many seconds after its arrival unless it
+    # finished (as the gateway cancels at a client's gRPC deadline; the work spent on it is lost).
+    # 0: clients wait forever. deadline_to_policy: the policy is told each deadline (Sequence.deadline_s),
+    # as the engine is; False replays the same cancellations with a policy that does not know them.
+    client_timeout_s: float = 0.0
+    deadline_to_policy: bool = True
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks <= 0 or self.block_size <= 0 or self.max_tokens <= 0:
             raise ValueError("num_kv_blocks, block_size and max_tokens must be > 0")
+        if self.client_timeout_s < 0:
+            raise ValueError(f"client_timeout_s must be >= 0 (0: no timeout), got {self.client_timeout_s}")
 
 
 @dataclass
@@ -38,6 +47,8 @@ class SimResult:
     requests: list[RequestRecord]
     steps: list[StepRecord]
     metrics: dict = field(default_factory=dict)
+    # client_timeout_s: requests cancelled at their deadline, as (request_id, output tokens computed for them)
+    cancelled: list[tuple[str, int]] = field(default_factory=list)
 
 
 def step_features(out: SchedulerOutput) -> StepFeatures:
@@ -105,6 +116,8 @@ class Simulator:
         num_added = 0
         store = AdapterStoreSim(cfg.adapter_store) if cfg.adapter_store else None
         self.adapter_store = store
+        timeouts: list[tuple[float, int, Sequence]] = []     # (deadline, seq_no, seq): client_timeout_s
+        cancelled: list[tuple[str, int]] = []
         while num_added < len(requests) or sched.has_unfinished:
             while num_added < len(requests) and requests[num_added].arrival_s <= self._now_s:
                 req = requests[num_added]
@@ -112,15 +125,28 @@ class Simulator:
                                params=params, task=req.task,
                                predicted_output_tokens=req.predicted_output_tokens,
                                arrival_s=req.arrival_s, priority_weight=req.priority_weight)
+                if cfg.client_timeout_s:
+                    deadline = req.arrival_s + cfg.client_timeout_s
+                    seq.deadline_s = deadline if cfg.deadline_to_policy else None
+                    heapq.heappush(timeouts, (deadline, seq.seq_no, seq))
                 target[id(seq)] = req
                 sched.add(seq)
                 num_added += 1
+            while timeouts and timeouts[0][0] <= self._now_s:    # the clients that gave up by now
+                _, _, seq = heapq.heappop(timeouts)
+                if seq.status is not SequenceStatus.FINISHED:
+                    sched.abort(seq.request_id)
+                    cancelled.append((seq.request_id, seq.num_output_tokens))
+            if not (num_added < len(requests) or sched.has_unfinished):
+                break
             out = sched.schedule() if sched.has_unfinished else SchedulerOutput()
-            if out.is_empty:
-                if num_added == len(requests):
+            if out.is_empty:   # idle until the next arrival or client timeout (a policy may hold late requests)
+                events = ([requests[num_added].arrival_s] if num_added < len(requests) else []) + \
+                         ([timeouts[0][0]] if timeouts else [])
+                if not events:
                     raise RuntimeError(f"policy {sched.name!r} scheduled nothing with "
                                        f"{len(sched.waiting)} waiting, {len(sched.running)} running")
-                self._now_s = max(self._now_s, requests[num_added].arrival_s)
+                self._now_s = max(self._now_s, min(events))
                 continue
             feats = step_features(out)
             dt = self.cost.step_time_s(feats)
@@ -137,10 +163,14 @@ class Simulator:
                 req = target[id(seq)]
                 if seq.num_output_tokens >= req.output_tokens:
                     sched.finish(seq)
+                    if cfg.client_timeout_s and self._now_s > req.arrival_s + cfg.client_timeout_s:
+                        cancelled.append((seq.request_id, seq.num_output_tokens))   # its client left mid-step
+                        continue
                     records.append(RequestRecord(
                         request_id=req.request_id, task=req.task, arrival_s=req.arrival_s,
                         first_token_s=seq.first_token_s, finished_s=self._now_s,
                         num_prompt_tokens=req.prompt_tokens, num_output_tokens=seq.num_output_tokens,
                         num_preemptions=seq.num_preemptions,
                         solo_latency_s=solo_latency_s(self.cost, req)))
-        return SimResult(records, steps, summarize(records, steps, cfg.slo_scale))
+        metrics = summarize(records, steps, cfg.slo_scale) if records else {"num_requests": 0}
+        return SimResult(records, steps, metrics, cancelled)

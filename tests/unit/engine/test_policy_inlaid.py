@@ -539,8 +539,7 @@ def test_slo_scale_ranks_late_requests_after_those_that_can_still_meet_their_dea
     """inlaid_slo_scale = 5 with 1 ms decode steps (the pace): at t = 1 s "late" (arrived at 0, 10 tokens
     predicted: deadline 50 ms) ranks after "fresh" (arrived at 0.99 s, 40 tokens: deadline 1.19 s, finishing
     at 1.04 s) although SRTF alone puts it first; a hungry late request still goes first; off, or before
-    any decode-only step was timed, SRTF order holds. A client's deadline (seq.deadline_s) counts the
-    same way with inlaid_slo_scale off."""
+    any decode-only step was timed, SRTF order holds."""
     def scenario(**cfg) -> tuple[InlaidScheduler, Clock]:
         sched, clock = make_sched(max_num_seqs=2, max_decode_streak=1, **cfg)
         sched.add(make_seq("warm", predicted=1))
@@ -563,14 +562,39 @@ def test_slo_scale_ranks_late_requests_after_those_that_can_still_meet_their_dea
     cold.add(make_seq("late", predicted=10, arrival_s=0.0))
     cold.add(make_seq("fresh", predicted=40, arrival_s=0.99))
     assert ids(cold.schedule().prefill) == ["late"]                     # no pace measured yet
-    # the client's deadline counts without inlaid_slo_scale: "late" must end by 1.005 s, 10 tokens at 1 ms
-    sched, _ = scenario(inlaid_slo_scale=0.0, starvation_limit_s=1e9)
-    sched.waiting[0].deadline_s = 1.005
-    assert ids(sched.schedule().prefill)[0] == "fresh"
-    sched, _ = scenario(inlaid_slo_scale=0.0, starvation_limit_s=1e9)
-    sched.waiting[0].deadline_s = 1.5                                   # still reachable: SRTF order
-    assert ids(sched.schedule().prefill)[0] == "late"
     for bad in (-1.0, 0.5):
         with pytest.raises(ValueError, match="inlaid_slo_scale"):
             SchedulerConfig(inlaid_slo_scale=bad)
     assert EngineConfig.from_env({"ENGINE_INLAID_SLO_SCALE": "5"}).scheduler_config().inlaid_slo_scale == 5.0
+
+
+def test_a_request_that_would_miss_its_clients_deadline_waits_while_other_work_runs():
+    """seq.deadline_s (the client's gRPC deadline, where the gateway cancels): after a 2 ms decode-only
+    step (the current pace), "doomed" (10 tokens, deadline 15 ms away) is not admitted even with free
+    slots while "ok" or "warm" runs; with a reachable deadline it is; with nothing else to run it runs (its
+    prediction may be long); a hungry one goes first whatever its deadline."""
+    def scenario(deadline_s: float, warm_runs: bool = True, ok: bool = True, **cfg) -> InlaidScheduler:
+        sched, clock = make_sched(max_num_seqs=8, max_decode_streak=1, **cfg)
+        sched.add(make_seq("warm", predicted=1))
+        step(sched, clock, 1e-3)          # prefill
+        step(sched, clock, 2e-3)          # a 2 ms decode-only step: the pace
+        if not warm_runs:
+            sched.finish(sched.running[0])
+        clock.now_s = 1.0
+        sched.add(make_seq("doomed", predicted=10, arrival_s=0.9))
+        if ok:
+            sched.add(make_seq("ok", predicted=40, arrival_s=0.99))
+        sched.waiting[0].deadline_s = deadline_s
+        return sched
+
+    sched = scenario(1.015, starvation_limit_s=1e9)
+    assert sched.misses_deadline(sched.waiting[0], 10, 1.0)
+    assert ids(sched.schedule().prefill) == ["ok"] and ids(sched.waiting) == ["doomed"]
+    sched = scenario(1.5, starvation_limit_s=1e9)                    # 10 tokens at 2 ms: in time
+    assert ids(sched.schedule().prefill) == ["doomed", "ok"]
+    sched = scenario(1.015, ok=False, starvation_limit_s=1e9)        # "warm" still runs: held
+    assert ids(sched.schedule().prefill) == [] and ids(sched.waiting) == ["doomed"]
+    sched = scenario(1.015, warm_runs=False, ok=False, starvation_limit_s=1e9)   # else idle: it runs
+    assert ids(sched.schedule().prefill) == ["doomed"]
+    sched = scenario(1.015, starvation_limit_s=0.05)                 # waited 0.1 s: hungry
+    assert ids(sched.schedule().prefill)[0] == "doomed"

@@ -144,3 +144,38 @@ def test_thousands_of_requests_replay_in_seconds():
                        SimConfig(num_kv_blocks=4000)).run(trace)
     assert len(result.requests) == 3000
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("policy", ["inlaid", "fifo"])
+def test_client_timeouts_cancel_what_is_unfinished_and_account_for_every_request(policy):
+    """client_timeout_s: under overload every request either finishes within the timeout or is cancelled
+    (with the tokens computed for it); none is lost; no timeout, nothing is cancelled."""
+    trace = random_trace(300, rate=200.0, num_tasks=4, seed=3)
+    cfg = SchedulerConfig(max_num_seqs=32, max_adapters_per_batch=4)
+    base = SimConfig(num_kv_blocks=4000)
+    res = Simulator(POLICIES[policy], cfg, COST, SimConfig(num_kv_blocks=4000, client_timeout_s=1.5)).run(trace)
+    assert res.cancelled and res.requests
+    assert len(res.requests) + len(res.cancelled) == len(trace)
+    assert len({r.request_id for r in res.requests} | {rid for rid, _ in res.cancelled}) == len(trace)
+    assert all(r.finished_s - r.arrival_s <= 1.5 + 1e-9 for r in res.requests)
+    assert any(n > 0 for _, n in res.cancelled)          # some were cancelled mid-generation: wasted work
+    assert not Simulator(POLICIES[policy], cfg, COST, base).run(trace).cancelled
+    with pytest.raises(ValueError, match="client_timeout_s"):
+        SimConfig(client_timeout_s=-1.0)
+
+
+def test_inlaid_told_the_client_deadlines_wastes_less_on_requests_it_cannot_finish():
+    """The same cancellations with and without the policy knowing the deadlines (deadline_to_policy):
+    told, inlaid holds back requests it predicts will miss, so less of the computed work is thrown away
+    and no fewer requests finish in time."""
+    trace = random_trace(600, rate=300.0, num_tasks=4, seed=5)
+    cfg = SchedulerConfig(max_num_seqs=64, max_adapters_per_batch=4)
+
+    def run(told: bool):
+        res = Simulator(POLICIES["inlaid"], cfg, COST,
+                        SimConfig(num_kv_blocks=8000, client_timeout_s=0.8, deadline_to_policy=told)).run(trace)
+        wasted = sum(n for _, n in res.cancelled)
+        return len(res.requests), wasted / (wasted + sum(r.num_output_tokens for r in res.requests))
+
+    (done_told, waste_told), (done_blind, waste_blind) = run(True), run(False)
+    assert waste_told < waste_blind and done_told >= done_blind
