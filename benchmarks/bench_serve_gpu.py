@@ -47,7 +47,7 @@ from serve_gpu_fit import fit_cost, fit_error, refit, scale_variant  # noqa: E40
 from serve_gpu_workload import (  # noqa: E402
     family_lengths, make_adapters, make_trace, scaled, task_names)
 from bench_serve_gpu_report import write_report  # noqa: E402
-from serve_gpu_sections import ExtraSections  # noqa: E402
+from serve_gpu_sections import TIMEOUT_ARMS, ExtraSections  # noqa: E402
 from serve_gpu_args import ABLATIONS, parse_args  # noqa: E402
 from bench_sim import with_predictions  # noqa: E402
 from results_io import cpu_name, python_loop_ms  # noqa: E402
@@ -468,6 +468,7 @@ def main(argv=None) -> None:
         n_repeat = (args.trace_repeats - 1) * len(args.repeat_policies)
         bench.section("repeat", bench.replay_est(n_repeat, args.replay_s), bench.sec_repeat)
     bench.section("ablate", bench.replay_est(len(bench.ablations()), args.replay_s), bench.sec_ablate)
+    bench.section("timeouts", bench.replay_est(len(TIMEOUT_ARMS), args.replay_s), bench.sec_timeouts)
     bench.section("wfq", bench.replay_est(2 * len(args.hog_policies), args.hog_s), bench.sec_wfq)
     bench.section("scale", bench.replay_est(n_scale, args.scale_s) + 10, bench.sec_scale)
     # Last: it frees the 4-bit runner.

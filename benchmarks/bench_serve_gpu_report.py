@@ -108,6 +108,7 @@ def write_report(data: dict, md_path: Path, png_path: Path | None = None) -> Non
     md += _fp16(data)
     md += repeats_md(data)
     md += _scale(data)
+    md += _timeouts(data)
     md += _wfq(data)
     md += _sim_rates(data)
     md += _targets(data)
@@ -343,6 +344,22 @@ def _scale(data: dict) -> list[str]:
                 out.append(f"- {kind}, {policy}: throughput loss 2 → 100 tasks {loss:+.1%}")
     out.append("")
     return out
+
+
+def _timeouts(data: dict) -> list[str]:
+    rows = data.get("timeouts")
+    if not rows:
+        return []
+    r0 = rows[0]
+    return [f"## Clients that give up after {r0['client_timeout_s']:g} s", "",
+            f"The main trace at its highest rate ({r0.get('rate_req_s', float('nan')):.1f} req/s); each request is "
+            "aborted that long after its arrival unless it finished, as the gateway cancels a request at its "
+            "client's gRPC deadline. \"Told\": the engine gets each deadline (what the gateway does); \"not "
+            "told\": the same aborts, the policy blind to them. Goodput = finished in time / all requests; wasted = "
+            "output tokens computed for cancelled requests / all computed.", "",
+            table(rows, [("arm", "replay", ""), ("goodput", "goodput", ".3f"), ("num_cancelled", "cancelled", "d"),
+                         ("wasted", "wasted", ".3f"), ("jct_avg_s", "finished JCT s", ".2f"),
+                         ("slo_attainment_all", "SLO", ".3f"), ("throughput_req_s", "finished req/s", ".2f")]), ""]
 
 
 def _wfq(data: dict) -> list[str]:

@@ -116,9 +116,10 @@
 #                                                   #   chose, then kv-fp8-serve's serving run with it
 #   bash benchmarks/gpu_session.sh kv-fp8-step3 COMMIT  # at most 400 s (not run yet): kv-fp8-default's serving run, inlaid
 #                                                   #   with the latency target inlaid_step_time_ratio = 3
-#   bash benchmarks/gpu_session.sh kv-fp8-slo COMMIT  # at most 560 s (not run yet): kv-fp8-step3 with inlaid's deadline-aware
+#   bash benchmarks/gpu_session.sh kv-fp8-slo COMMIT  # at most 590 s (not run yet): kv-fp8-step3 with inlaid's deadline-aware
 #                                                   #   admission too (inlaid_slo_scale 5; sim_inlaid_grid_slo_a6de4f5.md), and
-#                                                   #   on the main trace an ablation without it (latency target alone)
+#                                                   #   on the main trace an ablation without it (latency target alone) and
+#                                                   #   clients giving up after 2 s (section timeouts; sim_client_timeouts_72a5f46.md)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
@@ -413,8 +414,8 @@ case "$stage" in
   kv-fp8-slo)   # kv-fp8-step3 with late requests ranked last (inlaid_slo_scale 5): simulated on 92d7531's steps,
                 # all four targets vs fifo fp16 on 13 of 20 seeds against 10 with the latency target alone
                 # (sim_inlaid_grid_slo_a6de4f5.md); fifo's runs are unchanged by either
-    drain30_tokens 560 540 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830 --inlaid-step-time-ratio 3 --inlaid-slo-scale 5 \
-      --sections calib,main,repeat,ablate,fp16 --ablations no-slo
+    drain30_tokens 590 570 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830 --inlaid-step-time-ratio 3 --inlaid-slo-scale 5 \
+      --sections calib,main,repeat,ablate,timeouts,fp16 --ablations no-slo --client-timeout-s 2
     ;;
   kv-fp8-serve)   # the serving run of kv-fp8 (a second call: both do not fit one)
     drain30_tokens 440 425 --kv-cache-dtype fp8_e4m3 --kv-max-blocks 1830

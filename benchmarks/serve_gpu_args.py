@@ -13,7 +13,7 @@ from services.engine.config import EngineConfig
 from services.engine.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("calib", "main", "repeat", "ablate", "wfq", "scale", "fp16")
+SECTIONS = ("calib", "main", "repeat", "ablate", "timeouts", "wfq", "scale", "fp16")
 # --ablations NAME: (label, prediction mode, β (None: the run's --beta; 0: ∞), EngineConfig overrides)
 ABLATIONS = {
     "task-mean": ("inlaid, no prediction (task mean)", "task-mean", None, {}),
@@ -82,6 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--scale-s", type=float, default=12.0,
                     help="arrival window of one scaling replay (5 s runs were dominated by the drain after it)")
     ap.add_argument("--sim-s", type=float, default=60.0)
+    ap.add_argument("--client-timeout-s", type=float, default=2.0,
+                    help="section timeouts: each client gives up this long after its request arrives")
     ap.add_argument("--hog-policies", default="wfq,fifo")
     ap.add_argument("--hog-overload", type=float, default=1.5)
     ap.add_argument("--hog-s", type=float, default=5.0)
@@ -160,6 +162,8 @@ def parse_args(argv=None):
         ap.error(f"unknown repeat policies {unknown}; choose from {sorted(POLICIES)}")
     if args.trace_repeats < 1:
         ap.error("--trace-repeats must be at least 1 (the main section's trace)")
+    if args.client_timeout_s <= 0:
+        ap.error("--client-timeout-s must be > 0")
     if args.tiny:
         from services.common.model_source import RANDOM_SHAPES
         RANDOM_SHAPES.setdefault("tiny-serve", TINY_SHAPE)   # only inside this process

@@ -44,22 +44,34 @@ def make_engine(runner, base_cfg, policy: str, beta: int, **overrides):
     return LLMEngine(cfg, runner=runner, load_tokenizer=False)
 
 
-def replay(engine, trace: list[TraceRequest], max_tokens: int, deadline_s: float, seed: int):
+def replay_full(engine, trace: list[TraceRequest], max_tokens: int, deadline_s: float, seed: int,
+                **timeouts) -> engine_replay.ReplayResult:
     """engine_replay.replay with random prompt ids of each request's length (random weights: the
-    ids only set the prompt length). Returns (records, steps, #unfinished, wall s)."""
+    ids only set the prompt length); timeouts: its client_timeout_s / deadline_to_policy."""
     import numpy as np
     rng = np.random.default_rng(seed)
     vocab = engine.runner.shape.vocab_size
     prompts = {r.request_id: rng.integers(100, vocab, r.prompt_tokens).tolist() for r in trace}
-    result = engine_replay.replay(engine, trace, prompts, max_tokens, deadline_s)
+    return engine_replay.replay(engine, trace, prompts, max_tokens, deadline_s, **timeouts)
+
+
+def replay(engine, trace: list[TraceRequest], max_tokens: int, deadline_s: float, seed: int):
+    """replay_full's (records, steps, #unfinished, wall s)."""
+    result = replay_full(engine, trace, max_tokens, deadline_s, seed)
     return result.records, result.steps, result.num_unfinished, result.wall_s
 
 
-def measure(engine, trace, solo_s, args, label: str, deadline_s: float, **extra) -> tuple[dict, list]:
+def measure(engine, trace, solo_s, args, label: str, deadline_s: float, client_timeout_s: float = 0.0,
+            deadline_to_policy: bool = True, **extra) -> tuple[dict, list]:
     """One replay → one result row (summarize + unfinished-aware SLO), and its step rows.
 
-    solo_s(TraceRequest) -> seconds: the request's latency served alone (the SLO reference)."""
-    records, steps, unfinished, wall = replay(engine, trace, args.max_tokens, deadline_s, args.seed)
+    solo_s(TraceRequest) -> seconds: the request's latency served alone (the SLO reference).
+    client_timeout_s > 0: clients give up that long after arrival (engine_replay.replay); the row
+    then also has goodput (finished / all), the cancelled count and the share of computed output
+    tokens they took (wasted)."""
+    result = replay_full(engine, trace, args.max_tokens, deadline_s, args.seed, client_timeout_s=client_timeout_s,
+                         deadline_to_policy=deadline_to_policy)
+    records, steps, unfinished, wall = result.records, result.steps, result.num_unfinished, result.wall_s
     by_id = {r.request_id: r for r in trace}
     records = [dataclasses.replace(r, solo_latency_s=solo_s(by_id[r.request_id])) for r in records]
     if records:
@@ -75,6 +87,11 @@ def measure(engine, trace, solo_s, args, label: str, deadline_s: float, **extra)
         m = {"num_requests": 0, "slo_attainment_all": 0.0}
     m.update(variant=label, num_trace_requests=len(trace), num_unfinished=unfinished, replay_wall_s=wall,
              offered_rate_req_s=len(trace) / max(1e-9, trace[-1].arrival_s) if trace else 0.0, **extra)
+    if client_timeout_s:
+        lost = sum(n for _, n in result.cancelled)
+        m.update(client_timeout_s=client_timeout_s, deadline_to_policy=deadline_to_policy,
+                 goodput=len(records) / len(trace), num_cancelled=len(result.cancelled),
+                 wasted=lost / max(1, lost + sum(r.num_output_tokens for r in records)))
     if steps:   # the policy's CPU time per step: part of every step on the real engine, absent from the cost model
         m["schedule_ms_avg"] = 1e3 * statistics.fmean(st.schedule_s for st in steps)
         m["schedule_share"] = sum(st.schedule_s for st in steps) / max(1e-9, sum(st.step_s for st in steps))

@@ -18,6 +18,11 @@ from services.engine.simulator.metrics import summarize
 from services.engine.simulator.simulator import Simulator
 
 
+# sec_timeouts' replays: (label, policy, the engine is told each client's deadline)
+TIMEOUT_ARMS = (("inlaid, told the deadlines", "inlaid", True), ("inlaid, not told", "inlaid", False),
+                ("fifo", "fifo", True))
+
+
 class ExtraSections:
     """Sections beyond calibration, the policy comparison and the ablations."""
 
@@ -122,6 +127,22 @@ class ExtraSections:
             print(f"  hog {policy}: others p99 JCT {row.get('others_jct_p99_no_hog_s', float('nan')):.2f} → "
                   f"{row.get('others_jct_p99_with_hog_s', float('nan')):.2f} s "
                   f"(×{row.get('others_p99_ratio', float('nan')):.2f})", flush=True)
+            self.save()
+
+    def sec_timeouts(self) -> None:
+        """Clients that give up --client-timeout-s after arrival (their requests aborted there, as the
+        gateway cancels them) on the main trace at the highest rate: inlaid told the deadlines (the
+        engine's behaviour), inlaid not told (the same aborts) and fifo; goodput and wasted work."""
+        a = self.args
+        rows = []
+        self.data["timeouts"] = rows
+        rate, trace = self.rate_at(a.rates[-1]), self.trace_at(a.rates[-1])
+        for label, policy, told in TIMEOUT_ARMS:
+            m = self.run_replay((policy, a.beta), trace, f"{label}, {a.client_timeout_s:g} s clients", a.replay_s,
+                                client_timeout_s=a.client_timeout_s, deadline_to_policy=told, rate_req_s=rate,
+                                load_frac=a.rates[-1])
+            m["arm"] = label
+            rows.append(m)
             self.save()
 
     def sec_fp16(self) -> None:

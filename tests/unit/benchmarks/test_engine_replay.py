@@ -50,3 +50,31 @@ def test_deadline_aborts_what_is_open(engine):
     assert result.num_unfinished >= 1
     assert not engine.has_unfinished               # open requests were aborted, blocks freed
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_client_timeouts_abort_and_count_what_was_computed(engine):
+    """client_timeout_s: a client that gives up has its request aborted (as the gateway cancels it) and
+    counted with the tokens computed for it; told, the engine holds each request's deadline; the rest
+    finish; every request is accounted for and every KV block comes back."""
+    seen = []
+    add_request = engine.add_request
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deadline_s"))
+        return add_request(*args, **kwargs)
+
+    engine.add_request = spy
+    try:
+        trace = _trace([60, 2], gap_s=0.0)
+        prompts = {r.request_id: [101] * r.prompt_tokens for r in trace}
+        result = replay(engine, trace, prompts, max_tokens=64, client_timeout_s=0.2)
+        blind = replay(engine, trace, prompts, max_tokens=64, client_timeout_s=0.2, deadline_to_policy=False)
+    finally:
+        del engine.add_request
+    for res in (result, blind):
+        assert len(res.records) + len(res.cancelled) == 2
+        assert "r0" in {rid for rid, _ in res.cancelled}       # 60 tokens in 0.2 s: not on this model
+        assert all(r.finished_s - r.arrival_s <= 0.2 for r in res.records)
+    assert seen[:2] != [None, None] and seen[2:] == [None, None]
+    assert not engine.has_unfinished
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

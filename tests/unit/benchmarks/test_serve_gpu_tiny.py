@@ -114,3 +114,20 @@ def test_inlaid_latency_target_reaches_the_engine_and_the_report(tmp_path: Path)
     assert all(r["num_unfinished"] == 0 for r in data["main"])
     md = (tmp_path / "serve_gpu.md").read_text()
     assert "**inlaid's latency target**" in md and "**inlaid's deadline-aware admission**" in md
+
+
+def test_client_timeouts_section_replays_three_arms_and_reports_goodput(tmp_path: Path) -> None:
+    """--sections calib,timeouts: inlaid told / not told and fifo on the main trace with clients giving up
+    after --client-timeout-s; every request is finished or cancelled, and the report has the table."""
+    bench.main(["--tiny", "--out", str(tmp_path), "--sections", "calib,timeouts", "--policies", "inlaid",
+                "--rates", "3.0", "--replay-s", "2", "--drain-s", "1", "--warm-burst-s", "0.5", "--burst-s", "3",
+                "--client-timeout-s", "0.3"])
+    data = json.loads((tmp_path / "serve_gpu.json").read_text())
+    rows = data["timeouts"]
+    assert [r["arm"] for r in rows] == ["inlaid, told the deadlines", "inlaid, not told", "fifo"]
+    for r in rows:
+        assert r["client_timeout_s"] == 0.3 and 0.0 <= r["goodput"] <= 1.0
+        finished = r.get("num_requests", 0)
+        assert finished + r["num_unfinished"] == r["num_trace_requests"] and r["num_cancelled"] <= r["num_unfinished"]
+        assert r["goodput"] == finished / r["num_trace_requests"]
+    assert "## Clients that give up after 0.3 s" in (tmp_path / "serve_gpu.md").read_text()
