@@ -25,11 +25,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--request-id", default="", help="idempotency key (re-attaches if known)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--timeout", type=positive_seconds, default=None,
+                   help="deadline in seconds: the request is cancelled if it has not finished by then, and the "
+                        "engine will not start it while it predicts the request cannot finish in time")
     p.add_argument("--verbose", "-v", action="store_true", help="print ids and counts to stderr")
     add_gateway_option(p)
     p.set_defaults(func=run)
     return p
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 def build_request(args: argparse.Namespace) -> gateway_pb2.GenerateRequest:
@@ -66,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n[cancelled]", file=sys.stderr)
         return 130
     except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout is not None:
+            print(f"\nerror: DEADLINE_EXCEEDED: not finished within --timeout {args.timeout:g} s; the request "
+                  "was cancelled", file=sys.stderr)
+            return 1
         return report_rpc_error(exc, gateway_addr(args))
     finally:
         channel.close()

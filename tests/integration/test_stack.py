@@ -68,6 +68,12 @@ def test_inlaid_serve_runs_the_stack_and_stops_cleanly(tmp_path, peft_adapters, 
         assert "demo" in capsys.readouterr().out
         assert cli_main(["generate", "--gateway", gateway, "--task", "nope", "--prompt", "x"]) == 1
         assert "NOT_FOUND" in capsys.readouterr().err
+        assert cli_main(["generate", "--gateway", gateway, "--task", "demo", "--prompt", "Say hi",
+                         "--max-tokens", "4", "--ignore-eos", "--timeout", "60"]) == 0   # the deadline travels
+        assert capsys.readouterr().out.strip() != ""
+        assert cli_main(["generate", "--gateway", gateway, "--prompt", "Say hi", "--max-tokens", "200",
+                         "--ignore-eos", "--timeout", "0.01"]) == 1
+        assert "not finished within --timeout 0.01 s" in capsys.readouterr().err
         with grpc.insecure_channel(f"localhost:{ports['engine']}") as channel:
             status = engine_pb2_grpc.EngineServiceStub(channel).GetStatus(
                 engine_pb2.GetStatusRequest(), timeout=10)

@@ -19,3 +19,13 @@ def test_from_env_reads_prefixed_variables():
 def test_bad_values_are_rejected(env):
     with pytest.raises(ValueError):
         GatewayConfig.from_env(env)
+
+
+def test_generate_timeout_must_be_positive_seconds(capsys):
+    """`inlaid generate --timeout` takes seconds > 0: zero, negative or words are a usage error (exit 2)."""
+    from services.cli import main as cli_main
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SystemExit) as info:
+            cli_main(["generate", "--prompt", "x", "--timeout", bad])
+        assert info.value.code == 2
+        assert "--timeout" in capsys.readouterr().err
