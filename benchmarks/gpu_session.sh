@@ -100,7 +100,7 @@
 #                                                   #   attention and split-KV on, then drain30-tokens' serving run
 #   bash benchmarks/gpu_session.sh attn-frag COMMIT  # at most 190 s (not run yet): attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 16, tiled and block-major fragments
-#   bash benchmarks/gpu_session.sh attn-frag-pdl COMMIT  # at most 350 s (not run yet): attn-serve's engine GPU tests, then the graphed
+#   bash benchmarks/gpu_session.sh attn-frag-pdl COMMIT  # at most 350 s (ran at 180c8f6: 167 s): attn-serve's engine GPU tests, then the graphed
 #                                                   #   decode at batch 1 / 4 / 8 / 16, tiled and block-major fragments, each
 #                                                   #   with and without PDL mode 1 (attn-frag and frag-pdl's decode in one)
 #   bash benchmarks/gpu_session.sh kv-fp8 COMMIT  # at most 230 s (not run yet): the fp8 KV cache (ENGINE_KV_CACHE_DTYPE=fp8_e4m3): its GPU
@@ -114,16 +114,16 @@
 #                                                   #   wider tiles / deeper pipelines (DECODE_FP8_BLOCK_N / _STAGES; 852632c: 1.08x)
 #   bash benchmarks/gpu_session.sh kv-fp8-default COMMIT  # at most 570 s: the fp8 GPU tests at the launch shape kv-fp8-shape
 #                                                   #   chose, then kv-fp8-serve's serving run with it
-#   bash benchmarks/gpu_session.sh kv-fp8-step3 COMMIT  # at most 400 s (not run yet): kv-fp8-default's serving run, inlaid
+#   bash benchmarks/gpu_session.sh kv-fp8-step3 COMMIT  # at most 400 s (ran at 180c8f6: 273 s): kv-fp8-default's serving run, inlaid
 #                                                   #   with the latency target inlaid_step_time_ratio = 3
-#   bash benchmarks/gpu_session.sh kv-fp8-slo COMMIT  # at most 590 s (not run yet): kv-fp8-step3 with inlaid's deadline-aware
+#   bash benchmarks/gpu_session.sh kv-fp8-slo COMMIT  # at most 590 s (ran at 180c8f6: 398 s): kv-fp8-step3 with inlaid's deadline-aware
 #                                                   #   admission too (inlaid_slo_scale 5; sim_inlaid_grid_slo_a6de4f5.md), and
 #                                                   #   on the main trace an ablation without it (latency target alone) and
 #                                                   #   clients giving up after 2 s (section timeouts; sim_client_timeouts_72a5f46.md)
 #   bash benchmarks/gpu_session.sh kv-fp8-lean COMMIT  # at most 400 s (not run yet): kv-fp8-all on one trace (the main section's)
 #   bash benchmarks/gpu_session.sh kv-fp8-min COMMIT  # at most 180 s (not run yet): kv-fp8's fp8 GPU tests, then the graphed step at
 #                                                   #   batch 16 / 64 (context 1024), fp16 vs fp8 caches
-#   bash benchmarks/gpu_session.sh kv-fp8-serve COMMIT  # at most 440 s (not run yet): drain30-tokens' serving run with the 4-bit base on
+#   bash benchmarks/gpu_session.sh kv-fp8-serve COMMIT  # at most 440 s (ran at 180c8f6: 269 s): drain30-tokens' serving run with the 4-bit base on
 #                                                   #   an fp8 cache of 1830 blocks (its fp16 cache's at 8d39b65; sim_vs_fp16
 #                                                   #   what-if: KV reads at half price), fifo on fp16 beside it
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
