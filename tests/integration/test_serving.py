@@ -196,7 +196,7 @@ async def test_client_deadline_reaches_the_engine(stack, engine, monkeypatch):
     untimed = await _collect(stack.stub.Generate(_req(max_tokens=2)))
     assert [r[-1].finish_reason for r in (timed, untimed)] == [common_pb2.FINISH_REASON_LENGTH] * 2
     assert len(seen) == 2 and seen[1] is None
-    assert before + 50 < seen[0] <= time.monotonic() + 60
+    assert before + 50 < seen[0] <= time.monotonic() + 61     # the server re-bases the timeout: a second of slack
 
 
 def _queued(request_id: str, prompt: list[int], max_tokens: int):
