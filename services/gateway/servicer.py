@@ -136,7 +136,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if predicted is None:
             # No predictor, or it is down: degrade to the task's running statistics.
             predicted = await self._queue.median_output_tokens(request.task)
-        remaining_s = context.time_remaining()   # the engine ranks by the client's deadline too
+        # The client's deadline, read once: on the wall clock for the engine (which holds back a request
+        # that cannot finish by it), on this process's monotonic clock for the stream below.
+        remaining_s = context.time_remaining()
+        deadline_s = None if remaining_s is None else time.monotonic() + remaining_s
         entry_id = await self._queue.enqueue(QueuedRequest(
             request_id=request_id, task=request.task, prompt_token_ids=token_ids, params=params,
             predicted_output_tokens=predicted, tenant=caller.tenant,
@@ -145,8 +148,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             async for response in self._attach(request_id, caller):
                 yield response
             return
-        remaining_s = context.time_remaining()
-        deadline_s = None if remaining_s is None else time.monotonic() + remaining_s
         async for response in self._stream(request_id, 0, cancel_on_exit=True,
                                            predicted_output_tokens=predicted or 0,
                                            task=request.task, start_s=start_s,
