@@ -71,7 +71,8 @@ class SchedulerConfig:
     # its latency served alone (predicted output x the fastest decode-only step seen) ranks after every
     # waiting request that still can, so under overload the slots go to requests that can still meet
     # that SLO; the late ones keep SRTF order among themselves and the starvation guard still bounds
-    # their wait. 0 = off (a client's own deadline, Sequence.deadline_s, is ranked by either way).
+    # their wait. 0 = off (a client's own deadline, Sequence.deadline_s, counts either way: a request
+    # that would miss it is held back while other work can run, InlaidScheduler.misses_deadline).
     inlaid_slo_scale: float = 0.0
     # inlaid and wfq: a prefill step also decodes the running pool (see StreakScheduler). False:
     # prefill-only steps that stall the running requests.
@@ -100,12 +101,10 @@ class SchedulerConfig:
             raise ValueError(f"admission_reserve_fraction must be in [0, 1], got {self.admission_reserve_fraction}")
         if not 0.0 <= self.inlaid_overload_min_free <= 1.0:
             raise ValueError(f"inlaid_overload_min_free must be in [0, 1], got {self.inlaid_overload_min_free}")
-        if self.inlaid_preempt_ratio < 0 or 0 < self.inlaid_preempt_ratio < 1:
-            raise ValueError(f"inlaid_preempt_ratio must be 0 (off) or >= 1, got {self.inlaid_preempt_ratio}")
-        if self.inlaid_step_time_ratio < 0 or 0 < self.inlaid_step_time_ratio < 1:
-            raise ValueError(f"inlaid_step_time_ratio must be 0 (off) or >= 1, got {self.inlaid_step_time_ratio}")
-        if self.inlaid_slo_scale < 0 or 0 < self.inlaid_slo_scale < 1:
-            raise ValueError(f"inlaid_slo_scale must be 0 (off) or >= 1, got {self.inlaid_slo_scale}")
+        for name in ("inlaid_preempt_ratio", "inlaid_step_time_ratio", "inlaid_slo_scale"):   # ratios: off or >= 1
+            value = getattr(self, name)
+            if value < 0 or 0 < value < 1:
+                raise ValueError(f"{name} must be 0 (off) or >= 1, got {value}")
         if self.inlaid_overload_streak_factor < 1:
             raise ValueError("inlaid_overload_streak_factor must be >= 1")
         if self.wfq_prefill_token_weight < 0:
