@@ -29,7 +29,7 @@ from serve_gpu_ratios import HEADLINE, TARGETS, geomean, ratios  # noqa: E402
 from serve_gpu_workload import LOAD_UNITS  # noqa: E402
 from services.engine.policies import POLICIES  # noqa: E402
 from services.engine.scheduler import SchedulerConfig  # noqa: E402
-from sim_vs_fp16 import RunWorkload, engines  # noqa: E402
+from sim_vs_fp16 import RunWorkload, engines, headline_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHED_FIELDS = {f.name: f.type for f in dataclasses.fields(SchedulerConfig)}
@@ -67,24 +67,18 @@ def parse_grid(specs: list[str]) -> list[dict]:
     return points
 
 
-def metrics(m: dict) -> dict:
-    # every request finishes (drained), so attainment over the trace is the benchmark's "_all"
-    return {"throughput_req_s": m["throughput_req_s"], "jct_avg_s": m["jct_avg_s"],
-            "latency_avg_s_per_token": m["latency_avg_s_per_token"], "slo_attainment_all": m["slo_attainment"]}
-
-
 def simulate_run(stem: str, unit: str, points: list[dict], frac: float, seeds: list[int], window_s: float) -> dict:
     """One run: fifo 4-bit / fp16 per seed, inlaid per (point, seed), as ratio summaries per point."""
     run = json.loads(Path(stem + ".json").read_text())
     eng = engines(run, read_steps(stem + ".steps.csv"))
     workload = RunWorkload.of(run)
     traces = [workload.trace(frac, seed, window_s, unit)[1] for seed in seeds]
-    fifo = [{base: metrics(workload.replay(POLICIES["fifo"], eng["sched"], *eng[engine], trace))
+    fifo = [{base: headline_metrics(workload.replay(POLICIES["fifo"], eng["sched"], *eng[engine], trace))
              for base, engine in (("fifo", "4-bit"), ("fifo fp16", "fp16"))} for trace in traces]
     out = []
     for point in points:
         sched = dataclasses.replace(eng["sched"], **point)
-        per_seed = [ratios(metrics(workload.replay(POLICIES["inlaid"], sched, *eng["4-bit"], trace)), base)
+        per_seed = [ratios(headline_metrics(workload.replay(POLICIES["inlaid"], sched, *eng["4-bit"], trace)), base)
                     for trace, base_pair in zip(traces, fifo) for base in (base_pair["fifo fp16"], base_pair["fifo"])]
         vs16, vs4 = per_seed[0::2], per_seed[1::2]
         out.append({"point": point,

@@ -107,6 +107,13 @@ class RunWorkload:
         return summarize(records, res.steps, sim_cfg.slo_scale)
 
 
+def headline_metrics(m: dict) -> dict:
+    """The four target metrics of a drained replay's summarize() (every request finishes, so
+    attainment over the trace is the benchmark's "_all")."""
+    return {"throughput_req_s": m["throughput_req_s"], "jct_avg_s": m["jct_avg_s"],
+            "latency_avg_s_per_token": m["latency_avg_s_per_token"], "slo_attainment_all": m["slo_attainment"]}
+
+
 def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_s: float,
              load_unit: str = "requests", inlaid: dict | None = None) -> list[dict]:
     """Per (rate, seed): inlaid 4-bit, fifo 4-bit and fifo fp16 metrics, SLO against the run's solo fit.
@@ -123,11 +130,7 @@ def simulate(run: dict, eng: dict, rates: list[float], seeds: list[int], window_
             row = {"load_frac": frac, "seed": seed, "requests": len(trace), "rate_req_s": rate}
             for label, policy, base in (("inlaid", "inlaid", "4-bit"), ("fifo", "fifo", "4-bit"),
                                         ("fifo fp16", "fifo", "fp16")):
-                m = workload.replay(POLICIES[policy], scheds[policy], *eng[base], trace)
-                # every request finishes (drained), so attainment over the trace is the benchmark's "_all"
-                row[label] = {"throughput_req_s": m["throughput_req_s"], "jct_avg_s": m["jct_avg_s"],
-                              "latency_avg_s_per_token": m["latency_avg_s_per_token"],
-                              "slo_attainment_all": m["slo_attainment"]}
+                row[label] = headline_metrics(workload.replay(POLICIES[policy], scheds[policy], *eng[base], trace))
             rows.append(row)
             print(f"{frac:.1f} C seed {seed}: " + " | ".join(
                 f"{lab} JCT {row[lab]['jct_avg_s']:.2f} SLO {row[lab]['slo_attainment_all']:.3f}"
