@@ -1,6 +1,7 @@
 """Real-time replay of a request trace against an LLMEngine (shared by bench_serve and bench_serve_gpu)."""
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ def replay(engine, trace: list[TraceRequest], prompts: dict[str, list[int]], max
     preemptions: dict[str, int] = {}
     open_ids: set[str] = set()
     computed: dict[str, int] = {}          # output tokens so far per open request
-    timeouts: list[tuple[float, str]] = []  # (replay time its client gives up, id), in arrival order
+    timeouts: collections.deque[tuple[float, str]] = collections.deque()  # (replay time its client gives up, id)
     result = ReplayResult()
     t0 = time.perf_counter()
     nxt = 0
@@ -82,7 +83,7 @@ def replay(engine, trace: list[TraceRequest], prompts: dict[str, list[int]], max
             open_ids.add(req.request_id)
             nxt += 1
         while timeouts and timeouts[0][0] <= now:   # the clients that gave up by now
-            _, rid = timeouts.pop(0)
+            _, rid = timeouts.popleft()
             if rid in open_ids:
                 engine.abort(rid)
                 open_ids.discard(rid)
