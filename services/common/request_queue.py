@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -205,10 +206,10 @@ class RequestQueue:
         while True:
             wait_ms = block_ms
             if deadline_s is not None:
-                left_ms = int((deadline_s - time.monotonic()) * 1000)
-                if left_ms <= 0:
+                left_s = deadline_s - time.monotonic()
+                if left_s <= 0:     # only once it has passed: the caller then reports the deadline
                     return
-                wait_ms = max(1, min(block_ms, left_ms))
+                wait_ms = max(1, min(block_ms, math.ceil(left_s * 1000)))
             reply = await self.client.xread({key: last_id}, block=wait_ms, count=256)
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:

@@ -133,3 +133,13 @@ async def test_follow_stops_at_the_callers_deadline(queue):
                                             deadline_s=start + 0.3)]
     elapsed = time.monotonic() - start
     assert chunks == [] and 0.25 <= elapsed < 0.9
+
+
+async def test_follow_stops_at_a_deadline_only_once_it_has_passed(queue):
+    """follow(deadline_s) with under a millisecond left must wait it out, not return early: the gateway
+    reports DEADLINE_EXCEEDED only when the deadline has passed, so an early return ended a client's
+    stream cleanly with no final chunk (seen once in 20 `inlaid generate --timeout 0.01` calls)."""
+    for left_s in (0.0009, 0.0004, 0.02):
+        deadline = time.monotonic() + left_s
+        assert [c async for c in queue.follow("nobody", block_ms=100, deadline_s=deadline)] == []
+        assert time.monotonic() >= deadline
