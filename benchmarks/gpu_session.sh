@@ -128,12 +128,15 @@
 #                                                   #   what-if: KV reads at half price), fifo on fp16 beside it
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
+#   bash benchmarks/gpu_session.sh tma COMMIT  # at most 600 s (not run yet): TMA-fed probe kernels beside the engine's
+#                                                   #   GEMM at M = 1 / 4 / 16 (probe_tma.py), then the engine's GPU tests
+#                                                   #   (their log only cut when their 120 s cap ran out on a cold machine)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
 # The device copy has no .git: pass the commit explicitly.
 set -u
-stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-default | kv-fp8-step3 | kv-fp8-slo | kv-fp8-lean | kv-fp8-min | scale256}
+stage=${1:?stage: kernels | serial | probe | inplace | lora | lora-engine | serve | w3 | e2e | overload | budget | budget-long | budget-long-high | budget-long-drain | drain30 | drain30-fixed | drain30-repeat | drain30-tokens | scale-prefetch | pdl | pdl1 | fused | fused-short | glu-probe | stream-k | stream-k-min | roofline | prefetch | prefetch-l2 | stream-repeat | gemm-stream | pdl1-fused | pdl-gemm | pdl-all | frag | frag-engine | frag-engine-short | frag-e2e | frag-major | frag-pdl | attn-sweep | attn-serve | attn-frag | attn-frag-pdl | kv-fp8 | kv-fp8-serve | kv-fp8-all | kv-fp8-shape | kv-fp8-default | kv-fp8-step3 | kv-fp8-slo | kv-fp8-lean | kv-fp8-min | tma | scale256}
 commit=${2:?commit}
 out=${OUT:?OUT must be set (the device tool sets it)}
 export PYTHONUNBUFFERED=1
@@ -342,6 +345,10 @@ case "$stage" in
     engine_gpu_tests 120
     timeout 220 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,8,16 \
       --k-widths "" --block-major 4 --pdl 1 --stem frag_attn_pdl_decode 2>&1 | grep "^decode\|Error"
+    ;;
+  tma)   # do TMA loads lift the small-M GEMM's read rate? (probe_tma.py: its files are rewritten after each shape)
+    timeout 330 python3 benchmarks/probe_tma.py --out "$out" --commit "$commit" --ms 1,4,16 2>&1 | grep -i "error\|done in" | head
+    engine_gpu_tests 260
     ;;
   kv-fp8-min)   # the least of kv-fp8 worth a device start: the fp8 tests (log written as they run), a short step probe
     e=tests/gpu/test_engine_gpu.py::test_engine_logits_match_cpu_reference
