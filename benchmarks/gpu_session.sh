@@ -129,7 +129,7 @@
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
 #   bash benchmarks/gpu_session.sh tma COMMIT  # at most 600 s (not run yet): TMA-fed probe kernels beside the engine's
-#                                                   #   GEMM at M = 1 / 4 / 16 (probe_tma.py), then the engine's GPU tests
+#                                                   #   GEMM at M = 1 / 4 / 16 / 64 (probe_tma.py), then the engine's GPU tests
 #                                                   #   (their log only cut when their 120 s cap ran out on a cold machine)
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
@@ -347,7 +347,7 @@ case "$stage" in
       --k-widths "" --block-major 4 --pdl 1 --stem frag_attn_pdl_decode 2>&1 | grep "^decode\|Error"
     ;;
   tma)   # do TMA loads lift the small-M GEMM's read rate? (probe_tma.py: its files are rewritten after each shape)
-    timeout 330 python3 benchmarks/probe_tma.py --out "$out" --commit "$commit" --ms 1,4,16 2>&1 | grep -i "error\|done in" | head
+    timeout 330 python3 benchmarks/probe_tma.py --out "$out" --commit "$commit" --ms 1,4,16,64 2>&1 | grep -i "error\|done in" | head
     engine_gpu_tests 260
     ;;
   kv-fp8-min)   # the least of kv-fp8 worth a device start: the fp8 tests (log written as they run), a short step probe

@@ -13,10 +13,12 @@ graph over weight copies above 3x the L2, as probe_gemm_stream):
 - `tma mma BN/split/warps/stages`: the zsub mma8 body (h2_ptx dequantize, eight K=16 dots per
   block) on TMA-fed codes;
 - `tma gemv BN/split/warps/stages` (M = 1): gemv_h2's packed dequantize-and-dot on TMA-fed codes;
+- `tma frag BM/BN/split/warps/stages`: the fragment-ordered kernel (w4a16_frag, block-major storage, the
+  installed Triton's k_width, zero subtracted in fp16) with its [BN/8, 128] code boxes fetched by TMA;
 - the engine's GEMM at its tuner's pick, and cuBLAS fp16.
 Every config's output is checked against the dequantized reference. Writes <out>/<stem>.{json,md}.
 
-  python benchmarks/probe_tma.py --out DIR --commit SHA [--ms 1,4,16] [--shapes 5]
+  python benchmarks/probe_tma.py --out DIR --commit SHA [--ms 1,4,16,64] [--shapes 5]
 """
 from __future__ import annotations
 
@@ -35,10 +37,14 @@ except ImportError:  # the kernels below only run on the GPU machine
 
 # (BN, split_k, stages) of the TMA read; (BN, split_k, warps, stages) of the TMA GEMMs
 READ_GRIDS = [(64, 8, 3), (128, 8, 3), (128, 16, 4), (128, 8, 6), (64, 16, 6)]
-MMA_GRIDS = [(64, 8, 4, 3), (64, 8, 4, 5), (128, 8, 4, 4), (128, 4, 4, 6), (64, 4, 4, 6), (128, 16, 4, 3)]
+MMA_GRIDS = [(16, 64, 8, 4, 3), (16, 64, 8, 4, 5), (16, 128, 8, 4, 4), (16, 128, 4, 4, 6), (16, 64, 4, 4, 6),
+             (16, 128, 16, 4, 3)]
+FRAG_GRIDS = [(16, 256, 4, 4, 3), (16, 256, 8, 4, 4), (16, 128, 8, 4, 4), (16, 256, 2, 4, 6), (16, 128, 16, 4, 3)]
+LARGE_GRIDS = [(64, 128, 1, 4, 3), (64, 128, 2, 4, 4), (64, 64, 2, 4, 4), (64, 128, 1, 8, 4)]  # M = 64, mma and frag
 GEMV_GRIDS = [(64, 8, 2, 3), (128, 8, 4, 3), (128, 16, 4, 4), (128, 8, 2, 5), (64, 16, 1, 4)]
 
 if triton is not None:
+    from services.engine.kernels.w4a16_frag import frag_block_dot, frag_k_width
     from services.engine.kernels.w4a16_tiles import fp16_bits, h2_block_dot, h2_deq, x_pair
 
     @triton.jit
@@ -113,6 +119,41 @@ if triton is not None:
         tl.atomic_add(out_ptr + offs_n, (tl.sum(acc, axis=0) * 32.0).to(tl.float16), mask=mask_n, sem="relaxed")
 
 
+    @triton.jit
+    def tma_frag(x_ptr, qf_desc, z_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, group_size,
+                 blocks_per_split, BM: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr):
+        """w4a16_frag's tensor-core kernel (ZSUB, block-major codes) with each block's [BN/8, 128] codes
+        fetched by TMA: the descriptor views the [K/128, N/8, 128] buffer as [K/128 · N/8, 128]."""
+        pid_n = tl.program_id(0)
+        b_start, b_end = _k_range(tl.program_id(1), K, blocks_per_split)
+        C: tl.constexpr = BN // 8
+        offs_m = tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for b in range(b_start, b_end):
+            q = qf_desc.load([b * (N // 8) + pid_n * C, 0])
+            g = (b * 128) // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
+            xt = tl.load(x_rows + b * 128, mask=mask_m[:, None], other=0.0)
+            acc += frag_block_dot(q, s, z1024, xt, C, BN, True, False, KW, False)
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.atomic_add(out, acc.to(tl.float16), mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+
+
+def frag_desc(kwf, bn: int):
+    """A TMA descriptor over block-major fragment codes ([N/8, K/128, 128] view of a [K/128, N/8, 128]
+    buffer) as [K/128 · N/8, 128] int32, box [bn/8, 128]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    buf = kwf.qweight.permute(1, 0, 2)
+    if not buf.is_contiguous():
+        raise ValueError("tma frag needs block-major fragment codes")
+    return TensorDescriptor.from_tensor(buf.reshape(-1, 128), [bn // 8, 128])
+
+
 def code_desc(kw, bn: int):
     """A TMA descriptor over the tiled layout's codes viewed as [N/128 · K/8, 128] int32, box [16, bn]."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -126,19 +167,28 @@ def tma_call(kind: str, x, kw, out, grid_cfg: tuple):
     """A launch closure of one probe kernel on one copy of the weights (out accumulates: the caller zeroes
     it for a checked call)."""
     k, n = kw.in_features, kw.out_features
+    bm = 1
     if kind == "read":
         bn, sk, stages = grid_cfg
         warps = 4
-    else:
+    elif kind == "gemv":
         bn, sk, warps, stages = grid_cfg
+    else:
+        bm, bn, sk, warps, stages = grid_cfg
+    if x is not None and x.shape[0] > bm:
+        raise ValueError(f"{kind} BM {bm} < M {x.shape[0]}: the probe runs one row tile")
     bps = triton.cdiv(k // 128, sk)
     grid = (n // bn, triton.cdiv(k // 128, bps))
+    if kind == "frag":
+        desc = frag_desc(kw, bn)
+        return lambda: tma_frag[grid](x, desc, kw.zeros, kw.scales, out, x.shape[0], n, k, x.stride(0), out.stride(0),
+                                      kw.group_size, bps, BM=bm, BN=bn, KW=kw.frag, num_warps=warps, num_stages=stages)
     desc = code_desc(kw, bn)
     if kind == "read":
         return lambda: tma_read[grid](desc, out, n, k, bps, BN=bn, STAGES=stages, num_warps=warps, num_stages=stages)
     if kind == "mma":
         return lambda: tma_mma[grid](x, desc, kw.zeros, kw.scales, out, x.shape[0], n, k, x.stride(0), out.stride(0),
-                                     kw.group_size, bps, BM=16, BN=bn, num_warps=warps, num_stages=stages)
+                                     kw.group_size, bps, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
     return lambda: tma_gemv[grid](x, desc, kw.zeros, kw.scales, out, n, k, kw.group_size, bps, BN=bn,
                                   STAGES=stages, num_warps=warps, num_stages=stages)
 
@@ -149,6 +199,7 @@ def shape_rows(args):
     from benchmarks.bench_gpu_kernels import GEMM_SHAPES, Timer
     from benchmarks.probe_gemm_stream import StreamOperands
     from services.engine.kernels.gemm_tuner import GemmTuner
+    from services.engine.kernels.gptq_format import to_fragment_order
     from services.engine.kernels.w4a16 import dequantize_fp16, w4a16_matmul
 
     torch.manual_seed(0)
@@ -157,6 +208,7 @@ def shape_rows(args):
     for k, n in GEMM_SHAPES[:args.shapes]:
         ops = StreamOperands(k, n)
         kws = ops.kws
+        kwfs = [to_fragment_order(c, frag_k_width(), block_major=True) for c in kws]
         row = {"K": k, "N": n, "weight_bytes": ops.weight_bytes, "code_bytes": kws[0].qweight.numel() * 4,
                "reads": {}, "fp16": {}, "ours": {}, "tma": {}}
         for g in READ_GRIDS:
@@ -175,19 +227,24 @@ def shape_rows(args):
             kept = torch.zeros(m, n, dtype=torch.float16, device="cuda")
             row["ours"][m] = {"config": str(cfg), "us": timer.stream_ms(
                 [lambda c=c: w4a16_matmul(x, c, cfg, accumulate=kept) for c in kws]) * 1e3}
-            kinds = [("mma", g) for g in MMA_GRIDS] + ([("gemv", g) for g in GEMV_GRIDS] if m == 1 else [])
+            if m > 16:
+                kinds = [("mma", g) for g in LARGE_GRIDS] + [("frag", g) for g in LARGE_GRIDS]
+            else:
+                kinds = [("mma", g) for g in MMA_GRIDS] + [("frag", g) for g in FRAG_GRIDS] + \
+                    ([("gemv", g) for g in GEMV_GRIDS] if m == 1 else [])
             for kind, g in kinds:
                 name = f"M{m} tma {kind} " + "/".join(map(str, g))
                 out = torch.zeros(m, n, dtype=torch.float16, device="cuda")
+                weights = kwfs if kind == "frag" else kws
                 try:
-                    tma_call(kind, x, kws[0], out, g)()
+                    tma_call(kind, x, weights[0], out, g)()
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    us = timer.stream_ms([tma_call(kind, x, c, out, g) for c in kws]) * 1e3
+                    us = timer.stream_ms([tma_call(kind, x, c, out, g) for c in weights]) * 1e3
                 except Exception as exc:  # noqa: BLE001
                     row["tma"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                     continue
                 row["tma"][name] = {"us": us, "rel_err": err, "M": m}
-        del ops, kws
+        del ops, kws, kwfs
         torch.cuda.empty_cache()
         yield [row]
 
