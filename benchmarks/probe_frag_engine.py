@@ -30,28 +30,33 @@ from benchmarks.bench_gpu_kernels import (  # noqa: E402
 )
 from benchmarks.probe_gemm_stream import StreamOperands, ratio  # noqa: E402
 from benchmarks.results_io import probe_command, probe_parser, probe_title, run_probe_parts  # noqa: E402
+from services.engine.kernels.gemm_configs import TMA_KINDS  # noqa: E402
 from services.engine.kernels.gemm_tuner import GemmTuner  # noqa: E402
 from services.engine.kernels.gptq_format import to_fragment_order  # noqa: E402
 from services.engine.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from services.engine.kernels.w4a16_frag import frag_k_width  # noqa: E402
 
 
-def frag_layouts(k_widths: list[int], block_major: list[int]) -> list[tuple[str, int, bool]]:
-    """(name, k_width, block-major) of each fragment layout timed: fragW row-major, fragWb block-major."""
-    return [(f"frag{w}", w, False) for w in k_widths] + [(f"frag{w}b", w, True) for w in block_major]
+def frag_layouts(k_widths: list[int], block_major: list[int], tma: bool = False) -> list[tuple[str, int, bool, bool]]:
+    """(name, k_width, block-major, TMA kinds tuned) of each fragment layout timed: fragW row-major, fragWb
+    block-major, and with tma fragWb_tma, block-major with the tuner free to pick frag_tma (EngineConfig.gemm_tma)."""
+    return ([(f"frag{w}", w, False, False) for w in k_widths] + [(f"frag{w}b", w, True, False) for w in block_major]
+            + [(f"frag{w}b_tma", w, True, True) for w in (block_major if tma else [])])
 
 
-def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer,
-              frags: list[tuple[str, int, bool]]) -> list[dict]:
+def gemm_rows(k: int, n: int, ms: list[int], tuners: tuple[GemmTuner, GemmTuner], timer: Timer,
+               frags: list[tuple[str, int, bool, bool]]) -> list[dict]:
+    """tuners: (the engine's default, which skips the TMA kinds; one that times them too)."""
     ops = StreamOperands(k, n)
-    layouts = [("tiles", ops.kws)] + [(name, [to_fragment_order(c, w, bm) for c in ops.kws]) for name, w, bm in frags]
+    layouts = [("tiles", ops.kws, False)] + [(name, [to_fragment_order(c, w, bm) for c in ops.kws], tma)
+                                              for name, w, bm, tma in frags]
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda").half()
         kept = torch.zeros(m, n, dtype=torch.float16, device="cuda")
         row = {"part": "gemm", "K": k, "N": n, "M": m, "fp16_us": timer.stream_ms(ops.fp16_calls(x)) * 1e3}
-        for name, kws in layouts:
-            cfg = tuner.config_for(x, kws[0])
+        for name, kws, tma in layouts:
+            cfg = tuners[tma].config_for(x, kws[0])
             row[f"{name}_config"] = str(cfg)
             row[f"{name}_us"] = timer.stream_ms([lambda c=c: w4a16_matmul(x, c, cfg, accumulate=kept)
                                                  for c in kws]) * 1e3
@@ -64,7 +69,7 @@ def gemm_rows(k: int, n: int, ms: list[int], tuner: GemmTuner, timer: Timer,
     return rows
 
 
-def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[str, int, bool]],
+def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[str, int, bool, bool]],
                 pdl_mode: int = 0) -> Iterator[list[dict]]:
     """Per batch size (one part each, so a cut run keeps the batches it timed): the graphed step in
     the tiled layout, in each fragment order, and tiled again, beside the step's floor; with pdl_mode,
@@ -77,9 +82,11 @@ def decode_rows(batches: list[int], ctx: int, timer: Timer, frags: list[tuple[st
         inputs = decode_inputs(bsz, ctx, DECODE_BLOCK, model.shape.vocab, None)
         floor_ms = decode_floor(model, bsz, ctx, bw)[0]
         row = {"part": "decode", "batch": bsz, "context": ctx, "floor_ms": floor_ms, "copy_gbs": bw}
-        for key, frag, bm in [("tiles_ms", 0, False)] + [(f"{name}_ms", w, bm) for name, w, bm in frags] \
-                + [("tiles_again_ms", 0, False)]:
+        for key, frag, bm, tma in [("tiles_ms", 0, False, False)] + [(f"{name}_ms", w, bm, tma)
+                                                                      for name, w, bm, tma in frags] \
+                + [("tiles_again_ms", 0, False, False)]:
             model.set_layout(frag, bm)
+            model.use_gemm_tma(tma)
             row[key] = timer.median_ms(lambda: model.decode(**inputs))
             if pdl_mode and key != "tiles_again_ms":
                 time_with_pdl(timer, lambda: model.decode(**inputs), pdl_mode, row, f"{key[:-3]}_pdl_ms")
@@ -98,7 +105,7 @@ def _ms(row: dict, key: str) -> str:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    frags = [name for name, _, _ in frag_layouts(res["k_widths"], res.get("block_major", []))]
+    frags = [name for name, _, _, _ in frag_layouts(res["k_widths"], res.get("block_major", []), res.get("tma", False))]
     lines = [probe_title("The fragment-ordered 4-bit layout in the engine beside the tiled one", res) + "\n",
              probe_command(res) + " `fragW`: codes in the fragment order of k_width W (`fragWb`: stored block-major, "
              "one K block of consecutive 8-column rows contiguous). GEMMs: µs per call streamed "
@@ -149,6 +156,8 @@ def main() -> None:
     ap.add_argument("--k-widths", default=None,
                     help="fragment orders to time row-major (comma-separated; default: the installed Triton's, then "
                          "the other; empty: none)")
+    ap.add_argument("--tma", action="store_true",
+                    help="also time each block-major order with the TMA kinds in its tuner's list (frag_tma)")
     ap.add_argument("--block-major", default=None,
                     help="fragment orders to time stored block-major too (comma-separated; default: the installed "
                          "Triton's; empty: none)")
@@ -157,18 +166,18 @@ def main() -> None:
                 else [frag_k_width(), 6 - frag_k_width()])
     block_major = ([int(w) for w in args.block_major.split(",") if w] if args.block_major is not None
                    else [frag_k_width()])
-    frags = frag_layouts(k_widths, block_major)
-    tuner, timer = GemmTuner(), Timer(args.reps)
+    frags = frag_layouts(k_widths, block_major, args.tma)
+    tuners, timer = (GemmTuner(skip_kinds=TMA_KINDS), GemmTuner()), Timer(args.reps)
     batches = [int(b) for b in args.batches.split(",") if b]
 
     def parts():
         for k, n in GEMM_SHAPES[:args.shapes]:
-            yield gemm_rows(k, n, args.ms, tuner, timer, frags)
+            yield gemm_rows(k, n, args.ms, tuners, timer, frags)
         if batches:
             yield from decode_rows(batches, args.context, timer, frags, args.pdl)
 
     run_probe_parts("probe_frag_engine.py", args.stem, args, parts(), write_markdown, k_widths=k_widths,
-                    block_major=block_major, pdl=args.pdl)
+                    block_major=block_major, pdl=args.pdl, tma=args.tma)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.quant_linear import TritonQuantLinear
 from services.engine.kernels import launch as kernel_launch
 from services.engine.kernels.pdl import set_pdl
-from services.engine.kernels.gemm_configs import STREAM_KINDS
+from services.engine.kernels.gemm_configs import STREAM_KINDS, TMA_KINDS
 from services.engine.kernels.w4a16 import HAS_TRITON, set_serial_split_k
 from services.engine.kernels.w4a16_frag import frag_k_width
 from services.engine.lora import LoraManager
@@ -60,7 +60,7 @@ class ModelRunner:
             set_decode_options(config.decode_attention_dot, config.decode_split_programs_per_sm)
         # one per model (same shapes); its choices persist across restarts unless turned off
         tune_cache = cache_dir() / "gemm_tuner.json" if config.gemm_tune_cache else None
-        skip = () if config.gemm_stream_k else STREAM_KINDS
+        skip = (() if config.gemm_stream_k else STREAM_KINDS) + (() if config.gemm_tma else TMA_KINDS)
         self.tuner = GemmTuner(cache_path=tune_cache, skip_kinds=skip) if config.quant_bits else None
         given = weights
         if config.quant_bits:

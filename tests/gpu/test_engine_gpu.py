@@ -115,10 +115,10 @@ def advance(seqs: list[Sequence], bm: BlockManager, tokens: list[int]) -> None:
 
 @pytest.mark.parametrize("bits,variant", [(4, ""), (3, ""), (0, ""), (4, "serial"), (4, "lora-rows"), (4, "pdl1"),
                                           (4, "pdl-prefetch"), (4, "unfused-attn"), (4, "fused-all"),
-                                          (4, "fused-all-no-down-lora"), (4, "frag"), (4, "fragb"), (4, "kv-fp8"),
+                                          (4, "fused-all-no-down-lora"), (4, "frag"), (4, "fragb"), (4, "fragb-tma"), (4, "kv-fp8"),
                                           (4, "kv-fp8-unfused-attn"), (4, "kv-fp8-vtm"), (4, "kv-fp8-vtm-unfused-attn")],
                          ids=["w4", "w3", "fp16", "w4-serial-split", "w4-lora-rows", "w4-pdl1", "w4-pdl-prefetch",
-                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag", "w4-fragb",
+                              "w4-unfused-attn", "w4-fused-all", "w4-fused-all-no-down-lora", "w4-frag", "w4-fragb", "w4-fragb-tma",
                               "w4-kv-fp8", "w4-kv-fp8-unfused-attn", "w4-kv-fp8-vtm", "w4-kv-fp8-vtm-unfused-attn"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
@@ -130,7 +130,8 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     so every layer computes it in the GEMM) or w4_layout "frag" (codes in fragment order, the frag GEMM
     kinds; "fragb" stored block-major) or kv_cache_dtype "fp8_e4m3" ("kv-fp8", the reference's cache fp8
     too; with the separate RoPE kernel's cache write: "kv-fp8-unfused-attn"; "kv-fp8-vtm...": V cache
-    token-major within blocks, kv_v_layout), eager and graph-replayed."""
+    token-major within blocks, kv_v_layout; "fragb-tma": the tuner may pick the TMA kind, gemm_tma), eager and
+    graph-replayed."""
     serial = variant == "serial"
     kv8 = variant.startswith("kv-fp8")
     tol = TOL_KV_FP8 if kv8 else TOL
@@ -140,7 +141,8 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
     fused_act = variant.startswith("fused-all")
     gpu = gpu_runner(weights, graphs, bits, serial_split_k=serial, lora_expand_rows=variant == "lora-rows", pdl=mode,
                      fused_decode_attention=fused_attn, fused_mlp_activation=fused_act,
-                     w4_layout=variant if variant.startswith("frag") else "tiles",
+                     w4_layout=variant.removesuffix("-tma") if variant.startswith("frag") else "tiles",
+                     gemm_tma=variant.endswith("-tma"),
                      kv_cache_dtype="fp8_e4m3" if kv8 else "auto",
                      kv_v_layout="token_major" if variant.startswith("kv-fp8-vtm") else "auto")
     assert gpu.kv_caches[0][0].dtype == (torch.float8_e4m3fn if kv8 else torch.float16)
@@ -149,7 +151,7 @@ def test_engine_logits_match_cpu_reference(weights, graphs, bits, variant):
         from services.engine.kernels.gptq_format import frag_block_major
         from services.engine.kernels.w4a16_frag import frag_k_width
         for kw in (gpu.model.layers[0].fused["gate_up_proj"].inner.kw, gpu.model.layers[0].down_proj.kw):
-            assert kw.frag == frag_k_width() and frag_block_major(kw) == (variant == "fragb")
+            assert kw.frag == frag_k_width() and frag_block_major(kw) == variant.startswith("fragb")
     assert pdl.MODE == (mode if pdl.supported() else 0)
     assert all(layer.fused_decode_attention == fused_attn for layer in gpu.model.layers)
     assert all(layer.fused_mlp_activation == fused_act for layer in gpu.model.layers)

@@ -451,6 +451,52 @@ def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("k_width", [2, 4])
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_fragment_tma_kernel_matches_reference(m: int, k_width: int) -> None:
+    """frag_tma (block-major fragment codes fetched by TMA, w4a16_frag._frag_tma_kernel) against the float32
+    reference: every tuner candidate at this M, bias and split-K, onto a residual, the GLU input, and replayed
+    from a CUDA graph (the encoded descriptor captured with the launch)."""
+    from services.engine.kernels.gemm_configs import tma_candidate_configs
+    from services.engine.kernels.gptq_format import to_fragment_order
+    from services.engine.kernels.w4a16 import w4a16_matmul
+    from services.engine.kernels.w4a16_frag import frag_matmul
+    k, n = 768, 328  # N a multiple of 8 but not of the tiles: the last box runs into the next block's codes
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4, torch.randperm(k, device=DEV))
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    kw = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), k_width, block_major=True)
+    x = torch.randn(m, k, device=DEV).half()
+    bias = torch.randn(n, device=DEV).half()
+    ref = x.float() @ ref_w
+    for cfg in tma_candidate_configs(m):
+        assert rel_err(w4a16_matmul(x, kw, cfg), ref) < 1e-2, cfg
+        assert rel_err(w4a16_matmul(x, kw, cfg, bias=bias), ref + bias.float()) < 1e-2, cfg
+    onto = torch.randn(m, n, device=DEV).half()
+    want = onto.float() + ref
+    cfg = tma_candidate_configs(m)[0]
+    frag_matmul(x, kw, "frag_tma", cfg.block_m, cfg.block_n, 3, num_stages=cfg.num_stages, zsub=True, fma=True,
+                accumulate=onto)
+    assert rel_err(onto, want) < 1e-2
+    out = torch.zeros(m, n, device=DEV, dtype=torch.float16)
+    step = lambda: frag_matmul(x, kw, "frag_tma", cfg.block_m, cfg.block_n, 2, num_stages=cfg.num_stages,  # noqa: E731
+                               zsub=True, fma=True, accumulate=out)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    out.zero_()
+    graph.replay()
+    assert rel_err(out, ref) < 1e-2
+    codes, zeros, scales, g_idx = rtn_codes(torch.randn(k, n, device=DEV), 128, 4)
+    plain = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), k_width, block_major=True)
+    gate_up = torch.randn(m, 2 * k, device=DEV).half()
+    want = silu_mul(gate_up).float() @ dequantize_codes(codes, zeros, scales, g_idx)
+    out = frag_matmul(gate_up, plain, "frag_tma", cfg.block_m, cfg.block_n, 2, num_stages=cfg.num_stages,
+                      zsub=True, fma=True, glu=True)
+    assert rel_err(out, want) < 1e-2
+
+
+@pytest.mark.parametrize("k_width", [2, 4])
 @pytest.mark.parametrize("m", [1, 5, 16, 40, 128])
 def test_fragment_kernels_match_reference(m: int, k_width: int) -> None:
     """kernels/w4a16_frag.py on the GPU: every form (PTX unpacking shift / fma, 1024 + q with the Σx

@@ -36,7 +36,10 @@ SWAPPED_KINDS = ("mma8t", "mma8ts", "mma1t")
 # kinds of the stream-K kernel (w4a16._w4a16_stream_kernel): split_k is its programs per SM
 STREAM_KINDS = ("mma8_sk",)
 # kinds of the fragment-ordered layout (KernelWeights.frag, kernels/w4a16_frag.py)
-FRAG_KINDS = ("frag", "frag_t", "frag_gemv")
+FRAG_KINDS = ("frag", "frag_t", "frag_gemv", "frag_tma")
+# kinds that fetch their codes by TMA (Hopper's tensor memory accelerator): timed by the tuner only where
+# EngineConfig.gemm_tma is on (the engine skips them otherwise)
+TMA_KINDS = ("frag_tma",)
 
 
 def m_bucket(m: int) -> int:
@@ -148,6 +151,18 @@ def _frag(bm: int, bn: int, sk: int, warps: int, prefetch: bool) -> GemmConfig:
     return GemmConfig("frag", bm, bn, sk, warps, 1 if prefetch else 2, fast_deq=True, zsub=True, prefetch=prefetch)
 
 
+def tma_candidate_configs(m: int) -> list[GemmConfig]:
+    """frag_tma configs (block-major fragment codes fetched by TMA, w4a16_frag._frag_tma_kernel) at M <= 64:
+    Triton's pipeline depth (num_stages) is how many blocks' code boxes are in flight per program."""
+    if m <= 16:
+        return [GemmConfig("frag_tma", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
+                for bn, st in ((256, 3), (256, 4), (128, 4), (128, 6)) for sk in (4, 8, 16)]
+    if m <= 64:
+        return [GemmConfig("frag_tma", bm, 128, sk, 4, st, fast_deq=True, zsub=True)
+                for bm in ((32, 64) if m <= 32 else (64,)) for sk in (2, 4) for st in (3, 4)]
+    return []
+
+
 def frag_candidate_configs(m: int) -> list[GemmConfig]:
     """Configs for fragment-ordered 4-bit weights (KernelWeights.frag), from the fragment-order config
     grids timed on the H100 with Triton 3.6 at fbc3079 (frag_small / frag_large / frag_m64_kw2_fbc3079.md,
@@ -171,7 +186,7 @@ def frag_candidate_configs(m: int) -> list[GemmConfig]:
                for bm, bn, w, splits in ((16, 64, 4, (4, 8, 16)), (16, 128, 4, (4, 8)), (64, 64, 4, (2, 4)),
                                          (64, 128, 4, (2, 4, 8)), (128, 64, 4, (1, 2)), (128, 128, 8, (1, 2)))
                if (bm == 16) == (m <= 16) and (bm < 128 or m > 64) for sk in splits]
-    cands: list[GemmConfig] = list(swapped)
+    cands: list[GemmConfig] = list(swapped) + tma_candidate_configs(m)
     if m <= 16:
         if m <= 4:
             cands += [GemmConfig("frag_gemv", 1, bn, sk, w, 1, prefetch=pf)

@@ -31,6 +31,10 @@ try:
 except ImportError:  # CPU-only installs never launch Triton kernels
     triton = None
     driver = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:     # no Triton, or one without host TMA descriptors
+    _TensorDescriptor = None
 
 # Triton reads TRITON_INTERPRET once, at import; the interpreter has no compiled launcher to call.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,7 +61,10 @@ def _arg_key(a):
     try:
         return (a.dtype, a.data_ptr() % 16 == 0)
     except AttributeError:      # not a tensor (nor an exact int, float or bool): Triton's path
-        return _UNCACHEABLE
+        pass
+    if t is _TensorDescriptor:  # a host TMA descriptor: its element type and box, and its shape and strides as ints
+        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding, tuple(map(_arg_key, (*a.shape, *a.strides))))
+    return _UNCACHEABLE
 
 
 def cdiv(a: int, b: int) -> int:

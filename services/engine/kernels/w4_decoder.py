@@ -15,6 +15,7 @@ from services.engine.kernels.attention import paged_decode_attention, paged_deco
 from services.engine.kernels.fused_ops import add_rmsnorm, rmsnorm, rope_and_cache, rope_tables, silu_mul
 from services.engine.kernels.gptq_format import rtn_kernel_weights
 from services.engine.kernels.lora import LoraBatch, lora_shrink, prepare_lora_batch, triton_lora_apply
+from services.engine.kernels.gemm_configs import TMA_KINDS
 from services.engine.kernels.gemm_tuner import GemmTuner
 from services.engine.kernels.quant_linear import TritonQuantLinear
 
@@ -58,7 +59,7 @@ class W4Decoder:
         self.bits = bits
         self.block_size = block_size
         self.device = device
-        self.tuner = GemmTuner()
+        self.tuner = GemmTuner(skip_kinds=TMA_KINDS)     # the engine's default (EngineConfig.gemm_tma off)
         gen = torch.Generator(device=device).manual_seed(seed)
         s = shape
         qkv_n = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
@@ -98,6 +99,14 @@ class W4Decoder:
         self.fused_decode_attention = False
         # SiLU·mul inside the down GEMM's input load (EngineConfig.fused_mlp_activation), without LoRA
         self.fused_mlp_activation = False
+
+    def use_gemm_tma(self, on: bool) -> None:
+        """Whether the GEMM tuner may pick the TMA kinds (EngineConfig.gemm_tma); a change drops its picks, so
+        the next call tunes again (outside a CUDA-graph capture)."""
+        skip = () if on else TMA_KINDS
+        if self.tuner.skip_kinds != skip:
+            self.tuner.skip_kinds = skip
+            self.tuner.best.clear()
 
     def set_layout(self, frag: int, block_major: bool = False) -> None:
         """Every 4-bit linear's codes in the layout KernelWeights.frag = frag (0: tiled; 2 / 4: fragment

@@ -227,6 +227,48 @@ if triton is not None:
                       USE_ATOMIC)
 
     @triton.jit
+    def _frag_tma_kernel(
+        x_ptr, qf_desc, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        KW: tl.constexpr = 2, FMA: tl.constexpr = False, EMULATE: tl.constexpr = False, PDL: tl.constexpr = False,
+        GLU: tl.constexpr = False,
+    ):
+        """_frag_kernel (ZSUB, block-major codes) with each block's [BN/8, 128] codes fetched by Hopper's
+        TMA: qf_desc views the [K/128, N/8, 128] code buffer as [K/128 · N/8, 128] int32 with box
+        [BN/8, 128], and Triton's pipeliner keeps num_stages - 1 such bulk copies in flight per program
+        (no registers or per-thread address math for the weight stream). Rows of a box past N/8 read
+        the next block's codes (or TMA's zero fill past the end): their columns are masked (scale 0,
+        no store)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BM)
+        pid_m = pid % num_m      # the row tiles of one column tile run together (L2 reuse)
+        pid_n = pid // num_m
+        C: tl.constexpr = BN // 8
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < M
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, K // 128)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        pdl_enter(PDL)   # after the index math, before any read of x or write of out
+        for b in range(b_start, b_end):
+            q = qf_desc.load([b * (N // 8) + pid_n * C, 0])
+            g = (b * 128) // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
+            xt = load_x(x_rows + b * 128, mask_m[:, None], K, GLU)
+            acc += frag_block_dot(q, s, z1024, xt, C, BN, True, FMA, KW, EMULATE)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+        store_out(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask_m[:, None] & mask_n[None, :],
+                  USE_ATOMIC)
+
+    @triton.jit
     def frag_gemv_loads(codes, stride_qb, BLOCK_MAJOR: tl.constexpr, mask_c, s_ptr, z_ptr, x_row, k_word, b, N, K,
                         offs_n, mask_n, group_size,
                         C: tl.constexpr, KW: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
@@ -374,19 +416,32 @@ def gemm_input(x: torch.Tensor, kw: KernelWeights, glu: bool, accumulate: torch.
     return x, glu, m, n, k
 
 
+def code_descriptor(kw: KernelWeights, block_n: int):
+    """A TMA descriptor (Triton's host TensorDescriptor) over block-major fragment codes: the [K/128, N/8, 128]
+    buffer as [K/128 · N/8, 128] int32, box [block_n / 8, 128] (one block of a program's columns). Made per
+    call (a few µs; a CUDA graph keeps the encoded descriptor): caching it would keep tensors alive."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    if not frag_block_major(kw):
+        raise ValueError("frag_tma reads block-major fragment codes (gptq_format.to_fragment_order(block_major=True))")
+    if block_n // FRAG_COLS > 256:
+        raise ValueError(f"frag_tma: a TMA box holds at most 256 rows, block_n {block_n} needs {block_n // FRAG_COLS}")
+    codes = kw.qweight.permute(1, 0, 2).reshape(-1, KERNEL_K_BLOCK)     # a view: block-major is that buffer
+    return TensorDescriptor.from_tensor(codes, [block_n // FRAG_COLS, KERNEL_K_BLOCK])
+
+
 def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, block_n: int, split_k: int,
                 num_warps: int = 4, num_stages: int = 1, zsub: bool = False, fma: bool = False,
                 prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
                 glu: bool = False) -> torch.Tensor:
     """y [M, N] fp16 = x [M, K] fp16 @ W for fragment-ordered weights (kw.frag, gptq_format.to_fragment_order);
-    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only) or "frag_gemv". accumulate and glu
-    as in w4a16_matmul."""
+    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only), "frag_gemv" or "frag_tma" (frag with
+    the codes fetched by TMA: block-major storage and zsub only, sm_90+). accumulate and glu as in w4a16_matmul."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    if kind not in ("frag", "frag_t", "frag_gemv"):
+    if kind not in ("frag", "frag_t", "frag_gemv", "frag_tma"):
         raise ValueError(f"unknown fragment kernel {kind!r}")
-    if kind == "frag_t" and not zsub:
-        raise ValueError("frag_t subtracts the zero in fp16: it needs zsub")
+    if kind in ("frag_t", "frag_tma") and not zsub:
+        raise ValueError(f"{kind} subtracts the zero in fp16: it needs zsub")
     if not kw.frag:
         raise ValueError("frag_matmul needs fragment-ordered weights (gptq_format.to_fragment_order)")
     x, glu, m, n, k = gemm_input(x, kw, glu, accumulate, unfuse_glu=False)
@@ -399,6 +454,13 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
         out = accumulate
     else:
         out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
+    if kind == "frag_tma":
+        launch(_frag_tma_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k),
+               x, code_descriptor(kw, block_n), kw.zeros, kw.scales, out, bias if bias is not None else out,
+               m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split, HAS_BIAS=bias is not None,
+               USE_ATOMIC=use_atomic, BM=block_m, BN=block_n, KW=kw.frag, FMA=fma, EMULATE=INTERPRET, GLU=glu,
+               num_warps=num_warps, num_stages=num_stages)
+        return out
     args = (x, kw.qweight, kw.zeros, kw.scales, out, bias if bias is not None else out,
             m, n, k, x.stride(0), out.stride(0), kw.qweight.stride(0), kw.qweight.stride(1), kw.group_size, per_split)
     if kind == "frag_gemv":

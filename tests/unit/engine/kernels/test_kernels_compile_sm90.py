@@ -56,4 +56,20 @@ def test_every_fragment_candidate_compiles_for_sm90() -> None:
                 assert compile_config(cfg, 4, has_bias=True, use_atomic=False, frag=k_width), cfg
                 assert compile_config(cfg, 4, glu=True, frag=k_width), cfg
                 assert compile_config(cfg, 4, frag=k_width, block_major=True), cfg
-    assert {k[0] for k in seen} == {"frag", "frag_t", "frag_gemv"}
+    assert {k[0] for k in seen} == {"frag", "frag_t", "frag_gemv", "frag_tma"}
+
+
+def test_tma_kernel_pipelines_its_code_boxes_sm90() -> None:
+    """frag_tma's code loads are TMA bulk copies that Triton's pipeliner issues num_stages - 1 blocks ahead
+    of the one in use (PTX of the smallest and largest M <= 16 configs and an M = 64 one, with PDL and
+    the GLU input), and its PDL wait comes first."""
+    pytest.importorskip("triton")
+    import re
+
+    from services.engine.kernels.aot import compile_frag
+    from services.engine.kernels.gemm_configs import tma_candidate_configs
+    from services.engine.kernels.w4a16_frag import frag_k_width
+    for cfg in (tma_candidate_configs(16)[0], tma_candidate_configs(16)[-1], tma_candidate_configs(64)[0]):
+        ptx = compile_frag(cfg, frag_k_width(), pdl=1, glu=True, asm="ptx")
+        assert len(re.findall(r"cp\.async\.bulk\.tensor", ptx)) == cfg.num_stages, cfg
+        assert ptx.index("griddepcontrol.wait") < ptx.index("cp.async.bulk.tensor"), cfg

@@ -157,3 +157,16 @@ def test_set_pdl_stays_off_where_unsupported(monkeypatch) -> None:
     assert pdl.set_pdl(False) == 0 and pdl.MODE == 0
     with pytest.raises(ValueError, match="PDL mode"):
         pdl.set_pdl(3)
+
+
+def test_tma_descriptors_key_on_their_box_and_ints() -> None:
+    """A host TMA descriptor is cacheable: its element type, box, padding and its shape and strides as
+    Triton sees ints (so a kept kernel is reused only where Triton would pick the same one)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    codes = torch.zeros(64, 128, dtype=torch.int32)
+    a = L._arg_key(TensorDescriptor.from_tensor(codes, [16, 128]))
+    assert a != L._UNCACHEABLE and hash(a) is not None
+    assert a == L._arg_key(TensorDescriptor.from_tensor(torch.ones(64, 128, dtype=torch.int32), [16, 128]))
+    assert a != L._arg_key(TensorDescriptor.from_tensor(codes, [32, 128]))
+    assert a != L._arg_key(TensorDescriptor.from_tensor(codes[:33], [16, 128]))    # 33 rows: not 16-divisible
+    assert a != L._arg_key(TensorDescriptor.from_tensor(codes.half(), [16, 128]))

@@ -133,3 +133,55 @@ def check_interpreted() -> None:
 
 def test_kernels_match_the_reference_interpreted() -> None:
     run_interpreted("tests.unit.engine.kernels.test_w4a16_frag")
+
+
+def check_tma_interpreted() -> None:
+    """frag_tma (codes fetched through a TMA descriptor) against the reference: act-order, bias, split-K,
+    N off the tile (a box's last rows run into the next block's codes), onto a residual, the GLU input;
+    and the engine's dispatch of its configs."""
+    from services.engine.kernels.gemm_configs import tma_candidate_configs
+    from services.engine.kernels.gptq_format import dequantize_codes, repack_values, rtn_codes, to_fragment_order
+    from services.engine.kernels.w4a16 import w4a16_matmul
+    from services.engine.kernels.w4a16_frag import frag_matmul
+
+    torch.manual_seed(1)
+    k, n = 384, 72
+    w = torch.randn(k, n)
+    perm = torch.randperm(k)
+    codes, zeros, scales, g_idx = rtn_codes(w, 128, 4, perm)
+    kw = repack_values(codes, zeros, scales, g_idx, 128, bits=4)
+    ref_w = dequantize_codes(codes, zeros, scales, g_idx)
+    for k_width in (2, 4):
+        fw = to_fragment_order(kw, k_width, block_major=True)
+        for m, bm, bn, split in ((1, 16, 32, 1), (3, 16, 64, 2), (20, 32, 32, 3)):
+            x = (torch.randn(m, k) * 4).half()
+            bias = torch.randn(n).half()
+            ref = x.float() @ ref_w + bias.float()
+            out = frag_matmul(x, fw, "frag_tma", bm, bn, split, num_stages=3, zsub=True, fma=True, bias=bias)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (k_width, m, bm, bn, split, err)
+            onto = torch.randn(m, n).half()
+            want = onto.float() + x.float() @ ref_w
+            frag_matmul(x, fw, "frag_tma", bm, bn, split, zsub=True, accumulate=onto)
+            assert ((onto.float() - want).norm() / want.norm()).item() < 1e-2
+    fw = to_fragment_order(kw, 4, block_major=True)
+    x = (torch.randn(5, k) * 4).half()
+    ref = x.float() @ ref_w
+    for cfg in (tma_candidate_configs(4)[0], tma_candidate_configs(64)[-1]):
+        out = w4a16_matmul(x, fw, cfg)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
+    with pytest.raises(ValueError, match="block-major"):
+        frag_matmul(x, to_fragment_order(kw, 4), "frag_tma", 16, 32, 1, zsub=True)
+    with pytest.raises(ValueError, match="needs zsub"):
+        frag_matmul(x, fw, "frag_tma", 16, 32, 1)
+    codes, zeros, scales, g_idx = rtn_codes(w, 128, 4)
+    plain = to_fragment_order(repack_values(codes, zeros, scales, g_idx, 128, bits=4), 4, block_major=True)
+    gate_up = torch.randn(3, 2 * k).half()
+    g, u = gate_up.float().chunk(2, dim=1)
+    want = (torch.nn.functional.silu(g) * u).half().float() @ dequantize_codes(codes, zeros, scales, g_idx)
+    out = frag_matmul(gate_up, plain, "frag_tma", 16, 32, 2, zsub=True, glu=True)
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_tma_kernel_matches_the_reference_interpreted() -> None:
+    run_interpreted("tests.unit.engine.kernels.test_w4a16_frag", func="check_tma_interpreted")
