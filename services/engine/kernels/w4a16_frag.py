@@ -159,6 +159,17 @@ if triton is not None:
         return part
 
     @triton.jit
+    def frag_tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+        """(pid_n, offs_m, mask_m, offs_n, mask_n) of a tensor-core program (grid axis 0 over row tiles
+        fastest, so the row tiles of one column tile run together: L2 reuse of its codes)."""
+        num_m = tl.cdiv(M, BM)
+        pid_m = tl.program_id(0) % num_m
+        pid_n = tl.program_id(0) // num_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        return pid_n, offs_m, offs_m < M, offs_n, offs_n < N
+
+    @triton.jit
     def _frag_kernel(
         x_ptr, qf_ptr, z_ptr, s_ptr, out_ptr, bias_ptr,
         M, N, K, stride_xm, stride_om, stride_qr, stride_qb, group_size, blocks_per_split,
@@ -174,17 +185,10 @@ if triton is not None:
         GLU: x rows are [gate | up], the input silu(gate) · up (w4a16_tiles.load_x).
         SWAP ("frag_t", with ZSUB): out^T [BN, BM] = W^T x^T, the dequantized weights the left operand,
         which Hopper's wgmma can read from registers (x^T from shared memory), as w4a16's mma1t does."""
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BM)
-        pid_m = pid % num_m      # the row tiles of one column tile run together (L2 reuse)
-        pid_n = pid // num_m
+        pid_n, offs_m, mask_m, offs_n, mask_n = frag_tile(M, N, BM, BN)
         C: tl.constexpr = BN // 8
         nb = K // 128
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        mask_m = offs_m < M
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        mask_n = offs_n < N
         rows = pid_n * C + tl.arange(0, C)
         codes = qf_ptr + rows[:, None].to(tl.int64) * stride_qr + tl.arange(0, 128)[None, :]
         mask_c = (rows < N // 8)[:, None]
@@ -240,16 +244,9 @@ if triton is not None:
         (no registers or per-thread address math for the weight stream). Rows of a box past N/8 read
         the next block's codes (or TMA's zero fill past the end): their columns are masked (scale 0,
         no store)."""
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BM)
-        pid_m = pid % num_m      # the row tiles of one column tile run together (L2 reuse)
-        pid_n = pid // num_m
+        pid_n, offs_m, mask_m, offs_n, mask_n = frag_tile(M, N, BM, BN)
         C: tl.constexpr = BN // 8
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        mask_m = offs_m < M
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        mask_n = offs_n < N
         x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
         b_start = pid_k * blocks_per_split
         b_end = tl.minimum(b_start + blocks_per_split, K // 128)
