@@ -203,10 +203,10 @@ def test_config_from_env():
     assert cfg.scheduler_config().max_adapters_per_batch == 10
     assert cfg.scheduler_config().inlaid_full_batch_streak_factor == 3
     assert cfg.triton_fast_launch and not cfg.serial_split_k           # the kernel switches' defaults
-    assert cfg.gemm_stream_k                                            # the tuner may pick stream-K at M <= 16
+    assert cfg.gemm_stream_k and not cfg.gemm_tma                      # stream-K tuned at M <= 16; TMA kinds not
     cfg = EngineConfig.from_env({"ENGINE_TRITON_FAST_LAUNCH": "0", "ENGINE_SERIAL_SPLIT_K": "1",
-                                 "ENGINE_GEMM_STREAM_K": "0"})
-    assert not cfg.triton_fast_launch and cfg.serial_split_k and not cfg.gemm_stream_k
+                                 "ENGINE_GEMM_STREAM_K": "0", "ENGINE_GEMM_TMA": "1"})
+    assert not cfg.triton_fast_launch and cfg.serial_split_k and not cfg.gemm_stream_k and cfg.gemm_tma
     assert cfg.lora_expand_rows and cfg.lora_prefetch == 32               # LoRA: per-token expand, 32 packed ahead
     assert cfg.pdl == 0                                                   # PDL off (slower in the engine's LoRA steps)
     assert cfg.fused_decode_attention and not cfg.fused_mlp_activation    # both measured on the H100: faster / slower
