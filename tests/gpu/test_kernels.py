@@ -453,8 +453,8 @@ def _check_decode_variants(model, inputs: dict, eager: torch.Tensor) -> None:
 @pytest.mark.parametrize("k_width", [2, 4])
 @pytest.mark.parametrize("m", [1, 5, 16, 40])
 def test_fragment_tma_kernel_matches_reference(m: int, k_width: int) -> None:
-    """frag_tma (block-major fragment codes fetched by TMA, w4a16_frag._frag_tma_kernel) against the float32
-    reference: every tuner candidate at this M, bias and split-K, onto a residual, the GLU input, and replayed
+    """The TMA kinds (block-major fragment codes fetched by TMA: frag_tma, and frag_gemv_tma at M <= 4) against
+    the float32 reference: every tuner candidate at this M, bias and split-K, onto a residual, the GLU input, and replayed
     from a CUDA graph (the encoded descriptor captured with the launch)."""
     from services.engine.kernels.gemm_configs import tma_candidate_configs
     from services.engine.kernels.gptq_format import to_fragment_order
@@ -472,7 +472,7 @@ def test_fragment_tma_kernel_matches_reference(m: int, k_width: int) -> None:
         assert rel_err(w4a16_matmul(x, kw, cfg, bias=bias), ref + bias.float()) < 1e-2, cfg
     onto = torch.randn(m, n, device=DEV).half()
     want = onto.float() + ref
-    cfg = tma_candidate_configs(m)[0]
+    cfg = next(c for c in tma_candidate_configs(m) if c.kind == "frag_tma")
     frag_matmul(x, kw, "frag_tma", cfg.block_m, cfg.block_n, 3, num_stages=cfg.num_stages, zsub=True, fma=True,
                 accumulate=onto)
     assert rel_err(onto, want) < 1e-2

@@ -93,17 +93,22 @@ _FRAG_SIG = {"x_ptr": "*fp16", "qf_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp
 
 def compile_frag(cfg: GemmConfig, k_width: int, arch: int = 90, has_bias: bool = False, use_atomic: bool = True,
                  glu: bool = False, pdl: int = 0, block_major: bool = False, asm: str = "cubin") -> bytes | str:
-    """cubin of a fragment-ordered kernel (kinds "frag" / "frag_t" / "frag_gemv" / "frag_tma", kernels/w4a16_frag.py) for one
+    """cubin of a fragment-ordered kernel (kinds "frag" / "frag_t" / "frag_gemv" and the TMA kinds, kernels/w4a16_frag.py) for one
     launch config and fragment order (block_major: codes stored block-major), with the constants frag_matmul
     gives it (asm "ptx": its PTX instead)."""
     from services.engine.kernels import w4a16_frag as F
-    if cfg.kind == "frag_tma":     # codes through a host TMA descriptor (block-major storage only)
-        consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BM": cfg.block_m, "BN": cfg.block_n,
-                  "KW": k_width, "FMA": cfg.zsub, "EMULATE": False, "PDL": pdl, "GLU": glu}
+    if cfg.kind in ("frag_tma", "frag_gemv_tma"):     # codes through a host TMA descriptor (block-major storage only)
+        consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": cfg.block_n, "KW": k_width, "EMULATE": False,
+                  "PDL": pdl, "GLU": glu}
+        if cfg.kind == "frag_tma":
+            consts |= {"BM": cfg.block_m, "FMA": cfg.zsub}
+        else:
+            consts |= {"STAGES": cfg.num_stages}
+        fn = F._frag_tma_kernel if cfg.kind == "frag_tma" else F._frag_gemv_tma_kernel
         sig = {"x_ptr": "*fp16", "qf_desc": f"tensordesc<i32[{cfg.block_n // 8}, 128]>", "z_ptr": "*fp16",
                "s_ptr": "*fp16", "out_ptr": "*fp16", "bias_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32"}
-        return compile_kernel(F._frag_tma_kernel, sig | {c: "constexpr" for c in consts}, consts, cfg.num_warps,
+        return compile_kernel(fn, sig | {c: "constexpr" for c in consts}, consts, cfg.num_warps,
                               cfg.num_stages, arch, asm, aligned=(0, 2, 3, 4, 5, 7, 8, 9, 10, 11))
     consts = {"HAS_BIAS": has_bias, "USE_ATOMIC": use_atomic, "BN": cfg.block_n, "KW": k_width,
               "PREFETCH": cfg.prefetch, "EMULATE": False, "PDL": pdl, "GLU": glu, "BLOCK_MAJOR": block_major}

@@ -36,10 +36,10 @@ SWAPPED_KINDS = ("mma8t", "mma8ts", "mma1t")
 # kinds of the stream-K kernel (w4a16._w4a16_stream_kernel): split_k is its programs per SM
 STREAM_KINDS = ("mma8_sk",)
 # kinds of the fragment-ordered layout (KernelWeights.frag, kernels/w4a16_frag.py)
-FRAG_KINDS = ("frag", "frag_t", "frag_gemv", "frag_tma")
+FRAG_KINDS = ("frag", "frag_t", "frag_gemv", "frag_tma", "frag_gemv_tma")
 # kinds that fetch their codes by TMA (Hopper's tensor memory accelerator): timed by the tuner only where
 # EngineConfig.gemm_tma is on (the engine skips them otherwise)
-TMA_KINDS = ("frag_tma",)
+TMA_KINDS = ("frag_tma", "frag_gemv_tma")
 
 
 def m_bucket(m: int) -> int:
@@ -152,11 +152,14 @@ def _frag(bm: int, bn: int, sk: int, warps: int, prefetch: bool) -> GemmConfig:
 
 
 def tma_candidate_configs(m: int) -> list[GemmConfig]:
-    """frag_tma configs (block-major fragment codes fetched by TMA, w4a16_frag._frag_tma_kernel) at M <= 64:
-    Triton's pipeline depth (num_stages) is how many blocks' code boxes are in flight per program."""
+    """TMA-fed configs (block-major fragment codes fetched by TMA, w4a16_frag) at M <= 64: frag_tma (tensor
+    cores) and, at M <= 4, frag_gemv_tma (one x row per program); Triton's pipeline depth (num_stages) is how
+    many blocks' code boxes are in flight per program."""
+    gemv = [GemmConfig("frag_gemv_tma", 1, bn, sk, w, st) for bn, w, st in ((64, 1, 4), (128, 1, 4), (128, 2, 3))
+            for sk in (8, 16, 32)] if m <= 4 else []
     if m <= 16:
-        return [GemmConfig("frag_tma", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
-                for bn, st in ((256, 3), (256, 4), (128, 4), (128, 6)) for sk in (4, 8, 16)]
+        return gemv + [GemmConfig("frag_tma", 16, bn, sk, 4, st, fast_deq=True, zsub=True)
+                       for bn, st in ((256, 3), (256, 4), (128, 4), (128, 6)) for sk in (4, 8, 16)]
     if m <= 64:
         return [GemmConfig("frag_tma", bm, 128, sk, 4, st, fast_deq=True, zsub=True)
                 for bm in ((32, 64) if m <= 32 else (64,)) for sk in (2, 4) for st in (3, 4)]

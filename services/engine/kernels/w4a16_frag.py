@@ -272,13 +272,60 @@ if triton is not None:
         """Everything the GEMV reads for block b: codes [C, 128], each word's scale (fp32) and zero pair
         [C, 128], and the four x pairs [128] (frag_x_pair)."""
         q = tl.load(codes + block_offset(b, stride_qb, BLOCK_MAJOR), mask=mask_c, other=0)
+        return (q,) + frag_gemv_operands(s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size, C, KW, GLU,
+                                         EMULATE)
+
+    @triton.jit
+    def frag_gemv_operands(s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
+                           C: tl.constexpr, KW: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
+        """frag_gemv_loads but the codes: each word's scale (fp32) and zero pair [C, 128] and the four x pairs."""
         g = (b * 128) // group_size
         s = per_word(tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32), C)
         zz = zero_pairs(tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0, C)
         kb = b * 128 + k_word
         h: tl.constexpr = 8 if KW == 2 else 2        # k step of code pair 1 (h = 1) from pair 0
-        return (q, s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + h, K, GLU, EMULATE),
+        return (s, zz, frag_x_pair(x_row, kb, K, GLU, EMULATE), frag_x_pair(x_row, kb + h, K, GLU, EMULATE),
                 frag_x_pair(x_row, kb + 16, K, GLU, EMULATE), frag_x_pair(x_row, kb + 16 + h, K, GLU, EMULATE))
+
+    @triton.jit
+    def frag_gemv_store(acc, bias_ptr, out_ptr, row, stride_om, offs_n, mask_n, pid_k, C: tl.constexpr, BN: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr):
+        """A GEMV program's result: acc [C, 128] (per word) summed per column, the 1/32 of the x pairs undone,
+        the bias added by split 0, stored or added with atomics."""
+        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out_v += bias * (pid_k == 0).to(tl.float32)
+        store_out(out_ptr + row * stride_om + offs_n, out_v, mask_n, USE_ATOMIC)
+
+    @triton.jit
+    def _frag_gemv_tma_kernel(
+        x_ptr, qf_desc, z_ptr, s_ptr, out_ptr, bias_ptr,
+        M, N, K, stride_xm, stride_om, group_size, blocks_per_split,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr = 2,
+        STAGES: tl.constexpr = 3, EMULATE: tl.constexpr = False, PDL: tl.constexpr = False, GLU: tl.constexpr = False,
+    ):
+        """_frag_gemv_kernel (block-major codes) with each block's [BN/8, 128] codes fetched by TMA (qf_desc as in
+        _frag_tma_kernel); the loop has no dot, so it asks Triton for its pipelining (STAGES blocks deep)."""
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        C: tl.constexpr = BN // 8
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N
+        wi = tl.arange(0, 128)
+        k_word = 32 * (wi % 4) + KW * ((wi // 4) % 4)      # k of code 0 of each word, in the block
+        x_row = x_ptr + row * stride_xm
+        b_start = pid_k * blocks_per_split
+        b_end = tl.minimum(b_start + blocks_per_split, K // 128)
+        pdl_enter(PDL)   # after the index math, before any read of x or write of out
+        acc = tl.zeros((C, 128), dtype=tl.float32)
+        for b in tl.range(b_start, b_end, num_stages=STAGES):
+            q = qf_desc.load([b * (N // 8) + pid_n * C, 0])
+            s, zz, p0, p1, p2, p3 = frag_gemv_operands(s_ptr, z_ptr, x_row, k_word, b, N, K, offs_n, mask_n, group_size,
+                                                       C, KW, GLU, EMULATE)
+            acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
+        frag_gemv_store(acc, bias_ptr, out_ptr, row, stride_om, offs_n, mask_n, pid_k, C, BN, HAS_BIAS, USE_ATOMIC)
 
     @triton.jit
     def _frag_gemv_kernel(
@@ -325,12 +372,7 @@ if triton is not None:
                                                            k_word, b, N, K, offs_n, mask_n, group_size, C, KW, GLU,
                                                            EMULATE)
                 acc += h2_dot(q, q, p0[None, :], p1[None, :], p2[None, :], p3[None, :], zz, 4, EMULATE) * s
-        out_v = tl.reshape(tl.sum(tl.reshape(acc, (C, 8, 16)), axis=2), (BN,)) * 32.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            out_v += bias * (pid_k == 0).to(tl.float32)
-        out = out_ptr + row * stride_om + offs_n
-        store_out(out, out_v, mask_n, USE_ATOMIC)
+        frag_gemv_store(acc, bias_ptr, out_ptr, row, stride_om, offs_n, mask_n, pid_k, C, BN, HAS_BIAS, USE_ATOMIC)
 
     @triton.jit
     def frag_x_pair(x_row, k, K, GLU: tl.constexpr, EMULATE: tl.constexpr):
@@ -419,9 +461,9 @@ def code_descriptor(kw: KernelWeights, block_n: int):
     call (a few µs; a CUDA graph keeps the encoded descriptor): caching it would keep tensors alive."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     if not frag_block_major(kw):
-        raise ValueError("frag_tma reads block-major fragment codes (gptq_format.to_fragment_order(block_major=True))")
+        raise ValueError("the TMA kinds read block-major fragment codes (gptq_format.to_fragment_order(block_major=True))")
     if block_n // FRAG_COLS > 256:
-        raise ValueError(f"frag_tma: a TMA box holds at most 256 rows, block_n {block_n} needs {block_n // FRAG_COLS}")
+        raise ValueError(f"a TMA box holds at most 256 rows, block_n {block_n} needs {block_n // FRAG_COLS}")
     codes = kw.qweight.permute(1, 0, 2).reshape(-1, KERNEL_K_BLOCK)     # a view: block-major is that buffer
     return TensorDescriptor.from_tensor(codes, [block_n // FRAG_COLS, KERNEL_K_BLOCK])
 
@@ -431,11 +473,12 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
                 prefetch: bool = False, bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
                 glu: bool = False) -> torch.Tensor:
     """y [M, N] fp16 = x [M, K] fp16 @ W for fragment-ordered weights (kw.frag, gptq_format.to_fragment_order);
-    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only), "frag_gemv" or "frag_tma" (frag with
-    the codes fetched by TMA: block-major storage and zsub only, sm_90+). accumulate and glu as in w4a16_matmul."""
+    kind "frag" (tensor cores), "frag_t" (swapped operands, zsub only), "frag_gemv", or "frag_tma" /
+    "frag_gemv_tma" (frag with zsub / frag_gemv with the codes fetched by TMA: block-major storage only, sm_90+).
+    accumulate and glu as in w4a16_matmul."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    if kind not in ("frag", "frag_t", "frag_gemv", "frag_tma"):
+    if kind not in ("frag", "frag_t", "frag_gemv", "frag_tma", "frag_gemv_tma"):
         raise ValueError(f"unknown fragment kernel {kind!r}")
     if kind in ("frag_t", "frag_tma") and not zsub:
         raise ValueError(f"{kind} subtracts the zero in fp16: it needs zsub")
@@ -451,6 +494,13 @@ def frag_matmul(x: torch.Tensor, kw: KernelWeights, kind: str, block_m: int, blo
         out = accumulate
     else:
         out = (torch.zeros if use_atomic else torch.empty)((m, n), dtype=torch.float16, device=x.device)
+    if kind == "frag_gemv_tma":
+        launch(_frag_gemv_tma_kernel, (m, cdiv(n, block_n), split_k),
+               x, code_descriptor(kw, block_n), kw.zeros, kw.scales, out, bias if bias is not None else out,
+               m, n, k, x.stride(0), out.stride(0), kw.group_size, per_split, HAS_BIAS=bias is not None,
+               USE_ATOMIC=use_atomic, BN=block_n, KW=kw.frag, STAGES=num_stages, EMULATE=INTERPRET, GLU=glu,
+               num_warps=num_warps, num_stages=num_stages)
+        return out
     if kind == "frag_tma":
         launch(_frag_tma_kernel, (cdiv(m, block_m) * cdiv(n, block_n), split_k),
                x, code_descriptor(kw, block_n), kw.zeros, kw.scales, out, bias if bias is not None else out,

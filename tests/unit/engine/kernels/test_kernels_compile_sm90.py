@@ -56,7 +56,7 @@ def test_every_fragment_candidate_compiles_for_sm90() -> None:
                 assert compile_config(cfg, 4, has_bias=True, use_atomic=False, frag=k_width), cfg
                 assert compile_config(cfg, 4, glu=True, frag=k_width), cfg
                 assert compile_config(cfg, 4, frag=k_width, block_major=True), cfg
-    assert {k[0] for k in seen} == {"frag", "frag_t", "frag_gemv", "frag_tma"}
+    assert {k[0] for k in seen} == {"frag", "frag_t", "frag_gemv", "frag_tma", "frag_gemv_tma"}
 
 
 def test_tma_kernel_pipelines_its_code_boxes_sm90() -> None:
@@ -69,7 +69,10 @@ def test_tma_kernel_pipelines_its_code_boxes_sm90() -> None:
     from services.engine.kernels.aot import compile_frag
     from services.engine.kernels.gemm_configs import tma_candidate_configs
     from services.engine.kernels.w4a16_frag import frag_k_width
-    for cfg in (tma_candidate_configs(16)[0], tma_candidate_configs(16)[-1], tma_candidate_configs(64)[0]):
+    for cfg in (tma_candidate_configs(16)[0], tma_candidate_configs(16)[-1], tma_candidate_configs(64)[0],
+                tma_candidate_configs(1)[0], tma_candidate_configs(1)[-1]):
         ptx = compile_frag(cfg, frag_k_width(), pdl=1, glu=True, asm="ptx")
-        assert len(re.findall(r"cp\.async\.bulk\.tensor", ptx)) == cfg.num_stages, cfg
+        copies = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+        # the GEMV's loop (no dot) asks for its pipelining; the pipeliner may also unroll its prologue
+        assert copies == cfg.num_stages if cfg.kind == "frag_tma" else copies >= 2, (cfg, copies)
         assert ptx.index("griddepcontrol.wait") < ptx.index("cp.async.bulk.tensor"), cfg

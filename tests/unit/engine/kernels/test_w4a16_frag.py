@@ -136,7 +136,7 @@ def test_kernels_match_the_reference_interpreted() -> None:
 
 
 def check_tma_interpreted() -> None:
-    """frag_tma (codes fetched through a TMA descriptor) against the reference: act-order, bias, split-K,
+    """frag_tma and frag_gemv_tma (codes fetched through a TMA descriptor) against the reference: act-order, bias, split-K,
     N off the tile (a box's last rows run into the next block's codes), onto a residual, the GLU input;
     and the engine's dispatch of its configs."""
     from services.engine.kernels.gemm_configs import tma_candidate_configs
@@ -165,9 +165,17 @@ def check_tma_interpreted() -> None:
             frag_matmul(x, fw, "frag_tma", bm, bn, split, zsub=True, accumulate=onto)
             assert ((onto.float() - want).norm() / want.norm()).item() < 1e-2
     fw = to_fragment_order(kw, 4, block_major=True)
+    for m, bn, split in ((1, 32, 1), (3, 64, 2)):     # the GEMV form: one x row per program
+        x = (torch.randn(m, k) * 4).half()
+        bias = torch.randn(n).half()
+        out = frag_matmul(x, to_fragment_order(kw, 2, block_major=True), "frag_gemv_tma", 1, bn, split, num_stages=3,
+                          bias=bias)
+        ref = x.float() @ ref_w + bias.float()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, (m, bn, split)
     x = (torch.randn(5, k) * 4).half()
     ref = x.float() @ ref_w
-    for cfg in (tma_candidate_configs(4)[0], tma_candidate_configs(64)[-1]):
+    assert {c.kind for c in tma_candidate_configs(4)} == {"frag_tma", "frag_gemv_tma"}
+    for cfg in (tma_candidate_configs(4)[0], tma_candidate_configs(4)[-1], tma_candidate_configs(64)[-1]):
         out = w4a16_matmul(x, fw, cfg)
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
     with pytest.raises(ValueError, match="block-major"):
@@ -179,8 +187,9 @@ def check_tma_interpreted() -> None:
     gate_up = torch.randn(3, 2 * k).half()
     g, u = gate_up.float().chunk(2, dim=1)
     want = (torch.nn.functional.silu(g) * u).half().float() @ dequantize_codes(codes, zeros, scales, g_idx)
-    out = frag_matmul(gate_up, plain, "frag_tma", 16, 32, 2, zsub=True, glu=True)
-    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
+    for kind, bm in (("frag_tma", 16), ("frag_gemv_tma", 1)):
+        out = frag_matmul(gate_up, plain, kind, bm, 32, 2, zsub=kind == "frag_tma", glu=True)
+        assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, kind
 
 
 def test_tma_kernel_matches_the_reference_interpreted() -> None:
