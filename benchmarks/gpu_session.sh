@@ -128,9 +128,9 @@
 #                                                   #   what-if: KV reads at half price), fifo on fp16 beside it
 #   bash benchmarks/gpu_session.sh frag-e2e COMMIT  # at most 220 s: bench_e2e_gpu's mixed-adapter trace at 16 running,
 #                                                   #   w4_layout tiles vs auto (the fragment layout there)
-#   bash benchmarks/gpu_session.sh tma COMMIT  # at most 420 s (not run yet): the TMA kinds' GPU tests, the graphed decode
+#   bash benchmarks/gpu_session.sh tma COMMIT  # at most 350 s (not run yet): the TMA kinds' GPU tests, the graphed decode
 #                                                   #   at batch 1 / 4 / 16 with and without them (probe_frag_engine --tma), then
-#                                                   #   TMA-fed probe kernels beside the engine's GEMM at M = 1 / 16 / 64, 2 shapes
+#                                                   #   TMA-fed probe kernels beside the engine's GEMM at M = 1 / 16 / 64, 4096 x 4096
 #   bash benchmarks/gpu_session.sh scale256 COMMIT  # ~350 s: 2 / 10 / 100 / 1000 tasks at 1.3 x C on the 24 GiB card with
 #                                                   #   up to 256 running (real engine + simulator; measured so far only at 64)
 #
@@ -204,7 +204,7 @@ case "$stage" in
       --decode-batches 1,8,16,64 --lora-adapters 0,32 2>&1 | grep -v -i warn | tee "$out/gpu_kernels.log"
     ;;
   pdl-all)   # one call, 8 files back: pdl, the GEMM table, and the engine's LoRA section (graphed batch-64 decode, prefill) plain vs PDL 2
-    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
       -k "graphed_decode or w4-pdl" 2>&1 | tail -15 | tee "$out/pytest_pdl.log"
     timeout 130 python3 benchmarks/bench_gpu_kernels.py --out "$out" --commit "$commit" --sections decode \
       --decode-batches 1,8,16,64 --lora-adapters 0,32 2>&1 | grep -v -i warn | grep -v "^|"
@@ -348,11 +348,11 @@ case "$stage" in
     ;;
   tma)   # Hopper's TMA for the fragment layout's codes (frag_tma, EngineConfig.gemm_tma): its GPU tests, the
           # graphed 7B decode with and without it in the tuner's list, then the GEMM-level probe (probe_tma.py)
-    timeout 120 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
+    timeout 100 python3 -m pytest -q -m gpu tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py \
       -k "fragment_tma or fragb-tma" 2>&1 | tail -4 | tee "$out/tma.pytest.log"
-    timeout 180 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
+    timeout 170 python3 benchmarks/probe_frag_engine.py --out "$out" --commit "$commit" --shapes 0 --batches 1,4,16 \
       --k-widths "" --block-major 4 --tma --stem tma_decode 2>&1 | grep "^decode\|Error"
-    timeout 120 python3 benchmarks/probe_tma.py --out "$out" --commit "$commit" --ms 1,16,64 --shapes 2 2>&1 \
+    timeout 80 python3 benchmarks/probe_tma.py --out "$out" --commit "$commit" --ms 1,16,64 --shapes 1 2>&1 \
       | grep -i "error\|done in" | head
     ;;
   kv-fp8-min)   # the least of kv-fp8 worth a device start: the fp8 tests (log written as they run), a short step probe
