@@ -31,12 +31,18 @@ VARIANTS = [("frag", 16, 256, 4, True), ("frag", 16, 64, 4, True), ("frag", 64, 
 # the same kernels on codes stored block-major (gptq_format.frag_block_major): the block step a runtime stride
 BLOCK_MAJOR_VARIANTS = [("frag", 16, 256, 4, True), ("frag", 64, 128, 4, True), ("frag_gemv", 1, 128, 1, False),
                         ("frag_t", 64, 128, 4, False)]
+# the TMA kinds (block-major only; (kind, BM, BN, warps, Triton stages)): the codes reach shared memory by bulk
+# copies, so their K loops hold no global loads of codes, but a shared-memory read of each box
+TMA_VARIANTS = [("frag_tma", 16, 256, 4, 3), ("frag_tma", 16, 128, 4, 4), ("frag_tma", 64, 128, 4, 3),
+                ("frag_gemv_tma", 1, 128, 1, 4), ("frag_gemv_tma", 1, 64, 1, 4)]
 
 
 def compile_variant(kind: str, bm: int, bn: int, warps: int, prefetch: bool, k_width: int,
-                    block_major: bool = False) -> bytes:
-    cfg = GemmConfig(kind, bm, bn, 1, warps, 1 if prefetch or kind == "frag_gemv" else 2, fast_deq=True,
-                     zsub=kind != "frag_gemv", prefetch=prefetch)
+                    block_major: bool = False, stages: int | None = None) -> bytes:
+    if stages is None:
+        stages = 1 if prefetch or kind == "frag_gemv" else 2
+    cfg = GemmConfig(kind, bm, bn, 1, warps, stages, fast_deq=True, zsub=kind in ("frag", "frag_t", "frag_tma"),
+                     prefetch=prefetch)
     return compile_frag(cfg, k_width, block_major=block_major)
 
 
@@ -48,12 +54,13 @@ def main() -> None:
     args = ap.parse_args()
     import triton
     rows = []
-    variants = [v + (False,) for v in VARIANTS] + [v + (True,) for v in BLOCK_MAJOR_VARIANTS]
-    for kind, bm, bn, warps, prefetch, block_major in variants:
+    variants = ([v + (False, None) for v in VARIANTS] + [v + (True, None) for v in BLOCK_MAJOR_VARIANTS]
+                + [(kind, bm, bn, warps, False, True, stages) for kind, bm, bn, warps, stages in TMA_VARIANTS])
+    for kind, bm, bn, warps, prefetch, block_major, stages in variants:
         for k_width in (2, 4):
-            name = (f"{kind} BM{bm} BN{bn} w{warps}{' pf' if prefetch else ''} k_width {k_width}"
-                    + (" block-major" if block_major else ""))
-            row = analyse(name, compile_variant(kind, bm, bn, warps, prefetch, k_width, block_major),
+            name = (f"{kind} BM{bm} BN{bn} w{warps}{' pf' if prefetch else ''}"
+                    f"{f' st{stages}' if stages else ''} k_width {k_width}" + (" block-major" if block_major else ""))
+            row = analyse(name, compile_variant(kind, bm, bn, warps, prefetch, k_width, block_major, stages),
                           128 * bn // (32 * warps))
             rows.append(row)
             print(f"{name}: {row['loop_instructions']} loop instructions, "
@@ -68,13 +75,14 @@ def main() -> None:
              f"Commit `{args.commit}`, {res['date']}. Command: `{res['command']}`. K loop = the longest backward "
              "branch; zero taken off in fp16 by the one-shift unpacking. SHFL + SEL and STS + LDS: counted when "
              "among the loop's 10 most frequent opcodes (else 0).\n",
-             "| variant | loop instructions | instructions / weight | SHFL + SEL | STS + LDS | spills |",
-             "|---|---|---|---|---|---|"]
+             "| variant | loop instructions | instructions / weight | SHFL + SEL | STS + LDS | spills | loop loads |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ops = dict(r["top_ops"])
+        loads = ", ".join(f"{op} {n}" for op, n in r.get("loop_loads", {}).items()) or "–"
         lines.append(f"| {r['variant']} | {r['loop_instructions']} | {r['instructions_per_weight']:.2f} | "
                      f"{ops.get('SHFL', 0) + ops.get('SEL', 0)} | {ops.get('STS', 0) + ops.get('LDS', 0)} | "
-                     f"{r['classes'].get('spill', 0)} |")
+                     f"{r['classes'].get('spill', 0)} | {loads} |")
     (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / args.stem}.md")
 

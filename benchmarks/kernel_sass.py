@@ -97,7 +97,8 @@ def analyse(name: str, cubin: bytes, weights_per_thread: int) -> dict:
     floor_us = k * n * per_weight / (32 * ISSUE_PER_CLK * SMS * CLOCK_HZ) * 1e6
     return {"variant": name, "total_instructions": len(instrs), "loop_instructions": len(body),
             "weights_per_thread_per_iteration": weights_per_thread, "instructions_per_weight": per_weight,
-            "issue_floor_us_4096x11008": floor_us, "classes": dict(classes), "top_ops": ops.most_common(10)}
+            "issue_floor_us_4096x11008": floor_us, "classes": dict(classes), "top_ops": ops.most_common(10),
+            "loop_loads": {op: ops[op] for op in ("LDG", "LDGSTS", "UTMALDG", "LDS", "LDSM") if ops[op]}}
 
 
 def main() -> None:
