@@ -58,8 +58,9 @@ class EngineConfig:
     # The GEMM tuner also times the stream-K kernel at M <= 16 (mma8_sk, kernels/w4a16.py) and picks it
     # where it is faster (H100: by <= 4 % on 3 of 25 GEMM cells, stream_k_*_900b7dc.md); off: split-K only
     gemm_stream_k: bool = True
-    # The GEMM tuner also times frag_tma (fragment-ordered codes fetched by Hopper's TMA, kernels/w4a16_frag.py)
-    # at M <= 64 where the weights are stored block-major (w4_layout auto / fragb); off: not timed
+    # The GEMM tuner also times the TMA kinds (frag_tma at M <= 64, frag_gemv_tma at M <= 4: block-major
+    # fragment codes fetched by Hopper's TMA, kernels/w4a16_frag.py) and keeps one only where faster; off
+    # by default until a GPU has timed them (docs/results.md, "Codes fetched by TMA")
     gemm_tma: bool = False
     # Programmatic dependent launch of the Triton kernels (kernels/pdl.py; a no-op below sm_90 or
     # without Triton's griddepcontrol): 0 off, 1 each kernel launched while the previous one runs,
