@@ -159,6 +159,25 @@ def test_probe_frag_engine_markdown_with_pdl(tmp_path: Path) -> None:
     assert "| 1 | 2.700 | 2.550 | 2.730 | error | 2.690 | 2.500 | 2.00 |" in text
 
 
+def test_probe_frag_engine_markdown_with_tma(tmp_path: Path) -> None:
+    """--tma: each block-major order once more with the TMA kinds in its tuner's list (fragWb_tma columns), GEMM
+    and decode; results from before the flag (no "tma" key) keep their columns."""
+    from probe_frag_engine import frag_layouts, write_markdown
+    assert frag_layouts([], [4], tma=True) == [("frag4b", 4, True, False), ("frag4b_tma", 4, True, True)]
+    assert frag_layouts([4], [4]) == [("frag4", 4, False, False), ("frag4b", 4, True, False)]
+    res = {"script": "probe_frag_engine.py", "device": "GPU", "commit": "abc", "torch": "2", "triton": "3.6.0",
+           "command": "python benchmarks/probe_frag_engine.py --tma", "reps": 20, "k_widths": [],
+           "block_major": [4], "pdl": 0, "tma": True, "rows": [
+               {"part": "gemm", "K": 4096, "N": 4096, "M": 16, "fp16_us": 16.0, "tiles_us": 8.0, "frag4b_us": 6.4,
+                "frag4b_tma_us": 5.0, "tiles_config": "mma8", "frag4b_config": "frag", "frag4b_tma_config": "frag_tma"},
+               {"part": "decode", "batch": 16, "context": 256, "floor_ms": 2.0, "copy_gbs": 3000.0,
+                "tiles_ms": 3.7, "frag4b_ms": 3.1, "frag4b_tma_ms": 2.9, "tiles_again_ms": 3.6}]}
+    write_markdown(res, tmp_path / "out.md")
+    text = (tmp_path / "out.md").read_text()
+    assert "| 4096×4096 | 16 | 16.0 | 8.0 | 6.4 | 5.0 | 2.00 | 2.50 | 3.20 | frag | frag_tma |" in text
+    assert "| 16 | 3.700 | 3.100 | 2.900 | 3.600 | 1.16 | 1.24 | 2.000 |" in text
+
+
 def test_serve_gpu_launch_text_states_the_resolved_shapes() -> None:
     """The serving report's launch line is what kernels/attention resolves per cache dtype (not a copy of its
     defaulting rules); results recorded before those shapes were stored print the raw constants."""
