@@ -101,12 +101,13 @@ class W4Decoder:
         self.fused_mlp_activation = False
 
     def use_gemm_tma(self, on: bool) -> None:
-        """Whether the GEMM tuner may pick the TMA kinds (EngineConfig.gemm_tma); a change drops its picks, so
-        the next call tunes again (outside a CUDA-graph capture)."""
+        """Whether the GEMM tuner may pick the TMA kinds (EngineConfig.gemm_tma); a change drops its picks for
+        fragment-ordered weights (the only layout with TMA kinds: keys longer than the tiled layout's), so the
+        next call tunes those again (outside a CUDA-graph capture)."""
         skip = () if on else TMA_KINDS
         if self.tuner.skip_kinds != skip:
             self.tuner.skip_kinds = skip
-            self.tuner.best.clear()
+            self.tuner.best = {key: cfg for key, cfg in self.tuner.best.items() if len(key) <= 4}
 
     def set_layout(self, frag: int, block_major: bool = False) -> None:
         """Every 4-bit linear's codes in the layout KernelWeights.frag = frag (0: tiled; 2 / 4: fragment

@@ -80,3 +80,33 @@ def test_skipped_kinds_are_never_picked_and_key_the_cache(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))   # CI has none
     assert "without mma8_sk" in tuner_identity(None, STREAM_KINDS)
     assert "without" not in tuner_identity(None)
+
+
+def test_tma_kinds_are_skipped_unless_asked(monkeypatch):
+    """The fragment layout's candidates include the TMA kinds; a tuner skipping them (the engine's unless
+    EngineConfig.gemm_tma) never picks one (on CPU it returns the list's first, so a list led by one shows the
+    filter); W4Decoder.use_gemm_tma switches them and drops only the fragment-layout picks (tiled keys have
+    four fields)."""
+    import torch
+
+    from services.engine.kernels.gemm_configs import TMA_KINDS
+    from services.engine.kernels.gemm_tuner import GemmTuner
+    from services.engine.kernels.w4_decoder import W4Decoder
+
+    cands = gemm_tuner.candidate_configs(4, 4)
+    assert {c.kind for c in cands} >= set(TMA_KINDS)
+    lead = next(c for c in cands if c.kind in TMA_KINDS)
+    monkeypatch.setattr(gemm_tuner, "candidate_configs", lambda m, frag=0: [lead] + cands)
+    x = torch.zeros(4, 256, dtype=torch.float16)
+    frag_key = (4, 320, 256, 4, 4, 1)
+    assert GemmTuner()._tune(frag_key, x, None) == lead
+    assert GemmTuner(skip_kinds=TMA_KINDS)._tune(frag_key, x, None).kind not in TMA_KINDS
+    decoder = types.SimpleNamespace(tuner=GemmTuner(skip_kinds=TMA_KINDS))
+    decoder.tuner.best = {KEY: CFG, frag_key: cands[0]}
+    W4Decoder.use_gemm_tma(decoder, True)
+    assert decoder.tuner.skip_kinds == () and decoder.tuner.best == {KEY: CFG}
+    decoder.tuner.best[frag_key] = cands[0]
+    W4Decoder.use_gemm_tma(decoder, True)             # no change: picks kept
+    assert frag_key in decoder.tuner.best
+    W4Decoder.use_gemm_tma(decoder, False)
+    assert decoder.tuner.skip_kinds == TMA_KINDS and decoder.tuner.best == {KEY: CFG}
