@@ -13,8 +13,8 @@ graph over weight copies above 3x the L2, as probe_gemm_stream):
 - `tma mma BN/split/warps/stages`: the zsub mma8 body (h2_ptx dequantize, eight K=16 dots per
   block) on TMA-fed codes;
 - `tma gemv BN/split/warps/stages` (M = 1): gemv_h2's packed dequantize-and-dot on TMA-fed codes;
-- `tma frag BM/BN/split/warps/stages`: the fragment-ordered kernel (w4a16_frag, block-major storage, the
-  installed Triton's k_width, zero subtracted in fp16) with its [BN/8, 128] code boxes fetched by TMA;
+- `tma frag BM/BN/split/warps/stages`: the engine's frag_tma (w4a16_frag: block-major fragment codes in the
+  installed Triton's k_width, zero subtracted in fp16, [BN/8, 128] code boxes fetched by TMA);
 - the engine's GEMM at its tuner's pick, and cuBLAS fp16.
 Every config's output is checked against the dequantized reference. Writes <out>/<stem>.{json,md}.
 
@@ -44,7 +44,7 @@ LARGE_GRIDS = [(64, 128, 1, 4, 3), (64, 128, 2, 4, 4), (64, 64, 2, 4, 4), (64, 1
 GEMV_GRIDS = [(64, 8, 2, 3), (128, 8, 4, 3), (128, 16, 4, 4), (128, 8, 2, 5), (64, 16, 1, 4)]
 
 if triton is not None:
-    from services.engine.kernels.w4a16_frag import frag_block_dot, frag_k_width
+    from services.engine.kernels.w4a16_frag import frag_k_width, frag_matmul
     from services.engine.kernels.w4a16_tiles import fp16_bits, h2_block_dot, h2_deq, x_pair
 
     @triton.jit
@@ -119,41 +119,6 @@ if triton is not None:
         tl.atomic_add(out_ptr + offs_n, (tl.sum(acc, axis=0) * 32.0).to(tl.float16), mask=mask_n, sem="relaxed")
 
 
-    @triton.jit
-    def tma_frag(x_ptr, qf_desc, z_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, group_size,
-                 blocks_per_split, BM: tl.constexpr, BN: tl.constexpr, KW: tl.constexpr):
-        """w4a16_frag's tensor-core kernel (ZSUB, block-major codes) with each block's [BN/8, 128] codes
-        fetched by TMA: the descriptor views the [K/128, N/8, 128] buffer as [K/128 · N/8, 128]."""
-        pid_n = tl.program_id(0)
-        b_start, b_end = _k_range(tl.program_id(1), K, blocks_per_split)
-        C: tl.constexpr = BN // 8
-        offs_m = tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, 128)[None, :]
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for b in range(b_start, b_end):
-            q = qf_desc.load([b * (N // 8) + pid_n * C, 0])
-            g = (b * 128) // group_size
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
-            xt = tl.load(x_rows + b * 128, mask=mask_m[:, None], other=0.0)
-            acc += frag_block_dot(q, s, z1024, xt, C, BN, True, False, KW, False)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.atomic_add(out, acc.to(tl.float16), mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
-
-
-def frag_desc(kwf, bn: int):
-    """A TMA descriptor over block-major fragment codes ([N/8, K/128, 128] view of a [K/128, N/8, 128]
-    buffer) as [K/128 · N/8, 128] int32, box [bn/8, 128]."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    buf = kwf.qweight.permute(1, 0, 2)
-    if not buf.is_contiguous():
-        raise ValueError("tma frag needs block-major fragment codes")
-    return TensorDescriptor.from_tensor(buf.reshape(-1, 128), [bn // 8, 128])
-
-
 def code_desc(kw, bn: int):
     """A TMA descriptor over the tiled layout's codes viewed as [N/128 · K/8, 128] int32, box [16, bn]."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -179,10 +144,9 @@ def tma_call(kind: str, x, kw, out, grid_cfg: tuple):
         raise ValueError(f"{kind} BM {bm} < M {x.shape[0]}: the probe runs one row tile")
     bps = triton.cdiv(k // 128, sk)
     grid = (n // bn, triton.cdiv(k // 128, bps))
-    if kind == "frag":
-        desc = frag_desc(kw, bn)
-        return lambda: tma_frag[grid](x, desc, kw.zeros, kw.scales, out, x.shape[0], n, k, x.stride(0), out.stride(0),
-                                      kw.group_size, bps, BM=bm, BN=bn, KW=kw.frag, num_warps=warps, num_stages=stages)
+    if kind == "frag":   # the engine's kernel, as its tuner would launch a frag_tma config
+        return lambda: frag_matmul(x, kw, "frag_tma", bm, bn, sk, num_warps=warps, num_stages=stages, zsub=True,
+                                   fma=True, accumulate=out)
     desc = code_desc(kw, bn)
     if kind == "read":
         return lambda: tma_read[grid](desc, out, n, k, bps, BN=bn, STAGES=stages, num_warps=warps, num_stages=stages)

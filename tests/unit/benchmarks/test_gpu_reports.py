@@ -161,7 +161,7 @@ def test_probe_frag_engine_markdown_with_pdl(tmp_path: Path) -> None:
 
 def test_probe_frag_engine_markdown_with_tma(tmp_path: Path) -> None:
     """--tma: each block-major order once more with the TMA kinds in its tuner's list (fragWb_tma columns), GEMM
-    and decode; results from before the flag (no "tma" key) keep their columns."""
+    and decode; without the flag frag_layouts adds none (the tests above: results with no "tma" key)."""
     from probe_frag_engine import frag_layouts, write_markdown
     assert frag_layouts([], [4], tma=True) == [("frag4b", 4, True, False), ("frag4b_tma", 4, True, True)]
     assert frag_layouts([4], [4]) == [("frag4", 4, False, False), ("frag4b", 4, True, False)]

@@ -22,14 +22,13 @@ def _ptx(kernel, sig: dict, consts: dict, warps: int, stages: int, aligned: tupl
 def test_tma_kernels_pipeline_their_code_loads_sm90() -> None:
     pytest.importorskip("triton")
     from benchmarks import probe_tma as P
-    common = {"z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-              "stride_xm": "i32", "stride_om": "i32", "group_size": "i32", "blocks_per_split": "i32"}
     read = _ptx(P.tma_read, {"qw_desc": "tensordesc<i32[16, 128]>", "out_ptr": "*i32", "N": "i32", "K": "i32",
                              "blocks_per_split": "i32", "BN": "constexpr", "STAGES": "constexpr"},
                 {"BN": 128, "STAGES": 4}, 4, 4, (1, 2, 3))
-    frag = _ptx(P.tma_frag, {"x_ptr": "*fp16", "qf_desc": "tensordesc<i32[32, 128]>", **common, "BM": "constexpr",
-                             "BN": "constexpr", "KW": "constexpr"},
-                {"BM": 16, "BN": 256, "KW": P.frag_k_width()}, 4, 3, (0, 2, 3, 4, 6, 7, 8, 9, 10))
+    from services.engine.kernels.aot import compile_frag
+    from services.engine.kernels.gemm_configs import GemmConfig
+    frag = compile_frag(GemmConfig("frag_tma", 16, 256, 1, 4, 3, fast_deq=True, zsub=True), P.frag_k_width(),
+                        asm="ptx")    # the probe's "frag" kind is the engine's kernel
     # stages - 1 copies issued ahead of the loop plus one inside it: more than one means pipelined
     assert len(re.findall(r"cp\.async\.bulk\.tensor", read)) == 4
     assert len(re.findall(r"cp\.async\.bulk\.tensor", frag)) == 3
@@ -40,8 +39,9 @@ def test_descriptor_views_cover_the_layouts() -> None:
     pytest.importorskip("triton")
     import torch
     from benchmarks import probe_tma as P
-    from services.engine.kernels.gptq_format import to_fragment_order
     from benchmarks.bench_gpu_kernels import quantized_layer
+    from services.engine.kernels.gptq_format import to_fragment_order
+    from services.engine.kernels.w4a16_frag import code_descriptor
 
     _, _, kw = quantized_layer(torch.randn(256, 384), 4)
     d = P.code_desc(kw, 64)
@@ -49,12 +49,12 @@ def test_descriptor_views_cover_the_layouts() -> None:
     # row (tile t, packed row r) of the view is the tiled layout's qweight[t, r]
     assert torch.equal(d.base[1 * 32 + 5], kw.qweight[1, 5])
     kwf = to_fragment_order(kw, 4, block_major=True)
-    f = P.frag_desc(kwf, 128)
+    f = code_descriptor(kwf, 128)      # the engine's, which the probe's "frag" kind launches through
     assert list(f.shape) == [256 // 128 * 384 // 8, 128] and list(f.block_shape) == [16, 128]
     # row (block b, 8-column row c) is qweight[c, b] of the [N/8, K/128, 128] view
     assert torch.equal(f.base[1 * 48 + 7], kwf.qweight[7, 1])
     with pytest.raises(ValueError, match="block-major"):
-        P.frag_desc(to_fragment_order(kw, 4), 128)
+        code_descriptor(to_fragment_order(kw, 4), 128)
 
 
 def test_markdown() -> None:
