@@ -134,11 +134,15 @@ if triton is not None:
         row mask mask_x come shaped; load_x: GLU as in w4a16). codes: block 0's words; stride_qb: words
         from one block to the next."""
         q = tl.load(codes + block_offset(b, stride_qb, BLOCK_MAJOR), mask=mask_c, other=0)
+        return (q,) + frag_block_operands(s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n, mask_n, group_size, GLU)
+
+    @triton.jit
+    def frag_block_operands(s_ptr, z_ptr, x_rows, mask_x, b, N, K, offs_n, mask_n, group_size, GLU: tl.constexpr):
+        """frag_block_loads but the codes: the group's scale and 1024 + zero [BN] (fp32) and the x tile."""
         g = (b * 128) // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
-        xt = load_x(x_rows + b * 128, mask_x, K, GLU)
-        return q, s, z1024, xt
+        return s, z1024, load_x(x_rows + b * 128, mask_x, K, GLU)
 
     @triton.jit
     def frag_block_dot(q, s, z1024, xt, C: tl.constexpr, BN: tl.constexpr, ZSUB: tl.constexpr,
@@ -254,10 +258,8 @@ if triton is not None:
         pdl_enter(PDL)   # after the index math, before any read of x or write of out
         for b in range(b_start, b_end):
             q = qf_desc.load([b * (N // 8) + pid_n * C, 0])
-            g = (b * 128) // group_size
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z1024 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 1024.0
-            xt = load_x(x_rows + b * 128, mask_m[:, None], K, GLU)
+            s, z1024, xt = frag_block_operands(s_ptr, z_ptr, x_rows, mask_m[:, None], b, N, K, offs_n, mask_n,
+                                               group_size, GLU)
             acc += frag_block_dot(q, s, z1024, xt, C, BN, True, FMA, KW, EMULATE)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
